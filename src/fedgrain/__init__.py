@@ -1,0 +1,11 @@
+"""fedgrain: divide-and-conquer and federated ordinal regression with valid inference.
+
+>>> from fedgrain import DivideConquerOrdinal, OrdinalRegression, load
+"""
+
+from .estimators import DivideConquerOrdinal, OrdinalRegression, load
+from .results import OrdinalResults
+
+__version__ = "0.1.0"
+
+__all__ = ["DivideConquerOrdinal", "OrdinalRegression", "OrdinalResults", "load", "__version__"]

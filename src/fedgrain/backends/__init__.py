@@ -1,0 +1,32 @@
+"""Backends: where local fits run. See :mod:`fedgrain.backends.base` for the protocol."""
+
+from __future__ import annotations
+
+from .base import Backend, Outcome, Shard, ShardRef
+from .processes import ProcessesBackend
+from .serial import SerialBackend
+
+BACKENDS = ("serial", "processes")
+
+
+def get_backend(backend: str | Backend, n_jobs: int | None = None, *, owner: str) -> Backend:
+    """Resolve the ``backend`` parameter of an estimator into a :class:`Backend`.
+
+    ``owner`` names the estimator in error messages.
+    """
+    if isinstance(backend, Backend):
+        return backend
+    if backend == "serial":
+        return SerialBackend()
+    if backend == "processes":
+        return ProcessesBackend(n_jobs)
+    raise ValueError(
+        f"The 'backend' parameter of {owner} must be one of {BACKENDS} or a "
+        f"fedgrain.backends.Backend instance. Got {backend!r} instead."
+    )
+
+
+__all__ = [
+    "BACKENDS", "Backend", "Outcome", "ProcessesBackend", "SerialBackend", "Shard", "ShardRef",
+    "get_backend",
+]

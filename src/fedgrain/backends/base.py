@@ -1,0 +1,113 @@
+"""What every backend provides.
+
+A backend runs tasks on workers and keeps subsets' data where the tasks run:
+
+- ``allocate(n_rows, n_features, weighted)`` gives writable destination arrays for one subset;
+  the caller fills them (in row blocks, so nothing is copied twice) and hands them to
+- ``put(shard)``, which places the subset with the workers and returns a small, picklable
+  :class:`ShardRef`. Tasks carry refs, never data, so a loop of many rounds moves only
+  parameters; ``ref.load()`` on the worker gives the :class:`Shard` back.
+- ``map(fn, tasks)`` runs ``fn(task)`` for every task and returns one :class:`Outcome` per task,
+  in task order, holding the value or the failure (failures are data, as in Flower: the caller
+  decides whether one failed subset is fatal).
+- ``release(refs)`` frees placed subsets; ``close()`` releases everything.
+
+Seeds travel inside tasks, and tasks run with one BLAS thread, so all backends return
+bit-identical results.
+"""
+
+from __future__ import annotations
+
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One subset's rows: standardised features, class codes and optional weights."""
+
+    X: np.ndarray
+    y: np.ndarray
+    w: np.ndarray | None
+
+    @property
+    def n_rows(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.X.nbytes + self.y.nbytes + (0 if self.w is None else self.w.nbytes)
+
+
+class ShardRef(ABC):
+    """Picklable handle of a placed shard."""
+
+    @abstractmethod
+    def load(self) -> Shard:
+        """Return the shard's arrays (on the worker that runs the task)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Result of one task: ``value`` when it succeeded, ``error`` (one line) when it failed."""
+
+    index: int
+    value: Any = None
+    error: str | None = None
+    error_type: str | None = None
+    traceback: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def run_task(fn: Callable[[Any], Any], index: int, task: Any) -> Outcome:
+    """Run one task and turn an exception into a failed :class:`Outcome` (runs on the worker)."""
+    try:
+        return Outcome(index, fn(task))
+    except Exception as exc:  # noqa: BLE001 - failures are returned, not raised, by design
+        return Outcome(
+            index, None, str(exc) or type(exc).__name__, type(exc).__name__,
+            traceback.format_exc(),
+        )
+
+
+class Backend(ABC):
+    """Runs tasks over placed subsets. Use as a context manager, or call :meth:`close`."""
+
+    name: str = "base"
+
+    @property
+    @abstractmethod
+    def n_workers(self) -> int:
+        """How many tasks can run at once."""
+
+    @abstractmethod
+    def allocate(self, n_rows: int, n_features: int, weighted: bool) -> Shard:
+        """Writable arrays for one shard (float64 X, intp y, float64 w or None)."""
+
+    @abstractmethod
+    def put(self, shard: Shard) -> ShardRef:
+        """Place a filled shard with the workers and return its handle."""
+
+    @abstractmethod
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Outcome]:
+        """Run ``fn`` on every task; one outcome per task, in order."""
+
+    def release(self, refs: Sequence[ShardRef]) -> None:  # noqa: B027 - optional hook
+        """Free placed shards (default: nothing to do)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release everything this backend holds."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,140 @@
+"""The processes backend: local worker processes through joblib's loky executor.
+
+Shards are written once to memory-mapped ``.npy`` files in a private temporary folder (in
+``/dev/shm`` when it has room, so they live in RAM) and workers map them read-only: a subset is
+copied exactly once, however many rounds use it, and a task pickles only file names and
+parameters. The loky executor is reused across calls, so worker start-up is paid once a session.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from joblib import Parallel, cpu_count, delayed
+
+from .base import Backend, Outcome, Shard, ShardRef, run_task
+
+SHM = Path("/dev/shm")
+
+
+@dataclass(frozen=True)
+class FileShardRef(ShardRef):
+    """A shard in ``.npy`` files, opened memory-mapped and read-only by the worker."""
+
+    X: str
+    y: str
+    w: str | None
+
+    def load(self) -> Shard:
+        return Shard(
+            np.load(self.X, mmap_mode="r"),
+            np.load(self.y, mmap_mode="r"),
+            None if self.w is None else np.load(self.w, mmap_mode="r"),
+        )
+
+    def paths(self) -> list[str]:
+        return [p for p in (self.X, self.y, self.w) if p is not None]
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+class ProcessesBackend(Backend):
+    """Local worker processes (loky).
+
+    Parameters
+    ----------
+    n_jobs : int or None
+        Number of worker processes; None means every CPU this process may use, negative values
+        count back from it as in joblib (-1: all, -2: all but one).
+    temp_folder : str or None
+        Where shard files go; by default ``/dev/shm`` when it has room, else the system's
+        temporary folder.
+    """
+
+    name = "processes"
+
+    def __init__(self, n_jobs: int | None = None, temp_folder: str | None = None):
+        cpus = cpu_count()
+        if n_jobs is None:
+            n = cpus
+        elif n_jobs < 0:
+            n = max(1, cpus + 1 + n_jobs)
+        else:
+            n = n_jobs
+        self._n = max(1, int(n))
+        self._temp_folder = temp_folder
+        self._dir: Path | None = None
+        self._files: set[str] = set()
+
+    @property
+    def n_workers(self) -> int:
+        return self._n
+
+    def _folder(self, nbytes: int) -> Path:
+        if self._dir is None:
+            base = self._temp_folder
+            if base is None:
+                shm_ok = SHM.is_dir() and os.access(SHM, os.W_OK)
+                base = str(SHM) if shm_ok and _free_bytes(SHM) > 2 * nbytes else None
+            self._dir = Path(tempfile.mkdtemp(prefix="fedgrain-", dir=base))
+            atexit.register(shutil.rmtree, self._dir, True)
+        return self._dir
+
+    def allocate(self, n_rows: int, n_features: int, weighted: bool) -> Shard:
+        folder = self._folder(n_rows * (n_features + 2) * 8)
+        stem = folder / uuid.uuid4().hex
+
+        def mm(suffix, shape, dtype):
+            path = f"{stem}-{suffix}.npy"
+            self._files.add(path)
+            return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+        return Shard(
+            mm("X", (n_rows, n_features), np.float64),
+            mm("y", (n_rows,), np.intp),
+            mm("w", (n_rows,), np.float64) if weighted else None,
+        )
+
+    def put(self, shard: Shard) -> ShardRef:
+        for a in (shard.X, shard.y, shard.w):
+            if a is not None:
+                a.flush()
+        return FileShardRef(
+            shard.X.filename, shard.y.filename, None if shard.w is None else shard.w.filename
+        )
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Outcome]:
+        n_jobs = min(self._n, len(tasks))
+        if n_jobs <= 1:
+            return [run_task(fn, i, t) for i, t in enumerate(tasks)]
+        return Parallel(n_jobs=n_jobs, backend="loky")(
+            delayed(run_task)(fn, i, t) for i, t in enumerate(tasks)
+        )
+
+    def release(self, refs: Sequence[ShardRef]) -> None:
+        for ref in refs:
+            if isinstance(ref, FileShardRef):
+                for p in ref.paths():
+                    self._files.discard(p)
+                    Path(p).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        self._files.clear()

@@ -1,0 +1,44 @@
+"""The serial backend: every task in this process, one after the other."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .base import Backend, Outcome, Shard, ShardRef, run_task
+
+
+@dataclass(frozen=True)
+class MemoryShardRef(ShardRef):
+    """A shard held in this process's memory."""
+
+    shard: Shard
+
+    def load(self) -> Shard:
+        return self.shard
+
+
+class SerialBackend(Backend):
+    """Runs tasks in the calling process. The reference every other backend must match."""
+
+    name = "serial"
+
+    @property
+    def n_workers(self) -> int:
+        return 1
+
+    def allocate(self, n_rows: int, n_features: int, weighted: bool) -> Shard:
+        return Shard(
+            np.empty((n_rows, n_features)),
+            np.empty(n_rows, dtype=np.intp),
+            np.empty(n_rows) if weighted else None,
+        )
+
+    def put(self, shard: Shard) -> ShardRef:
+        return MemoryShardRef(shard)
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Outcome]:
+        return [run_task(fn, i, t) for i, t in enumerate(tasks)]

@@ -1,0 +1,285 @@
+"""The ``fedgrain`` command line: fit, predict, evaluate, summary, demo.
+
+Every error a user can cause prints one line, ``fedgrain: error: <what, where, how to fix>``,
+and exits with status 1 (2 for a malformed command line); ``--debug`` shows the traceback.
+Outputs are written atomically, so a failure never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .exceptions import DataError, FedgrainError
+
+
+def _log(args, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _csv_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise DataError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _typed_levels(tokens: list[str] | None, column: pd.Series):
+    """Give ``--levels`` tokens the type of the target column (1,2,3 are ints for an int column)."""
+    if tokens is None:
+        return None
+    kind = column.dtype.kind
+    try:
+        if kind in "iu":
+            return [int(t) for t in tokens]
+        if kind == "f":
+            return [float(t) for t in tokens]
+    except ValueError:
+        raise DataError(
+            f"--levels {','.join(tokens)}: the target column is numeric ({column.dtype}), so the "
+            "levels must be numbers too."
+        ) from None
+    if kind == "b":
+        return [t.lower() in ("1", "true", "yes") for t in tokens]
+    return tokens
+
+
+def _alpha(text: str):
+    if text in ("rate", "cv", "bic"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--alpha must be rate, cv, bic or a number; got {text!r}"
+        ) from None
+
+
+def _write_table_atomic(frame: pd.DataFrame, out: Path) -> None:
+    """Write CSV or Parquet (by extension) through a temporary file and a rename."""
+    suffix = "".join(out.suffixes[-2:]).lower()
+    if suffix.endswith((".parquet", ".pq")):
+        kind = "parquet"
+    elif suffix.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
+        kind = "csv"
+    else:
+        raise DataError(f"--out {out}: use a .csv or .parquet file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        if kind == "parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False, sep="\t" if suffix.endswith(".tsv") else ",")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _features_for(model, frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Select the model's input columns from a file's columns by name (others are ignored)."""
+    cols = list(model.schema_.input_columns)
+    missing = [c for c in cols if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{source} lacks the column(s) {missing} the model was fitted on; its columns are "
+            f"{list(frame.columns)}."
+        )
+    return frame.loc[:, cols]
+
+
+def _cmd_fit(args) -> int:
+    from .data import read_table, split_target
+    from .estimators import DivideConquerOrdinal, OrdinalRegression
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it.")
+    _log(args, f"reading {args.data} ...")
+    frame = read_table(args.data)
+    X, y = split_target(frame, args.target)
+    if args.features:
+        X = X.loc[:, _features_for_names(X, _csv_list(args.features), args.data)]
+    weights = None
+    if args.weights:
+        if args.weights not in X.columns:
+            raise DataError(f"--weights {args.weights}: no such column in {args.data}.")
+        weights = X.pop(args.weights).to_numpy()
+    levels = _typed_levels(_csv_list(args.levels), y)
+    categorical = _csv_list(args.categorical)
+    if args.estimator == "mle":
+        model = OrdinalRegression(levels=levels, categorical=categorical)
+        what = "exact maximum likelihood"
+    else:
+        model = DivideConquerOrdinal(
+            n_subsets=args.n_subsets, alpha=args.alpha, variance=args.variance,
+            backend=args.backend, n_jobs=args.workers, random_state=args.random_state,
+            refine_rounds=args.refine_rounds, levels=levels, categorical=categorical,
+        )
+        what = f"divide and conquer, backend {args.backend}"
+    _log(args, f"fitting {len(X):,} rows x {X.shape[1]} columns ({what}) ...")
+    t0 = time.perf_counter()
+    model.fit(X, y, sample_weight=weights)
+    _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
+    print(model.summary(args.ci_alpha))
+    path = model.save(out, overwrite=args.force)
+    print(f"\nModel saved to {path}")
+    return 0
+
+
+def _features_for_names(X: pd.DataFrame, names: list[str], source: str) -> list[str]:
+    missing = [n for n in names if n not in X.columns]
+    if missing:
+        raise DataError(f"--features: {missing} not in {source}; columns: {list(X.columns)}")
+    return names
+
+
+def _cmd_predict(args) -> int:
+    from .data import read_table
+    from .estimators import load
+
+    model = load(args.model)
+    frame = read_table(args.data)
+    X = _features_for(model, frame, args.data)
+    proba = model.predict_proba(X)
+    classes = list(model.target_.classes)
+    out = pd.DataFrame({"predicted": [classes[i] for i in np.argmax(proba, axis=1)]})
+    for k, c in enumerate(classes):
+        out[f"proba_{c}"] = proba[:, k]
+    for col in _csv_list(args.keep) or []:
+        if col not in frame.columns:
+            raise DataError(f"--keep {col}: no such column in {args.data}.")
+        out.insert(0, col, frame[col].to_numpy())
+    _write_table_atomic(out, Path(args.out))
+    print(f"Wrote {len(out):,} predictions to {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .data import read_table, split_target
+    from .estimators import load
+    from .metrics import ordinal_scores
+
+    model = load(args.model)
+    frame = read_table(args.data)
+    X, y = split_target(frame, args.target)
+    codes = model.target_.encode(y, what=f"column '{args.target}'")
+    proba = model.predict_proba(_features_for(model, X, args.data))
+    scores = ordinal_scores(codes, proba)
+    width = max(len(k) for k in scores)
+    for k, v in scores.items():
+        print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v:.4f}")
+    return 0
+
+
+def _cmd_summary(args) -> int:
+    from .estimators import load
+
+    model = load(args.model)
+    summary = model.summary(args.ci_alpha)
+    print(summary)
+    if args.html:
+        html_path = Path(args.html)
+        fd, tmp = tempfile.mkstemp(prefix=f".{html_path.name}.", dir=html_path.parent or ".")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(summary.as_html())
+        os.replace(tmp, html_path)
+        print(f"HTML written to {html_path}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), n_jobs=args.workers, log=lambda m: _log(args, m))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedgrain",
+        description="Divide-and-conquer ordinal regression with valid inference.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="fit a model on a CSV or Parquet file and save it")
+    p.add_argument("data", help="CSV or Parquet file")
+    p.add_argument("--target", required=True, help="the ordinal target column")
+    p.add_argument("--levels", help="ordered levels, lowest first: a,b,c")
+    p.add_argument("--categorical", help="feature columns to one-hot encode: c1,c2")
+    p.add_argument("--features", help="use only these feature columns: f1,f2")
+    p.add_argument("--weights", help="column of frequency weights")
+    p.add_argument("--estimator", choices=("dc", "mle"), default="dc",
+                   help="dc: DivideConquerOrdinal (default); mle: exact OrdinalRegression")
+    p.add_argument("--n-subsets", type=int, default=None)
+    p.add_argument("--alpha", type=_alpha, default="rate",
+                   help="rate (default), cv, bic or a number")
+    p.add_argument("--variance", choices=("cluster", "sandwich", "model"), default="cluster")
+    p.add_argument("--refine-rounds", type=int, default=1)
+    p.add_argument("--backend", choices=("processes", "serial"), default="processes")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
+    p.add_argument("--random-state", type=int, default=0)
+    p.add_argument("--ci-alpha", type=float, default=0.05, help="1 - confidence level")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing model directory")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("predict", help="predict classes and class probabilities")
+    p.add_argument("model", help="model directory")
+    p.add_argument("data", help="CSV or Parquet file with the model's feature columns")
+    p.add_argument("--out", required=True, help="output .csv or .parquet")
+    p.add_argument("--keep", help="input columns to copy into the output (an id, say): c1,c2")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="ordinal scores of a model on labelled data")
+    p.add_argument("model")
+    p.add_argument("data")
+    p.add_argument("--target", required=True)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("summary", help="coefficient table with confidence intervals")
+    p.add_argument("model")
+    p.add_argument("--ci-alpha", type=float, default=0.05, help="1 - confidence level")
+    p.add_argument("--html", help="also write the table as HTML to this file")
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("demo", help="end-to-end demo on the RAND health insurance data (offline)")
+    p.add_argument("--out", default="fedgrain_demo", help="folder for the demo's files")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FedgrainError, ValueError, TypeError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"fedgrain: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedgrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Exceptions and warnings raised by fedgrain.
+
+Every error a user can cause by what they pass in subclasses the built-in type that
+scikit-learn users expect (``ValueError`` for bad values, ``TypeError`` for wrong types),
+so ``except ValueError`` keeps working, and also :class:`FedgrainError`, so the command line
+can tell our clear messages apart from genuine bugs.
+"""
+
+from __future__ import annotations
+
+
+class FedgrainError(Exception):
+    """Base class of every error fedgrain raises on purpose."""
+
+
+class DataError(FedgrainError, ValueError):
+    """The data are unusable as given: missing values, wrong columns, one class, ..."""
+
+
+class DataTypeError(FedgrainError, TypeError):
+    """The data have a type fedgrain cannot use (sparse matrices, complex numbers, ...)."""
+
+
+class SeparationError(DataError):
+    """The classes are perfectly separated, so the maximum likelihood estimate does not exist."""
+
+
+class ModelFileError(FedgrainError, ValueError):
+    """A saved model directory is missing, truncated, tampered with or of an unknown version."""
+
+
+class IdentificationWarning(UserWarning):
+    """A parameter carries no information in one subset and gets zero weight there."""

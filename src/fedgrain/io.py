@@ -1,0 +1,518 @@
+"""Save and load fitted models as a directory of JSON and ``.npz`` files, without pickle.
+
+A saved model is a directory holding two files:
+
+``model.json``
+    A header for humans and machines: the file format and its version, the fedgrain version
+    and UTC time that wrote it, the caller's metadata, a manifest of the arrays (dtype, shape
+    and SHA-256 of each) and the SHA-256 checksums of ``arrays.npz`` and of the metadata.
+``arrays.npz``
+    The arrays, one ``.npy`` member each, written and read with pickling disabled, so loading
+    a model never executes code.
+
+Writing is atomic: the files are written and flushed to disk in a hidden sibling directory,
+which is then renamed into place, so the model directory appears complete or not at all.
+Loading verifies the format, its version and every checksum, and raises
+:class:`~fedgrain.exceptions.ModelFileError` saying what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import warnings
+import zipfile
+import zlib
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedgrain.exceptions import ModelFileError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "read_model_dir", "write_model_dir"]
+
+FORMAT = "fedgrain-model"
+FORMAT_VERSION = 1
+
+MODEL_JSON = "model.json"
+ARRAYS_NPZ = "arrays.npz"
+
+# Array names become zip member names; keep them to characters that are safe everywhere.
+_ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+# bool, integers, floats, complex, fixed-width strings, datetimes: never objects or records.
+_ARRAY_KINDS = frozenset("biufcSUmM")
+# A fixed timestamp for the zip members, so equal arrays give byte-identical files.
+_ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+# What zipfile and numpy raise on a damaged or crafted archive.
+_ARCHIVE_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    ValueError,
+    OSError,
+    EOFError,
+    RuntimeError,
+    NotImplementedError,
+)
+
+
+def write_model_dir(
+    path: str | os.PathLike[str],
+    meta: dict[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a model directory holding ``model.json`` and ``arrays.npz``, atomically.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The model directory to create. A missing parent directory is created.
+    meta : dict
+        JSON metadata made of plain Python values only: ``dict`` with ``str`` keys, ``list``,
+        ``str``, ``int``, finite ``float``, ``bool`` and ``None``. Tuples and numpy scalars are
+        refused, so that ``read_model_dir`` returns exactly what was written.
+    arrays : mapping of str to numpy.ndarray
+        The arrays to store. Names use letters, digits, ``_``, ``.`` and ``-``. Dtypes must be
+        bool, numeric, fixed-width string or datetime; object arrays are refused.
+    overwrite : bool, default=False
+        Replace ``path`` if it is an existing fedgrain model directory or an empty directory.
+        Any other directory is never replaced.
+
+    Returns
+    -------
+    pathlib.Path
+        The absolute path of the model directory.
+
+    Raises
+    ------
+    TypeError
+        If ``meta`` holds a value JSON cannot represent exactly, or an array is not a numpy
+        array or has an object or structured dtype; the message names the key or array.
+    ValueError
+        If ``meta`` holds a NaN or infinite float, or an array name has other characters.
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is false, or ``path`` is not a directory.
+    ModelFileError
+        If ``overwrite`` is true but ``path`` is a directory fedgrain did not write.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> folder = Path(tempfile.mkdtemp()) / "model"
+    >>> _ = write_model_dir(folder, {"n_features": 2}, {"coef": np.array([0.5, -1.0])})
+    >>> read_model_dir(folder)[1]["coef"]
+    array([ 0.5, -1. ])
+    """
+    from fedgrain import __version__
+
+    target = Path(os.path.abspath(path))
+    if type(meta) is not dict:
+        raise TypeError(f"meta must be a dict. Got {type(meta).__name__} instead.")
+    _check_json_value(meta, "meta")
+    _check_arrays(arrays)
+    _check_target(target, overwrite)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(8)}"
+    staging.mkdir()
+    try:
+        npz_file = staging / ARRAYS_NPZ
+        with open(npz_file, "wb") as stream:
+            _write_npz(stream, arrays)
+            stream.flush()
+            os.fsync(stream.fileno())
+        header = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fedgrain_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "meta": meta,
+            "arrays": {name: _describe(array) for name, array in arrays.items()},
+            "checksums": {
+                "meta_sha256": hashlib.sha256(_canonical_json(meta)).hexdigest(),
+                "arrays_npz_sha256": _sha256_file(npz_file),
+            },
+        }
+        text = json.dumps(header, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        _write_synced(staging / MODEL_JSON, text.encode("utf-8"))
+        _fsync_dir(staging)
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def read_model_dir(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read and verify a model directory written by :func:`write_model_dir`.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The model directory.
+
+    Returns
+    -------
+    meta : dict
+        The metadata passed to :func:`write_model_dir`.
+    arrays : dict of str to numpy.ndarray
+        The arrays, with their dtypes and shapes.
+
+    Raises
+    ------
+    ModelFileError
+        If the directory or one of its files is missing, truncated, modified after saving, not
+        a fedgrain model or written in a newer format. Nothing in the files is ever unpickled.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ModelFileError(f"No saved model at {root}: the path does not exist; check the path.")
+    if not root.is_dir():
+        raise ModelFileError(
+            f"{root} is not a directory; pass the model directory, which holds "
+            f"{MODEL_JSON} and {ARRAYS_NPZ}."
+        )
+    header = _read_header(root)
+    meta, manifest, checksums = _check_header(root / MODEL_JSON, header)
+    if hashlib.sha256(_canonical_json(meta)).hexdigest() != checksums["meta_sha256"]:
+        raise ModelFileError(
+            f"The meta section of {root / MODEL_JSON} was edited after saving (its checksum "
+            f"does not match); undo the edit or save the model again."
+        )
+    npz_file = root / ARRAYS_NPZ
+    if not npz_file.is_file():
+        raise ModelFileError(
+            f"{npz_file} is missing, so the model is incomplete; restore the file or save the "
+            f"model again."
+        )
+    data = npz_file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != checksums["arrays_npz_sha256"]:
+        raise ModelFileError(
+            f"{npz_file} was modified or truncated after saving (its checksum does not match "
+            f"{MODEL_JSON}); restore the original file or save the model again."
+        )
+    return meta, _read_npz(npz_file, data, manifest)
+
+
+def _check_json_value(value: Any, where: str) -> None:
+    """Raise unless ``value`` is made of plain JSON values that load back equal."""
+    if value is None or type(value) in (bool, int, str):
+        return
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{where} is {value!r}, which JSON cannot represent; store None instead, or put "
+                f"the value in an array."
+            )
+        return
+    if type(value) is list:
+        for index, item in enumerate(value):
+            _check_json_value(item, f"{where}[{index}]")
+        return
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(
+                    f"{where} has the key {key!r} of type {type(key).__name__}, but JSON keys "
+                    f"must be str; convert the key to str."
+                )
+            _check_json_value(item, f"{where}[{key!r}]")
+        return
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    raise TypeError(
+        f"{where} is of type {kind}, which cannot be saved as JSON exactly; convert it to a "
+        f"plain Python bool, int, float, str, None, list or dict (numpy values: .tolist())."
+    )
+
+
+def _check_arrays(arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise unless every array has a safe name and a dtype that loads without pickle."""
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"arrays must be a dict of numpy arrays. Got {type(arrays).__name__}.")
+    for name, array in arrays.items():
+        if type(name) is not str:
+            raise TypeError(f"Array names must be str. Got {name!r} of type {type(name).__name__}.")
+        if not _ARRAY_NAME.fullmatch(name):
+            raise ValueError(
+                f"The array name {name!r} is not allowed; use letters, digits, '_', '.' and '-', "
+                f"not starting with '.' or '-'."
+            )
+        if not isinstance(array, np.ndarray):
+            raise TypeError(
+                f"arrays[{name!r}] must be a numpy array. Got {type(array).__name__}; "
+                f"convert it with numpy.asarray."
+            )
+        if array.dtype.kind not in _ARRAY_KINDS:
+            raise TypeError(
+                f"arrays[{name!r}] has dtype {array.dtype}, which cannot be saved without pickle; "
+                f"convert it to a bool, numeric, fixed-width string (.astype(str)) or datetime "
+                f"dtype."
+            )
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Raise unless ``target`` is free, or may be replaced because ``overwrite`` is true."""
+    if not os.path.lexists(target):
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise FileExistsError(
+            f"{target} exists and is not a directory, so a model cannot be saved there; choose "
+            f"another path."
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"{target} already exists; pass overwrite=True (command line: --force) to replace it."
+        )
+    contents = sorted(os.listdir(target))
+    if not contents:
+        return
+    if not _is_model_dir(target):
+        raise ModelFileError(
+            f"Refusing to replace {target}: it is not empty and not a fedgrain model directory "
+            f"(no {MODEL_JSON} with format {FORMAT!r}), so replacing it could destroy other "
+            f"files; choose another path."
+        )
+    foreign = [name for name in contents if name not in (MODEL_JSON, ARRAYS_NPZ)]
+    if foreign:
+        raise ModelFileError(
+            f"Refusing to replace the model at {target}: it also holds {foreign}, which "
+            f"fedgrain did not write; move them out or choose another path."
+        )
+
+
+def _is_model_dir(directory: Path) -> bool:
+    """Whether ``directory`` holds a ``model.json`` that declares our format."""
+    try:
+        header = json.loads((directory / MODEL_JSON).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename the complete ``staging`` directory to ``target``, replacing any old model."""
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        _fsync_dir(target.parent)
+        return
+    old = target.parent / f".{target.name}.old-{secrets.token_hex(8)}"
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        try:
+            os.rename(old, target)
+        except OSError as exc:
+            raise ModelFileError(
+                f"Saving to {target} failed and the previous model could not be moved back; it "
+                f"is intact in {old}, so rename that directory to {target}."
+            ) from exc
+        raise
+    _fsync_dir(target.parent)
+    try:
+        shutil.rmtree(old)
+    except OSError as exc:
+        warnings.warn(
+            f"The model was saved to {target}, but the previous one could not be deleted from "
+            f"{old} ({exc}); delete that directory by hand.",
+            stacklevel=3,
+        )
+
+
+def _write_npz(stream: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an uncompressed ``.npz`` archive, one ``.npy`` member each."""
+    with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE_TIME)
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+def _read_header(root: Path) -> Any:
+    """Parse ``model.json``, raising ModelFileError unless it is a JSON object of our format."""
+    file = root / MODEL_JSON
+    if not file.is_file():
+        raise ModelFileError(
+            f"{root} is not a fedgrain model: it has no {MODEL_JSON}; pass the directory that "
+            f"was written by save()."
+        )
+    raw = file.read_bytes()
+    if not raw.strip():
+        raise ModelFileError(
+            f"{file} is empty, so saving was interrupted or the file was truncated; save the "
+            f"model again."
+        )
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except ValueError as exc:
+        raise ModelFileError(
+            f"{file} is not valid JSON ({exc}), so it was truncated or edited by hand; restore "
+            f"it or save the model again."
+        ) from exc
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ModelFileError(
+            f"{root} is not a fedgrain model: {MODEL_JSON} does not declare format {FORMAT!r}; "
+            f"pass a directory written by fedgrain."
+        )
+    version = header.get("format_version")
+    if type(version) is int and version > FORMAT_VERSION:
+        from fedgrain import __version__
+
+        raise ModelFileError(
+            f"{root} was written by a newer fedgrain (format {version}; fedgrain {__version__} "
+            f"reads format {FORMAT_VERSION}); upgrade fedgrain to load it."
+        )
+    if type(version) is not int or version < 1:
+        raise ModelFileError(
+            f"{file} has an unknown format_version {version!r}, so it is damaged or was edited "
+            f"by hand; restore it or save the model again."
+        )
+    return header
+
+
+def _refuse_constant(name: str) -> None:
+    """Reject the NaN and Infinity literals, which are not JSON and which we never write."""
+    raise ValueError(f"{name} is not a valid JSON value")
+
+
+def _check_header(
+    file: Path, header: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
+    """Return the meta, manifest and checksums of ``header``, checking their structure."""
+
+    def malformed(problem: str) -> ModelFileError:
+        return ModelFileError(
+            f"{file} is malformed ({problem}), so it was edited by hand or damaged; restore it "
+            f"or save the model again."
+        )
+
+    meta = header.get("meta")
+    manifest = header.get("arrays")
+    checksums = header.get("checksums")
+    if type(meta) is not dict:
+        raise malformed("'meta' is not an object")
+    if type(manifest) is not dict:
+        raise malformed("'arrays' is not an object")
+    if type(checksums) is not dict or not all(
+        type(checksums.get(key)) is str for key in ("meta_sha256", "arrays_npz_sha256")
+    ):
+        raise malformed("'checksums' lacks 'meta_sha256' or 'arrays_npz_sha256'")
+    for name, entry in manifest.items():
+        if (
+            type(entry) is not dict
+            or type(entry.get("dtype")) is not str
+            or type(entry.get("sha256")) is not str
+            or type(entry.get("shape")) is not list
+            or not all(type(size) is int and size >= 0 for size in entry["shape"])
+        ):
+            raise malformed(f"the entry of array {name!r} needs a dtype, a shape and a sha256")
+        try:
+            dtype = np.dtype(entry["dtype"])
+        except (TypeError, ValueError):
+            raise malformed(f"array {name!r} has the unknown dtype {entry['dtype']!r}") from None
+        if dtype.hasobject:
+            raise ModelFileError(
+                f"{file} declares array {name!r} with object dtype, which would need pickle to "
+                f"load and which fedgrain never writes; do not load this model, save it again."
+            )
+    return meta, manifest, checksums
+
+
+def _read_npz(
+    npz_file: Path, data: bytes, manifest: dict[str, dict[str, Any]]
+) -> dict[str, np.ndarray]:
+    """Read the arrays of ``manifest`` from the ``.npz`` bytes, with pickling disabled."""
+    try:
+        archive = zipfile.ZipFile(BytesIO(data))
+    except _ARCHIVE_ERRORS as exc:
+        raise ModelFileError(
+            f"{npz_file} is not a valid npz archive ({exc}); restore the original file or save "
+            f"the model again."
+        ) from exc
+    with archive:
+        members = archive.namelist()
+        expected = {f"{name}.npy" for name in manifest}
+        missing = sorted(expected.difference(members))
+        extra = sorted(set(members).difference(expected))
+        if missing or extra or len(members) != len(set(members)):
+            raise ModelFileError(
+                f"{npz_file} does not hold the arrays listed in {MODEL_JSON} (missing: "
+                f"{missing}, unexpected: {extra}); restore the original files or save the model "
+                f"again."
+            )
+        arrays = {}
+        for name, entry in manifest.items():
+            try:
+                with archive.open(f"{name}.npy") as member:
+                    array = np.lib.format.read_array(member, allow_pickle=False)
+            except _ARCHIVE_ERRORS as exc:
+                raise ModelFileError(
+                    f"Array {name!r} in {npz_file} cannot be read safely ({exc}); restore the "
+                    f"original file or save the model again."
+                ) from exc
+            if (
+                array.dtype.str != entry["dtype"]
+                or list(array.shape) != entry["shape"]
+                or _array_sha256(array) != entry["sha256"]
+            ):
+                raise ModelFileError(
+                    f"Array {name!r} in {npz_file} does not match its dtype, shape or checksum "
+                    f"in {MODEL_JSON}, so a file was modified after saving; restore the original "
+                    f"files or save the model again."
+                )
+            arrays[name] = array
+    return arrays
+
+
+def _describe(array: np.ndarray) -> dict[str, Any]:
+    """The manifest entry of an array: dtype string, shape and SHA-256 of its bytes."""
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "sha256": _array_sha256(array)}
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    """SHA-256 of the array's bytes in C order, without copying a C-contiguous array."""
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _canonical_json(meta: dict[str, Any]) -> bytes:
+    """The canonical JSON of ``meta`` whose SHA-256 is stored in ``model.json``."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _sha256_file(file: Path) -> str:
+    """SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_synced(file: Path, data: bytes) -> None:
+    """Write ``data`` to a new file and flush it to disk."""
+    with open(file, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries to disk, so renames in it survive a power cut."""
+    if os.name != "posix":  # Windows cannot open a directory; NTFS journals renames itself.
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,388 @@
+"""One subset: L1 cumulative-logit fit, de-biasing and robust variance (method.md 2-3).
+
+Everything here is a pure function of (shard, settings, seed), so every backend gives the same
+numbers. A shard's features are already standardised with the *global* mean and scale (see
+:mod:`fedgrain.shards`); the L1 penalty is weighted by the subset's own column scales, which is
+the same as standardising inside the subset. Parameters are ordered ``(beta, theta)``.
+
+A parameter with no information in the subset (a threshold with every row on one side of it, a
+feature that is constant in the subset) is left out of the subset's fit; its row and column of
+the returned covariance are zero and it is flagged in ``identified``, so pooling gives it zero
+weight there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from .exceptions import SeparationError
+from .ordinal import Pass, composite_pass
+from .shards import column_moments
+from .solvers import proximal_newton, runaway, solve_l1_quadratic, solve_psd
+
+#: ``alpha="rate"`` is ``RATE_C * sqrt(log(d) / n)`` on the per-row loss scale.
+RATE_C = 1.0
+#: The nodewise lasso's penalty is ``NODEWISE_C * sqrt(log(d) / n)`` on the correlation scale.
+NODEWISE_C = 1.0
+#: ``debias="auto"`` uses the nodewise lasso below this many rows per parameter.
+NODEWISE_ROWS_PER_PARAM = 10
+#: ... or when the standardised Hessian's condition number exceeds this.
+NODEWISE_MAX_COND = 1e8
+#: Lambda path for ``"cv"`` and ``"bic"``: this many values down to this fraction of lambda_max.
+PATH_LENGTH = 12
+PATH_MIN_RATIO = 1e-3
+
+VARIANCES = ("cluster", "sandwich", "model")
+DEBIAS = ("auto", "inverse", "nodewise")
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """How a subset is fitted; the same object goes to every subset."""
+
+    n_classes: int
+    alpha: str | float = "rate"
+    variance: str = "cluster"
+    debias: str = "auto"
+    ridge: float = 0.0
+    penalize_thresholds: bool = False
+    cv_folds: int = 5
+    max_iter: int = 100
+    tol: float = 1e-8
+
+
+@dataclass(frozen=True)
+class LocalFit:
+    """What a subset sends back: ``d`` plus ``d^2`` numbers and diagnostics.
+
+    All vectors are over the full parameter vector ``(beta, theta)`` in standardised
+    coordinates; entries of parameters that are not identified in the subset are zero.
+    """
+
+    n_rows: int
+    weight: float
+    estimate: np.ndarray
+    cov: np.ndarray
+    lasso: np.ndarray
+    identified: np.ndarray
+    alpha: float
+    n_iter: int
+    converged: bool
+    debias: str
+    n_nonzero: int
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Score, Hessian and meat of the composite loss at given parameters (one subset)."""
+
+    score: np.ndarray
+    hess: np.ndarray
+    meat: np.ndarray | None
+    loss: float
+    weight: float
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """A subset's data with the identified coordinates, and an oracle over them."""
+
+    X: np.ndarray
+    y: np.ndarray
+    w: np.ndarray | None
+    n_features: int
+    n_thresholds: int
+    features: np.ndarray  # identified feature indices
+    thresholds: np.ndarray  # identified threshold indices
+
+    @property
+    def size(self) -> int:
+        return self.features.shape[0] + self.thresholds.shape[0]
+
+    def full_index(self) -> np.ndarray:
+        return np.concatenate([self.features, self.n_features + self.thresholds])
+
+    def expand(self, xr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        beta = np.zeros(self.n_features)
+        theta = np.zeros(self.n_thresholds)
+        beta[self.features] = xr[: self.features.shape[0]]
+        theta[self.thresholds] = xr[self.features.shape[0] :]
+        return beta, theta
+
+    def oracle(self, w: np.ndarray | None = None):
+        """Oracle over the identified coordinates, optionally with other row weights."""
+        weights = self.w if w is None else w
+        sel = np.concatenate(
+            [self.features, self.n_features + np.arange(self.thresholds.shape[0])]
+        )
+        subset_features = self.features.shape[0] < self.n_features
+
+        def call(xr, *, loss=True, order=2, meat=None):
+            beta, theta = self.expand(xr)
+            P = composite_pass(
+                self.X, self.y, weights, beta, theta, thresholds=self.thresholds,
+                loss=loss, order=order, meat=meat,
+            )
+            if not subset_features:
+                return P
+            return Pass(
+                P.loss,
+                None if P.grad is None else P.grad[sel],
+                None if P.hess is None else P.hess[np.ix_(sel, sel)],
+                None if P.meat is None else P.meat[np.ix_(sel, sel)],
+            )
+
+        return call
+
+
+def _problem(X, y, w, n_classes: int) -> tuple[_Problem, np.ndarray, list[str]]:
+    n, p = X.shape
+    K1 = n_classes - 1
+    notes = []
+    pos = np.ones(n, dtype=bool) if w is None else w > 0
+    counts = np.bincount(y[pos], minlength=n_classes)
+    below = np.cumsum(counts)[:-1]
+    above = counts.sum() - below
+    th_ok = (below > 0) & (above > 0)
+    for k in np.flatnonzero(~th_ok):
+        notes.append(f"threshold:{k}")
+    _, scales = column_moments(X, w)
+    f_ok = scales > 1e-10
+    for j in np.flatnonzero(~f_ok):
+        notes.append(f"feature:{j}")
+    prob = _Problem(X, y, w, p, K1, np.flatnonzero(f_ok), np.flatnonzero(th_ok))
+    return prob, scales, notes
+
+
+def _describe(prob: _Problem, mask: np.ndarray) -> str:
+    """Name the reduced coordinates in ``mask`` as features 'x<j>' / thresholds 'k'."""
+    full = prob.full_index()[mask]
+    names = [f"feature {j}" if j < prob.n_features else f"threshold {j - prob.n_features}"
+             for j in full]
+    return ", ".join(names)
+
+
+def _start(prob: _Problem) -> np.ndarray:
+    """Slopes zero and thresholds at the logits of the cumulative class shares."""
+    w = prob.w
+    counts = np.bincount(prob.y, weights=w, minlength=prob.n_thresholds + 1)
+    cum = np.cumsum(counts)[:-1] / counts.sum()
+    cum = np.clip(cum, 1e-6, 1 - 1e-6)
+    theta = np.log(cum / (1 - cum))
+    return np.concatenate([np.zeros(prob.features.shape[0]), theta[prob.thresholds]])
+
+
+def _lambda_max(prob: _Problem, pen: np.ndarray, n_eff: float) -> float:
+    """Smallest lambda at which every penalised slope is zero."""
+    x0 = _start(prob)
+    g = prob.oracle()(x0, loss=False, order=1).grad / n_eff
+    nf = prob.features.shape[0]
+    ratio = np.abs(g[:nf]) / np.where(pen[:nf] > 0, pen[:nf], np.inf)
+    return float(max(ratio.max(initial=0.0), 1e-8))
+
+
+def _fit_path(prob, oracle, pen, n_eff, lambdas, settings):
+    x = _start(prob)
+    out = []
+    for lam in lambdas:
+        res = proximal_newton(
+            oracle, x, n_eff, lam * pen, max_iter=settings.max_iter, tol=settings.tol
+        )
+        x = res.x
+        out.append(res)
+    return out
+
+
+def _choose_alpha(prob, pen, n_eff, settings, rng) -> float:
+    alpha = settings.alpha
+    d = prob.size
+    if not isinstance(alpha, str):
+        return float(alpha)
+    if alpha == "rate":
+        return RATE_C * np.sqrt(np.log(max(d, 2)) / n_eff)
+    lmax = _lambda_max(prob, pen, n_eff)
+    lambdas = lmax * np.geomspace(1.0, PATH_MIN_RATIO, PATH_LENGTH)
+    if alpha == "bic":
+        fits = _fit_path(prob, prob.oracle(), pen, n_eff, lambdas, settings)
+        n_th = prob.thresholds.shape[0]
+        nf = prob.features.shape[0]
+        bic = [
+            2.0 * r.objective * n_eff
+            - 2.0 * n_eff * lam * float(pen @ np.abs(r.x))
+            + np.log(n_eff) * (np.count_nonzero(r.x[:nf]) + n_th)
+            for lam, r in zip(lambdas, fits, strict=True)
+        ]
+        return float(lambdas[int(np.argmin(bic))])
+    # "cv": K-fold composite deviance; folds by zero weights, so no copy of the data.
+    n = prob.y.shape[0]
+    folds = np.empty(n, dtype=np.intp)
+    for c in np.unique(prob.y):  # stratified by class
+        idx = np.flatnonzero(prob.y == c)
+        folds[idx] = rng.permutation(idx.shape[0]) % settings.cv_folds
+    base = np.ones(n) if prob.w is None else prob.w
+    dev = np.zeros(PATH_LENGTH)
+    for f in range(settings.cv_folds):
+        test = folds == f
+        w_train = np.where(test, 0.0, base)
+        w_test = np.where(test, base, 0.0)
+        n_train = float(w_train.sum())
+        fits = _fit_path(prob, prob.oracle(w_train), pen, n_train, lambdas, settings)
+        test_oracle = prob.oracle(w_test)
+        for i, r in enumerate(fits):
+            dev[i] += test_oracle(r.x, loss=True, order=0).loss
+    return float(lambdas[int(np.argmin(dev))])
+
+
+def _nodewise_theta(H: np.ndarray, n_eff: float) -> np.ndarray:
+    """Approximate inverse of ``H`` by the nodewise lasso (van de Geer et al. 2014).
+
+    Works on the correlation-scaled ``Sigma = H / n``; each row regresses one coordinate on the
+    others with an L1 penalty, which stays well defined when ``H`` is singular.
+    """
+    d = H.shape[0]
+    S = H / n_eff
+    dg = np.sqrt(np.maximum(np.diag(S), 1e-300))
+    R = S / np.outer(dg, dg)
+    lam = NODEWISE_C * np.sqrt(np.log(max(d, 2)) / n_eff)
+    T = np.zeros((d, d))
+    for j in range(d):
+        o = np.r_[0:j, j + 1 : d]
+        gam = solve_l1_quadratic(-R[o, j], R[np.ix_(o, o)], np.zeros(d - 1), np.full(d - 1, lam))
+        tau2 = R[j, j] - 2 * R[j, o] @ gam + gam @ R[np.ix_(o, o)] @ gam + lam * np.abs(gam).sum()
+        tau2 = max(tau2, 1e-12)
+        T[j, j] = 1.0 / tau2
+        T[j, o] = -gam / tau2
+    return T / np.outer(dg, dg) / n_eff
+
+
+def _theta(H: np.ndarray, n_eff: float, settings: LocalSettings) -> tuple[np.ndarray, str]:
+    d = H.shape[0]
+    method = settings.debias
+    if method == "auto":
+        dg = np.sqrt(np.maximum(np.diag(H), 1e-300))
+        cond = np.linalg.cond(H / np.outer(dg, dg))
+        small = n_eff < NODEWISE_ROWS_PER_PARAM * d
+        method = "nodewise" if small or not np.isfinite(cond) or cond > NODEWISE_MAX_COND else (
+            "inverse"
+        )
+    if method == "nodewise":
+        return _nodewise_theta(H, n_eff), method
+    Hr = H + settings.ridge * n_eff * np.eye(d) if settings.ridge > 0 else H
+    return solve_psd(Hr, np.eye(d)), method
+
+
+def fit_local(
+    X: np.ndarray, y: np.ndarray, w: np.ndarray | None, settings: LocalSettings, seed: int = 0
+) -> LocalFit:
+    """Fit one subset: lasso, one-step de-biasing, robust covariance.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, p)
+        Standardised features of the subset.
+    y : ndarray of shape (n,)
+        Class codes ``0 .. K-1``.
+    w : ndarray of shape (n,) or None
+        Frequency weights.
+    settings : LocalSettings
+    seed : int
+        Seed for the cross-validation folds (the only random step).
+
+    Returns
+    -------
+    LocalFit
+    """
+    prob, scales, notes = _problem(X, y, w, settings.n_classes)
+    n_eff = float(y.shape[0] if w is None else w.sum())
+    p, K1 = prob.n_features, prob.n_thresholds
+    nf = prob.features.shape[0]
+    pen = np.concatenate(
+        [scales[prob.features],
+         np.full(prob.thresholds.shape[0], 1.0 if settings.penalize_thresholds else 0.0)]
+    )
+    rng = np.random.default_rng(seed)
+    alpha = _choose_alpha(prob, pen, n_eff, settings, rng)
+    oracle = prob.oracle()
+    res = proximal_newton(
+        oracle, _start(prob), n_eff, alpha * pen, max_iter=settings.max_iter, tol=settings.tol
+    )
+    moving = runaway(res, np.concatenate([scales[prob.features], np.ones(prob.thresholds.size)]))
+    if moving.any():
+        raise SeparationError(
+            "the classes are (quasi-)separated in this subset: the unpenalised fit runs off to "
+            f"infinity along {_describe(prob, moving)}. Use a positive alpha (for example "
+            "alpha='rate') or remove the separating features."
+        )
+    H = res.hess
+    s = -res.grad  # score of the log-likelihood
+    Theta, method = _theta(H, n_eff, settings)
+    est = res.x + Theta @ s
+    if settings.variance == "model":
+        V = Theta @ H @ Theta.T
+    else:
+        meat = oracle(res.x, loss=False, order=0,
+                      meat="cluster" if settings.variance == "cluster" else "row").meat
+        V = Theta @ meat @ Theta.T
+    V = 0.5 * (V + V.T)
+    d = p + K1
+    full = prob.full_index()
+    estimate = np.zeros(d)
+    estimate[full] = est
+    lasso = np.zeros(d)
+    lasso[full] = res.x
+    cov = np.zeros((d, d))
+    cov[np.ix_(full, full)] = V
+    identified = np.zeros(d, dtype=bool)
+    identified[full] = True
+    return LocalFit(
+        n_rows=int(y.shape[0]),
+        weight=n_eff,
+        estimate=estimate,
+        cov=cov,
+        lasso=lasso,
+        identified=identified,
+        alpha=alpha,
+        n_iter=res.n_iter,
+        converged=res.converged,
+        debias=method,
+        n_nonzero=int(np.count_nonzero(res.x[:nf])),
+        notes=tuple(notes),
+    )
+
+
+def evaluate_local(
+    X: np.ndarray, y: np.ndarray, w: np.ndarray | None, params: np.ndarray, meat: str | None
+) -> Evaluation:
+    """Score (of the log-likelihood), Hessian and meat of the composite loss at ``params``.
+
+    This is the message of the refinement round (method.md 4b): ``d + 2 d^2`` numbers.
+    """
+    p = X.shape[1]
+    P = composite_pass(X, y, w, params[:p], params[p:], loss=True, order=2, meat=meat)
+    n_eff = float(y.shape[0] if w is None else w.sum())
+    return Evaluation(-P.grad, P.hess, P.meat, P.loss, n_eff)
+
+
+def fit_task(task: dict) -> LocalFit:
+    """Backend entry point: fit the shard named in ``task`` (one BLAS thread, for determinism)."""
+    shard = task["shard"].load()
+    with threadpool_limits(limits=1, user_api="blas"):
+        return fit_local(shard.X, shard.y, shard.w, task["settings"], task["seed"])
+
+
+def evaluate_task(task: dict) -> Evaluation:
+    """Backend entry point of the refinement round."""
+    shard = task["shard"].load()
+    with threadpool_limits(limits=1, user_api="blas"):
+        return evaluate_local(shard.X, shard.y, shard.w, task["params"], task["meat"])
+
+
+def meat_kind(variance: str) -> str | None:
+    """The meat a variance option needs: cluster, row or none."""
+    return {"cluster": "cluster", "sandwich": "row", "model": None}[variance]
+
+

@@ -1,0 +1,324 @@
+"""Inference read off an estimate and its covariance: tables, tests and intervals.
+
+:class:`OrdinalResults` holds ``params`` over ``(coefficients, thresholds)`` and their covariance,
+and derives everything else (standard errors, z, p-values, confidence intervals, joint Wald
+tests, simultaneous intervals, intervals for predicted class probabilities). ``summary()``
+returns a :class:`Summary` that prints as text, renders as HTML in notebooks and converts to a
+DataFrame.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .ordinal import class_proba
+
+#: Draws used for the max-|Z| simultaneous critical value (fixed seed: deterministic).
+MAXZ_DRAWS = 200_000
+
+
+@dataclass(frozen=True)
+class WaldTest:
+    """A joint Wald test of ``R params = q``: chi-square statistic, degrees of freedom, p."""
+
+    statistic: float
+    df: int
+    pvalue: float
+    hypothesis: str
+
+    def __str__(self) -> str:
+        return (f"Wald test of {self.hypothesis}: chi2({self.df}) = {self.statistic:.4g}, "
+                f"p = {self.pvalue:.4g}")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A coefficient table with a header; ``str()`` gives text, ``_repr_html_`` HTML."""
+
+    title: str
+    info: tuple[tuple[str, str], ...]
+    table: pd.DataFrame
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The table: one row per parameter; coef, se, z, p and the interval bounds."""
+        return self.table.copy()
+
+    def as_text(self) -> str:
+        t = self.table
+        names = [str(i) for i in t.index]
+        wn = max([len(n) for n in names] + [9])
+        cols = list(t.columns)
+        header = f"{'':<{wn}}" + "".join(f"{c:>11}" for c in cols)
+        rule = "=" * len(header)
+        lines = [self.title.center(len(header)), rule]
+        half = (len(self.info) + 1) // 2
+        left, right = self.info[:half], self.info[half:]
+        cw = len(header) // 2
+        for i in range(half):
+            a = f"{left[i][0] + ':':<22}{left[i][1]:>{cw - 24}}  "
+            b = f"{right[i][0] + ':':<22}{right[i][1]:>{cw - 24}}" if i < len(right) else ""
+            lines.append((a + b).rstrip())
+        lines += [rule, header, "-" * len(header)]
+        for n, (_, row) in zip(names, t.iterrows(), strict=True):
+            cells = []
+            for c in cols:
+                v = row[c]
+                if c == "P>|z|":
+                    cells.append(f"{v:>11.3g}" if v >= 1e-3 else f"{v:>11.2e}")
+                elif c == "n_subsets":
+                    cells.append(f"{int(v):>11d}")
+                else:
+                    cells.append(f"{v:>11.4f}")
+            lines.append(f"{n:<{wn}}" + "".join(cells))
+        lines.append(rule)
+        lines += list(self.notes)
+        return "\n".join(lines)
+
+    def as_html(self) -> str:
+        info = "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in self.info
+        )
+        notes = "".join(f"<p>{html.escape(n)}</p>" for n in self.notes)
+        table = self.table.to_html(float_format=lambda v: f"{v:.4g}", border=0)
+        return (f"<div class='fedgrain-summary'><h4>{html.escape(self.title)}</h4>"
+                f"<table>{info}</table>{table}{notes}</div>")
+
+    def __str__(self) -> str:
+        return self.as_text()
+
+    def _repr_html_(self) -> str:
+        return self.as_html()
+
+
+class OrdinalResults:
+    """Estimates and their covariance, with the inference that follows.
+
+    Parameters
+    ----------
+    params : ndarray of shape (d,)
+        ``(coefficients, thresholds)``.
+    cov : ndarray of shape (d, d)
+    feature_names : sequence of str
+    classes : sequence
+        The ordered levels; thresholds are named ``"a|b"`` between consecutive levels.
+    info : dict
+        Extra header lines for the summary (method, rows, subsets, heterogeneity, ...).
+    heterogeneity : dict, optional
+        ``q_param``, ``i2_param`` and ``n_contrib`` arrays over the parameters (pooled fits),
+        shown as extra columns of the table.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = OrdinalResults(np.array([0.5, -1.0, 1.0]), np.diag([0.01, 0.04, 0.04]),
+    ...                    ["x"], ["low", "mid", "high"])
+    >>> r.bse.round(2).tolist()
+    [0.1, 0.2, 0.2]
+    >>> r.param_names
+    ['x', 'low|mid', 'mid|high']
+    """
+
+    def __init__(
+        self,
+        params: np.ndarray,
+        cov: np.ndarray,
+        feature_names: Sequence[str],
+        classes: Sequence,
+        *,
+        title: str = "Ordinal regression (cumulative logit)",
+        info: dict | None = None,
+        heterogeneity: dict | None = None,
+    ):
+        self.params = np.asarray(params, dtype=float)
+        self.cov = np.asarray(cov, dtype=float)
+        self.feature_names = [str(f) for f in feature_names]
+        self.classes = list(classes)
+        self.title = title
+        self.info = dict(info or {})
+        self.heterogeneity = heterogeneity
+
+    # ---- basic quantities ------------------------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def param_names(self) -> list[str]:
+        lv = [str(c) for c in self.classes]
+        return self.feature_names + [f"{lv[k]}|{lv[k + 1]}" for k in range(len(lv) - 1)]
+
+    @property
+    def coef(self) -> np.ndarray:
+        return self.params[: self.n_features]
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return self.params[self.n_features :]
+
+    @property
+    def bse(self) -> np.ndarray:
+        return np.sqrt(np.maximum(np.diag(self.cov), 0.0))
+
+    @property
+    def zvalues(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.params / self.bse
+
+    @property
+    def pvalues(self) -> np.ndarray:
+        return 2.0 * stats.norm.sf(np.abs(self.zvalues))
+
+    def conf_int(self, alpha: float = 0.05) -> np.ndarray:
+        """Wald intervals, shape ``(d, 2)``."""
+        _check_alpha(alpha)
+        z = stats.norm.isf(alpha / 2)
+        return np.column_stack([self.params - z * self.bse, self.params + z * self.bse])
+
+    # ---- joint inference -------------------------------------------------------------------
+    def _index(self, names) -> np.ndarray:
+        allnames = self.param_names
+        out = []
+        for n in names:
+            if isinstance(n, (int, np.integer)):
+                if not 0 <= n < len(allnames):
+                    raise ValueError(f"parameter index {n} is out of range 0..{len(allnames) - 1}")
+                out.append(int(n))
+            elif n in allnames:
+                out.append(allnames.index(n))
+            else:
+                raise ValueError(f"unknown parameter {n!r}; the parameters are {allnames}")
+        return np.asarray(out, dtype=np.intp)
+
+    def wald_test(self, R=None, q=None) -> WaldTest:
+        """Joint Wald test of ``R params = q`` (chi-square).
+
+        ``R`` is a restriction matrix of shape ``(r, d)``, or a list of parameter names (or
+        indices) to test jointly equal to zero; ``q`` defaults to zeros.
+
+        Examples
+        --------
+        ``res.wald_test(["age", "income"])`` tests that both slopes are zero.
+        """
+        d = self.params.shape[0]
+        if R is None:
+            R = list(range(self.n_features))
+        if isinstance(R, (list, tuple)) and all(isinstance(r, (str, int, np.integer)) for r in R):
+            idx = self._index(R)
+            names = [self.param_names[i] for i in idx]
+            Rm = np.zeros((idx.size, d))
+            Rm[np.arange(idx.size), idx] = 1.0
+            label = " = ".join(names) + " = 0" if len(names) > 1 else f"{names[0]} = 0"
+        else:
+            Rm = np.atleast_2d(np.asarray(R, dtype=float))
+            if Rm.shape[1] != d:
+                raise ValueError(f"R must have {d} columns (one per parameter); got {Rm.shape[1]}")
+            label = "R params = q"
+        qv = np.zeros(Rm.shape[0]) if q is None else np.atleast_1d(np.asarray(q, dtype=float))
+        if qv.shape[0] != Rm.shape[0]:
+            raise ValueError(f"q must have {Rm.shape[0]} entries; got {qv.shape[0]}")
+        diff = Rm @ self.params - qv
+        M = Rm @ self.cov @ Rm.T
+        stat = float(diff @ np.linalg.lstsq(M, diff, rcond=None)[0])
+        df = int(np.linalg.matrix_rank(M))
+        return WaldTest(stat, df, float(stats.chi2.sf(stat, df)), label)
+
+    def simultaneous_conf_int(self, alpha: float = 0.05, method: str = "max-z",
+                              params=None) -> np.ndarray:
+        """Intervals that hold jointly with probability ``1 - alpha``.
+
+        ``method="bonferroni"`` splits alpha evenly; ``"max-z"`` uses the ``1 - alpha`` quantile
+        of ``max |Z_j|`` under the estimated correlation (simulated with a fixed seed, so the
+        same every time), which is never wider than Bonferroni. ``params`` restricts the family
+        to some parameters (names or indices); the rows returned follow it.
+        """
+        _check_alpha(alpha)
+        idx = np.arange(self.params.shape[0]) if params is None else self._index(params)
+        se = self.bse[idx]
+        m = idx.size
+        if method == "bonferroni":
+            crit = stats.norm.isf(alpha / (2 * m))
+        elif method == "max-z":
+            C = self.cov[np.ix_(idx, idx)] / np.outer(se, se)
+            vals, vecs = np.linalg.eigh(C)
+            L = vecs * np.sqrt(np.maximum(vals, 0.0))
+            Z = np.random.default_rng(0).standard_normal((MAXZ_DRAWS, m)) @ L.T
+            crit = float(np.quantile(np.abs(Z).max(axis=1), 1 - alpha))
+        else:
+            raise ValueError(f"method must be 'bonferroni' or 'max-z'; got {method!r}")
+        p = self.params[idx]
+        return np.column_stack([p - crit * se, p + crit * se])
+
+    def predict_proba_ci(self, X: np.ndarray, alpha: float = 0.05):
+        """Class probabilities with delta-method intervals for already-encoded ``X``.
+
+        Intervals are built on the logit scale of each probability and mapped back, so they
+        stay inside (0, 1). Returns ``(proba, lower, upper)``, each of shape ``(n, K)``.
+        """
+        _check_alpha(alpha)
+        X = np.asarray(X, dtype=float)
+        p = self.n_features
+        beta, theta = self.coef, self.thresholds
+        eta = X @ beta
+        proba = class_proba(eta, theta)
+        K1 = theta.shape[0]
+        F = 1.0 / (1.0 + np.exp(-(theta[None, :] - eta[:, None])))
+        f = F * (1 - F)  # (n, K-1)
+        fpad = np.concatenate([np.zeros((X.shape[0], 1)), f, np.zeros((X.shape[0], 1))], axis=1)
+        z = stats.norm.isf(alpha / 2)
+        lower = np.empty_like(proba)
+        upper = np.empty_like(proba)
+        for k in range(K1 + 1):
+            # d pi_k / d beta = -x (f_k - f_{k-1}); d / d theta_k = f_k;
+            # d pi_k / d theta_{k-1} = -f_{k-1}
+            G = np.zeros((X.shape[0], p + K1))
+            G[:, :p] = -X * (fpad[:, k + 1] - fpad[:, k])[:, None]
+            if k < K1:
+                G[:, p + k] = f[:, k]
+            if k > 0:
+                G[:, p + k - 1] -= f[:, k - 1]
+            var = np.einsum("ij,jk,ik->i", G, self.cov, G)
+            pk = np.clip(proba[:, k], 1e-300, 1 - 1e-16)
+            se_logit = np.sqrt(np.maximum(var, 0.0)) / (pk * (1 - pk))
+            lg = np.log(pk / (1 - pk))
+            lower[:, k] = 1 / (1 + np.exp(-(lg - z * se_logit)))
+            upper[:, k] = 1 / (1 + np.exp(-(lg + z * se_logit)))
+        return proba, lower, upper
+
+    # ---- tables ----------------------------------------------------------------------------
+    def summary(self, alpha: float = 0.05) -> Summary:
+        """Coefficient table: coef, std err, z, P>|z| and the ``1 - alpha`` interval.
+
+        Pooled fits add per-parameter heterogeneity: I^2 across subsets and how many subsets
+        carried information about the parameter.
+        """
+        ci = self.conf_int(alpha)
+        lo = f"[{alpha / 2:.3g}"
+        hi = f"{1 - alpha / 2:.3g}]"
+        table = pd.DataFrame(
+            {"coef": self.params, "std err": self.bse, "z": self.zvalues, "P>|z|": self.pvalues,
+             lo: ci[:, 0], hi: ci[:, 1]},
+            index=pd.Index(self.param_names, name="parameter"),
+        )
+        if self.heterogeneity is not None:
+            table["I2"] = self.heterogeneity["i2_param"]
+            table["n_subsets"] = self.heterogeneity["n_contrib"]
+        info = tuple((k, str(v)) for k, v in self.info.items())
+        notes = (
+            "Thresholds: P(Y <= k | x) = sigmoid(threshold_k - x'coef).",
+        )
+        return Summary(self.title, info, table, notes)
+
+    def __repr__(self) -> str:
+        return f"<OrdinalResults: {len(self.param_names)} parameters>"
+
+
+def _check_alpha(alpha: float) -> None:
+    if not (isinstance(alpha, (float, int)) and 0 < alpha < 1):
+        raise ValueError(f"alpha must be a number in (0, 1); got {alpha!r}")

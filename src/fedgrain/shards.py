@@ -1,0 +1,114 @@
+"""Standardisation and the building of subsets ("shards") from the user's rows.
+
+The subsets are standardised with one *global* mean and scale, so every subset's estimate is in
+the same coordinates and pooling is a plain weighted average; :class:`Standardizer` maps the
+pooled estimate and its covariance back to the original scale at the end. Shards are written in
+row blocks straight into the arrays the backend allocated, so the data are copied exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends import Backend, ShardRef
+
+BLOCK = 65536
+
+
+def column_moments(X: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean and standard deviation of each column, in row blocks.
+
+    Sums are taken around the first row, which keeps the variance accurate when a column's
+    mean is large compared with its spread.
+    """
+    n, p = X.shape
+    tw = float(n if w is None else w.sum())
+    shift = np.array(X[0], dtype=float) if n else np.zeros(p)
+    s1 = np.zeros(p)
+    s2 = np.zeros(p)
+    for a in range(0, n, BLOCK):
+        Xb = X[a : a + BLOCK] - shift
+        if w is None:
+            s1 += Xb.sum(axis=0)
+            s2 += np.einsum("ij,ij->j", Xb, Xb)
+        else:
+            wb = w[a : a + BLOCK]
+            s1 += wb @ Xb
+            s2 += wb @ (Xb * Xb)
+    m = s1 / tw
+    var = np.maximum(s2 / tw - m * m, 0.0)
+    return shift + m, np.sqrt(var)
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """``x_std = (x - mean) / scale``, and the matching map of parameters.
+
+    With ``eta = x'beta``: ``beta = beta_std / scale`` and
+    ``theta = theta_std + (mean / scale)' beta_std``.
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, X: np.ndarray, w: np.ndarray | None = None) -> Standardizer:
+        mean, scale = column_moments(X, w)
+        return cls(mean, np.where(scale > 0, scale, 1.0))
+
+    def jacobian(self, n_thresholds: int) -> np.ndarray:
+        """``T`` with ``params_raw = T @ params_std``, over ``(beta, theta)``."""
+        p = self.mean.shape[0]
+        T = np.zeros((p + n_thresholds, p + n_thresholds))
+        T[:p, :p] = np.diag(1.0 / self.scale)
+        T[p:, :p] = (self.mean / self.scale)[None, :]
+        T[p:, p:] = np.eye(n_thresholds)
+        return T
+
+    def to_raw(self, params: np.ndarray, cov: np.ndarray | None = None):
+        """Map standardised parameters (and their covariance) to the original scale."""
+        T = self.jacobian(params.shape[0] - self.mean.shape[0])
+        raw = T @ params
+        return raw if cov is None else (raw, T @ cov @ T.T)
+
+    def from_raw(self, params: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_raw` for a parameter vector."""
+        T = self.jacobian(params.shape[0] - self.mean.shape[0])
+        return np.linalg.solve(T, params)
+
+    def transform(self, Xb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.subtract(Xb, self.mean, out=out)
+        out /= self.scale
+        return out
+
+
+def build_shards(
+    backend: Backend,
+    X: np.ndarray,
+    codes: np.ndarray,
+    weights: np.ndarray | None,
+    index_sets: Sequence[np.ndarray],
+    standardizer: Standardizer,
+) -> list[ShardRef]:
+    """Copy each index set's rows, standardised, into a shard placed by ``backend``.
+
+    On failure the shards already placed are released before the exception propagates.
+    """
+    refs: list[ShardRef] = []
+    try:
+        for idx in index_sets:
+            shard = backend.allocate(idx.shape[0], X.shape[1], weights is not None)
+            for a in range(0, idx.shape[0], BLOCK):
+                rows = idx[a : a + BLOCK]
+                standardizer.transform(X[rows], out=shard.X[a : a + rows.shape[0]])
+            shard.y[:] = codes[idx]
+            if weights is not None:
+                shard.w[:] = weights[idx]
+            refs.append(backend.put(shard))
+    except BaseException:
+        backend.release(refs)
+        raise
+    return refs

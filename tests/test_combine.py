@@ -1,0 +1,87 @@
+"""Pooling: one subset pools to itself, order does not matter, unidentified parts weigh zero."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedgrain.combine import monotonise, pool, precision
+from fedgrain.local import LocalFit
+
+
+def _fit(est, cov, identified=None):
+    d = len(est)
+    return LocalFit(
+        n_rows=100, weight=100.0, estimate=np.asarray(est, float), cov=np.asarray(cov, float),
+        lasso=np.zeros(d), identified=np.ones(d, bool) if identified is None else identified,
+        alpha=0.0, n_iter=1, converged=True, debias="inverse", n_nonzero=d,
+    )
+
+
+def _random_fit(rng, d):
+    A = rng.standard_normal((d, d))
+    return _fit(rng.standard_normal(d), A @ A.T + d * np.eye(d))
+
+
+def test_one_subset_pools_to_itself():
+    f = _random_fit(np.random.default_rng(0), 4)
+    P = pool([f])
+    np.testing.assert_allclose(P.estimate, f.estimate, rtol=1e-12)
+    np.testing.assert_allclose(P.cov, f.cov, rtol=1e-10)
+    assert P.q == pytest.approx(0.0, abs=1e-18) and P.q_df == 0
+
+
+def test_pooling_matches_inverse_variance_formula_and_q():
+    rng = np.random.default_rng(1)
+    fits = [_random_fit(rng, 3) for _ in range(5)]
+    Om = [np.linalg.inv(f.cov) for f in fits]
+    S = sum(Om)
+    est = np.linalg.solve(S, sum(o @ f.estimate for o, f in zip(Om, fits, strict=True)))
+    P = pool(fits)
+    np.testing.assert_allclose(P.estimate, est, rtol=1e-10)
+    np.testing.assert_allclose(P.cov, np.linalg.inv(S), rtol=1e-10)
+    q = sum((f.estimate - est) @ o @ (f.estimate - est) for o, f in zip(Om, fits, strict=True))
+    assert P.q == pytest.approx(q, rel=1e-10)
+    assert P.q_df == 4 * 3
+    assert P.i2 == pytest.approx(max(0, (q - 12) / q))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(2, 6), perm_seed=st.integers(0, 100))
+def test_pooling_is_invariant_to_subset_order(seed, m, perm_seed):
+    rng = np.random.default_rng(seed)
+    fits = [_random_fit(rng, 4) for _ in range(m)]
+    order = np.random.default_rng(perm_seed).permutation(m)
+    a, b = pool(fits), pool([fits[i] for i in order])
+    np.testing.assert_allclose(a.estimate, b.estimate, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a.cov, b.cov, rtol=1e-9, atol=1e-14)
+    assert a.q == pytest.approx(b.q, rel=1e-8, abs=1e-12)
+
+
+def test_unidentified_parameter_gets_zero_weight():
+    good = _fit([1.0, 2.0], np.diag([0.1, 0.1]))
+    ident = np.array([True, False])
+    # the second parameter's value in this subset is garbage and must not matter
+    bad = _fit([1.2, 1e6], np.diag([0.1, 0.0]), identified=ident)
+    P = pool([good, bad])
+    assert P.estimate[1] == pytest.approx(2.0)
+    assert P.estimate[0] == pytest.approx(1.1)
+    om, rank = precision(bad)
+    assert rank == 1 and om[1, 1] == 0
+
+
+def test_parameter_identified_nowhere_is_an_error():
+    f = _fit([1.0, 2.0], np.diag([0.1, 0.0]), identified=np.array([True, False]))
+    with pytest.raises(ValueError, match=r"identified in no subset"):
+        pool([f, f])
+
+
+def test_monotonise_orders_and_keeps_ordered_input():
+    ordered = np.array([-1.0, 0.0, 2.0])
+    assert monotonise(ordered, np.ones(3)) is ordered
+    out = monotonise(np.array([-1.0, 0.5, 0.3, 2.0]), np.array([1.0, 1.0, 3.0, 1.0]))
+    assert np.all(np.diff(out) >= 0)
+    # precise value pulls the pooled pair toward itself: weighted mean (0.5*1 + 0.3*(1/3))/(4/3)
+    assert out[1] == pytest.approx((0.5 + 0.3 / 3) / (1 + 1 / 3))

@@ -1,0 +1,527 @@
+"""Tests of fedgrain.io: round trips, corruption on disk, overwrite rules and atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedgrain import __version__
+from fedgrain.exceptions import ModelFileError
+from fedgrain.io import FORMAT, FORMAT_VERSION, read_model_dir, write_model_dir
+
+META = {
+    "n_features": 3,
+    "levels": ["bas", "moyen", "élevé"],
+    "settings": {"alpha": 0.05, "note": "naïve — 日本語 🙂", "big": 2**70, "none": None},
+    "flags": [True, False],
+}
+
+
+def _arrays() -> dict[str, np.ndarray]:
+    return {
+        "coef": np.array([0.1, -0.0, 1 / 3, 5e-324, np.inf, -np.inf, np.nan, 1e308]),
+        "float32": np.array([1.5, -2.25], dtype=np.float32),
+        "big_endian": np.array([1.0, 2.0], dtype=">f8"),
+        "ints": np.array([-(2**62), 0, 7], dtype=np.int64),
+        "small_ints": np.array([[1, 2], [3, 4]], dtype=np.int8),
+        "unsigned": np.array([65535], dtype=np.uint16),
+        "mask": np.array([True, False, True]),
+        "complex": np.array([1 + 2j]),
+        "scalar": np.array(2.5),
+        "int_scalar": np.array(4, dtype=np.int32),
+        "empty": np.zeros(0),
+        "empty_2d": np.zeros((0, 3)),
+        "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        "labels": np.array(["low", "médium", "高"]),
+        "raw": np.array([b"a", b"bc"]),
+        "dates": np.array(["2024-01-01", "2024-02-29"], dtype="datetime64[D]"),
+    }
+
+
+def _assert_arrays_identical(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert list(got) == list(want)
+    for name, array in want.items():
+        assert got[name].dtype == array.dtype, name
+        assert got[name].dtype.str == array.dtype.str, name
+        assert got[name].shape == array.shape, name
+        assert got[name].tobytes(order="C") == array.tobytes(order="C"), name
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return write_model_dir(tmp_path / "model", META, _arrays())
+
+
+def _header(model: Path) -> dict:
+    return json.loads((model / "model.json").read_text(encoding="utf-8"))
+
+
+def _forge(model: Path, edit) -> None:
+    """Edit model.json like a determined attacker: apply ``edit``, then fix every checksum."""
+    header = _header(model)
+    edit(header)
+    canonical = json.dumps(header["meta"], sort_keys=True, separators=(",", ":")).encode()
+    header["checksums"]["meta_sha256"] = hashlib.sha256(canonical).hexdigest()
+    npz = (model / "arrays.npz").read_bytes()
+    header["checksums"]["arrays_npz_sha256"] = hashlib.sha256(npz).hexdigest()
+    (model / "model.json").write_text(json.dumps(header, indent=2), encoding="utf-8")
+
+
+class _Trap:
+    """Unpickling an instance creates the marker file: proof that code was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+# ---------------------------------------------------------------- round trips and layout
+
+
+def test_round_trip_preserves_meta_and_arrays_exactly(model: Path) -> None:
+    meta, arrays = read_model_dir(model)
+    assert meta == META
+    assert meta["settings"]["note"] == "naïve — 日本語 🙂"
+    _assert_arrays_identical(arrays, _arrays())
+    assert arrays["scalar"].ndim == 0
+    assert np.signbit(arrays["coef"][1])
+
+
+def test_round_trip_without_arrays(tmp_path: Path) -> None:
+    assert read_model_dir(write_model_dir(tmp_path / "m", {}, {})) == ({}, {})
+
+
+def test_model_json_layout(model: Path) -> None:
+    text = (model / "model.json").read_text(encoding="utf-8")
+    assert text.startswith('{\n  "format": "fedgrain-model",\n')
+    assert "日本語" in text
+    header = json.loads(text)
+    assert list(header) == [
+        "format",
+        "format_version",
+        "fedgrain_version",
+        "created",
+        "meta",
+        "arrays",
+        "checksums",
+    ]
+    assert header["format"] == FORMAT == "fedgrain-model"
+    assert header["format_version"] == FORMAT_VERSION == 1
+    assert header["fedgrain_version"] == __version__
+    assert datetime.fromisoformat(header["created"]).utcoffset() == timedelta(0)
+    assert header["meta"] == META
+    coef = _arrays()["coef"]
+    assert header["arrays"]["coef"] == {
+        "dtype": "<f8",
+        "shape": [8],
+        "sha256": hashlib.sha256(coef.tobytes()).hexdigest(),
+    }
+    assert header["arrays"]["scalar"]["shape"] == []
+    assert header["arrays"]["empty_2d"]["shape"] == [0, 3]
+    canonical = json.dumps(META, sort_keys=True, separators=(",", ":")).encode()
+    npz = (model / "arrays.npz").read_bytes()
+    assert header["checksums"] == {
+        "meta_sha256": hashlib.sha256(canonical).hexdigest(),
+        "arrays_npz_sha256": hashlib.sha256(npz).hexdigest(),
+    }
+    assert sorted(os.listdir(model)) == ["arrays.npz", "model.json"]
+
+
+def test_relative_path_with_missing_parents_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    returned = write_model_dir(Path("a") / "b" / "model", {"k": 1}, {})
+    assert returned == tmp_path / "a" / "b" / "model"
+    assert read_model_dir("a/b/model") == ({"k": 1}, {})
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.dictionaries(
+        st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,8}", fullmatch=True),
+        hnp.arrays(
+            np.float64,
+            hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
+            elements=st.floats(allow_nan=True, allow_infinity=True),
+        ),
+        max_size=5,
+    )
+)
+def test_round_trip_property(arrays: dict[str, np.ndarray]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        meta, loaded = read_model_dir(
+            write_model_dir(Path(folder) / "m", {"n": len(arrays)}, arrays)
+        )
+    assert meta == {"n": len(arrays)}
+    _assert_arrays_identical(loaded, arrays)
+
+
+# ---------------------------------------------------------------- what write refuses
+
+
+@pytest.mark.parametrize(
+    ("meta", "error", "match"),
+    [
+        ({"a": np.float64(1.0)}, TypeError, r"meta\['a'\] is of type numpy\.float64"),
+        ({"a": {"b": [1, np.int64(2)]}}, TypeError, r"meta\['a'\]\['b'\]\[1\] is of type numpy"),
+        ({"a": np.zeros(2)}, TypeError, r"meta\['a'\] is of type numpy\.ndarray"),
+        ({"a": (1, 2)}, TypeError, r"meta\['a'\] is of type builtins\.tuple"),
+        ({"a": {1, 2}}, TypeError, r"meta\['a'\] is of type builtins\.set"),
+        ({"a": {1: "x"}}, TypeError, r"meta\['a'\] has the key 1 of type int"),
+        ({"a": [float("nan")]}, ValueError, r"meta\['a'\]\[0\] is nan"),
+        ({"a": float("inf")}, ValueError, r"meta\['a'\] is inf"),
+        ([1, 2], TypeError, r"meta must be a dict\. Got list"),
+    ],
+)
+def test_write_refuses_meta_json_cannot_hold(tmp_path: Path, meta, error, match) -> None:
+    with pytest.raises(error, match=match):
+        write_model_dir(tmp_path / "m", meta, {})
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("arrays", "error", "match"),
+    [
+        ({"labels": np.array(["a", 1], dtype=object)}, TypeError, r"arrays\['labels'\].*object"),
+        ({"rec": np.zeros(2, dtype=[("a", "f8")])}, TypeError, r"arrays\['rec'\].*pickle"),
+        ({"coef": [1.0, 2.0]}, TypeError, r"arrays\['coef'\] must be a numpy array"),
+        ({"a/b": np.zeros(1)}, ValueError, r"array name 'a/b' is not allowed"),
+        ({"": np.zeros(1)}, ValueError, r"array name '' is not allowed"),
+        ({3: np.zeros(1)}, TypeError, r"Array names must be str"),
+        ([np.zeros(1)], TypeError, r"arrays must be a dict"),
+    ],
+)
+def test_write_refuses_arrays_needing_pickle_or_bad_names(
+    tmp_path: Path, arrays, error, match
+) -> None:
+    with pytest.raises(error, match=match):
+        write_model_dir(tmp_path / "m", {}, arrays)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- corruption on disk
+
+
+def _truncate_npz(model: Path) -> None:
+    data = (model / "arrays.npz").read_bytes()
+    (model / "arrays.npz").write_bytes(data[: len(data) // 2])
+
+
+def _flip_npz_byte(model: Path) -> None:
+    data = bytearray((model / "arrays.npz").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (model / "arrays.npz").write_bytes(bytes(data))
+
+
+def _edit_meta_number(model: Path) -> None:
+    text = (model / "model.json").read_text(encoding="utf-8")
+    assert '"n_features": 3' in text
+    (model / "model.json").write_text(text.replace('"n_features": 3', '"n_features": 4'))
+
+
+def _set_json(value: str):
+    return lambda model: (model / "model.json").write_text(value, encoding="utf-8")
+
+
+def _truncate_json(model: Path) -> None:
+    text = (model / "model.json").read_text(encoding="utf-8")
+    (model / "model.json").write_text(text[: len(text) // 2], encoding="utf-8")
+
+
+def _edit_header(key: str, value):
+    def edit(model: Path) -> None:
+        header = _header(model)
+        header[key] = value
+        (model / "model.json").write_text(json.dumps(header), encoding="utf-8")
+
+    return edit
+
+
+def _drop_header_key(key: str):
+    def edit(model: Path) -> None:
+        header = _header(model)
+        del header[key]
+        (model / "model.json").write_text(json.dumps(header), encoding="utf-8")
+
+    return edit
+
+
+def _forged(edit):
+    return lambda model: _forge(model, edit)
+
+
+def _set_entry(name: str, key: str, value):
+    return _forged(lambda header: header["arrays"][name].__setitem__(key, value))
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (_truncate_npz, r"arrays\.npz was modified or truncated after saving"),
+        (_flip_npz_byte, r"arrays\.npz was modified or truncated after saving"),
+        (_edit_meta_number, r"meta section of .*model\.json was edited after saving"),
+        (lambda model: (model / "model.json").unlink(), r"has no model\.json"),
+        (lambda model: (model / "arrays.npz").unlink(), r"arrays\.npz is missing"),
+        (_set_json(""), r"model\.json is empty"),
+        (_truncate_json, r"model\.json is not valid JSON"),
+        (_set_json("{not json"), r"model\.json is not valid JSON"),
+        (_set_json('{"format": "fedgrain-model", "x": NaN}'), r"is not valid JSON"),
+        (lambda m: (m / "model.json").write_bytes(b"\xff\xfe{}"), r"is not valid JSON"),
+        (_set_json("[1, 2]"), r"is not a fedgrain model"),
+        (_edit_header("format", "sklearn-model"), r"is not a fedgrain model"),
+        (_drop_header_key("format"), r"is not a fedgrain model"),
+        (_edit_header("format_version", 2), r"newer fedgrain \(format 2.*upgrade fedgrain"),
+        (_edit_header("format_version", 0), r"unknown format_version 0"),
+        (_edit_header("format_version", "1"), r"unknown format_version '1'"),
+        (_edit_header("format_version", True), r"unknown format_version True"),
+        (_drop_header_key("format_version"), r"unknown format_version None"),
+        (_edit_header("meta", [1]), r"malformed \('meta' is not an object\)"),
+        (_drop_header_key("checksums"), r"malformed \('checksums' lacks"),
+        (_forged(lambda h: h.__setitem__("arrays", [])), r"'arrays' is not an object"),
+        (_set_entry("coef", "shape", [-1]), r"malformed \(the entry of array 'coef'"),
+        (_set_entry("coef", "dtype", "not-a-dtype"), r"unknown dtype 'not-a-dtype'"),
+        (
+            _forged(lambda h: h["arrays"].__setitem__("ghost", h["arrays"]["coef"])),
+            r"missing: \['ghost\.npy'\], unexpected: \[\]",
+        ),
+        (
+            _forged(lambda h: h["arrays"].pop("coef")),
+            r"missing: \[\], unexpected: \['coef\.npy'\]",
+        ),
+        (_set_entry("coef", "dtype", "<f4"), r"'coef' .* does not match its dtype"),
+        (_set_entry("coef", "shape", [2, 4]), r"'coef' .* does not match its dtype, shape"),
+        (_set_entry("coef", "sha256", "0" * 64), r"'coef' .* does not match .* checksum"),
+    ],
+)
+def test_read_refuses_damaged_model(model: Path, damage, match) -> None:
+    damage(model)
+    with pytest.raises(ModelFileError, match=match):
+        read_model_dir(model)
+
+
+def test_read_refuses_missing_path_and_plain_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match=r"the path does not exist"):
+        read_model_dir(tmp_path / "nowhere")
+    (tmp_path / "file.json").write_text("{}")
+    with pytest.raises(ModelFileError, match=r"is not a directory"):
+        read_model_dir(tmp_path / "file.json")
+
+
+def test_trap_payload_runs_code_when_unpickled(tmp_path: Path) -> None:
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Trap(control)))
+    assert control.exists()
+
+
+def _npz_with_pickled_object(model: Path, marker: Path) -> None:
+    with zipfile.ZipFile(model / "arrays.npz", "w") as archive:
+        with archive.open("coef.npy", "w") as member:
+            trap = np.array([_Trap(marker)], dtype=object)
+            np.lib.format.write_array(member, trap, allow_pickle=True)
+
+
+@pytest.mark.parametrize(
+    ("declared", "match"),
+    [
+        ("|O", r"declares array 'coef' with object dtype"),
+        ("<f8", r"Array 'coef' in .* cannot be read safely \(Object arrays cannot be loaded"),
+    ],
+)
+def test_read_refuses_object_array_without_unpickling(
+    model: Path, tmp_path: Path, declared: str, match: str
+) -> None:
+    marker = tmp_path / "unpickled"
+    _npz_with_pickled_object(model, marker)
+
+    def declare_only_coef(header: dict) -> None:
+        header["arrays"] = {"coef": {"dtype": declared, "shape": [1], "sha256": "0" * 64}}
+
+    _forge(model, declare_only_coef)
+    with pytest.raises(ModelFileError, match=match):
+        read_model_dir(model)
+    assert not marker.exists()
+
+
+def test_read_refuses_raw_pickle_as_npz_without_unpickling(model: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    (model / "arrays.npz").write_bytes(pickle.dumps(_Trap(marker)))
+    _forge(model, lambda header: None)
+    with pytest.raises(ModelFileError, match=r"arrays\.npz is not a valid npz archive"):
+        read_model_dir(model)
+    assert not marker.exists()
+
+
+def test_read_refuses_raw_pickle_member_without_unpickling(model: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    with zipfile.ZipFile(model / "arrays.npz", "w") as archive:
+        archive.writestr("coef.npy", pickle.dumps(_Trap(marker)))
+    _forge(model, lambda header: header.__setitem__("arrays", {"coef": header["arrays"]["coef"]}))
+    with pytest.raises(ModelFileError, match=r"Array 'coef' in .* cannot be read safely"):
+        read_model_dir(model)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- overwrite rules
+
+
+def test_existing_model_is_kept_without_overwrite(model: Path) -> None:
+    with pytest.raises(FileExistsError, match=r"pass overwrite=True \(command line: --force\)"):
+        write_model_dir(model, {"new": True}, {})
+    assert read_model_dir(model)[0] == META
+
+
+def test_overwrite_replaces_model_and_leaves_nothing_behind(model: Path) -> None:
+    write_model_dir(model, {"new": True}, {"x": np.ones(2)}, overwrite=True)
+    meta, arrays = read_model_dir(model)
+    assert meta == {"new": True}
+    assert list(arrays) == ["x"]
+    assert os.listdir(model.parent) == ["model"]
+
+
+def test_overwrite_fills_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    with pytest.raises(FileExistsError, match=r"overwrite=True"):
+        write_model_dir(tmp_path / "m", {"k": 1}, {})
+    write_model_dir(tmp_path / "m", {"k": 1}, {}, overwrite=True)
+    assert read_model_dir(tmp_path / "m") == ({"k": 1}, {})
+
+
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        ({"thesis.tex": "precious"}, r"not a fedgrain model directory"),
+        ({"model.json": '{"format": "other"}', "data.csv": "1,2"}, r"not a fedgrain model"),
+        ({"model.json": "{trunc", "arrays.npz": ""}, r"not a fedgrain model directory"),
+    ],
+)
+def test_overwrite_never_deletes_a_foreign_directory(tmp_path: Path, files, match) -> None:
+    folder = tmp_path / "project"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_text(content)
+    with pytest.raises(ModelFileError, match=match):
+        write_model_dir(folder, {}, {}, overwrite=True)
+    assert {name: (folder / name).read_text() for name in files} == files
+    assert os.listdir(tmp_path) == ["project"]
+
+
+def test_overwrite_refuses_model_holding_foreign_files(model: Path) -> None:
+    (model / "notes.txt").write_text("mine")
+    with pytest.raises(ModelFileError, match=r"also holds \['notes\.txt'\]"):
+        write_model_dir(model, {}, {}, overwrite=True)
+    assert (model / "notes.txt").read_text() == "mine"
+    assert read_model_dir(model)[0] == META
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_existing_file_or_link_is_never_overwritten(tmp_path: Path, overwrite: bool) -> None:
+    file = tmp_path / "model"
+    file.write_text("not a model")
+    with pytest.raises(FileExistsError, match=r"exists and is not a directory"):
+        write_model_dir(file, {}, {}, overwrite=overwrite)
+    assert file.read_text() == "not a model"
+    link = tmp_path / "link"
+    link.symlink_to(write_model_dir(tmp_path / "real", {}, {}), target_is_directory=True)
+    with pytest.raises(FileExistsError, match=r"exists and is not a directory"):
+        write_model_dir(link, {}, {}, overwrite=overwrite)
+    assert sorted(os.listdir(tmp_path)) == ["link", "model", "real"]
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _failing_rename(monkeypatch: pytest.MonkeyPatch, fails) -> None:
+    """Make ``os.rename`` raise whenever ``fails(source, destination)`` is true."""
+    real = os.rename
+
+    def rename(source, destination):
+        if fails(Path(source), Path(destination)):
+            raise OSError("simulated crash")
+        real(source, destination)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def _final_move(source: Path, destination: Path) -> bool:
+    return ".tmp-" in source.name
+
+
+@pytest.mark.parametrize(
+    "fails",
+    [_final_move, lambda source, destination: source.name == "model"],
+    ids=["moving-new-in", "moving-old-aside"],
+)
+def test_crash_while_replacing_keeps_old_model(
+    model: Path, monkeypatch: pytest.MonkeyPatch, fails
+) -> None:
+    _failing_rename(monkeypatch, fails)
+    with pytest.raises(OSError, match="simulated crash"):
+        write_model_dir(model, {"new": True}, {}, overwrite=True)
+    meta, arrays = read_model_dir(model)
+    assert meta == META
+    _assert_arrays_identical(arrays, _arrays())
+    assert os.listdir(model.parent) == ["model"]
+
+
+def test_crash_on_first_save_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _failing_rename(monkeypatch, _final_move)
+    with pytest.raises(OSError, match="simulated crash"):
+        write_model_dir(tmp_path / "model", META, _arrays())
+    assert os.listdir(tmp_path) == []
+
+
+def test_crash_while_writing_files_keeps_old_model(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fsync(descriptor: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="disk full"):
+        write_model_dir(model, {"new": True}, {"x": np.ones(3)}, overwrite=True)
+    monkeypatch.undo()
+    assert read_model_dir(model)[0] == META
+    assert os.listdir(model.parent) == ["model"]
+
+
+def test_failed_restore_says_where_the_old_model_is(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _failing_rename(monkeypatch, lambda source, destination: destination.name == "model")
+    with pytest.raises(ModelFileError, match=r"it is intact in .*\.model\.old-"):
+        write_model_dir(model, {"new": True}, {}, overwrite=True)
+    [old] = os.listdir(model.parent)
+    assert old.startswith(".model.old-")
+    assert read_model_dir(model.parent / old)[0] == META
+
+
+def test_undeletable_old_model_only_warns(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if ".old-" in Path(path).name:
+            raise PermissionError("read-only")
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.warns(UserWarning, match=r"previous one could not be deleted"):
+        write_model_dir(model, {"new": True}, {}, overwrite=True)
+    assert read_model_dir(model)[0] == {"new": True}
