@@ -23,7 +23,7 @@ from .backends import BACKENDS, Backend, get_backend
 from .data import FeatureSchema, TargetEncoding, prepare_fit, prepare_predict
 from .exceptions import DataError, IdentificationWarning, SeparationError
 from .io import read_model_dir, write_model_dir
-from .ordinal import class_proba, exact_pass
+from .ordinal import Pass, class_proba, exact_pass
 from .partition import stratified_split
 from .results import OrdinalResults
 from .shards import Standardizer, build_shards, column_moments
@@ -72,7 +72,8 @@ class _OrdinalModel(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """The most probable level of each row."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
 
     def predict_proba_ci(self, X, alpha: float = 0.05):
         """Class probabilities with delta-method ``1 - alpha`` intervals.
@@ -163,6 +164,11 @@ class OrdinalRegression(_OrdinalModel):
 
     Parameters
     ----------
+    alpha : float
+        Optional ridge penalty on the standardised slopes: the fit minimises
+        ``-loglik / n + alpha / 2 * sum_j (sd_j * coef_j)^2``. 0 (the default) is the exact
+        maximum likelihood; a small positive value keeps the fit finite on separated data, and
+        the standard errors are then those of the penalised fit (inverse penalised Hessian).
     variance : {"model", "sandwich"}
         Model-based standard errors (inverse observed information, as R and statsmodels
         report) or the robust sandwich.
@@ -195,8 +201,9 @@ class OrdinalRegression(_OrdinalModel):
     array([ 1. , -0.6])
     """
 
-    def __init__(self, *, variance="model", levels=None, categorical=None, max_iter=100,
-                 tol=1e-8):
+    def __init__(self, *, alpha=0.0, variance="model", levels=None, categorical=None,
+                 max_iter=100, tol=1e-8):
+        self.alpha = alpha
         self.variance = variance
         self.levels = levels
         self.categorical = categorical
@@ -205,6 +212,8 @@ class OrdinalRegression(_OrdinalModel):
 
     def _validate(self) -> None:
         owner = type(self).__name__
+        if not _is_real(self.alpha) or not (np.isfinite(self.alpha) and self.alpha >= 0):
+            raise _param_error(owner, "alpha", "a float >= 0", self.alpha)
         if self.variance not in ("model", "sandwich"):
             raise _param_error(owner, "variance", "'model' or 'sandwich'", self.variance)
         if not _is_int(self.max_iter) or self.max_iter < 1:
@@ -225,8 +234,15 @@ class OrdinalRegression(_OrdinalModel):
         cum = np.clip(np.cumsum(counts)[:-1] / counts.sum(), 1e-10, 1 - 1e-10)
         x0 = np.concatenate([np.zeros(p), np.log(cum / (1 - cum))])
 
+        ridge = n_eff * float(self.alpha) * np.concatenate([scales**2, np.zeros(K1)])
+
         def oracle(x, loss=True, order=2, meat=False):
-            return exact_pass(Xm, codes, w, x[:p], x[p:], order=order, meat=meat)
+            P = exact_pass(Xm, codes, w, x[:p], x[p:], order=order, meat=meat)
+            if not self.alpha:
+                return P
+            return Pass(P.loss + 0.5 * float(ridge @ (x * x)),
+                        None if P.grad is None else P.grad + ridge * x,
+                        None if P.hess is None else P.hess + np.diag(ridge), P.meat)
 
         def increasing(x):
             return bool(np.all(np.diff(x[p:]) > 0))
@@ -244,7 +260,8 @@ class OrdinalRegression(_OrdinalModel):
             raise SeparationError(
                 "The classes are (quasi-)separated: the maximum likelihood estimate does not "
                 f"exist ({', '.join(names)} grow without bound). Remove or merge the separating "
-                "feature, or use DivideConquerOrdinal, whose L1 penalty keeps the fit finite."
+                "feature, set alpha > 0 for a ridge penalty, or use DivideConquerOrdinal, whose "
+                "L1 penalty keeps the fit finite."
             )
         if not res.converged:
             warnings.warn(
@@ -265,6 +282,7 @@ class OrdinalRegression(_OrdinalModel):
                 "Log-likelihood": f"{self.loglik_:.4f}",
                 "AIC": f"{2 * d - 2 * self.loglik_:.4f}",
                 "Standard errors": "model-based" if self.variance == "model" else "sandwich",
+                "Ridge alpha": self.alpha,
                 "Newton iterations": res.n_iter,
             },
         )
@@ -330,6 +348,8 @@ class DivideConquerOrdinal(_OrdinalModel):
     subset_estimates_ : ndarray of shape (n_subsets_, d)
         Each subset's de-biased estimate on the original scale (NaN where not identified).
     subset_alphas_ : ndarray
+    n_iter_ : ndarray of int
+        Proximal Newton iterations of each subset's lasso fit.
     q_, q_df_, q_pvalue_, i2_ : heterogeneity of the one-shot pooling (method.md 4)
 
     Examples
@@ -472,6 +492,7 @@ class DivideConquerOrdinal(_OrdinalModel):
         sub[~np.array([f.identified for f in fits])] = np.nan
         self.subset_estimates_ = sub
         self.subset_alphas_ = np.array([f.alpha for f in fits])
+        self.n_iter_ = np.array([f.n_iter for f in fits])
         self.q_, self.q_df_, self.q_pvalue_, self.i2_ = (
             pooled.q, pooled.q_df, pooled.q_pvalue, pooled.i2)
         het = {"q_param": pooled.q_param, "i2_param": pooled.i2_param,
@@ -521,7 +542,7 @@ class DivideConquerOrdinal(_OrdinalModel):
                 "q_pvalue": None if np.isnan(self.q_pvalue_) else self.q_pvalue_,
                 "i2": self.i2_}
         arrays = {"subset_sizes": self.subset_sizes_, "subset_estimates": self.subset_estimates_,
-                  "subset_alphas": self.subset_alphas_}
+                  "subset_alphas": self.subset_alphas_, "n_iter": self.n_iter_}
         return meta, arrays
 
     def _restore_extra(self, meta, arrays):
@@ -531,6 +552,7 @@ class DivideConquerOrdinal(_OrdinalModel):
         self.subset_sizes_ = arrays["subset_sizes"]
         self.subset_estimates_ = arrays["subset_estimates"]
         self.subset_alphas_ = arrays["subset_alphas"]
+        self.n_iter_ = arrays["n_iter"]
 
 
 def _values(outcomes, index_sets) -> list:
