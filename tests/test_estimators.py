@@ -49,7 +49,10 @@ def test_scikit_learn_contract(estimator, check):
     check(estimator)
 
 
-def test_serial_and_processes_give_bit_identical_results(medium_data):
+def test_serial_and_processes_give_bit_identical_results(medium_data, monkeypatch):
+    from fedgrain.backends import processes
+
+    monkeypatch.setattr(processes, "MIN_PARALLEL_WORK", 0)  # force the worker processes
     X, y, _, _ = medium_data
     a = DivideConquerOrdinal(n_subsets=4, backend="serial", random_state=3).fit(X, y)
     b = DivideConquerOrdinal(n_subsets=4, backend="processes", n_jobs=2, random_state=3).fit(X, y)

@@ -111,13 +111,13 @@ def _cmd_fit(args) -> int:
     _log(args, f"reading {args.data} ...")
     frame = read_table(args.data)
     X, y = split_target(frame, args.target)
-    if args.features:
-        X = X.loc[:, _features_for_names(X, _csv_list(args.features), args.data)]
     weights = None
     if args.weights:
-        if args.weights not in X.columns:
-            raise DataError(f"--weights {args.weights}: no such column in {args.data}.")
-        weights = X.pop(args.weights).to_numpy()
+        weights = X.pop(_columns(X, [args.weights], "--weights", args.data)[0]).to_numpy()
+    if args.drop:
+        X = X.drop(columns=_columns(X, _csv_list(args.drop), "--drop", args.data))
+    if args.features:
+        X = X.loc[:, _columns(X, _csv_list(args.features), "--features", args.data)]
     levels = _typed_levels(_csv_list(args.levels), y)
     categorical = _csv_list(args.categorical)
     if args.estimator == "mle":
@@ -140,10 +140,12 @@ def _cmd_fit(args) -> int:
     return 0
 
 
-def _features_for_names(X: pd.DataFrame, names: list[str], source: str) -> list[str]:
+def _columns(X: pd.DataFrame, names: list[str], option: str, source: str) -> list[str]:
+    """Check that the columns an option names exist (the target is not among them)."""
     missing = [n for n in names if n not in X.columns]
     if missing:
-        raise DataError(f"--features: {missing} not in {source}; columns: {list(X.columns)}")
+        raise DataError(f"{option}: {missing} not among the feature columns of {source}: "
+                        f"{list(X.columns)}.")
     return names
 
 
@@ -215,14 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    # The same options after the command name; SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("fit", help="fit a model on a CSV or Parquet file and save it")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    p = command("fit", "fit a model on a CSV or Parquet file and save it")
     p.add_argument("data", help="CSV or Parquet file")
     p.add_argument("--target", required=True, help="the ordinal target column")
     p.add_argument("--levels", help="ordered levels, lowest first: a,b,c")
     p.add_argument("--categorical", help="feature columns to one-hot encode: c1,c2")
     p.add_argument("--features", help="use only these feature columns: f1,f2")
+    p.add_argument("--drop", help="columns that are not features (ids, dates): c1,c2")
     p.add_argument("--weights", help="column of frequency weights")
     p.add_argument("--estimator", choices=("dc", "mle"), default="dc",
                    help="dc: DivideConquerOrdinal (default); mle: exact OrdinalRegression")
@@ -239,26 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=_cmd_fit)
 
-    p = sub.add_parser("predict", help="predict classes and class probabilities")
+    p = command("predict", "predict classes and class probabilities")
     p.add_argument("model", help="model directory")
     p.add_argument("data", help="CSV or Parquet file with the model's feature columns")
     p.add_argument("--out", required=True, help="output .csv or .parquet")
     p.add_argument("--keep", help="input columns to copy into the output (an id, say): c1,c2")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("evaluate", help="ordinal scores of a model on labelled data")
+    p = command("evaluate", "ordinal scores of a model on labelled data")
     p.add_argument("model")
     p.add_argument("data")
     p.add_argument("--target", required=True)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("summary", help="coefficient table with confidence intervals")
+    p = command("summary", "coefficient table with confidence intervals")
     p.add_argument("model")
     p.add_argument("--ci-alpha", type=float, default=0.05, help="1 - confidence level")
     p.add_argument("--html", help="also write the table as HTML to this file")
     p.set_defaults(func=_cmd_summary)
 
-    p = sub.add_parser("demo", help="end-to-end demo on the RAND health insurance data (offline)")
+    p = command("demo", "end-to-end demo on the RAND health insurance data (offline)")
     p.add_argument("--out", default="fedgrain_demo", help="folder for the demo's files")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=_cmd_demo)

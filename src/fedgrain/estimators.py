@@ -16,7 +16,6 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
-from threadpoolctl import threadpool_limits
 
 from . import combine, local
 from .backends import BACKENDS, Backend, get_backend
@@ -249,7 +248,7 @@ class OrdinalRegression(_OrdinalModel):
 
         # One BLAS thread: the per-block products are too small to gain from threads, and
         # threads that wait for a busy core slow every block down.
-        with threadpool_limits(limits=1, user_api="blas"):
+        with local.one_blas_thread():
             res = newton(oracle, x0, n_eff, max_iter=self.max_iter, tol=self.tol,
                          feasible=increasing)
             J = oracle(res.x, order=0, meat=True).meat if self.variance == "sandwich" else None
@@ -347,10 +346,16 @@ class DivideConquerOrdinal(_OrdinalModel):
     subset_sizes_ : ndarray of int
     subset_estimates_ : ndarray of shape (n_subsets_, d)
         Each subset's de-biased estimate on the original scale (NaN where not identified).
+    subset_lasso_estimates_ : ndarray of shape (n_subsets_, d)
+        Each subset's L1-penalised fit before de-biasing (for study: their plain average is
+        the naive, biased combination that de-biasing and pooling improve on).
     subset_alphas_ : ndarray
     n_iter_ : ndarray of int
         Proximal Newton iterations of each subset's lasso fit.
     q_, q_df_, q_pvalue_, i2_ : heterogeneity of the one-shot pooling (method.md 4)
+    oneshot_results_ : OrdinalResults
+        The patent's one-shot pooled estimate and covariance, before the refinement round
+        (equal to ``results_`` when ``refine_rounds=0``), kept for comparison.
 
     Examples
     --------
@@ -436,6 +441,12 @@ class DivideConquerOrdinal(_OrdinalModel):
 
         ``y`` may name a column when ``X`` is a frame, table or file path.
         """
+        # One BLAS thread here too: the server side only does d x d algebra, which threads slow
+        # down, and the workers set their own limit.
+        with local.one_blas_thread():
+            return self._fit(X, y, sample_weight)
+
+    def _fit(self, X, y, sample_weight):
         self._validate()
         owner = type(self).__name__
         data = prepare_fit(X, y, levels=self.levels, categorical=self.categorical,
@@ -451,7 +462,7 @@ class DivideConquerOrdinal(_OrdinalModel):
             warnings.warn(
                 f"Subsets of about {n // M:,} rows have fewer than {ONE_SHOT_ROWS_PER_PARAM} "
                 f"rows per parameter (d = {d}); one-shot pooling (refine_rounds=0) is biased "
-                "there. Use refine_rounds=1 or fewer subsets.", UserWarning, stacklevel=2,
+                "there. Use refine_rounds=1 or fewer subsets.", UserWarning, stacklevel=3,
             )
         rs = check_random_state(self.random_state)
         split_seed, *seeds = (int(s) for s in rs.randint(0, 2**31 - 1, size=M + 1))
@@ -467,7 +478,8 @@ class DivideConquerOrdinal(_OrdinalModel):
             refs = build_shards(backend, Xm, codes, w, index_sets, std)
             tasks = [{"shard": r, "settings": settings, "seed": s}
                      for r, s in zip(refs, seeds, strict=True)]
-            fits = _values(backend.map(local.fit_task, tasks), index_sets)
+            work = float(n) * d * d
+            fits = _values(backend.map(local.fit_task, tasks, work=work), index_sets)
             self._warn_unidentified(fits, data.schema.output_names, data.target.classes)
             pooled = combine.pool(fits)
             est, cov = pooled.estimate, pooled.cov
@@ -475,7 +487,8 @@ class DivideConquerOrdinal(_OrdinalModel):
             for _ in range(self.refine_rounds):
                 evals = _values(
                     backend.map(local.evaluate_task,
-                                [{"shard": r, "params": est, "meat": meat} for r in refs]),
+                                [{"shard": r, "params": est, "meat": meat} for r in refs],
+                                work=work),
                     index_sets,
                 )
                 est, cov = combine.refine(est, evals, self.variance)
@@ -486,11 +499,15 @@ class DivideConquerOrdinal(_OrdinalModel):
 
         params, cov = std.to_raw(est, cov)
         params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+        one_params, one_cov = std.to_raw(pooled.estimate, pooled.cov)
+        one_params[p:] = combine.monotonise(one_params[p:], np.diag(one_cov)[p:])
         self.n_subsets_ = M
         self.subset_sizes_ = np.array([i.shape[0] for i in index_sets])
-        sub = np.array([std.to_raw(f.estimate) for f in fits])
-        sub[~np.array([f.identified for f in fits])] = np.nan
-        self.subset_estimates_ = sub
+        unidentified = ~np.array([f.identified for f in fits])
+        self.subset_estimates_ = np.array([std.to_raw(f.estimate) for f in fits])
+        self.subset_estimates_[unidentified] = np.nan
+        self.subset_lasso_estimates_ = np.array([std.to_raw(f.lasso) for f in fits])
+        self.subset_lasso_estimates_[unidentified] = np.nan
         self.subset_alphas_ = np.array([f.alpha for f in fits])
         self.n_iter_ = np.array([f.n_iter for f in fits])
         self.q_, self.q_df_, self.q_pvalue_, self.i2_ = (
@@ -504,6 +521,11 @@ class DivideConquerOrdinal(_OrdinalModel):
             heterogeneity=het,
         )
         self._set_fitted(data.schema, data.target, params, cov, results)
+        self.oneshot_results_ = OrdinalResults(
+            one_params, one_cov, data.schema.output_names, data.target.classes,
+            title="One-shot pooled estimate (before refinement)", info=results.info,
+            heterogeneity=het,
+        )
         return self
 
     def _info(self, n, M, K, pooled, fits) -> dict:
@@ -534,7 +556,7 @@ class DivideConquerOrdinal(_OrdinalModel):
         for label, subsets in where.items():
             warnings.warn(
                 f"{label} carries no information in subset(s) {subsets} of {len(fits)}; it gets "
-                "zero weight there.", IdentificationWarning, stacklevel=3,
+                "zero weight there.", IdentificationWarning, stacklevel=4,
             )
 
     def _extra_state(self):
@@ -542,7 +564,10 @@ class DivideConquerOrdinal(_OrdinalModel):
                 "q_pvalue": None if np.isnan(self.q_pvalue_) else self.q_pvalue_,
                 "i2": self.i2_}
         arrays = {"subset_sizes": self.subset_sizes_, "subset_estimates": self.subset_estimates_,
-                  "subset_alphas": self.subset_alphas_, "n_iter": self.n_iter_}
+                  "subset_lasso_estimates": self.subset_lasso_estimates_,
+                  "subset_alphas": self.subset_alphas_, "n_iter": self.n_iter_,
+                  "oneshot_params": self.oneshot_results_.params,
+                  "oneshot_cov": self.oneshot_results_.cov}
         return meta, arrays
 
     def _restore_extra(self, meta, arrays):
@@ -551,8 +576,15 @@ class DivideConquerOrdinal(_OrdinalModel):
         self.q_pvalue_ = np.nan if meta["q_pvalue"] is None else meta["q_pvalue"]
         self.subset_sizes_ = arrays["subset_sizes"]
         self.subset_estimates_ = arrays["subset_estimates"]
+        self.subset_lasso_estimates_ = arrays["subset_lasso_estimates"]
         self.subset_alphas_ = arrays["subset_alphas"]
         self.n_iter_ = arrays["n_iter"]
+        r = self.results_
+        self.oneshot_results_ = OrdinalResults(
+            arrays["oneshot_params"], arrays["oneshot_cov"], r.feature_names, r.classes,
+            title="One-shot pooled estimate (before refinement)", info=r.info,
+            heterogeneity=r.heterogeneity,
+        )
 
 
 def _values(outcomes, index_sets) -> list:

@@ -70,12 +70,7 @@ class Summary:
             cells = []
             for c in cols:
                 v = row[c]
-                if c == "P>|z|":
-                    cells.append(f"{v:>11.3g}" if v >= 1e-3 else f"{v:>11.2e}")
-                elif c == "n_subsets":
-                    cells.append(f"{int(v):>11d}")
-                else:
-                    cells.append(f"{v:>11.4f}")
+                cells.append(f"{_cell(c, v):>11}")
             lines.append(f"{n:<{wn}}" + "".join(cells))
         lines.append(rule)
         lines += list(self.notes)
@@ -317,6 +312,17 @@ class OrdinalResults:
 
     def __repr__(self) -> str:
         return f"<OrdinalResults: {len(self.param_names)} parameters>"
+
+
+def _cell(column: str, v: float) -> str:
+    """One table cell: p-values R-style, counts as integers, small numbers in significant digits."""
+    if column == "P>|z|":
+        return "<2e-16" if v < 2e-16 else (f"{v:.3g}" if v >= 1e-3 else f"{v:.2e}")
+    if column == "n_subsets":
+        return f"{int(v):d}"
+    if v != 0 and abs(v) < 1e-3 or abs(v) >= 1e6:
+        return f"{v:.4g}"
+    return f"{v:.4f}"
 
 
 def _check_alpha(alpha: float) -> None:

@@ -7,9 +7,11 @@ A backend runs tasks on workers and keeps subsets' data where the tasks run:
 - ``put(shard)``, which places the subset with the workers and returns a small, picklable
   :class:`ShardRef`. Tasks carry refs, never data, so a loop of many rounds moves only
   parameters; ``ref.load()`` on the worker gives the :class:`Shard` back.
-- ``map(fn, tasks)`` runs ``fn(task)`` for every task and returns one :class:`Outcome` per task,
-  in task order, holding the value or the failure (failures are data, as in Flower: the caller
-  decides whether one failed subset is fatal).
+- ``map(fn, tasks, work=...)`` runs ``fn(task)`` for every task and returns one :class:`Outcome`
+  per task, in task order, holding the value or the failure (failures are data, as in Flower:
+  the caller decides whether one failed subset is fatal). ``work`` is an optional estimate of
+  the total cost (about rows x d^2 summed over tasks); a backend may run small work in the
+  calling process, where starting or feeding workers would cost more than the work itself.
 - ``release(refs)`` frees placed subsets; ``close()`` releases everything.
 
 Seeds travel inside tasks, and tasks run with one BLAS thread, so all backends return
@@ -97,7 +99,9 @@ class Backend(ABC):
         """Place a filled shard with the workers and return its handle."""
 
     @abstractmethod
-    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Outcome]:
+    def map(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, work: float | None = None
+    ) -> list[Outcome]:
         """Run ``fn`` on every task; one outcome per task, in order."""
 
     def release(self, refs: Sequence[ShardRef]) -> None:  # noqa: B027 - optional hook

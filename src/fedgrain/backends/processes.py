@@ -24,6 +24,9 @@ from joblib import Parallel, cpu_count, delayed
 from .base import Backend, Outcome, Shard, ShardRef, run_task
 
 SHM = Path("/dev/shm")
+#: Below this much work (rows x d^2 over all tasks; 2e7 is about 20 ms of Gram matrices) tasks run
+#: in the calling process: results are identical, and a cold start of the workers costs seconds.
+MIN_PARALLEL_WORK = 2e7
 
 
 @dataclass(frozen=True)
@@ -118,9 +121,11 @@ class ProcessesBackend(Backend):
             shard.X.filename, shard.y.filename, None if shard.w is None else shard.w.filename
         )
 
-    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Outcome]:
+    def map(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, work: float | None = None
+    ) -> list[Outcome]:
         n_jobs = min(self._n, len(tasks))
-        if n_jobs <= 1:
+        if n_jobs <= 1 or (work is not None and work < MIN_PARALLEL_WORK):
             return [run_task(fn, i, t) for i, t in enumerate(tasks)]
         return Parallel(n_jobs=n_jobs, backend="loky")(
             delayed(run_task)(fn, i, t) for i, t in enumerate(tasks)

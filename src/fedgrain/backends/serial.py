@@ -40,5 +40,7 @@ class SerialBackend(Backend):
     def put(self, shard: Shard) -> ShardRef:
         return MemoryShardRef(shard)
 
-    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Outcome]:
+    def map(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, work: float | None = None
+    ) -> list[Outcome]:
         return [run_task(fn, i, t) for i, t in enumerate(tasks)]

@@ -1,0 +1,176 @@
+"""The command line on real CSV and Parquet files: each command, and each bad input.
+
+Bad input must give one line on stderr (``fedgrain: error: ...``), exit status 1, and leave
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedgrain import load
+from fedgrain.cli import main
+from fedgrain.datasets import make_ordinal
+
+LEVELS = ["low", "mid", "high", "top"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    X, y, _, _ = make_ordinal(2000, 3, 4, random_state=0)
+    df = pd.DataFrame(X, columns=["a", "b", "c"])
+    df["grade"] = np.array(LEVELS)[y]
+    df["id"] = np.arange(len(df))
+    df.to_csv(d / "train.csv", index=False)
+    df.to_parquet(d / "train.parquet")
+    return d, df
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def fit(capsys, d, out="model", *extra):
+    return run(capsys, "--quiet", "fit", str(d / "train.csv"), "--target", "grade",
+               "--levels", ",".join(LEVELS), "--drop", "id", "--backend", "serial",
+               "--out", str(d / out), *extra)
+
+
+def test_fit_summary_predict_evaluate(files, capsys):
+    d, df = files
+    code, out, _ = fit(capsys, d, "m_ok")
+    assert code == 0 and "Model saved to" in out and "low|mid" in out
+    model = load(d / "m_ok")
+    assert list(model.schema_.input_columns) == ["a", "b", "c"]
+
+    code, out, _ = run(capsys, "summary", str(d / "m_ok"), "--html", str(d / "s.html"))
+    assert code == 0 and "std err" in out
+    assert "<table" in (d / "s.html").read_text()
+
+    code, out, _ = run(capsys, "predict", str(d / "m_ok"), str(d / "train.parquet"),
+                       "--out", str(d / "pred.parquet"), "--keep", "id")
+    assert code == 0
+    pred = pd.read_parquet(d / "pred.parquet")
+    assert list(pred.columns) == ["id", "predicted"] + [f"proba_{v}" for v in LEVELS]
+    np.testing.assert_allclose(pred.filter(like="proba_").sum(axis=1), 1.0)
+    expected = model.predict_proba(df[["a", "b", "c"]])
+    np.testing.assert_allclose(pred.filter(like="proba_").to_numpy(), expected)
+
+    code, out, _ = run(capsys, "evaluate", str(d / "m_ok"), str(d / "train.csv"),
+                       "--target", "grade")
+    assert code == 0 and "accuracy" in out and "rps" in out
+
+
+def test_options_work_after_the_command(files, capsys):
+    d, _ = files
+    code, _, err = run(capsys, "fit", str(d / "train.csv"), "--target", "grade", "--levels",
+                       ",".join(LEVELS), "--backend", "serial", "--estimator", "mle",
+                       "--out", str(d / "m_mle"), "--quiet")
+    assert code == 0 and err == ""
+    assert type(load(d / "m_mle")).__name__ == "OrdinalRegression"
+
+
+def _bad_csv(d, name, change):
+    X, y, _, _ = make_ordinal(400, 2, 3, random_state=1)
+    df = pd.DataFrame(X, columns=["a", "b"])
+    df["grade"] = y
+    df = change(df)
+    path = d / name
+    if isinstance(df, str):
+        path.write_text(df)
+    else:
+        df.to_csv(path, index=False)
+    return path
+
+
+BAD_FIT = [
+    ("nan.csv", lambda df: df.assign(a=df.a.where(df.index != 3)), [],
+     r"Column 'a' of X has NaN"),
+    ("inf.csv", lambda df: df.assign(b=df.b.where(df.index != 7, np.inf)), [], r"inf"),
+    ("text.csv", lambda df: df.assign(city=np.where(df.index % 2, "x", "y")), [],
+     r"Column 'city' .* is not numeric; declare it categorical"),
+    ("one.csv", lambda df: df.assign(grade=1), [], r"only one class"),
+    ("labels.csv", lambda df: df.assign(grade=np.array(["p", "q", "r"])[df.grade]), [],
+     r"no known order; pass levels"),
+    ("unknown.csv", lambda df: df, ["--levels", "0,1"], r"not among the levels"),
+    ("empty.csv", lambda df: "", [], r"is empty"),
+    ("header.csv", lambda df: "a,b,grade\n", [], r"is empty|0 rows|no rows"),
+    ("subsets.csv", lambda df: df, ["--n-subsets", "50"], r"n_subsets=50 would give subsets"),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "extra", "message"), BAD_FIT,
+                         ids=[b[0] for b in BAD_FIT])
+def test_bad_fit_input_is_one_line_and_writes_nothing(tmp_path, capsys, name, change, extra,
+                                                     message):
+    path = _bad_csv(tmp_path, name, change)
+    code, out, err = run(capsys, "fit", str(path), "--target", "grade", "--backend", "serial",
+                         "--out", str(tmp_path / "model"), *extra)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("fedgrain: error: ")
+    assert re.search(message, lines[-1]), lines[-1]
+    assert "Traceback" not in err
+    assert not (tmp_path / "model").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_missing_file_and_wrong_target(tmp_path, capsys, files):
+    d, _ = files
+    code, _, err = run(capsys, "fit", str(tmp_path / "nope.csv"), "--target", "y",
+                       "--out", str(tmp_path / "m"))
+    assert code == 1 and "does not exist" in err
+    code, _, err = run(capsys, "fit", str(d / "train.csv"), "--target", "grad",
+                       "--out", str(tmp_path / "m"))
+    assert code == 1 and "did you mean 'grade'" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_existing_model_needs_force(files, capsys):
+    d, _ = files
+    assert fit(capsys, d, "m_force")[0] == 0
+    code, _, err = fit(capsys, d, "m_force")
+    assert code == 1 and "--force" in err
+    assert fit(capsys, d, "m_force", "--force")[0] == 0
+
+
+def test_predict_with_missing_columns_writes_nothing(files, tmp_path, capsys):
+    d, df = files
+    assert fit(capsys, d, "m_cols")[0] == 0
+    df.drop(columns=["b"]).to_csv(tmp_path / "x.csv", index=False)
+    code, _, err = run(capsys, "predict", str(d / "m_cols"), str(tmp_path / "x.csv"),
+                       "--out", str(tmp_path / "p.csv"))
+    assert code == 1 and "lacks the column(s) ['b']" in err
+    assert not (tmp_path / "p.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.csv"]
+
+
+def test_tampered_or_truncated_model_is_one_line(files, tmp_path, capsys):
+    d, _ = files
+    assert fit(capsys, d, "m_bad")[0] == 0
+    (d / "m_bad" / "model.json").write_text("{")
+    code, _, err = run(capsys, "summary", str(d / "m_bad"))
+    assert code == 1 and err.count("\n") == 1 and "model.json" in err
+    code, _, err = run(capsys, "predict", str(tmp_path / "none"), str(d / "train.csv"),
+                       "--out", str(tmp_path / "p.csv"))
+    assert code == 1 and not (tmp_path / "p.csv").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    code, _, err = run(capsys, "--debug", "summary", str(tmp_path / "none"))
+    assert code == 1 and "Traceback" in err
+
+
+def test_usage_errors_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "fedgrain.cli", "fit"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "required" in proc.stderr

@@ -1,0 +1,108 @@
+"""Agreement with independent implementations: R MASS::polr, statsmodels, scikit-learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels
+import statsmodels.api as sm
+from sklearn.linear_model import LogisticRegression
+from statsmodels.miscmodels.ordinal_model import OrderedModel
+
+from fedgrain import DivideConquerOrdinal, OrdinalRegression
+from fedgrain.datasets import make_ordinal
+from fedgrain.ordinal import exact_pass
+
+from .conftest import expand
+
+UCLA = Path(statsmodels.__file__).parent / "miscmodels/tests/results/ologit_ucla.csv"
+UCLA_LEVELS = ["unlikely", "somewhat likely", "very likely"]
+
+# R 3.4.4, MASS::polr(apply ~ pared + public + gpa, method = "logit", Hess = TRUE), as recorded
+# in statsmodels/miscmodels/tests/results/results_ordinal_model.py.
+R_COEF = np.array([1.04769011, -0.05878572, 0.61594057])
+R_SE = np.array([0.2658, 0.2979, 0.2606])
+R_THRESHOLDS = np.array([2.203915, 4.299363])
+R_PROBA_FIRST7 = np.array([
+    [0.5488310, 0.3593310, 0.09183798], [0.3055632, 0.4759496, 0.21848725],
+    [0.2293835, 0.4781951, 0.29242138], [0.6161224, 0.3126888, 0.07118879],
+    [0.6560149, 0.2833901, 0.06059505], [0.6609240, 0.2797117, 0.05936431],
+    [0.6518332, 0.2865114, 0.06165547],
+])
+
+
+@pytest.fixture(scope="module")
+def ucla():
+    df = pd.read_csv(UCLA)
+    return df[["pared", "public", "gpa"]], df["apply"]
+
+
+def test_matches_r_polr_on_ucla(ucla):
+    X, y = ucla
+    m = OrdinalRegression(levels=UCLA_LEVELS).fit(X, y)
+    np.testing.assert_allclose(m.coef_, R_COEF, atol=3e-4)
+    np.testing.assert_allclose(m.thresholds_, R_THRESHOLDS, atol=1e-3)
+    np.testing.assert_allclose(m.bse_[:3], R_SE, rtol=3e-3)
+    np.testing.assert_allclose(m.predict_proba(X.head(7)), R_PROBA_FIRST7, atol=2e-4)
+    # R's optimiser stopped early; ours reaches the optimum, so its log-likelihood is at least R's.
+    codes = pd.Categorical(y, categories=UCLA_LEVELS).codes.astype(np.intp)
+    ll_r = -exact_pass(X.to_numpy(float), codes, None, R_COEF, R_THRESHOLDS, order=0).loss
+    assert m.loglik_ >= ll_r
+    assert m.results_.param_names == ["pared", "public", "gpa",
+                                      "unlikely|somewhat likely", "somewhat likely|very likely"]
+
+
+def _statsmodels_fit(X, y):
+    res = OrderedModel(y, X, distr="logit").fit(method="bfgs", disp=False, maxiter=2000,
+                                                gtol=1e-10)
+    p = X.shape[1]
+    thr = res.model.transform_threshold_params(res.params)[1:-1]
+    return res, np.r_[np.asarray(res.params)[:p], thr]
+
+
+def test_matches_statsmodels_ordered_model(ucla):
+    X, y = ucla
+    m = OrdinalRegression(levels=UCLA_LEVELS).fit(X, y)
+    res, params = _statsmodels_fit(X, pd.Series(pd.Categorical(y, categories=UCLA_LEVELS,
+                                                               ordered=True)))
+    np.testing.assert_allclose(np.r_[m.coef_, m.thresholds_], params, atol=1e-5)
+    np.testing.assert_allclose(m.bse_[:3], np.asarray(res.bse)[:3], rtol=1e-4)
+    assert m.loglik_ == pytest.approx(res.llf, abs=1e-8)
+
+
+def test_matches_statsmodels_on_simulated_data_with_five_levels():
+    X, y, _, _ = make_ordinal(3000, 6, 5, random_state=11)
+    m = OrdinalRegression().fit(X, y)
+    res, params = _statsmodels_fit(X, y)
+    np.testing.assert_allclose(np.r_[m.coef_, m.thresholds_], params, atol=1e-5)
+    np.testing.assert_allclose(m.bse_[:6], np.asarray(res.bse)[:6], rtol=1e-4)
+
+
+def test_one_subset_without_penalty_equals_logistic_regression_on_expanded_rows():
+    X, y, _, _ = make_ordinal(3000, 5, 4, rho=0.3, mean=2.0, random_state=3)
+    Z, u, _ = expand(X, y, 4)
+    lr = LogisticRegression(penalty=None, fit_intercept=False, solver="newton-cholesky",
+                            tol=1e-12, max_iter=200).fit(Z, u)
+    for refine in (0, 1):
+        dc = DivideConquerOrdinal(n_subsets=1, alpha=0.0, refine_rounds=refine,
+                                  backend="serial").fit(X, y)
+        np.testing.assert_allclose(np.r_[dc.coef_, dc.thresholds_], lr.coef_[0], atol=1e-6)
+
+
+def test_cluster_sandwich_equals_statsmodels_cluster_robust_glm():
+    X, y, _, _ = make_ordinal(2500, 4, 4, random_state=5)
+    Z, u, _ = expand(X, y, 4)
+    groups = np.repeat(np.arange(X.shape[0]), 3)  # the 3 expanded rows of one original row
+    glm = sm.GLM(u, Z, family=sm.families.Binomial()).fit(
+        cov_type="cluster", cov_kwds={"groups": groups, "use_correction": False}, tol=1e-12)
+    dc = DivideConquerOrdinal(n_subsets=1, alpha=0.0, backend="serial").fit(X, y)
+    np.testing.assert_allclose(np.r_[dc.coef_, dc.thresholds_], glm.params, atol=1e-6)
+    np.testing.assert_allclose(dc.cov_, glm.cov_params(), rtol=1e-5, atol=1e-12)
+    # ... and the row-level sandwich equals statsmodels' heteroscedasticity-robust HC0
+    glm_hc0 = sm.GLM(u, Z, family=sm.families.Binomial()).fit(cov_type="HC0", tol=1e-12)
+    dc_row = DivideConquerOrdinal(n_subsets=1, alpha=0.0, variance="sandwich",
+                                  backend="serial").fit(X, y)
+    np.testing.assert_allclose(dc_row.cov_, glm_hc0.cov_params(), rtol=1e-5, atol=1e-12)
