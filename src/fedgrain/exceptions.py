@@ -21,6 +21,14 @@ class DataTypeError(FedgrainError, TypeError):
     """The data have a type fedgrain cannot use (sparse matrices, complex numbers, ...)."""
 
 
+class ComplexDataError(DataTypeError, DataError):
+    """Complex numbers were passed where real numbers are needed.
+
+    It is a :class:`DataTypeError` and also a ``ValueError``, because scikit-learn's estimator
+    checks expect ``ValueError("Complex data not supported ...")``.
+    """
+
+
 class SeparationError(DataError):
     """The classes are perfectly separated, so the maximum likelihood estimate does not exist."""
 

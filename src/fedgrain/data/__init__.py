@@ -1,0 +1,32 @@
+"""Data layer: turn user input into validated float64 matrices and hold the predict-time schema.
+
+Accepted feature inputs are numpy arrays (and lists of lists), pandas, polars and pyarrow frames,
+and paths to CSV or Parquet files. The ordinal target is resolved into integer codes ``0..K-1``
+(:class:`TargetEncoding`), categorical features are one-hot encoded with the first level as the
+reference (:class:`FeatureSchema`), and every user mistake is reported as a one-sentence
+:class:`~fedgrain.exceptions.DataError` (or :class:`~fedgrain.exceptions.DataTypeError`) that says
+what is wrong, where, and how to fix it. Row numbers in messages count from 0.
+
+The modules: ``target`` (ordinal levels and label validation), ``features`` (encoding,
+validation and the feature schema), ``files`` (reading CSV and Parquet, the target column),
+``prepare`` (training and prediction data, put together from the three) and ``_common``
+(helpers they share).
+"""
+
+from fedgrain.exceptions import ComplexDataError
+
+from .features import FeatureSchema
+from .files import read_table, split_target
+from .prepare import FitData, prepare_fit, prepare_predict
+from .target import TargetEncoding
+
+__all__ = [
+    "ComplexDataError",
+    "FeatureSchema",
+    "FitData",
+    "TargetEncoding",
+    "prepare_fit",
+    "prepare_predict",
+    "read_table",
+    "split_target",
+]

@@ -1,0 +1,190 @@
+"""Training and prediction data: the target, the features and the sample weights, together.
+
+:func:`prepare_fit` resolves the target, checks the weights, fits the feature schema and encodes
+the features into :class:`FitData`; :func:`prepare_predict` encodes new data with that schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedgrain.exceptions import DataError
+
+from ._common import _asarray, _complex_error, _rows
+from .features import (
+    FeatureSchema,
+    _check_constant,
+    _check_shape,
+    _column_names,
+    _encode,
+    _fit_schema,
+)
+from .files import _coerce_X, split_target
+from .target import TargetEncoding, _resolve_target, _target_array
+
+__all__ = ["FitData", "prepare_fit", "prepare_predict"]
+
+
+@dataclass(frozen=True, eq=False)
+class FitData:
+    """Validated training data.
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        ``(n, n_features)`` float64, C-contiguous; the caller's array itself (no copy) when it
+        already was one.
+    codes : numpy.ndarray
+        ``(n,)`` ``np.intp`` class codes ``0..K-1``.
+    weights : numpy.ndarray or None
+        ``(n,)`` float64 copy of ``sample_weight``, or None when none was given.
+    schema : FeatureSchema
+        The feature schema for predict time.
+    target : TargetEncoding
+        The ordinal levels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fit = prepare_fit(np.array([[0.5], [1.5], [2.5]]), [1, 3, 3])
+    >>> fit.codes.tolist(), fit.target.classes
+    ([0, 1, 1], (1, 3))
+    """
+
+    X: np.ndarray
+    codes: np.ndarray
+    weights: np.ndarray | None
+    schema: FeatureSchema
+    target: TargetEncoding
+
+
+def _check_weights(sample_weight: Any, n: int) -> np.ndarray | None:
+    if sample_weight is None:
+        return None
+    raw = _asarray(sample_weight, "sample_weight")
+    if raw.dtype.kind == "c":
+        raise _complex_error("sample_weight")
+    if raw.ndim != 1:
+        raise DataError(
+            f"sample_weight must be 1-D with one weight per row, but it has shape {raw.shape}."
+        )
+    if raw.shape[0] != n:
+        raise DataError(
+            f"sample_weight has {raw.shape[0]} values but X has {n} rows; pass one weight per row."
+        )
+    try:
+        weights = np.array(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"sample_weight must hold numbers, but it has dtype {raw.dtype}; convert it."
+        ) from None
+    bad = ~np.isfinite(weights)
+    if bad.any():
+        raise DataError(
+            f"sample_weight has NaN or infinite values in {_rows(bad)}; give finite weights."
+        )
+    negative = weights < 0
+    if negative.any():
+        raise DataError(
+            f"sample_weight has negative values in {_rows(negative)}; weights must be >= 0."
+        )
+    if not weights.any():
+        raise DataError("sample_weight is zero in every row; give some rows a positive weight.")
+    return weights
+
+
+def prepare_fit(
+    X: Any,
+    y: Any,
+    *,
+    levels: Any = None,
+    categorical: Any = None,
+    sample_weight: Any = None,
+    estimator_name: str = "estimator",
+) -> FitData:
+    """Validate and encode training data.
+
+    Parameters
+    ----------
+    X : array-like, frame, table or path
+        Features: a 2-D numpy array (or list of rows), a pandas / polars DataFrame, a pyarrow
+        Table or RecordBatch, or the path of a CSV or Parquet file.
+    y : array-like or str
+        Ordinal labels, one per row; or, when ``X`` is a frame, table or path, the name of the
+        target column inside it (which is then removed from the features).
+    levels : sequence, optional
+        The ordinal levels, lowest first. When omitted, integers, booleans and floats with
+        integral (or at most 20, each used twice on average) values take their natural order,
+        and ordered categoricals their category order.
+    categorical : sequence of str or int, optional
+        Columns to one-hot encode, by name or position (``"x<i>"`` names for arrays). Columns
+        with a categorical dtype are always encoded.
+    sample_weight : array-like, optional
+        Non-negative finite weights, one per row.
+    estimator_name : str, default="estimator"
+        How the estimator is named in messages.
+
+    Returns
+    -------
+    FitData
+        The encoded matrix, codes, weights, schema and target encoding.
+
+    Raises
+    ------
+    DataError
+        For unusable data; the message says what, where and how to fix it.
+    DataTypeError
+        For unusable types (sparse matrices, complex numbers, ...).
+    """
+    table = _coerce_X(X)
+    if y is None:
+        raise DataError(
+            f"{estimator_name} requires y to be passed, but the target y is None; pass the "
+            "ordinal labels, or the name of the target column when X is a table."
+        )
+    if isinstance(y, str):
+        if not _column_names(table)[1]:
+            raise DataError(
+                f"y is the string {y!r}, which names a target column only when X is a frame, "
+                "table or file with named columns; pass y as an array of labels."
+            )
+        table, y = split_target(table, y)
+    names, has_names = _column_names(table)
+    _check_shape(table)
+    values = _target_array(y)
+    if values.shape[0] != table.shape[0]:
+        raise DataError(
+            f"X has {table.shape[0]} rows but y has {values.shape[0]} labels; pass one label "
+            "per row."
+        )
+    weights = _check_weights(sample_weight, table.shape[0])
+    target, codes = _resolve_target(values, levels, weights)
+    schema = _fit_schema(table, names, has_names, categorical)
+    matrix = _encode(table, schema)
+    _check_constant(matrix, schema.output_names)
+    return FitData(matrix, codes, weights, schema, target)
+
+
+def prepare_predict(
+    X: Any, schema: FeatureSchema, *, estimator_name: str = "estimator"
+) -> np.ndarray:
+    """Validate and encode data for prediction; the same as ``schema.transform``.
+
+    Parameters
+    ----------
+    X : array-like, frame, table or path
+        New data with the columns seen at fit.
+    schema : FeatureSchema
+        The schema from :func:`prepare_fit`.
+    estimator_name : str, default="estimator"
+        How the estimator is named in messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, schema.n_features)`` float64, C-contiguous.
+    """
+    return schema.transform(X, estimator_name=estimator_name)
