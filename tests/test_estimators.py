@@ -202,10 +202,14 @@ def test_invalid_parameters_are_named():
             est.fit(X, y)
 
 
-def test_one_shot_warns_when_subsets_are_small():
+def test_warns_when_subsets_are_too_small_for_the_rounds():
     X, y, _, _ = make_ordinal(4000, 10, 4, random_state=0)  # d = 13: 40 rows/param = 520 rows
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        DivideConquerOrdinal(n_subsets=4, refine_rounds=1, backend="serial").fit(X, y)
-    with pytest.warns(UserWarning, match="one-shot pooling"):
+        DivideConquerOrdinal(n_subsets=4, refine_rounds=0, backend="serial").fit(X, y)
+        DivideConquerOrdinal(n_subsets=30, refine_rounds=1, backend="serial").fit(X, y)
+        DivideConquerOrdinal(n_subsets=50, refine_rounds=2, backend="serial").fit(X, y)
+    with pytest.warns(UserWarning, match="one-shot pooling.*Use refine_rounds=1"):
         DivideConquerOrdinal(n_subsets=10, refine_rounds=0, backend="serial").fit(X, y)
+    with pytest.warns(UserWarning, match="one refinement round does not remove.*refine_rounds=2"):
+        DivideConquerOrdinal(n_subsets=50, refine_rounds=1, backend="serial").fit(X, y)

@@ -27,7 +27,8 @@ def test_pooled_estimate_is_within_a_small_fraction_of_a_se_of_the_centralized_f
     z_refined = np.abs(np.r_[refined.coef_, refined.thresholds_] - c) / se
     z_oneshot = np.abs(np.r_[oneshot.coef_, oneshot.thresholds_] - c) / se
     assert z_refined.max() < 0.01
-    assert z_oneshot.max() < 0.25
+    # one-shot keeps each subset's O(d / n_m) bias: a fraction of a SE at 357 rows per parameter
+    assert z_oneshot.max() < 0.5
     # The refined standard errors are those of the centralized fit. One-shot ones run a few
     # percent small: each subset's sandwich is taken at its shrunken lasso fit (method.md 3),
     # most visibly for the largest slope; the refinement round re-evaluates it at the pooled fit.
@@ -75,8 +76,7 @@ def test_coverage_of_cluster_sandwich_model_based_and_naive_average():
 
 @pytest.mark.slow
 def test_refinement_restores_coverage_of_extreme_thresholds_in_small_subsets():
-    # method.md 4b: N = 20,000, p = 50, K = 4 in 50 subsets of 400 rows (7.5 rows per parameter,
-    # so the subsets are de-biased with the nodewise lasso).
+    # method.md 4b: N = 20,000, p = 50, K = 4 in 50 subsets of 400 rows (7.5 rows per parameter).
     reps, M, n_per, p, K = 200, 50, 400, 50, 4
     one, ref = [], []
     for r in range(reps):
@@ -87,7 +87,8 @@ def test_refinement_restores_coverage_of_extreme_thresholds_in_small_subsets():
             out.append(np.abs(res.params - truth) <= 1.959964 * res.bse)
     one, ref = np.mean(one, axis=0), np.mean(ref, axis=0)
     extreme = [p, p + K - 2]  # the first and last thresholds
-    assert np.all(one[extreme] < 0.80), one[extreme]
+    assert np.all(one[extreme] < 0.20), one[extreme]
     assert np.all((ref[extreme] >= 0.93) & (ref[extreme] <= 0.97)), ref[extreme]
     null = np.flatnonzero(coef == 0)
     assert 0.93 <= ref[null].mean() <= 0.97, ref[null]
+    assert ref[np.flatnonzero(coef)].min() >= 0.90, ref[:p]
