@@ -80,8 +80,10 @@ def test_predict_with_wrong_columns(data, make):
     est = make().fit(X, y)
     with pytest.raises(DataError, match="The feature names should match"):
         est.predict(X.rename(columns={"c": "cc"}))
-    with pytest.raises(DataError, match="X has 2 features, but .* is expecting 3 features"):
+    with pytest.warns(UserWarning, match="X does not have valid feature names") as record, \
+            pytest.raises(DataError, match="X has 2 features, but .* is expecting 3 features"):
         est.predict(X.to_numpy()[:, :2])
+    assert record[0].filename == __file__  # the warning points at the caller's line
 
 
 def test_unreadable_file(tmp_path):

@@ -90,11 +90,15 @@ def test_fitted_attributes_follow_the_contract(small_data):
 
 
 def test_default_number_of_subsets_shrinks_for_small_data():
-    X, y, _, _ = make_ordinal(150, 4, 3, random_state=0)
-    est = DivideConquerOrdinal(backend="serial").fit(X, y)  # d = 6: 150 rows fit 5 subsets of 30
+    X, y, _, _ = make_ordinal(150, 4, 3, random_state=0)  # d = 6
+    est = DivideConquerOrdinal(backend="serial").fit(X, y)
     assert est.n_subsets_ == 1  # serial has one worker
-    est = DivideConquerOrdinal(backend="processes", n_jobs=8).fit(X, y)
-    assert est.n_subsets_ == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default never makes subsets too small
+        est = DivideConquerOrdinal(backend="processes", n_jobs=8).fit(X, y)
+        assert est.n_subsets_ == 3  # 8 rows per parameter for one refinement round: 150 // 48
+        est = DivideConquerOrdinal(backend="processes", n_jobs=8, refine_rounds=0).fit(X, y)
+        assert est.n_subsets_ == 1  # one-shot pooling needs 40 rows per parameter
 
 
 def test_too_many_subsets_is_a_clear_error():
@@ -109,8 +113,9 @@ def test_rare_extreme_class_gets_zero_weight_where_absent_with_a_warning():
     y = np.where(y == 0, 1, y)
     y[np.argsort(X[:, 0])[:2]] = 0  # class 0: two rows only, so most subsets lack it
     with pytest.warns(IdentificationWarning, match=r"threshold '0\|1' \(no rows on one side\)"
-                                                   r" carries no information in subset"):
+                                                   r" carries no information in subset") as rec:
         est = DivideConquerOrdinal(n_subsets=4, backend="serial").fit(X, y)
+    assert rec[0].filename == __file__
     assert np.all(np.isfinite(est.coef_)) and np.all(np.isfinite(est.bse_))
     assert np.isnan(est.subset_estimates_[:, X.shape[1]]).sum() == 2  # two subsets lack it
 

@@ -9,7 +9,6 @@ Both are scikit-learn classifiers with the same fitted attributes: ``classes_``,
 from __future__ import annotations
 
 import numbers
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from . import combine, local
+from ._warnings import warn
 from .backends import BACKENDS, Backend, get_backend
 from .data import FeatureSchema, TargetEncoding, prepare_fit, prepare_predict
 from .exceptions import DataError, IdentificationWarning, SeparationError
@@ -265,10 +265,9 @@ class OrdinalRegression(_OrdinalModel):
                 "L1 penalty keeps the fit finite."
             )
         if not res.converged:
-            warnings.warn(
+            warn(
                 f"OrdinalRegression did not converge in {self.max_iter} Newton iterations; "
-                "increase max_iter.", RuntimeWarning, stacklevel=2,
-            )
+                "increase max_iter.", RuntimeWarning)
         d = p + K1
         Hinv = solve_psd(res.hess, np.eye(d))
         cov = Hinv if J is None else Hinv @ J @ Hinv
@@ -426,7 +425,9 @@ class DivideConquerOrdinal(_OrdinalModel):
         min_rows = MIN_ROWS_PER_PARAM * d
         most = n_rows // min_rows
         if self.n_subsets is None:
-            return max(1, min(n_workers, most))
+            # by default also keep the rows per parameter the refinement rounds need
+            need = max(MIN_ROWS_PER_PARAM, ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0))
+            return max(1, min(n_workers, n_rows // (need * d)))
         m = self.n_subsets
         if m > 1 and m > most:
             fix = f"use n_subsets <= {most}" if most >= 1 else "use n_subsets=1"
@@ -466,11 +467,10 @@ class DivideConquerOrdinal(_OrdinalModel):
             what = ("one-shot pooling (refine_rounds=0) is biased there"
                     if self.refine_rounds == 0 else
                     "one refinement round does not remove all of their bias")
-            warnings.warn(
+            warn(
                 f"Subsets of about {n // M:,} rows have fewer than {need} rows per parameter "
                 f"(d = {d}); {what}. Use refine_rounds={self.refine_rounds + 1} or fewer "
-                "subsets.", UserWarning, stacklevel=3,
-            )
+                "subsets.", UserWarning)
         rs = check_random_state(self.random_state)
         split_seed, *seeds = (int(s) for s in rs.randint(0, 2**31 - 1, size=M + 1))
         index_sets = stratified_split(codes, M, np.random.default_rng(split_seed))
@@ -561,10 +561,9 @@ class DivideConquerOrdinal(_OrdinalModel):
                          if kind == "threshold" else f"feature '{names[j]}' (constant)")
                 where.setdefault(label, []).append(m)
         for label, subsets in where.items():
-            warnings.warn(
+            warn(
                 f"{label} carries no information in subset(s) {subsets} of {len(fits)}; it gets "
-                "zero weight there.", IdentificationWarning, stacklevel=4,
-            )
+                "zero weight there.", IdentificationWarning)
 
     def _extra_state(self):
         meta = {"n_subsets": int(self.n_subsets_), "q": self.q_, "q_df": int(self.q_df_),

@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import shutil
-import warnings
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from fedgrain._warnings import warn
 from fedgrain.exceptions import ModelFileError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "read_model_dir", "write_model_dir"]
@@ -323,10 +323,9 @@ def _move_into_place(staging: Path, target: Path) -> None:
     try:
         shutil.rmtree(old)
     except OSError as exc:
-        warnings.warn(
+        warn(
             f"The model was saved to {target}, but the previous one could not be deleted from "
-            f"{old} ({exc}); delete that directory by hand.",
-            stacklevel=3,
+            f"{old} ({exc}); delete that directory by hand."
         )
 
 

@@ -8,7 +8,6 @@ checked against them with scikit-learn's feature-name rules.
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ import pandas as pd
 
 from fedgrain.exceptions import DataError, DataTypeError
 
+from .._warnings import warn
 from ._common import (
     _SHOW,
     Scalar,
@@ -395,18 +395,14 @@ class FeatureSchema:
                 message + f"Pass X with the columns {_quote(self.input_columns, 10)}, in order."
             )
         if self.has_names:
-            warnings.warn(
+            warn(
                 f"X does not have valid feature names, but {estimator_name} was fitted with "
                 "feature names",
-                UserWarning,
-                stacklevel=3,
-            )
+                UserWarning)
         elif has_names:
-            warnings.warn(
+            warn(
                 f"X has feature names, but {estimator_name} was fitted without feature names",
-                UserWarning,
-                stacklevel=3,
-            )
+                UserWarning)
 
     def to_dict(self) -> dict:
         """JSON-safe form; :meth:`from_dict` restores it."""

@@ -7,7 +7,6 @@ floats, or from the category order of an ordered categorical.
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from sklearn.utils.multiclass import type_of_target
 
 from fedgrain.exceptions import DataError, DataTypeError
 
+from .._warnings import warn
 from ._common import (
     Scalar,
     _asarray,
@@ -113,11 +113,9 @@ def _target_array(y: Any, what: str = "y") -> np.ndarray | pd.Series:
 
 
 def _warn_column_vector() -> None:
-    warnings.warn(
+    warn(
         "A column-vector y was passed when a 1d array was expected; fedgrain uses y.ravel().",
-        DataConversionWarning,
-        stacklevel=4,
-    )
+        DataConversionWarning)
 
 
 def _check_missing(values: np.ndarray | pd.Series, what: str) -> None:
