@@ -473,7 +473,8 @@ class DivideConquerOrdinal(_OrdinalModel):
                 "subsets.", UserWarning)
         rs = check_random_state(self.random_state)
         split_seed, *seeds = (int(s) for s in rs.randint(0, 2**31 - 1, size=M + 1))
-        index_sets = stratified_split(codes, M, np.random.default_rng(split_seed))
+        labels = stratified_split(codes, M, np.random.default_rng(split_seed))
+        sizes = np.bincount(labels, minlength=M)
         std = Standardizer.fit(Xm, w)
         settings = local.LocalSettings(
             n_classes=K, alpha=self.alpha, variance=self.variance, debias=self.debias,
@@ -482,11 +483,11 @@ class DivideConquerOrdinal(_OrdinalModel):
         )
         refs = []
         try:
-            refs = build_shards(backend, Xm, codes, w, index_sets, std)
+            refs = build_shards(backend, Xm, codes, w, labels, M, std)
             tasks = [{"shard": r, "settings": settings, "seed": s}
                      for r, s in zip(refs, seeds, strict=True)]
             work = float(n) * d * d
-            fits = _values(backend.map(local.fit_task, tasks, work=work), index_sets)
+            fits = _values(backend.map(local.fit_task, tasks, work=work), sizes)
             self._warn_unidentified(fits, data.schema.output_names, data.target.classes)
             pooled = combine.pool(fits)
             est, cov = pooled.estimate, pooled.cov
@@ -496,7 +497,7 @@ class DivideConquerOrdinal(_OrdinalModel):
                     backend.map(local.evaluate_task,
                                 [{"shard": r, "params": est, "meat": meat} for r in refs],
                                 work=work),
-                    index_sets,
+                    sizes,
                 )
                 est, cov = combine.refine(est, evals, self.variance)
         finally:
@@ -509,7 +510,7 @@ class DivideConquerOrdinal(_OrdinalModel):
         one_params, one_cov = std.to_raw(pooled.estimate, pooled.cov)
         one_params[p:] = combine.monotonise(one_params[p:], np.diag(one_cov)[p:])
         self.n_subsets_ = M
-        self.subset_sizes_ = np.array([i.shape[0] for i in index_sets])
+        self.subset_sizes_ = sizes
         unidentified = ~np.array([f.identified for f in fits])
         self.subset_estimates_ = np.array([std.to_raw(f.estimate) for f in fits])
         self.subset_estimates_[unidentified] = np.nan
@@ -593,11 +594,11 @@ class DivideConquerOrdinal(_OrdinalModel):
         )
 
 
-def _values(outcomes, index_sets) -> list:
+def _values(outcomes, sizes) -> list:
     """The values of successful outcomes; a failed subset is an error naming it."""
     for o in outcomes:
         if not o.ok:
-            rows = index_sets[o.index].shape[0]
+            rows = int(sizes[o.index])
             where = f"subset {o.index + 1} of {len(outcomes)} ({rows:,} rows)"
             if o.error_type == "SeparationError":
                 raise SeparationError(f"In {where}, {o.error}")

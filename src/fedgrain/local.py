@@ -145,8 +145,7 @@ def _problem(X, y, w, n_classes: int) -> tuple[_Problem, np.ndarray, list[str]]:
     n, p = X.shape
     K1 = n_classes - 1
     notes = []
-    pos = np.ones(n, dtype=bool) if w is None else w > 0
-    counts = np.bincount(y[pos], minlength=n_classes)
+    counts = np.bincount(y if w is None else y[w > 0], minlength=n_classes)
     below = np.cumsum(counts)[:-1]
     above = counts.sum() - below
     th_ok = (below > 0) & (above > 0)

@@ -8,14 +8,12 @@ row blocks straight into the arrays the backend allocated, so the data are copie
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backends import Backend, ShardRef
-
-BLOCK = 65536
+from .ordinal import block_rows
 
 
 def column_moments(X: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -25,17 +23,18 @@ def column_moments(X: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarr
     mean is large compared with its spread.
     """
     n, p = X.shape
+    block = block_rows(p)
     tw = float(n if w is None else w.sum())
     shift = np.array(X[0], dtype=float) if n else np.zeros(p)
     s1 = np.zeros(p)
     s2 = np.zeros(p)
-    for a in range(0, n, BLOCK):
-        Xb = X[a : a + BLOCK] - shift
+    for a in range(0, n, block):
+        Xb = X[a : a + block] - shift
         if w is None:
             s1 += Xb.sum(axis=0)
             s2 += np.einsum("ij,ij->j", Xb, Xb)
         else:
-            wb = w[a : a + BLOCK]
+            wb = w[a : a + block]
             s1 += wb @ Xb
             s2 += wb @ (Xb * Xb)
     m = s1 / tw
@@ -90,19 +89,25 @@ def build_shards(
     X: np.ndarray,
     codes: np.ndarray,
     weights: np.ndarray | None,
-    index_sets: Sequence[np.ndarray],
+    labels: np.ndarray,
+    n_subsets: int,
     standardizer: Standardizer,
 ) -> list[ShardRef]:
-    """Copy each index set's rows, standardised, into a shard placed by ``backend``.
+    """Copy each subset's rows, standardised, into a shard placed by ``backend``.
 
-    On failure the shards already placed are released before the exception propagates.
+    ``labels`` gives each row's subset (see :func:`fedgrain.partition.stratified_split`); one
+    subset's row index is held at a time and rows are copied in blocks, so the only memory
+    beyond the shards themselves is a few blocks. On failure the shards already placed are
+    released before the exception propagates.
     """
     refs: list[ShardRef] = []
+    block = block_rows(X.shape[1])
     try:
-        for idx in index_sets:
+        for m in range(n_subsets):
+            idx = np.flatnonzero(labels == m)
             shard = backend.allocate(idx.shape[0], X.shape[1], weights is not None)
-            for a in range(0, idx.shape[0], BLOCK):
-                rows = idx[a : a + BLOCK]
+            for a in range(0, idx.shape[0], block):
+                rows = idx[a : a + block]
                 standardizer.transform(X[rows], out=shard.X[a : a + rows.shape[0]])
             shard.y[:] = codes[idx]
             if weights is not None:
