@@ -22,6 +22,9 @@ from .ordinal import Pass
 
 Oracle = Callable[..., Pass]
 
+#: Rows of the evenly spaced subsample that gives large fits their starting point.
+WARM_START_ROWS = 20_000
+
 
 @dataclass(frozen=True)
 class SolverResult:
@@ -217,3 +220,15 @@ def proximal_newton(
 def newton(oracle: Oracle, x0: np.ndarray, n: float, **kwargs) -> SolverResult:
     """Plain Newton with line search: :func:`proximal_newton` without a penalty."""
     return proximal_newton(oracle, x0, n, None, **kwargs)
+
+
+def warm_start_rows(n: int, rows: int = WARM_START_ROWS) -> np.ndarray | None:
+    """Evenly spaced row indices for a warm-start fit, or None when ``n`` is small.
+
+    A fit on this subsample costs a fraction of one pass over all rows and lands within a few
+    standard errors of the full optimum, from where Newton's method needs two or three full
+    passes instead of five or six. Worth it from about four times ``rows`` rows.
+    """
+    if n < 4 * rows:
+        return None
+    return np.linspace(0, n - 1, rows).round().astype(np.intp)

@@ -1,0 +1,107 @@
+"""The backend protocol: placement, failures as outcomes, clean-up, identical results."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedgrain.backends import ProcessesBackend, SerialBackend, get_backend
+from fedgrain.backends import processes as processes_module
+
+
+def _square(task):
+    return task * task
+
+
+def _fail_on_two(task):
+    if task == 2:
+        raise ValueError("two is not allowed")
+    return task
+
+
+def _shard_sum(task):
+    shard = task["shard"].load()
+    return float(shard.X.sum()), int(shard.y.sum()), os.getpid()
+
+
+@pytest.fixture(params=["serial", "processes"])
+def backend(request, monkeypatch):
+    monkeypatch.setattr(processes_module, "MIN_PARALLEL_WORK", 0)
+    b = SerialBackend() if request.param == "serial" else ProcessesBackend(2)
+    yield b
+    b.close()
+
+
+def test_map_returns_outcomes_in_order(backend):
+    out = backend.map(_square, [3, 1, 2, 5])
+    assert [o.index for o in out] == [0, 1, 2, 3]
+    assert [o.value for o in out] == [9, 1, 4, 25] and all(o.ok for o in out)
+
+
+def test_failures_are_outcomes_not_exceptions(backend):
+    out = backend.map(_fail_on_two, [1, 2, 3])
+    assert [o.ok for o in out] == [True, False, True]
+    assert out[1].error == "two is not allowed" and out[1].error_type == "ValueError"
+    assert "Traceback" in out[1].traceback and out[2].value == 3
+
+
+def test_shards_are_placed_once_and_read_by_tasks(backend):
+    refs = []
+    for k in range(3):
+        shard = backend.allocate(100, 2, weighted=False)
+        shard.X[:] = k
+        shard.y[:] = 1
+        refs.append(backend.put(shard))
+    out = backend.map(_shard_sum, [{"shard": r} for r in refs] * 2)  # two rounds, same refs
+    assert [o.value[:2] for o in out] == [(0.0, 100), (200.0, 100), (400.0, 100)] * 2
+    if isinstance(backend, ProcessesBackend):
+        assert {o.value[2] for o in out} != {os.getpid()}  # ran in worker processes
+        paths = [Path(p) for r in refs for p in r.paths()]
+        assert all(p.exists() for p in paths)
+        backend.release(refs)
+        assert not any(p.exists() for p in paths)
+
+
+def test_processes_backend_leaves_no_files_behind():
+    b = ProcessesBackend(2)
+    shard = b.allocate(10, 2, weighted=True)
+    ref = b.put(shard)
+    folder = Path(ref.X).parent
+    assert folder.exists()
+    b.close()
+    assert not folder.exists()
+
+
+def test_small_work_runs_in_this_process(monkeypatch):
+    b = ProcessesBackend(2)
+    shard = b.allocate(10, 1, weighted=False)
+    shard.X[:] = 1
+    shard.y[:] = 0
+    ref = b.put(shard)
+    out = b.map(_shard_sum, [{"shard": ref}] * 2, work=10.0)
+    assert {o.value[2] for o in out} == {os.getpid()}
+    b.close()
+
+
+def test_get_backend_rejects_unknown_names():
+    assert isinstance(get_backend("serial", owner="X"), SerialBackend)
+    assert get_backend("processes", 3, owner="X").n_workers == 3
+    with pytest.raises(ValueError, match="'backend' parameter of Est must be one of"):
+        get_backend("ray", owner="Est")
+
+
+def test_estimator_cleans_up_its_shards(monkeypatch, tmp_path):
+    from fedgrain import DivideConquerOrdinal
+    from fedgrain.datasets import make_ordinal
+
+    monkeypatch.setattr(processes_module, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(processes_module, "SHM", tmp_path / "no-shm")  # use the temp folder
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    X, y, _, _ = make_ordinal(3000, 3, 3, random_state=0)
+    DivideConquerOrdinal(n_subsets=2, backend="processes", n_jobs=2).fit(X, y)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,112 @@
+"""Inference read off a fit: tables, Wald tests, simultaneous intervals, probability intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from fedgrain import DivideConquerOrdinal, OrdinalRegression
+from fedgrain.datasets import make_ordinal
+from fedgrain.results import OrdinalResults
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, y, _, _ = make_ordinal(3000, 4, 4, random_state=2)
+    X = pd.DataFrame(X, columns=["age", "income", "score", "noise"])
+    return OrdinalRegression().fit(X, y), X
+
+
+def test_summary_table_is_consistent(fitted):
+    model, _ = fitted
+    frame = model.summary().to_frame()
+    r = model.results_
+    assert list(frame.index) == ["age", "income", "score", "noise", "0|1", "1|2", "2|3"]
+    assert list(frame.columns) == ["coef", "std err", "z", "P>|z|", "[0.025", "0.975]"]
+    np.testing.assert_allclose(frame["coef"], np.r_[model.coef_, model.thresholds_])
+    np.testing.assert_allclose(frame["std err"], model.bse_)
+    np.testing.assert_allclose(frame["z"], frame["coef"] / frame["std err"])
+    np.testing.assert_allclose(frame["P>|z|"], 2 * stats.norm.sf(np.abs(frame["z"])))
+    np.testing.assert_allclose(frame["[0.025"], frame["coef"] - 1.959964 * frame["std err"],
+                               rtol=1e-6)
+    ci90 = r.conf_int(0.10)
+    np.testing.assert_allclose(ci90[:, 1] - ci90[:, 0], 2 * 1.644854 * r.bse, rtol=1e-6)
+    text = str(model.summary())
+    assert "age" in text and "std err" in text and "Log-likelihood" in text
+    html = model.summary()._repr_html_()
+    assert html.count("<table") == 2 and "income" in html
+
+
+def test_pooled_summary_shows_heterogeneity():
+    X, y, _, _ = make_ordinal(8000, 3, 3, random_state=4)
+    dc = DivideConquerOrdinal(n_subsets=4, backend="serial").fit(X, y)
+    frame = dc.summary().to_frame()
+    assert {"I2", "n_subsets"} <= set(frame.columns)
+    assert (frame["n_subsets"] == 4).all() and frame["I2"].between(0, 1).all()
+    assert "Heterogeneity Q" in str(dc.summary())
+
+
+def test_wald_tests(fitted):
+    model, _ = fitted
+    r = model.results_
+    single = r.wald_test(["income"])
+    assert single.df == 1
+    assert single.statistic == pytest.approx(r.zvalues[1] ** 2)
+    assert single.pvalue == pytest.approx(r.pvalues[1])
+    joint = r.wald_test(["age", "noise"])
+    idx = [0, 3]
+    diff = r.params[idx]
+    expected = diff @ np.linalg.solve(r.cov[np.ix_(idx, idx)], diff)
+    assert joint.statistic == pytest.approx(expected) and joint.df == 2
+    # R matrix form: age = income (one restriction)
+    R = np.zeros((1, r.params.size))
+    R[0, 0], R[0, 1] = 1, -1
+    contrast = r.wald_test(R)
+    var = r.cov[0, 0] + r.cov[1, 1] - 2 * r.cov[0, 1]
+    assert contrast.statistic == pytest.approx((r.params[0] - r.params[1]) ** 2 / var)
+    assert "age = noise = 0" in str(joint)
+    with pytest.raises(ValueError, match="unknown parameter 'salary'"):
+        r.wald_test(["salary"])
+
+
+def test_simultaneous_intervals_lie_between_marginal_and_bonferroni(fitted):
+    model, _ = fitted
+    r = model.results_
+    marginal = np.diff(r.conf_int(0.05), axis=1).ravel()
+    bonf = np.diff(r.simultaneous_conf_int(0.05, "bonferroni"), axis=1).ravel()
+    maxz = np.diff(r.simultaneous_conf_int(0.05, "max-z"), axis=1).ravel()
+    m = r.params.size
+    np.testing.assert_allclose(bonf, 2 * stats.norm.isf(0.05 / (2 * m)) * r.bse)
+    assert np.all(marginal < maxz) and np.all(maxz <= bonf)
+    # uncorrelated parameters: max-|Z| is the Sidak value (up to simulation error)
+    ind = OrdinalResults(np.zeros(3), np.eye(3), ["a"], [0, 1, 2])
+    crit = ind.simultaneous_conf_int(0.05, "max-z")[0, 1]
+    assert crit == pytest.approx(stats.norm.isf((1 - 0.95 ** (1 / 3)) / 2), abs=0.01)
+
+
+def test_probability_intervals_match_numerical_delta_method(fitted):
+    model, X = fitted
+    r = model.results_
+    x = X.to_numpy()[:5]
+    proba, lo, hi = model.predict_proba_ci(X.head(5), alpha=0.05)
+    np.testing.assert_allclose(proba, model.predict_proba(X.head(5)))
+    assert np.all((lo < proba) & (proba < hi)) and np.all(lo > 0) and np.all(hi < 1)
+    # numerical gradient of logit(pi_k) in the parameters, then the delta method
+    p = x.shape[1]
+
+    def logit_proba(params):
+        eta = x @ params[:p]
+        F = 1 / (1 + np.exp(-(params[p:][None, :] - eta[:, None])))
+        pk = np.diff(np.c_[np.zeros(5), F, np.ones(5)], axis=1)
+        return np.log(pk / (1 - pk))
+
+    h = 1e-6
+    G = np.array([(logit_proba(r.params + h * e) - logit_proba(r.params - h * e)) / (2 * h)
+                  for e in np.eye(r.params.size)])  # (d, n, K)
+    se = np.sqrt(np.einsum("inj,ik,knj->nj", G, r.cov, G))
+    z = stats.norm.isf(0.025)
+    lg = np.log(proba / (1 - proba))
+    np.testing.assert_allclose(lo, 1 / (1 + np.exp(-(lg - z * se))), rtol=1e-5)
+    np.testing.assert_allclose(hi, 1 / (1 + np.exp(-(lg + z * se))), rtol=1e-5)
