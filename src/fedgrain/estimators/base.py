@@ -1,0 +1,202 @@
+"""What the ordinal estimators share: parameter checks, prediction, inference, persistence.
+
+Every estimator is a scikit-learn classifier with the same fitted attributes: ``classes_``,
+``coef_`` (p), ``thresholds_`` (K-1, increasing; ``P(Y <= k | x) = sigmoid(thresholds_[k] - x @
+coef_)``), ``cov_`` over ``(coef_, thresholds_)`` in that order, ``bse_`` and ``results_`` (an
+:class:`fedgrain.results.OrdinalResults` with the coefficient table). :func:`load` restores any of
+them from a saved directory.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from ..backends import Backend
+from ..data import FeatureSchema, TargetEncoding, prepare_predict
+from ..exceptions import ModelFileError
+from ..io import read_model_dir, write_model_dir
+from ..ordinal import class_proba
+from ..results import OrdinalResults
+
+
+def param_error(owner: str, name: str, allowed: str, value) -> ValueError:
+    return ValueError(
+        f"The '{name}' parameter of {owner} must be {allowed}. Got {value!r} instead."
+    )
+
+
+def is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+class OrdinalModel(ClassifierMixin, BaseEstimator):
+    """Prediction, inference and persistence shared by the ordinal estimators."""
+
+    # ---- prediction ------------------------------------------------------------------------
+    def _encode(self, X) -> np.ndarray:
+        check_is_fitted(self, "coef_")
+        return prepare_predict(X, self.schema_, estimator_name=type(self).__name__)
+
+    def predict_linear(self, X) -> np.ndarray:
+        """The latent linear predictor ``x @ coef_`` (higher means higher classes)."""
+        return self._encode(X) @ self.coef_
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities, shape ``(n, K)``, columns in the order of ``classes_``."""
+        return class_proba(self.predict_linear(X), self.thresholds_)
+
+    def predict_cumulative_proba(self, X) -> np.ndarray:
+        """``P(Y <= k | x)`` for the first ``K - 1`` levels, shape ``(n, K - 1)``."""
+        eta = self.predict_linear(X)
+        return 1.0 / (1.0 + np.exp(-(self.thresholds_[None, :] - eta[:, None])))
+
+    def predict(self, X) -> np.ndarray:
+        """The most probable level of each row."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def predict_proba_ci(self, X, alpha: float = 0.05):
+        """Class probabilities with delta-method ``1 - alpha`` intervals.
+
+        Returns ``(proba, lower, upper)``, each of shape ``(n, K)``.
+        """
+        return self.results_.predict_proba_ci(self._encode(X), alpha)
+
+    def summary(self, alpha: float = 0.05):
+        """Shortcut for ``results_.summary(alpha)``."""
+        check_is_fitted(self, "coef_")
+        return self.results_.summary(alpha)
+
+    # ---- fitted state shared by both estimators ---------------------------------------------
+    def _set_fitted(self, schema: FeatureSchema, target: TargetEncoding, params, cov,
+                    results: OrdinalResults) -> None:
+        p = schema.n_features
+        self.schema_ = schema
+        self.target_ = target
+        self.classes_ = target.classes_array()
+        self.n_features_in_ = schema.n_features_in
+        if schema.has_names:
+            self.feature_names_in_ = np.asarray(schema.input_columns, dtype=object)
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        self.coef_ = params[:p].copy()
+        self.thresholds_ = params[p:].copy()
+        self.cov_ = cov
+        self.bse_ = np.sqrt(np.maximum(np.diag(cov), 0.0))
+        self.results_ = results
+
+    def _validate_solver(self, owner: str) -> None:
+        """Checks of the solver parameters both estimators have."""
+        if not is_int(self.max_iter) or self.max_iter < 1:
+            raise param_error(owner, "max_iter", "an int >= 1", self.max_iter)
+        if not is_real(self.tol) or not self.tol > 0:
+            raise param_error(owner, "tol", "a float > 0", self.tol)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        # An ordinal model orders the classes along one direction; scikit-learn's accuracy
+        # checks on make_blobs data (classes in no order) do not apply.
+        tags.classifier_tags.poor_score = True
+        return tags
+
+    # ---- persistence -----------------------------------------------------------------------
+    def _extra_state(self) -> tuple[dict, dict]:
+        return {}, {}
+
+    def _restore_extra(self, meta: dict, arrays: dict) -> None:
+        """Restore estimator-specific state saved by :meth:`_extra_state`."""
+
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """Save the fitted model as a directory of JSON and ``.npz`` (no pickle).
+
+        Written atomically: a crash never leaves a half-written model that loads.
+        Load it with :func:`fedgrain.load`.
+        """
+        check_is_fitted(self, "coef_")
+        params = self.get_params()
+        if isinstance(params.get("backend"), Backend):
+            params["backend"] = params["backend"].name
+        if "random_state" in params and not (
+            params["random_state"] is None or is_int(params["random_state"])
+        ):
+            params["random_state"] = None  # a generator object cannot be stored as JSON
+        for key in ("levels", "categorical"):
+            if params.get(key) is not None:
+                params[key] = [v.item() if hasattr(v, "item") else v for v in params[key]]
+        extra_meta, extra_arrays = self._extra_state()
+        r = self.results_
+        meta = {
+            "estimator": type(self).__name__,
+            "params": params,
+            "schema": self.schema_.to_dict(),
+            "target": self.target_.to_dict(),
+            "results": {"title": r.title, "info": {k: str(v) for k, v in r.info.items()}},
+            **extra_meta,
+        }
+        arrays = {"coef": self.coef_, "thresholds": self.thresholds_, "cov": self.cov_,
+                  **extra_arrays}
+        if r.heterogeneity is not None:
+            arrays.update({f"het_{k}": np.asarray(v) for k, v in r.heterogeneity.items()})
+        return write_model_dir(path, meta, arrays, overwrite=overwrite)
+
+
+
+#: Estimator classes :func:`load` may restore, by name: filled by the modules that define them,
+#: so a model file can never name (and so import or run) anything else.
+ESTIMATORS: dict[str, type[OrdinalModel]] = {}
+
+
+def register(cls: type[OrdinalModel]) -> type[OrdinalModel]:
+    """Class decorator: make ``cls`` loadable by :func:`load`."""
+    ESTIMATORS[cls.__name__] = cls
+    return cls
+
+
+def load(path: str | os.PathLike) -> OrdinalModel:
+    """Load a model saved with ``save()``; verifies format version and checksums.
+
+    Loading never executes code: the directory holds JSON and ``.npz`` arrays only.
+
+    Raises
+    ------
+    fedgrain.exceptions.ModelFileError
+        When the directory is missing, truncated, tampered with or of an unknown version.
+    """
+    meta, arrays = read_model_dir(path)
+    try:
+        cls = ESTIMATORS[meta["estimator"]]
+        est = cls(**meta["params"])
+        schema = FeatureSchema.from_dict(meta["schema"])
+        target = TargetEncoding.from_dict(meta["target"])
+        het = None
+        if "het_q_param" in arrays:
+            het = {k[4:]: arrays[k] for k in arrays if k.startswith("het_")}
+        p = schema.n_features
+        params = np.concatenate([arrays["coef"], arrays["thresholds"]])
+        results = OrdinalResults(params, arrays["cov"], schema.output_names, target.classes,
+                                 title=meta["results"]["title"], info=meta["results"]["info"],
+                                 heterogeneity=het)
+        est._set_fitted(schema, target, params, arrays["cov"], results)
+        est._restore_extra(meta, arrays)
+        ok = (arrays["coef"].shape == (p,) and arrays["cov"].shape == (params.size,) * 2
+              and arrays["thresholds"].shape == (target.n_classes - 1,))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(
+            f"{path}: the model description is incomplete or inconsistent ({exc!r}); "
+            "save the model again."
+        ) from None
+    if not ok:
+        raise ModelFileError(f"{path}: array shapes do not match the model description; "
+                             "save the model again.")
+    return est

@@ -1,0 +1,187 @@
+"""The centralized reference fit: exact proportional-odds maximum likelihood."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import local
+from .._warnings import warn
+from ..data import prepare_fit
+from ..exceptions import SeparationError
+from ..ordinal import Pass, exact_pass
+from ..results import OrdinalResults
+from ..shards import column_moments
+from ..solvers import newton, runaway, solve_psd, warm_start_rows
+from .base import OrdinalModel, is_real, param_error, register
+
+
+@register
+class OrdinalRegression(OrdinalModel):
+    """Proportional-odds (cumulative logit) regression by exact maximum likelihood.
+
+    The centralized, single-machine reference fit: Newton's method on the exact multinomial
+    likelihood with analytic gradient and Hessian, each iteration one pass over the rows in
+    blocks. It matches R's ``MASS::polr`` and statsmodels' ``OrderedModel`` (logit) and is
+    typically two or more orders of magnitude faster than the latter.
+
+    Parameters
+    ----------
+    alpha : float
+        Optional ridge penalty on the standardised slopes: the fit minimises
+        ``-loglik / n + alpha / 2 * sum_j (sd_j * coef_j)^2``. 0 (the default) is the exact
+        maximum likelihood; a small positive value keeps the fit finite on separated data, and
+        the standard errors are then those of the penalised fit (inverse penalised Hessian).
+    variance : {"model", "sandwich"}
+        Model-based standard errors (inverse observed information, as R and statsmodels
+        report) or the robust sandwich.
+    levels : sequence, optional
+        The ordered levels of the target, lowest first; needed when they are strings.
+    categorical : sequence of str, optional
+        Feature columns to one-hot encode (first level is the reference).
+    max_iter : int
+    tol : float
+        Newton stops when it promises less than ``tol`` gain in log-likelihood (the estimate is
+        then within about ``sqrt(2 tol)`` standard errors of the optimum).
+
+    Attributes
+    ----------
+    classes_, coef_, thresholds_, cov_, bse_ : see the module docstring
+    results_ : OrdinalResults
+    loglik_ : float
+        Maximised log-likelihood.
+    n_iter_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fedgrain import OrdinalRegression
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((500, 2))
+    >>> y = np.digitize(X @ [1.0, -0.5] + rng.logistic(size=500), [-1, 1])
+    >>> m = OrdinalRegression().fit(X, y)
+    >>> m.coef_.round(1)
+    array([ 1. , -0.6])
+    """
+
+    def __init__(self, *, alpha=0.0, variance="model", levels=None, categorical=None,
+                 max_iter=100, tol=1e-8):
+        self.alpha = alpha
+        self.variance = variance
+        self.levels = levels
+        self.categorical = categorical
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def _validate(self) -> None:
+        owner = type(self).__name__
+        if not is_real(self.alpha) or not (np.isfinite(self.alpha) and self.alpha >= 0):
+            raise param_error(owner, "alpha", "a float >= 0", self.alpha)
+        if self.variance not in ("model", "sandwich"):
+            raise param_error(owner, "variance", "'model' or 'sandwich'", self.variance)
+        self._validate_solver(owner)
+
+    def fit(self, X, y, sample_weight=None):
+        """Fit by exact maximum likelihood. ``y`` may name a column when ``X`` is a frame."""
+        self._validate()
+        data = prepare_fit(X, y, levels=self.levels, categorical=self.categorical,
+                           sample_weight=sample_weight, estimator_name=type(self).__name__)
+        Xm, codes, w = data.X, data.codes, data.weights
+        n_eff = float(codes.shape[0] if w is None else w.sum())
+        p, K1 = Xm.shape[1], data.target.n_classes - 1
+        _, scales = column_moments(Xm, w)
+        counts = np.bincount(codes, weights=w, minlength=K1 + 1)
+        cum = np.clip(np.cumsum(counts)[:-1] / counts.sum(), 1e-10, 1 - 1e-10)
+        x0 = np.concatenate([np.zeros(p), np.log(cum / (1 - cum))])
+
+        # ridge per row on the standardised slopes: alpha/2 sum_j (sd_j coef_j)^2
+        ridge = float(self.alpha) * np.concatenate([scales**2, np.zeros(K1)])
+        oracle = _exact_oracle(Xm, codes, w, ridge * n_eff)
+
+        def increasing(x):
+            return bool(np.all(np.diff(x[p:]) > 0))
+
+        # One BLAS thread: the per-block products are too small to gain from threads, and
+        # threads that wait for a busy core slow every block down.
+        with local.one_blas_thread():
+            x0 = self._warm_start(Xm, codes, w, x0, ridge, increasing)
+            res = newton(oracle, x0, n_eff, max_iter=self.max_iter, tol=self.tol,
+                         feasible=increasing)
+            J = oracle(res.x, order=0, meat=True).meat if self.variance == "sandwich" else None
+        moving = runaway(res, np.concatenate([scales, np.ones(K1)]))
+        if moving.any():
+            names = [data.schema.output_names[j] if j < p else f"threshold {j - p}"
+                     for j in np.flatnonzero(moving)]
+            raise SeparationError(
+                "The classes are (quasi-)separated: the maximum likelihood estimate does not "
+                f"exist ({', '.join(names)} grow without bound). Remove or merge the separating "
+                "feature, set alpha > 0 for a ridge penalty, or use DivideConquerOrdinal, whose "
+                "L1 penalty keeps the fit finite."
+            )
+        if not res.converged:
+            warn(
+                f"OrdinalRegression did not converge in {self.max_iter} Newton iterations; "
+                "increase max_iter.", RuntimeWarning)
+        d = p + K1
+        Hinv = solve_psd(res.hess, np.eye(d))
+        cov = Hinv if J is None else Hinv @ J @ Hinv
+        cov = 0.5 * (cov + cov.T)
+        self.loglik_ = -float(res.objective * n_eff)
+        self.n_iter_ = res.n_iter
+        results = OrdinalResults(
+            res.x, cov, data.schema.output_names, data.target.classes,
+            title="Ordinal regression: exact maximum likelihood",
+            info={
+                "Rows": f"{codes.shape[0]:,}", "Classes": data.target.n_classes,
+                "Log-likelihood": f"{self.loglik_:.4f}",
+                "AIC": f"{2 * d - 2 * self.loglik_:.4f}",
+                "Standard errors": "model-based" if self.variance == "model" else "sandwich",
+                "Ridge alpha": self.alpha,
+                "Newton iterations": res.n_iter,
+            },
+        )
+        self._set_fitted(data.schema, data.target, res.x, cov, results)
+        return self
+
+    def _warm_start(self, X, codes, w, x0, ridge, feasible):
+        """Start from a fit on an evenly spaced subsample (see ``solvers.warm_start_rows``).
+
+        ``ridge`` is the per-row ridge vector; falls back to ``x0`` when a level is missing from
+        the subsample or its fit does not settle.
+        """
+        rows = warm_start_rows(codes.shape[0])
+        if rows is None:
+            return x0
+        Xs, ys = X[rows], codes[rows]
+        ws = None if w is None else w[rows]
+        K = x0.size - X.shape[1] + 1
+        if np.count_nonzero(np.bincount(ys, weights=ws, minlength=K)) < K:
+            return x0
+        n_sub = float(rows.size if ws is None else ws.sum())
+        res = newton(_exact_oracle(Xs, ys, ws, ridge * n_sub), x0, n_sub,
+                     max_iter=self.max_iter, tol=1e-2, feasible=feasible)
+        return res.x if res.converged and np.all(np.isfinite(res.x)) else x0
+
+    def _extra_state(self):
+        return {"loglik": self.loglik_, "n_iter": self.n_iter_}, {}
+
+    def _restore_extra(self, meta, arrays):
+        self.loglik_ = meta["loglik"]
+        self.n_iter_ = meta["n_iter"]
+
+
+def _exact_oracle(X, y, w, ridge):
+    """Oracle of the exact likelihood plus ``1/2 sum_j ridge_j x_j^2`` (no penalty when zero)."""
+    p = X.shape[1]
+    penalised = bool(np.any(ridge))
+
+    def oracle(x, loss=True, order=2, meat=False):
+        P = exact_pass(X, y, w, x[:p], x[p:], order=order, meat=meat)
+        if not penalised:
+            return P
+        return Pass(P.loss + 0.5 * float(ridge @ (x * x)),
+                    None if P.grad is None else P.grad + ridge * x,
+                    None if P.hess is None else P.hess + np.diag(ridge), P.meat)
+
+    return oracle
+
+

@@ -1,0 +1,333 @@
+"""Divide-and-conquer ordinal regression (US patent 11269974) with a refinement round."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.utils import check_random_state
+
+from .. import combine, local
+from .._warnings import warn
+from ..backends import BACKENDS, Backend, get_backend
+from ..data import prepare_fit
+from ..exceptions import DataError, IdentificationWarning, SeparationError
+from ..partition import stratified_split
+from ..results import OrdinalResults
+from ..shards import Standardizer, build_shards
+from .base import OrdinalModel, is_int, is_real, param_error, register
+
+#: Every subset needs at least this many original rows per parameter (method.md 4b, 6).
+MIN_ROWS_PER_PARAM = 5
+#: Below this many rows per parameter in a subset, the pooled estimate keeps a bias that the
+#: given number of refinement rounds does not remove (measured: docs/method.md). Two or more
+#: rounds converge to the centralized fit from any subset size allowed.
+ROWS_PER_PARAM_FOR_ROUNDS = {0: 40, 1: 8}
+
+
+
+@register
+class DivideConquerOrdinal(OrdinalModel):
+    """Divide-and-conquer ordinal regression with valid inference (US patent 11269974).
+
+    The rows are divided at random, stratified by class, into ``n_subsets`` subsets. On each,
+    in parallel, an L1-penalised cumulative-logit model is fitted on the implicitly expanded
+    binary problem and de-biased by one Newton step; each estimate is weighted by its robust
+    (cluster-sandwich) inverse variance and the estimates are pooled. A refinement round
+    (``refine_rounds=1``, the default) then takes one global Newton step from the pooled
+    estimate, which removes the subsets' finite-sample bias; ``refine_rounds=0`` is the patent's
+    one-shot method.
+
+    Parameters
+    ----------
+    n_subsets : int or None
+        Number of subsets; by default the number of workers, reduced when the data are too
+        small for that many subsets.
+    alpha : {"rate", "cv", "bic"} or float
+        L1 penalty per subset on the per-row scale: ``"rate"`` is ``0.5 sqrt(log(d) / n_m)``,
+        ``"cv"`` picks it by stratified K-fold deviance, ``"bic"`` by BIC along a path; a float
+        fixes it (0 for no penalty).
+    variance : {"cluster", "sandwich", "model"}
+        Cluster sandwich over original rows (valid for the composite likelihood), row-level
+        sandwich, or model-based ``H^-1``; the last two under-cover and exist for study.
+    backend : {"processes", "serial"} or Backend
+    n_jobs : int or None
+        Worker processes for ``backend="processes"`` (default: all CPUs).
+    random_state : int, RandomState or None
+        Seeds the division into subsets and the cross-validation folds.
+    refine_rounds : int
+        Global Newton steps after pooling (method.md 4b); 0 reproduces the one-shot method.
+    debias : {"auto", "inverse", "nodewise"}
+        How each subset's inverse Hessian is formed: ``"inverse"`` is ``H^-1``; ``"nodewise"``
+        the nodewise lasso; ``"auto"`` takes the nodewise lasso when the subset's standardised
+        Hessian is ill-conditioned (too few rows for its d, or collinear features) and the
+        exact inverse otherwise.
+    ridge : float
+        Ridge stabiliser ``H + ridge * n_m * I`` for ``debias="inverse"``.
+    penalize_thresholds : bool
+        Penalise the thresholds too (the patent claim's literal text); off by default.
+    levels, categorical : see :class:`OrdinalRegression`
+    cv_folds : int
+        Folds for ``alpha="cv"``.
+    max_iter, tol : solver settings of each subset's proximal Newton.
+
+    Attributes
+    ----------
+    classes_, coef_, thresholds_, cov_, bse_, results_ : see the module docstring
+    n_subsets_ : int
+    subset_sizes_ : ndarray of int
+    subset_estimates_ : ndarray of shape (n_subsets_, d)
+        Each subset's de-biased estimate on the original scale (NaN where not identified).
+    subset_lasso_estimates_ : ndarray of shape (n_subsets_, d)
+        Each subset's L1-penalised fit before de-biasing (for study: their plain average is
+        the naive, biased combination that de-biasing and pooling improve on).
+    subset_alphas_ : ndarray
+    n_iter_ : ndarray of int
+        Proximal Newton iterations of each subset's lasso fit.
+    q_, q_df_, q_pvalue_, i2_ : heterogeneity of the one-shot pooling (method.md 4)
+    oneshot_results_ : OrdinalResults
+        The patent's one-shot pooled estimate and covariance, before the refinement round
+        (equal to ``results_`` when ``refine_rounds=0``), kept for comparison.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fedgrain import DivideConquerOrdinal
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((4000, 3))
+    >>> y = np.digitize(X @ [1.0, 0.0, -0.5] + rng.logistic(size=4000), [-1, 0, 1])
+    >>> dc = DivideConquerOrdinal(n_subsets=4, backend="serial").fit(X, y)
+    >>> dc.coef_.round(1)
+    array([ 1. ,  0. , -0.5])
+    """
+
+    def __init__(self, n_subsets=None, alpha="rate", variance="cluster", backend="processes",
+                 n_jobs=None, random_state=0, *, refine_rounds=1, debias="auto", ridge=0.0,
+                 penalize_thresholds=False, levels=None, categorical=None, cv_folds=5,
+                 max_iter=100, tol=1e-8):
+        self.n_subsets = n_subsets
+        self.alpha = alpha
+        self.variance = variance
+        self.backend = backend
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.refine_rounds = refine_rounds
+        self.debias = debias
+        self.ridge = ridge
+        self.penalize_thresholds = penalize_thresholds
+        self.levels = levels
+        self.categorical = categorical
+        self.cv_folds = cv_folds
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def _validate(self) -> None:
+        owner = type(self).__name__
+        ns = self.n_subsets
+        if ns is not None and (not is_int(ns) or ns < 1):
+            raise param_error(owner, "n_subsets", "an int >= 1 or None", ns)
+        a = self.alpha
+        if not ((isinstance(a, str) and a in ("rate", "cv", "bic"))
+                or (is_real(a) and np.isfinite(a) and a >= 0)):
+            raise param_error(owner, "alpha", "'rate', 'cv', 'bic' or a float >= 0", a)
+        if self.variance not in local.VARIANCES:
+            raise param_error(owner, "variance", "'cluster', 'sandwich' or 'model'",
+                               self.variance)
+        if not (isinstance(self.backend, Backend) or self.backend in BACKENDS):
+            raise param_error(owner, "backend", f"one of {BACKENDS} or a Backend instance",
+                               self.backend)
+        if self.n_jobs is not None and (not is_int(self.n_jobs) or self.n_jobs == 0):
+            raise param_error(owner, "n_jobs", "a non-zero int or None", self.n_jobs)
+        if not is_int(self.refine_rounds) or self.refine_rounds < 0:
+            raise param_error(owner, "refine_rounds", "an int >= 0", self.refine_rounds)
+        if self.debias not in local.DEBIAS:
+            raise param_error(owner, "debias", "'auto', 'inverse' or 'nodewise'", self.debias)
+        if not is_real(self.ridge) or not self.ridge >= 0:
+            raise param_error(owner, "ridge", "a float >= 0", self.ridge)
+        if not is_int(self.cv_folds) or self.cv_folds < 2:
+            raise param_error(owner, "cv_folds", "an int >= 2", self.cv_folds)
+        self._validate_solver(owner)
+
+    def _resolve_subsets(self, n_rows: int, d: int, n_workers: int) -> int:
+        min_rows = MIN_ROWS_PER_PARAM * d
+        most = n_rows // min_rows
+        if self.n_subsets is None:
+            # by default also keep the rows per parameter the refinement rounds need
+            need = max(MIN_ROWS_PER_PARAM, ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0))
+            return max(1, min(n_workers, n_rows // (need * d)))
+        m = self.n_subsets
+        if m > 1 and m > most:
+            fix = f"use n_subsets <= {most}" if most >= 1 else "use n_subsets=1"
+            raise DataError(
+                f"n_subsets={m} would give subsets of about {n_rows // m:,} rows, fewer than "
+                f"{MIN_ROWS_PER_PARAM} x d = {min_rows:,} rows for d = {d} parameters; {fix}, "
+                "or fit on more data."
+            )
+        if m > n_rows:
+            raise DataError(f"n_subsets={m} exceeds the number of rows ({n_rows}).")
+        return m
+
+    def fit(self, X, y, sample_weight=None):
+        """Divide, fit the subsets in parallel, pool, refine.
+
+        ``y`` may name a column when ``X`` is a frame, table or file path.
+        """
+        # One BLAS thread here too: the server side only does d x d algebra, which threads slow
+        # down, and the workers set their own limit.
+        with local.one_blas_thread():
+            return self._fit(X, y, sample_weight)
+
+    def _fit(self, X, y, sample_weight):
+        self._validate()
+        owner = type(self).__name__
+        data = prepare_fit(X, y, levels=self.levels, categorical=self.categorical,
+                           sample_weight=sample_weight, estimator_name=owner)
+        Xm, codes, w = data.X, data.codes, data.weights
+        n, p = Xm.shape
+        K = data.target.n_classes
+        d = p + K - 1
+        backend = get_backend(self.backend, self.n_jobs, owner=owner)
+        own_backend = backend is not self.backend
+        M = self._resolve_subsets(n, d, backend.n_workers)
+        need = ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0)
+        if M > 1 and n / M < need * d:
+            what = ("one-shot pooling (refine_rounds=0) is biased there"
+                    if self.refine_rounds == 0 else
+                    "one refinement round does not remove all of their bias")
+            warn(
+                f"Subsets of about {n // M:,} rows have fewer than {need} rows per parameter "
+                f"(d = {d}); {what}. Use refine_rounds={self.refine_rounds + 1} or fewer "
+                "subsets.", UserWarning)
+        rs = check_random_state(self.random_state)
+        split_seed, *seeds = (int(s) for s in rs.randint(0, 2**31 - 1, size=M + 1))
+        labels = stratified_split(codes, M, np.random.default_rng(split_seed))
+        sizes = np.bincount(labels, minlength=M)
+        std = Standardizer.fit(Xm, w)
+        settings = local.LocalSettings(
+            n_classes=K, alpha=self.alpha, variance=self.variance, debias=self.debias,
+            ridge=float(self.ridge), penalize_thresholds=bool(self.penalize_thresholds),
+            cv_folds=self.cv_folds, max_iter=self.max_iter, tol=float(self.tol),
+        )
+        refs = []
+        try:
+            refs = build_shards(backend, Xm, codes, w, labels, M, std)
+            tasks = [{"shard": r, "settings": settings, "seed": s}
+                     for r, s in zip(refs, seeds, strict=True)]
+            work = float(n) * d * d
+            fits = _values(backend.map(local.fit_task, tasks, work=work), sizes)
+            self._warn_unidentified(fits, data.schema.output_names, data.target.classes)
+            pooled = combine.pool(fits)
+            est, cov = pooled.estimate, pooled.cov
+            meat = local.meat_kind(self.variance)
+            for _ in range(self.refine_rounds):
+                evals = _values(
+                    backend.map(local.evaluate_task,
+                                [{"shard": r, "params": est, "meat": meat} for r in refs],
+                                work=work),
+                    sizes,
+                )
+                est, cov = combine.refine(est, evals, self.variance)
+        finally:
+            backend.release(refs)
+            if own_backend:
+                backend.close()
+
+        params, cov = std.to_raw(est, cov)
+        params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+        one_params, one_cov = std.to_raw(pooled.estimate, pooled.cov)
+        one_params[p:] = combine.monotonise(one_params[p:], np.diag(one_cov)[p:])
+        self.n_subsets_ = M
+        self.subset_sizes_ = sizes
+        unidentified = ~np.array([f.identified for f in fits])
+        self.subset_estimates_ = np.array([std.to_raw(f.estimate) for f in fits])
+        self.subset_estimates_[unidentified] = np.nan
+        self.subset_lasso_estimates_ = np.array([std.to_raw(f.lasso) for f in fits])
+        self.subset_lasso_estimates_[unidentified] = np.nan
+        self.subset_alphas_ = np.array([f.alpha for f in fits])
+        self.n_iter_ = np.array([f.n_iter for f in fits])
+        self.q_, self.q_df_, self.q_pvalue_, self.i2_ = (
+            pooled.q, pooled.q_df, pooled.q_pvalue, pooled.i2)
+        het = {"q_param": pooled.q_param, "i2_param": pooled.i2_param,
+               "n_contrib": pooled.n_contrib}
+        results = OrdinalResults(
+            params, cov, data.schema.output_names, data.target.classes,
+            title="Divide-and-conquer ordinal regression (cumulative logit)",
+            info=self._info(n, M, K, pooled, fits),
+            heterogeneity=het,
+        )
+        self._set_fitted(data.schema, data.target, params, cov, results)
+        self.oneshot_results_ = OrdinalResults(
+            one_params, one_cov, data.schema.output_names, data.target.classes,
+            title="One-shot pooled estimate (before refinement)", info=results.info,
+            heterogeneity=het,
+        )
+        return self
+
+    def _info(self, n, M, K, pooled, fits) -> dict:
+        sizes = f"{n // M:,}" if n % M == 0 else f"{n // M:,}-{n // M + 1:,}"
+        q = f"{pooled.q:.2f} (df {pooled.q_df}, p {pooled.q_pvalue:.3g})" if pooled.q_df > 0 \
+            else "n/a (one subset)"
+        alpha = self.alpha if isinstance(self.alpha, str) else "fixed"
+        return {
+            "Rows": f"{n:,}", "Classes": K, "Subsets": M, "Rows per subset": sizes,
+            "Penalty": f"{alpha} (mean {np.mean([f.alpha for f in fits]):.3g})",
+            "De-biasing": ", ".join(sorted({f.debias for f in fits})),
+            "Variance": self.variance, "Refinement rounds": self.refine_rounds,
+            "Heterogeneity Q": q, "I^2": f"{pooled.i2:.3f}",
+        }
+
+    @staticmethod
+    def _warn_unidentified(fits, feature_names, classes) -> None:
+        names = list(feature_names)
+        lv = [str(c) for c in classes]
+        where: dict[str, list[int]] = {}
+        for m, f in enumerate(fits):
+            for note in f.notes:
+                kind, j = note.split(":")
+                j = int(j)
+                label = (f"threshold '{lv[j]}|{lv[j + 1]}' (no rows on one side)"
+                         if kind == "threshold" else f"feature '{names[j]}' (constant)")
+                where.setdefault(label, []).append(m)
+        for label, subsets in where.items():
+            warn(
+                f"{label} carries no information in subset(s) {subsets} of {len(fits)}; it gets "
+                "zero weight there.", IdentificationWarning)
+
+    def _extra_state(self):
+        meta = {"n_subsets": int(self.n_subsets_), "q": self.q_, "q_df": int(self.q_df_),
+                "q_pvalue": None if np.isnan(self.q_pvalue_) else self.q_pvalue_,
+                "i2": self.i2_}
+        arrays = {"subset_sizes": self.subset_sizes_, "subset_estimates": self.subset_estimates_,
+                  "subset_lasso_estimates": self.subset_lasso_estimates_,
+                  "subset_alphas": self.subset_alphas_, "n_iter": self.n_iter_,
+                  "oneshot_params": self.oneshot_results_.params,
+                  "oneshot_cov": self.oneshot_results_.cov}
+        return meta, arrays
+
+    def _restore_extra(self, meta, arrays):
+        self.n_subsets_ = meta["n_subsets"]
+        self.q_, self.q_df_, self.i2_ = meta["q"], meta["q_df"], meta["i2"]
+        self.q_pvalue_ = np.nan if meta["q_pvalue"] is None else meta["q_pvalue"]
+        self.subset_sizes_ = arrays["subset_sizes"]
+        self.subset_estimates_ = arrays["subset_estimates"]
+        self.subset_lasso_estimates_ = arrays["subset_lasso_estimates"]
+        self.subset_alphas_ = arrays["subset_alphas"]
+        self.n_iter_ = arrays["n_iter"]
+        r = self.results_
+        self.oneshot_results_ = OrdinalResults(
+            arrays["oneshot_params"], arrays["oneshot_cov"], r.feature_names, r.classes,
+            title="One-shot pooled estimate (before refinement)", info=r.info,
+            heterogeneity=r.heterogeneity,
+        )
+
+
+def _values(outcomes, sizes) -> list:
+    """The values of successful outcomes; a failed subset is an error naming it."""
+    for o in outcomes:
+        if not o.ok:
+            rows = int(sizes[o.index])
+            where = f"subset {o.index + 1} of {len(outcomes)} ({rows:,} rows)"
+            if o.error_type == "SeparationError":
+                raise SeparationError(f"In {where}, {o.error}")
+            raise RuntimeError(f"Fitting {where} failed: {o.error_type}: {o.error}\n{o.traceback}")
+    return [o.value for o in outcomes]
+
+
