@@ -96,7 +96,7 @@ def test_default_number_of_subsets_shrinks_for_small_data():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default never makes subsets too small
         est = DivideConquerOrdinal(backend="processes", n_jobs=8).fit(X, y)
-        assert est.n_subsets_ == 3  # 8 rows per parameter for one refinement round: 150 // 48
+        assert est.n_subsets_ == 4  # 6 rows per parameter for one refinement round: 150 // 36
         est = DivideConquerOrdinal(backend="processes", n_jobs=8, refine_rounds=0).fit(X, y)
         assert est.n_subsets_ == 1  # one-shot pooling needs 40 rows per parameter
 
@@ -212,9 +212,9 @@ def test_warns_when_subsets_are_too_small_for_the_rounds():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DivideConquerOrdinal(n_subsets=4, refine_rounds=0, backend="serial").fit(X, y)
-        DivideConquerOrdinal(n_subsets=30, refine_rounds=1, backend="serial").fit(X, y)
-        DivideConquerOrdinal(n_subsets=50, refine_rounds=2, backend="serial").fit(X, y)
+        DivideConquerOrdinal(n_subsets=50, refine_rounds=1, backend="serial").fit(X, y)
+        DivideConquerOrdinal(n_subsets=60, refine_rounds=2, backend="serial").fit(X, y)
     with pytest.warns(UserWarning, match="one-shot pooling.*Use refine_rounds=1"):
         DivideConquerOrdinal(n_subsets=10, refine_rounds=0, backend="serial").fit(X, y)
     with pytest.warns(UserWarning, match="one refinement round does not remove.*refine_rounds=2"):
-        DivideConquerOrdinal(n_subsets=50, refine_rounds=1, backend="serial").fit(X, y)
+        DivideConquerOrdinal(n_subsets=60, refine_rounds=1, backend="serial").fit(X, y)
