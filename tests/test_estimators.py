@@ -218,3 +218,27 @@ def test_warns_when_subsets_are_too_small_for_the_rounds():
         DivideConquerOrdinal(n_subsets=10, refine_rounds=0, backend="serial").fit(X, y)
     with pytest.warns(UserWarning, match="one refinement round does not remove.*refine_rounds=2"):
         DivideConquerOrdinal(n_subsets=60, refine_rounds=1, backend="serial").fit(X, y)
+
+
+@pytest.mark.parametrize("kind", ["polars", "pyarrow", "parquet", "csv"])
+def test_frames_and_files_through_the_estimator(tmp_path, kind):
+    import polars as pl
+    import pyarrow as pa
+
+    X, y, _, _ = make_ordinal(1500, 3, 4, random_state=8)
+    df = pd.DataFrame(X, columns=["a", "b", "c"]).assign(stars=y + 1)
+    ref = OrdinalRegression().fit(df[["a", "b", "c"]], df["stars"])
+    if kind == "polars":
+        data = pl.from_pandas(df)
+    elif kind == "pyarrow":
+        data = pa.Table.from_pandas(df, preserve_index=False)
+    else:
+        path = tmp_path / f"d.{kind}"
+        df.to_parquet(path) if kind == "parquet" else df.to_csv(path, index=False)
+        data = str(path)
+    est = OrdinalRegression().fit(data, "stars")
+    np.testing.assert_allclose(est.coef_, ref.coef_, rtol=1e-10)
+    assert list(est.classes_) == [1, 2, 3, 4]
+    assert list(est.feature_names_in_) == ["a", "b", "c"]
+    features = df[["a", "b", "c"]]
+    np.testing.assert_allclose(est.predict_proba(features), ref.predict_proba(features))
