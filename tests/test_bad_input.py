@@ -98,7 +98,7 @@ def test_separated_data_get_a_clear_error_or_a_finite_penalised_fit():
     y = np.r_[np.zeros(60, int), np.ones(60, int)]
     with pytest.raises(SeparationError, match=r"separated.*set alpha > 0"):
         OrdinalRegression().fit(X, y)
-    with pytest.raises(SeparationError, match=r"subset 1 of 1 .*separated"):
+    with pytest.raises(SeparationError, match=r"separated in subset 1 of 1 .*along x0; use a pos"):
         DivideConquerOrdinal(n_subsets=1, alpha=0.0, backend="serial").fit(X, y)
     assert np.isfinite(OrdinalRegression(alpha=0.01).fit(X, y).coef_).all()
     assert np.isfinite(DivideConquerOrdinal(backend="serial").fit(X, y).coef_).all()

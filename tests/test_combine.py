@@ -1,4 +1,4 @@
-"""Pooling: one subset pools to itself, order does not matter, unidentified parts weigh zero."""
+"""Pooling: one subset pools to itself, order does not matter, partial subsets weigh right."""
 
 from __future__ import annotations
 
@@ -7,16 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedgrain.combine import monotonise, pool, precision
+from fedgrain.combine import NotIdentifiedError, full_view, monotonise, pool, precision
 from fedgrain.local import LocalFit
 
 
-def _fit(est, cov, identified=None):
-    d = len(est)
+def _fit(est, cov, design=None):
+    est = np.asarray(est, float)
+    A = np.eye(est.size) if design is None else np.asarray(design, float)
+    cov = np.asarray(cov, float)
     return LocalFit(
-        n_rows=100, weight=100.0, estimate=np.asarray(est, float), cov=np.asarray(cov, float),
-        lasso=np.zeros(d), identified=np.ones(d, bool) if identified is None else identified,
-        alpha=0.0, n_iter=1, converged=True, debias="inverse", n_nonzero=d,
+        n_rows=100, weight=100.0, estimate=est, cov=cov, lasso=np.zeros(est.size),
+        hess=np.linalg.pinv(cov), design=A, alpha=0.0, n_iter=1, converged=True,
+        debias="inverse",
     )
 
 
@@ -60,22 +62,34 @@ def test_pooling_is_invariant_to_subset_order(seed, m, perm_seed):
     assert a.q == pytest.approx(b.q, rel=1e-8, abs=1e-12)
 
 
-def test_unidentified_parameter_gets_zero_weight():
+def test_a_subset_missing_a_parameter_gives_no_weight_to_it():
     good = _fit([1.0, 2.0], np.diag([0.1, 0.1]))
-    ident = np.array([True, False])
-    # the second parameter's value in this subset is garbage and must not matter
-    bad = _fit([1.2, 1e6], np.diag([0.1, 0.0]), identified=ident)
-    P = pool([good, bad])
-    assert P.estimate[1] == pytest.approx(2.0)
+    part = _fit([1.2], [[0.1]], design=[[1.0, 0.0]])  # this subset only has the first parameter
+    P = pool([good, part])
     assert P.estimate[0] == pytest.approx(1.1)
-    om, rank = precision(bad)
-    assert rank == 1 and om[1, 1] == 0
+    assert P.estimate[1] == pytest.approx(2.0)
+    om, rank = precision(part)
+    assert rank == 1 and om.shape == (1, 1)
+    est, _, cov, resolved = full_view(part)
+    assert resolved.tolist() == [True, False] and est[0] == 1.2 and cov[1, 1] == 0
+
+
+def test_a_feature_constant_in_a_subset_shifts_its_thresholds_not_the_pool():
+    # truth: slope 1, threshold 2. A subset where the feature is constant at c = 0.5 identifies
+    # only theta - c beta = 1.5; pooled with a full subset it must agree, with Q = 0.
+    full = _fit([1.0, 2.0], np.diag([0.01, 0.01]))
+    shifted = _fit([1.5], [[0.01]], design=[[-0.5, 1.0]])
+    P = pool([full, shifted])
+    np.testing.assert_allclose(P.estimate, [1.0, 2.0], atol=1e-12)
+    assert P.q == pytest.approx(0.0, abs=1e-12)
+    assert not full_view(shifted)[3].any()  # it resolves no parameter on its own
 
 
 def test_parameter_identified_nowhere_is_an_error():
-    f = _fit([1.0, 2.0], np.diag([0.1, 0.0]), identified=np.array([True, False]))
-    with pytest.raises(ValueError, match=r"identified in no subset"):
+    f = _fit([1.0], [[0.1]], design=[[1.0, 0.0]])
+    with pytest.raises(NotIdentifiedError, match=r"parameters \[1\] are not identified") as err:
         pool([f, f])
+    assert err.value.indices.tolist() == [1]
 
 
 def test_monotonise_orders_and_keeps_ordered_input():

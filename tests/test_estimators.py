@@ -34,10 +34,18 @@ SEPARATED_CHECKS = [
 ]
 
 
+MORE_FEATURES_THAN_ROWS = (
+    "the check fits 15 rows with 30 features: with more parameters than rows the de-biased "
+    "estimates have no covariance, and DivideConquerOrdinal refuses with a clear error"
+)
+
+
 def _expected_failures(estimator):
     failures = {"check_classifiers_classes": STRING_LABELS}
     if isinstance(estimator, OrdinalRegression) and estimator.alpha == 0:
         failures.update(dict.fromkeys(SEPARATED_CHECKS, SEPARATED))
+    if isinstance(estimator, DivideConquerOrdinal):
+        failures["check_sample_weight_equivalence_on_dense_data"] = MORE_FEATURES_THAN_ROWS
     return failures
 
 
@@ -91,8 +99,11 @@ def test_fitted_attributes_follow_the_contract(small_data):
 
 def test_default_number_of_subsets_shrinks_for_small_data():
     X, y, _, _ = make_ordinal(150, 4, 3, random_state=0)  # d = 6
-    est = DivideConquerOrdinal(backend="serial").fit(X, y)
-    assert est.n_subsets_ == 1  # serial has one worker
+    # the default follows n_jobs whatever the backend, so serial and processes agree
+    a = DivideConquerOrdinal(backend="serial", n_jobs=2).fit(X, y)
+    b = DivideConquerOrdinal(backend="processes", n_jobs=2).fit(X, y)
+    assert a.n_subsets_ == b.n_subsets_ == 2
+    np.testing.assert_array_equal(a.coef_, b.coef_)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default never makes subsets too small
         est = DivideConquerOrdinal(backend="processes", n_jobs=8).fit(X, y)
@@ -118,6 +129,12 @@ def test_rare_extreme_class_gets_zero_weight_where_absent_with_a_warning():
     assert rec[0].filename == __file__
     assert np.all(np.isfinite(est.coef_)) and np.all(np.isfinite(est.bse_))
     assert np.isnan(est.subset_estimates_[:, X.shape[1]]).sum() == 2  # two subsets lack it
+
+
+def test_more_parameters_than_rows_is_refused():
+    X, y, _, _ = make_ordinal(20, 30, 3, random_state=0)
+    with pytest.raises(DataError, match=r"needs more rows than parameters .*: 20 rows for d = 32"):
+        DivideConquerOrdinal(backend="serial").fit(X, y)
 
 
 def test_frames_with_categorical_features_and_ordered_target():
@@ -242,3 +259,56 @@ def test_frames_and_files_through_the_estimator(tmp_path, kind):
     assert list(est.feature_names_in_) == ["a", "b", "c"]
     features = df[["a", "b", "c"]]
     np.testing.assert_allclose(est.predict_proba(features), ref.predict_proba(features))
+
+
+@pytest.mark.parametrize("shift", [1e3, 1e6])
+def test_features_with_large_means_fit_exactly(shift):
+    X, y, _, _ = make_ordinal(4000, 3, 4, random_state=0)
+    Xs = X.copy()
+    Xs[:, 0] += shift
+    for make in (OrdinalRegression, lambda: DivideConquerOrdinal(n_subsets=2, backend="serial")):
+        a, b = make().fit(X, y), make().fit(Xs, y)
+        np.testing.assert_allclose(b.coef_, a.coef_, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(b.bse_[:3], a.bse_[:3], rtol=1e-5)
+        np.testing.assert_allclose(b.thresholds_ - shift * b.coef_[0], a.thresholds_,
+                                   rtol=1e-6, atol=1e-6 * shift)
+
+
+def test_running_out_of_iterations_warns_instead_of_claiming_separation():
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, y, _, _ = make_ordinal(3000, 3, 4, random_state=0)
+    with pytest.warns(ConvergenceWarning, match="did not converge in max_iter=1"):
+        OrdinalRegression(max_iter=1).fit(X, y)
+    with pytest.warns(ConvergenceWarning, match=r"subset\(s\) \[0, 1\] did not converge"):
+        DivideConquerOrdinal(max_iter=1, n_subsets=2, backend="serial").fit(X, y)
+
+
+def test_zero_weights_remove_rows_everywhere():
+    X, y, _, _ = make_ordinal(2000, 2, 3, random_state=0)
+    X = np.c_[X, np.where(np.arange(2000) < 10, 1.0, 0.0)]  # varies only in the first 10 rows
+    w = np.where(np.arange(2000) < 10, 0.0, 1.0)
+    for est in (OrdinalRegression(), DivideConquerOrdinal(n_subsets=2, backend="serial")):
+        with pytest.raises(DataError, match="Column 'x2' of X is constant"):
+            est.fit(X, y, sample_weight=w)
+    a = OrdinalRegression().fit(X[10:, :2], y[10:])
+    b = OrdinalRegression().fit(X[:, :2], y, sample_weight=w)
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-10)
+
+
+def test_collinear_features_are_named():
+    X, y, _, _ = make_ordinal(2000, 2, 3, random_state=0)
+    X = np.c_[X, X[:, 0] - 2 * X[:, 1]]
+    for est in (OrdinalRegression(), DivideConquerOrdinal(n_subsets=2, backend="serial")):
+        with pytest.raises(DataError, match=r"do not identify 'x0', 'x1', 'x2'.*collinear"):
+            est.fit(X, y)
+
+
+def test_shared_memory_too_small_is_a_clear_error(monkeypatch, tmp_path):
+    from fedgrain.backends import processes
+    from fedgrain.exceptions import ResourceError
+
+    monkeypatch.setattr(processes, "_free_bytes", lambda path: 1 << 20)  # 1 MB everywhere
+    X, y, _, _ = make_ordinal(200_000, 5, 3, random_state=0)
+    with pytest.raises(ResourceError, match=r"need 11 MB of temporary space.*use backend='serial'"):
+        DivideConquerOrdinal(n_subsets=2, backend="processes").fit(X, y)

@@ -63,9 +63,18 @@ def test_separated_data_run_away_and_finite_optima_do_not():
     X = np.r_[np.linspace(-3, -1, 50), np.linspace(1, 3, 50)][:, None]
     y = np.r_[np.zeros(50, int), np.ones(50, int)]
     res = newton(_oracle(X, y), np.zeros(2), 100, max_iter=200)
-    assert runaway(res, np.ones(2))[0]  # the slope runs away (the threshold is 0 by symmetry)
+    assert res.converged  # the decrement vanishes ...
+    assert runaway(res.step)[0]  # ... but the slope keeps moving (the threshold is 0 by symmetry)
     # the same data with a few rows on the wrong side: a finite optimum
     y2 = y.copy()
     y2[[10, 60]] = 1 - y2[[10, 60]]
     res2 = newton(_oracle(X, y2), np.zeros(2), 100)
-    assert res2.converged and not runaway(res2, np.ones(2)).any()
+    assert res2.converged and not runaway(res2.step).any()
+
+
+def test_running_out_of_iterations_is_not_convergence_and_the_step_is_at_x():
+    X, y, _, _ = make_ordinal(3000, 4, 3, random_state=6)
+    res = newton(_oracle(X, y), np.zeros(4 + 2), 3000, max_iter=1)
+    assert not res.converged and res.n_iter == 1
+    g, H = res.grad, res.hess
+    np.testing.assert_allclose(res.step, -np.linalg.solve(H, g), rtol=1e-8)

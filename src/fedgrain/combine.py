@@ -15,7 +15,6 @@ from scipy import stats
 from sklearn.isotonic import isotonic_regression
 
 from .local import Evaluation, LocalFit
-from .solvers import solve_psd
 
 #: Eigenvalues of a subset's covariance below this fraction of the largest are treated as
 #: directions without information (zero weight), never as infinitely precise ones.
@@ -27,89 +26,141 @@ class Pooled:
     """Inverse-variance combination of the subsets.
 
     ``q``, ``q_df`` and ``i2`` are the joint heterogeneity statistic, its chi-square degrees of
-    freedom and ``max(0, (Q - df) / Q)``; ``q_param`` and ``i2_param`` the same per parameter
-    (using each subset's marginal variance), with ``n_contrib`` subsets contributing to each.
+    freedom and ``max(0, (Q - df) / Q)``.
     """
 
     estimate: np.ndarray
     cov: np.ndarray
-    info: np.ndarray
     q: float
     q_df: int
     q_pvalue: float
     i2: float
-    q_param: np.ndarray
-    i2_param: np.ndarray
-    n_contrib: np.ndarray
 
 
 def precision(fit: LocalFit) -> tuple[np.ndarray, int]:
-    """A subset's robust inverse variance ``Omega_m`` over all ``d`` parameters, and its rank.
+    """A subset's robust inverse variance ``Omega_m`` over its own coordinates, and its rank.
 
-    Rows and columns of unidentified parameters are zero; so are directions whose variance is
-    numerically zero.
+    Directions whose variance is numerically zero get zero weight, never infinite weight.
     """
-    idx = np.flatnonzero(fit.identified)
-    d = fit.cov.shape[0]
-    omega = np.zeros((d, d))
-    if idx.size == 0:
-        return omega, 0
-    V = fit.cov[np.ix_(idx, idx)]
+    V = fit.cov
+    if V.size == 0:
+        return V.copy(), 0
     vals, vecs = np.linalg.eigh(0.5 * (V + V.T))
     top = vals.max(initial=0.0)
     keep = vals > EIG_RTOL * top if top > 0 else np.zeros_like(vals, dtype=bool)
-    inv = (vecs[:, keep] / vals[keep]) @ vecs[:, keep].T
-    omega[np.ix_(idx, idx)] = inv
-    return omega, int(keep.sum())
+    return (vecs[:, keep] / vals[keep]) @ vecs[:, keep].T, int(keep.sum())
 
 
 def pool(fits: Sequence[LocalFit]) -> Pooled:
-    """Combine the subsets: ``(sum Omega_m)^-1 sum Omega_m gamma_m``.
+    """Combine the subsets: ``gamma = (sum A'Omega A)^-1 sum A'Omega gamma_m`` (method.md 4, 6).
+
+    ``A`` is each subset's ``design`` (the identity when it identifies every parameter).
 
     Raises
     ------
-    ValueError
-        When some parameter is identified in no subset.
+    NotIdentifiedError
+        When the pooled information is singular: some parameter (or combination) is identified
+        in no subset.
     """
     if not fits:
         raise ValueError("nothing to pool: no subset results")
-    d = fits[0].estimate.shape[0]
-    omegas = []
-    ranks = []
+    d = fits[0].design.shape[1]
+    pieces = []
     info = np.zeros((d, d))
+    fisher = np.zeros((d, d))
     rhs = np.zeros(d)
     for f in fits:
-        om, rk = precision(f)
-        omegas.append(om)
-        ranks.append(rk)
-        info += om
-        rhs += om @ f.estimate
-    if np.any(np.diag(info) <= 0):
-        missing = np.flatnonzero(np.diag(info) <= 0).tolist()
-        raise ValueError(f"parameters {missing} are identified in no subset")
-    est = solve_psd(info, rhs)
-    cov = solve_psd(info, np.eye(d))
-    cov = 0.5 * (cov + cov.T)
+        om, rank = precision(f)
+        pieces.append((om, rank))
+        info += f.design.T @ om @ f.design
+        fisher += f.design.T @ f.hess @ f.design
+        rhs += f.design.T @ (om @ f.estimate)
+    # Identification is judged on the data's information, not on the (possibly regularised,
+    # nodewise) inverses behind the weights.
+    bad = unidentified_directions(fisher)
+    if bad.size:
+        raise NotIdentifiedError(bad)
+    cov = inverse(info)
+    est = cov @ rhs
     q = 0.0
-    for f, om in zip(fits, omegas, strict=True):
-        r = f.estimate - est
+    for f, (om, _) in zip(fits, pieces, strict=True):
+        r = f.estimate - f.design @ est
         q += float(r @ om @ r)
-    q_df = int(sum(ranks) - d)
+    q_df = int(sum(rank for _, rank in pieces) - d)
     q_p = float(stats.chi2.sf(q, q_df)) if q_df > 0 else float("nan")
     i2 = max(0.0, (q - q_df) / q) if q > 0 and q_df > 0 else 0.0
-    # Per parameter, with the subsets' marginal variances.
-    ests = np.array([f.estimate for f in fits])
-    var = np.array([np.diag(f.cov) for f in fits])
-    ok = np.array([f.identified for f in fits]) & (var > 0)
-    wts = np.where(ok, 1.0 / np.where(ok, var, 1.0), 0.0)
+    return Pooled(est, cov, q, q_df, q_p, i2)
+
+
+class NotIdentifiedError(ValueError):
+    """The pooled information is singular; ``indices`` are the parameters involved."""
+
+    def __init__(self, indices: np.ndarray):
+        self.indices = np.asarray(indices)
+        super().__init__(f"parameters {self.indices.tolist()} are not identified by the data")
+
+
+def inverse(info: np.ndarray) -> np.ndarray:
+    """Symmetric inverse of an information matrix, or :class:`NotIdentifiedError`."""
+    bad = unidentified_directions(info)
+    if bad.size:
+        raise NotIdentifiedError(bad)
+    inv = np.linalg.inv(info)
+    return 0.5 * (inv + inv.T)
+
+
+def unidentified_directions(info: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
+    """Indices of parameters involved in (numerically) zero-information directions of ``info``.
+
+    Scaled to unit diagonal first, so the test does not depend on the parameters' units.
+    """
+    dg = np.diag(info)
+    if np.any(dg <= 0):
+        return np.flatnonzero(dg <= 0)
+    R = info / np.sqrt(np.outer(dg, dg))
+    vals, vecs = np.linalg.eigh(R)
+    null = vecs[:, vals < rtol * vals.max()]
+    return np.flatnonzero(np.abs(null).max(axis=1, initial=0.0) > 0.1)
+
+
+def full_view(fit: LocalFit) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A subset's estimate, lasso fit and covariance over the full parameters, where it has them.
+
+    Returns ``(estimate, lasso, cov, resolved)``: a full parameter is resolved when one of the
+    subset's coordinates is that parameter alone (a unit row of ``design``); unresolved entries
+    are zero.
+    """
+    A = fit.design
+    d = A.shape[1]
+    unit = (np.count_nonzero(A, axis=1) == 1) & np.isclose(A.max(axis=1), 1.0)
+    rows = np.flatnonzero(unit)
+    cols = np.argmax(A[rows], axis=1)
+    est, las, cov = np.zeros(d), np.zeros(d), np.zeros((d, d))
+    est[cols], las[cols] = fit.estimate[rows], fit.lasso[rows]
+    cov[np.ix_(cols, cols)] = fit.cov[np.ix_(rows, rows)]
+    resolved = np.zeros(d, dtype=bool)
+    resolved[cols] = True
+    return est, las, cov, resolved
+
+
+def marginal_heterogeneity(estimates: np.ndarray, variances: np.ndarray,
+                           resolved: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-parameter Q and I^2 from the subsets' marginal estimates and variances.
+
+    Arrays are ``(M, d)``; only resolved entries with positive variance count. Returns
+    ``q_param``, ``i2_param`` and ``n_contrib`` (subsets that carried the parameter).
+    """
+    ok = resolved & (variances > 0)
+    wts = np.where(ok, 1.0 / np.where(ok, variances, 1.0), 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        marg = (wts * ests).sum(0) / wts.sum(0)
-        q_param = (wts * (ests - marg) ** 2).sum(0)
-        n_contrib = ok.sum(0)
-        dfp = n_contrib - 1
-        i2_param = np.where((q_param > 0) & (dfp > 0), np.maximum(0.0, (q_param - dfp) / q_param),
-                            0.0)
-    return Pooled(est, cov, info, q, q_df, q_p, i2, q_param, i2_param, n_contrib)
+        mean = (wts * estimates).sum(0) / wts.sum(0)
+        q = (wts * (estimates - mean) ** 2).sum(0)
+    n_contrib = ok.sum(0)
+    df = n_contrib - 1
+    i2 = np.zeros_like(q)
+    pos = (q > 0) & (df > 0)
+    i2[pos] = np.maximum(0.0, (q[pos] - df[pos]) / q[pos])
+    return {"q_param": np.nan_to_num(q), "i2_param": i2, "n_contrib": n_contrib}
 
 
 def refine(
@@ -123,8 +174,7 @@ def refine(
     """
     H = sum(e.hess for e in evaluations)
     s = sum(e.score for e in evaluations)
-    d = estimate.shape[0]
-    Hinv = solve_psd(H, np.eye(d))
+    Hinv = inverse(H)
     new = estimate + Hinv @ s
     if variance == "model":
         cov = Hinv

@@ -33,6 +33,10 @@ class SeparationError(DataError):
     """The classes are perfectly separated, so the maximum likelihood estimate does not exist."""
 
 
+class ResourceError(FedgrainError, OSError):
+    """Not enough memory or disk for the work asked for."""
+
+
 class ModelFileError(FedgrainError, ValueError):
     """A saved model directory is missing, truncated, tampered with or of an unknown version."""
 

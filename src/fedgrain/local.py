@@ -5,10 +5,13 @@ numbers. A shard's features are already standardised with the *global* mean and 
 :mod:`fedgrain.shards`); the L1 penalty is weighted by the subset's own column scales, which is
 the same as standardising inside the subset. Parameters are ordered ``(beta, theta)``.
 
-A parameter with no information in the subset (a threshold with every row on one side of it, a
-feature that is constant in the subset) is left out of the subset's fit; its row and column of
-the returned covariance are zero and it is flagged in ``identified``, so pooling gives it zero
-weight there.
+Some parameters are not identified in a subset. A threshold with every row of the subset on
+one side of it carries no information there and is left out. A feature that is constant in the
+subset (value ``c`` after standardisation) is left out too, and then the subset's thresholds
+estimate ``theta_k - c beta_j`` rather than ``theta_k``. So a subset reports its estimate over
+the coordinates it does identify together with the linear map ``design`` (``A``) from the full
+parameters to those coordinates, and pooling weighs it by ``A' Omega A`` (see
+:mod:`fedgrain.combine`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from .exceptions import SeparationError
-from .ordinal import Pass, composite_pass
+from .ordinal import Pass, composite_pass, initial_thresholds
 from .shards import column_moments
-from .solvers import proximal_newton, runaway, solve_psd, warm_start_rows
+from .solvers import proximal_newton, runaway, solve_psd, warm_start
 
 #: ``alpha="rate"`` is ``RATE_C * sqrt(log(d) / n)`` on the per-row loss scale. 0.5 was measured
 #: best among 1, 0.5, 0.25, 0.1 for the pooled estimate after refinement (docs/method.md).
@@ -58,10 +60,14 @@ class LocalSettings:
 
 @dataclass(frozen=True)
 class LocalFit:
-    """What a subset sends back: ``d`` plus ``d^2`` numbers and diagnostics.
+    """What a subset sends back: about ``d + 2 d^2`` numbers and diagnostics.
 
-    All vectors are over the full parameter vector ``(beta, theta)`` in standardised
-    coordinates; entries of parameters that are not identified in the subset are zero.
+    ``estimate``, ``lasso``, ``cov`` and ``hess`` (the Hessian of the composite loss at the
+    lasso fit, the data's own information, before any regularised inverse) are over the
+    subset's own coordinates, which are ``design @ gamma`` for the full parameter vector
+    ``gamma = (beta, theta)`` in standardised coordinates. ``separated`` lists full-vector
+    indices along which the fit ran off to infinity (then the estimates are meaningless and the
+    caller reports the separation).
     """
 
     n_rows: int
@@ -69,12 +75,13 @@ class LocalFit:
     estimate: np.ndarray
     cov: np.ndarray
     lasso: np.ndarray
-    identified: np.ndarray
+    hess: np.ndarray
+    design: np.ndarray
     alpha: float
     n_iter: int
     converged: bool
     debias: str
-    n_nonzero: int
+    separated: tuple[int, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -85,8 +92,6 @@ class Evaluation:
     score: np.ndarray
     hess: np.ndarray
     meat: np.ndarray | None
-    loss: float
-    weight: float
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,20 @@ class _Problem:
 
     def full_index(self) -> np.ndarray:
         return np.concatenate([self.features, self.n_features + self.thresholds])
+
+    def design(self, means: np.ndarray) -> np.ndarray:
+        """``A`` with ``A @ gamma`` = the subset's coordinates, for full parameters ``gamma``.
+
+        A feature left out because it is constant (at ``means[j]``) shifts every threshold:
+        the subset's threshold ``k`` is ``theta_k - sum_j means[j] beta_j``.
+        """
+        full = self.full_index()
+        A = np.zeros((full.shape[0], self.n_features + self.n_thresholds))
+        A[np.arange(full.shape[0]), full] = 1.0
+        absent = np.setdiff1d(np.arange(self.n_features), self.features)
+        if absent.size:
+            A[self.features.shape[0] :, absent] = -means[absent]
+        return A
 
     def expand(self, xr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         beta = np.zeros(self.n_features)
@@ -141,64 +160,38 @@ class _Problem:
         return call
 
 
-def _problem(X, y, w, n_classes: int) -> tuple[_Problem, np.ndarray, list[str]]:
-    n, p = X.shape
-    K1 = n_classes - 1
+def _problem(X, y, w, n_classes: int):
+    """The subset's problem over the coordinates it identifies, its column means and scales."""
+    p = X.shape[1]
     notes = []
     counts = np.bincount(y if w is None else y[w > 0], minlength=n_classes)
     below = np.cumsum(counts)[:-1]
-    above = counts.sum() - below
-    th_ok = (below > 0) & (above > 0)
-    for k in np.flatnonzero(~th_ok):
-        notes.append(f"threshold:{k}")
-    _, scales = column_moments(X, w)
+    th_ok = (below > 0) & (below < counts.sum())
+    notes += [f"threshold:{k}" for k in np.flatnonzero(~th_ok)]
+    means, scales = column_moments(X, w)
     f_ok = scales > 1e-10
-    for j in np.flatnonzero(~f_ok):
-        notes.append(f"feature:{j}")
-    prob = _Problem(X, y, w, p, K1, np.flatnonzero(f_ok), np.flatnonzero(th_ok))
-    return prob, scales, notes
-
-
-def _describe(prob: _Problem, mask: np.ndarray) -> str:
-    """Name the reduced coordinates in ``mask`` as features 'x<j>' / thresholds 'k'."""
-    full = prob.full_index()[mask]
-    names = [f"feature {j}" if j < prob.n_features else f"threshold {j - prob.n_features}"
-             for j in full]
-    return ", ".join(names)
+    notes += [f"feature:{j}" for j in np.flatnonzero(~f_ok)]
+    prob = _Problem(X, y, w, p, n_classes - 1, np.flatnonzero(f_ok), np.flatnonzero(th_ok))
+    return prob, means, scales, notes
 
 
 def _start(prob: _Problem) -> np.ndarray:
     """Slopes zero and thresholds at the logits of the cumulative class shares."""
-    w = prob.w
-    counts = np.bincount(prob.y, weights=w, minlength=prob.n_thresholds + 1)
-    cum = np.cumsum(counts)[:-1] / counts.sum()
-    cum = np.clip(cum, 1e-6, 1 - 1e-6)
-    theta = np.log(cum / (1 - cum))
+    theta = initial_thresholds(prob.y, prob.w, prob.n_thresholds + 1)
     return np.concatenate([np.zeros(prob.features.shape[0]), theta[prob.thresholds]])
 
 
-def _warm_start(prob: _Problem, lam: np.ndarray, settings: LocalSettings) -> np.ndarray:
-    """The lasso on an evenly spaced subsample, as the starting point (``warm_start_rows``).
-
-    The penalty is on the per-row scale, so the subsample's solution is close to the full one.
-    Falls back to the default start when the subsample misses a side of some threshold or its
-    fit does not settle.
-    """
-    x0 = _start(prob)
-    rows = warm_start_rows(prob.y.shape[0])
-    if rows is None:
-        return x0
+def _subsample(prob: _Problem, rows: np.ndarray):
+    """The subsample's oracle, or None when it misses a side of an identified threshold."""
     ys = prob.y[rows]
     ws = None if prob.w is None else prob.w[rows]
     counts = np.bincount(ys if ws is None else ys[ws > 0], minlength=prob.n_thresholds + 1)
     below = np.cumsum(counts)[:-1][prob.thresholds]
     if np.any(below == 0) or np.any(below == counts.sum()):
-        return x0
+        return None
     sub = _Problem(np.ascontiguousarray(prob.X[rows]), ys, ws, prob.n_features,
                    prob.n_thresholds, prob.features, prob.thresholds)
-    n_sub = float(rows.size if ws is None else ws.sum())
-    res = proximal_newton(sub.oracle(), x0, n_sub, lam, max_iter=settings.max_iter, tol=1e-2)
-    return res.x if res.converged and np.all(np.isfinite(res.x)) else x0
+    return sub.oracle(), float(rows.size if ws is None else ws.sum())
 
 
 def _lambda_max(prob: _Problem, pen: np.ndarray, n_eff: float) -> float:
@@ -333,27 +326,28 @@ def fit_local(
     -------
     LocalFit
     """
-    prob, scales, notes = _problem(X, y, w, settings.n_classes)
+    prob, means, scales, notes = _problem(X, y, w, settings.n_classes)
     n_eff = float(y.shape[0] if w is None else w.sum())
-    p, K1 = prob.n_features, prob.n_thresholds
-    nf = prob.features.shape[0]
     pen = np.concatenate(
         [scales[prob.features],
          np.full(prob.thresholds.shape[0], 1.0 if settings.penalize_thresholds else 0.0)]
     )
-    rng = np.random.default_rng(seed)
-    alpha = _choose_alpha(prob, pen, n_eff, settings, rng)
+    alpha = _choose_alpha(prob, pen, n_eff, settings, np.random.default_rng(seed))
     oracle = prob.oracle()
-    x0 = _warm_start(prob, alpha * pen, settings)
-    res = proximal_newton(oracle, x0, n_eff, alpha * pen, max_iter=settings.max_iter,
-                          tol=settings.tol)
-    moving = runaway(res, np.concatenate([scales[prob.features], np.ones(prob.thresholds.size)]))
-    if moving.any():
-        raise SeparationError(
-            "the classes are (quasi-)separated in this subset: the unpenalised fit runs off to "
-            f"infinity along {_describe(prob, moving)}. Use a positive alpha (for example "
-            "alpha='rate') or remove the separating features."
-        )
+    lam = alpha * pen
+    x0 = warm_start(lambda rows: _subsample(prob, rows), y.shape[0], _start(prob), lam,
+                    max_iter=settings.max_iter)
+    res = proximal_newton(oracle, x0, n_eff, lam, max_iter=settings.max_iter, tol=settings.tol)
+    common = {"n_rows": int(y.shape[0]), "weight": n_eff, "design": prob.design(means),
+              "hess": res.hess, "alpha": alpha, "n_iter": res.n_iter,
+              "converged": res.converged, "notes": tuple(notes)}
+    # Coordinates are standardised globally; the step in the subset's own units:
+    step = res.step * np.concatenate([scales[prob.features], np.ones(prob.thresholds.size)])
+    if res.diverged or (res.converged and runaway(step).any()):
+        moving = runaway(step) | ~np.isfinite(step)
+        return LocalFit(estimate=res.x, cov=np.zeros((res.x.size,) * 2), lasso=res.x,
+                        debias="none", separated=tuple(prob.full_index()[moving].tolist()),
+                        **common)
     H = res.hess
     s = -res.grad  # score of the log-likelihood
     Theta, method = _theta(H, n_eff, settings)
@@ -361,34 +355,9 @@ def fit_local(
     if settings.variance == "model":
         V = Theta @ H @ Theta.T
     else:
-        meat = oracle(res.x, loss=False, order=0,
-                      meat="cluster" if settings.variance == "cluster" else "row").meat
+        meat = oracle(res.x, loss=False, order=0, meat=meat_kind(settings.variance)).meat
         V = Theta @ meat @ Theta.T
-    V = 0.5 * (V + V.T)
-    d = p + K1
-    full = prob.full_index()
-    estimate = np.zeros(d)
-    estimate[full] = est
-    lasso = np.zeros(d)
-    lasso[full] = res.x
-    cov = np.zeros((d, d))
-    cov[np.ix_(full, full)] = V
-    identified = np.zeros(d, dtype=bool)
-    identified[full] = True
-    return LocalFit(
-        n_rows=int(y.shape[0]),
-        weight=n_eff,
-        estimate=estimate,
-        cov=cov,
-        lasso=lasso,
-        identified=identified,
-        alpha=alpha,
-        n_iter=res.n_iter,
-        converged=res.converged,
-        debias=method,
-        n_nonzero=int(np.count_nonzero(res.x[:nf])),
-        notes=tuple(notes),
-    )
+    return LocalFit(estimate=est, cov=0.5 * (V + V.T), lasso=res.x, debias=method, **common)
 
 
 def evaluate_local(
@@ -399,9 +368,8 @@ def evaluate_local(
     This is the message of the refinement round (method.md 4b): ``d + 2 d^2`` numbers.
     """
     p = X.shape[1]
-    P = composite_pass(X, y, w, params[:p], params[p:], loss=True, order=2, meat=meat)
-    n_eff = float(y.shape[0] if w is None else w.sum())
-    return Evaluation(-P.grad, P.hess, P.meat, P.loss, n_eff)
+    P = composite_pass(X, y, w, params[:p], params[p:], loss=False, order=2, meat=meat)
+    return Evaluation(-P.grad, P.hess, P.meat)
 
 
 _CONTROLLER: ThreadpoolController | None = None

@@ -8,8 +8,9 @@ Composite likelihood (method.md section 1). Each row ``(x_i, y_i)`` stands for `
 rows with label ``u_ik = 1{y_i > k}`` and ``P(u_ik = 1) = sigmoid(x_i'beta - theta_k)``. The
 expanded ``N (K - 1) x d`` design is never built: every quantity reduces to row-level sums, and
 one pass costs one weighted Gram matrix over ``N`` rows. All passes walk the rows in blocks, so
-temporaries are ``block x (p + K)`` whatever ``N`` is, and every matrix product of a block is a
-single GEMM ``X_b' [X_b * w_v, w * r, w * V, ...]``.
+temporaries are ``block x (p + K)`` whatever ``N`` is; per block, the weighted Gram matrix is one
+symmetric product ``Z'Z`` with ``Z = X_b sqrt(w)`` and the gradient and cross terms one thin
+product ``X_b' S``.
 
 Exact likelihood: the proportional-odds multinomial likelihood ``pi_ik = F_k - F_{k-1}``, the
 reference fit that must agree with statsmodels / R ``MASS::polr``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 #: Elements per block of rows: about 1.5 MB, so a block stays in cache between the elementwise
 #: work and the products that read it (measured best: 8192 rows at p = 20, 2048 at p = 100).
@@ -32,6 +34,7 @@ BLOCK_ELEMENTS = 200_000
 def block_rows(p: int) -> int:
     """Rows per block for ``p`` features: a power of two between 1024 and 16384."""
     return int(2 ** np.clip(np.round(np.log2(BLOCK_ELEMENTS / max(p, 1))), 10, 14))
+
 
 MEATS = ("cluster", "row")
 LN2 = float(np.log(2.0))
@@ -52,14 +55,15 @@ class Pass:
     meat: np.ndarray | None
 
 
-def softplus(a: np.ndarray) -> np.ndarray:
-    """``log(1 + exp(a))`` without overflow."""
-    return np.maximum(a, 0.0) + np.log1p(np.exp(-np.abs(a)))
+def initial_thresholds(codes: np.ndarray, weights: np.ndarray | None, n_classes: int,
+                       floor: float = 1e-6) -> np.ndarray:
+    """Thresholds at the logits of the cumulative class shares: the fit with all slopes zero.
 
-
-def log_sigmoid(a: np.ndarray) -> np.ndarray:
-    """``log(sigmoid(a))`` without overflow or underflow."""
-    return -softplus(-a)
+    Shares are clipped to ``[floor, 1 - floor]`` so that an absent class gives a finite start.
+    """
+    counts = np.bincount(codes, weights=weights, minlength=n_classes)
+    cum = np.clip(np.cumsum(counts)[:-1] / counts.sum(), floor, 1.0 - floor)
+    return np.log(cum / (1.0 - cum))
 
 
 def composite_pass(
@@ -234,14 +238,15 @@ def _cut_parts(eta: np.ndarray, yb: np.ndarray, theta: np.ndarray):
     t_ext = np.concatenate(([-np.inf], theta, [np.inf]))
     a1 = t_ext[yb + 1] - eta
     a0 = t_ext[yb] - eta
-    F1, Q1, logF1, _ = _sigmoid_logs(a1)
-    F0, Q0, _, logQ0 = _sigmoid_logs(a0)
+    F1, _, logF1, logQ1 = _sigmoid_logs(a1)
+    F0, _, logF0, logQ0 = _sigmoid_logs(a0)
     # pi = F(a1) - F(a0) = F(a1) (1 - F(a0)) (1 - exp(a0 - a1)), every factor kept in logs.
-    one_m = -np.expm1(a0 - a1)
-    logpi = logF1 + logQ0 + np.log(one_m)
-    # f1 / pi = (1 - F1) / ((1 - F0)(1 - e)); f0 / pi = F0 / (F1 (1 - e))
-    g1 = Q1 / (Q0 * one_m)
-    g0 = F0 / (F1 * one_m)
+    log_gap = np.log(-np.expm1(a0 - a1))
+    logpi = logF1 + logQ0 + log_gap
+    # f1 / pi = (1 - F1) / ((1 - F0)(1 - e)); f0 / pi = F0 / (F1 (1 - e)): ratios of logs, so
+    # rows far in the tails (|theta - eta| of hundreds) give finite values, not 0 / 0.
+    g1 = np.exp(logQ1 - logQ0 - log_gap)
+    g0 = np.exp(logF0 - logF1 - log_gap)
     return logpi, g1, g0, F1, F0
 
 
@@ -254,13 +259,16 @@ def exact_pass(
     *,
     order: int = 2,
     meat: bool = False,
+    shift: np.ndarray | None = None,
     block: int | None = None,
 ) -> Pass:
     """One pass of the exact proportional-odds likelihood.
 
     Same conventions as :func:`composite_pass`; ``meat=True`` adds the sum of outer products
     of per-row scores (the sandwich meat; for this likelihood rows are the clusters).
-    Requires strictly increasing ``theta``.
+    ``shift`` is subtracted from every row first (block by block, no copy of ``X``): with the
+    features' means the thresholds are those at the mean, and the Hessian stays well
+    conditioned however large the means are. Requires strictly increasing ``theta``.
 
     Each row touches two thresholds (its class's upper and lower cut); the per-row terms are
     spread over the thresholds with two one-hot ``(block, K-1)`` matrices and thin products.
@@ -276,7 +284,7 @@ def exact_pass(
     levels = np.arange(K1)
     for start in range(0, n, block):
         stop = min(start + block, n)
-        Xb = X[start:stop]
+        Xb = X[start:stop] if shift is None else X[start:stop] - shift
         yb = y[start:stop]
         wb = np.ones(stop - start) if w is None else w[start:stop]
         eta = Xb @ beta
@@ -322,21 +330,23 @@ def exact_pass(
 
 
 def cumulative_proba(eta: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """``P(Y <= k | x)`` for ``k = 0 .. K-2``: shape ``(n, K-1)``."""
-    return 0.5 + 0.5 * np.tanh(0.5 * (theta[None, :] - eta[:, None]))
+    """``P(Y <= k | x)`` for ``k = 0 .. K-2``: shape ``(n, K-1)``, accurate in both tails."""
+    return expit(theta[None, :] - eta[:, None])
 
 
 def class_proba(eta: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Class probabilities ``pi_k = F_k - F_{k-1}``: shape ``(n, K)``, rows sum to one.
 
-    ``theta`` must be non-decreasing; the differences are clipped at zero against rounding.
+    Each difference is computed as ``F(a) (1 - F(b)) (1 - exp(b - a))``, so probabilities far in
+    the tails keep their relative precision instead of cancelling to zero. ``theta`` must be
+    non-decreasing.
     """
-    F = cumulative_proba(eta, theta)
+    a = theta[None, :] - eta[:, None]  # (n, K-1)
     n = eta.shape[0]
     out = np.empty((n, theta.shape[0] + 1))
-    out[:, 0] = F[:, 0]
-    np.subtract(F[:, 1:], F[:, :-1], out=out[:, 1:-1])
-    out[:, -1] = 1.0 - F[:, -1]
-    np.maximum(out, 0.0, out=out)
-    out /= out.sum(axis=1, keepdims=True)
+    out[:, 0] = expit(a[:, 0])
+    out[:, -1] = expit(-a[:, -1])
+    if theta.shape[0] > 1:
+        hi, lo = a[:, 1:], a[:, :-1]
+        out[:, 1:-1] = expit(hi) * expit(-lo) * -np.expm1(np.minimum(lo - hi, 0.0))
     return out

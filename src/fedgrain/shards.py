@@ -102,6 +102,7 @@ def build_shards(
     """
     refs: list[ShardRef] = []
     block = block_rows(X.shape[1])
+    backend.reserve(X.shape[0] * (X.shape[1] + 2) * 8)
     try:
         for m in range(n_subsets):
             idx = np.flatnonzero(labels == m)

@@ -32,8 +32,8 @@ class SolverResult:
 
     ``grad`` and ``hess`` are the loss sums at ``x`` (not divided by ``n``), ready for
     de-biasing and variance estimation without another pass over the data. ``step`` is the
-    last (proximal) Newton direction computed at ``x``: at a finite optimum it is tiny, while
-    under separation it stays of order one however small the gradient gets (see
+    (proximal) Newton direction at ``x``, the one not taken: at a finite optimum it is tiny,
+    while under separation it stays of order one however small the gradient gets (see
     :func:`runaway`).
     """
 
@@ -47,18 +47,16 @@ class SolverResult:
     step: np.ndarray
 
 
-def runaway(res: SolverResult, scales: np.ndarray, tol: float = 1e-3) -> np.ndarray:
-    """Coordinates that run away: the fit is on a ray to infinity (separated classes).
+def runaway(step: np.ndarray, tol: float = 1e-3) -> np.ndarray:
+    """Coordinates that run away at a converged fit: the classes are separated along them.
 
     At a finite optimum Newton's step shrinks quadratically; when the classes are separated the
-    loss decays exponentially along a direction and each step keeps moving about one unit
-    (scaled by ``scales``, e.g. the features' standard deviations) along it, even after the
-    decrement has fallen below any tolerance. Returns a boolean mask.
+    loss decays exponentially along a direction and each step keeps moving about one unit along
+    it, even after the decrement has fallen below any tolerance. ``step`` must be in
+    standardised units (slopes times the features' standard deviations, thresholds at the
+    features' means), where "one unit" means the same for every coordinate.
     """
-    moving = np.abs(res.step) * scales > tol
-    if res.diverged or not np.all(np.isfinite(res.x)):
-        moving |= True
-    return moving
+    return np.abs(step) > tol
 
 
 def soft_threshold(z: float, t: float) -> float:
@@ -134,7 +132,6 @@ def proximal_newton(
     max_iter: int = 100,
     tol: float = 1e-8,
     feasible: Callable[[np.ndarray], bool] | None = None,
-    max_abs: float | None = None,
 ) -> SolverResult:
     """Minimise ``loss(x) / n + sum_j lam_j |x_j|`` by proximal Newton with line search.
 
@@ -148,6 +145,8 @@ def proximal_newton(
         Number (or total weight) of rows; the loss is divided by it.
     lam : ndarray of shape (d,), optional
         Per-coordinate penalty; zero or None for plain Newton.
+    max_iter : int
+        Iterations (passes with a Hessian) at most; ``converged`` is False when they run out.
     tol : float
         Stop when the quadratic model promises less than ``tol`` decrease of the objective in
         log-likelihood units (the per-row objective times ``n``). Without a penalty this is half
@@ -156,40 +155,43 @@ def proximal_newton(
     feasible : callable, optional
         Trial points for which it returns False are rejected by the line search (used to keep
         thresholds increasing in the exact likelihood).
-    max_abs : float, optional
-        Stop and flag ``diverged`` when a coordinate grows beyond this (separated data).
 
     Returns
     -------
     SolverResult
+        ``diverged`` is True when the direction or the objective stopped being finite.
     """
     x = np.asarray(x0, dtype=float).copy()
-    delta = np.zeros_like(x)
     penalised = lam is not None and bool(np.any(lam > 0))
     lam_v = np.zeros_like(x) if lam is None else np.asarray(lam, dtype=float)
 
     def objective(loss: float, z: np.ndarray) -> float:
         return loss / n + (float(lam_v @ np.abs(z)) if penalised else 0.0)
 
+    def direction(P: Pass, z: np.ndarray) -> tuple[np.ndarray, float]:
+        """The (proximal) Newton step at ``z`` and the decrease it promises per row."""
+        g, H = P.grad / n, P.hess / n
+        if penalised:
+            znew = solve_l1_quadratic(g, H, z, lam_v)
+            return znew - z, float(g @ (znew - z)) + float(lam_v @ (np.abs(znew) - np.abs(z)))
+        step = -solve_psd(H, g)
+        return step, float(g @ step)
+
     P = oracle(x, loss=True, order=2)
     F = objective(P.loss, x)
     converged = diverged = False
     it = 0
-    for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
-        g = P.grad / n
-        H = P.hess / n
-        if penalised:
-            z = solve_l1_quadratic(g, H, x, lam_v)
-            delta = z - x
-            pred = float(g @ delta) + float(lam_v @ (np.abs(z) - np.abs(x)))
-        else:
-            delta = -solve_psd(H, g)
-            pred = float(g @ delta)
-        if not np.all(np.isfinite(delta)):
+    delta, pred = direction(P, x)
+    while True:
+        if not (np.all(np.isfinite(delta)) and np.isfinite(F)):
+            diverged = True
             break
         if -pred * n <= tol:
             converged = True
             break
+        if it == max_iter:
+            break
+        it += 1
         # The full step is tried with the Hessian in the same pass over the data: it is
         # accepted nearly always, and then the next iteration needs no other pass.
         t = 1.0
@@ -208,18 +210,39 @@ def proximal_newton(
             Pn = None
             t *= 0.5
         if Pn is None:
-            break
+            break  # no decrease along the direction: not converged
         x, F = xn, Fn
         P = Pn if t == 1.0 else oracle(x, loss=False, order=2)
-        if max_abs is not None and np.max(np.abs(x)) > max_abs:
-            diverged = True
-            break
+        delta, pred = direction(P, x)
     return SolverResult(x, F, P.grad, P.hess, it, converged, diverged, delta)
 
 
 def newton(oracle: Oracle, x0: np.ndarray, n: float, **kwargs) -> SolverResult:
     """Plain Newton with line search: :func:`proximal_newton` without a penalty."""
     return proximal_newton(oracle, x0, n, None, **kwargs)
+
+
+def warm_start(
+    oracle_for: Callable[[np.ndarray], tuple[Oracle, float] | None],
+    n: int,
+    x0: np.ndarray,
+    lam: np.ndarray | None = None,
+    **kwargs,
+) -> np.ndarray:
+    """Starting point from a loose fit on an evenly spaced subsample of the rows.
+
+    ``oracle_for(rows)`` returns the subsample's oracle and row count, or None when the
+    subsample cannot stand in for the data (a level missing, say). The result is ``x0`` itself
+    when the data are small (:func:`warm_start_rows`) or the subsample fit does not settle.
+    ``lam`` is on the per-row scale, so the same penalty applies; ``kwargs`` go to the solver.
+    """
+    rows = warm_start_rows(n)
+    made = None if rows is None else oracle_for(rows)
+    if made is None:
+        return x0
+    oracle, n_sub = made
+    res = proximal_newton(oracle, x0, n_sub, lam, tol=1e-2, **kwargs)
+    return res.x if res.converged and np.all(np.isfinite(res.x)) else x0
 
 
 def warm_start_rows(n: int, rows: int = WARM_START_ROWS) -> np.ndarray | None:

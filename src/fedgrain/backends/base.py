@@ -2,6 +2,8 @@
 
 A backend runs tasks on workers and keeps subsets' data where the tasks run:
 
+- ``reserve(nbytes)`` announces the total size of the shards about to be placed, so a backend
+  short of room fails before writing anything;
 - ``allocate(n_rows, n_features, weighted)`` gives writable destination arrays for one subset;
   the caller fills them (in row blocks, so nothing is copied twice) and hands them to
 - ``put(shard)``, which places the subset with the workers and returns a small, picklable
@@ -36,14 +38,6 @@ class Shard:
     X: np.ndarray
     y: np.ndarray
     w: np.ndarray | None
-
-    @property
-    def n_rows(self) -> int:
-        return self.X.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.X.nbytes + self.y.nbytes + (0 if self.w is None else self.w.nbytes)
 
 
 class ShardRef(ABC):
@@ -103,6 +97,9 @@ class Backend(ABC):
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, work: float | None = None
     ) -> list[Outcome]:
         """Run ``fn`` on every task; one outcome per task, in order."""
+
+    def reserve(self, nbytes: int) -> None:  # noqa: B027 - optional hook
+        """Announce that shards totalling ``nbytes`` will be placed (fail early if no room)."""
 
     def release(self, refs: Sequence[ShardRef]) -> None:  # noqa: B027 - optional hook
         """Free placed shards (default: nothing to do)."""

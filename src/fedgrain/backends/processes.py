@@ -1,7 +1,8 @@
 """The processes backend: local worker processes through joblib's loky executor.
 
 Shards are written once to memory-mapped ``.npy`` files in a private temporary folder (in
-``/dev/shm`` when it has room, so they live in RAM) and workers map them read-only: a subset is
+``/dev/shm`` when it has room for all of them, so they live in RAM) and workers map them
+read-only: a subset is
 copied exactly once, however many rounds use it, and a task pickles only file names and
 parameters. The loky executor is reused across calls, so worker start-up is paid once a session.
 """
@@ -9,6 +10,7 @@ parameters. The loky executor is reused across calls, so worker start-up is paid
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import shutil
 import tempfile
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 from joblib import Parallel, cpu_count, delayed
 
+from ..exceptions import ResourceError
 from .base import Backend, Outcome, Shard, ShardRef, run_task
 
 SHM = Path("/dev/shm")
@@ -48,12 +51,32 @@ class FileShardRef(ShardRef):
         return [p for p in (self.X, self.y, self.w) if p is not None]
 
 
+def resolve_n_jobs(n_jobs: int | None) -> int:
+    """Worker count for ``n_jobs`` as in joblib: None is every usable CPU, -2 all but one."""
+    cpus = cpu_count()
+    if n_jobs is None:
+        return cpus
+    if n_jobs < 0:
+        return max(1, cpus + 1 + n_jobs)
+    return max(1, int(n_jobs))
+
+
 def _free_bytes(path: Path) -> int:
     try:
         st = os.statvfs(path)
     except OSError:
         return 0
     return st.f_bavail * st.f_frsize
+
+
+#: Shard folders of this process, removed at exit if a backend was never closed.
+_LIVE: set[Path] = set()
+
+
+@atexit.register
+def _remove_live_folders() -> None:
+    for folder in list(_LIVE):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class ProcessesBackend(Backend):
@@ -65,47 +88,56 @@ class ProcessesBackend(Backend):
         Number of worker processes; None means every CPU this process may use, negative values
         count back from it as in joblib (-1: all, -2: all but one).
     temp_folder : str or None
-        Where shard files go; by default ``/dev/shm`` when it has room, else the system's
-        temporary folder.
+        Where shard files go; by default ``/dev/shm`` when it has room for all of them, else
+        the system's temporary folder.
     """
 
     name = "processes"
 
     def __init__(self, n_jobs: int | None = None, temp_folder: str | None = None):
-        cpus = cpu_count()
-        if n_jobs is None:
-            n = cpus
-        elif n_jobs < 0:
-            n = max(1, cpus + 1 + n_jobs)
-        else:
-            n = n_jobs
-        self._n = max(1, int(n))
+        self._n = resolve_n_jobs(n_jobs)
         self._temp_folder = temp_folder
         self._dir: Path | None = None
-        self._files: set[str] = set()
 
     @property
     def n_workers(self) -> int:
         return self._n
 
-    def _folder(self, nbytes: int) -> Path:
-        if self._dir is None:
-            base = self._temp_folder
-            if base is None:
-                shm_ok = SHM.is_dir() and os.access(SHM, os.W_OK)
-                base = str(SHM) if shm_ok and _free_bytes(SHM) > 2 * nbytes else None
-            self._dir = Path(tempfile.mkdtemp(prefix="fedgrain-", dir=base))
-            atexit.register(shutil.rmtree, self._dir, True)
-        return self._dir
+    def reserve(self, nbytes: int) -> None:
+        """Choose the folder for shards totalling ``nbytes``: RAM-backed when it has room.
+
+        Raises :class:`~fedgrain.exceptions.ResourceError` when no candidate has room; checking
+        up front matters because writing through a memory map to a full tmpfs kills the process
+        (SIGBUS) instead of raising.
+        """
+        if self._dir is not None:
+            return
+        need = int(nbytes * 1.05) + (64 << 20)  # headroom for the file system's own use
+        if self._temp_folder is not None:
+            candidates = [Path(self._temp_folder)]
+        else:
+            shm_ok = SHM.is_dir() and os.access(SHM, os.W_OK)
+            candidates = ([SHM] if shm_ok else []) + [Path(tempfile.gettempdir())]
+        for base in candidates:
+            if _free_bytes(base) >= need:
+                self._dir = Path(tempfile.mkdtemp(prefix="fedgrain-", dir=base))
+                _LIVE.add(self._dir)
+                return
+        room = ", ".join(f"{b} has {_free_bytes(b) / 2**20:,.0f} MB free" for b in candidates)
+        raise ResourceError(
+            f"The subsets need {nbytes / 2**20:,.0f} MB of temporary space, but {room}. Free "
+            "space, pass a larger folder as temp_folder, or use backend='serial'."
+        )
 
     def allocate(self, n_rows: int, n_features: int, weighted: bool) -> Shard:
-        folder = self._folder(n_rows * (n_features + 2) * 8)
-        stem = folder / uuid.uuid4().hex
+        self.reserve(n_rows * (n_features + 2) * 8)
+        stem = self._dir / uuid.uuid4().hex
 
         def mm(suffix, shape, dtype):
             path = f"{stem}-{suffix}.npy"
-            self._files.add(path)
-            return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            _claim(path)
+            return arr
 
         return Shard(
             mm("X", (n_rows, n_features), np.float64),
@@ -135,11 +167,27 @@ class ProcessesBackend(Backend):
         for ref in refs:
             if isinstance(ref, FileShardRef):
                 for p in ref.paths():
-                    self._files.discard(p)
                     Path(p).unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+            _LIVE.discard(self._dir)
             self._dir = None
-        self._files.clear()
+
+
+def _claim(path: str) -> None:
+    """Allocate a new file's blocks now, so a full disk is an error here, not a crash later."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceError(
+                    f"No room left for the subsets in {Path(path).parent}; free space, pass "
+                    "another temp_folder, or use backend='serial'."
+                ) from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from fedgrain.exceptions import DataError
 
@@ -123,7 +124,7 @@ def prepare_fit(
         Columns to one-hot encode, by name or position (``"x<i>"`` names for arrays). Columns
         with a categorical dtype are always encoded.
     sample_weight : array-like, optional
-        Non-negative finite weights, one per row.
+        Non-negative finite frequency weights, one per row; rows of weight zero are dropped.
     estimator_name : str, default="estimator"
         How the estimator is named in messages.
 
@@ -161,6 +162,15 @@ def prepare_fit(
             "per row."
         )
     weights = _check_weights(sample_weight, table.shape[0])
+    if weights is not None and not np.all(weights > 0):
+        # Frequency weights: a row of weight zero is a row that is not there. Dropping it here
+        # lets every later check (levels, categories, constant columns, subset sizes) count
+        # only real rows.
+        keep = weights > 0
+        table, values, weights = (
+            a.iloc[keep] if isinstance(a, (pd.DataFrame, pd.Series)) else a[keep]
+            for a in (table, values, weights)
+        )
     target, codes = _resolve_target(values, levels, weights)
     schema = _fit_schema(table, names, has_names, categorical)
     matrix = _encode(table, schema)

@@ -314,8 +314,9 @@ def _resolve_target(
             classes, codes = _natural_codes(_label_values(values, "y"), "y")
         if len(classes) < 2:
             raise DataError(
-                f"y has only one class ({_quote(classes)}); an ordinal model needs at least "
-                "2 classes."
+                "y has only one class"
+                f"{' with positive sample_weight' if weights is not None else ''} "
+                f"({_quote(classes)}); an ordinal model needs at least 2 classes."
             )
         target = TargetEncoding(classes)
     counts = np.bincount(codes, weights=weights, minlength=target.n_classes)

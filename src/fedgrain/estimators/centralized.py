@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
 from .. import local
 from .._warnings import warn
+from ..combine import NotIdentifiedError, inverse
 from ..data import prepare_fit
-from ..exceptions import SeparationError
-from ..ordinal import Pass, exact_pass
+from ..exceptions import DataError, SeparationError
+from ..ordinal import Pass, exact_pass, initial_thresholds
 from ..results import OrdinalResults
-from ..shards import column_moments
-from ..solvers import newton, runaway, solve_psd, warm_start_rows
+from ..shards import Standardizer, column_moments
+from ..solvers import newton, runaway, warm_start
 from .base import OrdinalModel, is_real, param_error, register
 
 
@@ -87,51 +89,55 @@ class OrdinalRegression(OrdinalModel):
                            sample_weight=sample_weight, estimator_name=type(self).__name__)
         Xm, codes, w = data.X, data.codes, data.weights
         n_eff = float(codes.shape[0] if w is None else w.sum())
-        p, K1 = Xm.shape[1], data.target.n_classes - 1
-        _, scales = column_moments(Xm, w)
-        counts = np.bincount(codes, weights=w, minlength=K1 + 1)
-        cum = np.clip(np.cumsum(counts)[:-1] / counts.sum(), 1e-10, 1 - 1e-10)
-        x0 = np.concatenate([np.zeros(p), np.log(cum / (1 - cum))])
-
+        p, K = Xm.shape[1], data.target.n_classes
+        means, scales = column_moments(Xm, w)
+        x0 = np.concatenate([np.zeros(p), initial_thresholds(codes, w, K, floor=1e-10)])
         # ridge per row on the standardised slopes: alpha/2 sum_j (sd_j coef_j)^2
-        ridge = float(self.alpha) * np.concatenate([scales**2, np.zeros(K1)])
-        oracle = _exact_oracle(Xm, codes, w, ridge * n_eff)
+        ridge = float(self.alpha) * np.concatenate([scales**2, np.zeros(K - 1)])
 
         def increasing(x):
             return bool(np.all(np.diff(x[p:]) > 0))
 
+        # The fit runs in centred coordinates (thresholds at the features' means), mapped back
+        # to the original scale at the end: exact at any feature location.
+        def subsample(rows):
+            ys = codes[rows]
+            ws = None if w is None else w[rows]
+            if np.count_nonzero(np.bincount(ys, weights=ws, minlength=K)) < K:
+                return None  # a level is missing from the subsample
+            n_sub = float(rows.size if ws is None else ws.sum())
+            return _exact_oracle(Xm[rows], ys, ws, ridge * n_sub, means), n_sub
+
+        oracle = _exact_oracle(Xm, codes, w, ridge * n_eff, means)
         # One BLAS thread: the per-block products are too small to gain from threads, and
         # threads that wait for a busy core slow every block down.
         with local.one_blas_thread():
-            x0 = self._warm_start(Xm, codes, w, x0, ridge, increasing)
+            x0 = warm_start(subsample, codes.shape[0], x0, max_iter=self.max_iter,
+                            feasible=increasing)
             res = newton(oracle, x0, n_eff, max_iter=self.max_iter, tol=self.tol,
                          feasible=increasing)
             J = oracle(res.x, order=0, meat=True).meat if self.variance == "sandwich" else None
-        moving = runaway(res, np.concatenate([scales, np.ones(K1)]))
-        if moving.any():
-            names = [data.schema.output_names[j] if j < p else f"threshold {j - p}"
-                     for j in np.flatnonzero(moving)]
-            raise SeparationError(
-                "The classes are (quasi-)separated: the maximum likelihood estimate does not "
-                f"exist ({', '.join(names)} grow without bound). Remove or merge the separating "
-                "feature, set alpha > 0 for a ridge penalty, or use DivideConquerOrdinal, whose "
-                "L1 penalty keeps the fit finite."
-            )
-        if not res.converged:
-            warn(
-                f"OrdinalRegression did not converge in {self.max_iter} Newton iterations; "
-                "increase max_iter.", RuntimeWarning)
-        d = p + K1
-        Hinv = solve_psd(res.hess, np.eye(d))
-        cov = Hinv if J is None else Hinv @ J @ Hinv
-        cov = 0.5 * (cov + cov.T)
+        names = data.schema.output_names
+        self._check(res, np.where(scales > 0, scales, 1.0), names, K)
+        try:
+            cov = inverse(res.hess)
+        except NotIdentifiedError as exc:
+            labels = list(names) + [f"threshold {k}" for k in range(K - 1)]
+            raise DataError(
+                f"The data do not identify {', '.join(repr(labels[j]) for j in exc.indices)}: "
+                "the columns are linearly dependent (collinear); drop one of them."
+            ) from None
+        if J is not None:
+            cov = cov @ J @ cov
+        params, cov = Standardizer(means, np.ones(p)).to_raw(res.x, 0.5 * (cov + cov.T))
         self.loglik_ = -float(res.objective * n_eff)
         self.n_iter_ = res.n_iter
+        d = p + K - 1
         results = OrdinalResults(
-            res.x, cov, data.schema.output_names, data.target.classes,
+            params, cov, names, data.target.classes,
             title="Ordinal regression: exact maximum likelihood",
             info={
-                "Rows": f"{codes.shape[0]:,}", "Classes": data.target.n_classes,
+                "Rows": f"{codes.shape[0]:,}", "Classes": K,
                 "Log-likelihood": f"{self.loglik_:.4f}",
                 "AIC": f"{2 * d - 2 * self.loglik_:.4f}",
                 "Standard errors": "model-based" if self.variance == "model" else "sandwich",
@@ -139,27 +145,30 @@ class OrdinalRegression(OrdinalModel):
                 "Newton iterations": res.n_iter,
             },
         )
-        self._set_fitted(data.schema, data.target, res.x, cov, results)
+        self._set_fitted(data.schema, data.target, params, cov, results)
         return self
 
-    def _warm_start(self, X, codes, w, x0, ridge, feasible):
-        """Start from a fit on an evenly spaced subsample (see ``solvers.warm_start_rows``).
+    def _check(self, res, scales: np.ndarray, names, K: int) -> None:
+        """Separation is an error; running out of iterations a warning.
 
-        ``ridge`` is the per-row ridge vector; falls back to ``x0`` when a level is missing from
-        the subsample or its fit does not settle.
+        Newton's last step is judged in standardised units (slopes times the features' standard
+        deviations; the centred thresholds as they are), where one unit means the same whatever
+        the data's scale.
         """
-        rows = warm_start_rows(codes.shape[0])
-        if rows is None:
-            return x0
-        Xs, ys = X[rows], codes[rows]
-        ws = None if w is None else w[rows]
-        K = x0.size - X.shape[1] + 1
-        if np.count_nonzero(np.bincount(ys, weights=ws, minlength=K)) < K:
-            return x0
-        n_sub = float(rows.size if ws is None else ws.sum())
-        res = newton(_exact_oracle(Xs, ys, ws, ridge * n_sub), x0, n_sub,
-                     max_iter=self.max_iter, tol=1e-2, feasible=feasible)
-        return res.x if res.converged and np.all(np.isfinite(res.x)) else x0
+        labels = list(names) + [f"threshold {k}" for k in range(K - 1)]
+        if res.converged or res.diverged:
+            step = res.step * np.concatenate([scales, np.ones(K - 1)])
+            moving = np.flatnonzero(runaway(step) | ~np.isfinite(step))
+            if moving.size or res.diverged:
+                raise SeparationError(
+                    "The classes are (quasi-)separated: the maximum likelihood estimate does "
+                    f"not exist ({', '.join(labels[j] for j in moving)} grow without bound). "
+                    "Remove or merge the separating feature, set alpha > 0 for a ridge penalty, "
+                    "or use DivideConquerOrdinal, whose L1 penalty keeps the fit finite."
+                )
+        else:
+            warn(f"OrdinalRegression did not converge in max_iter={self.max_iter} Newton "
+                 "iterations; increase max_iter.", ConvergenceWarning)
 
     def _extra_state(self):
         return {"loglik": self.loglik_, "n_iter": self.n_iter_}, {}
@@ -169,13 +178,16 @@ class OrdinalRegression(OrdinalModel):
         self.n_iter_ = meta["n_iter"]
 
 
-def _exact_oracle(X, y, w, ridge):
-    """Oracle of the exact likelihood plus ``1/2 sum_j ridge_j x_j^2`` (no penalty when zero)."""
+def _exact_oracle(X, y, w, ridge, shift=None):
+    """Oracle of the exact likelihood plus ``1/2 sum_j ridge_j x_j^2`` (no penalty when zero).
+
+    With ``shift``, the features are centred at it (see :func:`fedgrain.ordinal.exact_pass`).
+    """
     p = X.shape[1]
     penalised = bool(np.any(ridge))
 
     def oracle(x, loss=True, order=2, meat=False):
-        P = exact_pass(X, y, w, x[:p], x[p:], order=order, meat=meat)
+        P = exact_pass(X, y, w, x[:p], x[p:], order=order, meat=meat, shift=shift)
         if not penalised:
             return P
         return Pass(P.loss + 0.5 * float(ridge @ (x * x)),

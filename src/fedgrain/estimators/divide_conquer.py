@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
 from .. import combine, local
 from .._warnings import warn
 from ..backends import BACKENDS, Backend, get_backend
+from ..backends.processes import resolve_n_jobs
 from ..data import prepare_fit
 from ..exceptions import DataError, IdentificationWarning, SeparationError
 from ..partition import stratified_split
@@ -143,14 +145,29 @@ class DivideConquerOrdinal(OrdinalModel):
             raise param_error(owner, "debias", "'auto', 'inverse' or 'nodewise'", self.debias)
         if not is_real(self.ridge) or not self.ridge >= 0:
             raise param_error(owner, "ridge", "a float >= 0", self.ridge)
+        if not isinstance(self.penalize_thresholds, (bool, np.bool_)):
+            raise param_error(owner, "penalize_thresholds", "a bool", self.penalize_thresholds)
         if not is_int(self.cv_folds) or self.cv_folds < 2:
             raise param_error(owner, "cv_folds", "an int >= 2", self.cv_folds)
         self._validate_solver(owner)
 
-    def _resolve_subsets(self, n_rows: int, d: int, n_workers: int) -> int:
+    def _resolve_subsets(self, n_rows: int, d: int, backend: Backend) -> int:
+        """The number of subsets: ``n_subsets``, or by default the number of workers.
+
+        "Workers" are those of ``n_jobs`` (or the CPUs) for the built-in backends, serial
+        included, so the default model does not depend on the backend chosen.
+        """
+        if n_rows <= d:
+            raise DataError(
+                f"{type(self).__name__} needs more rows than parameters to estimate their "
+                f"covariance: {n_rows} rows for d = {d} parameters (features plus thresholds). "
+                "Use fewer features, more data, or OrdinalRegression(alpha=...) for a ridge fit."
+            )
         min_rows = MIN_ROWS_PER_PARAM * d
         most = n_rows // min_rows
         if self.n_subsets is None:
+            n_workers = (backend.n_workers if isinstance(self.backend, Backend)
+                         else resolve_n_jobs(self.n_jobs))
             # by default also keep the rows per parameter the refinement rounds need
             need = max(MIN_ROWS_PER_PARAM, ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0))
             return max(1, min(n_workers, n_rows // (need * d)))
@@ -162,8 +179,6 @@ class DivideConquerOrdinal(OrdinalModel):
                 f"{MIN_ROWS_PER_PARAM} x d = {min_rows:,} rows for d = {d} parameters; {fix}, "
                 "or fit on more data."
             )
-        if m > n_rows:
-            raise DataError(f"n_subsets={m} exceeds the number of rows ({n_rows}).")
         return m
 
     def fit(self, X, y, sample_weight=None):
@@ -187,7 +202,7 @@ class DivideConquerOrdinal(OrdinalModel):
         d = p + K - 1
         backend = get_backend(self.backend, self.n_jobs, owner=owner)
         own_backend = backend is not self.backend
-        M = self._resolve_subsets(n, d, backend.n_workers)
+        M = self._resolve_subsets(n, d, backend)
         need = ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0)
         if M > 1 and n / M < need * d:
             what = ("one-shot pooling (refine_rounds=0) is biased there"
@@ -214,8 +229,9 @@ class DivideConquerOrdinal(OrdinalModel):
                      for r, s in zip(refs, seeds, strict=True)]
             work = float(n) * d * d
             fits = _values(backend.map(local.fit_task, tasks, work=work), sizes)
-            self._warn_unidentified(fits, data.schema.output_names, data.target.classes)
-            pooled = combine.pool(fits)
+            names = _param_names(data.schema.output_names, data.target.classes)
+            self._check_fits(fits, names, p, sizes)
+            pooled = _identified(combine.pool, names, fits)
             est, cov = pooled.estimate, pooled.cov
             meat = local.meat_kind(self.variance)
             for _ in range(self.refine_rounds):
@@ -225,7 +241,7 @@ class DivideConquerOrdinal(OrdinalModel):
                                 work=work),
                     sizes,
                 )
-                est, cov = combine.refine(est, evals, self.variance)
+                est, cov = _identified(combine.refine, names, est, evals, self.variance)
         finally:
             backend.release(refs)
             if own_backend:
@@ -237,17 +253,14 @@ class DivideConquerOrdinal(OrdinalModel):
         one_params[p:] = combine.monotonise(one_params[p:], np.diag(one_cov)[p:])
         self.n_subsets_ = M
         self.subset_sizes_ = sizes
-        unidentified = ~np.array([f.identified for f in fits])
-        self.subset_estimates_ = np.array([std.to_raw(f.estimate) for f in fits])
-        self.subset_estimates_[unidentified] = np.nan
-        self.subset_lasso_estimates_ = np.array([std.to_raw(f.lasso) for f in fits])
-        self.subset_lasso_estimates_[unidentified] = np.nan
+        raw, raw_lasso, raw_var, resolved = _subsets_on_raw_scale(fits, std)
+        self.subset_estimates_ = np.where(resolved, raw, np.nan)
+        self.subset_lasso_estimates_ = np.where(resolved, raw_lasso, np.nan)
         self.subset_alphas_ = np.array([f.alpha for f in fits])
         self.n_iter_ = np.array([f.n_iter for f in fits])
         self.q_, self.q_df_, self.q_pvalue_, self.i2_ = (
             pooled.q, pooled.q_df, pooled.q_pvalue, pooled.i2)
-        het = {"q_param": pooled.q_param, "i2_param": pooled.i2_param,
-               "n_contrib": pooled.n_contrib}
+        het = combine.marginal_heterogeneity(raw, raw_var, resolved)
         results = OrdinalResults(
             params, cov, data.schema.output_names, data.target.classes,
             title="Divide-and-conquer ordinal regression (cumulative logit)",
@@ -275,17 +288,28 @@ class DivideConquerOrdinal(OrdinalModel):
             "Heterogeneity Q": q, "I^2": f"{pooled.i2:.3f}",
         }
 
-    @staticmethod
-    def _warn_unidentified(fits, feature_names, classes) -> None:
-        names = list(feature_names)
-        lv = [str(c) for c in classes]
+    def _check_fits(self, fits, names: list[str], p: int, sizes) -> None:
+        """Separation is an error; non-convergence and unidentified parameters are warnings."""
+        separated = {m: f.separated for m, f in enumerate(fits) if f.separated}
+        if separated:
+            m, idx = next(iter(separated.items()))
+            fix = ("use a positive alpha (for example alpha='rate')" if self.alpha == 0 else
+                   "remove or merge the separating feature(s)")
+            raise SeparationError(
+                f"The classes are (quasi-)separated in subset {m + 1} of {len(fits)} "
+                f"({int(sizes[m]):,} rows): the fit runs off to infinity along "
+                f"{', '.join(names[j] for j in idx)}; {fix}."
+            )
+        slow = [m for m, f in enumerate(fits) if not f.converged]
+        if slow:
+            warn(f"The lasso fit of subset(s) {slow} did not converge in max_iter="
+                 f"{self.max_iter} iterations; increase max_iter.", ConvergenceWarning)
         where: dict[str, list[int]] = {}
         for m, f in enumerate(fits):
             for note in f.notes:
                 kind, j = note.split(":")
-                j = int(j)
-                label = (f"threshold '{lv[j]}|{lv[j + 1]}' (no rows on one side)"
-                         if kind == "threshold" else f"feature '{names[j]}' (constant)")
+                label = (f"threshold '{names[p + int(j)]}' (no rows on one side)"
+                         if kind == "threshold" else f"feature '{names[int(j)]}' (constant)")
                 where.setdefault(label, []).append(m)
         for label, subsets in where.items():
             warn(
@@ -318,6 +342,44 @@ class DivideConquerOrdinal(OrdinalModel):
             title="One-shot pooled estimate (before refinement)", info=r.info,
             heterogeneity=r.heterogeneity,
         )
+
+
+def _param_names(feature_names, classes) -> list[str]:
+    """Names of the parameters ``(coef, thresholds)``: features, then ``"a|b"``."""
+    lv = [str(c) for c in classes]
+    return list(feature_names) + [f"{lv[k]}|{lv[k + 1]}" for k in range(len(lv) - 1)]
+
+
+def _identified(step, names: list[str], *args):
+    """Run a pooling step; parameters the data do not identify are a clear data error."""
+    try:
+        return step(*args)
+    except combine.NotIdentifiedError as exc:
+        involved = ", ".join(f"'{names[j]}'" for j in exc.indices)
+        raise DataError(
+            f"The data do not identify {involved}: the columns are linearly dependent "
+            "(collinear, or constant within every subset); drop one of them."
+        ) from None
+
+
+def _subsets_on_raw_scale(fits, std: Standardizer):
+    """Each subset's estimates, lasso fits and variances on the original scale.
+
+    A raw parameter is resolved in a subset when every standardised parameter it is made of
+    is (a raw threshold involves all slopes); returns ``(est, lasso, var, resolved)``, each
+    ``(M, d)``.
+    """
+    d = fits[0].design.shape[1]
+    T = std.jacobian(d - std.mean.shape[0])
+    uses = T != 0
+    out = [], [], [], []
+    for f in fits:
+        est, las, cov, res = combine.full_view(f)
+        out[0].append(T @ est)
+        out[1].append(T @ las)
+        out[2].append(np.diag(T @ cov @ T.T))
+        out[3].append(~(uses @ ~res))
+    return tuple(np.array(a) for a in out)
 
 
 def _values(outcomes, sizes) -> list:
