@@ -73,8 +73,8 @@ def test_fit_summary_predict_evaluate(files, capsys):
 def test_options_work_after_the_command(files, capsys):
     d, _ = files
     code, _, err = run(capsys, "fit", str(d / "train.csv"), "--target", "grade", "--levels",
-                       ",".join(LEVELS), "--backend", "serial", "--estimator", "mle",
-                       "--out", str(d / "m_mle"), "--quiet")
+                       ",".join(LEVELS), "--estimator", "mle", "--out", str(d / "m_mle"),
+                       "--quiet")
     assert code == 0 and err == ""
     assert type(load(d / "m_mle")).__name__ == "OrdinalRegression"
 
@@ -100,7 +100,7 @@ BAD_FIT = [
      r"Column 'city' .* is not numeric; declare it categorical"),
     ("one.csv", lambda df: df.assign(grade=1), [], r"only one class"),
     ("labels.csv", lambda df: df.assign(grade=np.array(["p", "q", "r"])[df.grade]), [],
-     r"no known order; pass levels"),
+     r"no known order; pass --levels"),
     ("unknown.csv", lambda df: df, ["--levels", "0,1"], r"not among the levels"),
     ("empty.csv", lambda df: "", [], r"is empty"),
     ("header.csv", lambda df: "a,b,grade\n", [], r"is empty|0 rows|no rows"),
@@ -174,3 +174,39 @@ def test_usage_errors_exit_2():
     proc = subprocess.run([sys.executable, "-m", "fedgrain.cli", "fit"], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "required" in proc.stderr
+
+
+def test_cli_messages_speak_in_options(tmp_path, capsys):
+    path = _bad_csv(tmp_path, "t.csv", lambda df: df.assign(city=np.where(df.index % 2, "x", "y")))
+    code, _, err = run(capsys, "fit", str(path), "--target", "grade", "--out", str(tmp_path / "m"))
+    assert code == 1 and "--categorical city" in err and "categorical=[" not in err
+    path = _bad_csv(tmp_path, "s.csv",
+                    lambda df: df.assign(grade=np.array(["p", "q", "r"])[df.grade]))
+    code, _, err = run(capsys, "fit", str(path), "--target", "grade", "--out", str(tmp_path / "m"))
+    assert code == 1 and "--levels" in err
+
+
+def test_options_of_the_other_estimator_are_refused(files, capsys, tmp_path):
+    d, _ = files
+    code, _, err = run(capsys, "fit", str(d / "train.csv"), "--target", "grade", "--levels",
+                       ",".join(LEVELS), "--estimator", "mle", "--n-subsets", "4",
+                       "--out", str(tmp_path / "m"))
+    assert code == 1 and "--n-subsets apply to --estimator dc only" in err
+    assert not (tmp_path / "m").exists()
+    proc = subprocess.run([sys.executable, "-m", "fedgrain.cli", "summary", "x", "--ci-alpha",
+                           "2"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "between 0 and 1" in proc.stderr
+
+
+def test_keep_columns_in_order_and_html_into_a_new_folder(files, capsys, tmp_path):
+    d, df = files
+    assert fit(capsys, d, "m_keep")[0] == 0
+    df.assign(extra=1).to_csv(tmp_path / "x.csv", index=False)
+    code, _, _ = run(capsys, "predict", str(d / "m_keep"), str(tmp_path / "x.csv"), "--out",
+                     str(tmp_path / "p.csv"), "--keep", "id,extra")
+    assert code == 0
+    assert list(pd.read_csv(tmp_path / "p.csv").columns[:3]) == ["id", "extra", "predicted"]
+    code, _, _ = run(capsys, "summary", str(d / "m_keep"), "--html",
+                     str(tmp_path / "new" / "s.html"))
+    assert code == 0 and (tmp_path / "new" / "s.html").exists()
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["s.html"]

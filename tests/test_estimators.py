@@ -312,3 +312,18 @@ def test_shared_memory_too_small_is_a_clear_error(monkeypatch, tmp_path):
     X, y, _, _ = make_ordinal(200_000, 5, 3, random_state=0)
     with pytest.raises(ResourceError, match=r"need 11 MB of temporary space.*use backend='serial'"):
         DivideConquerOrdinal(n_subsets=2, backend="processes").fit(X, y)
+
+
+def test_save_accepts_numpy_and_scalar_parameters(tmp_path):
+    X, y, _, _ = make_ordinal(600, 2, 3, random_state=0)
+    df = pd.DataFrame(X, columns=["a", "b"]).assign(city=np.where(np.arange(600) % 3, "x", "y"))
+    est = DivideConquerOrdinal(n_subsets=np.int64(2), alpha=np.float64(0.01),
+                               tol=np.float64(1e-8), random_state=np.int64(3),
+                               categorical="city", backend="serial").fit(df, y)
+    again = load(est.save(tmp_path / "m"))
+    assert again.get_params()["categorical"] == "city"
+    assert again.get_params()["n_subsets"] == 2 and again.get_params()["random_state"] == 3
+    from sklearn.base import clone
+
+    refit = clone(again).fit(df, y)  # the restored parameters fit again
+    np.testing.assert_allclose(refit.coef_, est.coef_)

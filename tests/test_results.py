@@ -110,3 +110,23 @@ def test_probability_intervals_match_numerical_delta_method(fitted):
     lg = np.log(proba / (1 - proba))
     np.testing.assert_allclose(lo, 1 / (1 + np.exp(-(lg - z * se))), rtol=1e-5)
     np.testing.assert_allclose(hi, 1 / (1 + np.exp(-(lg + z * se))), rtol=1e-5)
+
+
+def test_wald_test_refuses_ambiguous_requests(fitted):
+    model, _ = fitted
+    with pytest.raises(ValueError, match="listed twice"):
+        model.results_.wald_test([1, 1, 0, 0])
+    with pytest.raises(ValueError, match="at least one parameter"):
+        model.results_.wald_test([])
+    with pytest.raises(ValueError, match="2-D matrix"):
+        model.results_.wald_test(np.ones(7))
+
+
+def test_probability_intervals_far_in_the_tails():
+    r = OrdinalResults(np.array([1.0, -1.0, 1.0]), np.diag([0.01, 0.02, 0.02]), ["x"],
+                       ["lo", "mid", "hi"])
+    proba, lo, hi = r.predict_proba_ci(np.array([[45.0], [0.0], [-45.0]]))
+    assert np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))
+    assert 0 < proba[0, 0] < 1e-15  # a tiny probability, not rounded to zero
+    assert np.all((lo <= proba) & (proba <= hi))
+    assert hi[0, 0] < 1e-10  # and its interval stays tiny too

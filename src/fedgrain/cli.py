@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -66,27 +67,43 @@ def _alpha(text: str):
         ) from None
 
 
-def _write_table_atomic(frame: pd.DataFrame, out: Path) -> None:
-    """Write CSV or Parquet (by extension) through a temporary file and a rename."""
-    suffix = "".join(out.suffixes[-2:]).lower()
-    if suffix.endswith((".parquet", ".pq")):
-        kind = "parquet"
-    elif suffix.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
-        kind = "csv"
-    else:
-        raise DataError(f"--out {out}: use a .csv or .parquet file name")
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def _write_atomic(out: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``out``, then rename it into place.
+
+    The folder is created if needed; on any failure the temporary file is removed and ``out``
+    is left as it was.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        if kind == "parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False, sep="\t" if suffix.endswith(".tsv") else ",")
+        write(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_table_atomic(frame: pd.DataFrame, out: Path) -> None:
+    """Write CSV or Parquet, chosen by the file name's extension."""
+    suffix = "".join(out.suffixes[-2:]).lower()
+    if suffix.endswith((".parquet", ".pq")):
+        _write_atomic(out, lambda tmp: frame.to_parquet(tmp, index=False))
+    elif suffix.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
+        sep = "\t" if suffix.endswith(".tsv") else ","
+        _write_atomic(out, lambda tmp: frame.to_csv(tmp, index=False, sep=sep))
+    else:
+        raise DataError(f"--out {out}: use a .csv or .parquet file name")
 
 
 def _features_for(model, frame: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -101,10 +118,22 @@ def _features_for(model, frame: pd.DataFrame, source: str) -> pd.DataFrame:
     return frame.loc[:, cols]
 
 
+def _check_fit_options(args) -> None:
+    """Refuse options that do not apply to the chosen estimator, before any work is done."""
+    if args.estimator == "mle":
+        given = [f"--{n.replace('_', '-')}" for n in ("n_subsets", "refine_rounds", "backend")
+                 if getattr(args, n) is not None]
+        if args.variance == "cluster":
+            given.append("--variance cluster")
+        if given:
+            raise DataError(f"{', '.join(given)} apply to --estimator dc only.")
+
+
 def _cmd_fit(args) -> int:
     from .data import read_table, split_target
     from .estimators import DivideConquerOrdinal, OrdinalRegression
 
+    _check_fit_options(args)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it.")
@@ -121,15 +150,21 @@ def _cmd_fit(args) -> int:
     levels = _typed_levels(_csv_list(args.levels), y)
     categorical = _csv_list(args.categorical)
     if args.estimator == "mle":
-        model = OrdinalRegression(levels=levels, categorical=categorical)
+        ridge = 0.0 if args.alpha is None else args.alpha
+        if isinstance(ridge, str):
+            raise DataError(f"--alpha {ridge} applies to --estimator dc; with --estimator mle "
+                            "--alpha is a ridge penalty (a number).")
+        model = OrdinalRegression(alpha=ridge, levels=levels, categorical=categorical,
+                                  **({} if args.variance is None else {"variance": args.variance}))
         what = "exact maximum likelihood"
     else:
+        options = {k: v for k, v in (("alpha", args.alpha), ("variance", args.variance),
+                                     ("refine_rounds", args.refine_rounds)) if v is not None}
         model = DivideConquerOrdinal(
-            n_subsets=args.n_subsets, alpha=args.alpha, variance=args.variance,
-            backend=args.backend, n_jobs=args.workers, random_state=args.random_state,
-            refine_rounds=args.refine_rounds, levels=levels, categorical=categorical,
+            n_subsets=args.n_subsets, backend=args.backend or "processes", n_jobs=args.workers,
+            random_state=args.random_state, levels=levels, categorical=categorical, **options,
         )
-        what = f"divide and conquer, backend {args.backend}"
+        what = f"divide and conquer, backend {args.backend or 'processes'}"
     _log(args, f"fitting {len(X):,} rows x {X.shape[1]} columns ({what}) ...")
     t0 = time.perf_counter()
     model.fit(X, y, sample_weight=weights)
@@ -161,10 +196,10 @@ def _cmd_predict(args) -> int:
     out = pd.DataFrame({"predicted": [classes[i] for i in np.argmax(proba, axis=1)]})
     for k, c in enumerate(classes):
         out[f"proba_{c}"] = proba[:, k]
-    for col in _csv_list(args.keep) or []:
+    for i, col in enumerate(_csv_list(args.keep) or []):
         if col not in frame.columns:
             raise DataError(f"--keep {col}: no such column in {args.data}.")
-        out.insert(0, col, frame[col].to_numpy())
+        out.insert(i, col, frame[col].to_numpy())
     _write_table_atomic(out, Path(args.out))
     print(f"Wrote {len(out):,} predictions to {args.out}")
     return 0
@@ -194,12 +229,9 @@ def _cmd_summary(args) -> int:
     summary = model.summary(args.ci_alpha)
     print(summary)
     if args.html:
-        html_path = Path(args.html)
-        fd, tmp = tempfile.mkstemp(prefix=f".{html_path.name}.", dir=html_path.parent or ".")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(summary.as_html())
-        os.replace(tmp, html_path)
-        print(f"HTML written to {html_path}")
+        html = summary.as_html()
+        _write_atomic(Path(args.html), lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))
+        print(f"HTML written to {args.html}")
     return 0
 
 
@@ -238,15 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="column of frequency weights")
     p.add_argument("--estimator", choices=("dc", "mle"), default="dc",
                    help="dc: DivideConquerOrdinal (default); mle: exact OrdinalRegression")
-    p.add_argument("--n-subsets", type=int, default=None)
-    p.add_argument("--alpha", type=_alpha, default="rate",
-                   help="rate (default), cv, bic or a number")
-    p.add_argument("--variance", choices=("cluster", "sandwich", "model"), default="cluster")
-    p.add_argument("--refine-rounds", type=int, default=1)
-    p.add_argument("--backend", choices=("processes", "serial"), default="processes")
+    p.add_argument("--n-subsets", type=int, default=None, help="dc only (default: workers)")
+    p.add_argument("--alpha", type=_alpha, default=None,
+                   help="dc: rate (default), cv, bic or a number; mle: a ridge penalty (0)")
+    p.add_argument("--variance", choices=("cluster", "sandwich", "model"), default=None,
+                   help="dc: cluster (default), sandwich or model; mle: model (default) or "
+                        "sandwich")
+    p.add_argument("--refine-rounds", type=int, default=None, help="dc only (default 1)")
+    p.add_argument("--backend", choices=("processes", "serial"), default=None,
+                   help="dc only (default processes)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
     p.add_argument("--random-state", type=int, default=0)
-    p.add_argument("--ci-alpha", type=float, default=0.05, help="1 - confidence level")
+    p.add_argument("--ci-alpha", type=_probability, default=0.05,
+                   help="1 - confidence level of the intervals (default 0.05)")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=_cmd_fit)
@@ -266,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("summary", "coefficient table with confidence intervals")
     p.add_argument("model")
-    p.add_argument("--ci-alpha", type=float, default=0.05, help="1 - confidence level")
+    p.add_argument("--ci-alpha", type=_probability, default=0.05,
+                   help="1 - confidence level of the intervals (default 0.05)")
     p.add_argument("--html", help="also write the table as HTML to this file")
     p.set_defaults(func=_cmd_summary)
 
@@ -277,6 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Python-API wording in messages, and the command-line options that say the same.
+_CLI_WORDING = [
+    (re.compile(r"categorical=\[([^\]]*)\]"),
+     lambda m: "--categorical " + m.group(1).replace("'", "").replace(" ", "")),
+    (re.compile(r"levels=\[([^\]]*)\]"),
+     lambda m: "--levels " + (m.group(1).replace("'", "").replace(" ", "") or "a,b,c")),
+]
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    for pattern, repl in _CLI_WORDING:
+        msg = pattern.sub(repl, msg)
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -285,12 +338,19 @@ def main(argv: list[str] | None = None) -> int:
     except (FedgrainError, ValueError, TypeError, OSError) as exc:
         if args.debug:
             traceback.print_exc()
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"fedgrain: error: {msg}", file=sys.stderr)
+            print(getattr(exc, "worker_traceback", ""), file=sys.stderr, end="")
+        print(f"fedgrain: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fedgrain: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+            print(getattr(exc, "worker_traceback", ""), file=sys.stderr)
+        print(f"fedgrain: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with "
+              "--debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -41,5 +41,13 @@ class ModelFileError(FedgrainError, ValueError):
     """A saved model directory is missing, truncated, tampered with or of an unknown version."""
 
 
+class SubsetError(FedgrainError, RuntimeError):
+    """A subset's task failed unexpectedly; ``worker_traceback`` is the worker's traceback."""
+
+    def __init__(self, message: str, worker_traceback: str | None = None):
+        super().__init__(message)
+        self.worker_traceback = worker_traceback or ""
+
+
 class IdentificationWarning(UserWarning):
     """A parameter carries no information in one subset and gets zero weight there."""

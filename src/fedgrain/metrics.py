@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def ordinal_scores(codes: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+def ordinal_scores(codes: np.ndarray, proba: np.ndarray) -> dict[str, float | int]:
     """Accuracy, mean absolute class error, log-loss and ranked probability score.
 
     Parameters
@@ -18,10 +18,11 @@ def ordinal_scores(codes: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     Returns
     -------
     dict
-        ``accuracy`` (of the most probable class), ``mae`` (mean absolute error in levels of
-        the most probable class), ``log_loss`` (mean negative log probability of the true class)
-        and ``rps`` (ranked probability score: mean squared distance between predicted and
-        observed cumulative distributions, averaged over the K - 1 cut points).
+        ``rows`` (an int), ``accuracy`` (of the most probable class), ``mae`` (mean absolute
+        error in levels of the most probable class), ``log_loss`` (mean negative log
+        probability of the true class) and ``rps`` (ranked probability score: mean squared
+        distance between predicted and observed cumulative distributions, averaged over the
+        K - 1 cut points).
     """
     n, K = proba.shape
     pred = np.argmax(proba, axis=1)

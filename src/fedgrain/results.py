@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from scipy import stats
+from scipy.special import expit
 
 from .ordinal import class_proba
 
@@ -194,8 +195,8 @@ class OrdinalResults:
     def wald_test(self, R=None, q=None) -> WaldTest:
         """Joint Wald test of ``R params = q`` (chi-square).
 
-        ``R`` is a restriction matrix of shape ``(r, d)``, or a list of parameter names (or
-        indices) to test jointly equal to zero; ``q`` defaults to zeros.
+        ``R`` is a list of parameter names (or indices) to test jointly equal to zero, or a 2-D
+        restriction matrix of shape ``(r, d)``; ``q`` defaults to zeros.
 
         Examples
         --------
@@ -205,13 +206,22 @@ class OrdinalResults:
         if R is None:
             R = list(range(self.n_features))
         if isinstance(R, (list, tuple)) and all(isinstance(r, (str, int, np.integer)) for r in R):
+            if not R:
+                raise ValueError("name at least one parameter to test")
             idx = self._index(R)
+            if np.unique(idx).size != idx.size:
+                raise ValueError(
+                    f"parameters listed twice in {list(R)}; to test a linear combination pass "
+                    "R as a 2-D matrix (one row per restriction)"
+                )
             names = [self.param_names[i] for i in idx]
             Rm = np.zeros((idx.size, d))
             Rm[np.arange(idx.size), idx] = 1.0
             label = " = ".join(names) + " = 0" if len(names) > 1 else f"{names[0]} = 0"
         else:
-            Rm = np.atleast_2d(np.asarray(R, dtype=float))
+            Rm = np.asarray(R, dtype=float)
+            if Rm.ndim != 2:
+                raise ValueError("R must be a list of parameter names or a 2-D matrix")
             if Rm.shape[1] != d:
                 raise ValueError(f"R must have {d} columns (one per parameter); got {Rm.shape[1]}")
             label = "R params = q"
@@ -243,8 +253,13 @@ class OrdinalResults:
             C = self.cov[np.ix_(idx, idx)] / np.outer(se, se)
             vals, vecs = np.linalg.eigh(C)
             L = vecs * np.sqrt(np.maximum(vals, 0.0))
-            Z = np.random.default_rng(0).standard_normal((MAXZ_DRAWS, m)) @ L.T
-            crit = float(np.quantile(np.abs(Z).max(axis=1), 1 - alpha))
+            rng = np.random.default_rng(0)
+            step = max(1, 2_000_000 // m)  # draws per block: at most 16 MB at a time
+            maxima = np.concatenate([
+                np.abs(rng.standard_normal((min(step, MAXZ_DRAWS - a), m)) @ L.T).max(axis=1)
+                for a in range(0, MAXZ_DRAWS, step)
+            ])
+            crit = float(np.quantile(maxima, 1 - alpha))
         else:
             raise ValueError(f"method must be 'bonferroni' or 'max-z'; got {method!r}")
         p = self.params[idx]
@@ -254,36 +269,39 @@ class OrdinalResults:
         """Class probabilities with delta-method intervals for already-encoded ``X``.
 
         Intervals are built on the logit scale of each probability and mapped back, so they
-        stay inside (0, 1). Returns ``(proba, lower, upper)``, each of shape ``(n, K)``.
+        stay inside (0, 1); probabilities far in the tails keep their relative precision.
+        Returns ``(proba, lower, upper)``, each of shape ``(n, K)``.
         """
         _check_alpha(alpha)
         X = np.asarray(X, dtype=float)
-        p = self.n_features
-        beta, theta = self.coef, self.thresholds
-        eta = X @ beta
-        proba = class_proba(eta, theta)
-        K1 = theta.shape[0]
-        F = 1.0 / (1.0 + np.exp(-(theta[None, :] - eta[:, None])))
-        f = F * (1 - F)  # (n, K-1)
-        fpad = np.concatenate([np.zeros((X.shape[0], 1)), f, np.zeros((X.shape[0], 1))], axis=1)
+        p, n = self.n_features, X.shape[0]
+        eta = X @ self.coef
+        proba = class_proba(eta, self.thresholds)
+        a = self.thresholds[None, :] - eta[:, None]
+        f = expit(a) * expit(-a)  # F (1 - F) at each cut, (n, K-1)
+        fpad = np.concatenate([np.zeros((n, 1)), f, np.zeros((n, 1))], axis=1)
+        K1 = f.shape[1]
         z = stats.norm.isf(alpha / 2)
         lower = np.empty_like(proba)
         upper = np.empty_like(proba)
         for k in range(K1 + 1):
             # d pi_k / d beta = -x (f_k - f_{k-1}); d / d theta_k = f_k;
             # d pi_k / d theta_{k-1} = -f_{k-1}
-            G = np.zeros((X.shape[0], p + K1))
+            G = np.zeros((n, p + K1))
             G[:, :p] = -X * (fpad[:, k + 1] - fpad[:, k])[:, None]
             if k < K1:
                 G[:, p + k] = f[:, k]
             if k > 0:
                 G[:, p + k - 1] -= f[:, k - 1]
-            var = np.einsum("ij,jk,ik->i", G, self.cov, G)
-            pk = np.clip(proba[:, k], 1e-300, 1 - 1e-16)
-            se_logit = np.sqrt(np.maximum(var, 0.0)) / (pk * (1 - pk))
-            lg = np.log(pk / (1 - pk))
-            lower[:, k] = 1 / (1 + np.exp(-(lg - z * se_logit)))
-            upper[:, k] = 1 / (1 + np.exp(-(lg + z * se_logit)))
+            sd = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", G, self.cov, G), 0.0))
+            pk = proba[:, k]
+            qk = proba[:, :k].sum(axis=1) + proba[:, k + 1 :].sum(axis=1)  # 1 - pk, exactly
+            inside = (pk > 0) & (qk > 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lg = np.log(pk) - np.log(qk)
+                se_logit = sd / (pk * qk)
+                lower[:, k] = np.where(inside, expit(lg - z * se_logit), pk)
+                upper[:, k] = np.where(inside, expit(lg + z * se_logit), pk)
         return proba, lower, upper
 
     # ---- tables ----------------------------------------------------------------------------

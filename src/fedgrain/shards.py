@@ -73,11 +73,6 @@ class Standardizer:
         raw = T @ params
         return raw if cov is None else (raw, T @ cov @ T.T)
 
-    def from_raw(self, params: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`to_raw` for a parameter vector."""
-        T = self.jacobian(params.shape[0] - self.mean.shape[0])
-        return np.linalg.solve(T, params)
-
     def transform(self, Xb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         out = np.subtract(Xb, self.mean, out=out)
         out /= self.scale

@@ -37,8 +37,19 @@ def _as_frame(X: Any) -> pd.DataFrame | None:
     if _is_polars(X, "LazyFrame"):
         raise DataTypeError("X is a polars LazyFrame; call .collect() on it first.")
     if _is_polars(X, "DataFrame"):
-        X = X.to_arrow()
-    elif isinstance(X, pa.RecordBatch):
+        # polars' Categorical lists its categories in the order rows (and its global string
+        # cache) met them; sort them so the reference level does not depend on row order.
+        # Enum columns keep their declared order.
+        incidental = [c for c, dt in X.schema.items() if type(dt).__name__ == "Categorical"]
+        frame = X.to_arrow().to_pandas(split_blocks=True)
+        for c in incidental:
+            cats = frame[c].cat.categories
+            try:
+                frame[c] = frame[c].cat.reorder_categories(sorted(cats))
+            except TypeError:
+                pass  # unsortable categories keep their order
+        return frame
+    if isinstance(X, pa.RecordBatch):
         X = pa.Table.from_batches([X])
     if isinstance(X, pa.Table):
         return X.to_pandas(split_blocks=True)

@@ -21,7 +21,7 @@ from ..backends import Backend
 from ..data import FeatureSchema, TargetEncoding, prepare_predict
 from ..exceptions import ModelFileError
 from ..io import read_model_dir, write_model_dir
-from ..ordinal import class_proba
+from ..ordinal import class_proba, cumulative_proba
 from ..results import OrdinalResults
 
 
@@ -29,6 +29,18 @@ def param_error(owner: str, name: str, allowed: str, value) -> ValueError:
     return ValueError(
         f"The '{name}' parameter of {owner} must be {allowed}. Got {value!r} instead."
     )
+
+
+def _plain(value):
+    """A parameter value as plain JSON types: numpy scalars and arrays to Python, tuples to lists.
+
+    Other objects (a backend instance, a generator) are returned as they are, for the caller.
+    """
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def is_int(v) -> bool:
@@ -57,8 +69,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
 
     def predict_cumulative_proba(self, X) -> np.ndarray:
         """``P(Y <= k | x)`` for the first ``K - 1`` levels, shape ``(n, K - 1)``."""
-        eta = self.predict_linear(X)
-        return 1.0 / (1.0 + np.exp(-(self.thresholds_[None, :] - eta[:, None])))
+        return cumulative_proba(self.predict_linear(X), self.thresholds_)
 
     def predict(self, X) -> np.ndarray:
         """The most probable level of each row."""
@@ -124,16 +135,13 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         Load it with :func:`fedgrain.load`.
         """
         check_is_fitted(self, "coef_")
-        params = self.get_params()
-        if isinstance(params.get("backend"), Backend):
-            params["backend"] = params["backend"].name
+        params = {k: _plain(v) for k, v in self.get_params().items()}
+        if isinstance(self.get_params().get("backend"), Backend):
+            params["backend"] = self.get_params()["backend"].name
         if "random_state" in params and not (
             params["random_state"] is None or is_int(params["random_state"])
         ):
             params["random_state"] = None  # a generator object cannot be stored as JSON
-        for key in ("levels", "categorical"):
-            if params.get(key) is not None:
-                params[key] = [v.item() if hasattr(v, "item") else v for v in params[key]]
         extra_meta, extra_arrays = self._extra_state()
         r = self.results_
         meta = {

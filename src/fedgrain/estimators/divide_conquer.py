@@ -11,7 +11,7 @@ from .._warnings import warn
 from ..backends import BACKENDS, Backend, get_backend
 from ..backends.processes import resolve_n_jobs
 from ..data import prepare_fit
-from ..exceptions import DataError, IdentificationWarning, SeparationError
+from ..exceptions import DataError, IdentificationWarning, SeparationError, SubsetError
 from ..partition import stratified_split
 from ..results import OrdinalResults
 from ..shards import Standardizer, build_shards
@@ -388,9 +388,7 @@ def _values(outcomes, sizes) -> list:
         if not o.ok:
             rows = int(sizes[o.index])
             where = f"subset {o.index + 1} of {len(outcomes)} ({rows:,} rows)"
-            if o.error_type == "SeparationError":
-                raise SeparationError(f"In {where}, {o.error}")
-            raise RuntimeError(f"Fitting {where} failed: {o.error_type}: {o.error}\n{o.traceback}")
+            raise SubsetError(f"Fitting {where} failed: {o.error_type}: {o.error}", o.traceback)
     return [o.value for o in outcomes]
 
 
