@@ -38,4 +38,4 @@ bench: $(VENV)/.dev-installed
 	$(PY) benchmarks/bench_inference.py --out docs/benchmarks.md
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache fedgrain_demo_model
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache fedgrain_demo
