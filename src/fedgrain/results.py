@@ -24,6 +24,12 @@ from .ordinal import class_proba
 MAXZ_DRAWS = 200_000
 
 
+def parameter_names(feature_names: Sequence[str], classes: Sequence) -> list[str]:
+    """Names of ``(coef, thresholds)``: the features, then ``"a|b"`` between consecutive levels."""
+    lv = [str(c) for c in classes]
+    return [str(f) for f in feature_names] + [f"{lv[k]}|{lv[k + 1]}" for k in range(len(lv) - 1)]
+
+
 @dataclass(frozen=True)
 class WaldTest:
     """A joint Wald test of ``R params = q``: chi-square statistic, degrees of freedom, p."""
@@ -147,8 +153,7 @@ class OrdinalResults:
 
     @property
     def param_names(self) -> list[str]:
-        lv = [str(c) for c in self.classes]
-        return self.feature_names + [f"{lv[k]}|{lv[k + 1]}" for k in range(len(lv) - 1)]
+        return parameter_names(self.feature_names, self.classes)
 
     @property
     def coef(self) -> np.ndarray:

@@ -11,7 +11,7 @@ from ..combine import NotIdentifiedError, inverse
 from ..data import prepare_fit
 from ..exceptions import DataError, SeparationError
 from ..ordinal import Pass, exact_pass, initial_thresholds
-from ..results import OrdinalResults
+from ..results import OrdinalResults, parameter_names
 from ..shards import Standardizer, column_moments
 from ..solvers import newton, runaway, warm_start
 from .base import OrdinalModel, is_real, param_error, register
@@ -118,11 +118,11 @@ class OrdinalRegression(OrdinalModel):
                          feasible=increasing)
             J = oracle(res.x, order=0, meat=True).meat if self.variance == "sandwich" else None
         names = data.schema.output_names
-        self._check(res, np.where(scales > 0, scales, 1.0), names, K)
+        labels = parameter_names(names, data.target.classes)
+        self._check(res, np.where(scales > 0, scales, 1.0), labels)
         try:
             cov = inverse(res.hess)
         except NotIdentifiedError as exc:
-            labels = list(names) + [f"threshold {k}" for k in range(K - 1)]
             raise DataError(
                 f"The data do not identify {', '.join(repr(labels[j]) for j in exc.indices)}: "
                 "the columns are linearly dependent (collinear); drop one of them."
@@ -148,16 +148,15 @@ class OrdinalRegression(OrdinalModel):
         self._set_fitted(data.schema, data.target, params, cov, results)
         return self
 
-    def _check(self, res, scales: np.ndarray, names, K: int) -> None:
+    def _check(self, res, scales: np.ndarray, labels: list[str]) -> None:
         """Separation is an error; running out of iterations a warning.
 
         Newton's last step is judged in standardised units (slopes times the features' standard
         deviations; the centred thresholds as they are), where one unit means the same whatever
         the data's scale.
         """
-        labels = list(names) + [f"threshold {k}" for k in range(K - 1)]
         if res.converged or res.diverged:
-            step = res.step * np.concatenate([scales, np.ones(K - 1)])
+            step = res.step * np.concatenate([scales, np.ones(len(labels) - scales.size)])
             moving = np.flatnonzero(runaway(step) | ~np.isfinite(step))
             if moving.size or res.diverged:
                 raise SeparationError(

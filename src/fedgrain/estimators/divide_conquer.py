@@ -13,7 +13,7 @@ from ..backends.processes import resolve_n_jobs
 from ..data import prepare_fit
 from ..exceptions import DataError, IdentificationWarning, SeparationError, SubsetError
 from ..partition import stratified_split
-from ..results import OrdinalResults
+from ..results import OrdinalResults, parameter_names
 from ..shards import Standardizer, build_shards
 from .base import OrdinalModel, is_int, is_real, param_error, register
 
@@ -229,7 +229,7 @@ class DivideConquerOrdinal(OrdinalModel):
                      for r, s in zip(refs, seeds, strict=True)]
             work = float(n) * d * d
             fits = _values(backend.map(local.fit_task, tasks, work=work), sizes)
-            names = _param_names(data.schema.output_names, data.target.classes)
+            names = parameter_names(data.schema.output_names, data.target.classes)
             self._check_fits(fits, names, p, sizes)
             pooled = _identified(combine.pool, names, fits)
             est, cov = pooled.estimate, pooled.cov
@@ -247,10 +247,8 @@ class DivideConquerOrdinal(OrdinalModel):
             if own_backend:
                 backend.close()
 
-        params, cov = std.to_raw(est, cov)
-        params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
-        one_params, one_cov = std.to_raw(pooled.estimate, pooled.cov)
-        one_params[p:] = combine.monotonise(one_params[p:], np.diag(one_cov)[p:])
+        params, cov = _on_raw_scale(std, est, cov, p)
+        one_params, one_cov = _on_raw_scale(std, pooled.estimate, pooled.cov, p)
         self.n_subsets_ = M
         self.subset_sizes_ = sizes
         raw, raw_lasso, raw_var, resolved = _subsets_on_raw_scale(fits, std)
@@ -344,10 +342,11 @@ class DivideConquerOrdinal(OrdinalModel):
         )
 
 
-def _param_names(feature_names, classes) -> list[str]:
-    """Names of the parameters ``(coef, thresholds)``: features, then ``"a|b"``."""
-    lv = [str(c) for c in classes]
-    return list(feature_names) + [f"{lv[k]}|{lv[k + 1]}" for k in range(len(lv) - 1)]
+def _on_raw_scale(std: Standardizer, est, cov, p: int):
+    """Map an estimate and its covariance back to the original scale; order the thresholds."""
+    params, cov = std.to_raw(est, cov)
+    params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+    return params, cov
 
 
 def _identified(step, names: list[str], *args):
