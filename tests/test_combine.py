@@ -16,7 +16,7 @@ def _fit(est, cov, design=None):
     A = np.eye(est.size) if design is None else np.asarray(design, float)
     cov = np.asarray(cov, float)
     return LocalFit(
-        n_rows=100, weight=100.0, estimate=est, cov=cov, lasso=np.zeros(est.size),
+        estimate=est, cov=cov, lasso=np.zeros(est.size),
         hess=np.linalg.pinv(cov), design=A, alpha=0.0, n_iter=1, converged=True,
         debias="inverse",
     )

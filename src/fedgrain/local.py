@@ -70,8 +70,6 @@ class LocalFit:
     caller reports the separation).
     """
 
-    n_rows: int
-    weight: float
     estimate: np.ndarray
     cov: np.ndarray
     lasso: np.ndarray
@@ -160,13 +158,18 @@ class _Problem:
         return call
 
 
+def _two_sided(y: np.ndarray, w: np.ndarray | None, n_classes: int) -> np.ndarray:
+    """For each threshold, whether rows (of positive weight) lie on both sides of it."""
+    counts = np.bincount(y if w is None else y[w > 0], minlength=n_classes)
+    below = np.cumsum(counts)[:-1]
+    return (below > 0) & (below < counts.sum())
+
+
 def _problem(X, y, w, n_classes: int):
     """The subset's problem over the coordinates it identifies, its column means and scales."""
     p = X.shape[1]
     notes = []
-    counts = np.bincount(y if w is None else y[w > 0], minlength=n_classes)
-    below = np.cumsum(counts)[:-1]
-    th_ok = (below > 0) & (below < counts.sum())
+    th_ok = _two_sided(y, w, n_classes)
     notes += [f"threshold:{k}" for k in np.flatnonzero(~th_ok)]
     means, scales = column_moments(X, w)
     f_ok = scales > 1e-10
@@ -185,9 +188,7 @@ def _subsample(prob: _Problem, rows: np.ndarray):
     """The subsample's oracle, or None when it misses a side of an identified threshold."""
     ys = prob.y[rows]
     ws = None if prob.w is None else prob.w[rows]
-    counts = np.bincount(ys if ws is None else ys[ws > 0], minlength=prob.n_thresholds + 1)
-    below = np.cumsum(counts)[:-1][prob.thresholds]
-    if np.any(below == 0) or np.any(below == counts.sum()):
+    if not _two_sided(ys, ws, prob.n_thresholds + 1)[prob.thresholds].all():
         return None
     sub = _Problem(np.ascontiguousarray(prob.X[rows]), ys, ws, prob.n_features,
                    prob.n_thresholds, prob.features, prob.thresholds)
@@ -338,7 +339,7 @@ def fit_local(
     x0 = warm_start(lambda rows: _subsample(prob, rows), y.shape[0], _start(prob), lam,
                     max_iter=settings.max_iter)
     res = proximal_newton(oracle, x0, n_eff, lam, max_iter=settings.max_iter, tol=settings.tol)
-    common = {"n_rows": int(y.shape[0]), "weight": n_eff, "design": prob.design(means),
+    common = {"design": prob.design(means),
               "hess": res.hess, "alpha": alpha, "n_iter": res.n_iter,
               "converged": res.converged, "notes": tuple(notes)}
     # Coordinates are standardised globally; the step in the subset's own units:

@@ -135,9 +135,10 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         Load it with :func:`fedgrain.load`.
         """
         check_is_fitted(self, "coef_")
-        params = {k: _plain(v) for k, v in self.get_params().items()}
-        if isinstance(self.get_params().get("backend"), Backend):
-            params["backend"] = self.get_params()["backend"].name
+        given = self.get_params()
+        params = {k: _plain(v) for k, v in given.items()}
+        if isinstance(given.get("backend"), Backend):
+            params["backend"] = given["backend"].name
         if "random_state" in params and not (
             params["random_state"] is None or is_int(params["random_state"])
         ):
