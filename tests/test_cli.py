@@ -191,7 +191,7 @@ def test_options_of_the_other_estimator_are_refused(files, capsys, tmp_path):
     code, _, err = run(capsys, "fit", str(d / "train.csv"), "--target", "grade", "--levels",
                        ",".join(LEVELS), "--estimator", "mle", "--n-subsets", "4",
                        "--out", str(tmp_path / "m"))
-    assert code == 1 and "--n-subsets apply to --estimator dc only" in err
+    assert code == 1 and "--n-subsets apply to --estimator dc or adaptive only" in err
     assert not (tmp_path / "m").exists()
     proc = subprocess.run([sys.executable, "-m", "fedgrain.cli", "summary", "x", "--ci-alpha",
                            "2"], capture_output=True, text=True)
@@ -210,3 +210,46 @@ def test_keep_columns_in_order_and_html_into_a_new_folder(files, capsys, tmp_pat
                      str(tmp_path / "new" / "s.html"))
     assert code == 0 and (tmp_path / "new" / "s.html").exists()
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["s.html"]
+
+
+def test_fit_with_granularity_uses_the_adaptive_estimator(files, capsys, tmp_path):
+    from fedgrain import AdaptiveFederatedOrdinal
+    from fedgrain.datasets import make_regions
+
+    X, y, *_ = make_regions(6000, n_features=3, n_classes=4, n_regions=2, random_state=1)
+    df = pd.DataFrame(X, columns=["a", "b", "c"]).assign(grade=np.array(LEVELS)[y])
+    df.to_csv(tmp_path / "regions.csv", index=False)
+    code, out, _ = run(capsys, "--quiet", "fit", str(tmp_path / "regions.csv"), "--target",
+                       "grade", "--levels", ",".join(LEVELS), "--granularity", "0.5",
+                       "--backend", "serial", "--out", str(tmp_path / "af"))
+    assert code == 0 and "Partition: 2 leaves on 1 worker(s)" in out
+    assert "[0]" in out and "rows" in out  # the tree, one line per node
+    model = load(tmp_path / "af")
+    assert isinstance(model, AdaptiveFederatedOrdinal) and model.granularity == 0.5
+    code, out, _ = run(capsys, "evaluate", str(tmp_path / "af"), str(tmp_path / "regions.csv"),
+                       "--target", "grade")
+    assert code == 0 and "log_loss" in out
+    code, _, _ = run(capsys, "predict", str(tmp_path / "af"), str(tmp_path / "regions.csv"),
+                     "--out", str(tmp_path / "p.csv"))
+    assert code == 0 and len(pd.read_csv(tmp_path / "p.csv")) == 6000
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--estimator", "dc", "--granularity", "0.5"), "--granularity apply to --estimator adaptive"),
+    (("--estimator", "mle", "--min-subset-size", "100"), "--min-subset-size apply to"),
+    (("--granularity", "0.5", "--n-subsets", "3"), "--n-subsets applies to --estimator dc"),
+    (("--estimator", "adaptive", "--min-subset-size", "5000"), "min_subset_size=5,000 is larger"),
+])
+def test_adaptive_options_are_checked(files, capsys, tmp_path, extra, message):
+    d, _ = files
+    code, _, err = fit(capsys, d, "m_refused", *extra)
+    assert code == 1 and message in err, err
+    assert not (d / "m_refused").exists()
+
+
+def test_granularity_outside_the_unit_interval_is_a_usage_error(files, tmp_path):
+    d, _ = files
+    proc = subprocess.run([sys.executable, "-m", "fedgrain.cli", "fit", str(d / "train.csv"),
+                           "--target", "grade", "--granularity", "1.5", "--out",
+                           str(tmp_path / "m")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "must be a number in [0, 1]; got '1.5'" in proc.stderr

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from fedgrain import DivideConquerOrdinal, OrdinalRegression, load
+from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression, load
 from fedgrain.datasets import make_ordinal
 from fedgrain.exceptions import DataError, IdentificationWarning, ModelFileError
 
@@ -36,7 +36,7 @@ SEPARATED_CHECKS = [
 
 MORE_FEATURES_THAN_ROWS = (
     "the check fits 15 rows with 30 features: with more parameters than rows the de-biased "
-    "estimates have no covariance, and DivideConquerOrdinal refuses with a clear error"
+    "estimates have no covariance, and the estimator refuses with a clear error"
 )
 
 
@@ -44,13 +44,14 @@ def _expected_failures(estimator):
     failures = {"check_classifiers_classes": STRING_LABELS}
     if isinstance(estimator, OrdinalRegression) and estimator.alpha == 0:
         failures.update(dict.fromkeys(SEPARATED_CHECKS, SEPARATED))
-    if isinstance(estimator, DivideConquerOrdinal):
+    if isinstance(estimator, (DivideConquerOrdinal, AdaptiveFederatedOrdinal)):
         failures["check_sample_weight_equivalence_on_dense_data"] = MORE_FEATURES_THAN_ROWS
     return failures
 
 
 @parametrize_with_checks(
-    [OrdinalRegression(), OrdinalRegression(alpha=0.01), DivideConquerOrdinal()],
+    [OrdinalRegression(), OrdinalRegression(alpha=0.01), DivideConquerOrdinal(),
+     AdaptiveFederatedOrdinal(), AdaptiveFederatedOrdinal(granularity=1.0)],
     expected_failed_checks=_expected_failures,
 )
 def test_scikit_learn_contract(estimator, check):

@@ -1,11 +1,12 @@
 """fedgrain: divide-and-conquer and federated ordinal regression with valid inference.
 
->>> from fedgrain import DivideConquerOrdinal, OrdinalRegression, load
+>>> from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression, load
 """
 
-from .estimators import DivideConquerOrdinal, OrdinalRegression, load
+from .estimators import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression, load
 from .results import OrdinalResults
 
 __version__ = "0.1.0"
 
-__all__ = ["DivideConquerOrdinal", "OrdinalRegression", "OrdinalResults", "load", "__version__"]
+__all__ = ["AdaptiveFederatedOrdinal", "DivideConquerOrdinal", "OrdinalRegression",
+           "OrdinalResults", "load", "__version__"]

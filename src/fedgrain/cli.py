@@ -77,6 +77,16 @@ def _probability(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text!r}")
+    return value
+
+
 def _write_atomic(out: Path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``out``, then rename it into place.
 
@@ -119,19 +129,32 @@ def _features_for(model, frame: pd.DataFrame, source: str) -> pd.DataFrame:
 
 
 def _check_fit_options(args) -> None:
-    """Refuse options that do not apply to the chosen estimator, before any work is done."""
+    """Refuse options that do not apply to the chosen estimator, before any work is done.
+
+    ``--granularity`` (or ``--min-subset-size``) without ``--estimator`` chooses the adaptive
+    estimator; otherwise the default is dc.
+    """
+    adaptive_only = [f"--{n.replace('_', '-')}" for n in ("granularity", "min_subset_size")
+                     if getattr(args, n) is not None]
+    if args.estimator is None:
+        args.estimator = "adaptive" if adaptive_only else "dc"
+    if args.estimator != "adaptive" and adaptive_only:
+        raise DataError(f"{', '.join(adaptive_only)} apply to --estimator adaptive only.")
+    if args.estimator == "adaptive" and args.n_subsets is not None:
+        raise DataError("--n-subsets applies to --estimator dc; the adaptive estimator's leaves "
+                        "come from --granularity and --min-subset-size.")
     if args.estimator == "mle":
         given = [f"--{n.replace('_', '-')}" for n in ("n_subsets", "refine_rounds", "backend")
                  if getattr(args, n) is not None]
         if args.variance == "cluster":
             given.append("--variance cluster")
         if given:
-            raise DataError(f"{', '.join(given)} apply to --estimator dc only.")
+            raise DataError(f"{', '.join(given)} apply to --estimator dc or adaptive only.")
 
 
 def _cmd_fit(args) -> int:
     from .data import read_table, split_target
-    from .estimators import DivideConquerOrdinal, OrdinalRegression
+    from .estimators import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression
 
     _check_fit_options(args)
     out = Path(args.out)
@@ -160,16 +183,26 @@ def _cmd_fit(args) -> int:
     else:
         options = {k: v for k, v in (("alpha", args.alpha), ("variance", args.variance),
                                      ("refine_rounds", args.refine_rounds)) if v is not None}
-        model = DivideConquerOrdinal(
-            n_subsets=args.n_subsets, backend=args.backend or "processes", n_jobs=args.workers,
-            random_state=args.random_state, levels=levels, categorical=categorical, **options,
-        )
-        what = f"divide and conquer, backend {args.backend or 'processes'}"
+        common = {"backend": args.backend or "processes", "n_jobs": args.workers,
+                  "random_state": args.random_state, "levels": levels,
+                  "categorical": categorical, **options}
+        if args.estimator == "adaptive":
+            g = 0.5 if args.granularity is None else args.granularity
+            model = AdaptiveFederatedOrdinal(granularity=g,
+                                             min_subset_size=args.min_subset_size, **common)
+            what = f"adaptive partition, granularity {g}, backend {common['backend']}"
+        else:
+            model = DivideConquerOrdinal(n_subsets=args.n_subsets, **common)
+            what = f"divide and conquer, backend {common['backend']}"
     _log(args, f"fitting {len(X):,} rows x {X.shape[1]} columns ({what}) ...")
     t0 = time.perf_counter()
     model.fit(X, y, sample_weight=weights)
     _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
     print(model.summary(args.ci_alpha))
+    if args.estimator == "adaptive":
+        print(f"\nPartition: {model.n_leaves_} leaves on {model.schedule_.n_workers} worker(s), "
+              f"load imbalance {model.schedule_.imbalance:.3f}")
+        print("\n".join(model.partition_.describe()))
     path = model.save(out, overwrite=args.force)
     print(f"\nModel saved to {path}")
     return 0
@@ -268,17 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="use only these feature columns: f1,f2")
     p.add_argument("--drop", help="columns that are not features (ids, dates): c1,c2")
     p.add_argument("--weights", help="column of frequency weights")
-    p.add_argument("--estimator", choices=("dc", "mle"), default="dc",
-                   help="dc: DivideConquerOrdinal (default); mle: exact OrdinalRegression")
+    p.add_argument("--estimator", choices=("dc", "mle", "adaptive"), default=None,
+                   help="dc: DivideConquerOrdinal (default); mle: exact OrdinalRegression; "
+                        "adaptive: AdaptiveFederatedOrdinal (the default with --granularity)")
+    p.add_argument("--granularity", type=_unit_interval, default=None,
+                   help="adaptive: how far the data are split, 0 (static random subsets) to 1 "
+                        "(as fine as the data support); default 0.5")
+    p.add_argument("--min-subset-size", type=int, default=None,
+                   help="adaptive: fewest rows in a leaf (default 20 x parameters)")
     p.add_argument("--n-subsets", type=int, default=None, help="dc only (default: workers)")
     p.add_argument("--alpha", type=_alpha, default=None,
                    help="dc: rate (default), cv, bic or a number; mle: a ridge penalty (0)")
     p.add_argument("--variance", choices=("cluster", "sandwich", "model"), default=None,
                    help="dc: cluster (default), sandwich or model; mle: model (default) or "
                         "sandwich")
-    p.add_argument("--refine-rounds", type=int, default=None, help="dc only (default 1)")
+    p.add_argument("--refine-rounds", type=int, default=None,
+                   help="dc and adaptive (default 1)")
     p.add_argument("--backend", choices=("processes", "serial"), default=None,
-                   help="dc only (default processes)")
+                   help="dc and adaptive (default processes)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
     p.add_argument("--random-state", type=int, default=0)
     p.add_argument("--ci-alpha", type=_probability, default=0.05,

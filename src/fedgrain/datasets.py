@@ -83,3 +83,60 @@ def make_ordinal(
         latent += mean * coef.sum()
     y = np.searchsorted(thresholds, latent)
     return X, y, coef, thresholds
+
+
+def make_regions(
+    n_samples: int = 20_000,
+    n_features: int = 5,
+    n_classes: int = 4,
+    n_regions: int = 3,
+    *,
+    separation: float = 6.0,
+    heterogeneity: float = 1.0,
+    weights=None,
+    random_state: int | None = 0,
+):
+    """Simulate ordinal data from regions of feature space with different true models.
+
+    Region ``r`` is a Gaussian blob (unit covariance) centred at ``separation`` times the
+    ``r``-th vertex of a regular simplex-like set of directions (coordinate axes, then their
+    negatives), with its own slopes ``coef[r] = base + heterogeneity * N(0, I)`` and thresholds
+    spread over the region's own latent range plus ``heterogeneity`` times a random shift.
+    ``heterogeneity=0`` gives one model everywhere (regions in the features only).
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_features)
+    y : ndarray of int, values 0 .. n_classes - 1
+    region : ndarray of int, the true region of each row
+    coef : ndarray of shape (n_regions, n_features)
+    thresholds : ndarray of shape (n_regions, n_classes - 1)
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(random_state)
+    p, R = n_features, n_regions
+    if R > 2 * p:
+        raise ValueError(f"make_regions places at most 2 * n_features = {2 * p} regions; "
+                         f"got n_regions={R}.")
+    prob = np.full(R, 1.0 / R) if weights is None else np.asarray(weights, float) / np.sum(
+        weights)
+    region = rng.choice(R, size=n_samples, p=prob)
+    centres = np.zeros((R, p))
+    for r in range(R):
+        centres[r, r % p] = separation * (1.0 if r < p else -1.0)
+    X = rng.standard_normal((n_samples, p)) + centres[region]
+    base = np.linspace(1.0, -0.5, p)
+    coef = base + heterogeneity * rng.standard_normal((R, p))
+    sd = np.sqrt((coef**2).sum(axis=1) + np.pi**2 / 3)
+    spread = np.linspace(-1.5, 1.5, n_classes - 1)
+    shift = heterogeneity * rng.standard_normal(R)
+    # each region's thresholds follow its own latent range as heterogeneity grows to 1; at 0
+    # they are common to all regions (one model everywhere)
+    h = min(heterogeneity, 1.0)
+    middle = (1 - h) * (centres @ base).mean() + h * ((centres * coef).sum(axis=1) + shift)
+    sd = (1 - h) * np.sqrt(base @ base + np.pi**2 / 3) + h * sd
+    thresholds = middle[:, None] + spread * sd[:, None]
+    latent = np.einsum("ij,ij->i", X, coef[region]) + rng.logistic(size=n_samples)
+    y = (latent[:, None] > thresholds[region]).sum(axis=1)
+    return X, y, region, coef, thresholds

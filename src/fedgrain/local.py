@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from scipy import optimize
+from scipy.special import expit
 from threadpoolctl import ThreadpoolController
 
 from .ordinal import Pass, composite_pass, initial_thresholds
@@ -81,6 +83,7 @@ class LocalFit:
     debias: str
     separated: tuple[int, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+    edges: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -417,7 +420,46 @@ def fit_local(
     else:
         meat = oracle(res.x, loss=False, order=0, meat=meat_kind(settings.variance)).meat
         V = Theta @ meat @ Theta.T
-    return LocalFit(estimate=est, cov=0.5 * (V + V.T), lasso=res.x, debias=method, **common)
+    return LocalFit(estimate=est, cov=0.5 * (V + V.T), lasso=res.x, debias=method,
+                    edges=_edges(prob, est), **common)
+
+
+def _edges(prob: _Problem, est: np.ndarray) -> np.ndarray | None:
+    """Where the subset would put thresholds it does not identify, from its own rows.
+
+    A threshold with every row below it (the top classes never occur here) has no finite
+    estimate: the likelihood pushes it to infinity. Its *edge* is the value at which the
+    subset's rows would expect half an observation above it (a rule-of-succession estimate:
+    what zero counts in ``n`` rows say); likewise below for missing bottom classes. Computed
+    for the missing threshold next to the identified ones on each side, in the subset's
+    coordinates (shifted like its other thresholds); NaN elsewhere. None when every threshold
+    is identified.
+    """
+    K1 = prob.n_thresholds
+    missing = np.setdiff1d(np.arange(K1), prob.thresholds)
+    if missing.size == 0:
+        return None
+    nf = prob.features.shape[0]
+    eta = prob.X[:, prob.features] @ est[:nf] if nf else np.zeros(prob.y.shape[0])
+    w = np.ones_like(eta) if prob.w is None else prob.w
+    out = np.full(K1, np.nan)
+    ident = prob.thresholds
+    # the missing thresholds next to the identified ones (or the outermost, with none)
+    top = missing[missing > ident.max()].min(initial=K1) if ident.size else missing.max()
+    bottom = missing[missing < ident.min()].max(initial=-1) if ident.size else missing.min()
+    for k in {int(top), int(bottom)}:
+        if not 0 <= k < K1:
+            continue
+        if np.all(prob.y <= k):  # nothing above threshold k: P(Y > k) sums to 1/2
+            def target(t):
+                return w @ expit(eta - t) - 0.5
+        else:  # nothing at or below threshold k: P(Y <= k) sums to 1/2
+            def target(t):
+                return w @ expit(t - eta) - 0.5
+        lo, hi = eta.min() - 50.0, eta.max() + 50.0
+        if target(lo) * target(hi) < 0:
+            out[k] = optimize.brentq(target, lo, hi, xtol=1e-8)
+    return out
 
 
 def evaluate_local(

@@ -330,8 +330,11 @@ def exact_pass(
 
 
 def cumulative_proba(eta: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """``P(Y <= k | x)`` for ``k = 0 .. K-2``: shape ``(n, K-1)``, accurate in both tails."""
-    return expit(theta[None, :] - eta[:, None])
+    """``P(Y <= k | x)`` for ``k = 0 .. K-2``: shape ``(n, K-1)``, accurate in both tails.
+
+    ``theta`` is ``(K-1,)``, or ``(n, K-1)`` for thresholds that differ by row.
+    """
+    return expit(np.atleast_2d(theta) - eta[:, None])
 
 
 def class_proba(eta: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -339,14 +342,14 @@ def class_proba(eta: np.ndarray, theta: np.ndarray) -> np.ndarray:
 
     Each difference is computed as ``F(a) (1 - F(b)) (1 - exp(b - a))``, so probabilities far in
     the tails keep their relative precision instead of cancelling to zero. ``theta`` must be
-    non-decreasing.
+    non-decreasing: ``(K-1,)``, or ``(n, K-1)`` for thresholds that differ by row.
     """
-    a = theta[None, :] - eta[:, None]  # (n, K-1)
+    a = np.atleast_2d(theta) - eta[:, None]  # (n, K-1)
     n = eta.shape[0]
-    out = np.empty((n, theta.shape[0] + 1))
+    out = np.empty((n, a.shape[1] + 1))
     out[:, 0] = expit(a[:, 0])
     out[:, -1] = expit(-a[:, -1])
-    if theta.shape[0] > 1:
+    if a.shape[1] > 1:
         hi, lo = a[:, 1:], a[:, :-1]
         out[:, 1:-1] = expit(hi) * expit(-lo) * -np.expm1(np.minimum(lo - hi, 0.0))
     return out

@@ -1,12 +1,25 @@
-"""Dividing the original rows into subsets.
+"""Dividing the original rows into subsets: the static split and the partition tree.
 
-The patent's static division: random subsets of whole original rows (never of expanded rows),
-stratified by class so that every subset sees every class when the class is common enough.
+The patent's static division (:func:`stratified_split`) deals whole original rows (never expanded
+rows) out at random, stratified by class. The :class:`PartitionTree` divides by what the data
+look like instead: each internal node splits its region of feature space by a hyperplane
+(``x @ a <= b`` goes left), either a cluster boundary or a threshold on one feature, and its
+leaves are the subsets fitted. A region may also be dealt out at random into pieces (a
+``"random"`` node): that is how the tree holds the static division (``granularity=0``) and how
+it gives every worker a subset when there are fewer regions than workers. Pieces of one region
+share its model.
+
+The tree is grown by :func:`fedgrain.partition_growth.grow`; this module holds the structure:
+routing, split and merge of single leaves, sizes, and saving as plain JSON.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
+
+from .shards import Standardizer
 
 
 def stratified_split(codes: np.ndarray, n_subsets: int, rng: np.random.Generator) -> np.ndarray:
@@ -38,3 +51,270 @@ def stratified_split(codes: np.ndarray, n_subsets: int, rng: np.random.Generator
         labels[rows[rng.permutation(rows.shape[0])]] = turn
         offset = (offset + rows.shape[0]) % n_subsets
     return labels
+
+
+@dataclass
+class Node:
+    """One node of the tree.
+
+    ``kind`` is ``"leaf"``, ``"hyperplane"`` (children ``(left, right)``: ``x @ a <= b`` goes
+    left, in the original feature units) or ``"random"`` (children are random pieces of the
+    node's rows). ``key`` is the node's position in a complete binary numbering (root 1, children
+    ``2 key`` and ``2 key + 1``; the pieces of a random node ``key * 1000 + i``), the same however
+    the tree was grown, so it seeds the node's random choices. ``evidence`` records why a node was
+    split (the candidate, its ``Q``, degrees of freedom, p-value and expected gain).
+    """
+
+    id: int
+    parent: int
+    depth: int
+    key: int
+    kind: str = "leaf"
+    children: tuple[int, ...] = ()
+    a: np.ndarray | None = None
+    b: float = 0.0
+    n_rows: int = 0
+    evidence: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "parent": self.parent, "depth": self.depth, "key": self.key,
+                "kind": self.kind, "children": list(self.children),
+                "a": None if self.a is None else self.a.tolist(), "b": self.b,
+                "n_rows": self.n_rows, "evidence": self.evidence}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Node:
+        return cls(int(d["id"]), int(d["parent"]), int(d["depth"]), int(d["key"]),
+                   str(d["kind"]), tuple(int(c) for c in d["children"]),
+                   None if d["a"] is None else np.asarray(d["a"], dtype=float), float(d["b"]),
+                   int(d["n_rows"]), dict(d["evidence"]))
+
+
+class PartitionTree:
+    """A partition of feature space into leaves; routes any row to exactly one leaf.
+
+    Parameters
+    ----------
+    n_features : int
+        Encoded features (the columns ``route`` expects).
+    n_classes : int
+    standardizer : Standardizer
+        The global standardisation the tree was grown in (for profiles of new data).
+    seed : int
+        Seeds the routing of new rows among random pieces.
+
+    Attributes
+    ----------
+    leaves : list of int
+        Leaf node ids in depth-first order; ``route`` returns positions in this list, which are
+        also the positions of the fitted leaf models.
+    sizes : ndarray of int
+        Training rows per leaf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fedgrain.partition import PartitionTree
+    >>> from fedgrain.shards import Standardizer
+    >>> X = np.array([[0.0], [1.0], [2.0], [3.0]])
+    >>> tree = PartitionTree(1, 2, Standardizer.fit(X))
+    >>> left, right = tree.split(tree.root, np.array([1.0]), 1.5)
+    >>> tree.route(X)
+    array([0, 0, 1, 1])
+    """
+
+    def __init__(self, n_features: int, n_classes: int, standardizer: Standardizer,
+                 seed: int = 0):
+        self.n_features = n_features
+        self.n_classes = n_classes
+        self.standardizer = standardizer
+        self.seed = seed
+        self.nodes: dict[int, Node] = {0: Node(0, -1, 0, 1)}
+        self._next = 1
+
+    # ---- structure --------------------------------------------------------------------------
+    @property
+    def root(self) -> int:
+        return 0
+
+    @property
+    def leaves(self) -> list[int]:
+        out, stack = [], [0]
+        while stack:
+            node = self.nodes[stack.pop()]
+            if node.kind == "leaf":
+                out.append(node.id)
+            else:
+                stack.extend(reversed(node.children))
+        return out
+
+    @property
+    def n_leaves(self) -> int:
+        return len(self.leaves)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.array([self.nodes[i].n_rows for i in self.leaves], dtype=np.int64)
+
+    def region_of(self) -> np.ndarray:
+        """For each leaf, the node whose model it shares: its random parent, or itself."""
+        out = []
+        for i in self.leaves:
+            parent = self.nodes[i].parent
+            out.append(parent if parent >= 0 and self.nodes[parent].kind == "random" else i)
+        return np.array(out, dtype=np.int64)
+
+    def siblings(self) -> np.ndarray:
+        """For each leaf, its parent id (leaves with the same value are siblings)."""
+        return np.array([self.nodes[i].parent for i in self.leaves], dtype=np.int64)
+
+    def _add(self, parent: Node, key: int) -> int:
+        nid = self._next
+        self._next += 1
+        self.nodes[nid] = Node(nid, parent.id, parent.depth + 1, key)
+        return nid
+
+    def split(self, leaf_id: int, a: np.ndarray, b: float,
+              evidence: dict | None = None) -> tuple[int, int]:
+        """Split a leaf by the hyperplane ``x @ a <= b`` (left) in original feature units.
+
+        Returns the ids of the two new leaves; their sizes are zero until :meth:`count` runs.
+        """
+        node = self._leaf(leaf_id)
+        a = np.asarray(a, dtype=float).reshape(-1)
+        if a.shape[0] != self.n_features or not np.all(np.isfinite(a)) or not np.isfinite(b):
+            raise ValueError(f"A split needs {self.n_features} finite coefficients and a finite "
+                             f"offset; got {a.shape[0]} coefficients.")
+        node.kind, node.a, node.b = "hyperplane", a, float(b)
+        node.evidence = dict(evidence or {})
+        node.children = (self._add(node, 2 * node.key), self._add(node, 2 * node.key + 1))
+        return node.children  # type: ignore[return-value]
+
+    def split_random(self, leaf_id: int, n_pieces: int) -> tuple[int, ...]:
+        """Deal a leaf's rows out at random into ``n_pieces`` pieces that share its region."""
+        node = self._leaf(leaf_id)
+        if n_pieces < 2:
+            raise ValueError(f"A random split needs at least 2 pieces; got {n_pieces}.")
+        node.kind, node.evidence = "random", {"pieces": n_pieces}
+        node.children = tuple(self._add(node, node.key * 1000 + i) for i in range(n_pieces))
+        return node.children
+
+    def merge(self, node_id: int) -> int:
+        """Make an internal node a leaf again, dropping everything below it."""
+        node = self.nodes[node_id]
+        stack = list(node.children)
+        rows = 0
+        while stack:
+            child = self.nodes.pop(stack.pop())
+            rows += child.n_rows if child.kind == "leaf" else 0
+            stack.extend(child.children)
+        node.kind, node.children, node.a, node.b, node.evidence = "leaf", (), None, 0.0, {}
+        node.n_rows = rows
+        return node_id
+
+    def _leaf(self, leaf_id: int) -> Node:
+        node = self.nodes.get(leaf_id)
+        if node is None or node.kind != "leaf":
+            raise ValueError(f"Node {leaf_id} is not a leaf of this tree; "
+                             f"the leaves are {self.leaves}.")
+        return node
+
+    # ---- routing ----------------------------------------------------------------------------
+    def route(self, X, codes: np.ndarray | None = None) -> np.ndarray:
+        """The leaf (position in :attr:`leaves`) of every row of the encoded features ``X``.
+
+        Hyperplane nodes route by the features. Random nodes deal rows out among their pieces:
+        stratified by class at random (with ``codes``, as when the tree was grown on training
+        rows), or without codes by a fixed pseudo-random function of the row's values, so a
+        given row always lands in the same piece.
+        """
+        X = np.asarray(X, dtype=float)
+        out = np.empty(X.shape[0], dtype=np.int64)
+        position = {nid: i for i, nid in enumerate(self.leaves)}
+        planes = [n for n in self.nodes.values() if n.kind == "hyperplane"]
+        # every hyperplane's side for every row in one product (no row gathers of X)
+        column = {n.id: j for j, n in enumerate(planes)}
+        Z = np.array([n.a for n in planes]) @ X.T if planes else None  # (planes, rows)
+        stack = [(0, np.arange(X.shape[0]))]
+        while stack:
+            nid, rows = stack.pop()
+            node = self.nodes[nid]
+            if node.kind == "leaf":
+                out[rows] = position[nid]
+                continue
+            if node.kind == "hyperplane":
+                left = Z[column[nid]][rows] <= node.b
+                stack.append((node.children[0], rows[left]))
+                stack.append((node.children[1], rows[~left]))
+                continue
+            k = len(node.children)
+            if codes is not None:
+                piece = stratified_split(codes[rows], k, np.random.default_rng([self.seed,
+                                                                                 node.key]))
+            else:
+                piece = self._hash_pieces(X[rows], node.key, k)
+            for i, child in enumerate(node.children):
+                stack.append((child, rows[piece == i]))
+        return out
+
+    def _hash_pieces(self, X: np.ndarray, key: int, k: int) -> np.ndarray:
+        direction = np.random.default_rng([self.seed, key, 7]).standard_normal(X.shape[1])
+        z = self.standardizer.transform(X) @ direction * 1e3
+        return np.floor((z - np.floor(z)) * k).astype(np.int64).clip(0, k - 1)
+
+    def count(self, leaf: np.ndarray) -> None:
+        """Record training sizes from the leaf positions of the training rows."""
+        counts = np.bincount(leaf, minlength=self.n_leaves)
+        for nid, c in zip(self.leaves, counts, strict=True):
+            self.nodes[nid].n_rows = int(c)
+        for node in sorted(self.nodes.values(), key=lambda n: -n.depth):
+            if node.kind != "leaf":
+                node.n_rows = sum(self.nodes[c].n_rows for c in node.children)
+
+    # ---- persistence ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"n_features": self.n_features, "n_classes": self.n_classes, "seed": self.seed,
+                "next": self._next, "mean": self.standardizer.mean.tolist(),
+                "scale": self.standardizer.scale.tolist(),
+                "nodes": [n.to_dict() for n in self.nodes.values()]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PartitionTree:
+        std = Standardizer(np.asarray(d["mean"], dtype=float), np.asarray(d["scale"],
+                                                                          dtype=float))
+        tree = cls(int(d["n_features"]), int(d["n_classes"]), std, int(d["seed"]))
+        tree.nodes = {int(n["id"]): Node.from_dict(n) for n in d["nodes"]}
+        tree._next = int(d["next"])
+        tree._check()
+        return tree
+
+    def _check(self) -> None:
+        """Structural consistency of a restored tree (a damaged file must not route silently)."""
+        if 0 not in self.nodes:
+            raise ValueError("the tree has no root")
+        seen = 0
+        for node in self.nodes.values():
+            for c in node.children:
+                if self.nodes[c].parent != node.id:
+                    raise ValueError(f"node {c} does not name {node.id} as its parent")
+            seen += len(node.children)
+            if node.kind == "hyperplane" and (node.a is None or node.a.shape[0] !=
+                                              self.n_features or len(node.children) != 2):
+                raise ValueError(f"node {node.id} is not a valid hyperplane split")
+        if seen != len(self.nodes) - 1:
+            raise ValueError("the nodes do not form one tree")
+
+    def describe(self) -> list[str]:
+        """One line per node, indented by depth: what it splits on and its training rows."""
+        lines = []
+
+        def walk(nid: int) -> None:
+            node = self.nodes[nid]
+            what = {"leaf": "leaf", "random": f"random pieces ({len(node.children)})"}.get(
+                node.kind, node.evidence.get("candidate", "hyperplane"))
+            lines.append(f"{'  ' * node.depth}[{nid}] {what}: {node.n_rows:,} rows")
+            for c in node.children:
+                walk(c)
+
+        walk(0)
+        return lines

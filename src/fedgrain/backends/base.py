@@ -14,6 +14,9 @@ A backend runs tasks on workers and keeps subsets' data where the tasks run:
   the caller decides whether one failed subset is fatal). ``work`` is an optional estimate of
   the total cost (about rows x d^2 summed over tasks); a backend may run small work in the
   calling process, where starting or feeding workers would cost more than the work itself.
+- ``map_bundles(fn, tasks, bundles, work=...)`` runs the tasks grouped as a scheduler assigned
+  them to workers (:mod:`fedgrain.schedule`): one backend task per bundle, which runs its
+  tasks in turn; still one :class:`Outcome` per task, in task order.
 - ``release(refs)`` frees placed subsets; ``close()`` releases everything.
 
 Seeds travel inside tasks, and tasks run with one BLAS thread, so all backends return
@@ -74,6 +77,12 @@ def run_task(fn: Callable[[Any], Any], index: int, task: Any) -> Outcome:
         )
 
 
+def run_bundle(bundle: tuple[Callable[[Any], Any], list[tuple[int, Any]]]) -> list[Outcome]:
+    """Run a bundle of tasks in turn on one worker; each failure stays with its own task."""
+    fn, items = bundle
+    return [run_task(fn, i, t) for i, t in items]
+
+
 class Backend(ABC):
     """Runs tasks over placed subsets. Use as a context manager, or call :meth:`close`."""
 
@@ -97,6 +106,25 @@ class Backend(ABC):
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, work: float | None = None
     ) -> list[Outcome]:
         """Run ``fn`` on every task; one outcome per task, in order."""
+
+    def map_bundles(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], bundles: Sequence[Sequence[int]],
+        *, work: float | None = None,
+    ) -> list[Outcome]:
+        """Run ``fn`` on every task, the tasks of each bundle in turn on one worker.
+
+        ``bundles`` lists task indices per worker (every task in exactly one bundle). A bundle
+        that fails as a whole (its worker lost) fails each of its tasks.
+        """
+        packed = [(fn, [(i, tasks[i]) for i in b]) for b in bundles]
+        out: list[Outcome | None] = [None] * len(tasks)
+        for b, res in zip(bundles, self.map(run_bundle, packed, work=work), strict=True):
+            for i, o in zip(b, res.value if res.ok else [res] * len(b), strict=True):
+                out[i] = o if res.ok else Outcome(i, None, res.error, res.error_type,
+                                                 res.traceback)
+        if any(o is None for o in out):
+            raise ValueError("every task must be in exactly one bundle")
+        return out  # type: ignore[return-value]
 
     def reserve(self, nbytes: int) -> None:  # noqa: B027 - optional hook
         """Announce that shards totalling ``nbytes`` will be placed (fail early if no room)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
@@ -12,8 +14,10 @@ from ..backends import BACKENDS, Backend, get_backend
 from ..backends.processes import resolve_n_jobs
 from ..data import prepare_fit
 from ..exceptions import DataError, IdentificationWarning, SeparationError, SubsetError
-from ..partition import stratified_split
+from ..partition import PartitionTree
+from ..partition_growth import leaf_seeds
 from ..results import OrdinalResults, parameter_names
+from ..schedule import schedule
 from ..shards import Standardizer, build_shards
 from .base import OrdinalModel, is_int, is_real, param_error, register
 
@@ -151,7 +155,8 @@ class DivideConquerOrdinal(OrdinalModel):
             raise param_error(owner, "cv_folds", "an int >= 2", self.cv_folds)
         self._validate_solver(owner)
 
-    def _resolve_subsets(self, n_rows: int, d: int, backend: Backend) -> int:
+    def _resolve_subsets(self, n_rows: int, d: int, backend: Backend,
+                         owner: str | None = None) -> int:
         """The number of subsets: ``n_subsets``, or by default the number of workers.
 
         "Workers" are those of ``n_jobs`` (or the CPUs) for the built-in backends, serial
@@ -159,7 +164,7 @@ class DivideConquerOrdinal(OrdinalModel):
         """
         if n_rows <= d:
             raise DataError(
-                f"{type(self).__name__} needs more rows than parameters to estimate their "
+                f"{owner or type(self).__name__} needs more rows than parameters to estimate their "
                 f"covariance: {n_rows} rows for d = {d} parameters (features plus thresholds). "
                 "Use fewer features, more data, or OrdinalRegression(alpha=...) for a ridge fit."
             )
@@ -213,40 +218,41 @@ class DivideConquerOrdinal(OrdinalModel):
                 f"(d = {d}); {what}. Use refine_rounds={self.refine_rounds + 1} or fewer "
                 "subsets.", UserWarning)
         rs = check_random_state(self.random_state)
-        split_seed, *seeds = (int(s) for s in rs.randint(0, 2**31 - 1, size=M + 1))
-        labels = stratified_split(codes, M, np.random.default_rng(split_seed))
-        sizes = np.bincount(labels, minlength=M)
-        std = Standardizer.fit(Xm, w)
-        settings = local.LocalSettings(
-            n_classes=K, alpha=self.alpha, variance=self.variance, debias=self.debias,
-            ridge=float(self.ridge), penalize_thresholds=bool(self.penalize_thresholds),
-            cv_folds=self.cv_folds, max_iter=self.max_iter, tol=float(self.tol),
-        )
+        split_seed = int(rs.randint(0, 2**31 - 1))
+        tree = PartitionTree(p, K, Standardizer.fit(Xm, w), split_seed)
+        if M > 1:
+            tree.split_random(tree.root, M)
+        labels = tree.route(Xm, codes)
+        tree.count(labels)
+        settings = self._settings(K)
+        names = parameter_names(data.schema.output_names, data.target.classes)
+        sched = schedule(tree.sizes, d, backend.n_workers, row_bytes=(p + 2) * 8)
         refs = []
         try:
-            refs = build_shards(backend, Xm, codes, w, labels, M, std)
-            tasks = [{"shard": r, "settings": settings, "seed": s}
-                     for r, s in zip(refs, seeds, strict=True)]
-            work = float(n) * d * d
-            fits = _values(backend.map(local.fit_task, tasks, work=work), sizes)
-            names = parameter_names(data.schema.output_names, data.target.classes)
-            self._check_fits(fits, names, p, sizes)
-            pooled = _identified(combine.pool, names, fits)
-            est, cov = pooled.estimate, pooled.cov
-            meat = local.meat_kind(self.variance)
-            for _ in range(self.refine_rounds):
-                evals = _values(
-                    backend.map(local.evaluate_task,
-                                [{"shard": r, "params": est, "meat": meat} for r in refs],
-                                work=work),
-                    sizes,
-                )
-                est, cov = _identified(combine.refine, names, est, evals, self.variance)
+            refs = build_shards(backend, Xm, codes, w, labels, M, tree.standardizer)
+            run = fit_partition(backend, refs, sched, settings, leaf_seeds(tree, split_seed),
+                                names=names, p=p, sizes=tree.sizes,
+                                refine_rounds=self.refine_rounds, owner=self)
         finally:
             backend.release(refs)
             if own_backend:
                 backend.close()
+        self._set_from_run(data, tree.standardizer, run, tree.sizes)
+        return self
 
+    def _settings(self, n_classes: int) -> local.LocalSettings:
+        return local.LocalSettings(
+            n_classes=n_classes, alpha=self.alpha, variance=self.variance, debias=self.debias,
+            ridge=float(self.ridge), penalize_thresholds=bool(self.penalize_thresholds),
+            cv_folds=self.cv_folds, max_iter=self.max_iter, tol=float(self.tol),
+        )
+
+    def _set_from_run(self, data, std: Standardizer, run: PartitionRun, sizes,
+                      title: str = "Divide-and-conquer ordinal regression (cumulative logit)"):
+        """Set the fitted attributes from the subsets' fits and the pooled estimate."""
+        p = data.schema.n_features
+        M, K = len(run.fits), data.target.n_classes
+        fits, pooled, est, cov = run.fits, run.pooled, run.estimate, run.cov
         params, cov = _on_raw_scale(std, est, cov, p)
         one_params, one_cov = _on_raw_scale(std, pooled.estimate, pooled.cov, p)
         self.n_subsets_ = M
@@ -261,8 +267,7 @@ class DivideConquerOrdinal(OrdinalModel):
         het = combine.marginal_heterogeneity(raw, raw_var, resolved)
         results = OrdinalResults(
             params, cov, data.schema.output_names, data.target.classes,
-            title="Divide-and-conquer ordinal regression (cumulative logit)",
-            info=self._info(n, M, K, pooled, fits),
+            title=title, info=self._info(sizes, K, pooled, fits),
             heterogeneity=het,
         )
         self._set_fitted(data.schema, data.target, params, cov, results)
@@ -271,10 +276,11 @@ class DivideConquerOrdinal(OrdinalModel):
             title="One-shot pooled estimate (before refinement)", info=results.info,
             heterogeneity=het,
         )
-        return self
 
-    def _info(self, n, M, K, pooled, fits) -> dict:
-        sizes = f"{n // M:,}" if n % M == 0 else f"{n // M:,}-{n // M + 1:,}"
+    def _info(self, subset_sizes, K, pooled, fits) -> dict:
+        n, M = int(subset_sizes.sum()), len(fits)
+        lo, hi = int(subset_sizes.min()), int(subset_sizes.max())
+        sizes = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
         q = f"{pooled.q:.2f} (df {pooled.q_df}, p {pooled.q_pvalue:.3g})" if pooled.q_df > 0 \
             else "n/a (one subset)"
         alpha = self.alpha if isinstance(self.alpha, str) else "fixed"
@@ -285,34 +291,6 @@ class DivideConquerOrdinal(OrdinalModel):
             "Variance": self.variance, "Refinement rounds": self.refine_rounds,
             "Heterogeneity Q": q, "I^2": f"{pooled.i2:.3f}",
         }
-
-    def _check_fits(self, fits, names: list[str], p: int, sizes) -> None:
-        """Separation is an error; non-convergence and unidentified parameters are warnings."""
-        separated = {m: f.separated for m, f in enumerate(fits) if f.separated}
-        if separated:
-            m, idx = next(iter(separated.items()))
-            fix = ("use a positive alpha (for example alpha='rate')" if self.alpha == 0 else
-                   "remove or merge the separating feature(s)")
-            raise SeparationError(
-                f"The classes are (quasi-)separated in subset {m + 1} of {len(fits)} "
-                f"({int(sizes[m]):,} rows): the fit runs off to infinity along "
-                f"{', '.join(names[j] for j in idx)}; {fix}."
-            )
-        slow = [m for m, f in enumerate(fits) if not f.converged]
-        if slow:
-            warn(f"The lasso fit of subset(s) {slow} did not converge in max_iter="
-                 f"{self.max_iter} iterations; increase max_iter.", ConvergenceWarning)
-        where: dict[str, list[int]] = {}
-        for m, f in enumerate(fits):
-            for note in f.notes:
-                kind, j = note.split(":")
-                label = (f"threshold '{names[p + int(j)]}' (no rows on one side)"
-                         if kind == "threshold" else f"feature '{names[int(j)]}' (constant)")
-                where.setdefault(label, []).append(m)
-        for label, subsets in where.items():
-            warn(
-                f"{label} carries no information in subset(s) {subsets} of {len(fits)}; it gets "
-                "zero weight there.", IdentificationWarning)
 
     def _extra_state(self):
         meta = {"n_subsets": int(self.n_subsets_), "q": self.q_, "q_df": int(self.q_df_),
@@ -340,6 +318,76 @@ class DivideConquerOrdinal(OrdinalModel):
             title="One-shot pooled estimate (before refinement)", info=r.info,
             heterogeneity=r.heterogeneity,
         )
+
+
+@dataclass(frozen=True)
+class PartitionRun:
+    """The subsets' fits, their one-shot pooling, and the refined estimate and covariance."""
+
+    fits: list
+    pooled: combine.Pooled
+    estimate: np.ndarray
+    cov: np.ndarray
+
+
+def fit_partition(backend: Backend, refs, sched, settings: local.LocalSettings,
+                  seeds: list[int], *, names: list[str], p: int, sizes, refine_rounds: int,
+                  owner, unit: str = "subset") -> PartitionRun:
+    """Fit every placed subset, pool the fits and run the refinement rounds (method.md 2-4b).
+
+    The tasks run in the bundles of ``sched`` (a :class:`fedgrain.schedule.Schedule`); the
+    data stay where ``refs`` placed them, so each round moves parameters only. ``owner`` is the
+    estimator whose ``alpha`` and ``max_iter`` the messages quote.
+    """
+    d = len(names)
+    work = float(np.sum(sizes)) * d * d
+    bundles = sched.bundles()
+    tasks = [{"shard": r, "settings": settings, "seed": s}
+             for r, s in zip(refs, seeds, strict=True)]
+    fits = _values(backend.map_bundles(local.fit_task, tasks, bundles, work=work), sizes, unit)
+    check_fits(fits, names, p, sizes, alpha=owner.alpha, max_iter=owner.max_iter, unit=unit)
+    pooled = _identified(combine.pool, names, fits)
+    est, cov = pooled.estimate, pooled.cov
+    meat = local.meat_kind(settings.variance)
+    for _ in range(refine_rounds):
+        evals = _values(
+            backend.map_bundles(local.evaluate_task,
+                                [{"shard": r, "params": est, "meat": meat} for r in refs],
+                                bundles, work=work),
+            sizes, unit,
+        )
+        est, cov = _identified(combine.refine, names, est, evals, settings.variance)
+    return PartitionRun(fits, pooled, est, cov)
+
+
+def check_fits(fits, names: list[str], p: int, sizes, *, alpha, max_iter: int,
+               unit: str = "subset") -> None:
+    """Separation is an error; non-convergence and unidentified parameters are warnings."""
+    separated = {m: f.separated for m, f in enumerate(fits) if f.separated}
+    if separated:
+        m, idx = next(iter(separated.items()))
+        fix = ("use a positive alpha (for example alpha='rate')" if alpha == 0 else
+               "remove or merge the separating feature(s)")
+        raise SeparationError(
+            f"The classes are (quasi-)separated in {unit} {m + 1} of {len(fits)} "
+            f"({int(sizes[m]):,} rows): the fit runs off to infinity along "
+            f"{', '.join(names[j] for j in idx)}; {fix}."
+        )
+    slow = [m for m, f in enumerate(fits) if not f.converged]
+    if slow:
+        warn(f"The lasso fit of {unit}(s) {slow} did not converge in max_iter="
+             f"{max_iter} iterations; increase max_iter.", ConvergenceWarning)
+    where: dict[str, list[int]] = {}
+    for m, f in enumerate(fits):
+        for note in f.notes:
+            kind, j = note.split(":")
+            label = (f"threshold '{names[p + int(j)]}' (no rows on one side)"
+                     if kind == "threshold" else f"feature '{names[int(j)]}' (constant)")
+            where.setdefault(label, []).append(m)
+    for label, subsets in where.items():
+        warn(
+            f"{label} carries no information in {unit}(s) {subsets} of {len(fits)}; it gets "
+            "zero weight there.", IdentificationWarning)
 
 
 def _on_raw_scale(std: Standardizer, est, cov, p: int):
@@ -381,12 +429,12 @@ def _subsets_on_raw_scale(fits, std: Standardizer):
     return tuple(np.array(a) for a in out)
 
 
-def _values(outcomes, sizes) -> list:
+def _values(outcomes, sizes, unit: str = "subset") -> list:
     """The values of successful outcomes; a failed subset is an error naming it."""
     for o in outcomes:
         if not o.ok:
             rows = int(sizes[o.index])
-            where = f"subset {o.index + 1} of {len(outcomes)} ({rows:,} rows)"
+            where = f"{unit} {o.index + 1} of {len(outcomes)} ({rows:,} rows)"
             raise SubsetError(f"Fitting {where} failed: {o.error_type}: {o.error}", o.traceback)
     return [o.value for o in outcomes]
 

@@ -1,0 +1,383 @@
+"""Growing the partition tree from the data profile (design.md 3, method.md 5).
+
+The tree is grown best-first on a sample of at most :data:`SAMPLE_ROWS` rows, then every row is
+routed once; so beyond that one routing pass the cost does not grow with the number of rows.
+
+**Candidates.** At each node, from its profile (on at most
+:data:`fedgrain.profile.QUICK_ROWS` of its rows): the 2-means boundary in the importance-weighted
+standardised space and in the plain standardised space (regions may differ in features that
+matter little for the outcome); a threshold on every feature with a density valley between its
+10% and 90% quantiles, at the valley; and a threshold on each of the two most important
+features at its median when it has no valley. Each candidate is judged by the robust
+score test of :func:`fedgrain.profile.split_test` at the node's quick fit (at most
+:data:`fedgrain.profile.QUICK_ROWS` rows): the Lagrange multiplier form of the heterogeneity
+``Q`` of method.md 5, a chi-square with ``df`` degrees of freedom when one model holds on both
+sides, at the cost of one pass over the candidate's left rows.
+
+**Which cut.** Density decides where to cut: among the candidates that are clearly significant
+(``p < 5e-8`` after the Bonferroni correction below), the one with the fewest rows within
+:data:`BOUNDARY_BAND` standard deviations of its boundary (the fewest rows on the fence, so the
+fewest misrouted); when none is, the one with the largest expected gain.
+
+**Which node first.** The split that promises most goes first: the expected gain in held-out
+log-likelihood, ``(Q n_node / n_quick - 2 df) / 2`` (``Q`` grows with the rows behind it, and a
+split costs ``df`` parameters). It grows with the node's size and its heterogeneity; importance
+picks the candidate features and clusters, density the cuts.
+
+**Granularity** ``g`` (monotone in both parts, so the number of leaves never decreases as ``g``
+grows):
+
+- a node is split only when its best candidate's ``Q`` is significant at level
+  ``alpha(g) = 0.05 * 10^(-6 (1 - g))`` after a Bonferroni correction for the candidates tried
+  (``g = 1``: children that differ at all, at the 5% level; ``g = 0.5``: ``5e-5``);
+- at most ``(n / min_subset_size)^g`` regions (``g = 1``: down to the minimum size);
+- ``g = 0``: no region at all, only the static division.
+
+Every node's choices are seeded by its position in the tree (``Node.key``), not by the order of
+growth, so the same seed gives the same tree and trees for larger ``g`` extend those for smaller.
+When there are fewer regions than workers, the largest regions are dealt out at random into
+pieces (at least ``min_subset_size`` rows each), so every worker has a subset; with ``g = 0`` this
+is exactly the patent's static division.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import profile as prof
+from .partition import PartitionTree
+from .shards import Standardizer
+
+#: Rows the tree is grown on at most.
+SAMPLE_ROWS = 100_000
+#: Split level at g = 1, and how many decades it falls to g -> 0.
+ALPHA_AT_ONE = 0.05
+ALPHA_DECADES = 6.0
+#: Features whose thresholds are tried at each node.
+N_FEATURE_CANDIDATES = 2
+#: Half-width (standard deviations along the cut's normal) of the band whose share of rows
+#: measures how crowded a cut is.
+BOUNDARY_BAND = 0.5
+#: Grid of cut points searched for the density valley of a feature.
+VALLEY_GRID = 41
+#: A valley must be this many times less dense than the densest points on both of its sides.
+VALLEY_DEPTH = 2.0
+
+
+def split_level(granularity: float) -> float:
+    """Significance level a split must reach at this granularity (0 when ``g = 0``)."""
+    if granularity <= 0:
+        return 0.0
+    return ALPHA_AT_ONE * 10.0 ** (-ALPHA_DECADES * (1.0 - granularity))
+
+
+def region_budget(granularity: float, n_rows: int, min_size: int) -> int:
+    """Most regions at this granularity: ``floor((n / min_size)^g)``, at least one."""
+    return max(1, int(np.floor((n_rows / min_size) ** granularity + 1e-9)))
+
+
+@dataclass
+class _Candidate:
+    label: str
+    a: np.ndarray  # in standardised units
+    b: float
+    left: np.ndarray | None  # mask over the node's sample rows, once chosen
+    q: float
+    df: int
+    gain: float
+    crowding: float  # share of rows within BOUNDARY_BAND of the cut
+
+
+@dataclass
+class Grown:
+    """The grown tree, the leaf of every training row, and the profile of every leaf."""
+
+    tree: PartitionTree
+    leaf: np.ndarray
+    profile: prof.DataProfile
+
+
+class _Grower:
+    def __init__(self, X, codes, w, std: Standardizer, n_classes: int, min_size: int,
+                 seed: int):
+        n = X.shape[0]
+        self.n, self.p, self.K = n, X.shape[1], n_classes
+        self.seed, self.min_size, self.std = seed, min_size, std
+        rng = np.random.default_rng([seed, 0])
+        self.sample = (np.arange(n) if n <= SAMPLE_ROWS
+                       else np.sort(rng.choice(n, SAMPLE_ROWS, replace=False)))
+        self.Xs = std.transform(X[self.sample])
+        self.ys = codes[self.sample]
+        self.ws = None if w is None else w[self.sample]
+        self.factor = n / self.sample.shape[0]
+        self.min_sample = min_size / self.factor
+        self.centres: dict[int, np.ndarray | None] = {}
+
+    def rng(self, key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, key])
+
+    def profile(self, rows, fit, key) -> prof.LeafProfile:
+        ws = None if self.ws is None else self.ws[rows]
+        return prof.profile_rows(self.Xs[rows], self.ys[rows], ws, self.std, self.K,
+                                 rows.shape[0] / self.sample.shape[0], fit, self.rng(key),
+                                 self.centres.get(key, False))
+
+    def subsample(self, rows: np.ndarray) -> np.ndarray:
+        """The evenly spaced rows a region's quick fit and split tests use."""
+        if rows.shape[0] <= prof.QUICK_ROWS:
+            return rows
+        return rows[np.linspace(0, rows.shape[0] - 1, prof.QUICK_ROWS).round().astype(np.intp)]
+
+    def quick(self, rows, start=None):
+        sub = self.subsample(rows)
+        ws = None if self.ws is None else self.ws[sub]
+        return prof.quick_fit(self.Xs[sub], self.ys[sub], ws, self.K, start)
+
+    def evaluate(self, rows: np.ndarray, fit, key: int) -> tuple[_Candidate | None, int]:
+        """The node's best split candidate (by expected gain) and how many were tried."""
+        if fit is None or rows.shape[0] < 2 * self.min_sample:
+            return None, 0
+        imp = prof.importance(fit, self.p)
+        sub = self.subsample(rows)
+        Xq, yq = self.Xs[sub], self.ys[sub]
+        wq = None if self.ws is None else self.ws[sub]
+        proposals = []
+        rng = self.rng(key)
+        for label, fw in (("cluster boundary (2-means)", prof.feature_weights(imp)),
+                          ("cluster boundary (2-means, unweighted)", np.ones(self.p))):
+            centres = prof.two_means(Xq * fw, rng)
+            self.centres.setdefault(key, centres)  # the weighted ones, for the profile
+            if centres is not None:
+                c1, c2 = centres / fw
+                a = 2.0 * fw**2 * (c2 - c1)
+                b = float(c2 @ (fw**2 * c2) - c1 @ (fw**2 * c1))
+                proposals.append((label, a, b))
+            if imp.sum() == 0:
+                break  # without importance the weighted space is the plain one
+        order = np.argsort(-imp, kind="stable")[:N_FEATURE_CANDIDATES]
+        top = set(order[imp[order] > 0].tolist())
+        sorted_q = np.sort(Xq, axis=0)
+        for j in range(self.p):
+            # every feature with a density valley; the most important ones at their median too
+            cut = _valley_cut(sorted_q[:, j], median=j in top)
+            if cut is not None:
+                a = np.zeros(self.p)
+                a[j] = 1.0
+                proposals.append((f"feature {j}", a, cut))
+        whole = prof._restricted_pass(Xq, yq, wq, fit)
+        scale = rows.shape[0] * self.factor / sub.shape[0]
+        cands = []
+        for label, a, b in proposals:
+            z = Xq @ a
+            left_q = z <= b
+            share = float(left_q.mean())
+            if min(share, 1.0 - share) * rows.shape[0] < self.min_sample:
+                continue
+            q, df = prof.split_test(Xq, yq, wq, fit, left_q, whole)
+            if df > 0:
+                crowd = float(np.mean(np.abs(z - b) < BOUNDARY_BAND * np.linalg.norm(a)))
+                cands.append(_Candidate(label, a, b, None, q, df, 0.5 * (q * scale - 2 * df),
+                                        crowd))
+        # Where to cut: through the sparsest data among the clearly significant candidates
+        # (fewest rows near the boundary, so fewest misrouted); otherwise the largest gain.
+        # Neither choice depends on the granularity, which only decides whether to split.
+        clear = [c for c in cands
+                 if prof.q_pvalue(c.q, c.df) * len(proposals) < split_level(1e-9)]
+        rest = [c for c in cands if c not in clear]
+        ranked = (sorted(clear, key=lambda c: (c.crowding, -c.gain))
+                  + sorted(rest, key=lambda c: -c.gain))
+        Xn = None
+        for cand in ranked:  # the sizes above were estimated on the subsample: check them
+            if sub.shape[0] == rows.shape[0]:
+                cand.left = Xq @ cand.a <= cand.b
+            else:
+                Xn = self.Xs[rows] if Xn is None else Xn
+                cand.left = Xn @ cand.a <= cand.b
+            nl = int(cand.left.sum())
+            if min(nl, rows.shape[0] - nl) >= self.min_sample:
+                return cand, len(proposals)
+        return None, len(proposals)
+
+    def raw_rule(self, a_std: np.ndarray, b_std: float) -> tuple[np.ndarray, float]:
+        """The rule ``x_std @ a <= b`` in original feature units, scaled to max |a| = 1."""
+        a = a_std / self.std.scale
+        b = b_std + float(a @ self.std.mean)
+        top = np.abs(a).max()
+        return a / top, b / top
+
+
+def _valley_cut(sv: np.ndarray, median: bool = True) -> float | None:
+    """Where to cut a feature (``sv``: its sorted values): in a density valley, if any.
+
+    The density at a cut is the number of values within half a grid step of it (a grid of
+    :data:`VALLEY_GRID` points, or the midpoints between distinct values for a discrete
+    feature). A valley is the lowest such point with at least :data:`VALLEY_DEPTH` times its
+    density on both sides; without one (a unimodal feature) the cut goes at the median, the
+    midpoint of distinct values nearest to it for a discrete feature, or None when ``median``
+    is False.
+    """
+    last = sv.shape[0] - 1
+    lo, med, hi = sv[int(0.1 * last)], sv[last // 2], sv[int(np.ceil(0.9 * last))]
+    new_value = np.flatnonzero(sv[1:] != sv[:-1])
+    if new_value.shape[0] == 0:
+        return None
+    if new_value.shape[0] < VALLEY_GRID:
+        uniq = np.concatenate([sv[:1], sv[new_value + 1]])
+        cuts = 0.5 * (uniq[1:] + uniq[:-1])
+    else:
+        cuts = np.linspace(lo, hi, VALLEY_GRID)
+    inside = (cuts >= lo) & (cuts <= hi)
+    median_cut = float(cuts[np.argmin(np.abs(cuts - med))]) if median else None
+    if inside.sum() < 3:
+        return median_cut
+    cuts = cuts[inside]
+    step = (cuts[-1] - cuts[0]) / (cuts.shape[0] - 1)
+    near = (np.searchsorted(sv, cuts + 0.5 * step, side="right")
+            - np.searchsorted(sv, cuts - 0.5 * step, side="left"))
+    i = int(np.argmin(near))
+    if 0 < i < cuts.shape[0] - 1 and min(near[:i].max(), near[i + 1:].max()) >= \
+            VALLEY_DEPTH * max(near[i], 1):
+        return float(cuts[i])
+    return median_cut
+
+
+def grow(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, *, std: Standardizer,
+         n_classes: int, granularity: float, min_size: int, n_pieces: int, seed: int,
+         feature_names: list[str]) -> Grown:
+    """Grow the partition tree of the rows ``X`` (encoded features, original units).
+
+    Parameters
+    ----------
+    X, codes, w : the training rows, their class codes and optional weights.
+    std : the global standardisation.
+    granularity : float in [0, 1]
+    min_size : int
+        No leaf gets fewer training rows.
+    n_pieces : int
+        The number of workers: regions are dealt out at random into pieces until there are at
+        least this many leaves (as far as ``min_size`` allows).
+    seed : int
+    feature_names : names for the split descriptions and the profile.
+    """
+    n, p = X.shape
+    g = _Grower(X, codes, w, std, n_classes, min_size, seed)
+    tree = PartitionTree(p, n_classes, std, seed)
+    fits = {0: g.quick(np.arange(g.sample.shape[0]))}
+    rows = {0: np.arange(g.sample.shape[0])}
+    if granularity > 0:
+        alpha = split_level(granularity)
+        budget = region_budget(granularity, n, min_size)
+        heap: list = []
+
+        def consider(nid: int, start) -> None:
+            if nid not in fits:
+                fits[nid] = g.quick(rows[nid], start)
+            cand, tried = g.evaluate(rows[nid], fits[nid], tree.nodes[nid].key)
+            if cand is None:
+                return
+            pval = min(1.0, prof.q_pvalue(cand.q, cand.df) * tried)
+            if pval < alpha:
+                heapq.heappush(heap, (-cand.gain, tree.nodes[nid].key, nid, cand, pval))
+
+        consider(0, None)
+        while heap and tree.n_leaves < budget:
+            _, _, nid, cand, pval = heapq.heappop(heap)
+            a, b = g.raw_rule(cand.a, cand.b)
+            label = cand.label
+            if label.startswith("feature "):
+                j = int(label.split()[1])
+                label = f"{feature_names[j]} <= {b / a[j]:.4g}"
+            evidence = {"candidate": label, "q": cand.q, "df": cand.df, "p_value": pval,
+                        "gain": cand.gain}
+            left_id, right_id = tree.split(nid, a, b, evidence)
+            rows[left_id], rows[right_id] = rows[nid][cand.left], rows[nid][~cand.left]
+            consider(left_id, fits[nid].estimate)
+            consider(right_id, fits[nid].estimate)
+        leaf = tree.route(X)
+        tree.count(leaf)
+        leaf = _enforce_min_size(tree, X, leaf, min_size)
+    else:
+        leaf = np.zeros(n, dtype=np.int64)
+        tree.count(leaf)
+    if _deal_out(tree, n_pieces, min_size):
+        leaf = tree.route(X, codes)
+        tree.count(leaf)
+    profile = profile_leaves(tree, X, codes, w, leaf, seed=seed, feature_names=feature_names,
+                             fits=fits, grower=g)
+    return Grown(tree, leaf, profile)
+
+
+def profile_leaves(tree: PartitionTree, X, codes, w, leaf, *, seed: int,
+                   feature_names: list[str], fits: dict | None = None,
+                   grower: _Grower | None = None) -> prof.DataProfile:
+    """Profile every leaf of ``tree`` from a sample of its training rows.
+
+    ``leaf`` gives each training row's leaf position; ``fits`` holds quick fits already made
+    (by node id) during growth. Pieces of one region share the region's quick fit.
+    """
+    g = grower or _Grower(X, codes, w, tree.standardizer, tree.n_classes, 1, seed)
+    fits = dict(fits or {})
+    region_of = tree.region_of()
+    sample_leaf = leaf[g.sample]
+    sample_region = region_of[sample_leaf]
+    profiles: dict[int, prof.LeafProfile] = {}
+    K = tree.n_classes
+    counts = np.bincount(leaf * K + codes, weights=w, minlength=tree.n_leaves * K).reshape(
+        tree.n_leaves, K).astype(float)
+    for pos, nid in enumerate(tree.leaves):
+        region = int(region_of[pos])
+        in_region = np.flatnonzero(sample_region == region)
+        if region not in fits:
+            fits[region] = g.quick(in_region)
+        r = np.flatnonzero(sample_leaf == pos)
+        if r.shape[0] < 2:  # a leaf the sample barely reaches: profile its region instead
+            r = in_region if in_region.shape[0] >= 2 else np.arange(g.sample.shape[0])
+        lp = g.profile(r, fits[region], tree.nodes[nid].key)
+        profiles[nid] = prof.LeafProfile(tree.nodes[nid].n_rows, counts[pos], lp.mean,
+                                         lp.log_density, lp.importance, lp.importance_source,
+                                         lp.centres)
+    return prof.DataProfile(profiles, feature_names)
+
+
+def _enforce_min_size(tree: PartitionTree, X, leaf, min_size: int) -> np.ndarray:
+    """Merge splits whose leaves fell below ``min_size`` once all rows were routed.
+
+    Only possible when the tree was grown on a sample: the sample's proportions estimate the
+    sizes.
+    """
+    while True:
+        small = [nid for nid, s in zip(tree.leaves, tree.sizes, strict=True) if s < min_size]
+        if not small or tree.n_leaves == 1:
+            return leaf
+        tree.merge(tree.nodes[small[0]].parent)
+        leaf = tree.route(X)
+        tree.count(leaf)
+
+
+def _deal_out(tree: PartitionTree, n_pieces: int, min_size: int) -> bool:
+    """Divide the largest regions at random until there are ``n_pieces`` leaves, if sizes allow.
+
+    Returns whether any region was divided.
+    """
+    regions = tree.leaves
+    sizes = tree.sizes.astype(float)
+    k = np.ones(len(regions), dtype=np.int64)
+    while k.sum() < n_pieces:
+        room = sizes / (k + 1) >= min_size
+        if not room.any():
+            break
+        j = int(np.argmax(np.where(room, sizes / k, -1.0)))
+        k[j] += 1
+    for nid, kj in zip(regions, k, strict=True):
+        if kj > 1:
+            tree.split_random(nid, int(kj))
+    return bool((k > 1).any())
+
+
+def leaf_seeds(tree: PartitionTree, seed: int) -> list[int]:
+    """A seed per leaf from its position in the tree (the same however the tree was grown)."""
+    return [int(np.random.SeedSequence([seed, tree.nodes[nid].key]).generate_state(1)[0]
+                >> 1) for nid in tree.leaves]

@@ -1,0 +1,374 @@
+"""The data profiler: density, feature importance and clusters per region (design.md 2).
+
+Everything here works on a *sample* of a region's rows in the globally standardised space (see
+:mod:`fedgrain.shards`), so its cost does not grow with the number of rows:
+
+- **quick fits**: a few unpenalised Newton steps of the composite likelihood on at most
+  :data:`QUICK_ROWS` rows, with the cluster-sandwich covariance. They give the screening
+  importance of the features; a robust score test at the region's quick fit says whether two
+  candidate children differ (:func:`split_test`), and :func:`heterogeneity` is the Wald ``Q``
+  of method.md section 5 between two fitted regions;
+- **density**: the k-nearest-neighbour estimate ``log f = log(k / (n V_p r_k^p))`` on at most
+  :data:`KNN_ROWS` rows, in the importance-weighted space, scaled by the region's share of all rows
+  so that regions compare;
+- **clusters**: 2-means in the importance-weighted standardised space (a feature's weight is half
+  uniform, half its share of importance, so clusters follow the features that matter without
+  ignoring the others). Repeated splitting at cluster boundaries is bisecting k-means.
+
+A :class:`DataProfile` holds one :class:`LeafProfile` per leaf of the partition tree and can be
+refreshed from new data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy import special, stats
+from sklearn.neighbors import NearestNeighbors
+
+from .local import _problem
+from .ordinal import composite_pass, initial_thresholds
+from .solvers import newton, runaway, solve_psd
+
+#: Rows a quick fit uses at most.
+QUICK_ROWS = 4_000
+#: Rows for the k-nearest-neighbour density, and its k.
+KNN_ROWS = 500
+KNN_K = 10
+#: Rows for 2-means.
+KMEANS_ROWS = 2_000
+
+
+@dataclass(frozen=True)
+class QuickFit:
+    """An unpenalised composite fit on a sample, over the full parameters ``(beta, theta)``.
+
+    ``identified`` marks the parameters the rows identify (features that vary, thresholds with
+    rows on both sides); the others are NaN in ``estimate`` and zero in ``cov``.
+    ``shifted`` is True when a feature is constant in these rows, so the thresholds estimate
+    ``theta_k - c' beta`` rather than ``theta_k``.
+    """
+
+    estimate: np.ndarray
+    cov: np.ndarray
+    identified: np.ndarray
+    shifted: bool
+    n_rows: int
+
+
+def quick_fit(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, n_classes: int,
+              start: np.ndarray | None = None) -> QuickFit | None:
+    """Fit the composite model on (at most :data:`QUICK_ROWS` of) these standardised rows.
+
+    Returns None when the rows cannot support a fit: too few of them for the identified
+    parameters, or the classes separated (the fit runs off to infinity).
+    """
+    n = y.shape[0]
+    if n > QUICK_ROWS:
+        rows = np.linspace(0, n - 1, QUICK_ROWS).round().astype(np.intp)
+        X, y, w = X[rows], y[rows], None if w is None else w[rows]
+    prob, _, scales, _ = _problem(np.ascontiguousarray(X), y, w, n_classes)
+    p = X.shape[1]
+    if prob.size == 0 or y.shape[0] < 2 * prob.size:
+        return None
+    x0 = np.concatenate([np.zeros(prob.features.size),
+                         initial_thresholds(y, w, n_classes)[prob.thresholds]])
+    if start is not None:
+        guess = start[prob.full_index()]
+        x0 = np.where(np.isfinite(guess), guess, x0)
+        # thresholds from another region may be out of order for these rows: keep the start's
+        # slopes only when its thresholds are unusable
+        if np.any(np.diff(x0[prob.features.size:]) <= 0):
+            x0[prob.features.size:] = initial_thresholds(y, w, n_classes)[prob.thresholds]
+    n_eff = float(y.shape[0] if w is None else w.sum())
+    oracle = prob.oracle()
+    res = newton(oracle, x0, n_eff, max_iter=25, tol=1e-4)
+    step = res.step * np.concatenate([scales[prob.features], np.ones(prob.thresholds.size)])
+    if res.diverged or not res.converged or runaway(step, 1e-2).any():
+        return None
+    Hinv = solve_psd(res.hess, np.eye(prob.size))
+    meat = oracle(res.x, loss=False, order=0, meat="cluster").meat
+    V = Hinv @ meat @ Hinv
+    full = prob.full_index()
+    d = p + n_classes - 1
+    est = np.full(d, np.nan)
+    est[full] = res.x
+    cov = np.zeros((d, d))
+    cov[np.ix_(full, full)] = 0.5 * (V + V.T)
+    ident = np.zeros(d, dtype=bool)
+    ident[full] = True
+    return QuickFit(est, cov, ident, prob.features.size < p, int(y.shape[0]))
+
+
+def heterogeneity(a: QuickFit, b: QuickFit, n_features: int) -> tuple[float, int]:
+    """Wald statistic ``Q`` for "the two regions share one model", and its degrees of freedom.
+
+    Compared are the parameters both fits identify; thresholds only when neither region has a
+    constant feature (otherwise each region's thresholds absorb that feature's effect
+    differently and are not comparable).
+    """
+    common = a.identified & b.identified
+    if a.shifted or b.shifted:
+        common[n_features:] = False
+    idx = np.flatnonzero(common)
+    if idx.size == 0:
+        return 0.0, 0
+    diff = a.estimate[idx] - b.estimate[idx]
+    V = a.cov[np.ix_(idx, idx)] + b.cov[np.ix_(idx, idx)]
+    vals, vecs = np.linalg.eigh(0.5 * (V + V.T))
+    keep = vals > 1e-12 * max(vals.max(initial=0.0), 1e-300)
+    z = vecs[:, keep].T @ diff
+    return float(np.sum(z * z / vals[keep])), int(keep.sum())
+
+
+def split_test(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit,
+               left: np.ndarray, node_pass=None) -> tuple[float, int]:
+    """Robust score test that the rows ``left`` and the others share the model ``fit``.
+
+    ``fit`` is the composite fit of all these rows (the parent). With scores ``s``, Hessians
+    ``H`` and cluster meats ``J`` of the left part ``L``, the right part ``R`` and all rows
+    ``P``, the left score corrected for the estimation of ``fit`` is
+    ``s~ = s_L - H_L H_P^-1 s_P = H_R H_P^-1 s_L - H_L H_P^-1 s_R`` with variance
+    ``(I - A) J_L (I - A)' + A J_R A'``, ``A = H_L H_P^-1``; the statistic ``s~' V^+ s~`` is
+    chi-square with ``rank V`` degrees of freedom when one model holds on both sides (the
+    Lagrange multiplier form of method.md section 5's ``Q``: it needs one pass over the left
+    rows per candidate instead of two fits). A feature constant on one side makes ``V``
+    singular in its direction and the test drops that direction, so splitting on a binary
+    feature does not mistake the feature's own effect for heterogeneity.
+
+    ``node_pass`` is the pass over all rows, when already made.
+    """
+    P = node_pass if node_pass is not None else _restricted_pass(X, y, w, fit)
+    L = _restricted_pass(X[left], y[left], None if w is None else w[left], fit)
+    sP, HP, JP = P
+    sL, HL, JL = L
+    JR = JP - JL
+    A = solve_psd(HP, HL.T).T  # H_L H_P^-1 (both symmetric)
+    s = sL - A @ sP
+    B = np.eye(A.shape[0]) - A
+    V = B @ JL @ B.T + A @ JR @ A.T
+    vals, vecs = np.linalg.eigh(0.5 * (V + V.T))
+    keep = vals > 1e-10 * max(vals.max(initial=0.0), 1e-300)
+    z = vecs[:, keep].T @ s
+    return float(np.sum(z * z / vals[keep])), int(keep.sum())
+
+
+def _restricted_pass(X, y, w, fit: QuickFit):
+    """Score, Hessian and cluster meat at ``fit`` over the parameters it identifies."""
+    p = X.shape[1]
+    ident = fit.identified
+    feats = np.flatnonzero(ident[:p])
+    ths = np.flatnonzero(ident[p:])
+    beta = np.where(ident[:p], np.nan_to_num(fit.estimate[:p]), 0.0)
+    theta = np.nan_to_num(fit.estimate[p:])
+    res = composite_pass(X, y, w, beta, theta, thresholds=ths, loss=False, order=2,
+                         meat="cluster")
+    sel = np.concatenate([feats, p + np.arange(ths.shape[0])])
+    return -res.grad[sel], res.hess[np.ix_(sel, sel)], res.meat[np.ix_(sel, sel)]
+
+
+def importance(fit: QuickFit | None, n_features: int) -> np.ndarray:
+    """Each feature's share of ``|standardised slope|`` (zeros when nothing is known)."""
+    if fit is None:
+        return np.zeros(n_features)
+    beta = np.nan_to_num(np.abs(fit.estimate[:n_features]))
+    total = beta.sum()
+    return beta / total if total > 0 else beta
+
+
+def feature_weights(imp: np.ndarray) -> np.ndarray:
+    """Per-feature scaling of the standardised space for clustering and density."""
+    p = imp.shape[0]
+    return np.sqrt(0.5 / p + 0.5 * imp) if imp.sum() > 0 else np.full(p, np.sqrt(1.0 / p))
+
+
+def log_density(Xw: np.ndarray, share: float, rng: np.random.Generator) -> float:
+    """k-nearest-neighbour log density of a region, per unit volume of the weighted space.
+
+    ``share`` is the region's fraction of all rows, so densities of regions compare.
+    """
+    n, p = Xw.shape
+    if n <= KNN_K:
+        return float("nan")
+    if n > KNN_ROWS:
+        Xw = Xw[np.sort(rng.choice(n, KNN_ROWS, replace=False))]
+        n = KNN_ROWS
+    dist, _ = NearestNeighbors(n_neighbors=KNN_K + 1).fit(Xw).kneighbors(Xw)
+    r = np.maximum(dist[:, -1], 1e-12)
+    log_unit_ball = 0.5 * p * np.log(np.pi) - special.gammaln(0.5 * p + 1)
+    return float(np.log(share) + np.log(KNN_K / n) - log_unit_ball - p * np.mean(np.log(r)))
+
+
+def two_means(Xw: np.ndarray, rng: np.random.Generator, n_init: int = 2,
+              max_iter: int = 50) -> np.ndarray | None:
+    """Centres of 2-means on (a sample of) the weighted rows, or None when all rows are equal.
+
+    Lloyd's algorithm from k-means++ starts, the best of ``n_init`` by inertia. With two
+    centres an assignment step is one product with the centres' difference, so this is a few
+    hundred microseconds on :data:`KMEANS_ROWS` rows, where a general k-means library call
+    spends milliseconds on set-up.
+    """
+    n = Xw.shape[0]
+    if n > KMEANS_ROWS:
+        Xw = Xw[np.sort(rng.choice(n, KMEANS_ROWS, replace=False))]
+        n = KMEANS_ROWS
+    if n < 2 or np.ptp(Xw, axis=0).max() == 0:
+        return None
+    sq = np.einsum("ij,ij->i", Xw, Xw)
+    total = Xw.sum(axis=0)
+    best, best_inertia = None, np.inf
+    for _ in range(n_init):
+        c1 = Xw[rng.integers(n)]
+        d2 = np.maximum(sq - 2 * Xw @ c1 + c1 @ c1, 0.0)
+        if d2.sum() <= 0:
+            continue
+        c2 = Xw[rng.choice(n, p=d2 / d2.sum())]
+        side = None
+        for _ in range(max_iter):
+            new = Xw @ (c2 - c1) > 0.5 * (c2 @ c2 - c1 @ c1)  # True: nearer c2
+            k = int(new.sum())
+            if k in (0, n) or (side is not None and np.array_equal(new, side)):
+                break
+            side = new
+            s2 = side @ Xw  # centres from one product: no row gathers
+            c1, c2 = (total - s2) / (n - k), s2 / k
+        if side is None:
+            continue
+        # inertia = sum |x|^2 - n1 |c1|^2 - n2 |c2|^2 at the centres of this assignment
+        k = int(side.sum())
+        inertia = sq.sum() - (n - k) * (c1 @ c1) - k * (c2 @ c2)
+        if inertia < best_inertia:
+            best, best_inertia = np.array([c1, c2]), inertia
+    return best
+
+
+@dataclass(frozen=True)
+class LeafProfile:
+    """What the profiler knows about one leaf.
+
+    ``mean`` and ``centres`` are in the original (encoded) feature units; ``importance`` sums to
+    one over the features (``importance_source`` says whether it comes from the screening fit
+    or from the leaf's fitted local model); ``log_density`` compares between leaves.
+    """
+
+    n_rows: int
+    class_counts: np.ndarray
+    mean: np.ndarray
+    log_density: float
+    importance: np.ndarray
+    importance_source: str
+    centres: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {"n_rows": self.n_rows, "class_counts": self.class_counts.tolist(),
+                "mean": self.mean.tolist(),
+                "log_density": None if np.isnan(self.log_density) else self.log_density,
+                "importance": self.importance.tolist(),
+                "importance_source": self.importance_source, "centres": self.centres.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LeafProfile:
+        p = len(d["mean"])
+        return cls(int(d["n_rows"]), np.asarray(d["class_counts"], dtype=float),
+                   np.asarray(d["mean"], dtype=float),
+                   float("nan") if d["log_density"] is None else float(d["log_density"]),
+                   np.asarray(d["importance"], dtype=float), str(d["importance_source"]),
+                   np.asarray(d["centres"], dtype=float).reshape(-1, p))
+
+
+def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_classes: int,
+                 share: float, fit: QuickFit | None, rng: np.random.Generator,
+                 centres=False) -> LeafProfile:
+    """Profile one region from a sample of its standardised rows.
+
+    ``fit`` is the region's quick fit (for the screening importance); ``share`` its fraction of
+    all rows; ``centres`` its 2-means centres in the weighted space when already found (False:
+    find them). ``n_rows`` and ``class_counts`` describe the sample; the caller replaces them
+    with the counts of all rows once they are routed.
+    """
+    p = Xs.shape[1]
+    imp = importance(fit, p)
+    Xw = Xs * feature_weights(imp)
+    if centres is False:
+        centres = two_means(Xw, rng) if Xs.shape[0] >= 2 else None
+    raw_centres = (np.empty((0, p)) if centres is None
+                   else centres / feature_weights(imp) * std.scale + std.mean)
+    counts = np.bincount(y, weights=w, minlength=n_classes).astype(float)
+    mean = (Xs.mean(axis=0) if w is None else w @ Xs / w.sum()) * std.scale + std.mean
+    return LeafProfile(int(y.shape[0]), counts, mean, log_density(Xw, share, rng), imp,
+                       "screening", raw_centres)
+
+
+class DataProfile:
+    """The profile of every leaf of a partition tree, by leaf node id.
+
+    Examples
+    --------
+    >>> af.profile_.frame()          # doctest: +SKIP
+    >>> af.profile_.refresh(af.partition_, X_new, y_new)  # doctest: +SKIP
+    """
+
+    def __init__(self, leaves: dict[int, LeafProfile], feature_names: list[str]):
+        self.leaves = dict(leaves)
+        self.feature_names = list(feature_names)
+
+    def __getitem__(self, leaf_id: int) -> LeafProfile:
+        return self.leaves[leaf_id]
+
+    def with_importance(self, leaf_id: int, beta_std: np.ndarray) -> None:
+        """Replace a leaf's screening importance by that of its fitted local model."""
+        imp = np.nan_to_num(np.abs(beta_std))
+        total = imp.sum()
+        self.leaves[leaf_id] = replace(self.leaves[leaf_id],
+                                       importance=imp / total if total > 0 else imp,
+                                       importance_source="local model")
+
+    def refresh(self, partition, X, y, sample_weight=None, *, random_state: int = 0) -> None:
+        """Profile every leaf again from new data (raw encoded features and class codes).
+
+        Leaves that receive no rows keep their profile. Importance comes from a quick fit on
+        each leaf's new rows.
+        """
+        X = np.asarray(X, dtype=float)
+        y = np.asarray(y, dtype=np.intp)
+        w = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        leaf = partition.route(X)
+        std = partition.standardizer
+        K = partition.n_classes
+        for pos, node_id in enumerate(partition.leaves):
+            rows = np.flatnonzero(leaf == pos)
+            if rows.size == 0:
+                continue
+            rng = np.random.default_rng([random_state, node_id])
+            Xs = std.transform(X[rows])
+            ws = None if w is None else w[rows]
+            fit = quick_fit(Xs, y[rows], ws, K)
+            self.leaves[node_id] = profile_rows(Xs, y[rows], ws, std, K,
+                                                rows.size / X.shape[0], fit, rng)
+
+    def frame(self):
+        """One row per leaf: rows, log density and the three most important features."""
+        import pandas as pd
+
+        rows = []
+        for node_id, lp in self.leaves.items():
+            top = np.argsort(-lp.importance)[:3]
+            rows.append({"leaf": node_id, "rows": lp.n_rows, "log_density": lp.log_density,
+                         "top_features": ", ".join(self.feature_names[j] for j in top
+                                                   if lp.importance[j] > 0),
+                         "importance_from": lp.importance_source})
+        return pd.DataFrame(rows).set_index("leaf")
+
+    def to_dict(self) -> dict:
+        return {"feature_names": self.feature_names,
+                "leaves": {str(k): v.to_dict() for k, v in self.leaves.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataProfile:
+        return cls({int(k): LeafProfile.from_dict(v) for k, v in d["leaves"].items()},
+                   d["feature_names"])
+
+
+def q_pvalue(q: float, df: int) -> float:
+    return float(stats.chi2.sf(q, df)) if df > 0 else 1.0

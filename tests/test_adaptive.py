@@ -1,0 +1,323 @@
+"""AdaptiveFederatedOrdinal through its public API (issue 3: profile, partition, schedule, fit).
+
+Checks against known truth (simulated regions with their own models), against the estimators it
+must reduce to (g = 0 is the static divide-and-conquer fit), and bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score, log_loss
+
+from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression, load
+from fedgrain.datasets import make_regions
+from fedgrain.exceptions import DataError, IdentificationWarning, ModelFileError
+from fedgrain.ordinal import class_proba
+from fedgrain.partition import PartitionTree
+from fedgrain.shards import Standardizer
+
+
+@pytest.fixture(scope="module")
+def regions():
+    """Three regions of feature space with clearly different models; 12,000 train, 6,000 test."""
+    X, y, region, coef, thr = make_regions(18_000, n_features=4, n_classes=4, n_regions=3,
+                                           heterogeneity=1.5, random_state=3)
+    return (X[:12_000], y[:12_000], region[:12_000]), (X[12_000:], y[12_000:], region[12_000:]), \
+        (coef, thr)
+
+
+@pytest.fixture(scope="module")
+def fitted(regions):
+    (X, y, _), _, _ = regions
+    return AdaptiveFederatedOrdinal(granularity=0.5, backend="serial").fit(X, y)
+
+
+def _oracle_proba(X, region, coef, thr):
+    eta = np.einsum("ij,ij->i", X, coef[region])
+    return class_proba(eta, thr[region])
+
+
+def test_leaves_recover_the_regions_and_beat_the_global_model(regions, fitted):
+    (X, y, region), (Xt, yt, rt), (coef, thr) = regions
+    af = fitted
+    assert af.n_leaves_ == 3
+    assert adjusted_rand_score(region, af.apply(X)) >= 0.8
+    assert adjusted_rand_score(rt, af.apply(Xt)) >= 0.8
+    leaf_ll = log_loss(yt, af.predict_proba(Xt), labels=[0, 1, 2, 3])
+    global_ll = log_loss(yt, af.global_model_.predict_proba(Xt), labels=[0, 1, 2, 3])
+    central_ll = log_loss(yt, OrdinalRegression().fit(X, y).predict_proba(Xt),
+                          labels=[0, 1, 2, 3])
+    oracle_ll = log_loss(yt, _oracle_proba(Xt, rt, coef, thr), labels=[0, 1, 2, 3])
+    assert leaf_ll < 0.9 * global_ll
+    assert leaf_ll < 0.9 * central_ll
+    assert leaf_ll < 1.03 * oracle_ll
+
+
+def test_leaf_models_estimate_their_regions(regions, fitted):
+    (X, _, region), _, (coef, _) = regions
+    af = fitted
+    leaf = af.apply(X)
+    for pos, model in enumerate(af.local_models_):
+        r = np.bincount(region[leaf == pos]).argmax()
+        z = np.abs(model.coef_ - coef[r]) / model.bse_[: coef.shape[1]]
+        assert z.max() < 4.5, (pos, z)
+
+
+def test_prediction_routes_each_row_to_its_leaf_model(regions, fitted):
+    _, (Xt, _, _), _ = regions
+    af = fitted
+    leaf = af.apply(Xt)
+    proba = af.predict_proba(Xt)
+    for pos, model in enumerate(af.local_models_):
+        rows = leaf == pos
+        np.testing.assert_allclose(proba[rows], model.predict_proba(Xt[rows]), rtol=1e-12)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    cum = af.predict_cumulative_proba(Xt)
+    np.testing.assert_allclose(cum[:, 0], proba[:, 0])
+    p, lo, hi = af.predict_proba_ci(Xt[:50])
+    np.testing.assert_allclose(p, proba[:50])
+    assert np.all((lo <= p + 1e-12) & (p <= hi + 1e-12))
+    assert np.array_equal(af.predict(Xt), af.classes_[proba.argmax(axis=1)])
+
+
+def test_fitted_attributes(regions, fitted):
+    (X, _, _), _, _ = regions
+    af = fitted
+    tree = af.partition_
+    assert tree.n_leaves == af.n_leaves_ == len(af.local_models_)
+    assert tree.sizes.sum() == X.shape[0]
+    assert af.global_model_.n_subsets_ == af.n_leaves_
+    np.testing.assert_array_equal(af.coef_, af.global_model_.coef_)
+    assert af.global_model_.q_pvalue_ < 1e-10  # the leaves differ, and Q says so
+    assert set(af.profile_.leaves) == set(tree.leaves)
+    assert all(lp.importance_source == "local model" for lp in af.profile_.leaves.values())
+    assert af.schedule_.imbalance >= 1.0
+    assert af.schedule_.bytes_to_move == X.shape[0] * (X.shape[1] + 2) * 8
+    assert {"profile and partition", "fit leaves and pool"} <= set(af.timings_)
+    assert "Leaf" in str(af.local_models_[0].summary())
+    assert len(tree.describe()) == len(tree.nodes)
+
+
+def test_granularity_zero_is_the_static_divide_and_conquer_fit(regions):
+    (X, y, _), _, _ = regions
+    af = AdaptiveFederatedOrdinal(granularity=0.0, backend="serial", n_jobs=3,
+                                  random_state=4).fit(X, y)
+    dc = DivideConquerOrdinal(backend="serial", n_jobs=3, random_state=4).fit(X, y)
+    assert af.n_leaves_ == dc.n_subsets_ == 3
+    np.testing.assert_allclose(af.coef_, dc.coef_, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(af.cov_, dc.cov_, rtol=0, atol=1e-12)
+    # one region: every piece predicts with the pooled (global) model
+    np.testing.assert_allclose(af.predict_proba(X[:100]), dc.predict_proba(X[:100]), atol=1e-10)
+
+
+def test_more_workers_than_regions_deals_regions_out_into_pieces(regions):
+    (X, y, _), (Xt, _, _), _ = regions
+    af = AdaptiveFederatedOrdinal(granularity=0.5, backend="serial", n_jobs=5).fit(X, y)
+    tree = af.partition_
+    region_of = tree.region_of()
+    assert af.n_leaves_ == 5 and np.unique(region_of).shape[0] == 3
+    for r in np.unique(region_of):
+        members = np.flatnonzero(region_of == r)
+        for m in members[1:]:  # pieces of one region share its pooled model
+            np.testing.assert_array_equal(af.local_models_[m].coef_,
+                                          af.local_models_[members[0]].coef_)
+    # new rows reach the region's pieces, whose model is the same whichever piece
+    assert set(np.unique(af.apply(Xt))) == set(range(5))
+
+
+def test_serial_and_processes_give_bit_identical_results(regions, monkeypatch):
+    from fedgrain.backends import processes
+
+    monkeypatch.setattr(processes, "MIN_PARALLEL_WORK", 0)
+    (X, y, _), _, _ = regions
+    a = AdaptiveFederatedOrdinal(granularity=0.5, backend="serial", random_state=2).fit(X, y)
+    b = AdaptiveFederatedOrdinal(granularity=0.5, backend="processes", n_jobs=2,
+                                 random_state=2).fit(X, y)
+    assert json.dumps(a.partition_.to_dict()) == json.dumps(b.partition_.to_dict())
+    for attr in ("coef_", "thresholds_", "cov_"):
+        np.testing.assert_array_equal(getattr(a, attr), getattr(b, attr))
+    for ma, mb in zip(a.local_models_, b.local_models_, strict=True):
+        np.testing.assert_array_equal(ma.cov_, mb.cov_)
+
+
+def test_same_seed_same_model(regions):
+    (X, y, _), _, _ = regions
+    a = AdaptiveFederatedOrdinal(granularity=0.75, backend="serial", random_state=8).fit(X, y)
+    b = AdaptiveFederatedOrdinal(granularity=0.75, backend="serial", random_state=8).fit(X, y)
+    assert a.partition_.to_dict() == b.partition_.to_dict()
+    np.testing.assert_array_equal(a.predict_proba(X[:200]), b.predict_proba(X[:200]))
+
+
+def test_save_and_load_round_trip(regions, fitted, tmp_path):
+    _, (Xt, _, _), _ = regions
+    af = fitted
+    path = af.save(tmp_path / "model")
+    back = load(path)
+    assert isinstance(back, AdaptiveFederatedOrdinal)
+    np.testing.assert_array_equal(back.predict_proba(Xt), af.predict_proba(Xt))
+    np.testing.assert_array_equal(back.apply(Xt), af.apply(Xt))
+    assert back.partition_.to_dict() == af.partition_.to_dict()
+    assert back.profile_.to_dict() == af.profile_.to_dict()
+    assert back.schedule_.to_dict() == af.schedule_.to_dict()
+    np.testing.assert_array_equal(back.global_model_.subset_estimates_,
+                                  af.global_model_.subset_estimates_)
+    assert str(back.summary()) == str(af.summary())
+    assert str(back.local_models_[1].summary()) == str(af.local_models_[1].summary())
+
+
+def test_a_model_file_with_a_damaged_tree_fails_clearly(fitted, tmp_path):
+    from fedgrain.io import read_model_dir, write_model_dir
+
+    path = fitted.save(tmp_path / "model")
+    meta, arrays = read_model_dir(path)
+    meta["tree"]["nodes"][1]["parent"] = 5  # a child that does not name its parent
+    write_model_dir(tmp_path / "bad", meta, arrays)  # valid checksums, inconsistent content
+    with pytest.raises(ModelFileError, match="incomplete or inconsistent"):
+        load(tmp_path / "bad")
+
+
+def test_homogeneous_data_lose_nothing_against_the_centralized_fit():
+    X, y, *_ = make_regions(24_000, n_features=5, n_classes=4, n_regions=3, heterogeneity=0.0,
+                            random_state=11)
+    X, Xt, y, yt = X[:16_000], X[16_000:], y[:16_000], y[16_000:]
+    af = AdaptiveFederatedOrdinal(granularity=0.5, backend="serial").fit(X, y)
+    central = OrdinalRegression().fit(X, y)
+    ll_af = log_loss(yt, af.predict_proba(Xt), labels=[0, 1, 2, 3])
+    ll_c = log_loss(yt, central.predict_proba(Xt), labels=[0, 1, 2, 3])
+    assert np.unique(af.partition_.region_of()).shape[0] == 1  # nothing worth a split
+    assert ll_af <= 1.01 * ll_c
+    z = np.abs(np.r_[af.coef_, af.thresholds_] - np.r_[central.coef_, central.thresholds_])
+    assert np.all(z / central.bse_ < 0.5)
+
+
+def test_a_given_partition_is_used_as_it_is(regions):
+    (X, y, region), _, _ = regions
+    tree = PartitionTree(X.shape[1], 4, Standardizer.fit(X))
+    tree.split(tree.root, np.array([1.0, 0.0, 0.0, 0.0]), 3.0)
+    af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tree)
+    assert af.n_leaves_ == 2
+    np.testing.assert_array_equal(af.apply(X), (X[:, 0] > 3.0).astype(int))
+    assert af.partition_ is tree
+
+
+# ---- bad input ------------------------------------------------------------------------------
+@pytest.mark.parametrize("g", [1.5, -0.1, "fine", None, float("nan"), True])
+def test_granularity_outside_the_unit_interval(regions, g):
+    (X, y, _), _, _ = regions
+    with pytest.raises(ValueError, match="'granularity' parameter of AdaptiveFederatedOrdinal "
+                                         "must be a float in \\[0, 1\\]"):
+        AdaptiveFederatedOrdinal(granularity=g).fit(X[:500], y[:500])
+
+
+@pytest.mark.parametrize("m", [0, -5, 2.5, "10"])
+def test_bad_minimum_size_parameter(m):
+    X, y, *_ = make_regions(500, n_features=3, random_state=0)
+    with pytest.raises(ValueError, match="'min_subset_size' parameter"):
+        AdaptiveFederatedOrdinal(min_subset_size=m).fit(X, y)
+
+
+def test_minimum_size_larger_than_the_data():
+    X, y, *_ = make_regions(500, n_features=3, random_state=0)
+    with pytest.raises(DataError, match="min_subset_size=600 is larger than the data \\(500 "):
+        AdaptiveFederatedOrdinal(min_subset_size=600, backend="serial").fit(X, y)
+
+
+def test_minimum_size_too_small_for_a_covariance():
+    X, y, *_ = make_regions(2000, n_features=3, n_classes=4, random_state=0)
+    with pytest.raises(DataError, match="min_subset_size >= 30"):  # 5 x d, d = 3 + 3
+        AdaptiveFederatedOrdinal(min_subset_size=20, backend="serial").fit(X, y)
+
+
+def test_meta_learners_other_than_none_are_refused_for_now():
+    X, y, *_ = make_regions(500, n_features=3, random_state=0)
+    with pytest.raises(ValueError, match="'meta' parameter .* must be one of \\('none',\\)"):
+        AdaptiveFederatedOrdinal(meta="fomaml").fit(X, y)
+
+
+def test_inherited_parameters_are_checked_under_their_own_name():
+    X, y, *_ = make_regions(500, n_features=3, random_state=0)
+    with pytest.raises(ValueError, match="'alpha' parameter of AdaptiveFederatedOrdinal"):
+        AdaptiveFederatedOrdinal(alpha=-1.0).fit(X, y)
+
+
+def test_data_too_small_to_split_give_one_region_with_a_warning():
+    X, y, *_ = make_regions(150, n_features=3, n_classes=3, n_regions=2, random_state=0)
+    with pytest.warns(UserWarning, match="too small to split into two regions"):
+        af = AdaptiveFederatedOrdinal(granularity=1.0, backend="serial").fit(X, y)
+    assert np.unique(af.partition_.region_of()).shape[0] == 1
+
+
+def test_fewer_rows_than_parameters_name_the_estimator():
+    X, y, *_ = make_regions(6, n_features=5, n_classes=3, random_state=0)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    with pytest.raises(DataError, match="AdaptiveFederatedOrdinal needs more rows than"):
+        AdaptiveFederatedOrdinal(backend="serial").fit(X, y)
+
+
+def test_a_feature_constant_inside_a_region_takes_its_slope_from_the_global_model():
+    rng = np.random.default_rng(5)
+    n = 8000
+    group = rng.integers(0, 2, n).astype(float)  # the regions: a 0/1 feature
+    dose = np.where(group == 1, 1.0, rng.normal(size=n))  # constant where group == 1
+    x2 = rng.normal(size=n)
+    X = np.c_[group, dose, x2]
+    slope2 = np.where(group == 1, -1.5, 1.5)  # the model differs between the groups
+    latent = 0.8 * dose + slope2 * x2 + rng.logistic(size=n)
+    y = np.digitize(latent, [-1.0, 1.0])
+    tree = PartitionTree(3, 3, Standardizer.fit(X))
+    tree.split(tree.root, np.array([1.0, 0.0, 0.0]), 0.5)
+    with pytest.warns(IdentificationWarning, match="feature 'x1' \\(constant\\) carries no "
+                                                    "information in leaf"):
+        af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tree)
+    constant_leaf = af.local_models_[1]
+    assert "x1" in constant_leaf.results_.info["Not identified in the leaf"]
+    assert constant_leaf.coef_[1] == pytest.approx(af.coef_[1])
+    assert np.all(np.isfinite(constant_leaf.cov_))
+    # the leaf's own slope of x2 and its predictions are right despite the missing slope
+    assert constant_leaf.coef_[2] == pytest.approx(-1.5, abs=0.15)
+    assert af.local_models_[0].coef_[2] == pytest.approx(1.5, abs=0.15)
+    held = af.predict_proba(X)
+    assert np.all(np.isfinite(held)) and np.allclose(held.sum(axis=1), 1.0)
+
+
+def test_a_class_missing_from_a_leaf_is_not_identified_there():
+    rng = np.random.default_rng(6)
+    n = 6000
+    x0 = rng.normal(size=n)
+    x1 = rng.normal(size=n)
+    latent = 1.0 * x1 + rng.logistic(size=n)
+    y = np.digitize(latent, [-1.0, 0.5, 1.5])
+    y[(x0 > 0) & (y == 3)] = 2  # the top class never occurs in the right half
+    X = np.c_[x0, x1]
+    tree = PartitionTree(2, 4, Standardizer.fit(X))
+    tree.split(tree.root, np.array([1.0, 0.0]), 0.0)
+    with pytest.warns(IdentificationWarning, match="threshold '2\\|3' \\(no rows on one side\\)"):
+        af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tree)
+    right = af.local_models_[1]
+    assert np.all(np.diff(right.thresholds_) > 0)
+    assert "2|3" in right.results_.info["Not identified in the leaf"]
+    assert right.predict_proba(X[x0 > 0])[:, 3].mean() < 0.05
+
+
+def test_a_given_partition_must_fit_the_data():
+    X, y, *_ = make_regions(2000, n_features=3, n_classes=4, random_state=0)
+    with pytest.raises(TypeError, match="partition must be a fedgrain PartitionTree"):
+        AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition={"nodes": []})
+    wrong = PartitionTree(2, 4, Standardizer.fit(X[:, :2]))
+    with pytest.raises(DataError, match="made for 2 features and 4 classes; the data have 3"):
+        AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=wrong)
+    tiny = PartitionTree(3, 4, Standardizer.fit(X))
+    tiny.split(tiny.root, np.array([1.0, 0.0, 0.0]), np.sort(X[:, 0])[10])
+    with pytest.raises(DataError, match="fewer than min_subset_size"):
+        AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tiny)
+
+
+def test_no_warnings_on_clean_data(regions):
+    (X, y, _), _, _ = regions
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AdaptiveFederatedOrdinal(granularity=0.25, backend="serial").fit(X, y)
