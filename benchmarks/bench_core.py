@@ -4,8 +4,9 @@
 One run measures every tool on the same synthetic data (``fedgrain.datasets.make_ordinal``,
 K = 5 classes, AR(1) features with rho = 0.5, sparse truth, one seed) and writes the tables to
 ``docs/benchmarks.md`` together with the command that produced them, and the raw records to
-``benchmarks/results/`` (git-ignored). The page's inference section belongs to
-``bench_inference.py``: its marked blocks are kept when this script rewrites the page.
+``benchmarks/results/`` (git-ignored). The page's inference and adaptive sections belong to
+``bench_inference.py`` and ``bench_adaptive.py``: their marked blocks are kept when this script
+rewrites the page.
 
 Every tool runs in its own fresh subprocess (pinned to ``--cpus`` CPUs) that generates the data
 itself, measures its baseline memory, fits, and returns the fit's wall time, the peak memory of
@@ -50,7 +51,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from _config import DEFAULT_SIZES, K, parse_sizes  # noqa: E402
-from _report import derive, inference_blocks, render  # noqa: E402
+from _report import adaptive_blocks, derive, inference_blocks, render  # noqa: E402
 from _tools import SELF_MB, child_main  # noqa: E402
 
 QUICK_SIZES = "5e3x10,3e4x40"  # the second is big enough for fedgrain to use its workers
@@ -224,10 +225,10 @@ def machine_info() -> dict:
 
 
 def write_page(doc: dict, path: Path) -> None:
-    """Write the page, keeping the inference blocks that ``bench_inference.py`` wrote there."""
+    """Write the page, keeping the blocks ``bench_inference.py`` and ``bench_adaptive.py`` wrote."""
     old = path.read_text() if path.exists() else ""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(doc, inference_blocks(old)))
+    path.write_text(render(doc, inference_blocks(old), adaptive_blocks(old)))
 
 
 def main(argv=None) -> int:

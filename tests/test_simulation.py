@@ -1,8 +1,9 @@
 """Simulations with known truth (method.md 4, 4b).
 
 The fast tests check the pooled estimate against the centralized fit of the same composite
-likelihood, with random subsets and with a partition by feature ranges (method.md 5). The slow tests repeat fits over 200+ seeded data sets and check interval coverage:
-the cluster sandwich covers 93-97%, model-based intervals clearly less, the naive average of
+likelihood, with random subsets and with a partition by feature ranges (method.md 5). The slow
+tests repeat fits over 200+ seeded data sets and check interval coverage: the cluster sandwich
+covers 93-97%, model-based intervals clearly less, the naive average of
 un-debiased lasso fits is biased, and in small subsets only the refinement round restores the
 coverage of the extreme thresholds.
 """

@@ -90,6 +90,12 @@ class Node:
                    int(d["n_rows"]), dict(d["evidence"]))
 
 
+#: Up to this many hyperplanes, rows are routed through a table of all side codes.
+TABLE_PLANES = 12
+#: Rows routed at a time.
+ROUTE_BLOCK = 16_384
+
+
 class PartitionTree:
     """A partition of feature space into leaves; routes any row to exactly one leaf.
 
@@ -201,7 +207,10 @@ class PartitionTree:
 
     def merge(self, node_id: int) -> int:
         """Make an internal node a leaf again, dropping everything below it."""
-        node = self.nodes[node_id]
+        node = self.nodes.get(node_id)
+        if node is None or node.kind == "leaf":
+            raise ValueError(f"Node {node_id} is not an internal node of this tree; merge takes "
+                             "the parent of the leaves to merge.")
         stack = list(node.children)
         rows = 0
         while stack:
@@ -229,33 +238,96 @@ class PartitionTree:
         given row always lands in the same piece.
         """
         X = np.asarray(X, dtype=float)
-        out = np.empty(X.shape[0], dtype=np.int64)
-        position = {nid: i for i, nid in enumerate(self.leaves)}
-        planes = [n for n in self.nodes.values() if n.kind == "hyperplane"]
-        # every hyperplane's side for every row in one product (no row gathers of X)
-        column = {n.id: j for j, n in enumerate(planes)}
-        Z = np.array([n.a for n in planes]) @ X.T if planes else None  # (planes, rows)
-        stack = [(0, np.arange(X.shape[0]))]
-        while stack:
-            nid, rows = stack.pop()
-            node = self.nodes[nid]
-            if node.kind == "leaf":
-                out[rows] = position[nid]
-                continue
-            if node.kind == "hyperplane":
-                left = Z[column[nid]][rows] <= node.b
-                stack.append((node.children[0], rows[left]))
-                stack.append((node.children[1], rows[~left]))
+        position = np.full(max(self.nodes) + 1, -1, dtype=np.int32)
+        position[self.leaves] = np.arange(self.n_leaves)
+        return self._route_from(0, X, codes, position)
+
+    def _route_from(self, top: int, X: np.ndarray, codes, position: np.ndarray) -> np.ndarray:
+        """Leaf positions of rows entering the tree at node ``top``."""
+        end = self._ends(top, X)  # the leaf or random node each row reaches by hyperplanes
+        out = position[end]
+        randoms = [nd for nd in self.nodes.values() if nd.kind == "random"]
+        for node in randoms:
+            rows = np.flatnonzero(end == node.id)
+            if rows.size == 0:
                 continue
             k = len(node.children)
             if codes is not None:
-                piece = stratified_split(codes[rows], k, np.random.default_rng([self.seed,
-                                                                                 node.key]))
+                piece = stratified_split(codes[rows], k,
+                                         np.random.default_rng([self.seed, node.key]))
             else:
                 piece = self._hash_pieces(X[rows], node.key, k)
             for i, child in enumerate(node.children):
-                stack.append((child, rows[piece == i]))
+                mine = rows[piece == i]
+                if self.nodes[child].kind == "leaf":
+                    out[mine] = position[child]
+                elif mine.size:
+                    out[mine] = self._route_from(child, X[mine], None if codes is None
+                                                 else codes[mine], position)
         return out
+
+    def _ends(self, top: int, X: np.ndarray) -> np.ndarray:
+        """For each row, the first leaf or random node below ``top`` along the hyperplanes.
+
+        Rows go in blocks (no temporary of the data's size: fresh memory is slow to touch).
+        Up to :data:`TABLE_PLANES` hyperplanes, each block's sides are packed into one code
+        per row and a table of all codes gives the node; deeper trees descend per block.
+        """
+        planes, stack = [], [top]
+        while stack:
+            node = self.nodes[stack.pop()]
+            if node.kind == "hyperplane":
+                planes.append(node)
+                stack.extend(node.children)
+        n = X.shape[0]
+        end = np.empty(n, dtype=np.int32)  # 4 bytes a row: fresh pages are slow to touch
+        if not planes:
+            end[:] = top
+            return end
+        A = np.array([nd.a for nd in planes]).T
+        b = np.array([nd.b for nd in planes])
+        table = self._code_table(top, planes) if len(planes) <= TABLE_PLANES else None
+        column = {nd.id: j for j, nd in enumerate(planes)}
+        block = min(n, ROUTE_BLOCK)
+        Z = np.empty((block, len(planes)))
+        for a in range(0, n, block):
+            m = min(block, n - a)
+            Zb = np.matmul(X[a : a + m], A, out=Z[:m])
+            if table is not None:
+                packed = np.packbits(Zb <= b, axis=1, bitorder="little")
+                code = packed[:, 0].astype(np.int64)
+                if packed.shape[1] > 1:
+                    code |= packed[:, 1].astype(np.int64) << 8
+                end[a : a + m] = table[code]
+                continue
+            todo = [(top, np.arange(m))]
+            while todo:
+                nid, rows = todo.pop()
+                node = self.nodes[nid]
+                if node.kind != "hyperplane":
+                    end[a + rows] = nid
+                    continue
+                left = Zb[rows, column[nid]] <= node.b
+                todo.append((node.children[0], rows[left]))
+                todo.append((node.children[1], rows[~left]))
+        return end
+
+    def _code_table(self, top: int, planes: list[Node]) -> np.ndarray:
+        """For every code of hyperplane sides, the node (leaf or random) a row ends in."""
+        bit = {nd.id: j for j, nd in enumerate(planes)}
+        codes = np.arange(2 ** len(planes))
+        table = np.empty(codes.shape[0], dtype=np.int32)
+        stack = [(top, codes)]
+        while stack:
+            nid, cs = stack.pop()
+            node = self.nodes[nid]
+            if node.kind != "hyperplane":
+                table[cs] = nid
+                continue
+            left = (cs >> bit[nid]) & 1 == 1
+            stack.append((node.children[0], cs[left]))
+            stack.append((node.children[1], cs[~left]))
+        return table
 
     def _hash_pieces(self, X: np.ndarray, key: int, k: int) -> np.ndarray:
         direction = np.random.default_rng([self.seed, key, 7]).standard_normal(X.shape[1])
@@ -294,13 +366,23 @@ class PartitionTree:
             raise ValueError("the tree has no root")
         seen = 0
         for node in self.nodes.values():
+            if node.kind not in ("leaf", "hyperplane", "random"):
+                raise ValueError(f"node {node.id} has an unknown kind {node.kind!r}")
+            if (node.kind == "leaf") != (len(node.children) == 0):
+                raise ValueError(f"node {node.id} is a {node.kind} with "
+                                 f"{len(node.children)} children")
             for c in node.children:
-                if self.nodes[c].parent != node.id:
-                    raise ValueError(f"node {c} does not name {node.id} as its parent")
+                if c not in self.nodes or self.nodes[c].parent != node.id:
+                    raise ValueError(f"node {c} is missing or does not name {node.id} as "
+                                     "its parent")
             seen += len(node.children)
-            if node.kind == "hyperplane" and (node.a is None or node.a.shape[0] !=
-                                              self.n_features or len(node.children) != 2):
+            if node.kind == "hyperplane" and (
+                node.a is None or node.a.shape[0] != self.n_features or len(node.children) != 2
+                or not np.all(np.isfinite(node.a)) or not np.isfinite(node.b)
+            ):
                 raise ValueError(f"node {node.id} is not a valid hyperplane split")
+            if node.kind == "random" and len(node.children) < 2:
+                raise ValueError(f"node {node.id} deals rows out to fewer than 2 pieces")
         if seen != len(self.nodes) - 1:
             raise ValueError("the nodes do not form one tree")
 

@@ -217,7 +217,8 @@ def _valley_cut(sv: np.ndarray, median: bool = True) -> float | None:
     feature). A valley is the lowest such point with at least :data:`VALLEY_DEPTH` times its
     density on both sides; without one (a unimodal feature) the cut goes at the median, the
     midpoint of distinct values nearest to it for a discrete feature, or None when ``median``
-    is False.
+    is False. A feature with two values (0/1) is cut between them when each holds at least
+    10% of the rows: no data lie between, the deepest valley there is.
     """
     last = sv.shape[0] - 1
     lo, med, hi = sv[int(0.1 * last)], sv[last // 2], sv[int(np.ceil(0.9 * last))]
@@ -230,6 +231,8 @@ def _valley_cut(sv: np.ndarray, median: bool = True) -> float | None:
     else:
         cuts = np.linspace(lo, hi, VALLEY_GRID)
     inside = (cuts >= lo) & (cuts <= hi)
+    if new_value.shape[0] == 1:  # two values (a 0/1 feature): nothing lies between them
+        return float(cuts[0]) if lo < cuts[0] < hi else None
     median_cut = float(cuts[np.argmin(np.abs(cuts - med))]) if median else None
     if inside.sum() < 3:
         return median_cut

@@ -32,7 +32,7 @@ from .ordinal import composite_pass, initial_thresholds
 from .solvers import newton, runaway, solve_psd
 
 #: Rows a quick fit uses at most.
-QUICK_ROWS = 4_000
+QUICK_ROWS = 2_500
 #: Rows for the k-nearest-neighbour density, and its k.
 KNN_ROWS = 500
 KNN_K = 10
