@@ -58,9 +58,12 @@ def cost_part(N, p, K, reps):
              "| data | model | fit (s) | profile + partition (s) | share of fit | leaves | "
              "imbalance | MB placed |", "|---|---|---|---|---|---|---|---|"]
     verdicts = []
-    for label, het in (("8 regions, own models", 1.0), ("8 blobs, one model", 0.0)):
+    unequal = (1, 1, 1, 1, 2, 2, 3, 5)
+    for label, het, weights in (("8 regions, own models", 1.0, None),
+                                ("8 regions of unequal sizes (1:1:1:1:2:2:3:5)", 1.0, unequal),
+                                ("8 blobs, one model", 0.0, None)):
         X, y, region, *_ = make_regions(N, n_features=p, n_classes=K, n_regions=8,
-                                        heterogeneity=het, random_state=0)
+                                        heterogeneity=het, weights=weights, random_state=0)
         AdaptiveFederatedOrdinal(granularity=0.5, n_jobs=2).fit(X[:50_000], y[:50_000])
         t_dc, _, _ = _timed(lambda: DivideConquerOrdinal(n_jobs=2), X, y, reps)
         lines.append(f"| {label} | DivideConquerOrdinal (static) | {t_dc:.2f} | | | 2 | | |")

@@ -52,7 +52,7 @@ from .partition import PartitionTree
 from .shards import Standardizer
 
 #: Rows the tree is grown on at most.
-SAMPLE_ROWS = 100_000
+SAMPLE_ROWS = 50_000
 #: Split level at g = 1, and how many decades it falls to g -> 0.
 ALPHA_AT_ONE = 0.05
 ALPHA_DECADES = 6.0
