@@ -163,6 +163,7 @@ def test_save_and_load_round_trip(regions, fitted, tmp_path):
     assert back.partition_.to_dict() == af.partition_.to_dict()
     assert back.profile_.to_dict() == af.profile_.to_dict()
     assert back.schedule_.to_dict() == af.schedule_.to_dict()
+    assert back.timings_ == af.timings_
     np.testing.assert_array_equal(back.global_model_.subset_estimates_,
                                   af.global_model_.subset_estimates_)
     assert str(back.summary()) == str(af.summary())
@@ -198,10 +199,16 @@ def test_a_given_partition_is_used_as_it_is(regions):
     (X, y, region), _, _ = regions
     tree = PartitionTree(X.shape[1], 4, Standardizer.fit(X))
     tree.split(tree.root, np.array([1.0, 0.0, 0.0, 0.0]), 3.0)
+    before = tree.to_dict()
     af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tree)
     assert af.n_leaves_ == 2
     np.testing.assert_array_equal(af.apply(X), (X[:, 0] > 3.0).astype(int))
-    assert af.partition_ is tree
+    # the model owns a copy: the caller's tree is left as it was
+    assert af.partition_ is not tree and tree.to_dict() == before
+    # changing the fitted partition afterwards is caught, not silently mispredicted
+    af.partition_.split(af.partition_.leaves[0], np.array([0.0, 1.0, 0.0, 0.0]), 0.0)
+    with pytest.raises(ValueError, match="partition_ was changed .* after fitting"):
+        af.predict_proba(X[:5])
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -300,7 +307,9 @@ def test_a_class_missing_from_a_leaf_is_not_identified_there():
     right = af.local_models_[1]
     assert np.all(np.diff(right.thresholds_) > 0)
     assert "2|3" in right.results_.info["Not identified in the leaf"]
-    assert right.predict_proba(X[x0 > 0])[:, 3].mean() < 0.05
+    # half an expected observation of the top class among the leaf's rows (not the global
+    # model's share of it): what zero counts in the leaf say
+    assert right.predict_proba(X[x0 > 0])[:, 3].sum() == pytest.approx(0.5, abs=0.05)
 
 
 def test_a_given_partition_must_fit_the_data():
@@ -321,3 +330,103 @@ def test_no_warnings_on_clean_data(regions):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AdaptiveFederatedOrdinal(granularity=0.25, backend="serial").fit(X, y)
+
+
+def test_regions_without_a_density_gap_are_cut_where_the_model_changes():
+    rng = np.random.default_rng(0)
+    n = 18_000
+    X = rng.standard_normal((n, 2))
+    slope = np.where(X[:, 0] > 0, 1.5, -1.5)  # the slope of x1 flips at x0 = 0
+    y = np.digitize(slope * X[:, 1] + 0.5 * X[:, 0] + rng.logistic(size=n), [-1.5, 0, 1.5])
+    af = AdaptiveFederatedOrdinal(granularity=0.5, backend="serial").fit(X[:12_000], y[:12_000])
+    Xt, yt = X[12_000:], y[12_000:]
+    assert af.n_leaves_ == 2
+    assert adjusted_rand_score(Xt[:, 0] > 0, af.apply(Xt)) >= 0.9
+    oracle = class_proba(slope[12_000:] * Xt[:, 1] + 0.5 * Xt[:, 0], np.array([-1.5, 0, 1.5]))
+    assert log_loss(yt, af.predict_proba(Xt)) < 1.02 * log_loss(yt, oracle)
+
+
+def _group_data(n, seed):
+    """Regions given by a 0/1 feature, with the slope of x2 flipping between them."""
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, 2, n).astype(float)
+    x1, x2 = rng.normal(size=n), rng.normal(size=n)
+    latent = 0.8 * x1 + np.where(group == 1, -1.5, 1.5) * x2 + rng.logistic(size=n)
+    return np.c_[group, x1, x2], np.digitize(latent, [-1.0, 1.0])
+
+
+def test_regions_with_a_constant_feature_are_not_dealt_into_pieces():
+    X, y = _group_data(20_000, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IdentificationWarning)
+        af = AdaptiveFederatedOrdinal(granularity=0.5, backend="serial", n_jobs=4).fit(X, y)
+    assert af.n_leaves_ == 2  # two regions, each constant in the group: no pieces
+    assert adjusted_rand_score(X[:, 0], af.apply(X)) == 1.0
+    for model in af.local_models_:
+        assert "x0" in model.results_.info["Not identified in the leaf"]
+
+
+def test_a_filled_slope_leaves_the_leaf_rows_with_the_leaf_uncertainty():
+    X, y = _group_data(12_000, 2)
+    tree = PartitionTree(3, 3, Standardizer.fit(X))
+    tree.split(tree.root, np.array([1.0, 0.0, 0.0]), 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IdentificationWarning)
+        af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tree)
+    rows = X[:, 0] == 1
+    _, lo, hi = af.predict_proba_ci(X[rows][:400])
+    # the same leaf fitted alone, without its constant column
+    alone = DivideConquerOrdinal(n_subsets=1, backend="serial").fit(X[rows][:, 1:], y[rows])
+    _, lo1, hi1 = alone.predict_proba_ci(X[rows][:400, 1:])
+    np.testing.assert_allclose((hi - lo).mean(axis=0), (hi1 - lo1).mean(axis=0), rtol=0.1)
+
+
+def test_no_leaf_holds_a_single_class():
+    rng = np.random.default_rng(3)
+    n = 8000
+    X = np.r_[rng.normal(-4, 1, (n // 2, 2)), rng.normal(4, 1, (n // 2, 2))]
+    y = np.digitize(X[:, 1] + rng.logistic(size=n), [-5.5, -4, -2.5])
+    y[X[:, 0] > 0] = 1  # the right cluster is all class 1
+    af = AdaptiveFederatedOrdinal(granularity=1.0, backend="serial").fit(X, y)
+    leaf = af.apply(X)
+    for pos in range(af.n_leaves_):
+        assert np.unique(y[leaf == pos]).shape[0] >= 2
+    tree = PartitionTree(2, 4, Standardizer.fit(X))
+    tree.split(tree.root, np.array([1.0, 0.0]), 0.0)
+    with pytest.raises(DataError, match="holds one class only"):
+        AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tree)
+
+
+def test_a_bottom_class_missing_from_a_leaf_gets_an_edge_threshold():
+    rng = np.random.default_rng(7)
+    n = 6000
+    x0, x1 = rng.normal(size=n), rng.normal(size=n)
+    y = np.digitize(1.0 * x1 + rng.logistic(size=n), [-1.5, -0.5, 1.0])
+    y[(x0 > 0) & (y == 0)] = 1  # the bottom class never occurs in the right half
+    X = np.c_[x0, x1]
+    tree = PartitionTree(2, 4, Standardizer.fit(X))
+    tree.split(tree.root, np.array([1.0, 0.0]), 0.0)
+    with pytest.warns(IdentificationWarning, match="threshold '0\\|1' \\(no rows on one side\\)"):
+        af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tree)
+    right = af.local_models_[1]
+    assert np.all(np.diff(right.thresholds_) > 0)
+    # half an expected observation of class 0 among the leaf's rows: what zero counts say
+    expected = right.predict_proba(X[x0 > 0])[:, 0].sum()
+    assert expected == pytest.approx(0.5, abs=0.05)
+
+
+def test_refresh_profile_from_new_labelled_rows(regions, fitted):
+    import copy
+
+    _, (Xt, yt, _), _ = regions
+    af = copy.deepcopy(fitted)
+    before = {k: v.n_rows for k, v in af.profile_.leaves.items()}
+    prof = af.refresh_profile(Xt[:3000], yt[:3000])
+    leaf = af.apply(Xt[:3000])
+    for pos, nid in enumerate(af.partition_.leaves):
+        assert prof[nid].n_rows == int((leaf == pos).sum()) != before[nid]
+        np.testing.assert_array_equal(prof[nid].class_counts,
+                                      np.bincount(yt[:3000][leaf == pos], minlength=4))
+        assert prof[nid].importance_source == "screening"
+    with pytest.raises(ValueError, match="y"):
+        af.refresh_profile(Xt[:10], np.full(10, 9))

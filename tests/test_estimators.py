@@ -281,7 +281,7 @@ def test_running_out_of_iterations_warns_instead_of_claiming_separation():
     X, y, _, _ = make_ordinal(3000, 3, 4, random_state=0)
     with pytest.warns(ConvergenceWarning, match="did not converge in max_iter=1"):
         OrdinalRegression(max_iter=1).fit(X, y)
-    with pytest.warns(ConvergenceWarning, match=r"subset\(s\) \[0, 1\] did not converge"):
+    with pytest.warns(ConvergenceWarning, match=r"subset\(s\) \[1, 2\] of 2 did not converge"):
         DivideConquerOrdinal(max_iter=1, n_subsets=2, backend="serial").fit(X, y)
 
 

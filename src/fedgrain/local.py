@@ -165,8 +165,9 @@ class _Centring:
     """Coordinates ``(beta, theta - m' beta)``: thresholds of features centred at ``m``.
 
     With ``x = B xc`` (``B`` adds ``m' beta`` to every threshold), an oracle in ``x`` becomes one
-    in ``xc`` by the chain rule: gradient ``B' g``, Hessian and meat ``B' H B``. The L1
-    penalty is on ``beta``, which the map leaves alone.
+    in ``xc`` by the chain rule: gradient ``B' g``, Hessian and meat ``B' H B``. The map leaves
+    ``beta`` alone, so an L1 penalty on the slopes means the same in both coordinates (one on
+    the thresholds would not: ``fit_local`` does not centre then).
     """
 
     def __init__(self, n_features: int, m: np.ndarray):
@@ -255,8 +256,10 @@ def _lambda_max(prob: _Problem, pen: np.ndarray, n_eff: float) -> float:
     return float(max(ratio.max(initial=0.0), 1e-8))
 
 
-def _fit_path(prob, oracle, pen, n_eff, lambdas, settings):
-    x = _start(prob)
+def _fit_path(prob, oracle, pen, n_eff, lambdas, settings, centre):
+    """Lasso fits along ``lambdas``, warm-started, in ``centre``'s coordinates."""
+    oracle = centre.wrap(oracle)
+    x = centre.forward(_start(prob))
     out = []
     for lam in lambdas:
         res = proximal_newton(
@@ -267,7 +270,7 @@ def _fit_path(prob, oracle, pen, n_eff, lambdas, settings):
     return out
 
 
-def _choose_alpha(prob, pen, n_eff, settings, rng) -> float:
+def _choose_alpha(prob, pen, n_eff, settings, rng, centre) -> float:
     alpha = settings.alpha
     d = prob.size
     if not isinstance(alpha, str):
@@ -277,7 +280,7 @@ def _choose_alpha(prob, pen, n_eff, settings, rng) -> float:
     lmax = _lambda_max(prob, pen, n_eff)
     lambdas = lmax * np.geomspace(1.0, PATH_MIN_RATIO, PATH_LENGTH)
     if alpha == "bic":
-        fits = _fit_path(prob, prob.oracle(), pen, n_eff, lambdas, settings)
+        fits = _fit_path(prob, prob.oracle(), pen, n_eff, lambdas, settings, centre)
         n_th = prob.thresholds.shape[0]
         nf = prob.features.shape[0]
         bic = [
@@ -300,8 +303,8 @@ def _choose_alpha(prob, pen, n_eff, settings, rng) -> float:
         w_train = np.where(test, 0.0, base)
         w_test = np.where(test, base, 0.0)
         n_train = float(w_train.sum())
-        fits = _fit_path(prob, prob.oracle(w_train), pen, n_train, lambdas, settings)
-        test_oracle = prob.oracle(w_test)
+        fits = _fit_path(prob, prob.oracle(w_train), pen, n_train, lambdas, settings, centre)
+        test_oracle = centre.wrap(prob.oracle(w_test))
         for i, r in enumerate(fits):
             dev[i] += test_oracle(r.x, loss=True, order=0).loss
     return float(lambdas[int(np.argmin(dev))])
@@ -384,14 +387,17 @@ def fit_local(
         [scales[prob.features],
          np.full(prob.thresholds.shape[0], 1.0 if settings.penalize_thresholds else 0.0)]
     )
-    alpha = _choose_alpha(prob, pen, n_eff, settings, np.random.default_rng(seed))
-    oracle = prob.oracle()
-    lam = alpha * pen
     # Solve with the thresholds of locally centred features: a subset whose features sit far
     # from the global means (an adaptive leaf) otherwise has thresholds and slopes so
-    # correlated that coordinate descent crawls. The map is linear; results come back in the
-    # global coordinates.
-    centre = _Centring(prob.features.shape[0], means[prob.features])
+    # correlated that coordinate descent crawls. The map is linear and leaves the slopes (the
+    # penalised coordinates) alone; results come back in the global coordinates. Not when the
+    # thresholds are penalised too: the penalty would then fall on the centred thresholds.
+    m = np.zeros(prob.features.shape[0]) if settings.penalize_thresholds else \
+        means[prob.features]
+    centre = _Centring(prob.features.shape[0], m)
+    alpha = _choose_alpha(prob, pen, n_eff, settings, np.random.default_rng(seed), centre)
+    oracle = prob.oracle()
+    lam = alpha * pen
 
     def sub_oracle(rows):
         made = _subsample(prob, rows)
@@ -431,7 +437,7 @@ def _edges(prob: _Problem, est: np.ndarray) -> np.ndarray | None:
     estimate: the likelihood pushes it to infinity. Its *edge* is the value at which the
     subset's rows would expect half an observation above it (a rule-of-succession estimate:
     what zero counts in ``n`` rows say); likewise below for missing bottom classes. Computed
-    for the missing threshold next to the identified ones on each side, in the subset's
+    for the missing threshold next to the classes present, on each side, in the subset's
     coordinates (shifted like its other thresholds); NaN elsewhere. None when every threshold
     is identified.
     """
@@ -443,14 +449,14 @@ def _edges(prob: _Problem, est: np.ndarray) -> np.ndarray | None:
     eta = prob.X[:, prob.features] @ est[:nf] if nf else np.zeros(prob.y.shape[0])
     w = np.ones_like(eta) if prob.w is None else prob.w
     out = np.full(K1, np.nan)
-    ident = prob.thresholds
-    # the missing thresholds next to the identified ones (or the outermost, with none)
-    top = missing[missing > ident.max()].min(initial=K1) if ident.size else missing.max()
-    bottom = missing[missing < ident.min()].max(initial=-1) if ident.size else missing.min()
-    for k in {int(top), int(bottom)}:
+    present = prob.y if prob.w is None else prob.y[prob.w > 0]
+    top, bottom = int(present.max()), int(present.min()) - 1
+    # threshold ``top`` is the first with no row above it, ``bottom`` the last with none at or
+    # below it: the missing thresholds next to the classes the subset has
+    for k in {top, bottom}:
         if not 0 <= k < K1:
             continue
-        if np.all(prob.y <= k):  # nothing above threshold k: P(Y > k) sums to 1/2
+        if k == top:  # nothing above threshold k: P(Y > k) sums to 1/2
             def target(t):
                 return w @ expit(eta - t) - 0.5
         else:  # nothing at or below threshold k: P(Y <= k) sums to 1/2

@@ -14,10 +14,12 @@ score test of :func:`fedgrain.profile.split_test` at the node's quick fit (at mo
 ``Q`` of method.md 5, a chi-square with ``df`` degrees of freedom when one model holds on both
 sides, at the cost of one pass over the candidate's left rows.
 
-**Which cut.** Density decides where to cut: among the candidates that are clearly significant
-(``p < 5e-8`` after the Bonferroni correction below), the one with the fewest rows within
-:data:`BOUNDARY_BAND` standard deviations of its boundary (the fewest rows on the fence, so the
-fewest misrouted); when none is, the one with the largest expected gain.
+**Which cut.** The candidate with the largest expected gain (below), unless another one that is
+clearly significant (``p < 5e-8`` after the Bonferroni correction below) and promises at least
+half that gain cuts through much sparser data: at most half as many rows within
+:data:`BOUNDARY_BAND` standard deviations of its boundary (a gap between clusters, so fewer
+rows on the fence and fewer misrouted). Between well separated regions that prefers the clean
+cut to one through a cluster's edge; without a gap, gain decides.
 
 **Which node first.** The split that promises most goes first: the expected gain in held-out
 log-likelihood, ``(Q n_node / n_quick - 2 df) / 2`` (``Q`` grows with the rows behind it, and a
@@ -34,10 +36,22 @@ grows):
 - ``g = 0``: no region at all, only the static division.
 
 Every node's choices are seeded by its position in the tree (``Node.key``), not by the order of
-growth, so the same seed gives the same tree and trees for larger ``g`` extend those for smaller.
+growth, so the same seed gives the same tree. A node's evaluation does not depend on ``g``, so
+the nodes eligible at ``g`` stay eligible at any larger ``g`` and the number of regions,
+``min(budget, eligible closure)``, never decreases (the trees nest as well while the budget does
+not bind; when it binds, a larger ``g`` may spend it on another node). Exactly so when the tree
+is grown on all rows, up to :data:`SAMPLE_ROWS`; on a sample, a split whose leaf turns out
+smaller than ``min_subset_size`` (or with one class) once every row is routed is merged back,
+which can, rarely, undo a split at one granularity and not at another.
+
+Tests use at most :data:`fedgrain.profile.QUICK_ROWS` rows of a node, so on large data a
+difference too small to see in that many rows is not split even at ``g = 1``; the expected gain
+of a split is scaled to the node's full size.
 When there are fewer regions than workers, the largest regions are dealt out at random into
 pieces (at least ``min_subset_size`` rows each), so every worker has a subset; with ``g = 0`` this
-is exactly the patent's static division.
+is exactly the patent's static division. (With more than two workers, regions near a multiple
+of ``min_subset_size`` can hold fewer pieces than the undivided data, so the number of *regions*
+is monotone in ``g`` always, the number of leaves with up to two workers.)
 """
 
 from __future__ import annotations
@@ -61,6 +75,12 @@ N_FEATURE_CANDIDATES = 2
 #: Half-width (standard deviations along the cut's normal) of the band whose share of rows
 #: measures how crowded a cut is.
 BOUNDARY_BAND = 0.5
+#: Candidates this significant (after the Bonferroni correction) and with at least this share
+#: of the best expected gain compete on how crowded their boundary is.
+CLEAR_LEVEL = 5e-8
+NEAR_BEST_GAIN = 0.5
+#: ... when at most this share of the best candidate's rows lie near their boundary.
+SPARSER = 0.5
 #: Grid of cut points searched for the density valley of a feature.
 VALLEY_GRID = 41
 #: A valley must be this many times less dense than the densest points on both of its sides.
@@ -176,19 +196,27 @@ class _Grower:
             share = float(left_q.mean())
             if min(share, 1.0 - share) * rows.shape[0] < self.min_sample:
                 continue
+            if min(np.unique(yq[left_q]).shape[0], np.unique(yq[~left_q]).shape[0]) < 2:
+                continue  # a one-class side has no model of its own (its rows are separated)
             q, df = prof.split_test(Xq, yq, wq, fit, left_q, whole)
             if df > 0:
                 crowd = float(np.mean(np.abs(z - b) < BOUNDARY_BAND * np.linalg.norm(a)))
                 cands.append(_Candidate(label, a, b, None, q, df, 0.5 * (q * scale - 2 * df),
                                         crowd))
-        # Where to cut: through the sparsest data among the clearly significant candidates
-        # (fewest rows near the boundary, so fewest misrouted); otherwise the largest gain.
-        # Neither choice depends on the granularity, which only decides whether to split.
-        clear = [c for c in cands
-                 if prof.q_pvalue(c.q, c.df) * len(proposals) < split_level(1e-9)]
-        rest = [c for c in cands if c not in clear]
-        ranked = (sorted(clear, key=lambda c: (c.crowding, -c.gain))
-                  + sorted(rest, key=lambda c: -c.gain))
+        # Where to cut: by gain, unless a clearly significant candidate with at least half the
+        # best gain cuts through much sparser data (at most half as many rows near its
+        # boundary: a gap, so fewer rows misrouted). Neither choice depends on the granularity,
+        # which only decides whether to split.
+        by_gain = sorted(cands, key=lambda c: -c.gain)
+        ranked = by_gain
+        if by_gain:
+            best = by_gain[0]
+            cleaner = [c for c in by_gain if c.gain >= NEAR_BEST_GAIN * best.gain
+                       and c.crowding <= SPARSER * best.crowding
+                       and prof.q_pvalue(c.q, c.df) * len(proposals) < CLEAR_LEVEL]
+            if cleaner:
+                pick = min(cleaner, key=lambda c: c.crowding)
+                ranked = [pick] + [c for c in by_gain if c is not pick]
         Xn = None
         for cand in ranked:  # the sizes above were estimated on the subsample: check them
             if sub.shape[0] == rows.shape[0]:
@@ -301,11 +329,11 @@ def grow(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, *, std: Standar
             consider(right_id, fits[nid].estimate)
         leaf = tree.route(X)
         tree.count(leaf)
-        leaf = _enforce_min_size(tree, X, leaf, min_size)
+        leaf = _enforce_leaf_rules(tree, X, codes, leaf, min_size)
     else:
         leaf = np.zeros(n, dtype=np.int64)
         tree.count(leaf)
-    if _deal_out(tree, n_pieces, min_size):
+    if _deal_out(tree, n_pieces, min_size, X, codes, leaf):
         leaf = tree.route(X, codes)
         tree.count(leaf)
     profile = profile_leaves(tree, X, codes, w, leaf, seed=seed, feature_names=feature_names,
@@ -345,31 +373,43 @@ def profile_leaves(tree: PartitionTree, X, codes, w, leaf, *, seed: int,
     return prof.DataProfile(profiles, feature_names)
 
 
-def _enforce_min_size(tree: PartitionTree, X, leaf, min_size: int) -> np.ndarray:
-    """Merge splits whose leaves fell below ``min_size`` once all rows were routed.
+def _enforce_leaf_rules(tree: PartitionTree, X, codes, leaf, min_size: int) -> np.ndarray:
+    """Merge splits whose leaves fell below ``min_size`` or hold one class, once all rows were
+    routed.
 
-    Only possible when the tree was grown on a sample: the sample's proportions estimate the
-    sizes.
+    Only possible when the tree was grown on a sample: the sample estimates the leaves.
     """
     while True:
-        small = [nid for nid, s in zip(tree.leaves, tree.sizes, strict=True) if s < min_size]
-        if not small or tree.n_leaves == 1:
+        K = tree.n_classes
+        seen = np.bincount(leaf * K + codes, minlength=tree.n_leaves * K).reshape(-1, K) > 0
+        bad = [nid for nid, s, c in zip(tree.leaves, tree.sizes, seen.sum(axis=1), strict=True)
+               if s < min_size or c < 2]
+        if not bad or tree.n_leaves == 1:
             return leaf
-        tree.merge(tree.nodes[small[0]].parent)
+        tree.merge(tree.nodes[bad[0]].parent)
         leaf = tree.route(X)
         tree.count(leaf)
 
 
-def _deal_out(tree: PartitionTree, n_pieces: int, min_size: int) -> bool:
+def _deal_out(tree: PartitionTree, n_pieces: int, min_size: int, X, codes, leaf) -> bool:
     """Divide the largest regions at random until there are ``n_pieces`` leaves, if sizes allow.
 
-    Returns whether any region was divided.
+    A region with a constant feature or an absent class is not divided: its pieces would all
+    lack the same parameter, so their pooled model would not identify it (one leaf identifies
+    what it can, and the leaf model fills in the rest). Returns whether any region was divided.
     """
     regions = tree.leaves
     sizes = tree.sizes.astype(float)
+    whole = np.ones(len(regions), dtype=bool)
+    if len(regions) > 1:  # the whole data have no constant column and every class
+        K = tree.n_classes
+        counts = np.bincount(leaf * K + codes, minlength=len(regions) * K).reshape(-1, K)
+        for pos in range(len(regions)):
+            Xr = X[leaf == pos]
+            whole[pos] = bool((counts[pos] > 0).all() and (np.ptp(Xr, axis=0) > 0).all())
     k = np.ones(len(regions), dtype=np.int64)
     while k.sum() < n_pieces:
-        room = sizes / (k + 1) >= min_size
+        room = (sizes / (k + 1) >= min_size) & whole
         if not room.any():
             break
         j = int(np.argmax(np.where(room, sizes / k, -1.0)))
@@ -381,6 +421,11 @@ def _deal_out(tree: PartitionTree, n_pieces: int, min_size: int) -> bool:
 
 
 def leaf_seeds(tree: PartitionTree, seed: int) -> list[int]:
-    """A seed per leaf from its position in the tree (the same however the tree was grown)."""
-    return [int(np.random.SeedSequence([seed, tree.nodes[nid].key]).generate_state(1)[0]
-                >> 1) for nid in tree.leaves]
+    """A seed per leaf from its position in the tree (the same however the tree was grown).
+
+    A random piece's key (``1000 key + i``) could equal a deep hyperplane node's, so pieces
+    are told apart in the seed's entropy.
+    """
+    region = tree.region_of()
+    return [int(np.random.SeedSequence([seed, tree.nodes[nid].key, int(region[i] != nid)])
+                .generate_state(1)[0] >> 1) for i, nid in enumerate(tree.leaves)]

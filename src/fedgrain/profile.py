@@ -306,7 +306,7 @@ class DataProfile:
     Examples
     --------
     >>> af.profile_.frame()          # doctest: +SKIP
-    >>> af.profile_.refresh(af.partition_, X_new, y_new)  # doctest: +SKIP
+    >>> af.refresh_profile(X_new, y_new)  # doctest: +SKIP
     """
 
     def __init__(self, leaves: dict[int, LeafProfile], feature_names: list[str]):
@@ -325,10 +325,11 @@ class DataProfile:
                                        importance_source="local model")
 
     def refresh(self, partition, X, y, sample_weight=None, *, random_state: int = 0) -> None:
-        """Profile every leaf again from new data (raw encoded features and class codes).
+        """Profile every leaf again from new data: encoded features and class *codes*.
 
+        (``AdaptiveFederatedOrdinal.refresh_profile`` takes the user's columns and labels.)
         Leaves that receive no rows keep their profile. Importance comes from a quick fit on
-        each leaf's new rows.
+        each leaf's new rows (the screening importance, replacing the local model's).
         """
         X = np.asarray(X, dtype=float)
         y = np.asarray(y, dtype=np.intp)

@@ -9,6 +9,7 @@ leaves differ when it does not).
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -27,7 +28,13 @@ from ..results import OrdinalResults, parameter_names
 from ..schedule import Schedule, schedule
 from ..shards import Standardizer, build_shards
 from .base import OrdinalModel, is_int, is_real, param_error, register
-from .divide_conquer import DivideConquerOrdinal, _identified, _values, fit_partition
+from .divide_conquer import (
+    MIN_ROWS_PER_PARAM,
+    ROWS_PER_PARAM_FOR_ROUNDS,
+    DivideConquerOrdinal,
+    fit_partition,
+)
+from .leaves import LeafModel, leaf_view, region_estimates
 
 #: Default minimum leaf size, in rows per parameter: ``min_subset_size = 20 d`` (capped at the
 #: number of rows). A leaf's own model is used for prediction, so it needs more rows than the
@@ -37,30 +44,13 @@ META = ("none",)
 
 
 @register
-class LeafModel(OrdinalModel):
-    """The fitted model of one leaf (made by :class:`AdaptiveFederatedOrdinal`, not fitted alone).
-
-    Parameters a leaf does not identify are filled in, with the global model's uncertainty, and
-    listed in ``results_.info``: the slope of a feature constant in the leaf comes from the
-    global model (the leaf's thresholds absorb its effect); the threshold of a class the leaf
-    never saw sits where the leaf's rows would expect half an observation beyond it (what zero
-    counts say), and further such thresholds at the global model's gaps from it.
-    """
-
-    def __init__(self, leaf=0):
-        self.leaf = leaf
-
-    def fit(self, X, y, sample_weight=None):
-        raise NotImplementedError("Leaf models are made by AdaptiveFederatedOrdinal.fit.")
-
-
-@register
 class AdaptiveFederatedOrdinal(OrdinalModel):
     """Ordinal regression on an adaptive partition of the data, pooled with valid inference.
 
     ``fit`` profiles the data (density, feature importance, clusters), grows a partition tree
-    whose splits go where the data are dense, the important features vary and the model
-    changes, assigns the leaves to workers, fits the patent's de-biased L1 estimator on every
+    whose splits go where the model changes most (judged by a robust score test of one model on
+    both sides, on cuts between clusters and at density valleys of the features), assigns the
+    leaves to workers, fits the patent's de-biased L1 estimator on every
     leaf in parallel, and pools the leaves into a global model with inference. ``predict``
     routes each row to its leaf's model.
 
@@ -80,7 +70,9 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
     backend, n_jobs, random_state, alpha, variance, refine_rounds, debias, ridge,
     penalize_thresholds, levels, categorical, cv_folds, max_iter, tol :
         As for :class:`fedgrain.DivideConquerOrdinal`; they set every leaf's fit and the
-        pooling.
+        pooling. With fewer regions than workers (``n_jobs``, default all CPUs) regions are
+        dealt out into random pieces, one per worker: set ``n_jobs`` for a model that does not
+        depend on the machine.
 
     Attributes
     ----------
@@ -158,8 +150,6 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         return gm
 
     def _min_size(self, n: int, d: int) -> int:
-        from .divide_conquer import MIN_ROWS_PER_PARAM
-
         if self.min_subset_size is None:
             return min(MIN_LEAF_ROWS_PER_PARAM * d, n)
         m = int(self.min_subset_size)
@@ -210,10 +200,11 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                 tree, labels, prof = grown.tree, grown.leaf, grown.profile
                 if self.granularity > 0 and n < 2 * min_size:
                     how = (f"min_subset_size={min_size:,}" if self.min_subset_size is not None
-                           else f"{MIN_LEAF_ROWS_PER_PARAM} rows per parameter, d = {d}")
+                           else f"the default min_subset_size, {MIN_LEAF_ROWS_PER_PARAM} rows "
+                                f"per parameter for d = {d}, capped at the rows")
                     warn(f"The data ({n:,} rows) are too small to split into two regions of "
-                         f"at least {min(MIN_LEAF_ROWS_PER_PARAM * d, min_size):,} rows each "
-                         f"({how}); fitting one region.", UserWarning)
+                         f"at least {min_size:,} rows each ({how}); fitting one region.",
+                         UserWarning)
             else:
                 tree, labels, prof = self._given_partition(partition, Xm, codes, w, std, p, K,
                                                            min_size, seed, names)
@@ -232,6 +223,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         if tree.n_features != p or tree.n_classes != K:
             raise DataError(f"The partition was made for {tree.n_features} features and "
                             f"{tree.n_classes} classes; the data have {p} and {K}.")
+        tree = copy.deepcopy(tree)  # the model owns its tree; the caller's is left alone
+        tree.standardizer = std
         labels = tree.route(Xm, codes)
         tree.count(labels)
         small = [(nid, s) for nid, s in zip(tree.leaves, tree.sizes, strict=True)
@@ -241,7 +234,13 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                 f"Leaf {small[0][0]} of the given partition has {small[0][1]:,} rows, fewer "
                 f"than min_subset_size={min_size:,}; merge it (PartitionTree.merge) or lower "
                 "min_subset_size.")
-        tree.standardizer = std
+        classes = np.bincount(labels * K + codes, minlength=tree.n_leaves * K).reshape(-1, K)
+        single = np.flatnonzero((classes > 0).sum(axis=1) < 2)
+        if single.size:
+            raise DataError(
+                f"Leaf {tree.leaves[single[0]]} of the given partition holds one class only; "
+                "its rows carry no model of their own. Merge it with its sibling "
+                "(PartitionTree.merge on its parent).")
         prof = profile_leaves(tree, Xm, codes, w, labels, seed=seed, feature_names=names)
         return tree, labels, prof
 
@@ -255,6 +254,13 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         sizes = tree.sizes
         sched = schedule(sizes, len(names), backend.n_workers, groups=tree.siblings(),
                          row_bytes=(p + 2) * 8)
+        need = ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0) * len(names)
+        if tree.n_leaves > 1 and sizes.min() < need:
+            warn(f"Leaves of {int(sizes.min()):,} rows have fewer than "
+                 f"{need // len(names)} rows per parameter (d = {len(names)}): with "
+                 f"refine_rounds={self.refine_rounds} the pooled (global) estimate keeps part of "
+                 "their finite-sample bias. Use a larger refine_rounds or min_subset_size.",
+                 UserWarning)
         settings = gm._settings(K)
         refs = []
         try:
@@ -263,8 +269,9 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             clock.lap("place leaves")
             run = fit_partition(backend, refs, sched, settings, leaf_seeds(tree, seed),
                                 names=names, p=p, sizes=sizes,
-                                refine_rounds=self.refine_rounds, owner=self, unit="leaf")
-            regions = _region_estimates(backend, refs, sched, run, tree, settings,
+                                refine_rounds=self.refine_rounds, owner=self, unit="leaf",
+                                ids=tree.leaves)
+            regions = region_estimates(backend, refs, sched, run, tree, settings,
                                         self.refine_rounds, names, sizes)
             clock.lap("fit leaves and pool")
         finally:
@@ -280,7 +287,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         leaf_params, leaf_cov, notes = [], [], []
         region_of = tree.region_of()
         for pos, nid in enumerate(tree.leaves):
-            est, cov, filled = regions.get(int(region_of[pos])) or _leaf_view(
+            est, cov, filled = regions.get(int(region_of[pos])) or leaf_view(
                 run.fits[pos], run.estimate, run.cov, p)
             params, cov = std.to_raw(est, cov)
             params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
@@ -308,17 +315,43 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             m._set_fitted(self.schema_, self.target_, params[pos], covs[pos], results)
             models.append(m)
         self.local_models_ = models
+        self._leaf_ids = list(self.partition_.leaves)
         self._leaf_coef = params[:, :p]
         self._leaf_thresholds = params[:, p:]
 
+    def refresh_profile(self, X, y, sample_weight=None) -> DataProfile:
+        """Profile the leaves again from new labelled rows (``profile_``, updated in place).
+
+        Rows go to their leaves as in prediction; leaves that receive none keep their profile.
+        """
+        Xe = self._encode(X)
+        codes = self.target_.encode(y, what="y")
+        w = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        self._route(Xe)  # the partition must still be the fitted one
+        self.profile_.refresh(self.partition_, Xe, codes, w)
+        return self.profile_
+
     # ---- prediction -------------------------------------------------------------------------
     def apply(self, X) -> np.ndarray:
-        """The leaf (position in ``partition_.leaves`` and ``local_models_``) of each row."""
-        return self.partition_.route(self._encode(X))
+        """The leaf (position in ``partition_.leaves`` and ``local_models_``) of each row.
+
+        Rows of a region dealt out into random pieces go to a piece by a fixed pseudo-random
+        function of the row, not by the class-stratified deal of the training rows (use
+        ``partition_.route(X_encoded, class_codes)`` for that); the pieces share one model, so
+        predictions do not depend on which.
+        """
+        return self._route(self._encode(X))
+
+    def _route(self, Xe: np.ndarray) -> np.ndarray:
+        if self.partition_.leaves != self._leaf_ids:
+            raise ValueError(
+                "partition_ was changed (split or merged) after fitting, so its leaves no longer "
+                "match local_models_; fit again, or fit(X, y, partition=...) with the new tree.")
+        return self.partition_.route(Xe)
 
     def _routed(self, X):
         Xe = self._encode(X)
-        leaf = self.partition_.route(Xe)
+        leaf = self._route(Xe)
         eta = np.einsum("ij,ij->i", Xe, self._leaf_coef[leaf]) if Xe.shape[0] else np.zeros(0)
         return eta, self._leaf_thresholds[leaf]
 
@@ -336,7 +369,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
     def predict_proba_ci(self, X, alpha: float = 0.05):
         """Class probabilities with delta-method intervals, each row from its leaf model."""
         Xe = self._encode(X)
-        leaf = self.partition_.route(Xe)
+        leaf = self._route(Xe)
         K = self.classes_.shape[0]
         out = [np.empty((Xe.shape[0], K)) for _ in range(3)]
         for pos in np.unique(leaf):
@@ -351,8 +384,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         g_meta, g_arrays = self.global_model_._extra_state()
         meta = {"tree": self.partition_.to_dict(), "profile": self.profile_.to_dict(),
                 "schedule": self.schedule_.to_dict(), "global": g_meta,
-                "global_info": {k: str(v) for k, v in self.results_.info.items()},
-                "leaf_notes": self._leaf_notes}
+                "leaf_notes": self._leaf_notes, "timings": dict(self.timings_)}
         arrays = {"leaf_params": self._leaf_params,
                   "leaf_cov": np.array([m.cov_ for m in self.local_models_]),
                   **{f"global_{k}": v for k, v in g_arrays.items()}}
@@ -370,6 +402,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                                            if k.startswith("global_")})
         self.global_model_ = gm
         self.n_iter_ = gm.n_iter_
+        self.timings_ = dict(meta["timings"])
         L, d = self.n_leaves_, self.results_.params.shape[0]
         if arrays["leaf_params"].shape != (L, d) or arrays["leaf_cov"].shape != (L, d, d):
             raise ValueError("the leaf arrays do not match the partition")
@@ -387,82 +420,3 @@ class _Clock:
         now = time.perf_counter()
         self.laps[name] = self.laps.get(name, 0.0) + now - self._t
         self._t = now
-
-
-def _leaf_view(fit: local.LocalFit, fallback: np.ndarray, fallback_cov: np.ndarray, p: int):
-    """A leaf's estimate over all parameters (standardised coordinates), with its covariance.
-
-    Parameters the leaf does not identify are filled in (see :class:`LeafModel`) from
-    ``fallback`` (the global estimate) and the leaf's edge estimates; their covariance is the
-    global one. Returns ``(estimate, cov, filled)`` where ``filled`` lists them.
-    """
-    A, est_leaf = fit.design, fit.estimate
-    d = A.shape[1]
-    full = fallback.copy()
-    S = np.zeros((d, A.shape[0]))
-    known = np.zeros(d, dtype=bool)
-    rows = sorted(range(A.shape[0]), key=lambda r: int(np.flatnonzero(A[r]).max()) >= p)
-    for r in rows:
-        cols = np.flatnonzero(A[r])
-        k = cols.max()  # a feature row has one column; a threshold row's largest is its own
-        others = cols[cols != k]
-        full[k] = est_leaf[r] - A[r, others] @ full[others]
-        S[k, r] = 1.0
-        known[k] = True
-    # thresholds of classes the leaf never saw: the one next to the identified thresholds at
-    # the leaf's own edge estimate (local._edges), shifted back like the leaf's other
-    # thresholds; any further ones at the global model's gaps from it
-    placed = known.copy()
-    if fit.edges is not None:
-        absent = np.setdiff1d(np.arange(p), np.flatnonzero(known[:p]))
-        th_rows = np.flatnonzero(A[:, p:].any(axis=1))
-        offset = (-A[th_rows[0], absent] @ full[absent]) if absent.size and th_rows.size \
-            else 0.0
-        for k in np.flatnonzero(np.isfinite(fit.edges)):
-            full[p + k] = fit.edges[k] + offset
-            placed[p + k] = True
-    th_placed = np.flatnonzero(placed[p:])
-    for k in np.flatnonzero(~placed[p:]):
-        if th_placed.size:
-            j = th_placed[np.argmin(np.abs(th_placed - k))]
-            full[p + k] = full[p + j] + fallback[p + k] - fallback[p + j]
-    cov = S @ fit.cov @ S.T
-    miss = ~known
-    cov[np.ix_(miss, miss)] = fallback_cov[np.ix_(miss, miss)]
-    return full, cov, np.flatnonzero(miss).tolist()
-
-
-def _region_estimates(backend, refs, sched, run, tree: PartitionTree, settings,
-                      refine_rounds: int, names, sizes) -> dict:
-    """The pooled model of every region dealt out into random pieces: ``{region: view}``.
-
-    With one region the pieces' model is the global one; otherwise each region's pieces are
-    pooled and refined like the global model, over the region's pieces only.
-    """
-    region_of = tree.region_of()
-    regions = np.unique(region_of)
-    groups = {int(r): np.flatnonzero(region_of == r) for r in regions}
-    multi = {r: m for r, m in groups.items() if m.shape[0] > 1}
-    if not multi:
-        return {}
-    if regions.shape[0] == 1:
-        r = int(regions[0])
-        return {r: (run.estimate, run.cov, [])}
-    est = {r: _identified(combine.pool, names, [run.fits[i] for i in m]) for r, m in
-           multi.items()}
-    est = {r: (v.estimate, v.cov) for r, v in est.items()}
-    members = np.concatenate(list(multi.values()))
-    meat = local.meat_kind(settings.variance)
-    owner = {int(i): r for r, m in multi.items() for i in m}
-    for _ in range(refine_rounds):
-        tasks = [{"shard": refs[i], "params": est[owner[int(i)]][0], "meat": meat}
-                 for i in members]
-        where = {int(i): t for t, i in enumerate(members)}
-        bundles = [[where[i] for i in b if i in where] for b in sched.bundles()]
-        evals = _values(backend.map_bundles(local.evaluate_task, tasks,
-                                            [b for b in bundles if b]),
-                        sizes[members], "leaf")
-        for r, m in multi.items():
-            ev = [evals[where[int(i)]] for i in m]
-            est[r] = _identified(combine.refine, names, est[r][0], ev, settings.variance)
-    return {r: (e, c, []) for r, (e, c) in est.items()}

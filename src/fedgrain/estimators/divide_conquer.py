@@ -332,7 +332,7 @@ class PartitionRun:
 
 def fit_partition(backend: Backend, refs, sched, settings: local.LocalSettings,
                   seeds: list[int], *, names: list[str], p: int, sizes, refine_rounds: int,
-                  owner, unit: str = "subset") -> PartitionRun:
+                  owner, unit: str = "subset", ids=None) -> PartitionRun:
     """Fit every placed subset, pool the fits and run the refinement rounds (method.md 2-4b).
 
     The tasks run in the bundles of ``sched`` (a :class:`fedgrain.schedule.Schedule`); the
@@ -344,38 +344,45 @@ def fit_partition(backend: Backend, refs, sched, settings: local.LocalSettings,
     bundles = sched.bundles()
     tasks = [{"shard": r, "settings": settings, "seed": s}
              for r, s in zip(refs, seeds, strict=True)]
-    fits = _values(backend.map_bundles(local.fit_task, tasks, bundles, work=work), sizes, unit)
-    check_fits(fits, names, p, sizes, alpha=owner.alpha, max_iter=owner.max_iter, unit=unit)
-    pooled = _identified(combine.pool, names, fits)
+    fits = values_or_raise(backend.map_bundles(local.fit_task, tasks, bundles, work=work), sizes,
+                           unit, ids)
+    check_fits(fits, names, p, sizes, alpha=owner.alpha, max_iter=owner.max_iter, unit=unit,
+               ids=ids)
+    pooled = pool_or_explain(combine.pool, names, fits)
     est, cov = pooled.estimate, pooled.cov
     meat = local.meat_kind(settings.variance)
     for _ in range(refine_rounds):
-        evals = _values(
+        evals = values_or_raise(
             backend.map_bundles(local.evaluate_task,
                                 [{"shard": r, "params": est, "meat": meat} for r in refs],
                                 bundles, work=work),
-            sizes, unit,
+            sizes, unit, ids,
         )
-        est, cov = _identified(combine.refine, names, est, evals, settings.variance)
+        est, cov = pool_or_explain(combine.refine, names, est, evals, settings.variance)
     return PartitionRun(fits, pooled, est, cov)
 
 
 def check_fits(fits, names: list[str], p: int, sizes, *, alpha, max_iter: int,
-               unit: str = "subset") -> None:
-    """Separation is an error; non-convergence and unidentified parameters are warnings."""
+               unit: str = "subset", ids=None) -> None:
+    """Separation is an error; non-convergence and unidentified parameters are warnings.
+
+    ``ids`` name the subsets in messages (default ``1 .. M``, "of M"); the adaptive estimator
+    passes its leaves' node ids, as ``partition_.describe()`` shows them.
+    """
+    ids, of = (list(range(1, len(fits) + 1)), f" of {len(fits)}") if ids is None else (ids, "")
     separated = {m: f.separated for m, f in enumerate(fits) if f.separated}
     if separated:
         m, idx = next(iter(separated.items()))
         fix = ("use a positive alpha (for example alpha='rate')" if alpha == 0 else
                "remove or merge the separating feature(s)")
         raise SeparationError(
-            f"The classes are (quasi-)separated in {unit} {m + 1} of {len(fits)} "
+            f"The classes are (quasi-)separated in {unit} {ids[m]}{of} "
             f"({int(sizes[m]):,} rows): the fit runs off to infinity along "
             f"{', '.join(names[j] for j in idx)}; {fix}."
         )
-    slow = [m for m, f in enumerate(fits) if not f.converged]
+    slow = [ids[m] for m, f in enumerate(fits) if not f.converged]
     if slow:
-        warn(f"The lasso fit of {unit}(s) {slow} did not converge in max_iter="
+        warn(f"The lasso fit of {unit}(s) {slow}{of} did not converge in max_iter="
              f"{max_iter} iterations; increase max_iter.", ConvergenceWarning)
     where: dict[str, list[int]] = {}
     for m, f in enumerate(fits):
@@ -383,11 +390,11 @@ def check_fits(fits, names: list[str], p: int, sizes, *, alpha, max_iter: int,
             kind, j = note.split(":")
             label = (f"threshold '{names[p + int(j)]}' (no rows on one side)"
                      if kind == "threshold" else f"feature '{names[int(j)]}' (constant)")
-            where.setdefault(label, []).append(m)
+            where.setdefault(label, []).append(ids[m])
     for label, subsets in where.items():
         warn(
-            f"{label} carries no information in {unit}(s) {subsets} of {len(fits)}; it gets "
-            "zero weight there.", IdentificationWarning)
+            f"{label} carries no information in {unit}(s) {subsets}{of}; it gets zero weight "
+            "there.", IdentificationWarning)
 
 
 def _on_raw_scale(std: Standardizer, est, cov, p: int):
@@ -397,7 +404,7 @@ def _on_raw_scale(std: Standardizer, est, cov, p: int):
     return params, cov
 
 
-def _identified(step, names: list[str], *args):
+def pool_or_explain(step, names: list[str], *args):
     """Run a pooling step; parameters the data do not identify are a clear data error."""
     try:
         return step(*args)
@@ -429,12 +436,14 @@ def _subsets_on_raw_scale(fits, std: Standardizer):
     return tuple(np.array(a) for a in out)
 
 
-def _values(outcomes, sizes, unit: str = "subset") -> list:
-    """The values of successful outcomes; a failed subset is an error naming it."""
+def values_or_raise(outcomes, sizes, unit: str = "subset", ids=None) -> list:
+    """The values of successful outcomes; a failed subset is an error naming it (see
+    :func:`check_fits` for ``ids``)."""
     for o in outcomes:
         if not o.ok:
             rows = int(sizes[o.index])
-            where = f"{unit} {o.index + 1} of {len(outcomes)} ({rows:,} rows)"
+            name = f"{o.index + 1} of {len(outcomes)}" if ids is None else f"{ids[o.index]}"
+            where = f"{unit} {name} ({rows:,} rows)"
             raise SubsetError(f"Fitting {where} failed: {o.error_type}: {o.error}", o.traceback)
     return [o.value for o in outcomes]
 
