@@ -41,7 +41,7 @@ the nodes eligible at ``g`` stay eligible at any larger ``g`` and the number of 
 ``min(budget, eligible closure)``, never decreases (the trees nest as well while the budget does
 not bind; when it binds, a larger ``g`` may spend it on another node). Exactly so when the tree
 is grown on all rows, up to :data:`SAMPLE_ROWS`; on a sample, a split whose leaf turns out
-smaller than ``min_subset_size`` (or with one class) once every row is routed is merged back,
+smaller than ``min_subset_size`` once every row is routed is merged back,
 which can, rarely, undo a split at one granularity and not at another.
 
 Tests use at most :data:`fedgrain.profile.QUICK_ROWS` rows of a node, so on large data a
@@ -188,6 +188,7 @@ class _Grower:
                 a[j] = 1.0
                 proposals.append((f"feature {j}", a, cut))
         whole = prof._restricted_pass(Xq, yq, wq, fit)
+        node_counts = np.bincount(yq, minlength=self.K)
         scale = rows.shape[0] * self.factor / sub.shape[0]
         cands = []
         for label, a, b in proposals:
@@ -196,7 +197,8 @@ class _Grower:
             share = float(left_q.mean())
             if min(share, 1.0 - share) * rows.shape[0] < self.min_sample:
                 continue
-            if min(np.unique(yq[left_q]).shape[0], np.unique(yq[~left_q]).shape[0]) < 2:
+            counts = np.bincount(yq[left_q], minlength=self.K)
+            if min(np.count_nonzero(counts), np.count_nonzero(node_counts - counts)) < 2:
                 continue  # a one-class side has no model of its own (its rows are separated)
             q, df = prof.split_test(Xq, yq, wq, fit, left_q, whole)
             if df > 0:
@@ -329,7 +331,7 @@ def grow(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, *, std: Standar
             consider(right_id, fits[nid].estimate)
         leaf = tree.route(X)
         tree.count(leaf)
-        leaf = _enforce_leaf_rules(tree, X, codes, leaf, min_size)
+        leaf = _enforce_min_size(tree, X, leaf, min_size)
     else:
         leaf = np.zeros(n, dtype=np.int64)
         tree.count(leaf)
@@ -373,20 +375,18 @@ def profile_leaves(tree: PartitionTree, X, codes, w, leaf, *, seed: int,
     return prof.DataProfile(profiles, feature_names)
 
 
-def _enforce_leaf_rules(tree: PartitionTree, X, codes, leaf, min_size: int) -> np.ndarray:
-    """Merge splits whose leaves fell below ``min_size`` or hold one class, once all rows were
-    routed.
+def _enforce_min_size(tree: PartitionTree, X, leaf, min_size: int) -> np.ndarray:
+    """Merge splits whose leaves fell below ``min_size`` once all rows were routed.
 
-    Only possible when the tree was grown on a sample: the sample estimates the leaves.
+    Only possible when the tree was grown on a sample: the sample's proportions estimate the
+    sizes. (No leaf can hold one class: every side of a split had two classes among the
+    sample rows it was tested on, and routing all rows only adds rows.)
     """
     while True:
-        K = tree.n_classes
-        seen = np.bincount(leaf * K + codes, minlength=tree.n_leaves * K).reshape(-1, K) > 0
-        bad = [nid for nid, s, c in zip(tree.leaves, tree.sizes, seen.sum(axis=1), strict=True)
-               if s < min_size or c < 2]
-        if not bad or tree.n_leaves == 1:
+        small = [nid for nid, s in zip(tree.leaves, tree.sizes, strict=True) if s < min_size]
+        if not small or tree.n_leaves == 1:
             return leaf
-        tree.merge(tree.nodes[bad[0]].parent)
+        tree.merge(tree.nodes[small[0]].parent)
         leaf = tree.route(X)
         tree.count(leaf)
 
@@ -400,6 +400,8 @@ def _deal_out(tree: PartitionTree, n_pieces: int, min_size: int, X, codes, leaf)
     """
     regions = tree.leaves
     sizes = tree.sizes.astype(float)
+    if len(regions) >= n_pieces:
+        return False
     whole = np.ones(len(regions), dtype=bool)
     if len(regions) > 1:  # the whole data have no constant column and every class
         K = tree.n_classes

@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import special
-from sklearn.neighbors import NearestNeighbors
 
 from .local import _problem
 from .ordinal import composite_pass, initial_thresholds
@@ -194,8 +193,11 @@ def log_density(Xw: np.ndarray, share: float, rng: np.random.Generator) -> float
     if n > KNN_ROWS:
         Xw = Xw[np.sort(rng.choice(n, KNN_ROWS, replace=False))]
         n = KNN_ROWS
-    dist, _ = NearestNeighbors(n_neighbors=KNN_K + 1).fit(Xw).kneighbors(Xw)
-    r = np.maximum(dist[:, -1], 1e-12)
+    # exact distances among at most KNN_ROWS rows: one product, no index structure needed
+    sq = np.einsum("ij,ij->i", Xw, Xw)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (Xw @ Xw.T)
+    kth = np.partition(d2, KNN_K, axis=1)[:, KNN_K]  # column 0 is the row itself
+    r = np.sqrt(np.maximum(kth, 1e-24))
     log_unit_ball = 0.5 * p * np.log(np.pi) - special.gammaln(0.5 * p + 1)
     return float(np.log(share) + np.log(KNN_K / n) - log_unit_ball - p * np.mean(np.log(r)))
 
