@@ -14,8 +14,8 @@ each with its own cumulative-logit model; ``heterogeneity=0`` is one model every
 
 Run from the repository root, with nothing else running:
 
-    .venv/bin/python benchmarks/bench_adaptive.py --out docs/benchmarks.md   # about 3 minutes
-    .venv/bin/python benchmarks/bench_adaptive.py --quick                    # about 30 s
+    .venv/bin/python benchmarks/bench_adaptive.py --out docs/benchmarks.md   # about a minute
+    .venv/bin/python benchmarks/bench_adaptive.py --quick                    # about 15 s
 
 It prints markdown and, with ``--out``, writes it between the ``adaptive`` markers of the page.
 """
