@@ -71,10 +71,15 @@ def test_prediction_routes_each_row_to_its_leaf_model(regions, fitted):
     _, (Xt, _, _), _ = regions
     af = fitted
     leaf = af.apply(Xt)
+    unseen = af.unseen(Xt)
     proba = af.predict_proba(Xt)
+    assert unseen.mean() < 0.01  # held-out rows of the same regions are nearly all seen
     for pos, model in enumerate(af.local_models_):
-        rows = leaf == pos
+        rows = (leaf == pos) & ~unseen
         np.testing.assert_allclose(proba[rows], model.predict_proba(Xt[rows]), rtol=1e-12)
+    far = Xt[:5] + 50.0  # far outside every region: the global model predicts them
+    assert af.unseen(far).all()
+    np.testing.assert_allclose(af.predict_proba(far), af.meta_model_.predict_proba(far))
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
     cum = af.predict_cumulative_proba(Xt)
     np.testing.assert_allclose(cum[:, 0], proba[:, 0])
@@ -239,10 +244,17 @@ def test_minimum_size_too_small_for_a_covariance():
         AdaptiveFederatedOrdinal(min_subset_size=20, backend="serial").fit(X, y)
 
 
-def test_meta_learners_other_than_none_are_refused_for_now():
+@pytest.mark.parametrize("name, value, allowed", [
+    ("meta", "maml", "one of \\('none', 'fomaml', 'reptile', 'fedavg', 'fedprox'\\)"),
+    ("max_rounds", 0, "an int >= 1"), ("meta_tol", -1.0, "a float >= 0"),
+    ("inner_steps", 0, "an int >= 1"), ("validation_fraction", 0.9, "a float in \\[0.05, 0.5\\]"),
+    ("fedprox_mu", -1.0, "a float > 0 or None"),
+])
+def test_bad_meta_learning_parameters(name, value, allowed):
     X, y, *_ = make_regions(500, n_features=3, random_state=0)
-    with pytest.raises(ValueError, match="'meta' parameter .* must be one of \\('none',\\)"):
-        AdaptiveFederatedOrdinal(meta="fomaml").fit(X, y)
+    with pytest.raises(ValueError, match=f"'{name}' parameter of AdaptiveFederatedOrdinal must "
+                                         f"be {allowed}"):
+        AdaptiveFederatedOrdinal(**{name: value}).fit(X, y)
 
 
 def test_inherited_parameters_are_checked_under_their_own_name():

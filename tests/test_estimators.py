@@ -51,7 +51,8 @@ def _expected_failures(estimator):
 
 @parametrize_with_checks(
     [OrdinalRegression(), OrdinalRegression(alpha=0.01), DivideConquerOrdinal(),
-     AdaptiveFederatedOrdinal(), AdaptiveFederatedOrdinal(granularity=1.0)],
+     AdaptiveFederatedOrdinal(), AdaptiveFederatedOrdinal(granularity=1.0),
+     AdaptiveFederatedOrdinal(meta="fomaml")],
     expected_failed_checks=_expected_failures,
 )
 def test_scikit_learn_contract(estimator, check):

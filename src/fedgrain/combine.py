@@ -26,7 +26,8 @@ class Pooled:
     """Inverse-variance combination of the subsets.
 
     ``q``, ``q_df`` and ``i2`` are the joint heterogeneity statistic, its chi-square degrees of
-    freedom and ``max(0, (Q - df) / Q)``.
+    freedom and ``max(0, (Q - df) / Q)``; ``information`` is the data's summed Fisher
+    information ``sum A' H A`` (the subsets' Hessians at their fits).
     """
 
     estimate: np.ndarray
@@ -35,6 +36,7 @@ class Pooled:
     q_df: int
     q_pvalue: float
     i2: float
+    information: np.ndarray | None = None
 
 
 def precision(fit: LocalFit) -> tuple[np.ndarray, int]:
@@ -89,7 +91,7 @@ def pool(fits: Sequence[LocalFit]) -> Pooled:
     q_df = int(sum(rank for _, rank in pieces) - d)
     q_p = float(stats.chi2.sf(q, q_df)) if q_df > 0 else float("nan")
     i2 = max(0.0, (q - q_df) / q) if q > 0 and q_df > 0 else 0.0
-    return Pooled(est, cov, q, q_df, q_p, i2)
+    return Pooled(est, cov, q, q_df, q_p, i2, fisher)
 
 
 class NotIdentifiedError(ValueError):

@@ -37,6 +37,8 @@ KNN_ROWS = 500
 KNN_K = 10
 #: Rows for 2-means.
 KMEANS_ROWS = 2_000
+#: A leaf's range of a feature: from this lower to this upper quantile of its rows.
+RANGE_QUANTILE = 0.999
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,8 @@ def two_means(Xw: np.ndarray, rng: np.random.Generator, n_init: int = 1,
 class LeafProfile:
     """What the profiler knows about one leaf.
 
+    ``low`` and ``high`` are each feature's 0.1% and 99.9% quantiles among its rows: a row far
+    outside them belongs to a region the leaf has not seen.
     ``mean`` and ``centres`` are in the original (encoded) feature units; ``importance`` sums to
     one over the features (``importance_source`` says whether it comes from the screening fit
     or from the leaf's fitted local model); ``log_density`` compares between leaves.
@@ -261,13 +265,17 @@ class LeafProfile:
     importance: np.ndarray
     importance_source: str
     centres: np.ndarray
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         return {"n_rows": self.n_rows, "class_counts": self.class_counts.tolist(),
                 "mean": self.mean.tolist(),
                 "log_density": None if np.isnan(self.log_density) else self.log_density,
                 "importance": self.importance.tolist(),
-                "importance_source": self.importance_source, "centres": self.centres.tolist()}
+                "importance_source": self.importance_source, "centres": self.centres.tolist(),
+                "low": None if self.low is None else self.low.tolist(),
+                "high": None if self.high is None else self.high.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> LeafProfile:
@@ -276,7 +284,9 @@ class LeafProfile:
                    np.asarray(d["mean"], dtype=float),
                    float("nan") if d["log_density"] is None else float(d["log_density"]),
                    np.asarray(d["importance"], dtype=float), str(d["importance_source"]),
-                   np.asarray(d["centres"], dtype=float).reshape(-1, p))
+                   np.asarray(d["centres"], dtype=float).reshape(-1, p),
+                   None if d.get("low") is None else np.asarray(d["low"], dtype=float),
+                   None if d.get("high") is None else np.asarray(d["high"], dtype=float))
 
 
 def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_classes: int,
@@ -298,8 +308,10 @@ def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_cla
                    else centres / feature_weights(imp) * std.scale + std.mean)
     counts = np.bincount(y, weights=w, minlength=n_classes).astype(float)
     mean = (Xs.mean(axis=0) if w is None else w @ Xs / w.sum()) * std.scale + std.mean
+    low, high = (np.quantile(Xs, [1 - RANGE_QUANTILE, RANGE_QUANTILE], axis=0) * std.scale
+                 + std.mean) if Xs.shape[0] else (None, None)
     return LeafProfile(int(y.shape[0]), counts, mean, log_density(Xw, share, rng), imp,
-                       "screening", raw_centres)
+                       "screening", raw_centres, low, high)
 
 
 class DataProfile:

@@ -15,18 +15,19 @@ import time
 import numpy as np
 from sklearn.utils import check_random_state
 
-from .. import combine, local
+from .. import combine, local, meta
 from .._warnings import warn
 from ..backends import Backend, get_backend
 from ..data import prepare_fit
 from ..exceptions import DataError
-from ..ordinal import class_proba, cumulative_proba
+from ..ordinal import class_proba, composite_pass, cumulative_proba
 from ..partition import PartitionTree
 from ..partition_growth import grow, leaf_seeds, profile_leaves
 from ..profile import DataProfile
 from ..results import OrdinalResults, parameter_names
 from ..schedule import Schedule, schedule
 from ..shards import Standardizer, build_shards
+from ..solvers import solve_psd
 from .base import OrdinalModel, is_int, is_real, param_error, register
 from .divide_conquer import (
     MIN_ROWS_PER_PARAM,
@@ -40,7 +41,13 @@ from .leaves import LeafModel, leaf_view, region_estimates
 #: number of rows). A leaf's own model is used for prediction, so it needs more rows than the
 #: pooling alone would (``5 d``, method.md 6).
 MIN_LEAF_ROWS_PER_PARAM = 20
-META = ("none",)
+#: A row outside its leaf's range of a feature by more than this share of the range is unseen.
+UNSEEN_MARGIN = 0.25
+UNSEEN_BLOCK = 65_536
+#: The meta-learner's first pull toward the global model (and FedProx's fixed one), in
+#: pseudo-rows per parameter.
+DEFAULT_PULL_PER_PARAM = 10.0
+META = ("none", *meta.METHODS)
 
 
 @register
@@ -104,13 +111,20 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
     2
     """
 
-    def __init__(self, granularity=0.5, min_subset_size=None, meta="none", backend="processes",
-                 n_jobs=None, random_state=0, *, alpha="rate", variance="cluster",
-                 refine_rounds=1, debias="auto", ridge=0.0, penalize_thresholds=False,
-                 levels=None, categorical=None, cv_folds=5, max_iter=100, tol=1e-8):
+    def __init__(self, granularity=0.5, min_subset_size=None, meta="none", max_rounds=20,
+                 backend="processes", n_jobs=None, random_state=0, *, meta_tol=1e-4,
+                 inner_steps=3, validation_fraction=0.2, fedprox_mu=None, alpha="rate",
+                 variance="cluster", refine_rounds=1, debias="auto", ridge=0.0,
+                 penalize_thresholds=False, levels=None, categorical=None, cv_folds=5,
+                 max_iter=100, tol=1e-8):
         self.granularity = granularity
         self.min_subset_size = min_subset_size
         self.meta = meta
+        self.max_rounds = max_rounds
+        self.meta_tol = meta_tol
+        self.inner_steps = inner_steps
+        self.validation_fraction = validation_fraction
+        self.fedprox_mu = fedprox_mu
         self.backend = backend
         self.n_jobs = n_jobs
         self.random_state = random_state
@@ -142,6 +156,18 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             raise param_error(owner, "min_subset_size", "an int >= 1 or None", m)
         if self.meta not in META:
             raise param_error(owner, "meta", f"one of {META}", self.meta)
+        if not is_int(self.max_rounds) or self.max_rounds < 1:
+            raise param_error(owner, "max_rounds", "an int >= 1", self.max_rounds)
+        if not is_real(self.meta_tol) or not self.meta_tol >= 0:
+            raise param_error(owner, "meta_tol", "a float >= 0", self.meta_tol)
+        if not is_int(self.inner_steps) or self.inner_steps < 1:
+            raise param_error(owner, "inner_steps", "an int >= 1", self.inner_steps)
+        vf = self.validation_fraction
+        if not (is_real(vf) and 0.05 <= vf <= 0.5):
+            raise param_error(owner, "validation_fraction", "a float in [0.05, 0.5]", vf)
+        mu = self.fedprox_mu
+        if mu is not None and not (is_real(mu) and mu > 0 and np.isfinite(mu)):
+            raise param_error(owner, "fedprox_mu", "a float > 0 or None", mu)
         gm = self._global_estimator()
         try:
             gm._validate()
@@ -274,6 +300,9 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             regions = region_estimates(backend, refs, sched, run, tree, settings,
                                         self.refine_rounds, names, sizes)
             clock.lap("fit leaves and pool")
+            learned = self._meta_rounds(backend, refs, sched, run, tree, p, seed)
+            if self.meta != "none":
+                clock.lap("meta-learning")
         finally:
             backend.release(refs)
         gm._set_from_run(data, std, run, sizes,
@@ -284,11 +313,19 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self.schedule_ = sched
         self.n_iter_ = gm.n_iter_
         self._set_fitted(data.schema, data.target, gm.results_.params, gm.cov_, gm.results_)
+        theta, rho, P, personal = learned
+        self._meta_state = {"theta": theta, "rho": rho, "P": P}
+        meta_params, meta_cov = std.to_raw(theta, run.cov)
+        meta_params[p:] = combine.monotonise(meta_params[p:], np.diag(meta_cov)[p:])
+        self.meta_model_ = self._leaf_model(-1, meta_params, meta_cov, "Meta-learned global model",
+                                            {"Pull (pseudo-rows)": f"{rho:.4g}"})
         leaf_params, leaf_cov, notes = [], [], []
         region_of = tree.region_of()
         for pos, nid in enumerate(tree.leaves):
             est, cov, filled = regions.get(int(region_of[pos])) or leaf_view(
                 run.fits[pos], run.estimate, run.cov, p)
+            if personal is not None:  # the meta-learner's personalised (or global) model;
+                est = personal[pos]   # the leaf fit's covariance stands in for its own
             params, cov = std.to_raw(est, cov)
             params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
             leaf_params.append(params)
@@ -299,6 +336,51 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self._set_leaf_models(np.array(leaf_params), np.array(leaf_cov), notes)
         clock.lap("results")
 
+    def _meta_rounds(self, backend, refs, sched, run, tree, p: int, seed: int):
+        """Run the meta-learner over the placed leaves: ``(theta, rho, P, personal)``.
+
+        ``personal`` holds each leaf's parameters (standardised coordinates), or is None when
+        each leaf keeps its own local fit (``meta="none"``, or a single leaf).
+        """
+        d = run.estimate.shape[0]
+        N = float(tree.sizes.sum())
+        P = run.pooled.information / N
+        self.history_, self.events_ = [], []
+        if self.meta == "none":
+            return run.estimate, np.inf, P, None
+        if tree.n_leaves == 1:  # nothing to learn across leaves: the pooled (refined) model
+            return run.estimate, np.inf, P, [run.estimate]
+        settings = meta.MetaSettings(self.meta, p, int(self.inner_steps),
+                                     float(self.validation_fraction))
+        seeds = leaf_seeds(tree, seed + 1)  # validation splits: their own stream
+        work = N * d * d * self.inner_steps * (len(meta.RHO_STEPS) + 2)
+        mu = DEFAULT_PULL_PER_PARAM * d if self.fedprox_mu is None else float(self.fedprox_mu)
+        res = meta.run(backend, refs, sched.bundles(), settings, run.estimate, P, seeds,
+                       tree.leaves, rho0=DEFAULT_PULL_PER_PARAM * d,
+                       max_rounds=int(self.max_rounds), tol=float(self.meta_tol),
+                       fedprox_rho=mu, work=work)
+        self.history_, self.events_ = res.history, res.events
+        if not np.isfinite(res.rho):  # no adaptation pays: every leaf uses the global model
+            return res.theta, res.rho, P, [res.theta] * tree.n_leaves
+        personal = []
+        for o in meta.personalise(backend, refs, sched.bundles(), settings, res, P, work):
+            if o.ok:
+                personal.append(o.value)
+            else:
+                self.events_.append({"round": len(res.history) + 1,
+                                     "leaf": int(tree.leaves[o.index]),
+                                     "kind": "personalisation failed; the leaf uses the global "
+                                             "model", "error": f"{o.error_type}: {o.error}"})
+                personal.append(res.theta)
+        return res.theta, res.rho, P, personal
+
+    def _leaf_model(self, nid: int, params, cov, title: str, info: dict) -> LeafModel:
+        results = OrdinalResults(params, cov, self.schema_.output_names, self.target_.classes,
+                                 title=title, info=info)
+        m = LeafModel(leaf=nid)
+        m._set_fitted(self.schema_, self.target_, params, cov, results)
+        return m
+
     def _set_leaf_models(self, params: np.ndarray, covs: np.ndarray, notes: list) -> None:
         self._leaf_params = params
         self._leaf_notes = notes
@@ -308,16 +390,52 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             info = {"Leaf": nid, "Rows": f"{int(self.partition_.sizes[pos]):,}"}
             if notes[pos]:
                 info["Not identified in the leaf"] = ", ".join(notes[pos])
-            results = OrdinalResults(params[pos], covs[pos], self.schema_.output_names,
-                                     self.target_.classes, title=f"Leaf {nid} model",
-                                     info=info)
-            m = LeafModel(leaf=nid)
-            m._set_fitted(self.schema_, self.target_, params[pos], covs[pos], results)
-            models.append(m)
+            models.append(self._leaf_model(nid, params[pos], covs[pos], f"Leaf {nid} model",
+                                           info))
         self.local_models_ = models
         self._leaf_ids = list(self.partition_.leaves)
         self._leaf_coef = params[:, :p]
         self._leaf_thresholds = params[:, p:]
+
+    def adapt(self, X, y, sample_weight=None) -> LeafModel:
+        """A model personalised to a new subset from a few labelled rows.
+
+        Newton steps from the meta-learned global parameters on these rows, pulled toward them
+        by the learned pull (``history_[-1]["rho"]``: pseudo-rows), so a handful of rows moves
+        the model a little and many rows move it far. Without a learned pull
+        (``meta="none"``, or a meta-learner that found adaptation does not pay) the pull is
+        ``10 d`` pseudo-rows. Returns a :class:`LeafModel` with a sandwich covariance.
+        """
+        Xe = self._encode(X)
+        codes = self.target_.encode(y, what="y")
+        w = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        if Xe.shape[0] < 1:
+            raise DataError("adapt needs at least one labelled row.")
+        std = self.partition_.standardizer
+        p = Xe.shape[1]
+        st = self._meta_state
+        d = st["theta"].shape[0]
+        rho = st["rho"] if np.isfinite(st["rho"]) else DEFAULT_PULL_PER_PARAM * d
+        Xs = np.ascontiguousarray(std.transform(Xe))
+        with local.one_blas_thread():
+            est = meta.adapt_params(Xs, codes, w, st["theta"], rho, st["P"],
+                                    meta.PERSONAL_STEPS, p)
+            P0 = composite_pass(Xs, codes, w, est[:p], est[p:], loss=False, order=2,
+                                meat="cluster")
+        A = solve_psd(P0.hess + rho * st["P"], np.eye(d))
+        cov = A @ P0.meat @ A.T + A @ (rho * st["P"]) @ self._pooled_cov_std() @ \
+            (rho * st["P"]) @ A.T
+        params, cov = std.to_raw(est, 0.5 * (cov + cov.T))
+        params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+        return self._leaf_model(-1, params, cov, "Model adapted to new rows",
+                                {"Rows": f"{Xe.shape[0]:,}", "Pull (pseudo-rows)": f"{rho:.4g}"})
+
+    def _pooled_cov_std(self) -> np.ndarray:
+        """The global model's covariance in the standardised coordinates."""
+        p = self.schema_.n_features
+        T = self.partition_.standardizer.jacobian(self.cov_.shape[0] - p)
+        Tinv = np.linalg.inv(T)
+        return Tinv @ self.cov_ @ Tinv.T
 
     def refresh_profile(self, X, y, sample_weight=None) -> DataProfile:
         """Profile the leaves again from new labelled rows (``profile_``, updated in place).
@@ -349,11 +467,43 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                 "match local_models_; fit again, or fit(X, y, partition=...) with the new tree.")
         return self.partition_.route(Xe)
 
+    def unseen(self, X) -> np.ndarray:
+        """Which rows lie outside the region their leaf was trained on (predicted by the
+        global model instead).
+
+        A row is unseen when some feature lies outside its leaf's range (``profile_``: the 0.1%
+        to 99.9% quantiles of the leaf's rows) by more than ``UNSEEN_MARGIN`` times that range:
+        the leaf's model would be extrapolated there.
+        """
+        Xe = self._encode(X)
+        return self._unseen(Xe, self._route(Xe))
+
+    def _unseen(self, Xe: np.ndarray, leaf: np.ndarray) -> np.ndarray:
+        lps = [self.profile_[nid] for nid in self.partition_.leaves]
+        if any(lp.low is None for lp in lps):
+            return np.zeros(Xe.shape[0], dtype=bool)
+        low = np.array([lp.low for lp in lps])
+        high = np.array([lp.high for lp in lps])
+        pad = UNSEEN_MARGIN * (high - low)
+        lo, hi = low - pad, high + pad
+        out = np.zeros(Xe.shape[0], dtype=bool)
+        for a in range(0, Xe.shape[0], UNSEEN_BLOCK):
+            rows = slice(a, a + UNSEEN_BLOCK)
+            Xb, lb = Xe[rows], leaf[rows]
+            out[rows] = ((Xb < lo[lb]) | (Xb > hi[lb])).any(axis=1)
+        return out
+
     def _routed(self, X):
+        """Each row's linear predictor and thresholds: its leaf's model, or for rows of an
+        unseen region the (meta-learned) global model."""
         Xe = self._encode(X)
         leaf = self._route(Xe)
-        eta = np.einsum("ij,ij->i", Xe, self._leaf_coef[leaf]) if Xe.shape[0] else np.zeros(0)
-        return eta, self._leaf_thresholds[leaf]
+        fallback = self.n_leaves_  # one row past the leaves in the tables below
+        which = np.where(self._unseen(Xe, leaf), fallback, leaf)
+        coef = np.vstack([self._leaf_coef, self.meta_model_.coef_])
+        thresholds = np.vstack([self._leaf_thresholds, self.meta_model_.thresholds_])
+        eta = np.einsum("ij,ij->i", Xe, coef[which]) if Xe.shape[0] else np.zeros(0)
+        return eta, thresholds[which]
 
     def predict_linear(self, X) -> np.ndarray:
         """``x @ coef`` with each row's leaf coefficients."""
@@ -370,12 +520,13 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         """Class probabilities with delta-method intervals, each row from its leaf model."""
         Xe = self._encode(X)
         leaf = self._route(Xe)
+        which = np.where(self._unseen(Xe, leaf), -1, leaf)
         K = self.classes_.shape[0]
         out = [np.empty((Xe.shape[0], K)) for _ in range(3)]
-        for pos in np.unique(leaf):
-            rows = leaf == pos
-            for o, v in zip(out, self.local_models_[pos].results_.predict_proba_ci(
-                    Xe[rows], alpha), strict=True):
+        for pos in np.unique(which):
+            rows = which == pos
+            model = self.meta_model_ if pos < 0 else self.local_models_[pos]
+            for o, v in zip(out, model.results_.predict_proba_ci(Xe[rows], alpha), strict=True):
                 o[rows] = v
         return tuple(out)
 
@@ -384,8 +535,14 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         g_meta, g_arrays = self.global_model_._extra_state()
         meta = {"tree": self.partition_.to_dict(), "profile": self.profile_.to_dict(),
                 "schedule": self.schedule_.to_dict(), "global": g_meta,
-                "leaf_notes": self._leaf_notes, "timings": dict(self.timings_)}
-        arrays = {"leaf_params": self._leaf_params,
+                "leaf_notes": self._leaf_notes, "timings": dict(self.timings_),
+                "history": self.history_, "events": self.events_,
+                "meta_rho": None if not np.isfinite(self._meta_state["rho"])
+                else float(self._meta_state["rho"])}
+        arrays = {"meta_theta": self._meta_state["theta"], "meta_P": self._meta_state["P"],
+                  "meta_params": self.meta_model_.results_.params,
+                  "meta_cov": self.meta_model_.cov_,
+                  "leaf_params": self._leaf_params,
                   "leaf_cov": np.array([m.cov_ for m in self.local_models_]),
                   **{f"global_{k}": v for k, v in g_arrays.items()}}
         return meta, arrays
@@ -403,6 +560,12 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self.global_model_ = gm
         self.n_iter_ = gm.n_iter_
         self.timings_ = dict(meta["timings"])
+        self.history_, self.events_ = list(meta["history"]), list(meta["events"])
+        rho = np.inf if meta["meta_rho"] is None else float(meta["meta_rho"])
+        self._meta_state = {"theta": arrays["meta_theta"], "rho": rho, "P": arrays["meta_P"]}
+        self.meta_model_ = self._leaf_model(-1, arrays["meta_params"], arrays["meta_cov"],
+                                            "Meta-learned global model",
+                                            {"Pull (pseudo-rows)": f"{rho:.4g}"})
         L, d = self.n_leaves_, self.results_.params.shape[0]
         if arrays["leaf_params"].shape != (L, d) or arrays["leaf_cov"].shape != (L, d, d):
             raise ValueError("the leaf arrays do not match the partition")

@@ -1,0 +1,177 @@
+"""The federated meta-learner (issue 4): the loop, its stopping, failures, personalisation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss
+
+from fedgrain import AdaptiveFederatedOrdinal, OrdinalRegression, load
+from fedgrain import meta as meta_module
+from fedgrain.datasets import make_regions
+from fedgrain.exceptions import SubsetError
+from fedgrain.ordinal import class_proba
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def heterogeneous():
+    X, y, region, coef, thr = make_regions(45_000, n_features=6, n_classes=K, n_regions=3,
+                                           heterogeneity=1.0, random_state=4)
+    return (X[:30_000], y[:30_000]), (X[30_000:], y[30_000:], region[30_000:]), (coef, thr)
+
+
+def _ll(y, proba):
+    return log_loss(y, proba, labels=list(range(K)))
+
+
+@pytest.mark.parametrize("method", ["fomaml", "reptile"])
+def test_personalised_models_approach_the_oracle_region_models(heterogeneous, method):
+    (X, y), (Xt, yt, rt), (coef, thr) = heterogeneous
+    af = AdaptiveFederatedOrdinal(meta=method, backend="serial").fit(X, y)
+    oracle = _ll(yt, class_proba(np.einsum("ij,ij->i", Xt, coef[rt]), thr[rt]))
+    central = _ll(yt, OrdinalRegression().fit(X, y).predict_proba(Xt))
+    ll = _ll(yt, af.predict_proba(Xt))
+    assert ll < 1.03 * oracle
+    assert ll < 0.9 * central
+    h = af.history_
+    assert 1 <= len(h) <= af.max_rounds
+    assert {"round", "val_loss", "leaf_val_loss", "rho", "strength", "bytes",
+            "seconds"} <= set(h[0])
+    assert all(0 < v <= 1 for v in h[-1]["strength"].values())
+    assert set(h[0]["leaf_val_loss"]) == {str(i) for i in af.partition_.leaves}
+    assert np.isfinite(af._meta_state["rho"])  # the regions differ: adaptation pays
+
+
+def test_homogeneous_data_learn_to_stay_with_the_global_model():
+    X, y, *_ = make_regions(45_000, n_features=6, n_classes=K, n_regions=3, heterogeneity=0.0,
+                            random_state=5)
+    X, Xt, y, yt = X[:30_000], X[30_000:], y[:30_000], y[30_000:]
+    af = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial", n_jobs=3).fit(X, y)
+    assert af.n_leaves_ == 3  # one region dealt out into identical pieces
+    # adaptation does not pay: the learned pull is infinite (strength zero), or huge
+    rho = af._meta_state["rho"]
+    assert not np.isfinite(rho) or rho > 10 * X.shape[0]
+    assert len(af.history_) <= 3
+    best = min(af.history_, key=lambda h: h["val_loss"])
+    assert max(best["strength"].values()) < 0.1
+    central = _ll(yt, OrdinalRegression().fit(X, y).predict_proba(Xt))
+    assert _ll(yt, af.predict_proba(Xt)) <= 1.01 * central
+
+
+def test_one_leaf_returns_the_pooled_estimate_without_rounds():
+    X, y, *_ = make_regions(3000, n_features=3, n_classes=3, n_regions=1, heterogeneity=0.0,
+                            random_state=6)
+    af = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial", n_jobs=1).fit(X, y)
+    assert af.n_leaves_ == 1 and af.history_ == []
+    np.testing.assert_allclose(af.meta_model_.coef_, af.coef_, rtol=1e-12)
+    np.testing.assert_allclose(af.local_models_[0].coef_, af.coef_, rtol=1e-12)
+
+
+def test_the_same_seed_gives_the_same_history_on_serial_and_processes(heterogeneous,
+                                                                       monkeypatch):
+    from fedgrain.backends import processes
+
+    monkeypatch.setattr(processes, "MIN_PARALLEL_WORK", 0)
+    (X, y), _, _ = heterogeneous
+    kw = {"meta": "fomaml", "random_state": 3, "max_rounds": 3}
+    a = AdaptiveFederatedOrdinal(backend="serial", **kw).fit(X, y)
+    b = AdaptiveFederatedOrdinal(backend="processes", n_jobs=2, **kw).fit(X, y)
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in a.history_]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in b.history_]
+    for ma, mb in zip(a.local_models_, b.local_models_, strict=True):
+        np.testing.assert_array_equal(ma.coef_, mb.coef_)
+
+
+def _failing_in_round(target_round: int, leaf_position: int, calls: dict):
+    real = meta_module.adapt_task
+
+    def task(t):
+        calls["n"] = calls.get("n", 0) + 1
+        round_ = (calls["n"] - 1) // calls["leaves"] + 1
+        if round_ == target_round and (calls["n"] - 1) % calls["leaves"] == leaf_position:
+            raise RuntimeError("worker lost its disk")
+        return real(t)
+
+    return task
+
+
+def test_a_leaf_failing_in_one_round_is_skipped_and_recorded(heterogeneous, monkeypatch):
+    (X, y), _, _ = heterogeneous
+    calls = {"leaves": 3}
+    monkeypatch.setattr(meta_module, "adapt_task", _failing_in_round(2, 1, calls))
+    af = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial", max_rounds=4).fit(X, y)
+    assert len(af.history_) >= 2
+    failed = af.history_[1]["leaves_failed"]
+    assert len(failed) == 1 and str(failed[0]) not in af.history_[1]["leaf_val_loss"]
+    assert af.history_[0]["leaves_failed"] == []
+    assert af.events_ == [{"round": 2, "leaf": failed[0], "kind": "leaf failed",
+                           "error": "RuntimeError: worker lost its disk"}]
+
+
+def test_every_leaf_failing_is_an_error(heterogeneous, monkeypatch):
+    (X, y), _, _ = heterogeneous
+
+    def broken(task):
+        raise RuntimeError("no route to host")
+
+    monkeypatch.setattr(meta_module, "adapt_task", broken)
+    with pytest.raises(SubsetError, match="Every leaf failed in meta round 1: RuntimeError: "
+                                          "no route to host"):
+        AdaptiveFederatedOrdinal(meta="reptile", backend="serial").fit(X, y)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox"])
+def test_baselines_keep_one_global_model(heterogeneous, method):
+    (X, y), (Xt, _, _), _ = heterogeneous
+    af = AdaptiveFederatedOrdinal(meta=method, backend="serial", max_rounds=3).fit(X, y)
+    first = af.local_models_[0].coef_
+    assert all(np.array_equal(m.coef_, first) for m in af.local_models_)
+    np.testing.assert_array_equal(first, af.meta_model_.coef_)
+    assert all(h["rho"] is None for h in af.history_)  # None: no adaptation (infinite pull)
+
+
+def test_adapt_to_a_new_region_from_fifty_rows():
+    X, y, region, coef, thr = make_regions(60_000, n_features=6, n_classes=K, n_regions=4,
+                                           heterogeneity=1.0, random_state=8)
+    seen = region < 3
+    af = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial").fit(X[seen], y[seen])
+    new = np.flatnonzero(region == 3)
+    labelled = np.random.default_rng(0).choice(new, 50, replace=False)
+    test = np.setdiff1d(new, labelled)
+    adapted = af.adapt(X[labelled], y[labelled])
+    ll = _ll(y[test], adapted.predict_proba(X[test]))
+    assert ll < 0.9 * _ll(y[test], af.meta_model_.predict_proba(X[test]))
+    assert ll < 0.9 * _ll(y[test], af.global_model_.predict_proba(X[test]))
+    local = OrdinalRegression(alpha=1.0).fit(X[labelled], y[labelled])
+    assert ll < _ll(y[test], local.predict_proba(X[test]))
+    # rows of the unseen region, routed without adaptation, fall back to the global model
+    assert af.unseen(X[test]).mean() > 0.8
+    p, lo, hi = adapted.predict_proba_ci(X[test][:20])
+    assert np.all((lo <= p + 1e-12) & (p <= hi + 1e-12))
+
+
+def test_save_and_load_keep_the_meta_learner(heterogeneous, tmp_path):
+    (X, y), (Xt, yt, _), _ = heterogeneous
+    af = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial", max_rounds=3).fit(X, y)
+    back = load(af.save(tmp_path / "m"))
+    np.testing.assert_array_equal(back.predict_proba(Xt), af.predict_proba(Xt))
+    assert json.dumps(back.history_) == json.dumps(af.history_)
+    assert back.events_ == af.events_
+    a, b = af.adapt(Xt[:200], yt[:200]), back.adapt(Xt[:200], yt[:200])
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-12)
+
+
+def test_bytes_per_round_do_not_grow_with_the_rows(heterogeneous):
+    (X, y), _, _ = heterogeneous
+    small = AdaptiveFederatedOrdinal(meta="reptile", backend="serial", max_rounds=2)
+    big = AdaptiveFederatedOrdinal(meta="reptile", backend="serial", max_rounds=2)
+    a = small.fit(X[:10_000], y[:10_000])
+    b = big.fit(X, y)
+    if a.n_leaves_ == b.n_leaves_:
+        assert a.history_[0]["bytes"] == b.history_[0]["bytes"]
+    d = X.shape[1] + K - 1
+    assert b.history_[0]["bytes"] < b.n_leaves_ * 8 * 3 * (d * d + 20 * d)
