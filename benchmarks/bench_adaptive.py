@@ -23,16 +23,14 @@ It prints markdown and, with ``--out``, writes it between the ``adaptive`` marke
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from _report import adaptive_section
+from _report import write_marked
 from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression
 from fedgrain.datasets import make_regions
 from fedgrain.metrics import ordinal_scores
@@ -172,17 +170,7 @@ def main(argv=None):
     cmd = ".venv/bin/python benchmarks/bench_adaptive.py" + (" --quick" if args.quick else "")
     parts.insert(0, f"Command: `{cmd}` ({minutes:.1f} minutes).")
     if args.out:
-        path = Path(args.out)
-        text = path.read_text() if path.exists() else ""
-        block = "<!-- adaptive:start -->\n" + "\n\n".join(parts) + "\n<!-- adaptive:end -->"
-        if "<!-- adaptive:start -->" in text:
-            text = re.sub(r"<!-- adaptive:start -->.*<!-- adaptive:end -->", lambda _: block,
-                          text, flags=re.S)
-        else:
-            text = (text.rstrip() + "\n\n" if text.strip() else "") + "\n".join(
-                adaptive_section([block]))
-        path.write_text(text)
-
+        write_marked(args.out, "adaptive", parts)
 
 if __name__ == "__main__":
     main()

@@ -51,7 +51,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from _config import DEFAULT_SIZES, K, parse_sizes  # noqa: E402
-from _report import adaptive_blocks, derive, inference_blocks, render  # noqa: E402
+from _report import MARKED, derive, inference_blocks, marked_blocks, render  # noqa: E402
 from _tools import SELF_MB, child_main  # noqa: E402
 
 QUICK_SIZES = "5e3x10,3e4x40"  # the second is big enough for fedgrain to use its workers
@@ -225,10 +225,11 @@ def machine_info() -> dict:
 
 
 def write_page(doc: dict, path: Path) -> None:
-    """Write the page, keeping the blocks ``bench_inference.py`` and ``bench_adaptive.py`` wrote."""
+    """Write the page, keeping the blocks the other benchmark scripts wrote between markers."""
     old = path.read_text() if path.exists() else ""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(doc, inference_blocks(old), adaptive_blocks(old)))
+    path.write_text(render(doc, inference_blocks(old),
+                           {name: marked_blocks(old, name) for name in MARKED}))
 
 
 def main(argv=None) -> int:
