@@ -223,6 +223,11 @@ def test_fit_with_granularity_uses_the_adaptive_estimator(files, capsys, tmp_pat
                        "grade", "--levels", ",".join(LEVELS), "--granularity", "0.5",
                        "--backend", "serial", "--out", str(tmp_path / "af"))
     assert code == 0 and "Partition: 2 leaves on 1 worker(s)" in out
+    code, out, _ = run(capsys, "--quiet", "fit", str(tmp_path / "regions.csv"), "--target",
+                       "grade", "--levels", ",".join(LEVELS), "--meta", "fomaml",
+                       "--backend", "serial", "--out", str(tmp_path / "af_meta"))
+    assert code == 0 and "meta round 1: validation log-loss" in out and "bytes moved" in out
+    assert load(tmp_path / "af_meta").meta == "fomaml"
     assert "[0]" in out and "rows" in out  # the tree, one line per node
     model = load(tmp_path / "af")
     assert isinstance(model, AdaptiveFederatedOrdinal) and model.granularity == 0.5
@@ -239,6 +244,7 @@ def test_fit_with_granularity_uses_the_adaptive_estimator(files, capsys, tmp_pat
     (("--estimator", "mle", "--min-subset-size", "100"), "--min-subset-size apply to"),
     (("--granularity", "0.5", "--n-subsets", "3"), "--n-subsets applies to --estimator dc"),
     (("--estimator", "adaptive", "--min-subset-size", "5000"), "min_subset_size=5,000 is larger"),
+    (("--estimator", "dc", "--meta", "fomaml"), "--meta apply to --estimator adaptive"),
 ])
 def test_adaptive_options_are_checked(files, capsys, tmp_path, extra, message):
     d, _ = files

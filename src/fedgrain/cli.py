@@ -134,8 +134,8 @@ def _check_fit_options(args) -> None:
     ``--granularity`` (or ``--min-subset-size``) without ``--estimator`` chooses the adaptive
     estimator; otherwise the default is dc.
     """
-    adaptive_only = [f"--{n.replace('_', '-')}" for n in ("granularity", "min_subset_size")
-                     if getattr(args, n) is not None]
+    adaptive_only = [f"--{n.replace('_', '-')}" for n in ("granularity", "min_subset_size",
+                                                          "meta") if getattr(args, n) is not None]
     if args.estimator is None:
         args.estimator = "adaptive" if adaptive_only else "dc"
     if args.estimator != "adaptive" and adaptive_only:
@@ -188,9 +188,10 @@ def _cmd_fit(args) -> int:
                   "categorical": categorical, **options}
         if args.estimator == "adaptive":
             g = 0.5 if args.granularity is None else args.granularity
-            model = AdaptiveFederatedOrdinal(granularity=g,
+            model = AdaptiveFederatedOrdinal(granularity=g, meta=args.meta or "none",
                                              min_subset_size=args.min_subset_size, **common)
-            what = f"adaptive partition, granularity {g}, backend {common['backend']}"
+            what = (f"adaptive partition, granularity {g}, meta-learner {args.meta or 'none'}, "
+                    f"backend {common['backend']}")
         else:
             model = DivideConquerOrdinal(n_subsets=args.n_subsets, **common)
             what = f"divide and conquer, backend {common['backend']}"
@@ -203,6 +204,12 @@ def _cmd_fit(args) -> int:
         print(f"\nPartition: {model.n_leaves_} leaves on {model.schedule_.n_workers} worker(s), "
               f"load imbalance {model.schedule_.imbalance:.3f}")
         print("\n".join(model.partition_.describe()))
+        for h in model.history_:
+            pull = "none (global model)" if h["rho"] is None else f"{h['rho']:.3g} pseudo-rows"
+            print(f"meta round {h['round']}: validation log-loss {h['val_loss']:.4f}, pull "
+                  f"{pull}, {h['bytes']:,} bytes moved")
+        for e in model.events_:
+            print(f"event: round {e['round']}, leaf {e['leaf']}: {e['kind']} ({e['error']})")
     path = model.save(out, overwrite=args.force)
     print(f"\nModel saved to {path}")
     return 0
@@ -309,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(as fine as the data support); default 0.5")
     p.add_argument("--min-subset-size", type=int, default=None,
                    help="adaptive: fewest rows in a leaf (default 20 x parameters)")
+    p.add_argument("--meta", choices=("none", "fomaml", "reptile", "fedavg", "fedprox"),
+                   default=None, help="adaptive: personalise the leaves with a federated "
+                                      "meta-learner (default none: each leaf keeps its fit)")
     p.add_argument("--n-subsets", type=int, default=None, help="dc only (default: workers)")
     p.add_argument("--alpha", type=_alpha, default=None,
                    help="dc: rate (default), cv, bic or a number; mle: a ridge penalty (0)")
