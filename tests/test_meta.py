@@ -46,20 +46,36 @@ def test_personalised_models_approach_the_oracle_region_models(heterogeneous, me
     assert np.isfinite(af._meta_state["rho"])  # the regions differ: adaptation pays
 
 
-def test_homogeneous_data_learn_to_stay_with_the_global_model():
+def test_one_region_in_identical_pieces_keeps_the_pooled_model_without_rounds():
+    X, y, *_ = make_regions(45_000, n_features=6, n_classes=K, n_regions=3, heterogeneity=0.0,
+                            random_state=5)
+    af = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial", n_jobs=3).fit(X, y)
+    assert af.n_leaves_ == 3 and np.unique(af.partition_.region_of()).shape[0] == 1
+    assert af.history_ == []
+    for m in af.local_models_:
+        np.testing.assert_allclose(m.coef_, af.coef_, rtol=1e-12)
+
+
+def test_homogeneous_regions_learn_to_stay_with_the_global_model():
+    from fedgrain.partition import PartitionTree
+    from fedgrain.shards import Standardizer
+
     X, y, *_ = make_regions(45_000, n_features=6, n_classes=K, n_regions=3, heterogeneity=0.0,
                             random_state=5)
     X, Xt, y, yt = X[:30_000], X[30_000:], y[:30_000], y[30_000:]
-    af = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial", n_jobs=3).fit(X, y)
-    assert af.n_leaves_ == 3  # one region dealt out into identical pieces
-    # adaptation does not pay: the learned pull is infinite (strength zero), or huge
-    rho = af._meta_state["rho"]
-    assert not np.isfinite(rho) or rho > 10 * X.shape[0]
-    assert len(af.history_) <= 3
+    tree = PartitionTree(6, K, Standardizer.fit(X))  # regions by hand: one model in all
+    left, _ = tree.split(tree.root, np.eye(6)[0], 3.0)
+    tree.split(left, np.eye(6)[1], 3.0)
+    af = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial").fit(X, y, partition=tree)
+    assert af.n_leaves_ == 3 and 1 <= len(af.history_) <= 3
     best = min(af.history_, key=lambda h: h["val_loss"])
-    assert max(best["strength"].values()) < 0.1
+    assert best["rho"] is None or max(best["strength"].values()) < 0.2
+    assert af.adapt_pull_ > 10_000  # the leaves differ no more than their noise
     central = _ll(yt, OrdinalRegression().fit(X, y).predict_proba(Xt))
     assert _ll(yt, af.predict_proba(Xt)) <= 1.01 * central
+    # personalised models stay close to the global one: a fraction of its standard error
+    for m in af.local_models_:
+        assert np.max(np.abs(m.coef_ - af.coef_) / af.bse_[:6]) < 1.0
 
 
 def test_one_leaf_returns_the_pooled_estimate_without_rounds():

@@ -40,9 +40,13 @@ from .solvers import newton, solve_psd
 
 METHODS = ("fomaml", "reptile", "fedavg", "fedprox")
 #: Multiples of the current pull scored every round (plus no adaptation at all).
-RHO_STEPS = (0.125, 0.5, 1.0, 2.0, 8.0)
-#: FedAvg's pull (pseudo-rows): only enough to keep unidentified directions finite.
-FEDAVG_RHO = 1e-3
+RHO_STEPS = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: Pulls within this relative validation loss of the best count as equally good; the largest
+#: of them is taken (on a flat loss, the most shrinkage: no drift toward no pull at all).
+RHO_TIE = 1e-4
+#: The range of pulls, in pseudo-rows. FedAvg adapts at the smallest.
+RHO_MIN = 1.0
+RHO_MAX = 1e9
 #: Newton steps at most for a model that is kept (the personalised leaves, ``adapt``): the
 #: penalised fit to convergence, where a round's adaptation takes ``inner_steps``.
 PERSONAL_STEPS = 25
@@ -54,20 +58,22 @@ class MetaSettings:
 
     method: str
     n_features: int
+    n_classes: int
     inner_steps: int = 3
     validation_fraction: float = 0.2
 
 
 @dataclass(frozen=True)
 class Adapted:
-    """What a leaf sends back in a round: about ``d + d^2`` numbers."""
+    """What a leaf sends back in a round: about ``d + 2 d^2`` numbers."""
 
     val_loss: np.ndarray  # summed validation log-loss, one per pull scored
     n_val: float
     n_train: float
     params: np.ndarray  # adapted at the round's pull
-    grad: np.ndarray  # gradient of the validation composite loss there
-    hess: np.ndarray  # its Hessian there
+    train_hess: np.ndarray  # the training part's Hessian there (its information)
+    grad: np.ndarray | None  # FO-MAML: gradient of the validation composite loss there
+    hess: np.ndarray | None  # FO-MAML: its Hessian there
 
 
 @dataclass
@@ -93,22 +99,52 @@ def validation_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def adapt_params(X, y, w, theta, rho, P, steps: int, p: int) -> np.ndarray:
-    """``steps`` Newton steps on ``L(gamma) + rho/2 (gamma - theta)' P (gamma - theta)``."""
-    if not np.isfinite(rho):
-        return theta.copy()
-    rho = max(rho, FEDAVG_RHO)
+def free_coordinates(X, y, w, n_classes: int) -> np.ndarray:
+    """The parameters these rows identify: varying features, thresholds with rows on both sides.
 
-    def oracle(x, *, loss=True, order=2, meat=None):
+    Adaptation moves only these; the others stay at the global value (an absent class's
+    threshold would otherwise run off toward infinity, limited only by the pull).
+    """
+    from .local import _two_sided
+    from .shards import column_moments
+
+    _, scale = column_moments(X, w)
+    return np.concatenate([scale > 1e-10, _two_sided(y, w, n_classes)])
+
+
+def adapt_params(X, y, w, theta, rho, P, steps: int, p: int,
+                 free: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Newton steps on ``L(gamma) + rho/2 (gamma - theta)' P (gamma - theta)`` over ``free``.
+
+    Returns the adapted parameters and the data's Hessian there (zero outside ``free``).
+    """
+    d = theta.shape[0]
+    free = np.ones(d, dtype=bool) if free is None else free
+    if not np.isfinite(rho) or not free.any():
+        return theta.copy(), np.zeros((d, d))
+    rho = max(rho, RHO_MIN)
+    idx = np.flatnonzero(free)
+    Pf = P[np.ix_(idx, idx)]
+
+    def full(z):
+        x = theta.copy()
+        x[idx] = z
+        return x
+
+    def oracle(z, *, loss=True, order=2, meat=None):
+        x = full(z)
         P0 = composite_pass(X, y, w, x[:p], x[p:], loss=loss, order=order)
-        diff = x - theta
-        Pd = P @ diff
+        diff = z - theta[idx]
+        Pd = Pf @ diff
         return Pass(None if P0.loss is None else P0.loss + 0.5 * rho * diff @ Pd,
-                    None if P0.grad is None else P0.grad + rho * Pd,
-                    None if P0.hess is None else P0.hess + rho * P, None)
+                    None if P0.grad is None else P0.grad[idx] + rho * Pd,
+                    None if P0.hess is None else P0.hess[np.ix_(idx, idx)] + rho * Pf, None)
 
     n = float(y.shape[0] if w is None else w.sum())
-    return newton(oracle, theta.copy(), n, max_iter=steps, tol=1e-9).x
+    res = newton(oracle, theta[idx].copy(), n, max_iter=steps, tol=1e-9)
+    H = np.zeros((d, d))
+    H[np.ix_(idx, idx)] = res.hess - rho * Pf
+    return full(res.x), H
 
 
 def log_loss_sum(X, y, w, params, p: int) -> float:
@@ -132,29 +168,86 @@ def adapt_task(task: dict) -> Adapted:
         val = validation_mask(y, s.validation_fraction, task["seed"])
         w_tr, w_val = np.where(val, 0.0, w), np.where(val, w, 0.0)
         theta, P = task["theta"], task["P"]
+        free = free_coordinates(X, y, w_tr, s.n_classes)
         losses = []
         adapted = None
         for rho in task["grid"]:
-            g = adapt_params(X, y, w_tr, theta, rho, P, s.inner_steps, p)
+            g, H = adapt_params(X, y, w_tr, theta, rho, P, s.inner_steps, p, free)
             losses.append(log_loss_sum(X, y, w_val, g, p))
             if rho == task["rho"]:
-                adapted = g
+                adapted = (g, H)
         if adapted is None:
-            adapted = adapt_params(X, y, w_tr, theta, task["rho"], P, s.inner_steps, p)
-        V = composite_pass(X, y, w_val, adapted[:p], adapted[p:], loss=False, order=2)
-        return Adapted(np.array(losses), float(w_val.sum()), float(w_tr.sum()), adapted,
-                       V.grad, V.hess)
+            adapted = adapt_params(X, y, w_tr, theta, task["rho"], P, s.inner_steps, p, free)
+        grad = hess = None
+        if s.method == "fomaml":  # the meta-gradient: only FO-MAML needs it
+            V = composite_pass(X, y, w_val, adapted[0][:p], adapted[0][p:], loss=False,
+                               order=2)
+            grad, hess = V.grad, V.hess
+        return Adapted(np.array(losses), float(w_val.sum()), float(w_tr.sum()), adapted[0],
+                       adapted[1], grad, hess)
 
 
-def personalise_task(task: dict) -> np.ndarray:
-    """Backend entry point of the last step: adapt on all of the leaf's rows, to convergence."""
+def personalise_task(task: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backend entry point of the last step: adapt on all of the leaf's rows, to convergence.
+
+    Returns the parameters, their sandwich covariance (the data's meat through the penalised
+    Hessian, plus the global model's uncertainty carried by the pull; the global covariance
+    for parameters the leaf does not identify) and the data's Hessian (for pooling pieces).
+    """
     from .local import one_blas_thread
 
     shard = task["shard"].load()
     s: MetaSettings = task["settings"]
+    p = s.n_features
+    theta, rho, P, Vg = task["theta"], task["rho"], task["P"], task["V_global"]
     with one_blas_thread():
-        return adapt_params(shard.X, shard.y, shard.w, task["theta"], task["rho"], task["P"],
-                            PERSONAL_STEPS, s.n_features)
+        X, y, w = shard.X, shard.y, shard.w
+        free = free_coordinates(X, y, w, s.n_classes)
+        g, H = adapt_params(X, y, w, theta, rho, P, PERSONAL_STEPS, p, free)
+        if not np.isfinite(rho):
+            return g, Vg.copy(), H
+        idx = np.flatnonzero(free)
+        J = composite_pass(X, y, w, g[:p], g[p:], loss=False, order=0, meat="cluster").meat
+        prior = max(rho, RHO_MIN) * P[np.ix_(idx, idx)]
+        A = solve_psd(H[np.ix_(idx, idx)] + prior, np.eye(idx.size))
+        cov = Vg.copy()
+        block = A @ (J[np.ix_(idx, idx)] + prior @ Vg[np.ix_(idx, idx)] @ prior) @ A.T
+        cov[np.ix_(idx, idx)] = 0.5 * (block + block.T)
+        cov[np.ix_(idx, ~free)] = 0.0
+        cov[np.ix_(~free, idx)] = 0.0
+        return g, cov, H
+
+
+def empirical_pull(estimates: list[np.ndarray], covs: list[np.ndarray], theta: np.ndarray,
+                   P: np.ndarray) -> float:
+    """The pull (pseudo-rows) that the spread of the leaves around ``theta`` calls for.
+
+    Under a normal prior of precision ``rho P`` around ``theta``, a leaf's estimate (covariance
+    ``V``) deviates by ``E[(gamma - theta)' P (gamma - theta)] = d / rho + tr(P V)``: the prior's
+    spread plus the leaf's own noise. Solving the average for ``rho`` is a method-of-moments
+    (empirical Bayes) estimate. Clipped to [:data:`RHO_MIN`, :data:`RHO_MAX`]: leaves no more
+    spread than their noise give the largest pull.
+    """
+    d = theta.shape[0]
+    excess = [float((e - theta) @ P @ (e - theta)) - float(np.trace(P @ V))
+              for e, V in zip(estimates, covs, strict=True)]
+    spread = max(float(np.mean(excess)), 0.0)
+    return float(np.clip(d / spread if spread > 0 else RHO_MAX, RHO_MIN, RHO_MAX))
+
+
+def payload_bytes(obj) -> int:
+    """The bytes of the numbers in a message: arrays at their size, scalars at 8 bytes."""
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(payload_bytes(getattr(obj, f)) for f in obj.__dataclass_fields__)
+    if isinstance(obj, str):
+        return len(obj.encode())
+    return 0 if obj is None else 8
 
 
 def run(backend: Backend, refs, bundles, settings: MetaSettings, theta0: np.ndarray,
@@ -163,38 +256,41 @@ def run(backend: Backend, refs, bundles, settings: MetaSettings, theta0: np.ndar
     """The meta-learning loop over placed leaves (see the module docstring)."""
     method = settings.method
     d = theta0.shape[0]
-    theta, rho = theta0.copy(), float(rho0)
-    if method == "fedavg":
-        rho = FEDAVG_RHO
-    elif method == "fedprox":
-        rho = float(fedprox_rho)
+    learned = method in ("fomaml", "reptile")
+    theta = theta0.copy()
+    rho = {"fedavg": RHO_MIN, "fedprox": float(fedprox_rho)}.get(method, float(rho0))
     out = MetaResult(theta0.copy(), np.inf)
     best = np.inf
     for r in range(1, max_rounds + 1):
         t0 = time.perf_counter()
-        learned = method in ("fomaml", "reptile")
-        grid = [rho * m for m in RHO_STEPS] if learned else [rho]
-        grid = grid + [np.inf]
+        grid = ([rho * m for m in RHO_STEPS] if learned else [rho]) + [np.inf]
         tasks = [{"shard": ref, "settings": settings, "seed": s, "theta": theta, "P": P,
                   "rho": rho, "grid": grid} for ref, s in zip(refs, seeds, strict=True)]
         outcomes = backend.map_bundles(adapt_task, tasks, bundles, work=work)
         ok = [o for o in outcomes if o.ok]
-        for o in outcomes:
-            if not o.ok:
-                out.events.append({"round": r, "leaf": int(leaf_ids[o.index]),
-                                   "kind": "leaf failed", "error": f"{o.error_type}: {o.error}"})
+        failed = [o for o in outcomes if not o.ok]
+        for o in failed:
+            out.events.append({"round": r, "leaf": int(leaf_ids[o.index]),
+                               "kind": "leaf failed", "error": f"{o.error_type}: {o.error}"})
         if not ok:
             first = outcomes[0]
             raise SubsetError(f"Every leaf failed in meta round {r}: {first.error_type}: "
                               f"{first.error}", first.traceback)
         n_val = sum(o.value.n_val for o in ok)
         losses = sum(o.value.val_loss for o in ok) / n_val
-        # what would be deployed this round: the personalised models (learned pull) or the
-        # global one (FedAvg, FedProx)
-        pick = int(np.argmin(losses)) if learned else len(grid) - 1
+        # what would be deployed this round: the personalised models at the best pull (the
+        # largest within RHO_TIE of the best), or the global model (FedAvg, FedProx)
+        if learned:
+            near = np.flatnonzero(losses <= losses.min() * (1 + RHO_TIE))
+            pick = int(max(near, key=lambda i: grid[i]))
+        else:
+            pick = len(grid) - 1
         round_loss = float(losses[pick])
-        sent = 8 * (d + len(grid) + d * d)  # theta, the pulls, P; then back per leaf:
-        back = 8 * (len(grid) + 2 + 2 * d + d * d)
+        n_tr = np.array([o.value.n_train for o in ok])
+        # what the round moves: each task's numbers without its shard handle (the rows stay
+        # where they were placed), and each leaf's answer
+        moved = sum(payload_bytes({k: v for k, v in t.items() if k != "shard"})
+                    for t in tasks) + sum(payload_bytes(o.value) for o in ok)
         out.history.append({
             "round": r, "val_loss": round_loss, "no_adaptation_loss": float(losses[-1]),
             "rho": float(grid[pick]) if np.isfinite(grid[pick]) else None,
@@ -204,26 +300,35 @@ def run(backend: Backend, refs, bundles, settings: MetaSettings, theta0: np.ndar
             "strength": {str(leaf_ids[o.index]): float(o.value.n_train / (o.value.n_train +
                                                                           grid[pick]))
                          for o in ok},
-            "leaves_failed": [int(leaf_ids[o.index]) for o in outcomes if not o.ok],
-            "bytes": int(len(outcomes) * sent + len(ok) * back),
+            "leaves_failed": [int(leaf_ids[o.index]) for o in failed],
+            "bytes": int(moved),
             "seconds": 0.0,
         })
-        improved = not np.isfinite(best) or round_loss < best - tol * abs(best)
+        # A round with failures is not comparable with the others (other leaves): it neither
+        # becomes the best nor stops the loop.
+        improved = not failed and (not np.isfinite(best) or round_loss < best * (1 - tol))
         if improved:
             best = round_loss
             out.theta, out.rho = theta.copy(), float(grid[pick])
         # the next round's parameters
-        n_tr = np.array([o.value.n_train for o in ok])
         if method == "fomaml":
+            # the validation gradient at the adapted parameters, preconditioned by all the
+            # leaves' information (training and validation parts): a damped step, not a jump
+            # to the validation rows' own optimum
             g = sum(o.value.grad for o in ok)
-            H = sum(o.value.hess for o in ok)
+            H = sum(o.value.hess + o.value.train_hess for o in ok)
             theta = theta - solve_psd(H + 1e-8 * np.trace(H) / d * np.eye(d), g)
-        else:  # Reptile and the baselines: the information-weighted mean of the adapted
+        elif method == "reptile":  # the adapted parameters' information-weighted mean
+            H = sum(o.value.train_hess for o in ok)
+            Hs = H + 1e-8 * np.trace(H) / d * np.eye(d)
+            theta = solve_psd(Hs, sum(o.value.train_hess @ o.value.params for o in ok)
+                              + 1e-8 * np.trace(H) / d * theta)
+        else:  # FedAvg, FedProx: the rows-weighted mean of the local steps
             theta = sum(n * o.value.params for n, o in zip(n_tr, ok, strict=True)) / n_tr.sum()
         if learned and np.isfinite(grid[pick]):
-            rho = float(grid[pick])
+            rho = float(np.clip(grid[pick], RHO_MIN, RHO_MAX))
         out.history[-1]["seconds"] = time.perf_counter() - t0
-        if not improved:
+        if not failed and not improved:
             break
     if method in ("fedavg", "fedprox"):
         out.rho = np.inf  # their model is the global one
@@ -231,8 +336,8 @@ def run(backend: Backend, refs, bundles, settings: MetaSettings, theta0: np.ndar
 
 
 def personalise(backend: Backend, refs, bundles, settings: MetaSettings, result: MetaResult,
-                P: np.ndarray, work: float) -> list:
+                P: np.ndarray, V_global: np.ndarray, work: float) -> list:
     """Each leaf's model adapted from the learned global parameters on all of its rows."""
     tasks = [{"shard": ref, "settings": settings, "theta": result.theta, "rho": result.rho,
-              "P": P} for ref in refs]
+              "P": P, "V_global": V_global} for ref in refs]
     return backend.map_bundles(personalise_task, tasks, bundles, work=work)

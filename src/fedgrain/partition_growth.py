@@ -422,12 +422,12 @@ def _deal_out(tree: PartitionTree, n_pieces: int, min_size: int, X, codes, leaf)
     return bool((k > 1).any())
 
 
-def leaf_seeds(tree: PartitionTree, seed: int) -> list[int]:
+def leaf_seeds(tree: PartitionTree, seed: int, tag: int = 0) -> list[int]:
     """A seed per leaf from its position in the tree (the same however the tree was grown).
 
     A random piece's key (``1000 key + i``) could equal a deep hyperplane node's, so pieces
-    are told apart in the seed's entropy.
+    are told apart in the seed's entropy; ``tag`` gives another use its own stream.
     """
     region = tree.region_of()
-    return [int(np.random.SeedSequence([seed, tree.nodes[nid].key, int(region[i] != nid)])
+    return [int(np.random.SeedSequence([seed, tree.nodes[nid].key, int(region[i] != nid), tag])
                 .generate_state(1)[0] >> 1) for i, nid in enumerate(tree.leaves)]

@@ -308,8 +308,14 @@ def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_cla
                    else centres / feature_weights(imp) * std.scale + std.mean)
     counts = np.bincount(y, weights=w, minlength=n_classes).astype(float)
     mean = (Xs.mean(axis=0) if w is None else w @ Xs / w.sum()) * std.scale + std.mean
-    low, high = (np.quantile(Xs, [1 - RANGE_QUANTILE, RANGE_QUANTILE], axis=0) * std.scale
-                 + std.mean) if Xs.shape[0] else (None, None)
+    low = high = None
+    if Xs.shape[0]:
+        low, high = np.quantile(Xs, [1 - RANGE_QUANTILE, RANGE_QUANTILE], axis=0)
+        # a discrete column (a one-hot level, a count with few values): its whole range, so
+        # a rare level seen in training is not mistaken for an unseen region
+        discrete = np.array([np.unique(Xs[:, j]).shape[0] <= 10 for j in range(p)])
+        low = np.where(discrete, Xs.min(axis=0), low) * std.scale + std.mean
+        high = np.where(discrete, Xs.max(axis=0), high) * std.scale + std.mean
     return LeafProfile(int(y.shape[0]), counts, mean, log_density(Xw, share, rng), imp,
                        "screening", raw_centres, low, high)
 

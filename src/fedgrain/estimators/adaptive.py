@@ -19,7 +19,7 @@ from .. import combine, local, meta
 from .._warnings import warn
 from ..backends import Backend, get_backend
 from ..data import prepare_fit
-from ..exceptions import DataError
+from ..exceptions import DataError, SubsetError
 from ..ordinal import class_proba, composite_pass, cumulative_proba
 from ..partition import PartitionTree
 from ..partition_growth import grow, leaf_seeds, profile_leaves
@@ -112,7 +112,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
     """
 
     def __init__(self, granularity=0.5, min_subset_size=None, meta="none", max_rounds=20,
-                 backend="processes", n_jobs=None, random_state=0, *, meta_tol=1e-4,
+                 backend="processes", n_jobs=None, random_state=0, *, meta_tol=1e-3,
                  inner_steps=3, validation_fraction=0.2, fedprox_mu=None, alpha="rate",
                  variance="cluster", refine_rounds=1, debias="auto", ridge=0.0,
                  penalize_thresholds=False, levels=None, categorical=None, cv_folds=5,
@@ -313,19 +313,17 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self.schedule_ = sched
         self.n_iter_ = gm.n_iter_
         self._set_fitted(data.schema, data.target, gm.results_.params, gm.cov_, gm.results_)
-        theta, rho, P, personal = learned
-        self._meta_state = {"theta": theta, "rho": rho, "P": P}
-        meta_params, meta_cov = std.to_raw(theta, run.cov)
-        meta_params[p:] = combine.monotonise(meta_params[p:], np.diag(meta_cov)[p:])
-        self.meta_model_ = self._leaf_model(-1, meta_params, meta_cov, "Meta-learned global model",
-                                            {"Pull (pseudo-rows)": f"{rho:.4g}"})
+        theta, rho, adapt_rho, P, personal = learned
+        self._meta_state = {"theta": theta, "rho": rho, "adapt_rho": adapt_rho, "P": P}
+        self.meta_model_ = self._meta_model(theta, run.cov)
         leaf_params, leaf_cov, notes = [], [], []
         region_of = tree.region_of()
         for pos, nid in enumerate(tree.leaves):
             est, cov, filled = regions.get(int(region_of[pos])) or leaf_view(
                 run.fits[pos], run.estimate, run.cov, p)
-            if personal is not None:  # the meta-learner's personalised (or global) model;
-                est = personal[pos]   # the leaf fit's covariance stands in for its own
+            if personal is not None:  # the meta-learner's personalised (or global) model
+                est, cov = personal[pos]
+                filled = []
             params, cov = std.to_raw(est, cov)
             params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
             leaf_params.append(params)
@@ -337,42 +335,86 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         clock.lap("results")
 
     def _meta_rounds(self, backend, refs, sched, run, tree, p: int, seed: int):
-        """Run the meta-learner over the placed leaves: ``(theta, rho, P, personal)``.
+        """Run the meta-learner over the placed leaves: ``(theta, rho, adapt_rho, P, personal)``.
 
-        ``personal`` holds each leaf's parameters (standardised coordinates), or is None when
-        each leaf keeps its own local fit (``meta="none"``, or a single leaf).
+        ``personal`` holds each leaf's ``(params, cov)`` in standardised coordinates, or is
+        None when each leaf keeps its own local fit (``meta="none"``). ``adapt_rho`` is the
+        pull ``adapt`` uses: the empirical-Bayes pull of the leaves' spread around ``theta``.
         """
         d = run.estimate.shape[0]
         N = float(tree.sizes.sum())
+        K = d - p + 1
         P = run.pooled.information / N
         self.history_, self.events_ = [], []
+        views = [leaf_view(f, run.estimate, run.cov, p) for f in run.fits]
+        fits, covs = [v[0] for v in views], [v[1] for v in views]
         if self.meta == "none":
-            return run.estimate, np.inf, P, None
-        if tree.n_leaves == 1:  # nothing to learn across leaves: the pooled (refined) model
-            return run.estimate, np.inf, P, [run.estimate]
-        settings = meta.MetaSettings(self.meta, p, int(self.inner_steps),
+            pull = meta.empirical_pull(fits, covs, run.estimate, P)
+            return run.estimate, np.inf, pull, P, None
+        region_of = tree.region_of()
+        if np.unique(region_of).shape[0] == 1:
+            # one region (maybe dealt out into identical pieces): nothing to learn across
+            # leaves; every leaf keeps the pooled (refined) model
+            return run.estimate, np.inf, meta.RHO_MAX, P, [(run.estimate, run.cov)] * \
+                tree.n_leaves
+        settings = meta.MetaSettings(self.meta, p, K, int(self.inner_steps),
                                      float(self.validation_fraction))
-        seeds = leaf_seeds(tree, seed + 1)  # validation splits: their own stream
+        seeds = leaf_seeds(tree, seed, tag=1)  # the validation splits: a stream of their own
         work = N * d * d * self.inner_steps * (len(meta.RHO_STEPS) + 2)
         mu = DEFAULT_PULL_PER_PARAM * d if self.fedprox_mu is None else float(self.fedprox_mu)
         res = meta.run(backend, refs, sched.bundles(), settings, run.estimate, P, seeds,
-                       tree.leaves, rho0=DEFAULT_PULL_PER_PARAM * d,
+                       tree.leaves, rho0=meta.empirical_pull(fits, covs, run.estimate, P),
                        max_rounds=int(self.max_rounds), tol=float(self.meta_tol),
                        fedprox_rho=mu, work=work)
         self.history_, self.events_ = res.history, res.events
+        adapt_rho = meta.empirical_pull(fits, covs, res.theta, P)
         if not np.isfinite(res.rho):  # no adaptation pays: every leaf uses the global model
-            return res.theta, res.rho, P, [res.theta] * tree.n_leaves
-        personal = []
-        for o in meta.personalise(backend, refs, sched.bundles(), settings, res, P, work):
+            return res.theta, res.rho, adapt_rho, P, [(res.theta, run.cov)] * tree.n_leaves
+        outcomes = meta.personalise(backend, refs, sched.bundles(), settings, res, P, run.cov,
+                                    work)
+        if not any(o.ok for o in outcomes):
+            o = outcomes[0]
+            raise SubsetError(f"Personalising every leaf failed: {o.error_type}: {o.error}",
+                              o.traceback)
+        got = {}
+        for o in outcomes:
             if o.ok:
-                personal.append(o.value)
+                got[o.index] = o.value
             else:
                 self.events_.append({"round": len(res.history) + 1,
                                      "leaf": int(tree.leaves[o.index]),
                                      "kind": "personalisation failed; the leaf uses the global "
                                              "model", "error": f"{o.error_type}: {o.error}"})
-                personal.append(res.theta)
-        return res.theta, res.rho, P, personal
+        personal = []
+        for pos in range(tree.n_leaves):
+            # pieces of one region share one model: their personalised fits, pooled by
+            # information (exact for the information-weighted mean of the pieces)
+            members = [i for i in np.flatnonzero(region_of == region_of[pos]) if i in got]
+            if not members:
+                personal.append((res.theta, run.cov))
+                continue
+            Hs = [got[i][2] for i in members]
+            if len(members) == 1:
+                personal.append(got[members[0]][:2])
+                continue
+            Hsum = sum(Hs) + 1e-8 * np.eye(d)
+            W = solve_psd(Hsum, np.eye(d))
+            est = W @ sum(H @ got[i][0] for H, i in zip(Hs, members, strict=True))
+            cov = W @ sum(H @ got[i][1] @ H for H, i in zip(Hs, members, strict=True)) @ W
+            personal.append((est, 0.5 * (cov + cov.T)))
+        return res.theta, res.rho, adapt_rho, P, personal
+
+    def _meta_model(self, theta: np.ndarray, cov_std: np.ndarray) -> LeafModel:
+        """The meta-learned global parameters as a model (the pooled one for meta="none").
+
+        Its covariance is the pooled model's, a stand-in once ``theta`` has moved from it.
+        """
+        p = self.schema_.n_features
+        params, cov = self.partition_.standardizer.to_raw(theta, cov_std)
+        params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+        title = ("Pooled global model" if self.meta == "none" else
+                 f"Meta-learned global model ({self.meta})")
+        return self._leaf_model(-1, params, cov, title, {})
 
     def _leaf_model(self, nid: int, params, cov, title: str, info: dict) -> LeafModel:
         results = OrdinalResults(params, cov, self.schema_.output_names, self.target_.classes,
@@ -400,35 +442,59 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
     def adapt(self, X, y, sample_weight=None) -> LeafModel:
         """A model personalised to a new subset from a few labelled rows.
 
-        Newton steps from the meta-learned global parameters on these rows, pulled toward them
-        by the learned pull (``history_[-1]["rho"]``: pseudo-rows), so a handful of rows moves
-        the model a little and many rows move it far. Without a learned pull
-        (``meta="none"``, or a meta-learner that found adaptation does not pay) the pull is
-        ``10 d`` pseudo-rows. Returns a :class:`LeafModel` with a sandwich covariance.
+        Newton steps, to convergence, from the meta-learned global parameters (``meta_model_``)
+        on these rows, pulled toward them with the empirical-Bayes pull of the training leaves'
+        spread (``adapt_pull_``, pseudo-rows: what the leaves' differences say a new region's
+        model may differ by). So a handful of rows moves the model a little and many rows move
+        it far; on data where the leaves do not differ the pull is huge and the result is the
+        global model. Parameters the rows do not identify (an absent class, a constant
+        feature) stay at the global value. Returns a :class:`LeafModel` whose covariance is
+        the sandwich of the rows plus the global model's uncertainty carried by the pull.
         """
         Xe = self._encode(X)
         codes = self.target_.encode(y, what="y")
-        w = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        if codes.shape[0] != Xe.shape[0]:
+            raise DataError(f"adapt got {Xe.shape[0]:,} rows of X and {codes.shape[0]:,} "
+                            "labels; give one label per row.")
         if Xe.shape[0] < 1:
             raise DataError("adapt needs at least one labelled row.")
+        w = None
+        if sample_weight is not None:
+            w = np.asarray(sample_weight, dtype=float).reshape(-1)
+            if w.shape[0] != Xe.shape[0] or not np.all(np.isfinite(w)) or np.any(w < 0) \
+                    or not w.sum() > 0:
+                raise DataError("sample_weight must hold one finite, non-negative weight per "
+                                "row, not all zero.")
         std = self.partition_.standardizer
         p = Xe.shape[1]
         st = self._meta_state
         d = st["theta"].shape[0]
-        rho = st["rho"] if np.isfinite(st["rho"]) else DEFAULT_PULL_PER_PARAM * d
+        rho = st["adapt_rho"]
         Xs = np.ascontiguousarray(std.transform(Xe))
         with local.one_blas_thread():
-            est = meta.adapt_params(Xs, codes, w, st["theta"], rho, st["P"],
-                                    meta.PERSONAL_STEPS, p)
-            P0 = composite_pass(Xs, codes, w, est[:p], est[p:], loss=False, order=2,
-                                meat="cluster")
-        A = solve_psd(P0.hess + rho * st["P"], np.eye(d))
-        cov = A @ P0.meat @ A.T + A @ (rho * st["P"]) @ self._pooled_cov_std() @ \
-            (rho * st["P"]) @ A.T
+            free = meta.free_coordinates(Xs, codes, w, d - p + 1)
+            est, H = meta.adapt_params(Xs, codes, w, st["theta"], rho, st["P"],
+                                       meta.PERSONAL_STEPS, p, free)
+            J = composite_pass(Xs, codes, w, est[:p], est[p:], loss=False, order=0,
+                               meat="cluster").meat
+        Vg = self._pooled_cov_std()
+        idx = np.flatnonzero(free)
+        prior = rho * st["P"][np.ix_(idx, idx)]
+        A = solve_psd(H[np.ix_(idx, idx)] + prior, np.eye(idx.size))
+        cov = Vg.copy()
+        cov[np.ix_(idx, ~free)] = 0.0
+        cov[np.ix_(~free, idx)] = 0.0
+        cov[np.ix_(idx, idx)] = A @ (J[np.ix_(idx, idx)] + prior @ Vg[np.ix_(idx, idx)] @
+                                     prior) @ A.T
         params, cov = std.to_raw(est, 0.5 * (cov + cov.T))
         params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
         return self._leaf_model(-1, params, cov, "Model adapted to new rows",
                                 {"Rows": f"{Xe.shape[0]:,}", "Pull (pseudo-rows)": f"{rho:.4g}"})
+
+    @property
+    def adapt_pull_(self) -> float:
+        """The pull (pseudo-rows) ``adapt`` uses toward the meta-learned global model."""
+        return float(self._meta_state["adapt_rho"])
 
     def _pooled_cov_std(self) -> np.ndarray:
         """The global model's covariance in the standardised coordinates."""
@@ -478,6 +544,13 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         Xe = self._encode(X)
         return self._unseen(Xe, self._route(Xe))
 
+    def _falls_back(self, Xe: np.ndarray, leaf: np.ndarray) -> np.ndarray:
+        """Rows the meta-learned global model predicts: unseen ones, with a meta-learner (with
+        ``meta="none"`` every row keeps its leaf's fit, as the partition alone decides)."""
+        if self.meta == "none":
+            return np.zeros(Xe.shape[0], dtype=bool)
+        return self._unseen(Xe, leaf)
+
     def _unseen(self, Xe: np.ndarray, leaf: np.ndarray) -> np.ndarray:
         lps = [self.profile_[nid] for nid in self.partition_.leaves]
         if any(lp.low is None for lp in lps):
@@ -499,7 +572,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         Xe = self._encode(X)
         leaf = self._route(Xe)
         fallback = self.n_leaves_  # one row past the leaves in the tables below
-        which = np.where(self._unseen(Xe, leaf), fallback, leaf)
+        which = np.where(self._falls_back(Xe, leaf), fallback, leaf)
         coef = np.vstack([self._leaf_coef, self.meta_model_.coef_])
         thresholds = np.vstack([self._leaf_thresholds, self.meta_model_.thresholds_])
         eta = np.einsum("ij,ij->i", Xe, coef[which]) if Xe.shape[0] else np.zeros(0)
@@ -520,7 +593,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         """Class probabilities with delta-method intervals, each row from its leaf model."""
         Xe = self._encode(X)
         leaf = self._route(Xe)
-        which = np.where(self._unseen(Xe, leaf), -1, leaf)
+        which = np.where(self._falls_back(Xe, leaf), -1, leaf)
         K = self.classes_.shape[0]
         out = [np.empty((Xe.shape[0], K)) for _ in range(3)]
         for pos in np.unique(which):
@@ -538,7 +611,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                 "leaf_notes": self._leaf_notes, "timings": dict(self.timings_),
                 "history": self.history_, "events": self.events_,
                 "meta_rho": None if not np.isfinite(self._meta_state["rho"])
-                else float(self._meta_state["rho"])}
+                else float(self._meta_state["rho"]),
+                "adapt_rho": float(self._meta_state["adapt_rho"])}
         arrays = {"meta_theta": self._meta_state["theta"], "meta_P": self._meta_state["P"],
                   "meta_params": self.meta_model_.results_.params,
                   "meta_cov": self.meta_model_.cov_,
@@ -562,10 +636,11 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self.timings_ = dict(meta["timings"])
         self.history_, self.events_ = list(meta["history"]), list(meta["events"])
         rho = np.inf if meta["meta_rho"] is None else float(meta["meta_rho"])
-        self._meta_state = {"theta": arrays["meta_theta"], "rho": rho, "P": arrays["meta_P"]}
+        self._meta_state = {"theta": arrays["meta_theta"], "rho": rho,
+                            "adapt_rho": float(meta["adapt_rho"]), "P": arrays["meta_P"]}
         self.meta_model_ = self._leaf_model(-1, arrays["meta_params"], arrays["meta_cov"],
-                                            "Meta-learned global model",
-                                            {"Pull (pseudo-rows)": f"{rho:.4g}"})
+                                            "Pooled global model" if self.meta == "none" else
+                                            f"Meta-learned global model ({self.meta})", {})
         L, d = self.n_leaves_, self.results_.params.shape[0]
         if arrays["leaf_params"].shape != (L, d) or arrays["leaf_cov"].shape != (L, d, d):
             raise ValueError("the leaf arrays do not match the partition")
