@@ -4,26 +4,29 @@ The loop is a short template, in the spirit of Flower's strategies: broadcast th
 parameters ``theta``; on every leaf, *adapt* them to the leaf's training part and score the
 adapted model on the leaf's validation part (a stratified share of its rows, fixed for all
 rounds); aggregate; stop when the validation loss stops improving. Everything a round sends is
-parameters (about ``d + d^2`` numbers a leaf); the rows stay where they were placed.
+parameters (about ``d + 2 d^2`` numbers a leaf, counted in ``history``); the rows stay where
+they were placed.
 
 **Adaptation** is a few Newton steps on the leaf's composite loss plus a pull toward the global
 parameters, ``L_train(gamma) + rho/2 (gamma - theta)' P (gamma - theta)``, with ``P`` the global
-information per row: ``rho`` counts pseudo-rows, so a leaf with many more rows than ``rho``
-moves freely and a small leaf stays near the global model (the adaptation strength of a leaf of
-``n`` rows is ``n / (n + rho)``). ``rho`` is learned from validation loss: every round each leaf
-also scores the adaptation at ``rho`` times (1/8, 1/2, 2, 8) and at infinity (no adaptation),
-and the next round uses the best. Strategies:
+information per row, over the parameters the leaf identifies (the others stay at ``theta``).
+``rho`` counts pseudo-rows: a leaf of ``n`` rows moves with strength ``n / (n + rho)``. The pull
+starts at the empirical-Bayes value of the leaves' spread around ``theta``
+(:func:`empirical_pull`) and is learned from validation loss: every round each leaf also scores
+the adaptation at ``rho`` times (1/4, 1/2, 2, 4) and at infinity (no adaptation), and the next
+round uses the best (the largest pull among near-ties, so a flat loss does not drift toward no
+pull at all). Strategies:
 
 - ``"fomaml"``: first-order MAML; the meta-gradient is the validation gradient at the adapted
-  parameters, summed over leaves (weighted by their information) and preconditioned by the
-  summed validation Hessian: ``theta -= (sum H_val)^-1 sum g_val``;
-- ``"reptile"``: ``theta += sum n_m (gamma_m - theta) / sum n_m``, the adapted parameters'
-  information-weighted mean;
-- ``"fedavg"`` and ``"fedprox"``: baselines in the same loop; local Newton steps without a pull
-  (FedAvg) or with a fixed one (FedProx), averaged; their model is the global one.
+  parameters, summed over leaves and preconditioned by all their information (training and
+  validation Hessians): a damped step, not a jump to the validation rows' own optimum;
+- ``"reptile"``: ``theta`` moves to the adapted parameters' information-weighted mean;
+- ``"fedavg"`` and ``"fedprox"``: baselines in the same loop; local Newton steps with (almost) no
+  pull or a fixed one, averaged by rows; their model is the global one.
 
 A leaf whose task fails in a round is left out of that round and the failure recorded, as
-Flower's ``accept_failures``; a round where every leaf fails is an error.
+Flower's ``accept_failures``; such a round neither becomes the best nor stops the loop (its
+loss covers other leaves). A round where every leaf fails is an error.
 """
 
 from __future__ import annotations

@@ -19,15 +19,13 @@ from .. import combine, local, meta
 from .._warnings import warn
 from ..backends import Backend, get_backend
 from ..data import prepare_fit
-from ..exceptions import DataError, SubsetError
-from ..ordinal import class_proba, composite_pass, cumulative_proba
+from ..exceptions import DataError
 from ..partition import PartitionTree
 from ..partition_growth import grow, leaf_seeds, profile_leaves
 from ..profile import DataProfile
 from ..results import OrdinalResults, parameter_names
 from ..schedule import Schedule, schedule
 from ..shards import Standardizer, build_shards
-from ..solvers import solve_psd
 from .base import OrdinalModel, is_int, is_real, param_error, register
 from .divide_conquer import (
     MIN_ROWS_PER_PARAM,
@@ -36,22 +34,18 @@ from .divide_conquer import (
     fit_partition,
 )
 from .leaves import LeafModel, leaf_view, region_estimates
+from .personalise import Personalisation
+from .routing import RoutedPrediction
 
 #: Default minimum leaf size, in rows per parameter: ``min_subset_size = 20 d`` (capped at the
 #: number of rows). A leaf's own model is used for prediction, so it needs more rows than the
 #: pooling alone would (``5 d``, method.md 6).
 MIN_LEAF_ROWS_PER_PARAM = 20
-#: A row outside its leaf's range of a feature by more than this share of the range is unseen.
-UNSEEN_MARGIN = 0.25
-UNSEEN_BLOCK = 65_536
-#: The meta-learner's first pull toward the global model (and FedProx's fixed one), in
-#: pseudo-rows per parameter.
-DEFAULT_PULL_PER_PARAM = 10.0
 META = ("none", *meta.METHODS)
 
 
 @register
-class AdaptiveFederatedOrdinal(OrdinalModel):
+class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, OrdinalModel):
     """Ordinal regression on an adaptive partition of the data, pooled with valid inference.
 
     ``fit`` profiles the data (density, feature importance, clusters), grows a partition tree
@@ -72,8 +66,22 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
     min_subset_size : int or None
         No leaf has fewer rows. Default ``20 d`` (d = features plus thresholds), at most the
         number of rows.
-    meta : {"none"}
-        ``"none"``: each leaf keeps its own local fit.
+    meta : {"none", "fomaml", "reptile", "fedavg", "fedprox"}
+        ``"none"``: each leaf keeps its own local fit. Otherwise the leaves go through rounds of
+        federated meta-learning (:mod:`fedgrain.meta`) and ``local_models_`` are personalised:
+        adapted from a learned global model with a learned pull toward it (``"fedavg"`` and
+        ``"fedprox"`` are baselines that keep one global model).
+    max_rounds : int
+        Meta-learning rounds at most.
+    meta_tol : float
+        A round must lower the validation log-loss by this share to continue.
+    inner_steps : int
+        Newton steps of a leaf's adaptation in a round (the personalised models and ``adapt``
+        converge).
+    validation_fraction : float in [0.05, 0.5]
+        Share of each leaf's rows, stratified by class, set aside once to judge the rounds.
+    fedprox_mu : float or None
+        FedProx's fixed pull, in pseudo-rows (default ``10 d``).
     backend, n_jobs, random_state, alpha, variance, refine_rounds, debias, ridge,
     penalize_thresholds, levels, categorical, cv_folds, max_iter, tol :
         As for :class:`fedgrain.DivideConquerOrdinal`; they set every leaf's fit and the
@@ -87,8 +95,18 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
     global_model_ : DivideConquerOrdinal
         The pooled model with inference; ``global_model_.q_`` is the leaves' heterogeneity.
     local_models_ : list of LeafModel
-        One per leaf, in the order of ``partition_.leaves``. Random pieces of one region share
-        the region's pooled model.
+        One per leaf, in the order of ``partition_.leaves``: its local fit, or with a
+        meta-learner its personalised model. Random pieces of one region share one model.
+    meta_model_ : LeafModel
+        The meta-learned global parameters (the pooled model with ``meta="none"``); it predicts
+        rows of regions no leaf has seen (``unseen``) when there is a meta-learner, and is what
+        ``adapt`` starts from. Its covariance is the pooled model's, a stand-in.
+    history_ : list of dict
+        Per meta round: validation log-loss (``val_loss``) and that of the global model alone,
+        per-leaf validation loss, the pull ``rho`` (None: no adaptation) and each leaf's
+        adaptation strength, bytes moved, seconds, leaves that failed.
+    events_ : list of dict
+        Leaves that failed in a round or in personalisation (round, leaf, kind, error).
     partition_ : fedgrain.partition.PartitionTree
         ``leaves``, ``sizes``, ``route(X)`` (leaf positions of encoded rows), ``describe()``.
     profile_ : fedgrain.profile.DataProfile
@@ -99,7 +117,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         Leaves to workers, with ``imbalance`` and ``bytes_to_move``.
     timings_ : dict
         Wall time of each phase of the fit, in seconds ("prepare", "profile and partition",
-        "schedule", "place leaves", "fit leaves and pool", "results").
+        "schedule", "place leaves", "fit leaves and pool", "meta-learning", "results").
 
     Examples
     --------
@@ -334,76 +352,6 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self._set_leaf_models(np.array(leaf_params), np.array(leaf_cov), notes)
         clock.lap("results")
 
-    def _meta_rounds(self, backend, refs, sched, run, tree, p: int, seed: int):
-        """Run the meta-learner over the placed leaves: ``(theta, rho, adapt_rho, P, personal)``.
-
-        ``personal`` holds each leaf's ``(params, cov)`` in standardised coordinates, or is
-        None when each leaf keeps its own local fit (``meta="none"``). ``adapt_rho`` is the
-        pull ``adapt`` uses: the empirical-Bayes pull of the leaves' spread around ``theta``.
-        """
-        d = run.estimate.shape[0]
-        N = float(tree.sizes.sum())
-        K = d - p + 1
-        P = run.pooled.information / N
-        self.history_, self.events_ = [], []
-        views = [leaf_view(f, run.estimate, run.cov, p) for f in run.fits]
-        fits, covs = [v[0] for v in views], [v[1] for v in views]
-        if self.meta == "none":
-            pull = meta.empirical_pull(fits, covs, run.estimate, P)
-            return run.estimate, np.inf, pull, P, None
-        region_of = tree.region_of()
-        if np.unique(region_of).shape[0] == 1:
-            # one region (maybe dealt out into identical pieces): nothing to learn across
-            # leaves; every leaf keeps the pooled (refined) model
-            return run.estimate, np.inf, meta.RHO_MAX, P, [(run.estimate, run.cov)] * \
-                tree.n_leaves
-        settings = meta.MetaSettings(self.meta, p, K, int(self.inner_steps),
-                                     float(self.validation_fraction))
-        seeds = leaf_seeds(tree, seed, tag=1)  # the validation splits: a stream of their own
-        work = N * d * d * self.inner_steps * (len(meta.RHO_STEPS) + 2)
-        mu = DEFAULT_PULL_PER_PARAM * d if self.fedprox_mu is None else float(self.fedprox_mu)
-        res = meta.run(backend, refs, sched.bundles(), settings, run.estimate, P, seeds,
-                       tree.leaves, rho0=meta.empirical_pull(fits, covs, run.estimate, P),
-                       max_rounds=int(self.max_rounds), tol=float(self.meta_tol),
-                       fedprox_rho=mu, work=work)
-        self.history_, self.events_ = res.history, res.events
-        adapt_rho = meta.empirical_pull(fits, covs, res.theta, P)
-        if not np.isfinite(res.rho):  # no adaptation pays: every leaf uses the global model
-            return res.theta, res.rho, adapt_rho, P, [(res.theta, run.cov)] * tree.n_leaves
-        outcomes = meta.personalise(backend, refs, sched.bundles(), settings, res, P, run.cov,
-                                    work)
-        if not any(o.ok for o in outcomes):
-            o = outcomes[0]
-            raise SubsetError(f"Personalising every leaf failed: {o.error_type}: {o.error}",
-                              o.traceback)
-        got = {}
-        for o in outcomes:
-            if o.ok:
-                got[o.index] = o.value
-            else:
-                self.events_.append({"round": len(res.history) + 1,
-                                     "leaf": int(tree.leaves[o.index]),
-                                     "kind": "personalisation failed; the leaf uses the global "
-                                             "model", "error": f"{o.error_type}: {o.error}"})
-        personal = []
-        for pos in range(tree.n_leaves):
-            # pieces of one region share one model: their personalised fits, pooled by
-            # information (exact for the information-weighted mean of the pieces)
-            members = [i for i in np.flatnonzero(region_of == region_of[pos]) if i in got]
-            if not members:
-                personal.append((res.theta, run.cov))
-                continue
-            Hs = [got[i][2] for i in members]
-            if len(members) == 1:
-                personal.append(got[members[0]][:2])
-                continue
-            Hsum = sum(Hs) + 1e-8 * np.eye(d)
-            W = solve_psd(Hsum, np.eye(d))
-            est = W @ sum(H @ got[i][0] for H, i in zip(Hs, members, strict=True))
-            cov = W @ sum(H @ got[i][1] @ H for H, i in zip(Hs, members, strict=True)) @ W
-            personal.append((est, 0.5 * (cov + cov.T)))
-        return res.theta, res.rho, adapt_rho, P, personal
-
     def _meta_model(self, theta: np.ndarray, cov_std: np.ndarray) -> LeafModel:
         """The meta-learned global parameters as a model (the pooled one for meta="none").
 
@@ -439,70 +387,6 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self._leaf_coef = params[:, :p]
         self._leaf_thresholds = params[:, p:]
 
-    def adapt(self, X, y, sample_weight=None) -> LeafModel:
-        """A model personalised to a new subset from a few labelled rows.
-
-        Newton steps, to convergence, from the meta-learned global parameters (``meta_model_``)
-        on these rows, pulled toward them with the empirical-Bayes pull of the training leaves'
-        spread (``adapt_pull_``, pseudo-rows: what the leaves' differences say a new region's
-        model may differ by). So a handful of rows moves the model a little and many rows move
-        it far; on data where the leaves do not differ the pull is huge and the result is the
-        global model. Parameters the rows do not identify (an absent class, a constant
-        feature) stay at the global value. Returns a :class:`LeafModel` whose covariance is
-        the sandwich of the rows plus the global model's uncertainty carried by the pull.
-        """
-        Xe = self._encode(X)
-        codes = self.target_.encode(y, what="y")
-        if codes.shape[0] != Xe.shape[0]:
-            raise DataError(f"adapt got {Xe.shape[0]:,} rows of X and {codes.shape[0]:,} "
-                            "labels; give one label per row.")
-        if Xe.shape[0] < 1:
-            raise DataError("adapt needs at least one labelled row.")
-        w = None
-        if sample_weight is not None:
-            w = np.asarray(sample_weight, dtype=float).reshape(-1)
-            if w.shape[0] != Xe.shape[0] or not np.all(np.isfinite(w)) or np.any(w < 0) \
-                    or not w.sum() > 0:
-                raise DataError("sample_weight must hold one finite, non-negative weight per "
-                                "row, not all zero.")
-        std = self.partition_.standardizer
-        p = Xe.shape[1]
-        st = self._meta_state
-        d = st["theta"].shape[0]
-        rho = st["adapt_rho"]
-        Xs = np.ascontiguousarray(std.transform(Xe))
-        with local.one_blas_thread():
-            free = meta.free_coordinates(Xs, codes, w, d - p + 1)
-            est, H = meta.adapt_params(Xs, codes, w, st["theta"], rho, st["P"],
-                                       meta.PERSONAL_STEPS, p, free)
-            J = composite_pass(Xs, codes, w, est[:p], est[p:], loss=False, order=0,
-                               meat="cluster").meat
-        Vg = self._pooled_cov_std()
-        idx = np.flatnonzero(free)
-        prior = rho * st["P"][np.ix_(idx, idx)]
-        A = solve_psd(H[np.ix_(idx, idx)] + prior, np.eye(idx.size))
-        cov = Vg.copy()
-        cov[np.ix_(idx, ~free)] = 0.0
-        cov[np.ix_(~free, idx)] = 0.0
-        cov[np.ix_(idx, idx)] = A @ (J[np.ix_(idx, idx)] + prior @ Vg[np.ix_(idx, idx)] @
-                                     prior) @ A.T
-        params, cov = std.to_raw(est, 0.5 * (cov + cov.T))
-        params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
-        return self._leaf_model(-1, params, cov, "Model adapted to new rows",
-                                {"Rows": f"{Xe.shape[0]:,}", "Pull (pseudo-rows)": f"{rho:.4g}"})
-
-    @property
-    def adapt_pull_(self) -> float:
-        """The pull (pseudo-rows) ``adapt`` uses toward the meta-learned global model."""
-        return float(self._meta_state["adapt_rho"])
-
-    def _pooled_cov_std(self) -> np.ndarray:
-        """The global model's covariance in the standardised coordinates."""
-        p = self.schema_.n_features
-        T = self.partition_.standardizer.jacobian(self.cov_.shape[0] - p)
-        Tinv = np.linalg.inv(T)
-        return Tinv @ self.cov_ @ Tinv.T
-
     def refresh_profile(self, X, y, sample_weight=None) -> DataProfile:
         """Profile the leaves again from new labelled rows (``profile_``, updated in place).
 
@@ -514,94 +398,6 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self._route(Xe)  # the partition must still be the fitted one
         self.profile_.refresh(self.partition_, Xe, codes, w)
         return self.profile_
-
-    # ---- prediction -------------------------------------------------------------------------
-    def apply(self, X) -> np.ndarray:
-        """The leaf (position in ``partition_.leaves`` and ``local_models_``) of each row.
-
-        Rows of a region dealt out into random pieces go to a piece by a fixed pseudo-random
-        function of the row, not by the class-stratified deal of the training rows (use
-        ``partition_.route(X_encoded, class_codes)`` for that); the pieces share one model, so
-        predictions do not depend on which.
-        """
-        return self._route(self._encode(X))
-
-    def _route(self, Xe: np.ndarray) -> np.ndarray:
-        if self.partition_.leaves != self._leaf_ids:
-            raise ValueError(
-                "partition_ was changed (split or merged) after fitting, so its leaves no longer "
-                "match local_models_; fit again, or fit(X, y, partition=...) with the new tree.")
-        return self.partition_.route(Xe)
-
-    def unseen(self, X) -> np.ndarray:
-        """Which rows lie outside the region their leaf was trained on (predicted by the
-        global model instead).
-
-        A row is unseen when some feature lies outside its leaf's range (``profile_``: the 0.1%
-        to 99.9% quantiles of the leaf's rows) by more than ``UNSEEN_MARGIN`` times that range:
-        the leaf's model would be extrapolated there.
-        """
-        Xe = self._encode(X)
-        return self._unseen(Xe, self._route(Xe))
-
-    def _falls_back(self, Xe: np.ndarray, leaf: np.ndarray) -> np.ndarray:
-        """Rows the meta-learned global model predicts: unseen ones, with a meta-learner (with
-        ``meta="none"`` every row keeps its leaf's fit, as the partition alone decides)."""
-        if self.meta == "none":
-            return np.zeros(Xe.shape[0], dtype=bool)
-        return self._unseen(Xe, leaf)
-
-    def _unseen(self, Xe: np.ndarray, leaf: np.ndarray) -> np.ndarray:
-        lps = [self.profile_[nid] for nid in self.partition_.leaves]
-        if any(lp.low is None for lp in lps):
-            return np.zeros(Xe.shape[0], dtype=bool)
-        low = np.array([lp.low for lp in lps])
-        high = np.array([lp.high for lp in lps])
-        pad = UNSEEN_MARGIN * (high - low)
-        lo, hi = low - pad, high + pad
-        out = np.zeros(Xe.shape[0], dtype=bool)
-        for a in range(0, Xe.shape[0], UNSEEN_BLOCK):
-            rows = slice(a, a + UNSEEN_BLOCK)
-            Xb, lb = Xe[rows], leaf[rows]
-            out[rows] = ((Xb < lo[lb]) | (Xb > hi[lb])).any(axis=1)
-        return out
-
-    def _routed(self, X):
-        """Each row's linear predictor and thresholds: its leaf's model, or for rows of an
-        unseen region the (meta-learned) global model."""
-        Xe = self._encode(X)
-        leaf = self._route(Xe)
-        fallback = self.n_leaves_  # one row past the leaves in the tables below
-        which = np.where(self._falls_back(Xe, leaf), fallback, leaf)
-        coef = np.vstack([self._leaf_coef, self.meta_model_.coef_])
-        thresholds = np.vstack([self._leaf_thresholds, self.meta_model_.thresholds_])
-        eta = np.einsum("ij,ij->i", Xe, coef[which]) if Xe.shape[0] else np.zeros(0)
-        return eta, thresholds[which]
-
-    def predict_linear(self, X) -> np.ndarray:
-        """``x @ coef`` with each row's leaf coefficients."""
-        return self._routed(X)[0]
-
-    def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities from each row's leaf model, shape ``(n, K)``."""
-        return class_proba(*self._routed(X))
-
-    def predict_cumulative_proba(self, X) -> np.ndarray:
-        return cumulative_proba(*self._routed(X))
-
-    def predict_proba_ci(self, X, alpha: float = 0.05):
-        """Class probabilities with delta-method intervals, each row from its leaf model."""
-        Xe = self._encode(X)
-        leaf = self._route(Xe)
-        which = np.where(self._falls_back(Xe, leaf), -1, leaf)
-        K = self.classes_.shape[0]
-        out = [np.empty((Xe.shape[0], K)) for _ in range(3)]
-        for pos in np.unique(which):
-            rows = which == pos
-            model = self.meta_model_ if pos < 0 else self.local_models_[pos]
-            for o, v in zip(out, model.results_.predict_proba_ci(Xe[rows], alpha), strict=True):
-                o[rows] = v
-        return tuple(out)
 
     # ---- persistence ------------------------------------------------------------------------
     def _extra_state(self):
