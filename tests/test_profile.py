@@ -144,7 +144,7 @@ def test_split_test_is_calibrated_under_one_model_and_powerful_between_two():
     for seed in range(300):
         Xs, y = _homogeneous(seed)
         fit = prof.quick_fit(Xs, y, None, K4)
-        node = prof._restricted_pass(Xs, y, None, fit)
+        node = prof.node_terms(Xs, y, None, fit)
         q, df = prof.split_test(Xs, y, None, fit, Xs[:, 1] <= np.median(Xs[:, 1]), node)
         assert df == 4 + K4 - 1
         med.append(prof.q_pvalue(q, df))
@@ -167,7 +167,7 @@ def test_split_test_is_calibrated_under_one_model_and_powerful_between_two():
 def test_split_test_passed_the_node_pass_matches_the_one_made_inside():
     Xs, y, region = _two_regions(3)
     fit = prof.quick_fit(Xs, y, None, K4)
-    node = prof._restricted_pass(Xs, y, None, fit)
+    node = prof.node_terms(Xs, y, None, fit)
     left = region == 0
     assert prof.split_test(Xs, y, None, fit, left, node) == prof.split_test(Xs, y, None, fit,
                                                                              left)
@@ -383,3 +383,19 @@ def test_refresh_reprofiles_the_leaves_that_receive_rows(grown):
             assert lp is not before[nid] and lp.importance.sum() == pytest.approx(1.0)
         else:
             assert lp is before[nid]
+
+
+def test_node_terms_sum_to_the_composite_pass():
+    from fedgrain.ordinal import composite_pass
+
+    X, y, _, _ = make_ordinal(2000, 4, 4, random_state=3)
+    Xs = Standardizer.fit(X).transform(X.copy())
+    w = np.random.default_rng(0).uniform(0.5, 2.0, 2000)
+    fit = prof.quick_fit(Xs, y, w, 4)
+    mask = Xs[:, 0] > 0
+    s, H, J = prof.node_terms(Xs, y, w, fit).sums(mask)
+    ref = composite_pass(Xs[mask], y[mask], w[mask], fit.estimate[:4], fit.estimate[4:],
+                         loss=False, order=2, meat="cluster")
+    np.testing.assert_allclose(s, -ref.grad, rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(H, ref.hess, rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(J, ref.meat, rtol=1e-10, atol=1e-8)

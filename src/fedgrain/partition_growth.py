@@ -187,7 +187,7 @@ class _Grower:
                 a = np.zeros(self.p)
                 a[j] = 1.0
                 proposals.append((f"feature {j}", a, cut))
-        whole = prof._restricted_pass(Xq, yq, wq, fit)
+        terms = prof.node_terms(Xq, yq, wq, fit)
         node_counts = np.bincount(yq, minlength=self.K)
         scale = rows.shape[0] * self.factor / sub.shape[0]
         cands = []
@@ -200,7 +200,7 @@ class _Grower:
             counts = np.bincount(yq[left_q], minlength=self.K)
             if min(np.count_nonzero(counts), np.count_nonzero(node_counts - counts)) < 2:
                 continue  # a one-class side has no model of its own (its rows are separated)
-            q, df = prof.split_test(Xq, yq, wq, fit, left_q, whole)
+            q, df = prof.split_test(Xq, yq, wq, fit, left_q, terms)
             if df > 0:
                 crowd = float(np.mean(np.abs(z - b) < BOUNDARY_BAND * np.linalg.norm(a)))
                 cands.append(_Candidate(label, a, b, None, q, df, 0.5 * (q * scale - 2 * df),
@@ -219,13 +219,11 @@ class _Grower:
             if cleaner:
                 pick = min(cleaner, key=lambda c: c.crowding)
                 ranked = [pick] + [c for c in by_gain if c is not pick]
-        Xn = None
         for cand in ranked:  # the sizes above were estimated on the subsample: check them
             if sub.shape[0] == rows.shape[0]:
                 cand.left = Xq @ cand.a <= cand.b
-            else:
-                Xn = self.Xs[rows] if Xn is None else Xn
-                cand.left = Xn @ cand.a <= cand.b
+            else:  # one product over the whole sample beats gathering the node's rows
+                cand.left = (self.Xs @ cand.a)[rows] <= cand.b
             nl = int(cand.left.sum())
             if min(nl, rows.shape[0] - nl) >= self.min_sample:
                 return cand, len(proposals)

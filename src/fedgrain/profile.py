@@ -22,12 +22,13 @@ refreshed from new data.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 from scipy import special
 
 from .local import _problem
-from .ordinal import composite_pass, initial_thresholds
+from .ordinal import initial_thresholds
 from .solvers import newton, runaway, solve_psd
 
 #: Rows a quick fit uses at most.
@@ -36,7 +37,7 @@ QUICK_ROWS = 2_500
 KNN_ROWS = 500
 KNN_K = 10
 #: Rows for 2-means.
-KMEANS_ROWS = 2_000
+KMEANS_ROWS = 1_000
 #: A leaf's range of a feature: from this lower to this upper quantile of its rows.
 RANGE_QUANTILE = 0.999
 
@@ -124,7 +125,7 @@ def heterogeneity(a: QuickFit, b: QuickFit, n_features: int) -> tuple[float, int
 
 
 def split_test(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit,
-               left: np.ndarray, node_pass=None) -> tuple[float, int]:
+               left: np.ndarray, terms: NodeTerms | None = None) -> tuple[float, int]:
     """Robust score test that the rows ``left`` and the others share the model ``fit``.
 
     ``fit`` is the composite fit of all these rows (the parent). With scores ``s``, Hessians
@@ -133,17 +134,16 @@ def split_test(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit
     ``s~ = s_L - H_L H_P^-1 s_P = H_R H_P^-1 s_L - H_L H_P^-1 s_R`` with variance
     ``(I - A) J_L (I - A)' + A J_R A'``, ``A = H_L H_P^-1``; the statistic ``s~' V^+ s~`` is
     chi-square with ``rank V`` degrees of freedom when one model holds on both sides (the
-    Lagrange multiplier form of method.md section 5's ``Q``: it needs one pass over the left
-    rows per candidate instead of two fits). A feature constant on one side makes ``V``
-    singular in its direction and the test drops that direction, so splitting on a binary
-    feature does not mistake the feature's own effect for heterogeneity.
+    Lagrange multiplier form of method.md section 5's ``Q``: masked sums of the rows' terms at
+    the parent's fit, where a Wald ``Q`` would need two fits). A feature constant on one side
+    makes ``V`` singular in its direction and the test drops that direction, so splitting on a
+    binary feature does not mistake the feature's own effect for heterogeneity.
 
-    ``node_pass`` is the pass over all rows, when already made.
+    ``terms`` are the rows' terms at ``fit`` (:func:`node_terms`), when already computed.
     """
-    P = node_pass if node_pass is not None else _restricted_pass(X, y, w, fit)
-    L = _restricted_pass(X[left], y[left], None if w is None else w[left], fit)
-    sP, HP, JP = P
-    sL, HL, JL = L
+    terms = node_terms(X, y, w, fit) if terms is None else terms
+    sP, HP, JP = terms.total
+    sL, HL, JL = terms.sums(left)
     JR = JP - JL
     A = solve_psd(HP, HL.T).T  # H_L H_P^-1 (both symmetric)
     s = sL - A @ sP
@@ -155,18 +155,51 @@ def split_test(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit
     return float(np.sum(z * z / vals[keep])), int(keep.sum())
 
 
-def _restricted_pass(X, y, w, fit: QuickFit):
-    """Score, Hessian and cluster meat at ``fit`` over the parameters it identifies."""
+@dataclass(frozen=True)
+class NodeTerms:
+    """Each row's terms of the composite likelihood at a fit, over the parameters it
+    identifies: its score ``S`` (summed over the row's expanded rows, as the cluster meat
+    wants), the features ``Xf`` and the binary variances ``V``. Sums over any subset of the
+    rows are then a few products (:meth:`sums`), not a pass of the likelihood."""
+
+    S: np.ndarray
+    Xf: np.ndarray
+    V: np.ndarray
+    w: np.ndarray
+
+    @cached_property
+    def total(self):
+        """:meth:`sums` over all the rows (computed once)."""
+        return self.sums()
+
+    def sums(self, mask: np.ndarray | None = None):
+        """Score, Hessian and cluster meat of the rows in ``mask`` (all rows by default)."""
+        m = self.w if mask is None else self.w * mask
+        nf = self.Xf.shape[1]
+        Sm = self.S * m[:, None]
+        d = self.S.shape[1]
+        H = np.empty((d, d))
+        Xm = Sm[:, :0] if nf == 0 else self.Xf * m[:, None]
+        H[:nf, :nf] = (Xm * self.V.sum(axis=1)[:, None]).T @ self.Xf
+        H[:nf, nf:] = -(Xm.T @ self.V)
+        H[nf:, :nf] = H[:nf, nf:].T
+        H[nf:, nf:] = np.diag(m @ self.V)
+        return Sm.sum(axis=0), H, Sm.T @ self.S
+
+
+def node_terms(X, y, w, fit: QuickFit) -> NodeTerms:
+    """The rows' terms at ``fit`` (see :class:`NodeTerms`); sums equal ``composite_pass``'s."""
     p = X.shape[1]
     ident = fit.identified
     feats = np.flatnonzero(ident[:p])
     ths = np.flatnonzero(ident[p:])
     beta = np.where(ident[:p], np.nan_to_num(fit.estimate[:p]), 0.0)
-    theta = np.nan_to_num(fit.estimate[p:])
-    res = composite_pass(X, y, w, beta, theta, thresholds=ths, loss=False, order=2,
-                         meat="cluster")
-    sel = np.concatenate([feats, p + np.arange(ths.shape[0])])
-    return -res.grad[sel], res.hess[np.ix_(sel, sel)], res.meat[np.ix_(sel, sel)]
+    theta = np.nan_to_num(fit.estimate[p:])[ths]
+    mu = special.expit((X @ beta)[:, None] - theta[None, :])  # P(Y > k)
+    E = (y[:, None] > ths[None, :]) - mu
+    Xf = X[:, feats]
+    S = np.concatenate([Xf * E.sum(axis=1)[:, None], -E], axis=1)
+    return NodeTerms(S, Xf, mu * (1.0 - mu), np.ones(y.shape[0]) if w is None else w)
 
 
 def importance(fit: QuickFit | None, n_features: int) -> np.ndarray:
@@ -310,12 +343,15 @@ def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_cla
     mean = (Xs.mean(axis=0) if w is None else w @ Xs / w.sum()) * std.scale + std.mean
     low = high = None
     if Xs.shape[0]:
-        low, high = np.quantile(Xs, [1 - RANGE_QUANTILE, RANGE_QUANTILE], axis=0)
+        S = np.sort(Xs, axis=0)
+        last = S.shape[0] - 1
+        low = S[int((1 - RANGE_QUANTILE) * last)]
+        high = S[int(np.ceil(RANGE_QUANTILE * last))]
         # a discrete column (a one-hot level, a count with few values): its whole range, so
         # a rare level seen in training is not mistaken for an unseen region
-        discrete = np.array([np.unique(Xs[:, j]).shape[0] <= 10 for j in range(p)])
-        low = np.where(discrete, Xs.min(axis=0), low) * std.scale + std.mean
-        high = np.where(discrete, Xs.max(axis=0), high) * std.scale + std.mean
+        discrete = (np.diff(S, axis=0) != 0).sum(axis=0) < 10
+        low = np.where(discrete, S[0], low) * std.scale + std.mean
+        high = np.where(discrete, S[-1], high) * std.scale + std.mean
     return LeafProfile(int(y.shape[0]), counts, mean, log_density(Xw, share, rng), imp,
                        "screening", raw_centres, low, high)
 
