@@ -8,8 +8,9 @@ the oracle (each row's true regional model) where it exists, on
 
 - synthetic heterogeneous data (``make_regions``: 4 regions with their own slopes and
   thresholds), homogeneous data (4 regions of feature space, one model), and
-- the RAND Health Insurance Experiment (20,190 people, self-rated health in 4 levels; the
-  partition finds its groups among plan and health variables), 70% / 30% split.
+- the RAND Health Insurance Experiment (20,190 people, self-rated health in 4 levels), 70% /
+  30% split: once with the partition grown from the data, once with the experiment's natural
+  groups, its insurance plans (deductible or not, free care or coinsurance) as leaves.
 
 Then **a new region from 50 labelled rows**: trained on 4 of 5 regions, ``adapt`` on 50 rows of
 the fifth, against the global models and a local fit of those 50 rows, over 5 seeds.
@@ -37,7 +38,7 @@ LABEL = {"none": "leaf fits (meta='none')", "fedavg": "FedAvg", "fedprox": "FedP
          "reptile": "Reptile", "fomaml": "FO-MAML"}
 
 
-def compare(Xa, ya, Xt, yt, oracle_proba=None):
+def compare(Xa, ya, Xt, yt, oracle_proba=None, partition=None):
     rows = []
 
     def add(name, model_or_proba, seconds, extra=""):
@@ -55,7 +56,8 @@ def compare(Xa, ya, Xt, yt, oracle_proba=None):
         time.perf_counter() - t0)
     for m in STRATEGIES:
         t0 = time.perf_counter()
-        af = AdaptiveFederatedOrdinal(granularity=0.5, meta=m, n_jobs=2).fit(Xa, ya)
+        af = AdaptiveFederatedOrdinal(granularity=0.5, meta=m, n_jobs=2).fit(
+            Xa, ya, partition=partition)
         sec = time.perf_counter() - t0
         h = af.history_
         extra = f"{af.n_leaves_} leaves"
@@ -127,7 +129,20 @@ def randhie(seed=0):
         test[rng.choice(idx, int(0.3 * idx.size), replace=False)] = True
     X = df.drop(columns="health")
     codes = df["health"].cat.codes.to_numpy()
-    return compare(X[~test], codes[~test], X[test], codes[test])
+    grown = compare(X[~test], codes[~test], X[test], codes[test])
+    # the experiment's own groups: insurance plans, by deductible (idp) and whether care was
+    # free (lncoins = 0) or had coinsurance
+    from fedgrain.partition import PartitionTree
+    from fedgrain.shards import Standardizer
+
+    Xa = X[~test].to_numpy(dtype=float)
+    tree = PartitionTree(Xa.shape[1], 4, Standardizer.fit(Xa))
+    e = np.eye(Xa.shape[1])
+    idp, lncoins = list(X.columns).index("idp"), list(X.columns).index("lncoins")
+    for leaf in tree.split(tree.root, e[idp], 0.5):
+        tree.split(leaf, e[lncoins], 0.1)
+    plans = compare(X[~test], codes[~test], X[test], codes[test], partition=tree)
+    return grown, plans
 
 
 def new_region(seeds, n_labelled=50):
@@ -191,10 +206,13 @@ def main(argv=None):
         parts.append(table(f"{title}; {n_train:,} training and {n_test:,} held-out rows, "
                            "10 features, K = 5", rows, target))
         print(parts[-1], "\n", flush=True)
-    parts.append(table("RAND Health Insurance Experiment: 20,190 people, self-rated health "
-                       "(4 levels), 7 features; 70% / 30% split stratified by level",
-                       randhie()))
-    print(parts[-1], "\n", flush=True)
+    grown, plans = randhie()
+    title = ("RAND Health Insurance Experiment: 20,190 people, self-rated health (4 levels), "
+             "7 features; 70% / 30% split stratified by level")
+    parts.append(table(f"{title}; the partition grown at granularity 0.5", grown))
+    parts.append(table(f"{title}; leaves = the experiment's plans (deductible or not x free "
+                       "care or coinsurance), given as `partition=`", plans))
+    print(parts[-2], "\n\n", parts[-1], "\n", flush=True)
     parts.append(new_region(range(2 if args.quick else 5)))
     print(parts[-1], "\n", flush=True)
     minutes = (time.perf_counter() - t0) / 60
