@@ -275,6 +275,39 @@ def _cmd_summary(args) -> int:
     return 0
 
 
+def _cmd_stream(args) -> int:
+    import json
+
+    from .data import split_target
+    from .data.files import iter_table
+    from .estimators import AdaptiveFederatedOrdinal, load
+
+    model = load(args.model)
+    if not isinstance(model, AdaptiveFederatedOrdinal):
+        raise DataError(f"{args.model} holds a {type(model).__name__}; fedgrain stream needs a "
+                        "model fitted with --granularity (AdaptiveFederatedOrdinal).")
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1; got {args.batch_size}.")
+    out = Path(args.out or args.model)
+    events_path = Path(args.events or f"{out}.events.jsonl")
+    seen = len(model.events_)
+    rows = 0
+    t0 = time.perf_counter()
+    for batch in iter_table(args.data, args.batch_size):
+        X, y = split_target(batch, args.target)
+        model.partial_fit(X, y)
+        rows += len(batch)
+        for e in model.events_[seen:]:
+            print(f"row {e['rows_seen']:,}: leaf {e['leaf']}: {e['kind']} ({e['detail']})")
+        seen = len(model.events_)
+    _log(args, f"streamed {rows:,} rows in {time.perf_counter() - t0:.2f} s")
+    path = model.save(out, overwrite=True)
+    text = "".join(json.dumps(e) + "\n" for e in model.events_)
+    _write_atomic(events_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    print(f"Model saved to {path}; {len(model.events_)} events in {events_path}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -336,6 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=_cmd_fit)
+
+    p = command("stream", "update an adaptive model batch by batch, watching for drift")
+    p.add_argument("model", help="model directory (fitted with --granularity)")
+    p.add_argument("data", help="CSV or Parquet file of new labelled rows, in stream order")
+    p.add_argument("--target", required=True, help="the ordinal target column")
+    p.add_argument("--batch-size", type=int, default=10_000, help="rows per update")
+    p.add_argument("--out", help="model directory to write (default: update MODEL in place)")
+    p.add_argument("--events", help="event log to write, JSON lines (default OUT.events.jsonl)")
+    p.set_defaults(func=_cmd_stream)
 
     p = command("predict", "predict classes and class probabilities")
     p.add_argument("model", help="model directory")

@@ -40,6 +40,8 @@ KNN_K = 10
 KMEANS_ROWS = 1_000
 #: A leaf's range of a feature: from this lower to this upper quantile of its rows.
 RANGE_QUANTILE = 0.999
+#: Quantiles of each feature kept as the leaf's reference distribution.
+REFERENCE_POINTS = 19
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,8 @@ class LeafProfile:
     """What the profiler knows about one leaf.
 
     ``low`` and ``high`` are each feature's 0.1% and 99.9% quantiles among its rows: a row far
-    outside them belongs to a region the leaf has not seen.
+    outside them belongs to a region the leaf has not seen. ``edges`` and ``cdf`` are each
+    feature's reference distribution: its empirical CDF at up to 19 quantiles (original units).
     ``mean`` and ``centres`` are in the original (encoded) feature units; ``importance`` sums to
     one over the features (``importance_source`` says whether it comes from the screening fit
     or from the leaf's fitted local model); ``log_density`` compares between leaves.
@@ -300,6 +303,8 @@ class LeafProfile:
     centres: np.ndarray
     low: np.ndarray | None = None
     high: np.ndarray | None = None
+    edges: list | None = None
+    cdf: list | None = None
 
     def to_dict(self) -> dict:
         return {"n_rows": self.n_rows, "class_counts": self.class_counts.tolist(),
@@ -308,7 +313,9 @@ class LeafProfile:
                 "importance": self.importance.tolist(),
                 "importance_source": self.importance_source, "centres": self.centres.tolist(),
                 "low": None if self.low is None else self.low.tolist(),
-                "high": None if self.high is None else self.high.tolist()}
+                "high": None if self.high is None else self.high.tolist(),
+                "edges": None if self.edges is None else [e.tolist() for e in self.edges],
+                "cdf": None if self.cdf is None else [c.tolist() for c in self.cdf]}
 
     @classmethod
     def from_dict(cls, d: dict) -> LeafProfile:
@@ -319,7 +326,11 @@ class LeafProfile:
                    np.asarray(d["importance"], dtype=float), str(d["importance_source"]),
                    np.asarray(d["centres"], dtype=float).reshape(-1, p),
                    None if d.get("low") is None else np.asarray(d["low"], dtype=float),
-                   None if d.get("high") is None else np.asarray(d["high"], dtype=float))
+                   None if d.get("high") is None else np.asarray(d["high"], dtype=float),
+                   None if d.get("edges") is None else [np.asarray(e, dtype=float)
+                                                        for e in d["edges"]],
+                   None if d.get("cdf") is None else [np.asarray(c, dtype=float)
+                                                      for c in d["cdf"]])
 
 
 def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_classes: int,
@@ -352,8 +363,17 @@ def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_cla
         discrete = (np.diff(S, axis=0) != 0).sum(axis=0) < 10
         low = np.where(discrete, S[0], low) * std.scale + std.mean
         high = np.where(discrete, S[-1], high) * std.scale + std.mean
+        # the reference distribution of each feature: its CDF at up to 19 quantiles (distinct
+        # ones; a discrete feature's values), for the drift tests of fedgrain.monitor
+        edges, cdf = [], []
+        picks = np.linspace(0, last, REFERENCE_POINTS + 2)[1:-1].round().astype(np.intp)
+        for j in range(p):
+            e = np.unique(S[picks, j])
+            edges.append(e * std.scale[j] + std.mean[j])
+            cdf.append(np.searchsorted(S[:, j], e, side="right") / S.shape[0])
     return LeafProfile(int(y.shape[0]), counts, mean, log_density(Xw, share, rng), imp,
-                       "screening", raw_centres, low, high)
+                       "screening", raw_centres, low, high,
+                       edges if Xs.shape[0] else None, cdf if Xs.shape[0] else None)
 
 
 class DataProfile:

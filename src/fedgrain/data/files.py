@@ -186,6 +186,42 @@ def read_table(path: str | os.PathLike, *, columns: Any = None) -> pd.DataFrame:
     return table.to_pandas(split_blocks=True)
 
 
+def iter_table(path: str | os.PathLike, batch_rows: int):
+    """Read a CSV or Parquet file batch by batch: DataFrames of ``batch_rows`` rows (the last
+    may be shorter), without holding the whole file. Checks the file as :func:`read_table`."""
+    path = Path(path)
+    shown = os.path.abspath(path)
+    if not path.exists():
+        raise DataError(f"The file '{shown}' does not exist; check the path.")
+    kind, delimiter = _file_format(path, shown)
+    if path.is_dir() or path.stat().st_size == 0:
+        raise DataError(f"The file '{shown}' is empty or a directory.")
+    try:
+        if kind == "CSV":
+            if delimiter is None:
+                with pa.input_stream(str(path), compression="detect") as stream:
+                    head = stream.read(65536).decode("utf-8", errors="replace")
+                delimiter = "\t" if "\t" in head.partition("\n")[0] else ","
+            batches = pa_csv.open_csv(str(path),
+                                      parse_options=pa_csv.ParseOptions(delimiter=delimiter))
+        else:
+            batches = pa_parquet.ParquetFile(str(path)).iter_batches(batch_size=batch_rows)
+        pending: list = []
+        held = 0
+        for rb in batches:
+            pending.append(rb)
+            held += rb.num_rows
+            while held >= batch_rows:
+                table = pa.Table.from_batches(pending)
+                yield table.slice(0, batch_rows).to_pandas(split_blocks=True)
+                rest = table.slice(batch_rows)
+                pending, held = rest.to_batches(), rest.num_rows
+        if held:
+            yield pa.Table.from_batches(pending).to_pandas(split_blocks=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"Could not read '{shown}' as {kind}: {_reason(exc)}.") from None
+
+
 def split_target(frame: Any, target: str) -> tuple[pd.DataFrame, pd.Series]:
     """Split a frame into its feature columns and its target column.
 

@@ -36,6 +36,7 @@ from .divide_conquer import (
 from .leaves import LeafModel, leaf_view, region_estimates
 from .personalise import Personalisation
 from .routing import RoutedPrediction
+from .streaming import Streaming
 
 #: Default minimum leaf size, in rows per parameter: ``min_subset_size = 20 d`` (capped at the
 #: number of rows). A leaf's own model is used for prediction, so it needs more rows than the
@@ -45,7 +46,7 @@ META = ("none", *meta.METHODS)
 
 
 @register
-class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, OrdinalModel):
+class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming, OrdinalModel):
     """Ordinal regression on an adaptive partition of the data, pooled with valid inference.
 
     ``fit`` profiles the data (density, feature importance, clusters), grows a partition tree

@@ -74,7 +74,9 @@ class RoutedPrediction:
         """Each row's linear predictor and thresholds: its leaf's model, or for rows of an
         unseen region the (meta-learned) global model."""
         Xe = self._encode(X)
-        leaf = self._route(Xe)
+        return self._routed_encoded(Xe, self._route(Xe))
+
+    def _routed_encoded(self, Xe: np.ndarray, leaf: np.ndarray):
         fallback = self.n_leaves_  # one row past the leaves in the tables below
         which = np.where(self._falls_back(Xe, leaf), fallback, leaf)
         coef = np.vstack([self._leaf_coef, self.meta_model_.coef_])

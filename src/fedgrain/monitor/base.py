@@ -1,0 +1,52 @@
+"""What every drift detector provides (River's API, batch-wise)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class Detector(ABC):
+    """A detector of an increase in the mean of a stream of values (a leaf's losses).
+
+    ``update(x)`` takes one value or a batch (1-D array) in stream order. After it,
+    ``drift_detected`` says whether a change was detected in that update, and
+    ``detection_index`` is the position in the whole stream (0-based, counting every value
+    ever passed) at which it was. After a detection the detector starts afresh from the values
+    that follow the change.
+    """
+
+    def __init__(self):
+        self.n_seen = 0
+        self._drift = False
+        self.detection_index: int | None = None
+
+    @property
+    def drift_detected(self) -> bool:
+        return self._drift
+
+    def update(self, x) -> Detector:
+        x = np.atleast_1d(np.asarray(x, dtype=float)).ravel()
+        if not np.all(np.isfinite(x)):
+            raise ValueError("drift detectors take finite values only")
+        self._drift = False
+        start = self.n_seen
+        hit = self._update(x)
+        self.n_seen += x.shape[0]
+        if hit is not None:
+            self._drift = True
+            self.detection_index = start + hit
+        return self
+
+    @abstractmethod
+    def _update(self, x: np.ndarray) -> int | None:
+        """Take the batch; return the position within it where a drift is detected, if any."""
+
+    @abstractmethod
+    def state(self) -> dict:
+        """Plain JSON of the detector's state (for saving a model)."""
+
+    @abstractmethod
+    def load_state(self, state: dict) -> None:
+        """Restore :meth:`state`."""

@@ -1,0 +1,142 @@
+"""Page-Hinkley and ADWIN, for increases of a leaf's loss, vectorised over batches.
+
+- :class:`PageHinkley`: the cumulative deviation ``m_t = sum_i (x_i - mean_i - delta)`` from
+  the running mean, and an alarm when ``m_t - min_s m_s > threshold``. Exact per value: the
+  batch is processed with cumulative sums, and the detection index is the same as value by
+  value.
+- :class:`ADWIN` (Bifet & Gavalda, 2007): an adaptive window of recent values, kept as buckets
+  of ``bucket`` values (count, sum, sum of squares; the oldest merged in pairs beyond
+  ``max_buckets``). After each bucket, every split of the window into an older and a newer part
+  is tested with the Bernstein bound of the paper; when the newer part's mean exceeds the
+  older one's by more than the bound, the older part is dropped and a drift reported (only
+  increases: a leaf whose loss falls is not in trouble). Detection is at bucket resolution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Detector
+
+
+class PageHinkley(Detector):
+    """Page-Hinkley test for an increase in the mean.
+
+    Parameters
+    ----------
+    delta : float
+        Tolerated increase (in the values' units) before deviations accumulate.
+    threshold : float
+        Alarm level of ``m_t - min m``.
+    min_instances : int
+        No alarm before this many values since the last reset.
+    """
+
+    def __init__(self, delta: float = 0.05, threshold: float = 50.0, min_instances: int = 100):
+        super().__init__()
+        self.delta, self.threshold, self.min_instances = delta, threshold, min_instances
+        self._reset()
+
+    def _reset(self):
+        self._n, self._sum, self._m, self._min = 0, 0.0, 0.0, 0.0
+
+    def _update(self, x):
+        while x.size:
+            n = self._n + np.arange(1, x.shape[0] + 1)
+            mean = (self._sum + np.cumsum(x)) / n
+            m = self._m + np.cumsum(x - mean - self.delta)
+            low = np.minimum(self._min, np.minimum.accumulate(m))
+            alarm = np.flatnonzero((m - low > self.threshold) & (n >= self.min_instances))
+            if alarm.size == 0:
+                self._n, self._sum = int(n[-1]), float(self._sum + x.sum())
+                self._m, self._min = float(m[-1]), float(low[-1])
+                return None
+            hit = int(alarm[0])
+            self._reset()
+            return hit
+        return None
+
+    def state(self):
+        return {"n": self._n, "sum": self._sum, "m": self._m, "min": self._min,
+                "n_seen": self.n_seen}
+
+    def load_state(self, s):
+        self._n, self._sum, self._m, self._min = int(s["n"]), s["sum"], s["m"], s["min"]
+        self.n_seen = int(s["n_seen"])
+
+
+class ADWIN(Detector):
+    """ADWIN for an increase in the mean, on buckets of ``bucket`` values.
+
+    Parameters
+    ----------
+    delta : float
+        Confidence of each cut test (smaller: fewer false alarms, later detection); corrected
+        for the number of splits tested.
+    bucket : int
+        Values per bucket: the resolution of detection.
+    max_buckets : int
+        Beyond this, the two oldest buckets are merged (the window keeps its length, the old
+        end loses resolution).
+    min_window : int
+        No test until the window holds this many values.
+    """
+
+    def __init__(self, delta: float = 1e-3, bucket: int = 100, max_buckets: int = 64,
+                 min_window: int = 500):
+        super().__init__()
+        self.delta, self.bucket = delta, bucket
+        self.max_buckets, self.min_window = max_buckets, min_window
+        self._buckets: list[list[float]] = []  # [count, sum, sum of squares], oldest first
+        self._partial = [0.0, 0.0, 0.0]
+
+    def _update(self, x):
+        pos = 0
+        while pos < x.shape[0]:
+            room = self.bucket - int(self._partial[0])
+            chunk = x[pos : pos + room]
+            self._partial[0] += chunk.shape[0]
+            self._partial[1] += float(chunk.sum())
+            self._partial[2] += float(chunk @ chunk)
+            pos += chunk.shape[0]
+            if self._partial[0] >= self.bucket:
+                self._buckets.append(self._partial)
+                self._partial = [0.0, 0.0, 0.0]
+                if len(self._buckets) > self.max_buckets:
+                    a, b = self._buckets[0], self._buckets[1]
+                    self._buckets[:2] = [[a[0] + b[0], a[1] + b[1], a[2] + b[2]]]
+                if self._cut():
+                    return pos - 1
+        return None
+
+    def _cut(self) -> bool:
+        B = np.array(self._buckets)
+        n, s, q = B[:, 0], B[:, 1], B[:, 2]
+        N = n.sum()
+        if N < self.min_window or len(B) < 2:
+            return False
+        var = max(q.sum() / N - (s.sum() / N) ** 2, 1e-12)
+        n0, s0 = np.cumsum(n)[:-1], np.cumsum(s)[:-1]  # older part: buckets up to the split
+        n1, s1 = N - n0, s.sum() - s0
+        m = 1.0 / (1.0 / n0 + 1.0 / n1)
+        dd = np.log(2.0 * np.log(N) / self.delta) if N > 1 else np.log(2.0 / self.delta)
+        eps = np.sqrt(2.0 / m * var * dd) + 2.0 / (3.0 * m) * dd
+        gap = s1 / n1 - s0 / n0  # newer minus older
+        cut = np.flatnonzero(gap > eps)
+        if cut.size == 0:
+            return False
+        self._buckets = self._buckets[int(cut[-1]) + 1 :]  # keep the part after the change
+        return True
+
+    @property
+    def width(self) -> int:
+        """Values in the window."""
+        return int(sum(b[0] for b in self._buckets) + self._partial[0])
+
+    def state(self):
+        return {"buckets": self._buckets, "partial": self._partial, "n_seen": self.n_seen}
+
+    def load_state(self, s):
+        self._buckets = [list(map(float, b)) for b in s["buckets"]]
+        self._partial = list(map(float, s["partial"]))
+        self.n_seen = int(s["n_seen"])

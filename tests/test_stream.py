@@ -1,0 +1,230 @@
+"""Monitoring on streams (issue 5): detectors, concept drift and covariate shift, bad batches.
+
+Seeded synthetic streams with known change points (River's style: the detection index must fall
+in a stated window after the change).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedgrain import AdaptiveFederatedOrdinal, load
+from fedgrain.cli import main
+from fedgrain.datasets import make_regions
+from fedgrain.monitor import ADWIN, PageHinkley
+from fedgrain.ordinal import class_proba
+
+K = 4
+BATCH = 10_000
+
+
+# ---- detectors ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda: ADWIN(delta=1e-5), lambda: PageHinkley()])
+def test_detectors_find_an_abrupt_increase_soon_and_nothing_before(make):
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.exponential(1.0, 30_000), rng.exponential(2.0, 5_000)]
+    det = make()
+    found = []
+    for a in range(0, x.size, 1_000):
+        det.update(x[a:a + 1_000])
+        if det.drift_detected:
+            found.append(det.detection_index)
+    assert found and 30_000 <= found[0] <= 30_300, found
+    assert all(f >= 30_000 for f in found)
+
+
+def test_page_hinkley_gives_the_same_index_batch_by_batch_as_value_by_value():
+    rng = np.random.default_rng(1)
+    x = np.r_[rng.normal(0, 1, 5_000), rng.normal(1.0, 1, 2_000)]
+    one = PageHinkley(delta=0.1, threshold=50.0)
+    hits_one = []
+    for v in x:
+        one.update(v)
+        if one.drift_detected:
+            hits_one.append(one.detection_index)
+    batch = PageHinkley(delta=0.1, threshold=50.0)
+    hits_batch = []
+    for a in range(0, x.size, 777):
+        batch.update(x[a:a + 777])
+        if batch.drift_detected:
+            hits_batch.append(batch.detection_index)
+    assert hits_one[0] == hits_batch[0] and hits_one[0] >= 5_000
+
+
+def test_adwin_ignores_a_decrease_and_stays_quiet_on_a_stationary_stream():
+    rng = np.random.default_rng(2)
+    down = ADWIN(delta=1e-5).update(np.r_[rng.exponential(2.0, 20_000),
+                                          rng.exponential(1.0, 20_000)])
+    assert not down.drift_detected
+    quiet = ADWIN(delta=1e-5)
+    for _ in range(100):
+        quiet.update(rng.exponential(1.0, 10_000))
+        assert not quiet.drift_detected
+    with pytest.raises(ValueError, match="finite values only"):
+        quiet.update([1.0, np.nan])
+
+
+# ---- streams -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world():
+    """Three regions; the first 30,000 rows train the model, the next 300,000 are the stream."""
+    X, y, region, coef, thr = make_regions(330_000, n_features=4, n_classes=K, n_regions=3,
+                                           heterogeneity=1.0, random_state=11)
+    af = AdaptiveFederatedOrdinal(granularity=0.5, backend="serial").fit(X[:30_000], y[:30_000])
+    return af, X[30_000:], y[30_000:], region[30_000:], coef, thr
+
+
+def _labels(X, region, coef, thr, seed):
+    rng = np.random.default_rng(seed)
+    latent = np.einsum("ij,ij->i", X, coef[region]) + rng.logistic(size=X.shape[0])
+    return (latent[:, None] > thr[region]).sum(axis=1)
+
+
+def _stream(af, X, y):
+    import copy
+
+    model = copy.deepcopy(af)
+    for a in range(0, X.shape[0], BATCH):
+        model.partial_fit(X[a:a + BATCH], y[a:a + BATCH])
+    return model
+
+
+def _leaf_of_region(af, X, region, r):
+    return af.partition_.leaves[np.bincount(af.apply(X[region == r])).argmax()]
+
+
+def test_a_stationary_stream_raises_no_alarm(world):
+    af, X, y, *_ = world
+    model = _stream(af, X, y)
+    assert [e for e in model.events_ if e["kind"] in ("concept drift", "covariate shift")] == []
+
+
+def test_an_abrupt_concept_change_in_one_region_is_found_and_only_that_leaf_refitted(world):
+    af, X, _, region, coef, thr = world
+    change = 150_000
+    new_coef = coef.copy()
+    new_coef[1] = -coef[1]  # region 1's slopes flip
+    y = np.where(np.arange(X.shape[0]) < change, _labels(X, region, coef, thr, 1),
+                 _labels(X, region, new_coef, thr, 1))
+    model = _stream(af, X, y)
+    leaf = _leaf_of_region(af, X, region, 1)
+    drift = [e for e in model.events_ if e["kind"] == "concept drift"]
+    assert [e["leaf"] for e in drift] == [leaf]
+    # detection within 2,000 of that region's rows after the change
+    after = int(((region == 1) & (np.arange(X.shape[0]) >= change)
+                 & (np.arange(X.shape[0]) <= drift[0]["rows_seen"])).sum())
+    assert drift[0]["rows_seen"] >= change and after <= 2_000, after
+    refits = [e for e in model.events_ if e["kind"] == "refit"]
+    assert [e["leaf"] for e in refits] == [leaf]
+    # recovered: on fresh post-change rows of the region, the refitted leaf is about as good as
+    # a model of the new relationship
+    Xn, _, rn, *_ = make_regions(40_000, n_features=4, n_classes=K, n_regions=3,
+                                 heterogeneity=1.0, random_state=11)
+    Xn = Xn[rn == 1]
+    yn = _labels(Xn, np.ones(Xn.shape[0], dtype=int), new_coef, thr, 2)
+    p = model.predict_proba(Xn)
+    ll = -np.mean(np.log(p[np.arange(yn.size), yn]))
+    truth = class_proba(Xn @ new_coef[1], thr[1])
+    best = -np.mean(np.log(truth[np.arange(yn.size), yn]))
+    assert ll <= 1.05 * best, (ll, best)
+
+
+def test_a_gradual_change_is_found_within_its_ramp(world):
+    af, X, _, region, coef, thr = world
+    start, ramp = 100_000, 100_000
+    share = np.clip((np.arange(X.shape[0]) - start) / ramp, 0.0, 1.0)
+    new_coef = coef.copy()
+    new_coef[2] = -coef[2]
+    moved = np.random.default_rng(3).random(X.shape[0]) < share
+    y = np.where(moved, _labels(X, region, new_coef, thr, 4), _labels(X, region, coef, thr, 4))
+    model = _stream(af, X, y)
+    leaf = _leaf_of_region(af, X, region, 2)
+    drift = [e for e in model.events_ if e["kind"] == "concept drift"]
+    assert drift and drift[0]["leaf"] == leaf
+    assert start <= drift[0]["rows_seen"] <= start + ramp
+
+
+def test_a_covariate_shift_alone_is_reported_as_such_and_costs_no_accuracy(world):
+    af, X, _, region, coef, thr = world
+    change = 100_000
+    Xs = X.copy()
+    later = np.arange(X.shape[0]) >= change
+    # region 0's rows move within the region (their second feature up by one), model unchanged
+    Xs[later & (region == 0), 1] += 1.0
+    y = _labels(Xs, region, coef, thr, 5)
+    model = _stream(af, Xs, y)
+    kinds = {e["kind"] for e in model.events_}
+    assert "concept drift" not in kinds and "refit" not in kinds
+    shifts = [e for e in model.events_ if e["kind"] == "covariate shift"]
+    assert shifts and {e["leaf"] for e in shifts} == {_leaf_of_region(af, X, region, 0)}
+    assert shifts[0]["rows_seen"] >= change
+    # the coefficients still fit: accuracy on the shifted rows is as before
+    rows = later & (region == 0)
+    p_new = model.predict_proba(Xs[rows])
+    p_old = af.predict_proba(Xs[rows])
+    np.testing.assert_allclose(p_new, p_old)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda X, y: (X.assign(extra=1.0), y), "extra"),
+    (lambda X, y: (X.drop(columns="x2"), y), "x2"),
+    (lambda X, y: (X, y.where(y != 1, 9)), "9"),
+    (lambda X, y: (X.iloc[:0], y.iloc[:0]), "at least one row"),
+])
+def test_a_bad_batch_is_refused_and_leaves_the_model_unchanged(world, bad, message):
+    import copy
+
+    af, X, y, *_ = world
+    cols = [f"x{j}" for j in range(X.shape[1])]
+    model = copy.deepcopy(af)
+    model.fit(pd.DataFrame(X[:20_000], columns=cols), y[:20_000])
+    model.partial_fit(pd.DataFrame(X[:5_000], columns=cols), y[:5_000])
+    before = (json.dumps(model.events_), model.predict_proba(pd.DataFrame(X[:100], columns=cols)),
+              model._stream["rows_seen"])
+    Xb, yb = bad(pd.DataFrame(X[5_000:6_000], columns=cols), pd.Series(y[5_000:6_000]))
+    with pytest.raises(ValueError, match=message):
+        model.partial_fit(Xb, yb)
+    assert json.dumps(model.events_) == before[0]
+    np.testing.assert_array_equal(model.predict_proba(pd.DataFrame(X[:100], columns=cols)),
+                                  before[1])
+    assert model._stream["rows_seen"] == before[2]
+
+
+def test_events_survive_save_and_load(world, tmp_path):
+    af, X, _, region, coef, thr = world
+    new_coef = coef.copy()
+    new_coef[1] = -coef[1]
+    y = np.where(np.arange(60_000) < 20_000, _labels(X[:60_000], region[:60_000], coef, thr, 6),
+                 _labels(X[:60_000], region[:60_000], new_coef, thr, 6))
+    model = _stream(af, X[:60_000], y)
+    assert model.events_
+    back = load(model.save(tmp_path / "m"))
+    assert back.events_ == model.events_
+    np.testing.assert_array_equal(back.predict_proba(X[:50]), model.predict_proba(X[:50]))
+
+
+def test_stream_command_reads_a_file_in_batches_and_writes_the_model_and_the_log(world, tmp_path,
+                                                                                 capsys):
+    af, X, _, region, coef, thr = world
+    cols = [f"x{j}" for j in range(X.shape[1])]
+    model = AdaptiveFederatedOrdinal(backend="serial").fit(
+        pd.DataFrame(X[:20_000], columns=cols), _labels(X[:20_000], region[:20_000], coef, thr, 7))
+    model.save(tmp_path / "m")
+    new_coef = coef.copy()
+    new_coef[1] = -coef[1]
+    n = 60_000
+    y = np.where(np.arange(n) < 20_000, _labels(X[:n], region[:n], coef, thr, 8),
+                 _labels(X[:n], region[:n], new_coef, thr, 8))
+    pd.DataFrame(X[:n], columns=cols).assign(grade=y).to_parquet(tmp_path / "s.parquet")
+    code = main(["--quiet", "stream", str(tmp_path / "m"), str(tmp_path / "s.parquet"),
+                 "--target", "grade", "--batch-size", "5000", "--out", str(tmp_path / "m2")])
+    out = capsys.readouterr().out
+    assert code == 0 and "concept drift" in out and "refit" in out
+    log = [json.loads(line) for line in (tmp_path / "m2.events.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in log] == [e["kind"] for e in load(tmp_path / "m2").events_]
+    code = main(["stream", str(tmp_path / "m"), str(tmp_path / "s.parquet"), "--target", "nope"])
+    assert code != 0
