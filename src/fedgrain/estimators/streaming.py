@@ -9,7 +9,8 @@ labelled batch, routes its rows to their leaves and
   (:class:`fedgrain.monitor.FeatureMonitor`): a shift in a leaf without concept drift is
   **covariate shift** (only the inputs moved);
 - reacts: a leaf with concept drift is refitted on its rows since the change once there are
-  enough of them, and the global model is pooled again from the leaf models; a covariate shift
+  enough of them, and again each time they double (until the window of recent rows is full),
+  and the global model is pooled again from the leaf models; a covariate shift
   refreshes the leaf's reference profile and keeps its coefficients, which still fit. Other
   leaves and their data are not touched.
 
@@ -54,6 +55,7 @@ class Streaming:
                                            list(self.schema_.output_names)),
                 "windows": {nid: [] for nid in leaves},
                 "pending": {},
+                "followup": {},
             }
         return st
 
@@ -111,12 +113,24 @@ class Streaming:
                                f"p {shift['p_value']:.2g}, PSI {shift['psi']:.3f}")
             self._refresh_reference(st, nid)
         st["rows_seen"] = start + Xe.shape[0]
+        d = self.cov_.shape[0]
         for nid, since in list(st["pending"].items()):
             Xw, cw = self._window_since(st["windows"][nid], since)
-            d = self.cov_.shape[0]
             if cw.shape[0] >= max(REFIT_ROWS, 20 * d) and np.unique(cw).shape[0] >= 2:
                 self._refit_leaf(st, nid, Xw, cw)
                 del st["pending"][nid]
+                # fit again as the new regime's rows double, until the window is full
+                st["followup"][nid] = (since, 2 * cw.shape[0])
+        for nid, (since, due) in list(st["followup"].items()):
+            if nid in st["pending"]:
+                del st["followup"][nid]
+                continue
+            Xw, cw = self._window_since(st["windows"][nid], since)
+            if cw.shape[0] >= due:
+                self._refit_leaf(st, nid, Xw, cw)
+                st["followup"][nid] = (since, 2 * cw.shape[0])
+                if 2 * cw.shape[0] > WINDOW_ROWS:
+                    del st["followup"][nid]
         return self
 
     # ---- reactions -------------------------------------------------------------------------
