@@ -119,7 +119,8 @@ def test_an_abrupt_concept_change_in_one_region_is_found_and_only_that_leaf_refi
                  & (np.arange(X.shape[0]) <= drift[0]["rows_seen"])).sum())
     assert drift[0]["rows_seen"] >= change and after <= 2_000, after
     refits = [e for e in model.events_ if e["kind"] == "refit"]
-    assert [e["leaf"] for e in refits] == [leaf]
+    assert {e["leaf"] for e in refits} == {leaf}  # refitted again as the new rows double
+    assert not any(e["kind"] in ("split", "merge") for e in model.events_)
     # recovered: on fresh post-change rows of the region, the refitted leaf is about as good as
     # a model of the new relationship
     Xn, _, rn, *_ = make_regions(40_000, n_features=4, n_classes=K, n_regions=3,
@@ -228,3 +229,73 @@ def test_stream_command_reads_a_file_in_batches_and_writes_the_model_and_the_log
     assert [e["kind"] for e in log] == [e["kind"] for e in load(tmp_path / "m2").events_]
     code = main(["stream", str(tmp_path / "m"), str(tmp_path / "s.parquet"), "--target", "nope"])
     assert code != 0
+
+
+def test_a_leaf_whose_change_splits_it_in_two_is_split(world):
+    af, X, _, region, coef, thr = world
+    change = 100_000
+    leaf = _leaf_of_region(af, X, region, 1)
+    half = (region == 1) & (X[:, 0] > 0)  # only part of region 1 changes: a new boundary
+    new_coef = coef.copy()
+    new_coef[1] = -coef[1]
+    y_new = _labels(X, region, new_coef, thr, 9)
+    y = np.where((np.arange(X.shape[0]) >= change) & half, y_new,
+                 _labels(X, region, coef, thr, 9))
+    model = _stream(af, X[:200_000], y[:200_000])
+    splits = [e for e in model.events_ if e["kind"] == "split"]
+    assert [e["leaf"] for e in splits] == [leaf], model.events_
+    assert "x0" in splits[0]["detail"]
+    assert model.n_leaves_ == af.n_leaves_ + 1
+    assert any(e["kind"] == "granularity" for e in model.events_)
+    # the two new leaves predict their halves with their own models
+    rows = np.flatnonzero(region == 1)[-4_000:]
+    moved = X[rows, 0] > 0
+    p = model.predict_proba(X[rows])
+    truth = np.where(moved[:, None], class_proba(X[rows] @ new_coef[1], thr[1]),
+                     class_proba(X[rows] @ coef[1], thr[1]))
+    yy = y[rows]
+    ll = -np.mean(np.log(p[np.arange(yy.size), yy]))
+    best = -np.mean(np.log(truth[np.arange(yy.size), yy]))
+    assert ll < 1.05 * best, (ll, best)
+
+
+def test_a_split_model_saves_and_loads(world, tmp_path):
+    af, X, _, region, coef, thr = world
+    half = (region == 1) & (X[:, 0] > 0)
+    new_coef = coef.copy()
+    new_coef[1] = -coef[1]
+    y = np.where((np.arange(X.shape[0]) >= 50_000) & half, _labels(X, region, new_coef, thr, 9),
+                 _labels(X, region, coef, thr, 9))
+    model = _stream(af, X[:120_000], y[:120_000])
+    assert model.n_leaves_ == af.n_leaves_ + 1
+    back = load(model.save(tmp_path / "m"))
+    assert back.n_leaves_ == model.n_leaves_ and back.events_ == model.events_
+    assert back.effective_granularity_ == model.effective_granularity_
+    np.testing.assert_array_equal(back.predict_proba(X[:500]), model.predict_proba(X[:500]))
+    back.partial_fit(X[120_000:130_000], y[120_000:130_000])  # and keeps streaming
+
+
+def test_siblings_that_become_indistinguishable_are_merged():
+    from fedgrain.partition import PartitionTree
+    from fedgrain.shards import Standardizer
+
+    X, _, region, coef, thr = make_regions(230_000, n_features=4, n_classes=K, n_regions=2,
+                                           heterogeneity=1.0, random_state=12)
+    # four leaves: each region cut in two at the median of another feature (one model each)
+    tree = PartitionTree(4, K, Standardizer.fit(X[:30_000]))
+    left, right = tree.split(tree.root, np.eye(4)[0], 3.0)  # region 1 (x0 <= 3), region 0
+    tree.split(left, np.eye(4)[2], 0.0)
+    tree.split(right, np.eye(4)[2], 0.0)
+    y0 = _labels(X, region, coef, thr, 13)
+    af = AdaptiveFederatedOrdinal(backend="serial").fit(X[:30_000], y0[:30_000], partition=tree)
+    assert af.n_leaves_ == 4
+    change = 50_000
+    new_coef = coef.copy()
+    new_coef[0] = -coef[0]  # region 0 changes as a whole: both of its leaves drift
+    y = np.where(np.arange(200_000) >= change, _labels(X[30_000:], region[30_000:], new_coef,
+                                                        thr, 14), y0[30_000:])
+    model = _stream(af, X[30_000:], y)
+    merges = [e for e in model.events_ if e["kind"] == "merge"]
+    assert len(merges) == 1 and merges[0]["leaf"] == right, model.events_
+    assert model.n_leaves_ == 3 and right in model.partition_.leaves
+    assert model.effective_granularity_ > 0

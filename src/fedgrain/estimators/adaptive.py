@@ -27,6 +27,7 @@ from ..results import OrdinalResults, parameter_names
 from ..schedule import Schedule, schedule
 from ..shards import Standardizer, build_shards
 from .base import OrdinalModel, is_int, is_real, param_error, register
+from .controller import GranularityControl
 from .divide_conquer import (
     MIN_ROWS_PER_PARAM,
     ROWS_PER_PARAM_FOR_ROUNDS,
@@ -46,7 +47,8 @@ META = ("none", *meta.METHODS)
 
 
 @register
-class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming, OrdinalModel):
+class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
+                               GranularityControl, OrdinalModel):
     """Ordinal regression on an adaptive partition of the data, pooled with valid inference.
 
     ``fit`` profiles the data (density, feature importance, clusters), grows a partition tree
@@ -107,7 +109,12 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming, Ord
         per-leaf validation loss, the pull ``rho`` (None: no adaptation) and each leaf's
         adaptation strength, bytes moved, seconds, leaves that failed.
     events_ : list of dict
-        Leaves that failed in a round or in personalisation (round, leaf, kind, error).
+        Leaves that failed in a meta round or in personalisation, and on streams every drift
+        detection, refit, reference refresh, split, merge and granularity change (with the
+        rows seen, the leaf, the statistic and its threshold). Saved with the model.
+    effective_granularity_ : float
+        Where the partition stands on the granularity scale: ``log(regions) / log(n /
+        min_subset_size)`` (updated by ``partial_fit`` as leaves split and merge).
     partition_ : fedgrain.partition.PartitionTree
         ``leaves``, ``sizes``, ``route(X)`` (leaf positions of encoded rows), ``describe()``.
     profile_ : fedgrain.profile.DataProfile
@@ -351,6 +358,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming, Ord
             prof.with_importance(nid, est[:p])
         self.profile_ = prof
         self._set_leaf_models(np.array(leaf_params), np.array(leaf_cov), notes)
+        self.effective_granularity_ = self._effective_granularity({"rows_seen": 0})
         clock.lap("results")
 
     def _meta_model(self, theta: np.ndarray, cov_std: np.ndarray) -> LeafModel:
@@ -406,6 +414,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming, Ord
         meta = {"tree": self.partition_.to_dict(), "profile": self.profile_.to_dict(),
                 "schedule": self.schedule_.to_dict(), "global": g_meta,
                 "leaf_notes": self._leaf_notes, "timings": dict(self.timings_),
+                "effective_granularity": float(self.effective_granularity_),
                 "history": self.history_, "events": self.events_,
                 "meta_rho": None if not np.isfinite(self._meta_state["rho"])
                 else float(self._meta_state["rho"]),
@@ -431,6 +440,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming, Ord
         self.global_model_ = gm
         self.n_iter_ = gm.n_iter_
         self.timings_ = dict(meta["timings"])
+        self.effective_granularity_ = float(meta["effective_granularity"])
         self.history_, self.events_ = list(meta["history"]), list(meta["events"])
         rho = np.inf if meta["meta_rho"] is None else float(meta["meta_rho"])
         self._meta_state = {"theta": arrays["meta_theta"], "rho": rho,

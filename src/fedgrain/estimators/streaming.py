@@ -23,13 +23,12 @@ import datetime as _dt
 
 import numpy as np
 
-from .. import combine, local
+from .. import combine
 from ..exceptions import DataError
 from ..monitor import ADWIN, FeatureMonitor
 from ..ordinal import class_proba
 from ..profile import profile_rows
-from ..results import OrdinalResults, parameter_names
-from .leaves import leaf_view
+from ..results import OrdinalResults
 
 #: Rows of each leaf kept for refits (the most recent).
 WINDOW_ROWS = 20_000
@@ -56,6 +55,8 @@ class Streaming:
                 "windows": {nid: [] for nid in leaves},
                 "pending": {},
                 "followup": {},
+                "adwin_delta": ADWIN_DELTA,
+                "adwin_bucket": ADWIN_BUCKET,
             }
         return st
 
@@ -117,12 +118,12 @@ class Streaming:
         for nid, since in list(st["pending"].items()):
             Xw, cw = self._window_since(st["windows"][nid], since)
             if cw.shape[0] >= max(REFIT_ROWS, 20 * d) and np.unique(cw).shape[0] >= 2:
-                self._refit_leaf(st, nid, Xw, cw)
                 del st["pending"][nid]
                 # fit again as the new regime's rows double, until the window is full
                 st["followup"][nid] = (since, 2 * cw.shape[0])
+                self._refit_leaf(st, nid, Xw, cw, first=True)
         for nid, (since, due) in list(st["followup"].items()):
-            if nid in st["pending"]:
+            if nid in st["pending"] or nid not in st["windows"]:
                 del st["followup"][nid]
                 continue
             Xw, cw = self._window_since(st["windows"][nid], since)
@@ -134,33 +135,20 @@ class Streaming:
         return self
 
     # ---- reactions -------------------------------------------------------------------------
-    def _refit_leaf(self, st, nid: int, Xw: np.ndarray, cw: np.ndarray) -> None:
-        """Fit the leaf again on its rows since the change; pool the global model again."""
-        p = self.schema_.n_features
-        std = self.partition_.standardizer
-        K = self.classes_.shape[0]
-        settings = self._global_estimator()._settings(K)
-        Xs = np.ascontiguousarray(std.transform(Xw))
-        with local.one_blas_thread():
-            fit = local.fit_local(Xs, cw, None, settings, seed=int(st["rows_seen"]))
-        theta, Vg = self._meta_state["theta"], self._pooled_cov_std()
-        est, cov, filled = leaf_view(fit, theta, Vg, p)
-        params, cov = std.to_raw(est, cov)
-        params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
-        pos = self.partition_.leaves.index(nid)
-        leaf_params = self._leaf_params.copy()
-        leaf_cov = np.array([m.cov_ for m in self.local_models_])
-        leaf_params[pos], leaf_cov[pos] = params, 0.5 * (cov + cov.T)
-        notes = list(self._leaf_notes)
-        names = parameter_names(self.schema_.output_names, self.target_.classes)
-        notes[pos] = [names[j] for j in filled]
+    def _refit_leaf(self, st, nid: int, Xw: np.ndarray, cw: np.ndarray,
+                    first: bool = False) -> None:
+        """Fit the leaf again on its rows since the change; on the first refit after a drift
+        let the granularity controller merge or split it; pool the global model again."""
+        params, cov, filled = self._fit_rows(Xw, cw, seed=int(st["rows_seen"]))
         self.partition_.nodes[nid].n_rows = int(cw.shape[0])
-        self._set_leaf_models(leaf_params, leaf_cov, notes)
         st["detectors"][nid] = ADWIN(delta=ADWIN_DELTA, bucket=ADWIN_BUCKET)
+        self._rebuild(st, {nid: (params, cov, filled)})
         self._event(st, "refit", nid, st["rows_seen"], statistic=float(cw.shape[0]),
                     threshold=float(REFIT_ROWS),
                     detail=f"refitted on the {cw.shape[0]:,} rows since the change")
         self._refresh_reference(st, nid, Xw, cw)
+        if first and self._try_merge(st, nid) is None:
+            self._try_split(st, nid, Xw, cw)
         self._repool(st)
 
     def _repool(self, st) -> None:

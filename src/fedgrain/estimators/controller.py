@@ -1,0 +1,198 @@
+"""The granularity controller of a streaming adaptive model (design.md 8, method.md 5).
+
+A mixin of :class:`fedgrain.estimators.AdaptiveFederatedOrdinal`, used by ``partial_fit`` when a
+leaf has been refitted after concept drift, on the leaf's recent rows only:
+
+- **split** the leaf when a tree grown on its recent rows (at the model's granularity: the same
+  score test and significance level as at fit time) finds a cut, *and* the two children's
+  models predict held-out recent rows better than the leaf's single model;
+- **merge** the leaf with its sibling leaf when their models are indistinguishable: the Wald
+  ``Q`` of their difference (method.md 5), corrected for the two checks made, is not
+  significant at :data:`MERGE_LEVEL`;
+- never more regions than the granularity allows for the rows seen so far
+  (``(n / min_subset_size)^g``). ``effective_granularity_`` reports where the partition stands
+  on that scale.
+
+Each change is an event (``split``, ``merge``, ``granularity``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import special
+
+from .. import combine, local
+from ..monitor import ADWIN, FeatureMonitor
+from ..partition_growth import grow, region_budget
+from ..profile import profile_rows
+from ..results import parameter_names
+from .leaves import leaf_view
+
+#: Siblings whose models differ at p above this (after the correction) are merged.
+MERGE_LEVEL = 0.05
+#: Share of a leaf's recent rows held out to judge a split.
+HOLDOUT = 0.2
+
+
+class GranularityControl:
+    """Split and merge leaves on streams (needs the adaptive estimator's streaming state)."""
+
+    def _stream_min_size(self) -> int:
+        d = self.cov_.shape[0]
+        return int(self.min_subset_size or 20 * d)
+
+    def _fit_rows(self, Xw: np.ndarray, cw: np.ndarray, seed: int):
+        """A leaf model fitted on these rows: raw parameters, covariance, filled names."""
+        p = self.schema_.n_features
+        std = self.partition_.standardizer
+        settings = self._global_estimator()._settings(self.classes_.shape[0])
+        Xs = np.ascontiguousarray(std.transform(Xw))
+        with local.one_blas_thread():
+            fit = local.fit_local(Xs, cw, None, settings, seed=seed)
+        est, cov, filled = leaf_view(fit, self._meta_state["theta"], self._pooled_cov_std(), p)
+        params, cov = std.to_raw(est, cov)
+        params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+        names = parameter_names(self.schema_.output_names, self.target_.classes)
+        return params, 0.5 * (cov + cov.T), [names[j] for j in filled]
+
+    def _rebuild(self, st, models: dict) -> None:
+        """Leaf models in the tree's current leaf order: ``models`` for new or changed leaves,
+        the current ones for the rest; streaming state for new leaves."""
+        old = {nid: (self._leaf_params[i], self.local_models_[i].cov_, self._leaf_notes[i])
+               for i, nid in enumerate(self._leaf_ids)}
+        old.update(models)
+        leaves = self.partition_.leaves
+        self._set_leaf_models(np.array([old[n][0] for n in leaves]),
+                              np.array([old[n][1] for n in leaves]),
+                              [old[n][2] for n in leaves])
+        self.n_leaves_ = len(leaves)
+        for nid in leaves:
+            st["detectors"].setdefault(nid, ADWIN(delta=st["adwin_delta"],
+                                                  bucket=st["adwin_bucket"]))
+            st["windows"].setdefault(nid, [])
+        st["features"] = FeatureMonitor(self.profile_.leaves, leaves,
+                                        list(self.schema_.output_names))
+        self.effective_granularity_ = self._effective_granularity(st)
+
+    def _effective_granularity(self, st) -> float:
+        regions = np.unique(self.partition_.region_of()).shape[0]
+        rows = int(self.partition_.nodes[0].n_rows) + st["rows_seen"]
+        scale = np.log(max(rows / self._stream_min_size(), 2.0))
+        return float(np.clip(np.log(regions) / scale, 0.0, 1.0))
+
+    def _profile(self, Xw, cw, nid):
+        std = self.partition_.standardizer
+        lp = profile_rows(std.transform(Xw), cw, None, std, self.classes_.shape[0], 1.0, None,
+                          np.random.default_rng(nid), None)
+        return type(lp)(int(cw.shape[0]), lp.class_counts, lp.mean, lp.log_density,
+                        lp.importance, lp.importance_source, lp.centres, lp.low, lp.high,
+                        lp.edges, lp.cdf)
+
+    # ---- merge ---------------------------------------------------------------------------
+    def _try_merge(self, st, nid: int) -> int | None:
+        """Merge the leaf with its sibling leaf when their models do not differ; the new leaf."""
+        tree = self.partition_
+        node = tree.nodes[nid]
+        parent = tree.nodes.get(node.parent)
+        if parent is None or parent.kind != "hyperplane":
+            return None
+        sib = [c for c in parent.children if c != nid][0]
+        if tree.nodes[sib].kind != "leaf":
+            return None
+        a, b = (self.local_models_[self._leaf_ids.index(i)] for i in (nid, sib))
+        q, df = _wald(a.results_.params, a.cov_, b.results_.params, b.cov_)
+        pvalue = float(special.chdtrc(df, q)) if df > 0 else 1.0
+        if min(1.0, 2 * pvalue) < MERGE_LEVEL:  # two checks per refit: merge and split
+            return None
+        Xa, ca = self._window_since(st["windows"][nid], -1)
+        Xb, cb = self._window_since(st["windows"][sib], -1)
+        X, c = np.concatenate([Xa, Xb]), np.concatenate([ca, cb])
+        tree.merge(parent.id)
+        tree.nodes[parent.id].n_rows = int(c.shape[0])
+        st["windows"][parent.id] = [(X, c, np.full(c.shape[0], st["rows_seen"] - 1))]
+        for gone in (nid, sib):
+            st["windows"].pop(gone, None)
+            st["detectors"].pop(gone, None)
+            st["pending"].pop(gone, None)
+            st["followup"].pop(gone, None)
+            self.profile_.leaves.pop(gone, None)
+        self.profile_.leaves[parent.id] = self._profile(X, c, parent.id)
+        self._rebuild(st, {parent.id: self._fit_rows(X, c, seed=int(st["rows_seen"]))})
+        self._event(st, "merge", parent.id, st["rows_seen"], statistic=q, threshold=float(df),
+                    detail=f"leaves {nid} and {sib} are indistinguishable (Q {q:.1f}, df {df}, "
+                           f"p {pvalue:.3g}); merged into leaf {parent.id}")
+        self._event(st, "granularity", parent.id, st["rows_seen"],
+                    statistic=self.effective_granularity_, threshold=float(self.granularity),
+                    detail=f"{self.n_leaves_} leaves")
+        return parent.id
+
+    # ---- split ---------------------------------------------------------------------------
+    def _try_split(self, st, nid: int, Xw: np.ndarray, cw: np.ndarray) -> bool:
+        """Split the leaf when its recent rows show two regions that predict better apart."""
+        min_size = self._stream_min_size()
+        regions = np.unique(self.partition_.region_of()).shape[0]
+        rows = int(self.partition_.nodes[0].n_rows) + st["rows_seen"]
+        if cw.shape[0] < 2 * min_size / (1 - HOLDOUT) or \
+                regions >= region_budget(float(self.granularity), rows, min_size):
+            return False
+        seed = int(st["rows_seen"])
+        grown = grow(Xw, cw, None, std=self.partition_.standardizer,
+                     n_classes=self.classes_.shape[0], granularity=float(self.granularity),
+                     min_size=min_size, n_pieces=1, seed=seed,
+                     feature_names=list(self.schema_.output_names))
+        root = grown.tree.nodes[0]
+        if root.kind != "hyperplane":
+            return False
+        left = Xw @ root.a <= root.b
+        hold = np.random.default_rng(seed).random(cw.shape[0]) < HOLDOUT
+        fit = ~hold
+        one = self._fit_rows(Xw[fit], cw[fit], seed)
+        parts = [self._fit_rows(Xw[fit & side], cw[fit & side], seed)
+                 for side in (left, ~left)]
+        p = self.schema_.n_features
+
+        def loss(params, rows):
+            proba = class_proba_rows(Xw[rows], params, p)
+            return -np.log(np.clip(proba[np.arange(rows.sum()), cw[rows]], 1e-15, 1)).sum()
+
+        single = loss(one[0], hold)
+        split = loss(parts[0][0], hold & left) + loss(parts[1][0], hold & ~left)
+        if not split < single:
+            return False
+        tree = self.partition_
+        ev = dict(root.evidence)
+        kids = tree.split(nid, root.a, root.b, ev)
+        models = {}
+        for kid, side in zip(kids, (left, ~left), strict=True):
+            Xk, ck = Xw[side], cw[side]
+            tree.nodes[kid].n_rows = int(ck.shape[0])
+            st["windows"][kid] = [(Xk, ck, np.full(ck.shape[0], st["rows_seen"] - 1))]
+            self.profile_.leaves[kid] = self._profile(Xk, ck, kid)
+            models[kid] = self._fit_rows(Xk, ck, seed)
+        for key in ("windows", "detectors", "pending", "followup"):
+            st[key].pop(nid, None)
+        self.profile_.leaves.pop(nid, None)
+        self._rebuild(st, models)
+        self._event(st, "split", nid, st["rows_seen"], statistic=float(ev.get("q", 0.0)),
+                    threshold=float(ev.get("p_value", 0.0)),
+                    detail=f"{ev.get('candidate', 'a cut')}: children {list(kids)} predict "
+                           f"held-out recent rows better ({split:.1f} against {single:.1f})")
+        self._event(st, "granularity", nid, st["rows_seen"],
+                    statistic=self.effective_granularity_, threshold=float(self.granularity),
+                    detail=f"{self.n_leaves_} leaves")
+        return True
+
+
+def class_proba_rows(X: np.ndarray, params: np.ndarray, p: int) -> np.ndarray:
+    from ..ordinal import class_proba
+
+    return class_proba(X @ params[:p], params[p:])
+
+
+def _wald(a, Va, b, Vb) -> tuple[float, int]:
+    """Wald statistic of the difference of two independent estimates (pseudo-inverse)."""
+    V = Va + Vb
+    vals, vecs = np.linalg.eigh(0.5 * (V + V.T))
+    keep = vals > 1e-10 * max(vals.max(initial=0.0), 1e-300)
+    z = vecs[:, keep].T @ (a - b)
+    return float(np.sum(z * z / vals[keep])), int(keep.sum())
