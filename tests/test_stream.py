@@ -299,3 +299,24 @@ def test_siblings_that_become_indistinguishable_are_merged():
     assert len(merges) == 1 and merges[0]["leaf"] == right, model.events_
     assert model.n_leaves_ == 3 and right in model.partition_.leaves
     assert model.effective_granularity_ > 0
+
+
+def test_a_meta_learned_model_personalises_its_refitted_leaf(world):
+    import copy
+
+    af, X, _, region, coef, thr = world
+    model = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial").fit(
+        X[:30_000], _labels(X[:30_000], region[:30_000], coef, thr, 15))
+    assert np.isfinite(model._meta_state["rho"])
+    new_coef = coef.copy()
+    new_coef[1] = -coef[1]
+    y = np.where(np.arange(60_000) >= 20_000,
+                 _labels(X[:60_000], region[:60_000], new_coef, thr, 16),
+                 _labels(X[:60_000], region[:60_000], coef, thr, 16))
+    streamed = _stream(model, X[:60_000], y)
+    leaf = _leaf_of_region(model, X, region, 1)
+    assert {e["leaf"] for e in streamed.events_ if e["kind"] == "refit"} == {leaf}
+    pos = streamed.partition_.leaves.index(leaf)
+    # the refitted leaf follows the new slopes (personalised with the learned pull)
+    assert np.sign(streamed.local_models_[pos].coef_ @ new_coef[1]) > 0
+    assert copy.deepcopy(streamed).predict_proba(X[:5]).shape == (5, K)

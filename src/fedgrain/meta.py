@@ -200,25 +200,29 @@ def personalise_task(task: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from .local import one_blas_thread
 
     shard = task["shard"].load()
+    with one_blas_thread():
+        return personalise_rows(shard.X, shard.y, shard.w, task)
+
+
+def personalise_rows(X, y, w, task: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`personalise_task` on rows at hand (a streaming leaf's recent rows)."""
     s: MetaSettings = task["settings"]
     p = s.n_features
     theta, rho, P, Vg = task["theta"], task["rho"], task["P"], task["V_global"]
-    with one_blas_thread():
-        X, y, w = shard.X, shard.y, shard.w
-        free = free_coordinates(X, y, w, s.n_classes)
-        g, H = adapt_params(X, y, w, theta, rho, P, PERSONAL_STEPS, p, free)
-        if not np.isfinite(rho):
-            return g, Vg.copy(), H
-        idx = np.flatnonzero(free)
-        J = composite_pass(X, y, w, g[:p], g[p:], loss=False, order=0, meat="cluster").meat
-        prior = max(rho, RHO_MIN) * P[np.ix_(idx, idx)]
-        A = solve_psd(H[np.ix_(idx, idx)] + prior, np.eye(idx.size))
-        cov = Vg.copy()
-        block = A @ (J[np.ix_(idx, idx)] + prior @ Vg[np.ix_(idx, idx)] @ prior) @ A.T
-        cov[np.ix_(idx, idx)] = 0.5 * (block + block.T)
-        cov[np.ix_(idx, ~free)] = 0.0
-        cov[np.ix_(~free, idx)] = 0.0
-        return g, cov, H
+    free = free_coordinates(X, y, w, s.n_classes)
+    g, H = adapt_params(X, y, w, theta, rho, P, PERSONAL_STEPS, p, free)
+    if not np.isfinite(rho):
+        return g, Vg.copy(), H
+    idx = np.flatnonzero(free)
+    J = composite_pass(X, y, w, g[:p], g[p:], loss=False, order=0, meat="cluster").meat
+    prior = max(rho, RHO_MIN) * P[np.ix_(idx, idx)]
+    A = solve_psd(H[np.ix_(idx, idx)] + prior, np.eye(idx.size))
+    cov = Vg.copy()
+    block = A @ (J[np.ix_(idx, idx)] + prior @ Vg[np.ix_(idx, idx)] @ prior) @ A.T
+    cov[np.ix_(idx, idx)] = 0.5 * (block + block.T)
+    cov[np.ix_(idx, ~free)] = 0.0
+    cov[np.ix_(~free, idx)] = 0.0
+    return g, cov, H
 
 
 def empirical_pull(estimates: list[np.ndarray], covs: list[np.ndarray], theta: np.ndarray,

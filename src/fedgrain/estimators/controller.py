@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import special
 
-from .. import combine, local
+from .. import combine, local, meta
 from ..monitor import ADWIN, FeatureMonitor
 from ..partition_growth import grow, region_budget
 from ..profile import profile_rows
@@ -42,14 +42,27 @@ class GranularityControl:
         return int(self.min_subset_size or 20 * d)
 
     def _fit_rows(self, Xw: np.ndarray, cw: np.ndarray, seed: int):
-        """A leaf model fitted on these rows: raw parameters, covariance, filled names."""
+        """A leaf model fitted on these rows: raw parameters, covariance, filled names.
+
+        With a meta-learner whose pull is finite, the leaf is personalised from the
+        meta-learned model with that pull, as at fit time; otherwise it is the leaf's own fit.
+        """
         p = self.schema_.n_features
         std = self.partition_.standardizer
-        settings = self._global_estimator()._settings(self.classes_.shape[0])
         Xs = np.ascontiguousarray(std.transform(Xw))
+        st = self._meta_state
+        if self.meta in ("fomaml", "reptile") and np.isfinite(st["rho"]):
+            task = {"settings": meta.MetaSettings(self.meta, p, self.classes_.shape[0]),
+                    "theta": st["theta"], "rho": st["rho"], "P": st["P"],
+                    "V_global": self._pooled_cov_std()}
+            est, cov, _ = meta.personalise_rows(Xs, cw, None, task)
+            params, cov = std.to_raw(est, cov)
+            params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+            return params, 0.5 * (cov + cov.T), []
+        settings = self._global_estimator()._settings(self.classes_.shape[0])
         with local.one_blas_thread():
             fit = local.fit_local(Xs, cw, None, settings, seed=seed)
-        est, cov, filled = leaf_view(fit, self._meta_state["theta"], self._pooled_cov_std(), p)
+        est, cov, filled = leaf_view(fit, st["theta"], self._pooled_cov_std(), p)
         params, cov = std.to_raw(est, cov)
         params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
         names = parameter_names(self.schema_.output_names, self.target_.classes)
