@@ -56,7 +56,10 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
     both sides, on cuts between clusters and at density valleys of the features), assigns the
     leaves to workers, fits the patent's de-biased L1 estimator on every
     leaf in parallel, and pools the leaves into a global model with inference. ``predict``
-    routes each row to its leaf's model.
+    routes each row to its leaf's model. With ``meta=...`` the leaves are personalised by a
+    federated meta-learner; ``partial_fit`` keeps the model on a stream, watching every leaf
+    for drift and refitting, splitting or merging only where the data changed
+    (:mod:`fedgrain.estimators.streaming`).
 
     Parameters
     ----------
