@@ -320,3 +320,76 @@ def test_a_meta_learned_model_personalises_its_refitted_leaf(world):
     # the refitted leaf follows the new slopes (personalised with the learned pull)
     assert np.sign(streamed.local_models_[pos].coef_ @ new_coef[1]) > 0
     assert copy.deepcopy(streamed).predict_proba(X[:5]).shape == (5, K)
+
+
+def test_stream_state_survives_save_and_load_between_files(world, tmp_path):
+    """A drift found at the end of one file is acted on in the next, after a save and load."""
+    af, X, _, region, coef, thr = world
+    new_coef = coef.copy()
+    new_coef[1] = -coef[1]
+    y = np.where(np.arange(40_000) >= 18_000, _labels(X[:40_000], region[:40_000], new_coef,
+                                                       thr, 17),
+                 _labels(X[:40_000], region[:40_000], coef, thr, 17))
+    first = _stream(af, X[:20_000], y[:20_000])  # ends right after the drift is found
+    assert [e["kind"] for e in first.events_] == ["concept drift"]
+    back = load(first.save(tmp_path / "m"))
+    assert back._stream["pending"] == first._stream["pending"]
+    assert back._stream["rows_seen"] == 20_000
+    later = _stream(back, X[20_000:40_000], y[20_000:40_000])
+    assert any(e["kind"] == "refit" for e in later.events_)
+
+
+def test_fit_after_partial_fit_starts_a_fresh_stream(world):
+    import copy
+
+    af, X, y, *_ = world
+    model = copy.deepcopy(af)
+    model.partial_fit(X[:10_000], y[:10_000])
+    assert model._stream["rows_seen"] == 10_000
+    model.fit(X[:20_000], y[:20_000])
+    model.partial_fit(X[20_000:30_000], y[20_000:30_000])
+    assert model._stream["rows_seen"] == 10_000
+
+
+def test_an_error_while_reacting_restores_the_model(world, monkeypatch):
+    import copy
+
+    af, X, _, region, coef, thr = world
+    new_coef = coef.copy()
+    new_coef[1] = -coef[1]
+    y = np.where(np.arange(40_000) >= 10_000, _labels(X[:40_000], region[:40_000], new_coef,
+                                                       thr, 18),
+                 _labels(X[:40_000], region[:40_000], coef, thr, 18))
+    model = _stream(af, X[:20_000], y[:20_000])
+    before = (copy.deepcopy(model.events_), model.predict_proba(X[:50]),
+              model._stream["rows_seen"], model.partition_.to_dict())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(model), "_fit_rows", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        for a in range(20_000, 40_000, BATCH):
+            model.partial_fit(X[a:a + BATCH], y[a:a + BATCH])
+    assert model._stream["rows_seen"] >= before[2]
+    failed_at = model._stream["rows_seen"]
+    monkeypatch.undo()
+    # the failing batch left nothing behind: the model is the one before it
+    assert model.partition_.to_dict() == before[3]
+    model.partial_fit(X[failed_at:failed_at + BATCH], y[failed_at:failed_at + BATCH])
+    assert any(e["kind"] == "refit" for e in model.events_)
+
+
+def test_stream_command_reads_csv_too(world, tmp_path, capsys):
+    af, X, _, region, coef, thr = world
+    cols = [f"x{j}" for j in range(X.shape[1])]
+    model = AdaptiveFederatedOrdinal(backend="serial").fit(
+        pd.DataFrame(X[:20_000], columns=cols), _labels(X[:20_000], region[:20_000], coef, thr, 19))
+    model.save(tmp_path / "m")
+    frame = pd.DataFrame(X[:30_000], columns=cols).assign(
+        grade=_labels(X[:30_000], region[:30_000], coef, thr, 20))
+    frame.loc[25_000:, "x0"] = frame.loc[25_000:, "x0"].round(0).astype(int)  # ints late on
+    frame.to_csv(tmp_path / "s.csv", index=False)
+    code = main(["--quiet", "stream", str(tmp_path / "m"), str(tmp_path / "s.csv"), "--target",
+                 "grade", "--batch-size", "7000", "--out", str(tmp_path / "m2")])
+    assert code == 0 and load(tmp_path / "m2")._stream["rows_seen"] == 30_000

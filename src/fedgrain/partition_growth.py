@@ -369,7 +369,8 @@ def profile_leaves(tree: PartitionTree, X, codes, w, leaf, *, seed: int,
         lp = g.profile(r, fits[region], tree.nodes[nid].key)
         profiles[nid] = prof.LeafProfile(tree.nodes[nid].n_rows, counts[pos], lp.mean,
                                          lp.log_density, lp.importance, lp.importance_source,
-                                         lp.centres, lp.low, lp.high, lp.edges, lp.cdf)
+                                         lp.centres, lp.low, lp.high, lp.edges, lp.cdf,
+                                         lp.n_ref)
     return prof.DataProfile(profiles, feature_names)
 
 

@@ -288,7 +288,8 @@ class LeafProfile:
 
     ``low`` and ``high`` are each feature's 0.1% and 99.9% quantiles among its rows: a row far
     outside them belongs to a region the leaf has not seen. ``edges`` and ``cdf`` are each
-    feature's reference distribution: its empirical CDF at up to 19 quantiles (original units).
+    feature's reference distribution: its empirical CDF at up to 19 quantiles (original units),
+    from ``n_ref`` rows.
     ``mean`` and ``centres`` are in the original (encoded) feature units; ``importance`` sums to
     one over the features (``importance_source`` says whether it comes from the screening fit
     or from the leaf's fitted local model); ``log_density`` compares between leaves.
@@ -305,6 +306,7 @@ class LeafProfile:
     high: np.ndarray | None = None
     edges: list | None = None
     cdf: list | None = None
+    n_ref: int | None = None
 
     def to_dict(self) -> dict:
         return {"n_rows": self.n_rows, "class_counts": self.class_counts.tolist(),
@@ -315,7 +317,8 @@ class LeafProfile:
                 "low": None if self.low is None else self.low.tolist(),
                 "high": None if self.high is None else self.high.tolist(),
                 "edges": None if self.edges is None else [e.tolist() for e in self.edges],
-                "cdf": None if self.cdf is None else [c.tolist() for c in self.cdf]}
+                "cdf": None if self.cdf is None else [c.tolist() for c in self.cdf],
+                "n_ref": self.n_ref}
 
     @classmethod
     def from_dict(cls, d: dict) -> LeafProfile:
@@ -330,7 +333,8 @@ class LeafProfile:
                    None if d.get("edges") is None else [np.asarray(e, dtype=float)
                                                         for e in d["edges"]],
                    None if d.get("cdf") is None else [np.asarray(c, dtype=float)
-                                                      for c in d["cdf"]])
+                                                      for c in d["cdf"]],
+                   None if d.get("n_ref") is None else int(d["n_ref"]))
 
 
 def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_classes: int,
@@ -373,7 +377,8 @@ def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_cla
             cdf.append(np.searchsorted(S[:, j], e, side="right") / S.shape[0])
     return LeafProfile(int(y.shape[0]), counts, mean, log_density(Xw, share, rng), imp,
                        "screening", raw_centres, low, high,
-                       edges if Xs.shape[0] else None, cdf if Xs.shape[0] else None)
+                       edges if Xs.shape[0] else None, cdf if Xs.shape[0] else None,
+                       int(Xs.shape[0]))
 
 
 class DataProfile:

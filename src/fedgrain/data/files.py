@@ -196,16 +196,15 @@ def iter_table(path: str | os.PathLike, batch_rows: int):
     kind, delimiter = _file_format(path, shown)
     if path.is_dir() or path.stat().st_size == 0:
         raise DataError(f"The file '{shown}' is empty or a directory.")
+    if kind == "CSV":  # pandas infers each chunk's types afresh (pyarrow fixes them from the
+        try:          # first block, so a float late in an integer column would fail)
+            yield from pd.read_csv(path, sep=delimiter, chunksize=batch_rows,
+                                   engine="python" if delimiter is None else "c")
+        except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
+            raise DataError(f"Could not read '{shown}' as CSV: {_reason(exc)}.") from None
+        return
     try:
-        if kind == "CSV":
-            if delimiter is None:
-                with pa.input_stream(str(path), compression="detect") as stream:
-                    head = stream.read(65536).decode("utf-8", errors="replace")
-                delimiter = "\t" if "\t" in head.partition("\n")[0] else ","
-            batches = pa_csv.open_csv(str(path),
-                                      parse_options=pa_csv.ParseOptions(delimiter=delimiter))
-        else:
-            batches = pa_parquet.ParquetFile(str(path)).iter_batches(batch_size=batch_rows)
+        batches = pa_parquet.ParquetFile(str(path)).iter_batches(batch_size=batch_rows)
         pending: list = []
         held = 0
         for rb in batches:

@@ -231,6 +231,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
 
     def _fit(self, X, y, sample_weight, partition):
         clock = _Clock()
+        self._stream = None  # a stream's state belongs to the model it watched
         gm = self._validate()
         owner = type(self).__name__
         data = prepare_fit(X, y, levels=self.levels, categorical=self.categorical,
@@ -422,7 +423,9 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
                 "meta_rho": None if not np.isfinite(self._meta_state["rho"])
                 else float(self._meta_state["rho"]),
                 "adapt_rho": float(self._meta_state["adapt_rho"])}
-        arrays = {"meta_theta": self._meta_state["theta"], "meta_P": self._meta_state["P"],
+        meta["stream"], stream_arrays = self._stream_extra()
+        arrays = {**stream_arrays,
+                  "meta_theta": self._meta_state["theta"], "meta_P": self._meta_state["P"],
                   "meta_params": self.meta_model_.results_.params,
                   "meta_cov": self.meta_model_.cov_,
                   "leaf_params": self._leaf_params,
@@ -455,6 +458,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         if arrays["leaf_params"].shape != (L, d) or arrays["leaf_cov"].shape != (L, d, d):
             raise ValueError("the leaf arrays do not match the partition")
         self._set_leaf_models(arrays["leaf_params"], arrays["leaf_cov"], meta["leaf_notes"])
+        self._restore_stream(meta.get("stream"), arrays)
 
 
 class _Clock:

@@ -19,6 +19,7 @@ Every detection, refit and refresh is an entry of ``events_``.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 
 import numpy as np
@@ -27,7 +28,6 @@ from .. import combine
 from ..exceptions import DataError
 from ..monitor import ADWIN, FeatureMonitor
 from ..ordinal import class_proba
-from ..profile import profile_rows
 from ..results import OrdinalResults
 
 #: Rows of each leaf kept for refits (the most recent).
@@ -55,21 +55,24 @@ class Streaming:
                 "windows": {nid: [] for nid in leaves},
                 "pending": {},
                 "followup": {},
-                "adwin_delta": ADWIN_DELTA,
-                "adwin_bucket": ADWIN_BUCKET,
             }
         return st
 
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """Update the model with a labelled batch, watching each leaf for drift.
 
-        On a model not fitted yet, the first batch fits it (``classes``, as scikit-learn passes
-        it, is then only checked against the labels; give ``levels=`` for an order). The batch
-        must have the columns the model was fitted on and only known labels; a bad batch raises
-        before anything changes. Returns ``self``.
+        On a model not fitted yet, the first batch fits it. ``classes`` (as scikit-learn passes
+        it) must then be the levels of the labels if given. A bad batch (other columns, an
+        unknown label, no rows) raises before anything changes, and an error while reacting to
+        drift restores the model as it was before the batch. Returns ``self``.
         """
         if not hasattr(self, "coef_"):
-            return self.fit(X, y, sample_weight=sample_weight)
+            self.fit(X, y, sample_weight=sample_weight)
+            if classes is not None and not np.array_equal(np.asarray(classes),
+                                                          self.classes_):
+                raise DataError(f"classes={list(classes)} differs from the levels of the labels "
+                                f"{list(self.classes_)}; give levels=[...] for their order.")
+            return self
         Xe = self._encode(X)
         if Xe.shape[0] == 0:
             raise DataError("The batch is empty; pass at least one row.")
@@ -81,11 +84,32 @@ class Streaming:
             raise DataError("partial_fit takes unweighted rows; repeat rows instead of "
                             "weighting them.")
         leaf = self._route(Xe)  # raises if the partition changed
+        saved = self._snapshot()
+        try:
+            self._take_batch(Xe, codes, leaf)
+        except BaseException:
+            self.__dict__.update(saved)
+            raise
+        return self
+
+    def _snapshot(self) -> dict:
+        """What a batch may change, copied, to restore if reacting to it fails."""
+        keep = {k: v for k, v in self.__dict__.items() if k != "_stream"}
+        out = copy.copy(keep)
+        out["partition_"] = copy.deepcopy(self.partition_)
+        out["profile_"] = copy.deepcopy(self.profile_)
+        out["events_"] = list(self.events_)
+        out["global_model_"] = copy.copy(self.global_model_)
+        out["_stream"] = copy.deepcopy(getattr(self, "_stream", None))
+        return out
+
+    def _take_batch(self, Xe: np.ndarray, codes: np.ndarray, leaf: np.ndarray) -> None:
         st = self._stream_state()
         eta, thr = self._routed_encoded(Xe, leaf)
         proba = class_proba(eta, thr)
         loss = -np.log(np.clip(proba[np.arange(codes.shape[0]), codes], 1e-15, 1.0))
         start = st["rows_seen"]
+        st["rows_seen"] = start + Xe.shape[0]
         drifted = set()
         for pos, nid in enumerate(self.partition_.leaves):
             rows = np.flatnonzero(leaf == pos)
@@ -101,21 +125,27 @@ class Streaming:
                 row = int(start + rows[min(max(at, 0), rows.size - 1)])
                 drifted.add(nid)
                 st["pending"][nid] = row
-                self._event(st, "concept drift", nid, row, statistic=float(loss[rows].mean()),
-                            threshold=float(ADWIN_DELTA),
-                            detail="the leaf's loss rose (ADWIN)")
-        for shift in st["features"].update(Xe, leaf):
-            nid = shift["leaf"]
-            if nid in drifted or nid in st["pending"]:
-                continue  # the relationship changed there: the refit takes care of it
-            self._event(st, "covariate shift", nid, start + Xe.shape[0],
-                        statistic=shift["psi"], threshold=st["features"].min_psi,
-                        detail=f"feature '{shift['feature']}': KS {shift['ks']:.3f}, "
-                               f"p {shift['p_value']:.2g}, PSI {shift['psi']:.3f}")
-            self._refresh_reference(st, nid)
-        st["rows_seen"] = start + Xe.shape[0]
+                st["followup"].pop(nid, None)
+                self._event(st, "concept drift", nid, row, statistic=det.last_gap,
+                            threshold=det.last_bound,
+                            detail="the leaf's loss rose: newer mean above the older one by "
+                                   "more than ADWIN's bound")
+        shifted: dict[int, list] = {}
+        for shift in st["features"].update(Xe, leaf, first_row=start):
+            if shift["leaf"] not in drifted and shift["leaf"] not in st["pending"]:
+                shifted.setdefault(shift["leaf"], []).append(shift)
+        for nid, shifts in shifted.items():  # one event per leaf, naming its features
+            worst = max(shifts, key=lambda t: t["psi"])
+            names = ", ".join(f"'{t['feature']}' (KS {t['ks']:.3f}, PSI {t['psi']:.3f})"
+                              for t in shifts)
+            self._event(st, "covariate shift", nid, st["rows_seen"], statistic=worst["psi"],
+                        threshold=st["features"].min_psi, detail=f"features {names}")
+            self._refresh_reference(st, nid, since=worst["since"])
         d = self.cov_.shape[0]
         for nid, since in list(st["pending"].items()):
+            if nid not in st["windows"]:  # merged away meanwhile
+                del st["pending"][nid]
+                continue
             Xw, cw = self._window_since(st["windows"][nid], since)
             if cw.shape[0] >= max(REFIT_ROWS, 20 * d) and np.unique(cw).shape[0] >= 2:
                 del st["pending"][nid]
@@ -124,7 +154,7 @@ class Streaming:
                 self._refit_leaf(st, nid, Xw, cw, first=True)
         for nid, (since, due) in list(st["followup"].items()):
             if nid in st["pending"] or nid not in st["windows"]:
-                del st["followup"][nid]
+                st["followup"].pop(nid, None)
                 continue
             Xw, cw = self._window_since(st["windows"][nid], since)
             if cw.shape[0] >= due:
@@ -132,34 +162,39 @@ class Streaming:
                 st["followup"][nid] = (since, 2 * cw.shape[0])
                 if 2 * cw.shape[0] > WINDOW_ROWS:
                     del st["followup"][nid]
-        return self
 
     # ---- reactions -------------------------------------------------------------------------
     def _refit_leaf(self, st, nid: int, Xw: np.ndarray, cw: np.ndarray,
                     first: bool = False) -> None:
-        """Fit the leaf again on its rows since the change; on the first refit after a drift
-        let the granularity controller merge or split it; pool the global model again."""
+        """Fit the leaf again on its rows since the change (the global model follows); let
+        the granularity controller merge it with its sibling, or on the first refit after the
+        drift split it."""
         params, cov, filled = self._fit_rows(Xw, cw, seed=int(st["rows_seen"]))
         self.partition_.nodes[nid].n_rows = int(cw.shape[0])
         st["detectors"][nid] = ADWIN(delta=ADWIN_DELTA, bucket=ADWIN_BUCKET)
         self._rebuild(st, {nid: (params, cov, filled)})
         self._event(st, "refit", nid, st["rows_seen"], statistic=float(cw.shape[0]),
                     threshold=float(REFIT_ROWS),
-                    detail=f"refitted on the {cw.shape[0]:,} rows since the change")
+                    detail=f"refitted on the {cw.shape[0]:,} rows since the change was found")
         self._refresh_reference(st, nid, Xw, cw)
-        if first and self._try_merge(st, nid) is None:
+        # merge whenever both siblings are in the new regime and agree (each refit has more
+        # rows to tell them apart); a split only on the first refit after the drift
+        if self._try_merge(st, nid) is None and first:
             self._try_split(st, nid, Xw, cw)
-        self._repool(st)
 
-    def _repool(self, st) -> None:
-        """The global model again, by inverse-variance pooling of the leaf models."""
-        d = self.cov_.shape[0]
-        info = np.zeros((d, d))
-        rhs = np.zeros(d)
-        for m in self.local_models_:
-            om = np.linalg.pinv(m.cov_, rcond=1e-10, hermitian=True)
-            info += om
-            rhs += om @ m.results_.params
+    def _repool(self, removed: list, added: list) -> None:
+        """The global model after leaf models were replaced: its information less the old
+        models' plus the new ones' (inverse-variance, no refinement round: the old rows are
+        gone). Nothing changes when nothing was replaced."""
+        if not removed and not added:
+            return
+        info = combine.inverse(self.cov_)
+        rhs = info @ self.results_.params
+        for sign, models in ((-1.0, removed), (1.0, added)):
+            for params, cov in models:
+                om = np.linalg.pinv(cov, rcond=1e-10, hermitian=True)
+                info += sign * om
+                rhs += sign * om @ params
         cov = combine.inverse(info)
         params = cov @ rhs
         p = self.schema_.n_features
@@ -167,31 +202,60 @@ class Streaming:
         r = self.results_
         results = OrdinalResults(params, cov, r.feature_names, r.classes,
                                  title="Adaptive federated ordinal regression: global model "
-                                       "(pooled again from the leaf models after drift)",
-                                 info={**r.info, "Rows seen in the stream":
-                                       f"{st['rows_seen']:,}"})
+                                       "(leaves replaced after drift)", info=dict(r.info))
         self._set_fitted(self.schema_, self.target_, params, cov, results)
         self.global_model_._set_fitted(self.schema_, self.target_, params, cov, results)
 
-    def _refresh_reference(self, st, nid: int, Xw=None, cw=None) -> None:
-        """The leaf's reference profile from its recent rows (coefficients untouched)."""
+    def _refresh_reference(self, st, nid: int, Xw=None, cw=None, since: int = -1) -> None:
+        """The leaf's reference profile from its recent rows (those from row ``since`` on);
+        coefficients untouched."""
         if Xw is None:
-            Xw, cw = self._window_since(st["windows"][nid], -1)
+            Xw, cw = self._window_since(st["windows"][nid], since)
         if cw.shape[0] < 50:
             return
-        std = self.partition_.standardizer
         old = self.profile_[nid]
-        lp = profile_rows(std.transform(Xw), cw, None, std, self.classes_.shape[0],
-                          old.n_rows / max(sum(v.n_rows for v in self.profile_.leaves.values()),
-                                           1), None, np.random.default_rng(nid), None)
+        lp = self._profile(Xw, cw, nid)
         self.profile_.leaves[nid] = type(old)(
-            int(cw.shape[0]), lp.class_counts, lp.mean, lp.log_density, old.importance,
-            old.importance_source, old.centres, lp.low, lp.high, lp.edges, lp.cdf)
-        st["features"].profiles = self.profile_.leaves
-        if nid in st["features"]._below:
-            st["features"]._start(nid)
+            old.n_rows, lp.class_counts, lp.mean, lp.log_density, old.importance,
+            old.importance_source, old.centres, lp.low, lp.high, lp.edges, lp.cdf, lp.n_ref)
+        st["features"].restart(nid)
         self._event(st, "profile refreshed", nid, st["rows_seen"], statistic=float(cw.shape[0]),
                     threshold=0.0, detail="reference distribution taken from the recent rows")
+
+    # ---- persistence -----------------------------------------------------------------------
+    def _stream_extra(self) -> tuple[dict | None, dict]:
+        """The stream's state as JSON and arrays (None before the first ``partial_fit``)."""
+        st = getattr(self, "_stream", None)
+        if st is None:
+            return None, {}
+        meta = {"rows_seen": int(st["rows_seen"]),
+                "pending": {str(k): int(v) for k, v in st["pending"].items()},
+                "followup": {str(k): [int(a), int(b)] for k, (a, b) in st["followup"].items()},
+                "detectors": {str(k): d.state() for k, d in st["detectors"].items()},
+                "features": st["features"].state()}
+        arrays = {}
+        for nid, window in st["windows"].items():
+            if window:
+                arrays[f"stream_{nid}_X"] = np.concatenate([w[0] for w in window])
+                arrays[f"stream_{nid}_y"] = np.concatenate([w[1] for w in window])
+                arrays[f"stream_{nid}_rows"] = np.concatenate([w[2] for w in window])
+        return meta, arrays
+
+    def _restore_stream(self, meta: dict | None, arrays: dict) -> None:
+        self._stream = None
+        if meta is None:
+            return
+        st = self._stream_state()
+        st["rows_seen"] = int(meta["rows_seen"])
+        st["pending"] = {int(k): int(v) for k, v in meta["pending"].items()}
+        st["followup"] = {int(k): (int(v[0]), int(v[1])) for k, v in meta["followup"].items()}
+        for k, v in meta["detectors"].items():
+            st["detectors"][int(k)].load_state(v)
+        st["features"].load_state(meta["features"])
+        for nid in st["windows"]:
+            if f"stream_{nid}_X" in arrays:
+                st["windows"][nid] = [(arrays[f"stream_{nid}_X"], arrays[f"stream_{nid}_y"],
+                                       arrays[f"stream_{nid}_rows"])]
 
     # ---- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -201,12 +265,12 @@ class Streaming:
             total -= window[0][1].shape[0]
             window.pop(0)
 
-    @staticmethod
-    def _window_since(window: list, since: int):
+    def _window_since(self, window: list, since: int):
+        """The window's rows from stream row ``since`` on: features and class codes."""
         Xs = [w[0][w[2] >= since] for w in window]
         cs = [w[1][w[2] >= since] for w in window]
         if not cs:
-            return np.empty((0, 0)), np.empty(0, dtype=np.intp)
+            return np.empty((0, self.schema_.n_features)), np.empty(0, dtype=np.intp)
         return np.concatenate(Xs), np.concatenate(cs)
 
     def _event(self, st, kind: str, nid: int, row: int, *, statistic: float, threshold: float,

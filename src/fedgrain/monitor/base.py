@@ -13,14 +13,18 @@ class Detector(ABC):
     ``update(x)`` takes one value or a batch (1-D array) in stream order. After it,
     ``drift_detected`` says whether a change was detected in that update, and
     ``detection_index`` is the position in the whole stream (0-based, counting every value
-    ever passed) at which it was. After a detection the detector starts afresh from the values
-    that follow the change.
+    ever passed) at which it was; ``last_gap`` and ``last_bound`` the statistic that crossed its
+    bound. After a detection the detector goes on with the rest of the batch from a state that
+    forgets what came before the change (a second detection in the same batch updates the
+    state but only the first is reported).
     """
 
     def __init__(self):
         self.n_seen = 0
         self._drift = False
         self.detection_index: int | None = None
+        self.last_gap = float("nan")
+        self.last_bound = float("nan")
 
     @property
     def drift_detected(self) -> bool:

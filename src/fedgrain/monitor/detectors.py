@@ -2,13 +2,15 @@
 
 - :class:`PageHinkley`: the cumulative deviation ``m_t = sum_i (x_i - mean_i - delta)`` from
   the running mean, and an alarm when ``m_t - min_s m_s > threshold``. Exact per value: the
-  batch is processed with cumulative sums, and the detection index is the same as value by
-  value.
+  batch is processed with cumulative sums, and the detection indices are the same as value
+  by value.
 - :class:`ADWIN` (Bifet & Gavalda, 2007): an adaptive window of recent values, kept as buckets
-  of ``bucket`` values (count, sum, sum of squares; the oldest merged in pairs beyond
-  ``max_buckets``). After each bucket, every split of the window into an older and a newer part
-  is tested with the Bernstein bound of the paper; when the newer part's mean exceeds the
-  older one's by more than the bound, the older part is dropped and a drift reported (only
+  of ``bucket`` values (count, sum, sum of squares). Beyond ``max_buckets`` the two oldest are
+  merged, so the old end of the window is one coarse bucket that grows: each test compares the
+  newest parts with everything older since the last change. After each bucket, every split of
+  the window into an older and a newer part is tested with the Bernstein bound of the paper,
+  with ``ln(2 ln N / delta)`` as River has it; when the newer part's mean exceeds the older
+  one's by more than the bound, the older part is dropped and a drift reported (only
   increases: a leaf whose loss falls is not in trouble). Detection is at bucket resolution.
 """
 
@@ -41,6 +43,7 @@ class PageHinkley(Detector):
         self._n, self._sum, self._m, self._min = 0, 0.0, 0.0, 0.0
 
     def _update(self, x):
+        first, offset = None, 0
         while x.size:
             n = self._n + np.arange(1, x.shape[0] + 1)
             mean = (self._sum + np.cumsum(x)) / n
@@ -50,11 +53,14 @@ class PageHinkley(Detector):
             if alarm.size == 0:
                 self._n, self._sum = int(n[-1]), float(self._sum + x.sum())
                 self._m, self._min = float(m[-1]), float(low[-1])
-                return None
+                return first
             hit = int(alarm[0])
+            if first is None:
+                first = offset + hit
+                self.last_gap, self.last_bound = float(m[hit] - low[hit]), self.threshold
             self._reset()
-            return hit
-        return None
+            x, offset = x[hit + 1 :], offset + hit + 1  # go on from the change
+        return first
 
     def state(self):
         return {"n": self._n, "sum": self._sum, "m": self._m, "min": self._min,
@@ -71,8 +77,7 @@ class ADWIN(Detector):
     Parameters
     ----------
     delta : float
-        Confidence of each cut test (smaller: fewer false alarms, later detection); corrected
-        for the number of splits tested.
+        Confidence of the cut test (smaller: fewer false alarms, later detection).
     bucket : int
         Values per bucket: the resolution of detection.
     max_buckets : int
@@ -91,7 +96,7 @@ class ADWIN(Detector):
         self._partial = [0.0, 0.0, 0.0]
 
     def _update(self, x):
-        pos = 0
+        pos, first = 0, None
         while pos < x.shape[0]:
             room = self.bucket - int(self._partial[0])
             chunk = x[pos : pos + room]
@@ -105,9 +110,9 @@ class ADWIN(Detector):
                 if len(self._buckets) > self.max_buckets:
                     a, b = self._buckets[0], self._buckets[1]
                     self._buckets[:2] = [[a[0] + b[0], a[1] + b[1], a[2] + b[2]]]
-                if self._cut():
-                    return pos - 1
-        return None
+                if self._cut() and first is None:
+                    first = pos - 1  # the rest of the batch goes on after the cut
+        return first
 
     def _cut(self) -> bool:
         B = np.array(self._buckets)
@@ -125,7 +130,9 @@ class ADWIN(Detector):
         cut = np.flatnonzero(gap > eps)
         if cut.size == 0:
             return False
-        self._buckets = self._buckets[int(cut[-1]) + 1 :]  # keep the part after the change
+        i = int(cut[-1])
+        self.last_gap, self.last_bound = float(gap[i]), float(eps[i])
+        self._buckets = self._buckets[i + 1 :]  # keep the part after the change
         return True
 
     @property

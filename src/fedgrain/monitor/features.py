@@ -32,17 +32,34 @@ class FeatureMonitor:
         self.test_rows, self.alpha, self.min_psi = test_rows, alpha, min_psi
         self._below: dict[int, list[np.ndarray]] = {}
         self._n: dict[int, int] = {}
+        self._since: dict[int, int] = {}
         self.shifts: list[dict] = []
 
-    def _start(self, nid: int) -> None:
+    def restart(self, nid: int) -> None:
+        """Forget the leaf's counts (its reference changed)."""
+        self._below.pop(nid, None)
+        self._n.pop(nid, None)
+        self._since.pop(nid, None)
+
+    def set_leaves(self, leaves: list[int]) -> None:
+        """The partition's leaves changed: keep the counts of the leaves that remain."""
+        self.leaves = list(leaves)
+        for nid in list(self._below):
+            if nid not in self.leaves:
+                self.restart(nid)
+
+    def _start(self, nid: int, row: int) -> None:
         lp = self.profiles[nid]
         self._below[nid] = [np.zeros(e.shape[0]) for e in lp.edges]
         self._n[nid] = 0
+        self._since[nid] = row
 
-    def update(self, X: np.ndarray, leaf: np.ndarray) -> list[dict]:
-        """Count the new rows (``leaf``: positions in ``leaves``); test leaves with enough rows.
+    def update(self, X: np.ndarray, leaf: np.ndarray, first_row: int = 0) -> list[dict]:
+        """Count the new rows (``leaf``: positions in ``leaves``; ``first_row``: the stream row
+        of the first of them); test leaves with enough rows.
 
-        Returns the shifts found (each: leaf, feature, ks, p_value, psi), also in ``shifts``.
+        Returns the shifts found (each: leaf, feature, ks, p_value, psi, and ``since``: the
+        stream row where the tested rows began), also in ``shifts``.
         """
         tests = []
         for pos, nid in enumerate(self.leaves):
@@ -53,19 +70,19 @@ class FeatureMonitor:
             if rows.size == 0:
                 continue
             if nid not in self._below:
-                self._start(nid)
+                self._start(nid, first_row + int(rows[0]))
             Xl = X[rows]
             for j, e in enumerate(lp.edges):
                 self._below[nid][j] += (Xl[:, j][:, None] <= e[None, :]).sum(axis=0)
             self._n[nid] += rows.size
             if self._n[nid] >= self.test_rows:
                 tests += self._test(nid, lp)
-                self._start(nid)
+                self.restart(nid)
         self.shifts = self._holm(tests)
         return self.shifts
 
     def _test(self, nid: int, lp) -> list[dict]:
-        n_new, n_ref = self._n[nid], max(lp.n_rows, 1)
+        n_new, n_ref = self._n[nid], max(lp.n_ref or lp.n_rows, 1)
         n_eff = n_ref * n_new / (n_ref + n_new)
         out = []
         for j, (e, F) in enumerate(zip(lp.edges, lp.cdf, strict=True)):
@@ -77,7 +94,7 @@ class FeatureMonitor:
             ref, new = np.clip(ref, 1e-4, None), np.clip(new, 1e-4, None)
             psi = float(np.sum((new - ref) * np.log(new / ref)))
             out.append({"leaf": nid, "feature": self.feature_names[j], "ks": D,
-                        "p_value": p, "psi": psi})
+                        "p_value": p, "psi": psi, "since": self._since[nid]})
         return out
 
     def _holm(self, tests: list[dict]) -> list[dict]:
@@ -91,3 +108,14 @@ class FeatureMonitor:
             if tests[i]["psi"] >= self.min_psi:
                 found.append(tests[i])
         return found
+
+    def state(self) -> dict:
+        """Plain JSON of the counts (for saving a model)."""
+        return {str(n): {"below": [b.tolist() for b in self._below[n]], "n": self._n[n],
+                         "since": self._since[n]} for n in self._below}
+
+    def load_state(self, state: dict) -> None:
+        for key, v in state.items():
+            n = int(key)
+            self._below[n] = [np.asarray(b, dtype=float) for b in v["below"]]
+            self._n[n], self._since[n] = int(v["n"]), int(v["since"])
