@@ -159,7 +159,7 @@ def test_a_covariate_shift_alone_is_reported_as_such_and_costs_no_accuracy(world
     y = _labels(Xs, region, coef, thr, 5)
     model = _stream(af, Xs, y)
     kinds = {e["kind"] for e in model.events_}
-    assert "concept drift" not in kinds and "refit" not in kinds
+    assert "concept drift" not in kinds and "refit" not in kinds and "split" not in kinds
     shifts = [e for e in model.events_ if e["kind"] == "covariate shift"]
     assert shifts and {e["leaf"] for e in shifts} == {_leaf_of_region(af, X, region, 0)}
     assert shifts[0]["rows_seen"] >= change
@@ -319,6 +319,10 @@ def test_a_meta_learned_model_personalises_its_refitted_leaf(world):
     pos = streamed.partition_.leaves.index(leaf)
     # the refitted leaf follows the new slopes (personalised with the learned pull)
     assert np.sign(streamed.local_models_[pos].coef_ @ new_coef[1]) > 0
+    # and meta rounds ran on the recent rows (they keep the global model unless a round
+    # lowers the validation loss)
+    rounds = [e for e in streamed.events_ if e["kind"] == "meta rounds"]
+    assert len(rounds) == 1 and "round(s) on the leaves' recent rows" in rounds[0]["detail"]
     assert copy.deepcopy(streamed).predict_proba(X[:5]).shape == (5, K)
 
 
@@ -393,3 +397,20 @@ def test_stream_command_reads_csv_too(world, tmp_path, capsys):
     code = main(["--quiet", "stream", str(tmp_path / "m"), str(tmp_path / "s.csv"), "--target",
                  "grade", "--batch-size", "7000", "--out", str(tmp_path / "m2")])
     assert code == 0 and load(tmp_path / "m2")._stream["rows_seen"] == 30_000
+
+
+def test_page_hinkley_can_watch_the_leaves_instead(world):
+    af, X, _, region, coef, thr = world
+    model = AdaptiveFederatedOrdinal(granularity=0.5, backend="serial",
+                                     drift_detector="page_hinkley").fit(
+        X[:30_000], _labels(X[:30_000], region[:30_000], coef, thr, 21))
+    new_coef = coef.copy()
+    new_coef[1] = -coef[1]
+    y = np.where(np.arange(60_000) >= 30_000, _labels(X[:60_000], region[:60_000], new_coef,
+                                                       thr, 22),
+                 _labels(X[:60_000], region[:60_000], coef, thr, 22))
+    streamed = _stream(model, X[:60_000], y)
+    drift = [e for e in streamed.events_ if e["kind"] == "concept drift"]
+    assert drift and "PageHinkley" in drift[0]["detail"] and drift[0]["rows_seen"] >= 30_000
+    with pytest.raises(ValueError, match="'drift_detector' parameter"):
+        AdaptiveFederatedOrdinal(drift_detector="ddm").fit(X[:2_000], y[:2_000])

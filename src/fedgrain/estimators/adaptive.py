@@ -88,6 +88,8 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         Share of each leaf's rows, stratified by class, set aside once to judge the rounds.
     fedprox_mu : float or None
         FedProx's fixed pull, in pseudo-rows (default ``10 d``).
+    drift_detector : {"adwin", "page_hinkley"}
+        The detector of concept drift on each leaf's loss stream (``partial_fit``).
     backend, n_jobs, random_state, alpha, variance, refine_rounds, debias, ridge,
     penalize_thresholds, levels, categorical, cv_folds, max_iter, tol :
         As for :class:`fedgrain.DivideConquerOrdinal`; they set every leaf's fit and the
@@ -142,7 +144,8 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
 
     def __init__(self, granularity=0.5, min_subset_size=None, meta="none", max_rounds=20,
                  backend="processes", n_jobs=None, random_state=0, *, meta_tol=1e-3,
-                 inner_steps=3, validation_fraction=0.2, fedprox_mu=None, alpha="rate",
+                 inner_steps=3, validation_fraction=0.2, fedprox_mu=None,
+                 drift_detector="adwin", alpha="rate",
                  variance="cluster", refine_rounds=1, debias="auto", ridge=0.0,
                  penalize_thresholds=False, levels=None, categorical=None, cv_folds=5,
                  max_iter=100, tol=1e-8):
@@ -154,6 +157,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         self.inner_steps = inner_steps
         self.validation_fraction = validation_fraction
         self.fedprox_mu = fedprox_mu
+        self.drift_detector = drift_detector
         self.backend = backend
         self.n_jobs = n_jobs
         self.random_state = random_state
@@ -197,6 +201,9 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         mu = self.fedprox_mu
         if mu is not None and not (is_real(mu) and mu > 0 and np.isfinite(mu)):
             raise param_error(owner, "fedprox_mu", "a float > 0 or None", mu)
+        if self.drift_detector not in ("adwin", "page_hinkley"):
+            raise param_error(owner, "drift_detector", "'adwin' or 'page_hinkley'",
+                              self.drift_detector)
         gm = self._global_estimator()
         try:
             gm._validate()

@@ -22,13 +22,11 @@ import numpy as np
 from scipy import special
 
 from .. import combine, local, meta
-from ..monitor import ADWIN
 from ..ordinal import class_proba
 from ..partition_growth import grow, region_budget, split_level
 from ..profile import profile_rows
 from ..results import parameter_names
 from .leaves import leaf_view
-from .streaming import ADWIN_BUCKET, ADWIN_DELTA
 
 #: Siblings whose models differ at a p-value above this are merged.
 MERGE_LEVEL = 0.05
@@ -86,7 +84,7 @@ class GranularityControl:
                               [old[n][2] for n in leaves])
         self.n_leaves_ = len(leaves)
         for nid in leaves:
-            st["detectors"].setdefault(nid, ADWIN(delta=ADWIN_DELTA, bucket=ADWIN_BUCKET))
+            st["detectors"].setdefault(nid, self._new_detector())
             st["windows"].setdefault(nid, [])
         st["features"].set_leaves(leaves)
         self._repool(removed, added)

@@ -26,14 +26,19 @@ import numpy as np
 
 from .. import combine
 from ..exceptions import DataError
-from ..monitor import ADWIN, FeatureMonitor
+from ..monitor import ADWIN, FeatureMonitor, PageHinkley
 from ..ordinal import class_proba
 from ..results import OrdinalResults
 
 #: Rows of each leaf kept for refits (the most recent).
 WINDOW_ROWS = 20_000
+#: Meta rounds run on the recent rows after a drift refit (with a meta-learner).
+META_ROUNDS_AFTER_DRIFT = 3
 #: Rows after a detected change before the leaf is refitted on them (at least 20 d as well).
 REFIT_ROWS = 1_500
+#: A covariate shift that moves a leaf's log density by more than this (a factor of 2) lets
+#: the controller try to split the leaf on its recent rows.
+DENSITY_CHANGE = float(np.log(2.0))
 #: ADWIN on each leaf's loss: confidence of the cut test, rows per bucket.
 ADWIN_DELTA = 1e-5
 ADWIN_BUCKET = 100
@@ -48,8 +53,7 @@ class Streaming:
             leaves = self.partition_.leaves
             st = self._stream = {
                 "rows_seen": 0,
-                "detectors": {nid: ADWIN(delta=ADWIN_DELTA, bucket=ADWIN_BUCKET)
-                              for nid in leaves},
+                "detectors": {nid: self._new_detector() for nid in leaves},
                 "features": FeatureMonitor(self.profile_.leaves, leaves,
                                            list(self.schema_.output_names)),
                 "windows": {nid: [] for nid in leaves},
@@ -57,6 +61,12 @@ class Streaming:
                 "followup": {},
             }
         return st
+
+    def _new_detector(self):
+        """A fresh detector for a leaf's loss stream (``drift_detector``)."""
+        if self.drift_detector == "page_hinkley":
+            return PageHinkley()
+        return ADWIN(delta=ADWIN_DELTA, bucket=ADWIN_BUCKET)
 
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """Update the model with a labelled batch, watching each leaf for drift.
@@ -128,8 +138,8 @@ class Streaming:
                 st["followup"].pop(nid, None)
                 self._event(st, "concept drift", nid, row, statistic=det.last_gap,
                             threshold=det.last_bound,
-                            detail="the leaf's loss rose: newer mean above the older one by "
-                                   "more than ADWIN's bound")
+                            detail=f"the leaf's loss rose ({type(det).__name__}: its statistic "
+                                   "crossed its bound)")
         shifted: dict[int, list] = {}
         for shift in st["features"].update(Xe, leaf, first_row=start):
             if shift["leaf"] not in drifted and shift["leaf"] not in st["pending"]:
@@ -140,7 +150,14 @@ class Streaming:
                               for t in shifts)
             self._event(st, "covariate shift", nid, st["rows_seen"], statistic=worst["psi"],
                         threshold=st["features"].min_psi, detail=f"features {names}")
+            before = self.profile_[nid].log_density
             self._refresh_reference(st, nid, since=worst["since"])
+            after = self.profile_[nid].log_density
+            if np.isfinite(before) and np.isfinite(after) and \
+                    abs(after - before) > DENSITY_CHANGE:
+                # the leaf's density moved: see whether its recent rows now form two regions
+                Xw, cw = self._window_since(st["windows"][nid], worst["since"])
+                self._try_split(st, nid, Xw, cw)
         d = self.cov_.shape[0]
         for nid, since in list(st["pending"].items()):
             if nid not in st["windows"]:  # merged away meanwhile
@@ -171,7 +188,7 @@ class Streaming:
         drift split it."""
         params, cov, filled = self._fit_rows(Xw, cw, seed=int(st["rows_seen"]))
         self.partition_.nodes[nid].n_rows = int(cw.shape[0])
-        st["detectors"][nid] = ADWIN(delta=ADWIN_DELTA, bucket=ADWIN_BUCKET)
+        st["detectors"][nid] = self._new_detector()
         self._rebuild(st, {nid: (params, cov, filled)})
         self._event(st, "refit", nid, st["rows_seen"], statistic=float(cw.shape[0]),
                     threshold=float(REFIT_ROWS),
@@ -181,6 +198,50 @@ class Streaming:
         # rows to tell them apart); a split only on the first refit after the drift
         if self._try_merge(st, nid) is None and first:
             self._try_split(st, nid, Xw, cw)
+        if first:
+            self._meta_after_drift(st)
+
+    def _meta_after_drift(self, st) -> None:
+        """With a meta-learner: a few meta rounds on the leaves' recent rows, from the current
+        global parameters, so the meta-learned model (what new subsets and unseen rows start
+        from) follows the change. The leaves' own models are left as they are."""
+        if self.meta not in ("fomaml", "reptile") or not np.isfinite(self._meta_state["rho"]):
+            return
+        from .. import meta as meta_module
+        from ..backends import SerialBackend
+        from ..shards import build_shards
+
+        leaves = [n for n in self.partition_.leaves if st["windows"].get(n)]
+        if len(leaves) < 2:
+            return
+        parts = [self._window_since(st["windows"][n], -1) for n in leaves]
+        X = np.concatenate([p_[0] for p_ in parts])
+        c = np.concatenate([p_[1] for p_ in parts])
+        labels = np.repeat(np.arange(len(leaves)), [p_[1].shape[0] for p_ in parts])
+        p = self.schema_.n_features
+        K = self.classes_.shape[0]
+        backend = SerialBackend()
+        refs = build_shards(backend, X, c, None, labels, len(leaves),
+                            self.partition_.standardizer)
+        try:
+            settings = meta_module.MetaSettings(self.meta, p, K, int(self.inner_steps),
+                                                float(self.validation_fraction))
+            res = meta_module.run(backend, refs, [list(range(len(leaves)))], settings,
+                                  self._meta_state["theta"], self._meta_state["P"],
+                                  [int(st["rows_seen"]) + i for i in range(len(leaves))],
+                                  leaves, rho0=self._meta_state["rho"],
+                                  max_rounds=META_ROUNDS_AFTER_DRIFT,
+                                  tol=float(self.meta_tol), fedprox_rho=1.0, work=None)
+        finally:
+            backend.release(refs)
+        if np.isfinite(res.rho):
+            self._meta_state = {**self._meta_state, "theta": res.theta, "rho": res.rho}
+            self.meta_model_ = self._meta_model(res.theta, self._pooled_cov_std())
+        self._event(st, "meta rounds", -1, st["rows_seen"],
+                    statistic=float(res.history[-1]["val_loss"]) if res.history else 0.0,
+                    threshold=float(self.meta_tol),
+                    detail=f"{len(res.history)} round(s) on the leaves' recent rows; pull "
+                           f"{res.rho:.3g} pseudo-rows")
 
     def _repool(self, removed: list, added: list) -> None:
         """The global model after leaf models were replaced: its information less the old
