@@ -176,10 +176,11 @@ def render(doc: dict, inference: list[str] | None = None,
         "```",
         "",
         "The full run (the default sizes) is `python benchmarks/bench_core.py`; `make bench` "
-        "runs it and then the inference benchmark, `.venv/bin/python "
-        "benchmarks/bench_inference.py --out docs/benchmarks.md` (the last section of this "
-        "page). On 2 cores the full core run takes about 3 minutes and the inference run "
-        "about 10-15 minutes. `--sizes 1e5x20 --tools ordinal,statsmodels` reruns a part; "
+        "runs it and then `benchmarks/bench_inference.py`, `bench_adaptive.py`, "
+        "`bench_meta.py` and `bench_stream.py`, each with `--out docs/benchmarks.md` (the "
+        "sections after this run's). On 2 cores the full core run takes about 3 minutes, the "
+        "inference run about 10-15 minutes and the other three a minute or two each. "
+        "`--sizes 1e5x20 --tools ordinal,statsmodels` reruns a part; "
         "`--quick` runs tiny sizes in under a minute without touching this page; `--selftest` "
         "checks the memory accounting. Raw records: `" + doc["json_path"] + "` (git-ignored).",
         "",
