@@ -144,7 +144,8 @@ def _check_fit_options(args) -> None:
         raise DataError("--n-subsets applies to --estimator dc; the adaptive estimator's leaves "
                         "come from --granularity and --min-subset-size.")
     if args.estimator == "mle":
-        given = [f"--{n.replace('_', '-')}" for n in ("n_subsets", "refine_rounds", "backend")
+        given = [f"--{n.replace('_', '-')}"
+                 for n in ("n_subsets", "refine_rounds", "backend", "scheduler")
                  if getattr(args, n) is not None]
         if args.variance == "cluster":
             given.append("--variance cluster")
@@ -183,7 +184,14 @@ def _cmd_fit(args) -> int:
     else:
         options = {k: v for k, v in (("alpha", args.alpha), ("variance", args.variance),
                                      ("refine_rounds", args.refine_rounds)) if v is not None}
-        common = {"backend": args.backend or "processes", "n_jobs": args.workers,
+        backend = args.backend or "processes"
+        if args.scheduler is not None:
+            if backend != "dask":
+                raise DataError("--scheduler applies to --backend dask.")
+            from .backends.dask import DaskBackend
+
+            backend = DaskBackend(scheduler=args.scheduler)
+        common = {"backend": backend, "n_jobs": args.workers,
                   "random_state": args.random_state, "levels": levels,
                   "categorical": categorical, **options}
         if args.estimator == "adaptive":
@@ -191,13 +199,17 @@ def _cmd_fit(args) -> int:
             model = AdaptiveFederatedOrdinal(granularity=g, meta=args.meta or "none",
                                              min_subset_size=args.min_subset_size, **common)
             what = (f"adaptive partition, granularity {g}, meta-learner {args.meta or 'none'}, "
-                    f"backend {common['backend']}")
+                    f"backend {args.backend or 'processes'}")
         else:
             model = DivideConquerOrdinal(n_subsets=args.n_subsets, **common)
-            what = f"divide and conquer, backend {common['backend']}"
+            what = f"divide and conquer, backend {args.backend or 'processes'}"
     _log(args, f"fitting {len(X):,} rows x {X.shape[1]} columns ({what}) ...")
     t0 = time.perf_counter()
-    model.fit(X, y, sample_weight=weights)
+    try:
+        model.fit(X, y, sample_weight=weights)
+    finally:
+        if args.scheduler is not None:
+            common["backend"].close()  # the client only: the cluster keeps running
     _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
     print(model.summary(args.ci_alpha))
     if args.estimator == "adaptive":
@@ -360,8 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "sandwich")
     p.add_argument("--refine-rounds", type=int, default=None,
                    help="dc and adaptive (default 1)")
-    p.add_argument("--backend", choices=("processes", "serial"), default=None,
-                   help="dc and adaptive (default processes)")
+    p.add_argument("--backend", choices=("processes", "serial", "dask"), default=None,
+                   help="dc and adaptive (default processes; dask: a local Dask cluster, or "
+                        "the one at --scheduler)")
+    p.add_argument("--scheduler", default=None,
+                   help="address of a running Dask scheduler, tcp://host:8786 (with "
+                        "--backend dask)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
     p.add_argument("--random-state", type=int, default=0)
     p.add_argument("--ci-alpha", type=_probability, default=0.05,

@@ -6,7 +6,7 @@ from .base import Backend, Outcome, Shard, ShardRef
 from .processes import ProcessesBackend
 from .serial import SerialBackend
 
-BACKENDS = ("serial", "processes")
+BACKENDS = ("serial", "processes", "dask")
 
 
 def get_backend(backend: str | Backend, n_jobs: int | None = None, *, owner: str) -> Backend:
@@ -20,6 +20,10 @@ def get_backend(backend: str | Backend, n_jobs: int | None = None, *, owner: str
         return SerialBackend()
     if backend == "processes":
         return ProcessesBackend(n_jobs)
+    if backend == "dask":
+        from .dask import DaskBackend  # lazily: an optional extra
+
+        return DaskBackend(n_workers=n_jobs)
     raise ValueError(
         f"The 'backend' parameter of {owner} must be one of {BACKENDS} or a "
         f"fedgrain.backends.Backend instance. Got {backend!r} instead."

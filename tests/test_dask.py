@@ -1,0 +1,148 @@
+"""The Dask backend (issue 6, first part): a real LocalCluster on 127.0.0.1, started and stopped
+by the tests; the same numbers as the other backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dask.distributed")
+
+from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal  # noqa: E402
+from fedgrain.backends.dask import DaskBackend  # noqa: E402
+from fedgrain.datasets import make_ordinal, make_regions  # noqa: E402
+from fedgrain.exceptions import FedgrainError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dask_backend():
+    backend = DaskBackend(n_workers=2)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def force_processes(monkeypatch):
+    from fedgrain.backends import processes
+
+    monkeypatch.setattr(processes, "MIN_PARALLEL_WORK", 0)
+
+
+def test_divide_and_conquer_on_dask_equals_processes(dask_backend, force_processes):
+    X, y, *_ = make_ordinal(20_000, 6, 4, random_state=1)
+    a = DivideConquerOrdinal(n_subsets=4, backend=dask_backend, random_state=3).fit(X, y)
+    b = DivideConquerOrdinal(n_subsets=4, backend="processes", n_jobs=2, random_state=3).fit(X, y)
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(a.cov_, b.cov_, rtol=0, atol=1e-10)
+    assert dask_backend.client is not None  # a backend passed in is left open
+
+
+def test_adaptive_meta_learner_on_dask_equals_processes(dask_backend, force_processes):
+    X, y, *_ = make_regions(24_000, n_regions=3, random_state=2)
+    kw = {"meta": "fomaml", "max_rounds": 3, "random_state": 3}
+    a = AdaptiveFederatedOrdinal(backend=dask_backend, **kw).fit(X, y)
+    b = AdaptiveFederatedOrdinal(backend="processes", n_jobs=2, **kw).fit(X, y)
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-10)
+    assert [h["val_loss"] for h in a.history_] == [h["val_loss"] for h in b.history_]
+    assert [h["bytes"] for h in a.history_] == [h["bytes"] for h in b.history_]
+    for ma, mb in zip(a.local_models_, b.local_models_, strict=True):
+        np.testing.assert_allclose(ma.coef_, mb.coef_, rtol=0, atol=1e-10)
+
+
+def test_backend_dask_by_name_starts_and_stops_its_own_cluster():
+    X, y, *_ = make_ordinal(6_000, 4, 3, random_state=4)
+    model = DivideConquerOrdinal(n_subsets=2, backend="dask", n_jobs=2).fit(X, y)
+    ref = DivideConquerOrdinal(n_subsets=2, backend="serial").fit(X, y)
+    np.testing.assert_allclose(model.coef_, ref.coef_, rtol=0, atol=1e-10)
+
+
+def test_an_existing_cluster_is_used_and_left_running():
+    from dask.distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None)
+    try:
+        X, y, *_ = make_ordinal(6_000, 4, 3, random_state=5)
+        with DaskBackend(scheduler=cluster.scheduler_address) as backend:
+            assert backend.n_workers == 2
+            DivideConquerOrdinal(n_subsets=2, backend=backend).fit(X, y)
+        with Client(cluster.scheduler_address, timeout=10) as client:  # still there
+            assert len(client.scheduler_info()["workers"]) == 2
+    finally:
+        cluster.close()
+
+
+def test_an_unreachable_scheduler_is_a_clear_error_not_a_hang():
+    with pytest.raises(FedgrainError, match="Could not reach the Dask scheduler at "
+                                            "tcp://127.0.0.1:9"):
+        DaskBackend(scheduler="tcp://127.0.0.1:9", timeout=2)
+
+
+def test_missing_extra_names_it(monkeypatch):
+    import builtins
+
+    from fedgrain.backends import dask as dask_module
+
+    real = builtins.__import__
+
+    def no_dask(name, *args, **kwargs):
+        if name.startswith("dask"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_dask)
+    with pytest.raises(FedgrainError, match=r"pip install 'fedgrain\[dask\]'"):
+        dask_module._distributed()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fit_through_a_scheduler_and_two_workers_started_as_processes(tmp_path, capsys):
+    """The operations guide's set-up: `dask scheduler`, two `dask worker`s, then
+    `fedgrain fit --backend dask --scheduler ...`; all on 127.0.0.1."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+    from dask.distributed import Client
+
+    from fedgrain import load
+    from fedgrain.cli import main
+
+    dask_cli = [sys.executable, "-m", "dask"]
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen(dask_cli + ["scheduler", "--host", "127.0.0.1", "--port",
+                                          str(port), "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                dask_cli + ["worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+                            "--no-dashboard"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+        X, y, *_ = make_ordinal(8_000, 3, 4, random_state=6)
+        frame = pd.DataFrame(X, columns=["a", "b", "c"]).assign(grade=y)
+        frame.to_csv(tmp_path / "d.csv", index=False)
+        code = main(["--quiet", "fit", str(tmp_path / "d.csv"), "--target", "grade",
+                     "--backend", "dask", "--scheduler", address, "--n-subsets", "2",
+                     "--out", str(tmp_path / "m")])
+        assert code == 0, capsys.readouterr().err
+        ref = DivideConquerOrdinal(n_subsets=2, backend="serial").fit(frame[["a", "b", "c"]],
+                                                                       frame["grade"])
+        np.testing.assert_allclose(load(tmp_path / "m").coef_, ref.coef_, rtol=0, atol=1e-10)
+        with Client(address, timeout=10) as client:  # the cluster keeps running
+            assert len(client.scheduler_info()["workers"]) == 2
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
