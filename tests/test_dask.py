@@ -146,3 +146,82 @@ def test_fit_through_a_scheduler_and_two_workers_started_as_processes(tmp_path, 
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+from distributed import WorkerPlugin  # noqa: E402
+
+
+class _KillFirstBundle(WorkerPlugin):
+    """A worker plugin that kills its worker process (SIGKILL) when the first bundle of fit
+    tasks starts executing anywhere in the cluster (a flag file makes it once only)."""
+
+    name = "fedgrain-kill-first-bundle"
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def transition(self, key, start, finish, **kwargs):
+        import os
+        import signal
+
+        if finish == "executing" and "run_bundle" in str(key):
+            try:
+                fd = os.open(self.flag, os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("estimator", ["dc", "meta"])
+def test_a_worker_killed_during_the_fit_does_not_change_the_model(tmp_path, estimator):
+    import sys
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    X, y, *_ = make_regions(16_000, n_regions=2, random_state=6)
+    make = ((lambda b: DivideConquerOrdinal(n_subsets=4, backend=b, random_state=1))
+            if estimator == "dc" else
+            (lambda b: AdaptiveFederatedOrdinal(meta="reptile", max_rounds=3, backend=b,
+                                                random_state=1)))
+    reference = make("serial").fit(X, y)
+    with DaskBackend(n_workers=2) as backend:
+        backend.client.register_plugin(_KillFirstBundle(str(tmp_path / "killed")))
+        model = make(backend).fit(X, y)
+        assert (tmp_path / "killed").exists()  # a worker really died during the fit
+        assert backend.resent_ >= 1
+    np.testing.assert_allclose(model.coef_, reference.coef_, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(model.cov_, reference.cov_, rtol=0, atol=1e-10)
+
+
+def test_a_lost_scheduler_is_a_clear_error_not_a_hang():
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    port = _free_port()
+    sched = subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1",
+                              "--port", str(port), "--no-dashboard"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([sys.executable, "-m", "dask", "worker",
+                               f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard",
+                               "--host", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        backend = DaskBackend(scheduler=f"tcp://127.0.0.1:{port}", timeout=20)
+        backend.client.wait_for_workers(1, timeout=20)
+        X, y, *_ = make_regions(12_000, n_regions=2, random_state=7)
+        model = AdaptiveFederatedOrdinal(meta="fomaml", max_rounds=50, meta_tol=0.0,
+                                         backend=backend, random_state=0)
+        threading.Timer(1.5, sched.kill).start()  # mid-fit: the meta rounds take longer
+        start = time.monotonic()
+        with pytest.raises(FedgrainError, match="Lost the Dask scheduler at tcp://127.0.0.1"):
+            model.fit(X, y)
+        assert time.monotonic() - start < 30
+        backend.close()
+    finally:
+        for proc in (worker, sched):
+            proc.kill()
+            proc.wait(timeout=10)

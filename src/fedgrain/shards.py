@@ -79,9 +79,21 @@ class Standardizer:
         return out
 
 
+def row_blocks(X, block: int | None = None):
+    """``(start, rows)`` blocks of the encoded rows ``X``: an array, or rows streamed from disk
+    (any object with a ``blocks()`` method, such as :class:`fedgrain.data.streamed.StreamedRows`).
+    """
+    if hasattr(X, "blocks"):
+        yield from X.blocks()
+        return
+    block = block or block_rows(X.shape[1])
+    for a in range(0, X.shape[0], block):
+        yield a, X[a : a + block]
+
+
 def build_shards(
     backend: Backend,
-    X: np.ndarray,
+    X,
     codes: np.ndarray,
     weights: np.ndarray | None,
     labels: np.ndarray,
@@ -90,26 +102,21 @@ def build_shards(
 ) -> list[ShardRef]:
     """Copy each subset's rows, standardised, into a shard placed by ``backend``.
 
-    ``labels`` gives each row's subset (see :func:`fedgrain.partition.stratified_split`); one
-    subset's row index is held at a time and rows are copied in blocks, so the only memory
-    beyond the shards themselves is a few blocks. On failure the shards already placed are
-    released before the exception propagates.
+    ``labels`` gives each row's subset (see :func:`fedgrain.partition.stratified_split`). One
+    pass over the rows in blocks fills every shard through the backend's
+    :class:`~fedgrain.backends.base.ShardWriter`, so the only memory beyond the shards is a
+    block; rows streamed from disk (``X`` with ``blocks()``) are spilled to shard files, so
+    nothing but a block is ever held. On failure nothing stays placed.
     """
-    refs: list[ShardRef] = []
-    block = block_rows(X.shape[1])
-    backend.reserve(X.shape[0] * (X.shape[1] + 2) * 8)
+    sizes = np.bincount(labels, minlength=n_subsets)
+    streamed = hasattr(X, "blocks")
+    writer = backend.writer(sizes, X.shape[1], weights is not None, spill=streamed)
     try:
-        for m in range(n_subsets):
-            idx = np.flatnonzero(labels == m)
-            shard = backend.allocate(idx.shape[0], X.shape[1], weights is not None)
-            for a in range(0, idx.shape[0], block):
-                rows = idx[a : a + block]
-                standardizer.transform(X[rows], out=shard.X[a : a + rows.shape[0]])
-            shard.y[:] = codes[idx]
-            if weights is not None:
-                shard.w[:] = weights[idx]
-            refs.append(backend.put(shard))
+        for a, Xb in row_blocks(X):
+            b = a + Xb.shape[0]
+            writer.write(labels[a:b], standardizer.transform(Xb), codes[a:b],
+                         None if weights is None else weights[a:b])
+        return writer.finish()
     except BaseException:
-        backend.release(refs)
+        writer.abort()
         raise
-    return refs

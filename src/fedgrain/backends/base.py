@@ -17,6 +17,10 @@ A backend runs tasks on workers and keeps subsets' data where the tasks run:
 - ``map_bundles(fn, tasks, bundles, work=...)`` runs the tasks grouped as a scheduler assigned
   them to workers (:mod:`fedgrain.schedule`): one backend task per bundle, which runs its
   tasks in turn; still one :class:`Outcome` per task, in task order.
+- ``writer(sizes, n_features, weighted, spill=False)`` gives a :class:`ShardWriter` that fills
+  all the shards of a partition from row blocks in one pass over the data (rows keep their order
+  within each shard) and places them with ``finish()``. With ``spill=True`` (data larger than
+  memory) the shards are written to files as they fill, so the caller never holds them.
 - ``release(refs)`` frees placed subsets; ``close()`` releases everything.
 
 Seeds travel inside tasks, and tasks run with one BLAS thread, so all backends return
@@ -25,13 +29,21 @@ bit-identical results.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import tempfile
 import traceback
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..exceptions import ResourceError
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,33 @@ class ShardRef(ABC):
     @abstractmethod
     def load(self) -> Shard:
         """Return the shard's arrays (on the worker that runs the task)."""
+
+
+@dataclass(frozen=True)
+class FileShardRef(ShardRef):
+    """A shard in ``.npy`` files, opened memory-mapped and read-only by the worker."""
+
+    X: str
+    y: str
+    w: str | None
+
+    def load(self) -> Shard:
+        return Shard(
+            np.load(self.X, mmap_mode="r"),
+            np.load(self.y, mmap_mode="r"),
+            None if self.w is None else np.load(self.w, mmap_mode="r"),
+        )
+
+    def paths(self) -> list[str]:
+        return [p for p in (self.X, self.y, self.w) if p is not None]
+
+
+def unlink_files(refs: Sequence[ShardRef]) -> None:
+    """Delete the files of the file shards among ``refs``."""
+    for ref in refs:
+        if isinstance(ref, FileShardRef):
+            for p in ref.paths():
+                Path(p).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -126,17 +165,197 @@ class Backend(ABC):
             raise ValueError("every task must be in exactly one bundle")
         return out  # type: ignore[return-value]
 
+    def writer(self, sizes: Sequence[int], n_features: int, weighted: bool, *,
+               spill: bool = False) -> ShardWriter:
+        """A :class:`ShardWriter` for shards of ``sizes`` rows (see the module docstring)."""
+        if spill:
+            return FileShardWriter(self, self.spill_folder(), sizes, n_features, weighted)
+        return ShardWriter(self, sizes, n_features, weighted)
+
+    def spill_folder(self) -> Path:
+        """A private folder on disk for shards too large for memory (removed by ``close``)."""
+        folder = getattr(self, "_spill", None)
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="fedgrain-spill-"))
+            self._spill = folder
+        return folder
+
+    def adopt(self, refs: list[FileShardRef]) -> list[ShardRef]:
+        """Place shards written to files (by a spilling writer); by default workers map them."""
+        return list(refs)
+
+    def remove_spill(self) -> None:
+        folder = getattr(self, "_spill", None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._spill = None
+
     def reserve(self, nbytes: int) -> None:  # noqa: B027 - optional hook
         """Announce that shards totalling ``nbytes`` will be placed (fail early if no room)."""
 
-    def release(self, refs: Sequence[ShardRef]) -> None:  # noqa: B027 - optional hook
-        """Free placed shards (default: nothing to do)."""
+    def release(self, refs: Sequence[ShardRef]) -> None:
+        """Free placed shards (by default: delete the files of spilled ones)."""
+        unlink_files(refs)
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release everything this backend holds."""
+        self.remove_spill()
 
     def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ShardWriter:
+    """Fills the shards of a partition from row blocks, in one pass over the data.
+
+    ``write(labels, X, y, w)`` takes a block of standardised rows and the shard (position) of
+    each; rows keep their order within every shard, so shards are the same however the data
+    were cut into blocks. ``finish()`` checks that every shard is full and places them.
+    """
+
+    def __init__(self, backend: Backend, sizes: Sequence[int], n_features: int,
+                 weighted: bool):
+        self.backend = backend
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.n_features, self.weighted = n_features, weighted
+        self.filled = np.zeros_like(self.sizes)
+        self._open()
+
+    def _open(self) -> None:
+        self._shards = [self.backend.allocate(int(n), self.n_features, self.weighted)
+                        for n in self.sizes]
+
+    def _put(self, m: int, at: int, X: np.ndarray, y: np.ndarray, w) -> None:
+        shard = self._shards[m]
+        k = X.shape[0]
+        shard.X[at : at + k] = X
+        shard.y[at : at + k] = y
+        if shard.w is not None:
+            shard.w[at : at + k] = w
+
+    def write(self, labels: np.ndarray, X: np.ndarray, y: np.ndarray,
+              w: np.ndarray | None = None) -> None:
+        labels = np.asarray(labels)
+        counts = np.bincount(labels, minlength=self.sizes.shape[0])
+        if (self.filled + counts > self.sizes).any():
+            raise ValueError("more rows written to a shard than its size")
+        order = np.argsort(labels, kind="stable")
+        ends = np.cumsum(counts)
+        for m in np.flatnonzero(counts):
+            rows = order[ends[m] - counts[m] : ends[m]]
+            self._put(int(m), int(self.filled[m]), X[rows], y[rows],
+                      None if w is None else w[rows])
+        self.filled += counts
+
+    def finish(self) -> list[ShardRef]:
+        if (self.filled != self.sizes).any():
+            raise ValueError("a shard was not filled: the blocks did not cover the rows")
+        refs: list[ShardRef] = []
+        try:
+            for shard in self._shards:
+                refs.append(self.backend.put(shard))
+        except BaseException:
+            self.backend.release(refs)
+            raise
+        self._shards = []
+        return refs
+
+    def abort(self) -> None:
+        """Drop what was written (after a failure)."""
+        self._shards = []
+
+
+class FileShardWriter(ShardWriter):
+    """Writes each shard to ``.npy`` files in ``folder`` as blocks arrive, with plain writes at
+    offsets (no memory map), so the caller's memory stays at one block whatever the size."""
+
+    def __init__(self, backend: Backend, folder: Path, sizes: Sequence[int], n_features: int,
+                 weighted: bool):
+        self.folder = Path(folder)
+        super().__init__(backend, sizes, n_features, weighted)
+
+    def _open(self) -> None:
+        self._files: list[dict] = []
+        try:
+            for n in self.sizes:
+                stem = self.folder / uuid.uuid4().hex
+                parts = {"X": (np.float64, (int(n), self.n_features)),
+                         "y": (np.intp, (int(n),))}
+                if self.weighted:
+                    parts["w"] = (np.float64, (int(n),))
+                entry = {}
+                for key, (dtype, shape) in parts.items():
+                    entry[key] = _new_npy(f"{stem}-{key}.npy", dtype, shape)
+                self._files.append(entry)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _put(self, m: int, at: int, X: np.ndarray, y: np.ndarray, w) -> None:
+        entry = self._files[m]
+        for key, block in (("X", X), ("y", y), ("w", w)):
+            if key in entry:
+                path, fd, offset, dtype, row = entry[key]
+                data = np.ascontiguousarray(block, dtype=dtype)
+                os.pwrite(fd, memoryview(data).cast("B"), offset + at * row)
+
+    def _refs(self) -> list[FileShardRef]:
+        return [FileShardRef(e["X"][0], e["y"][0], e["w"][0] if "w" in e else None)
+                for e in self._files]
+
+    def _close_files(self) -> None:
+        for entry in self._files:
+            for _path, fd, *_ in entry.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def finish(self) -> list[ShardRef]:
+        if (self.filled != self.sizes).any():
+            raise ValueError("a shard was not filled: the blocks did not cover the rows")
+        self._close_files()
+        refs = self._refs()
+        self._files = []
+        try:
+            return self.backend.adopt(refs)
+        except BaseException:
+            unlink_files(refs)
+            raise
+
+    def abort(self) -> None:
+        self._close_files()
+        unlink_files(self._refs())
+        self._files = []
+
+
+def _new_npy(path: str, dtype, shape: tuple) -> tuple:
+    """Create a ``.npy`` file of ``shape`` with its blocks claimed; (path, fd, data offset,
+    dtype, bytes a row). A full disk is a :class:`ResourceError` here, not a crash later."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": shape}
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        offset = fh.tell()
+    row = int(np.dtype(dtype).itemsize * (shape[1] if len(shape) > 1 else 1))
+    fd = os.open(path, os.O_RDWR)
+    size = offset + row * shape[0]
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # pragma: no cover - platforms without fallocate
+            os.ftruncate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        Path(path).unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceError(
+                f"No room left for the subsets in {Path(path).parent} ({size / 2**20:,.0f} MB "
+                "more needed); free space, or pass another temp_folder.") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
+    return path, fd, offset, dtype, row

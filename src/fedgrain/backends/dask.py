@@ -8,18 +8,37 @@ so a round of tasks moves parameters only. Bundles of tasks (:meth:`map_bundles`
 worker that holds their subsets. Tasks run with one BLAS thread, so the numbers are the same as
 on the other backends.
 
+Data larger than memory are spilled to shard files as they are read (:class:`ShardWriter`
+with ``spill=True``) and each worker loads its shards from the files itself; this needs a
+folder that the workers can read: the local cluster's own, or ``shared_folder`` for a cluster
+started elsewhere (without one, shards are read back and sent one at a time).
+
+Faults: a worker that dies takes its shards with it. Tasks that fail because of that are sent
+again (``retries`` times) after their shards are placed again on a live worker: scattered
+shards from the copy kept here, file shards by loading them anew. A lost scheduler is a
+:class:`~fedgrain.exceptions.FedgrainError` naming it, not a hang.
+
 Needs the ``dask`` extra: ``pip install 'fedgrain[dask]'``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..exceptions import FedgrainError
-from .base import Backend, Outcome, Shard, ShardRef, run_bundle, run_task
+from .base import (
+    Backend,
+    FileShardRef,
+    Outcome,
+    Shard,
+    ShardRef,
+    run_bundle,
+    unlink_files,
+)
 
 
 def _distributed():
@@ -34,11 +53,13 @@ def _distributed():
 
 
 class DaskShardRef(ShardRef):
-    """A subset scattered to one worker: its future, and the worker's address."""
+    """A subset placed on one worker: its future, the worker's address, and where it came from
+    (the shard kept here, or its files), to place it again if the worker dies."""
 
-    def __init__(self, future, worker: str):
+    def __init__(self, future, worker: str, source: Shard | FileShardRef):
         self.future = future
         self.worker = worker
+        self.source = source
 
     def load(self) -> Shard:  # on a worker the future has become the shard itself
         raise RuntimeError("a Dask shard is resolved by Dask on the worker that holds it")
@@ -54,17 +75,28 @@ class DaskBackend(Backend):
     n_workers : int or None
         Worker processes of the local cluster (default: the CPUs).
     timeout : float
-        Seconds to wait for a scheduler before giving up with a clear error.
+        Seconds to wait for a scheduler (or, after a worker died, for a live worker) before
+        giving up with a clear error.
+    retries : int
+        How many times a task whose worker died is sent again.
+    shared_folder : str or None
+        A folder every worker can read, for shards spilled to files (data beyond memory) when
+        the cluster was started elsewhere; the local cluster uses a private temporary folder.
     """
 
     name = "dask"
 
     def __init__(self, scheduler: str | None = None, n_workers: int | None = None,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, retries: int = 3, shared_folder: str | None = None):
         from .processes import resolve_n_jobs
 
         dd = _distributed()
         self._cluster = None
+        self.client = None
+        self.address = scheduler or "the local cluster"
+        self.timeout, self.retries = float(timeout), int(retries)
+        self.shared_folder = shared_folder
+        self.resent_ = 0  # tasks sent again after their worker died
         try:
             if scheduler is None:
                 self._cluster = dd.LocalCluster(
@@ -81,7 +113,30 @@ class DaskBackend(Backend):
 
     @property
     def workers(self) -> list[str]:
+        self._check_scheduler()
         return sorted(self.client.scheduler_info()["workers"])
+
+    def _check_scheduler(self) -> None:
+        if self.client is None or self.client.status != "running":
+            raise FedgrainError(
+                f"Lost the Dask scheduler at {self.address}: the fit cannot go on. Check that "
+                "the scheduler is running (dask scheduler) and fit again.")
+
+    def _live_worker(self) -> str:
+        """The next worker in turn; waits (up to ``timeout``) when none is alive."""
+        workers = self.workers
+        if not workers:
+            try:
+                self.client.wait_for_workers(1, timeout=self.timeout)
+            except Exception:  # noqa: BLE001 - dask raises TimeoutError or OSError here
+                self._check_scheduler()
+                raise FedgrainError(
+                    f"No Dask worker is left at {self.address} (waited {self.timeout:g} s); "
+                    "start workers (dask worker ADDRESS) and fit again.") from None
+            workers = self.workers
+        worker = workers[self._placed % len(workers)]  # round robin; bundles follow the data
+        self._placed += 1
+        return worker
 
     @property
     def n_workers(self) -> int:
@@ -92,56 +147,133 @@ class DaskBackend(Backend):
                      np.empty(n_rows) if weighted else None)
 
     def put(self, shard: Shard) -> ShardRef:
-        workers = self.workers
-        worker = workers[self._placed % len(workers)]  # round robin; bundles follow the data
-        self._placed += 1
-        future = self.client.scatter(shard, workers=[worker], direct=True)
-        return DaskShardRef(future, worker)
+        ref = DaskShardRef(None, "", shard)
+        self._place(ref)
+        return ref
 
-    def _submit(self, fn, task, index, worker=None):
-        return self.client.submit(_run_resolved, fn, index, _with_futures(task), pure=False,
-                                  workers=worker, allow_other_workers=True)
+    def _files_visible(self) -> bool:
+        return self._cluster is not None or self.shared_folder is not None
+
+    def spill_folder(self):
+        if self.shared_folder is not None and getattr(self, "_spill", None) is None:
+            import tempfile
+            from pathlib import Path
+
+            self._spill = Path(tempfile.mkdtemp(prefix="fedgrain-spill-",
+                                                dir=self.shared_folder))
+        return super().spill_folder()
+
+    def adopt(self, refs: list[FileShardRef]) -> list[ShardRef]:
+        """Each shard is loaded from its files by the worker that will hold it."""
+        out: list[ShardRef] = []
+        try:
+            for r in refs:
+                ref = DaskShardRef(None, "", r)
+                self._place(ref)
+                out.append(ref)
+        except BaseException:
+            self.release(out)
+            raise
+        return out
+
+    def _place(self, ref: DaskShardRef) -> None:
+        """Put a shard on a live worker: load its files there, or send it from here."""
+        worker = self._live_worker()
+        src = ref.source
+        if isinstance(src, FileShardRef) and self._files_visible():
+            future = self.client.submit(_load_shard, src, key=f"fedgrain-shard-{id(ref)}-"
+                                        f"{self._placed}", workers=[worker],
+                                        allow_other_workers=True)
+        else:
+            shard = _read_shard(src) if isinstance(src, FileShardRef) else src
+            future = self.client.scatter(shard, workers=[worker], direct=True)
+        ref.future, ref.worker = future, worker
 
     def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *,
             work: float | None = None) -> list[Outcome]:
-        futures = [self._submit(fn, t, i, _worker_of(t)) for i, t in enumerate(tasks)]
-        return [_outcome(f, i) for i, f in enumerate(futures)]
+        return self.map_bundles(fn, tasks, [[i] for i in range(len(tasks))], work=work)
 
     def map_bundles(self, fn: Callable[[Any], Any], tasks: Sequence[Any],
                     bundles: Sequence[Sequence[int]], *, work: float | None = None
                     ) -> list[Outcome]:
         out: list[Outcome | None] = [None] * len(tasks)
-        futures = []
-        for b in bundles:
-            items = [(i, _with_futures(tasks[i])) for i in b]
-            worker = _worker_of(tasks[b[0]]) if b else None
-            futures.append((b, self.client.submit(_run_bundle_resolved, fn, items, pure=False,
-                                                  workers=worker, allow_other_workers=True)))
-        for b, f in futures:
-            try:
-                results = f.result()
-            except Exception as exc:  # noqa: BLE001 - a lost bundle fails its tasks
-                results = [Outcome(i, None, str(exc) or type(exc).__name__, type(exc).__name__)
-                           for i in b]
-            for i, o in zip(b, results, strict=True):
-                out[i] = o
+        pending = [list(b) for b in bundles if len(b)]
+        for attempt in range(self.retries + 1):
+            self._check_scheduler()
+            futures = [(b, self._submit_bundle(fn, tasks, b)) for b in pending]
+            lost = []
+            for b, f in futures:
+                try:
+                    results = f.result()
+                except Exception as exc:  # noqa: BLE001 - infrastructure: the task was lost
+                    lost.append((b, exc))
+                    continue
+                for i, o in zip(b, results, strict=True):
+                    out[i] = o
+            if not lost:
+                break
+            self._check_lost_scheduler()
+            if attempt == self.retries:
+                for b, exc in lost:
+                    why = (f"its Dask worker was lost {self.retries + 1} times "
+                           f"({type(exc).__name__}: {exc})")
+                    for i in b:
+                        out[i] = Outcome(i, None, why, type(exc).__name__)
+                break
+            pending = [b for b, _ in lost]
+            self.resent_ += sum(len(b) for b in pending)
+            self._replace_lost([tasks[i] for b in pending for i in b])
         if any(o is None for o in out):
             raise ValueError("every task must be in exactly one bundle")
         return out  # type: ignore[return-value]
 
+    def _submit_bundle(self, fn, tasks, bundle):
+        items = [(i, _with_futures(tasks[i])) for i in bundle]
+        return self.client.submit(_run_bundle_resolved, fn, items, pure=False,
+                                  workers=_worker_of(tasks[bundle[0]]),
+                                  allow_other_workers=True)
+
+    def _check_lost_scheduler(self) -> None:
+        """After a lost task: is it the scheduler that went? (The client notices within a
+        moment; a lost worker leaves it running.)"""
+        for _ in range(10):
+            self._check_scheduler()
+            time.sleep(0.05)
+
+    def _replace_lost(self, tasks) -> None:
+        """Place again every shard of ``tasks`` whose worker is gone."""
+        alive = set(self.workers)
+        seen = set()
+        for t in tasks:
+            ref = t.get("shard") if isinstance(t, dict) else None
+            if not isinstance(ref, DaskShardRef) or id(ref) in seen:
+                continue
+            seen.add(id(ref))
+            if ref.future is None or ref.future.status in ("cancelled", "lost", "error") or \
+                    ref.worker not in alive:
+                self._place(ref)
+
     def release(self, refs: Sequence[ShardRef]) -> None:
-        futures = [r.future for r in refs if isinstance(r, DaskShardRef)]
-        if futures:
+        futures = [r.future for r in refs if isinstance(r, DaskShardRef) and r.future is not None]
+        if futures and self.client is not None and self.client.status == "running":
             self.client.cancel(futures)
+        unlink_files([r.source for r in refs if isinstance(r, DaskShardRef)])
+        for r in refs:
+            if isinstance(r, DaskShardRef):
+                r.future, r.source = None, None
 
     def close(self) -> None:
-        client = getattr(self, "client", None)
+        client = self.client
         if client is not None:
-            client.close()
             self.client = None
+            try:
+                client.close(timeout=min(self.timeout, 5.0))
+            except Exception:  # noqa: BLE001 - a scheduler already gone
+                pass
         if self._cluster is not None:
             self._cluster.close()
             self._cluster = None
+        self.remove_spill()
 
 
 def _worker_of(task) -> str | None:
@@ -170,16 +302,13 @@ def _resolve(task):
     return task
 
 
-def _run_resolved(fn, index, task) -> Outcome:
-    return run_task(fn, index, _resolve(task))
-
-
 def _run_bundle_resolved(fn, items) -> list[Outcome]:
     return run_bundle((fn, [(i, _resolve(t)) for i, t in items]))
 
 
-def _outcome(future, index: int) -> Outcome:
-    try:
-        return future.result()
-    except Exception as exc:  # noqa: BLE001 - a lost task is a failed outcome
-        return Outcome(index, None, str(exc) or type(exc).__name__, type(exc).__name__)
+def _read_shard(ref: FileShardRef) -> Shard:
+    return Shard(np.load(ref.X), np.load(ref.y), None if ref.w is None else np.load(ref.w))
+
+
+def _load_shard(ref: FileShardRef) -> Shard:  # runs on the worker
+    return _read_shard(ref)

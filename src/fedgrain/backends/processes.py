@@ -16,7 +16,6 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,31 +23,22 @@ import numpy as np
 from joblib import Parallel, cpu_count, delayed
 
 from ..exceptions import ResourceError
-from .base import Backend, Outcome, Shard, ShardRef, run_task
+from .base import (
+    Backend,
+    FileShardRef,
+    FileShardWriter,
+    Outcome,
+    Shard,
+    ShardRef,
+    ShardWriter,
+    run_task,
+    unlink_files,
+)
 
 SHM = Path("/dev/shm")
 #: Below this much work (rows x d^2 over all tasks; 2e7 is about 20 ms of Gram matrices) tasks run
 #: in the calling process: results are identical, and a cold start of the workers costs seconds.
 MIN_PARALLEL_WORK = 2e7
-
-
-@dataclass(frozen=True)
-class FileShardRef(ShardRef):
-    """A shard in ``.npy`` files, opened memory-mapped and read-only by the worker."""
-
-    X: str
-    y: str
-    w: str | None
-
-    def load(self) -> Shard:
-        return Shard(
-            np.load(self.X, mmap_mode="r"),
-            np.load(self.y, mmap_mode="r"),
-            None if self.w is None else np.load(self.w, mmap_mode="r"),
-        )
-
-    def paths(self) -> list[str]:
-        return [p for p in (self.X, self.y, self.w) if p is not None]
 
 
 def resolve_n_jobs(n_jobs: int | None) -> int:
@@ -153,6 +143,18 @@ class ProcessesBackend(Backend):
             shard.X.filename, shard.y.filename, None if shard.w is None else shard.w.filename
         )
 
+    def writer(self, sizes, n_features: int, weighted: bool, *,
+               spill: bool = False) -> ShardWriter:
+        """Shards go straight to their files, with no memory map in this process: in the shard
+        folder (RAM-backed when it has room), or on disk when ``spill`` (data beyond memory)."""
+        sizes = [int(n) for n in sizes]
+        if spill:
+            folder = self.spill_folder()
+        else:
+            self.reserve(sum(sizes) * (n_features + 2) * 8)
+            folder = self._dir
+        return FileShardWriter(self, folder, sizes, n_features, weighted)
+
     def map(
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, work: float | None = None
     ) -> list[Outcome]:
@@ -164,12 +166,10 @@ class ProcessesBackend(Backend):
         )
 
     def release(self, refs: Sequence[ShardRef]) -> None:
-        for ref in refs:
-            if isinstance(ref, FileShardRef):
-                for p in ref.paths():
-                    Path(p).unlink(missing_ok=True)
+        unlink_files(refs)
 
     def close(self) -> None:
+        self.remove_spill()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             _LIVE.discard(self._dir)
