@@ -225,3 +225,39 @@ def test_a_lost_scheduler_is_a_clear_error_not_a_hang():
         for proc in (worker, sched):
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_out_of_core_on_dask_loads_shards_on_the_workers(tmp_path, dask_backend,
+                                                         force_processes):
+    import pandas as pd
+
+    X, y, *_ = make_regions(20_000, n_regions=2, random_state=8)
+    frame = pd.DataFrame(X, columns=[f"x{j}" for j in range(X.shape[1])]).assign(grade=y)
+    frame.to_parquet(tmp_path / "d.parquet", row_group_size=3_000)
+    kw = {"meta": "fomaml", "max_rounds": 3, "random_state": 2}
+    a = AdaptiveFederatedOrdinal(backend=dask_backend, **kw).fit(tmp_path / "d.parquet", "grade")
+    b = AdaptiveFederatedOrdinal(backend="processes", n_jobs=2, **kw).fit(
+        frame.drop(columns="grade"), frame["grade"])
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-10)
+    assert [h["bytes"] for h in a.history_] == [h["bytes"] for h in b.history_]
+    assert not any(dask_backend.spill_folder().iterdir())  # shard files removed after the fit
+
+
+def test_a_worker_killed_during_an_out_of_core_fit_does_not_change_the_model(tmp_path):
+    import sys
+
+    import cloudpickle
+    import pandas as pd
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    X, y, *_ = make_ordinal(20_000, 5, 4, random_state=9)
+    frame = pd.DataFrame(X, columns=list("abcde")).assign(grade=y)
+    frame.to_parquet(tmp_path / "d.parquet")
+    reference = DivideConquerOrdinal(n_subsets=4, backend="serial").fit(
+        frame.drop(columns="grade"), frame["grade"])
+    with DaskBackend(n_workers=2) as backend:
+        backend.client.register_plugin(_KillFirstBundle(str(tmp_path / "killed")))
+        model = DivideConquerOrdinal(n_subsets=4, backend=backend).fit(tmp_path / "d.parquet",
+                                                                       "grade")
+        assert (tmp_path / "killed").exists()
+    np.testing.assert_allclose(model.coef_, reference.coef_, rtol=0, atol=1e-10)

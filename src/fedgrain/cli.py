@@ -161,9 +161,21 @@ def _cmd_fit(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it.")
-    _log(args, f"reading {args.data} ...")
-    frame = read_table(args.data)
-    X, y = split_target(frame, args.target)
+    from .data.streamed import ParquetSource, is_parquet_path
+
+    streamed = (is_parquet_path(args.data) and args.estimator != "mle" and not args.weights
+                and not args.drop and not args.features)
+    if streamed:  # the estimator reads it batch by batch, never whole
+        source = ParquetSource(args.data)
+        _log(args, f"streaming {args.data} ({source.n_rows:,} rows) ...")
+        first = next(source.frames())[1]
+        X, y = split_target(first, args.target)
+        X, y, size = args.data, y, (source.n_rows, len(source.columns) - 1)
+    else:
+        _log(args, f"reading {args.data} ...")
+        frame = read_table(args.data)
+        X, y = split_target(frame, args.target)
+        size = X.shape
     weights = None
     if args.weights:
         weights = X.pop(_columns(X, [args.weights], "--weights", args.data)[0]).to_numpy()
@@ -172,6 +184,8 @@ def _cmd_fit(args) -> int:
     if args.features:
         X = X.loc[:, _columns(X, _csv_list(args.features), "--features", args.data)]
     levels = _typed_levels(_csv_list(args.levels), y)
+    if streamed:
+        y = args.target
     categorical = _csv_list(args.categorical)
     if args.estimator == "mle":
         ridge = 0.0 if args.alpha is None else args.alpha
@@ -203,7 +217,7 @@ def _cmd_fit(args) -> int:
         else:
             model = DivideConquerOrdinal(n_subsets=args.n_subsets, **common)
             what = f"divide and conquer, backend {args.backend or 'processes'}"
-    _log(args, f"fitting {len(X):,} rows x {X.shape[1]} columns ({what}) ...")
+    _log(args, f"fitting {size[0]:,} rows x {size[1]} columns ({what}) ...")
     t0 = time.perf_counter()
     try:
         model.fit(X, y, sample_weight=weights)

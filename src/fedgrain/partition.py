@@ -266,6 +266,44 @@ class PartitionTree:
                                                  else codes[mine], position)
         return out
 
+    def route_blocks(self, blocks, n: int, codes: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`route` for rows that come in ``(start, rows)`` blocks (data read from disk).
+
+        One pass: each block goes down the hyperplanes; the rows that reach a random node are
+        then dealt out among its pieces as :meth:`route` deals them (by class over all of them
+        with ``codes``, or by the hash of each row's values), so the result is the same.
+        """
+        randoms = {nd.id: nd for nd in self.nodes.values() if nd.kind == "random"}
+        for node in randoms.values():
+            if any(self.nodes[c].kind != "leaf" for c in node.children):
+                raise ValueError(
+                    "Rows read in blocks can only be routed through random pieces that are "
+                    "leaves; this partition splits a random piece further.")
+        end = np.empty(n, dtype=np.int32)
+        hashed = np.zeros(n if codes is None and randoms else 0, dtype=np.int32)
+        for a, Xb in blocks:
+            e = self._ends(0, Xb)
+            end[a : a + Xb.shape[0]] = e
+            if hashed.shape[0]:
+                for nid, node in randoms.items():
+                    rows = np.flatnonzero(e == nid)
+                    if rows.size:
+                        hashed[a + rows] = self._hash_pieces(Xb[rows], node.key,
+                                                             len(node.children))
+        position = np.full(max(self.nodes) + 1, -1, dtype=np.int32)
+        position[self.leaves] = np.arange(self.n_leaves)
+        out = position[end]
+        for node in randoms.values():
+            rows = np.flatnonzero(end == node.id)
+            if rows.size == 0:
+                continue
+            k = len(node.children)
+            piece = (stratified_split(codes[rows], k, np.random.default_rng([self.seed, node.key]))
+                     if codes is not None else hashed[rows])
+            for i, child in enumerate(node.children):
+                out[rows[piece == i]] = position[child]
+        return out
+
     def _ends(self, top: int, X: np.ndarray) -> np.ndarray:
         """For each row, the first leaf or random node below ``top`` along the hyperplanes.
 

@@ -63,7 +63,7 @@ import numpy as np
 
 from . import profile as prof
 from .partition import PartitionTree
-from .shards import Standardizer
+from .shards import Standardizer, leaf_ranges, route_rows, take_rows
 
 #: Rows the tree is grown on at most.
 SAMPLE_ROWS = 50_000
@@ -129,7 +129,7 @@ class _Grower:
         rng = np.random.default_rng([seed, 0])
         self.sample = (np.arange(n) if n <= SAMPLE_ROWS
                        else np.sort(rng.choice(n, SAMPLE_ROWS, replace=False)))
-        self.Xs = std.transform(X[self.sample])
+        self.Xs = std.transform(take_rows(X, self.sample))
         self.ys = codes[self.sample]
         self.ws = None if w is None else w[self.sample]
         self.factor = n / self.sample.shape[0]
@@ -327,14 +327,14 @@ def grow(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, *, std: Standar
             rows[left_id], rows[right_id] = rows[nid][cand.left], rows[nid][~cand.left]
             consider(left_id, fits[nid].estimate)
             consider(right_id, fits[nid].estimate)
-        leaf = tree.route(X)
+        leaf = route_rows(tree, X)
         tree.count(leaf)
         leaf = _enforce_min_size(tree, X, leaf, min_size)
     else:
         leaf = np.zeros(n, dtype=np.int64)
         tree.count(leaf)
     if _deal_out(tree, n_pieces, min_size, X, codes, leaf):
-        leaf = tree.route(X, codes)
+        leaf = route_rows(tree, X, codes)
         tree.count(leaf)
     profile = profile_leaves(tree, X, codes, w, leaf, seed=seed, feature_names=feature_names,
                              fits=fits, grower=g)
@@ -386,7 +386,7 @@ def _enforce_min_size(tree: PartitionTree, X, leaf, min_size: int) -> np.ndarray
         if not small or tree.n_leaves == 1:
             return leaf
         tree.merge(tree.nodes[small[0]].parent)
-        leaf = tree.route(X)
+        leaf = route_rows(tree, X)
         tree.count(leaf)
 
 
@@ -405,9 +405,8 @@ def _deal_out(tree: PartitionTree, n_pieces: int, min_size: int, X, codes, leaf)
     if len(regions) > 1:  # the whole data have no constant column and every class
         K = tree.n_classes
         counts = np.bincount(leaf * K + codes, minlength=len(regions) * K).reshape(-1, K)
-        for pos in range(len(regions)):
-            Xr = X[leaf == pos]
-            whole[pos] = bool((counts[pos] > 0).all() and (np.ptp(Xr, axis=0) > 0).all())
+        lo, hi = leaf_ranges(X, leaf, len(regions))
+        whole = (counts > 0).all(axis=1) & (hi > lo).all(axis=1)
     k = np.ones(len(regions), dtype=np.int64)
     while k.sum() < n_pieces:
         room = (sizes / (k + 1) >= min_size) & whole

@@ -91,6 +91,41 @@ def row_blocks(X, block: int | None = None):
         yield a, X[a : a + block]
 
 
+def is_streamed(X) -> bool:
+    """Whether ``X`` stands for rows read from disk on every pass (not an array)."""
+    return hasattr(X, "blocks")
+
+
+def fit_standardizer(X, w: np.ndarray | None = None) -> Standardizer:
+    """The global standardisation of ``X`` (measured already when the rows are streamed)."""
+    return X.standardizer if is_streamed(X) else Standardizer.fit(X, w)
+
+
+def take_rows(X, index: np.ndarray) -> np.ndarray:
+    """The rows at ``index`` (sorted) of an array or of streamed rows."""
+    return X.take(index) if is_streamed(X) else X[index]
+
+
+def route_rows(tree, X, codes: np.ndarray | None = None) -> np.ndarray:
+    """``tree.route`` for an array, or for streamed rows (one pass)."""
+    if is_streamed(X):
+        return tree.route_blocks(X.blocks(), X.shape[0], codes)
+    return tree.route(X, codes)
+
+
+def leaf_ranges(X, leaf: np.ndarray, n_leaves: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each leaf's smallest and largest value of every column (``(n_leaves, p)`` each)."""
+    p = X.shape[1]
+    lo, hi = np.full((n_leaves, p), np.inf), np.full((n_leaves, p), -np.inf)
+    for a, Xb in row_blocks(X):
+        lb = leaf[a : a + Xb.shape[0]]
+        for pos in np.unique(lb):
+            rows = Xb[lb == pos]
+            np.minimum(lo[pos], rows.min(axis=0), out=lo[pos])
+            np.maximum(hi[pos], rows.max(axis=0), out=hi[pos])
+    return lo, hi
+
+
 def build_shards(
     backend: Backend,
     X,
@@ -109,7 +144,7 @@ def build_shards(
     nothing but a block is ever held. On failure nothing stays placed.
     """
     sizes = np.bincount(labels, minlength=n_subsets)
-    streamed = hasattr(X, "blocks")
+    streamed = is_streamed(X)
     writer = backend.writer(sizes, X.shape[1], weights is not None, spill=streamed)
     try:
         for a, Xb in row_blocks(X):

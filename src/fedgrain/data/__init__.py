@@ -17,7 +17,7 @@ from fedgrain.exceptions import ComplexDataError
 
 from .features import FeatureSchema
 from .files import read_table, split_target
-from .prepare import FitData, prepare_fit, prepare_predict
+from .prepare import FitData, prepare_data, prepare_fit, prepare_predict
 from .target import TargetEncoding
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "FeatureSchema",
     "FitData",
     "TargetEncoding",
+    "prepare_data",
     "prepare_fit",
     "prepare_predict",
     "read_table",

@@ -26,7 +26,7 @@ from .features import (
 from .files import _coerce_X, split_target
 from .target import TargetEncoding, _resolve_target, _target_array
 
-__all__ = ["FitData", "prepare_fit", "prepare_predict"]
+__all__ = ["FitData", "prepare_data", "prepare_fit", "prepare_predict"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,6 +176,17 @@ def prepare_fit(
     matrix = _encode(table, schema)
     _check_constant(matrix, schema.output_names)
     return FitData(matrix, codes, weights, schema, target)
+
+
+def prepare_data(X: Any, y: Any, **kwargs) -> FitData:
+    """:func:`prepare_fit`, or, when ``X`` is the path of a Parquet file or folder, the same
+    checks without loading it (:func:`fedgrain.data.streamed.prepare_streamed`): the
+    estimators that divide the data then stream it from disk and never hold it whole."""
+    from .streamed import is_parquet_path, prepare_streamed
+
+    if is_parquet_path(X):
+        return prepare_streamed(X, y, **kwargs)
+    return prepare_fit(X, y, **kwargs)
 
 
 def prepare_predict(

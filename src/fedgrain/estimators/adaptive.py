@@ -18,14 +18,14 @@ from sklearn.utils import check_random_state
 from .. import combine, local, meta
 from .._warnings import warn
 from ..backends import Backend, get_backend
-from ..data import prepare_fit
+from ..data import prepare_data
 from ..exceptions import DataError
 from ..partition import PartitionTree
 from ..partition_growth import grow, leaf_seeds, profile_leaves
 from ..profile import DataProfile
 from ..results import OrdinalResults, parameter_names
 from ..schedule import Schedule, schedule
-from ..shards import Standardizer, build_shards
+from ..shards import build_shards, fit_standardizer, route_rows
 from .base import OrdinalModel, is_int, is_real, param_error, register
 from .controller import GranularityControl
 from .divide_conquer import (
@@ -241,8 +241,8 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         self._stream = None  # a stream's state belongs to the model it watched
         gm = self._validate()
         owner = type(self).__name__
-        data = prepare_fit(X, y, levels=self.levels, categorical=self.categorical,
-                           sample_weight=sample_weight, estimator_name=owner)
+        data = prepare_data(X, y, levels=self.levels, categorical=self.categorical,
+                            sample_weight=sample_weight, estimator_name=owner)
         Xm, codes, w = data.X, data.codes, data.weights
         n, p = Xm.shape
         K = data.target.n_classes
@@ -254,7 +254,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
             n_pieces = gm._resolve_subsets(n, d, backend, owner)
             min_size = self._min_size(n, d)
             seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
-            std = Standardizer.fit(Xm, w)
+            std = fit_standardizer(Xm, w)
             clock.lap("prepare")
             if partition is None:
                 grown = grow(Xm, codes, w, std=std, n_classes=K,
@@ -288,7 +288,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
                             f"{tree.n_classes} classes; the data have {p} and {K}.")
         tree = copy.deepcopy(tree)  # the model owns its tree; the caller's is left alone
         tree.standardizer = std
-        labels = tree.route(Xm, codes)
+        labels = route_rows(tree, Xm, codes)
         tree.count(labels)
         small = [(nid, s) for nid, s in zip(tree.leaves, tree.sizes, strict=True)
                  if s < min_size]

@@ -12,13 +12,13 @@ from .. import combine, local
 from .._warnings import warn
 from ..backends import BACKENDS, Backend, get_backend
 from ..backends.processes import resolve_n_jobs
-from ..data import prepare_fit
+from ..data import prepare_data
 from ..exceptions import DataError, IdentificationWarning, SeparationError, SubsetError
 from ..partition import PartitionTree
 from ..partition_growth import leaf_seeds
 from ..results import OrdinalResults, parameter_names
 from ..schedule import schedule
-from ..shards import Standardizer, build_shards
+from ..shards import Standardizer, build_shards, fit_standardizer, route_rows
 from .base import OrdinalModel, is_int, is_real, param_error, register
 
 #: Every subset needs at least this many original rows per parameter (method.md 4b, 6).
@@ -199,8 +199,8 @@ class DivideConquerOrdinal(OrdinalModel):
     def _fit(self, X, y, sample_weight):
         self._validate()
         owner = type(self).__name__
-        data = prepare_fit(X, y, levels=self.levels, categorical=self.categorical,
-                           sample_weight=sample_weight, estimator_name=owner)
+        data = prepare_data(X, y, levels=self.levels, categorical=self.categorical,
+                            sample_weight=sample_weight, estimator_name=owner)
         Xm, codes, w = data.X, data.codes, data.weights
         n, p = Xm.shape
         K = data.target.n_classes
@@ -219,10 +219,10 @@ class DivideConquerOrdinal(OrdinalModel):
                 "subsets.", UserWarning)
         rs = check_random_state(self.random_state)
         split_seed = int(rs.randint(0, 2**31 - 1))
-        tree = PartitionTree(p, K, Standardizer.fit(Xm, w), split_seed)
+        tree = PartitionTree(p, K, fit_standardizer(Xm, w), split_seed)
         if M > 1:
             tree.split_random(tree.root, M)
-        labels = tree.route(Xm, codes)
+        labels = route_rows(tree, Xm, codes)
         tree.count(labels)
         settings = self._settings(K)
         names = parameter_names(data.schema.output_names, data.target.classes)

@@ -1,0 +1,285 @@
+"""Training data read from Parquet batch by batch, never whole: fitting beyond memory.
+
+When ``fit`` is given the path of a Parquet file or of a folder of Parquet files, the rows are
+not loaded. :func:`prepare_streamed` reads the target (and any categorical) columns to fix the
+ordinal levels and the feature schema, then reads every column once, batch by batch, to check
+the values and take the column moments and the class codes (one byte a row). What it returns,
+:class:`StreamedRows`, stands where the feature matrix would: the estimators route, sample and
+copy its rows into shard files in further passes over the file (:meth:`StreamedRows.blocks`),
+so memory holds one batch, the class codes and a partition label per row, whatever the file's
+size.
+
+The result equals the in-memory fit of the same data up to rounding in the column moments (the
+sums run over different blocks): the same subsets, the same rows in each, in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pa_parquet
+
+from fedgrain.exceptions import DataError
+
+from ._common import _close, _quote
+from .features import FeatureSchema, _encode, _fit_categories, _fit_schema
+from .files import _PARQUET_SUFFIXES, _reason
+from .prepare import FitData
+from .target import _check_missing, _resolve_target, _target_array
+
+__all__ = ["BATCH_ROWS", "ParquetSource", "StreamedRows", "is_parquet_path", "prepare_streamed"]
+
+#: Rows read at a time (about 10 MB for 20 float columns).
+BATCH_ROWS = 65_536
+
+
+def is_parquet_path(X: Any) -> bool:
+    """Whether ``X`` is the path of a Parquet file or of a folder (of Parquet files)."""
+    if not isinstance(X, (str, os.PathLike)):
+        return False
+    path = Path(X)
+    return path.is_dir() or path.name.lower().endswith(_PARQUET_SUFFIXES)
+
+
+class ParquetSource:
+    """A Parquet file, or a folder of them (read in name order), as batches of rows.
+
+    Parameters
+    ----------
+    path : str or path-like
+    batch_rows : int
+        Rows per batch.
+    """
+
+    def __init__(self, path: str | os.PathLike, batch_rows: int = BATCH_ROWS):
+        self.path = Path(path)
+        self.shown = os.path.abspath(self.path)
+        self.batch_rows = int(batch_rows)
+        if not self.path.exists():
+            raise DataError(f"The file '{self.shown}' does not exist; check the path.")
+        if self.path.is_dir():
+            files = sorted(p for p in self.path.rglob("*")
+                           if p.is_file() and p.name.lower().endswith(_PARQUET_SUFFIXES))
+            if not files:
+                raise DataError(f"The folder '{self.shown}' holds no Parquet files (*.parquet, "
+                                "*.pq); check the path.")
+        else:
+            files = [self.path]
+        self.files = files
+        self.rows: list[int] = []
+        names = None
+        for f in files:
+            if f.stat().st_size == 0:
+                raise DataError(f"The file '{os.path.abspath(f)}' is empty.")
+            try:
+                meta = pa_parquet.ParquetFile(str(f)).metadata
+            except (pa.ArrowException, OSError) as exc:
+                raise DataError(f"Could not read '{os.path.abspath(f)}' as Parquet: "
+                                f"{_reason(exc)}.") from None
+            these = meta.schema.to_arrow_schema().names
+            if names is None:
+                names = these
+            elif these != names:
+                raise DataError(
+                    f"The Parquet files of '{self.shown}' do not have the same columns: "
+                    f"'{os.path.abspath(f)}' has {_quote(these)}, the first file "
+                    f"{_quote(names)}; give files of one table.")
+            self.rows.append(meta.num_rows)
+        self.columns: list[str] = list(names or [])
+        self.n_rows = int(sum(self.rows))
+        if self.n_rows == 0:
+            raise DataError(f"'{self.shown}' is empty: it has column names but no data rows.")
+
+    def frames(self, columns: list[str] | None = None):
+        """``(start, DataFrame)`` for every batch, in order (the last ones may be shorter)."""
+        start = 0
+        for f in self.files:
+            try:
+                pf = pa_parquet.ParquetFile(str(f))
+                for rb in pf.iter_batches(batch_size=self.batch_rows, columns=columns):
+                    if rb.num_rows == 0:
+                        continue
+                    frame = pa.Table.from_batches([rb]).to_pandas(split_blocks=True)
+                    yield start, frame
+                    start += rb.num_rows
+            except (pa.ArrowException, OSError) as exc:
+                raise DataError(f"Could not read '{os.path.abspath(f)}' as Parquet: "
+                                f"{_reason(exc)}.") from None
+
+    def where(self, start: int, k: int) -> str:
+        """For messages: the batch of ``k`` rows from global row ``start``, by file and row."""
+        for f, n in zip(self.files, self.rows, strict=True):
+            if start < n:
+                return (f"(row numbers count within the batch of rows {start:,} to "
+                        f"{start + k - 1:,} of '{os.path.abspath(f)}')")
+            start -= n
+        return f"(in '{self.shown}')"
+
+
+class StreamedRows:
+    """The encoded feature rows of a :class:`ParquetSource`, read again on every pass.
+
+    Stands for the feature matrix in a fit: ``shape``, ``blocks()`` (``(start, rows)`` float64
+    blocks), ``take(index)`` (some rows, in one pass) and the ``standardizer`` measured when
+    the data were checked.
+    """
+
+    def __init__(self, source: ParquetSource, features: list[str], schema: FeatureSchema,
+                 standardizer):
+        self.source = source
+        self.features = features
+        self.schema = schema
+        self.standardizer = standardizer
+        self.shape = (source.n_rows, schema.n_features)
+        self.passes = 0  # passes over the file so far (reported by the benchmarks)
+
+    def blocks(self):
+        self.passes += 1
+        for start, frame in self.source.frames(self.features):
+            yield start, self._encode(frame, start)
+
+    def _encode(self, frame: pd.DataFrame, start: int) -> np.ndarray:
+        try:
+            return _encode(frame, self.schema)
+        except DataError as exc:
+            raise DataError(f"{exc} {self.source.where(start, frame.shape[0])}") from None
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """The rows at ``index`` (sorted, distinct), encoded, in one pass."""
+        index = np.asarray(index, dtype=np.int64)
+        out = np.empty((index.shape[0], self.shape[1]))
+        self.passes += 1
+        at = 0
+        for start, frame in self.source.frames(self.features):
+            lo = np.searchsorted(index, start)
+            hi = np.searchsorted(index, start + frame.shape[0])
+            if hi > lo:
+                out[at : at + hi - lo] = self._encode(frame.iloc[index[lo:hi] - start], start)
+                at += hi - lo
+        return out
+
+
+def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any = None,
+                     sample_weight: Any = None, estimator_name: str = "estimator",
+                     batch_rows: int = BATCH_ROWS) -> FitData:
+    """Check a Parquet data set and fix its encoding without loading it.
+
+    Returns a :class:`~fedgrain.data.prepare.FitData` whose ``X`` is a :class:`StreamedRows`
+    and whose ``codes`` are compact (one byte a row for up to 127 classes).
+    """
+    if not isinstance(y, str):
+        raise DataError(
+            f"{estimator_name} reads '{os.path.abspath(path)}' batch by batch, so y must name "
+            f"its target column (a str), not {type(y).__name__}.")
+    if sample_weight is not None:
+        raise DataError(
+            "sample_weight is not available when fitting from a Parquet path (the rows are "
+            "streamed); fit on a frame read into memory, or drop the weights.")
+    source = ParquetSource(path, batch_rows)
+    if y not in source.columns:
+        raise DataError(f"The target column {y!r} is not in '{source.shown}'; "
+                        f"{_close(y, source.columns)}")
+    features = [c for c in source.columns if c != y]
+    if not features:
+        raise DataError(f"'{source.shown}' has no feature columns besides the target {y!r}.")
+    target, schema = _scan_levels(source, y, features, levels, categorical, estimator_name)
+    return _scan_values(source, y, features, target, schema)
+
+
+def _scan_levels(source: ParquetSource, y: str, features: list[str], levels, categorical,
+                 estimator_name: str):
+    """First pass, over the target and the non-numeric columns only: levels and schema."""
+    _, first = next(source.frames())
+    schema = _fit_schema(first[features], tuple(features), True, categorical)
+    cats = list(schema.categorical)
+    seen: dict[str, list] = {c: [] for c in cats}
+    counts: dict[Any, int] = {}
+    sample_y = first[y].iloc[:0]
+    for start, frame in source.frames([y, *cats]):
+        values = frame[y]
+        try:
+            _check_missing(_target_array(values), "y")
+        except DataError as exc:
+            raise DataError(f"The target column {y!r}: {exc} "
+                            f"{source.where(start, frame.shape[0])}") from None
+        for v, c in values.value_counts(sort=False).items():
+            counts[v] = counts.get(v, 0) + int(c)
+        if len(counts) > 10_000:
+            raise DataError(
+                f"The target column {y!r} has more than 10,000 distinct values; an ordinal "
+                "target needs discrete levels, so round or bin it.")
+        if sample_y.shape[0] < 1:
+            sample_y = values.iloc[:1]
+        for c in cats:
+            seen[c].extend(pd.unique(frame[c].to_numpy(dtype=object)).tolist())
+    uniques = list(counts)
+    reps = np.minimum([counts[u] for u in uniques], 1 << 16)
+    synthetic = pd.Series(np.repeat(np.array(uniques, dtype=object), reps))
+    if isinstance(sample_y.dtype, pd.CategoricalDtype):
+        synthetic = synthetic.astype(sample_y.dtype)
+    else:
+        synthetic = synthetic.infer_objects()
+        if sample_y.dtype.kind in "biuf" and synthetic.dtype != sample_y.dtype:
+            synthetic = synthetic.astype(sample_y.dtype)
+    target, _ = _resolve_target(synthetic if isinstance(synthetic.dtype, pd.CategoricalDtype)
+                                else synthetic.to_numpy(), levels, None)
+    if cats:
+        categories = {c: _fit_categories(pd.Series(list(dict.fromkeys(seen[c]))), c)
+                      for c in cats}
+        output: list[str] = []
+        for name in features:
+            if name in categories:
+                output.extend(f"{name}[{lv}]" for lv in categories[name][1:])
+            else:
+                output.append(name)
+        schema = FeatureSchema(tuple(features), True, categories, tuple(output))
+    return target, schema
+
+
+def _scan_values(source: ParquetSource, y: str, features: list[str], target,
+                 schema: FeatureSchema) -> FitData:
+    """Second pass, over every column: checks, column moments and class codes."""
+    from ..shards import Standardizer
+
+    n, p = source.n_rows, schema.n_features
+    K = target.n_classes
+    codes = np.empty(n, dtype=np.int8 if K <= 127 else np.int16 if K <= 32_767 else np.int32)
+    shift = None
+    s1, s2 = np.zeros(p), np.zeros(p)
+    lo, hi = np.full(p, np.inf), np.full(p, -np.inf)
+    rows = StreamedRows(source, features, schema, None)
+    for start, frame in source.frames([*features, y]):
+        k = frame.shape[0]
+        try:
+            codes[start : start + k] = target.encode(frame[y])
+        except DataError as exc:
+            raise DataError(f"{exc} {source.where(start, k)}") from None
+        Xb = rows._encode(frame[features], start)
+        if shift is None:
+            shift = Xb[0].copy()
+        Xb = Xb - shift
+        s1 += Xb.sum(axis=0)
+        s2 += np.einsum("ij,ij->j", Xb, Xb)
+        np.minimum(lo, Xb.min(axis=0), out=lo)
+        np.maximum(hi, Xb.max(axis=0), out=hi)
+    rows.passes = 2
+    constant = [schema.output_names[j] for j in np.flatnonzero(lo == hi)]
+    if constant:
+        raise DataError(
+            f"Column{'s' if len(constant) > 1 else ''} {_quote(constant)} of "
+            f"'{source.shown}' {'are' if len(constant) > 1 else 'is'} constant; fedgrain's "
+            "thresholds play the role of the intercept, so remove constant columns.")
+    m = s1 / n
+    scale = np.sqrt(np.maximum(s2 / n - m * m, 0.0))
+    rows.standardizer = Standardizer(shift + m, np.where(scale > 0, scale, 1.0))
+    counts = np.bincount(codes, minlength=K)
+    absent = [c for c, k in zip(target.classes, counts, strict=True) if k == 0]
+    if absent:
+        raise DataError(f"The level(s) {_quote(absent)} never occur in {y!r}, so their "
+                        "thresholds cannot be estimated; drop them from levels or add such rows.")
+    return FitData(rows, codes, None, schema, target)
