@@ -39,6 +39,7 @@ bench: $(VENV)/.dev-installed
 	$(PY) benchmarks/bench_adaptive.py --out docs/benchmarks.md
 	$(PY) benchmarks/bench_meta.py --out docs/benchmarks.md
 	$(PY) benchmarks/bench_stream.py --out docs/benchmarks.md
+	$(PY) benchmarks/bench_scale.py --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache fedgrain_demo

@@ -25,6 +25,8 @@ MARKED = {
              "bench_meta.py"),
     "stream": ("Monitoring on streams: detection, false alarms, recovery, throughput",
                "bench_stream.py"),
+    "scale": ("Scale out and beyond memory: Dask, out-of-core Parquet, scaling",
+              "bench_scale.py"),
 }
 
 

@@ -8,10 +8,11 @@ so a round of tasks moves parameters only. Bundles of tasks (:meth:`map_bundles`
 worker that holds their subsets. Tasks run with one BLAS thread, so the numbers are the same as
 on the other backends.
 
-Data larger than memory are spilled to shard files as they are read (:class:`ShardWriter`
-with ``spill=True``) and each worker loads its shards from the files itself; this needs a
-folder that the workers can read: the local cluster's own, or ``shared_folder`` for a cluster
-started elsewhere (without one, shards are read back and sent one at a time).
+Where the workers can read this machine's files (the local cluster, or ``shared_folder`` for
+a cluster started elsewhere), shards are written once to files (in RAM-backed ``/dev/shm`` when
+it has room; on disk for data beyond memory) and each worker maps its own, as local processes
+do; the shard stays on that worker. Otherwise shards are scattered from here (data beyond
+memory are read back from their spill files and sent one at a time).
 
 Faults: a worker that dies takes its shards with it. Tasks that fail because of that are sent
 again (``retries`` times) after their shards are placed again on a live worker: scattered
@@ -33,12 +34,16 @@ from ..exceptions import FedgrainError
 from .base import (
     Backend,
     FileShardRef,
+    FileShardWriter,
     Outcome,
     Shard,
     ShardRef,
     run_bundle,
     unlink_files,
 )
+
+#: The Dask setting that names the allocator variable its nanny sets in worker processes.
+TRIM_KEY = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 
 
 def _distributed():
@@ -97,11 +102,19 @@ class DaskBackend(Backend):
         self.timeout, self.retries = float(timeout), int(retries)
         self.shared_folder = shared_folder
         self.resent_ = 0  # tasks sent again after their worker died
+        self._dir = None
         try:
             if scheduler is None:
-                self._cluster = dd.LocalCluster(
-                    n_workers=resolve_n_jobs(n_workers), threads_per_worker=1, processes=True,
-                    host="127.0.0.1", dashboard_address=None)
+                import dask
+
+                # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers, which makes
+                # glibc hand every large temporary back to the system, so each pass of a
+                # solver touches fresh pages: fits were 1.45x slower than on local processes
+                # (docs/benchmarks.md). Our workers keep glibc's adaptive default.
+                with dask.config.set({TRIM_KEY: None}):
+                    self._cluster = dd.LocalCluster(
+                        n_workers=resolve_n_jobs(n_workers), threads_per_worker=1,
+                        processes=True, host="127.0.0.1", dashboard_address=None)
                 self.client = dd.Client(self._cluster, timeout=timeout)
             else:
                 self.client = dd.Client(scheduler, timeout=timeout)
@@ -153,6 +166,24 @@ class DaskBackend(Backend):
 
     def _files_visible(self) -> bool:
         return self._cluster is not None or self.shared_folder is not None
+
+    def writer(self, sizes, n_features: int, weighted: bool, *, spill: bool = False):
+        """Where the workers can read this machine's files (the local cluster, or a
+        ``shared_folder``), shards are written to files (in RAM-backed ``/dev/shm`` when it has
+        room, on disk when spilled) and each worker maps its own; otherwise they are built here
+        and scattered (spilled ones one at a time)."""
+        if not self._files_visible():
+            return super().writer(sizes, n_features, weighted, spill=spill)
+        from .processes import shard_folder
+
+        sizes = [int(n) for n in sizes]
+        if spill or self.shared_folder is not None:
+            folder = self.spill_folder()
+        else:
+            if self._dir is None:
+                self._dir = shard_folder(sum(sizes) * (n_features + 2) * 8)
+            folder = self._dir
+        return FileShardWriter(self, folder, sizes, n_features, weighted)
 
     def spill_folder(self):
         if self.shared_folder is not None and getattr(self, "_spill", None) is None:
@@ -274,6 +305,10 @@ class DaskBackend(Backend):
             self._cluster.close()
             self._cluster = None
         self.remove_spill()
+        from .processes import remove_folder
+
+        remove_folder(self._dir)
+        self._dir = None
 
 
 def _worker_of(task) -> str | None:
@@ -310,5 +345,5 @@ def _read_shard(ref: FileShardRef) -> Shard:
     return Shard(np.load(ref.X), np.load(ref.y), None if ref.w is None else np.load(ref.w))
 
 
-def _load_shard(ref: FileShardRef) -> Shard:  # runs on the worker
-    return _read_shard(ref)
+def _load_shard(ref: FileShardRef) -> Shard:  # runs on the worker: maps the files, no copy
+    return ref.load()

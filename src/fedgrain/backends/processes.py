@@ -69,6 +69,38 @@ def _remove_live_folders() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def shard_folder(nbytes: int, temp_folder: str | None = None) -> Path:
+    """A new private folder for shards totalling ``nbytes``: in ``temp_folder`` if given, else
+    in ``/dev/shm`` (RAM) when it has room, else in the system's temporary folder.
+
+    Raises :class:`~fedgrain.exceptions.ResourceError` when no candidate has room; checking up
+    front matters because writing through a memory map to a full tmpfs kills the process
+    (SIGBUS) instead of raising.
+    """
+    need = int(nbytes * 1.05) + (64 << 20)  # headroom for the file system's own use
+    if temp_folder is not None:
+        candidates = [Path(temp_folder)]
+    else:
+        shm_ok = SHM.is_dir() and os.access(SHM, os.W_OK)
+        candidates = ([SHM] if shm_ok else []) + [Path(tempfile.gettempdir())]
+    for base in candidates:
+        if _free_bytes(base) >= need:
+            folder = Path(tempfile.mkdtemp(prefix="fedgrain-", dir=base))
+            _LIVE.add(folder)
+            return folder
+    room = ", ".join(f"{b} has {_free_bytes(b) / 2**20:,.0f} MB free" for b in candidates)
+    raise ResourceError(
+        f"The subsets need {nbytes / 2**20:,.0f} MB of temporary space, but {room}. Free "
+        "space, pass a larger folder as temp_folder, or use backend='serial'."
+    )
+
+
+def remove_folder(folder: Path | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        _LIVE.discard(folder)
+
+
 class ProcessesBackend(Backend):
     """Local worker processes (loky).
 
@@ -100,24 +132,8 @@ class ProcessesBackend(Backend):
         up front matters because writing through a memory map to a full tmpfs kills the process
         (SIGBUS) instead of raising.
         """
-        if self._dir is not None:
-            return
-        need = int(nbytes * 1.05) + (64 << 20)  # headroom for the file system's own use
-        if self._temp_folder is not None:
-            candidates = [Path(self._temp_folder)]
-        else:
-            shm_ok = SHM.is_dir() and os.access(SHM, os.W_OK)
-            candidates = ([SHM] if shm_ok else []) + [Path(tempfile.gettempdir())]
-        for base in candidates:
-            if _free_bytes(base) >= need:
-                self._dir = Path(tempfile.mkdtemp(prefix="fedgrain-", dir=base))
-                _LIVE.add(self._dir)
-                return
-        room = ", ".join(f"{b} has {_free_bytes(b) / 2**20:,.0f} MB free" for b in candidates)
-        raise ResourceError(
-            f"The subsets need {nbytes / 2**20:,.0f} MB of temporary space, but {room}. Free "
-            "space, pass a larger folder as temp_folder, or use backend='serial'."
-        )
+        if self._dir is None:
+            self._dir = shard_folder(nbytes, self._temp_folder)
 
     def allocate(self, n_rows: int, n_features: int, weighted: bool) -> Shard:
         self.reserve(n_rows * (n_features + 2) * 8)
@@ -170,10 +186,8 @@ class ProcessesBackend(Backend):
 
     def close(self) -> None:
         self.remove_spill()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            _LIVE.discard(self._dir)
-            self._dir = None
+        remove_folder(self._dir)
+        self._dir = None
 
 
 def _claim(path: str) -> None:

@@ -100,7 +100,9 @@ class ParquetSource:
         start = 0
         for f in self.files:
             try:
-                pf = pa_parquet.ParquetFile(str(f))
+                # no pre-buffering of whole row groups: pages are read through a small
+                # buffer, so memory does not grow with the file's row-group size
+                pf = pa_parquet.ParquetFile(str(f), pre_buffer=False, buffer_size=1 << 20)
                 for rb in pf.iter_batches(batch_size=self.batch_rows, columns=columns):
                     if rb.num_rows == 0:
                         continue

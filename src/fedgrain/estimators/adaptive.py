@@ -231,7 +231,9 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         """Profile, partition, schedule, fit every leaf, pool.
 
         ``partition`` fits on a given tree (for example one grown earlier, or split by hand
-        with :meth:`PartitionTree.split`) instead of growing one.
+        with :meth:`PartitionTree.split`) instead of growing one. ``X`` may be the path of a
+        Parquet file or folder with ``y`` naming the target column: it is streamed batch by
+        batch, never loaded whole (the tree is grown on a sample of at most 50,000 rows).
         """
         with local.one_blas_thread():
             return self._fit(X, y, sample_weight, partition)

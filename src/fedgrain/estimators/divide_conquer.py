@@ -189,7 +189,9 @@ class DivideConquerOrdinal(OrdinalModel):
     def fit(self, X, y, sample_weight=None):
         """Divide, fit the subsets in parallel, pool, refine.
 
-        ``y`` may name a column when ``X`` is a frame, table or file path.
+        ``y`` may name a column when ``X`` is a frame, table or file path. The path of a Parquet
+        file or folder is streamed batch by batch, never loaded whole (data beyond memory; the
+        same model as in memory; see ``docs/operations.md``).
         """
         # One BLAS thread here too: the server side only does d x d algebra, which threads slow
         # down, and the workers set their own limit.
