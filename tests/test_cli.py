@@ -115,7 +115,7 @@ def test_bad_fit_input_is_one_line_and_writes_nothing(tmp_path, capsys, name, ch
     path = _bad_csv(tmp_path, name, change)
     code, out, err = run(capsys, "fit", str(path), "--target", "grade", "--backend", "serial",
                          "--out", str(tmp_path / "model"), *extra)
-    assert code == 1
+    assert code == 2
     lines = err.strip().splitlines()
     assert lines[-1].startswith("fedgrain: error: ")
     assert re.search(message, lines[-1]), lines[-1]
@@ -128,10 +128,10 @@ def test_missing_file_and_wrong_target(tmp_path, capsys, files):
     d, _ = files
     code, _, err = run(capsys, "fit", str(tmp_path / "nope.csv"), "--target", "y",
                        "--out", str(tmp_path / "m"))
-    assert code == 1 and "does not exist" in err
+    assert code == 2 and "does not exist" in err
     code, _, err = run(capsys, "fit", str(d / "train.csv"), "--target", "grad",
                        "--out", str(tmp_path / "m"))
-    assert code == 1 and "did you mean 'grade'" in err
+    assert code == 2 and "did you mean 'grade'" in err
     assert not (tmp_path / "m").exists()
 
 
@@ -139,7 +139,7 @@ def test_existing_model_needs_force(files, capsys):
     d, _ = files
     assert fit(capsys, d, "m_force")[0] == 0
     code, _, err = fit(capsys, d, "m_force")
-    assert code == 1 and "--force" in err
+    assert code == 2 and "--force" in err
     assert fit(capsys, d, "m_force", "--force")[0] == 0
 
 
@@ -149,7 +149,7 @@ def test_predict_with_missing_columns_writes_nothing(files, tmp_path, capsys):
     df.drop(columns=["b"]).to_csv(tmp_path / "x.csv", index=False)
     code, _, err = run(capsys, "predict", str(d / "m_cols"), str(tmp_path / "x.csv"),
                        "--out", str(tmp_path / "p.csv"))
-    assert code == 1 and "lacks the column(s) ['b']" in err
+    assert code == 2 and "lacks the column(s) ['b']" in err
     assert not (tmp_path / "p.csv").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.csv"]
 
@@ -159,15 +159,15 @@ def test_tampered_or_truncated_model_is_one_line(files, tmp_path, capsys):
     assert fit(capsys, d, "m_bad")[0] == 0
     (d / "m_bad" / "model.json").write_text("{")
     code, _, err = run(capsys, "summary", str(d / "m_bad"))
-    assert code == 1 and err.count("\n") == 1 and "model.json" in err
+    assert code == 2 and err.count("\n") == 1 and "model.json" in err
     code, _, err = run(capsys, "predict", str(tmp_path / "none"), str(d / "train.csv"),
                        "--out", str(tmp_path / "p.csv"))
-    assert code == 1 and not (tmp_path / "p.csv").exists()
+    assert code == 2 and not (tmp_path / "p.csv").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
     code, _, err = run(capsys, "--debug", "summary", str(tmp_path / "none"))
-    assert code == 1 and "Traceback" in err
+    assert code == 2 and "Traceback" in err
 
 
 def test_usage_errors_exit_2():
@@ -179,11 +179,11 @@ def test_usage_errors_exit_2():
 def test_cli_messages_speak_in_options(tmp_path, capsys):
     path = _bad_csv(tmp_path, "t.csv", lambda df: df.assign(city=np.where(df.index % 2, "x", "y")))
     code, _, err = run(capsys, "fit", str(path), "--target", "grade", "--out", str(tmp_path / "m"))
-    assert code == 1 and "--categorical city" in err and "categorical=[" not in err
+    assert code == 2 and "--categorical city" in err and "categorical=[" not in err
     path = _bad_csv(tmp_path, "s.csv",
                     lambda df: df.assign(grade=np.array(["p", "q", "r"])[df.grade]))
     code, _, err = run(capsys, "fit", str(path), "--target", "grade", "--out", str(tmp_path / "m"))
-    assert code == 1 and "--levels" in err
+    assert code == 2 and "--levels" in err
 
 
 def test_options_of_the_other_estimator_are_refused(files, capsys, tmp_path):
@@ -191,7 +191,7 @@ def test_options_of_the_other_estimator_are_refused(files, capsys, tmp_path):
     code, _, err = run(capsys, "fit", str(d / "train.csv"), "--target", "grade", "--levels",
                        ",".join(LEVELS), "--estimator", "mle", "--n-subsets", "4",
                        "--out", str(tmp_path / "m"))
-    assert code == 1 and "--n-subsets apply to --estimator dc or adaptive only" in err
+    assert code == 2 and "--n-subsets apply to --estimator dc or adaptive only" in err
     assert not (tmp_path / "m").exists()
     proc = subprocess.run([sys.executable, "-m", "fedgrain.cli", "summary", "x", "--ci-alpha",
                            "2"], capture_output=True, text=True)
@@ -249,7 +249,7 @@ def test_fit_with_granularity_uses_the_adaptive_estimator(files, capsys, tmp_pat
 def test_adaptive_options_are_checked(files, capsys, tmp_path, extra, message):
     d, _ = files
     code, _, err = fit(capsys, d, "m_refused", *extra)
-    assert code == 1 and message in err, err
+    assert code == 2 and message in err, err
     assert not (d / "m_refused").exists()
 
 

@@ -1,8 +1,9 @@
-"""The ``fedgrain`` command line: fit, predict, evaluate, summary, demo.
+"""The ``fedgrain`` command line: fit, predict, evaluate, summary, stream, report, demo.
 
-Every error a user can cause prints one line, ``fedgrain: error: <what, where, how to fix>``,
-and exits with status 1 (2 for a malformed command line); ``--debug`` shows the traceback.
-Outputs are written atomically, so a failure never leaves a half-written file.
+Every error prints one line, ``fedgrain: error: <what, where, how to fix>``; ``--debug`` shows
+the traceback. Exit status: 0 done, 2 a usage or data error (a malformed command line, bad
+data, a missing file, a corrupted model), 1 anything else. Outputs are written atomically, so a
+failure never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .exceptions import DataError, FedgrainError
+from .exceptions import DataError, DataTypeError, FedgrainError, ModelFileError
 
 
 def _log(args, msg: str) -> None:
@@ -285,6 +286,40 @@ def _cmd_evaluate(args) -> int:
     width = max(len(k) for k in scores)
     for k, v in scores.items():
         print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v:.4f}")
+    if hasattr(model, "partition_"):  # adaptive: the same scores leaf by leaf
+        leaf = model.partition_.route(model._encode(_features_for(model, X, args.data)))
+        rows = []
+        for pos, nid in enumerate(model.partition_.leaves):
+            m = leaf == pos
+            if m.any():
+                sc = ordinal_scores(codes[m], proba[m])
+                rows.append([nid, sc["rows"], sc["log_loss"], sc["rps"], sc["accuracy"],
+                             sc["mae"]])
+        table = pd.DataFrame(rows, columns=["leaf", "rows", "log_loss", "rps", "accuracy",
+                                            "mae"])
+        print("\nPer leaf:")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .data import read_table, split_target
+    from .estimators import load
+
+    model = load(args.model)
+    X = y = None
+    if args.data:
+        frame = read_table(args.data)
+        if args.target:
+            X, y = split_target(frame, args.target)
+        else:
+            X = frame
+        X = _features_for(model, X, args.data)
+    elif args.target:
+        raise DataError("--target applies with --data (labelled rows to score the leaves on).")
+    _log(args, f"writing the report of {args.model} ...")
+    path = model.report(args.out, X, y, alpha=args.ci_alpha)
+    print(f"Report written to {path}")
     return 0
 
 
@@ -341,10 +376,45 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+EXAMPLES = {
+    "fit": """examples:
+  fedgrain fit ratings.csv --target stars --levels 1,2,3,4,5 --out model/
+  fedgrain fit ratings.parquet --target stars --granularity 0.5 --meta fomaml --out model/
+  fedgrain fit big/ --target stars --backend dask --scheduler tcp://10.0.0.1:8786 --out model/
+  fedgrain fit survey.csv --target grade --estimator mle --categorical region --out exact/
+
+A Parquet file or folder is streamed batch by batch (data larger than memory).""",
+    "predict": """examples:
+  fedgrain predict model/ new.csv --out predictions.csv
+  fedgrain predict model/ new.parquet --out predictions.parquet --keep id""",
+    "evaluate": """examples:
+  fedgrain evaluate model/ test.csv --target stars
+
+Prints rows, accuracy, mean absolute class error (mae), log-loss and ranked probability score
+(rps); for an adaptive model also leaf by leaf.""",
+    "summary": """examples:
+  fedgrain summary model/
+  fedgrain summary model/ --ci-alpha 0.01 --html table.html""",
+    "stream": """examples:
+  fedgrain stream model/ new_ratings.parquet --target stars --batch-size 10000
+  fedgrain stream model/ march.csv --target stars --out model_march/ --events march.jsonl""",
+    "report": """examples:
+  fedgrain report model/ --out report.html
+  fedgrain report model/ --out report.html --data test.csv --target stars""",
+    "demo": """examples:
+  fedgrain demo
+  fedgrain demo --out /tmp/fedgrain_demo --workers 2""",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedgrain",
-        description="Divide-and-conquer ordinal regression with valid inference.",
+        description="Ordinal regression on large, heterogeneous or distributed data: "
+                    "divide-and-conquer fits with valid inference, adaptive partitions, "
+                    "federated meta-learning and drift monitoring.",
+        epilog="Run 'fedgrain COMMAND --help' for a command's options and examples. Exit "
+               "status: 0 done, 2 usage or data error, 1 otherwise.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -357,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common])
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              parents=[common], epilog=EXAMPLES.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = command("fit", "fit a model on a CSV or Parquet file and save it")
     p.add_argument("data", help="CSV or Parquet file")
@@ -422,6 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True)
     p.set_defaults(func=_cmd_evaluate)
 
+    p = command("report", "write the HTML report of a model: partition, coefficients, "
+                          "leaves, meta-learning, drift")
+    p.add_argument("model", help="model directory")
+    p.add_argument("--out", required=True, help="the .html file to write")
+    p.add_argument("--data", help="labelled rows (CSV or Parquet) to score each leaf on and "
+                                  "to draw in the partition plot")
+    p.add_argument("--target", help="the target column of --data")
+    p.add_argument("--ci-alpha", type=_probability, default=0.05,
+                   help="1 - confidence level of the intervals (default 0.05)")
+    p.set_defaults(func=_cmd_report)
+
     p = command("summary", "coefficient table with confidence intervals")
     p.add_argument("model")
     p.add_argument("--ci-alpha", type=_probability, default=0.05,
@@ -452,6 +535,21 @@ def _one_line(exc: BaseException) -> str:
     return msg
 
 
+#: Exit statuses: 0 done, 2 a usage or data error (the user can fix the input), 1 otherwise.
+USAGE_OR_DATA = (DataError, DataTypeError, ModelFileError, FileNotFoundError, FileExistsError,
+                 IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def exit_code(exc: BaseException) -> int:
+    """2 for a usage or data error (bad input, options, paths, model files), 1 otherwise
+    (resources, lost workers or scheduler, bugs)."""
+    if isinstance(exc, USAGE_OR_DATA):
+        return 2
+    if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, FedgrainError):
+        return 2  # parameter validation: an option out of range or a combination refused
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -462,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             print(getattr(exc, "worker_traceback", ""), file=sys.stderr, end="")
         print(f"fedgrain: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     except KeyboardInterrupt:
         print("fedgrain: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,487 @@
+"""The HTML report of a fitted model: one self-contained file, plots embedded.
+
+:func:`write_report` (also ``model.report(path)`` and ``fedgrain report MODEL --out FILE``)
+shows what the fit did:
+
+- the coefficient table with confidence intervals, and heterogeneity between the subsets
+  (Cochran's Q, its p-value and I^2);
+- a forest plot of the global coefficients and their intervals beside each leaf's (or each
+  subset's) coefficients;
+- for an adaptive model: the partition (a 2-D projection of a sample coloured by leaf, and the
+  tree with the size of every node), a table of leaves with their sizes and metrics, the
+  meta-learning curve per round and the drift timeline of a stream, with every event listed.
+
+With labelled data (``X`` and ``y``) the leaf table gives each leaf's held-out metrics (log-loss,
+ranked probability score, accuracy, mean absolute class error) and the projection shows those
+rows; without data it uses the meta-learner's validation losses, and the projection draws a
+sample from each leaf's stored feature distributions (kept only where the tree routes it back
+to that leaf), as the caption says. Plots are PNG images drawn with matplotlib (Agg) and
+embedded as base64, so the file opens anywhere, offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["write_report"]
+
+#: Leaves drawn with their own colour; more share the colour cycle.
+_COLOURS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3",
+            "#8C8C8C", "#CCB974", "#64B5CD"]
+_SAMPLE = 3_000
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(title: str, png: str, caption: str) -> str:
+    return (f'<figure class="plot"><img alt="{html.escape(title)}" '
+            f'src="data:image/png;base64,{png}"><figcaption>{html.escape(caption)}'
+            "</figcaption></figure>")
+
+
+def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        if not np.isfinite(v):
+            return "n/a"
+        return f"{v:,.4f}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    return "" if v is None else str(v)
+
+
+# ---- plots ------------------------------------------------------------------------------------
+def forest_plot(results, leaf_params: np.ndarray | None, leaf_labels: list[str], alpha: float):
+    """Global coefficients with intervals; each leaf's (or subset's) coefficients beside them."""
+    plt = _plt()
+    p = results.n_features
+    names = results.param_names[:p]
+    est = results.params[:p]
+    ci = results.conf_int(alpha)[:p]
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * p + 1.4))
+    ypos = np.arange(p)[::-1]
+    if leaf_params is not None and leaf_params.shape[0] > 1:
+        offsets = np.linspace(-0.28, 0.28, leaf_params.shape[0])
+        for i, (row, lab) in enumerate(zip(leaf_params, leaf_labels, strict=True)):
+            ax.scatter(row[:p], ypos + offsets[i], s=14, color=_COLOURS[i % len(_COLOURS)],
+                       alpha=0.75, label=lab, zorder=2)
+    ax.errorbar(est, ypos, xerr=[est - ci[:, 0], ci[:, 1] - est], fmt="D", color="black",
+                ms=5, capsize=3, label=f"global, {100 * (1 - alpha):.0f}% CI", zorder=3)
+    ax.axvline(0.0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(ypos, names)
+    ax.set_xlabel("coefficient (log cumulative odds of a higher class per unit)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="best", ncol=2 if leaf_params is not None and
+              leaf_params.shape[0] > 6 else 1)
+    return fig
+
+
+def projection_plot(Xs: np.ndarray, leaf: np.ndarray, leaf_ids: list[int]):
+    """The first two principal components of standardised rows, coloured by leaf."""
+    plt = _plt()
+    Z = Xs - Xs.mean(axis=0)
+    if Z.shape[1] >= 2:
+        _, _, Vt = np.linalg.svd(Z, full_matrices=False)
+        P2 = Z @ Vt[:2].T
+    else:
+        P2 = np.column_stack([Z[:, 0], np.zeros(Z.shape[0])])
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for pos, nid in enumerate(leaf_ids):
+        m = leaf == pos
+        if m.any():
+            ax.scatter(P2[m, 0], P2[m, 1], s=6, alpha=0.6, color=_COLOURS[pos % len(_COLOURS)],
+                       label=f"leaf {nid} ({int(m.sum()):,})")
+    ax.set_xlabel("principal component 1")
+    ax.set_ylabel("principal component 2")
+    ax.legend(fontsize=7, markerscale=2.5, loc="best")
+    return fig
+
+
+def tree_plot(tree):
+    """The partition tree: every node with its rows; splits labelled by their rule."""
+    plt = _plt()
+    nodes = tree.nodes
+    sizes = dict(zip(tree.leaves, tree.sizes, strict=True))
+
+    def rows(nid: int) -> int:
+        node = nodes[nid]
+        return int(sizes.get(nid, 0)) if not node.children else sum(rows(c)
+                                                                     for c in node.children)
+
+    xs: dict[int, float] = {}
+    depth: dict[int, int] = {}
+    order = [0]
+
+    def place(nid: int, d: int) -> None:
+        depth[nid] = d
+        node = nodes[nid]
+        if not node.children:
+            xs[nid] = float(len(order) - 1)
+            order.append(nid)
+            return
+        for c in node.children:
+            place(c, d + 1)
+        xs[nid] = float(np.mean([xs[c] for c in node.children]))
+
+    place(0, 0)
+    max_depth = max(depth.values())
+    n_leaves = max(1, len(order) - 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.25 * n_leaves), 1.3 * max_depth + 1.6))
+    for nid, node in nodes.items():
+        for c in node.children:
+            ax.plot([xs[nid], xs[c]], [-depth[nid], -depth[c]], color="grey", lw=1, zorder=1)
+    leaf_pos = {nid: i for i, nid in enumerate(tree.leaves)}
+    for nid, node in nodes.items():
+        if node.kind == "leaf":
+            colour = _COLOURS[leaf_pos[nid] % len(_COLOURS)]
+            text = f"leaf {nid}\n{rows(nid):,}"
+        elif node.kind == "random":
+            colour = "#eeeeee"
+            text = f"{len(node.children)} random pieces\n{rows(nid):,}"
+        else:
+            colour = "#f5f5f5"
+            rule = (node.evidence or {}).get("candidate", "split")
+            text = f"{rule}\n{rows(nid):,}"
+        ax.text(xs[nid], -depth[nid], text, ha="center", va="center", fontsize=7,
+                bbox={"boxstyle": "round,pad=0.35", "fc": colour, "ec": "#555555",
+                      "alpha": 0.9}, zorder=2,
+                color="white" if node.kind == "leaf" else "black")
+    ax.set_xlim(-0.8, n_leaves - 0.2)
+    ax.set_ylim(-max_depth - 0.6, 0.6)
+    ax.axis("off")
+    return fig
+
+
+def meta_curve(history: list[dict]):
+    """Validation log-loss per round: the global model and each leaf."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    rounds = [h["round"] for h in history]
+    leaves = sorted({k for h in history for k in h.get("leaf_val_loss", {})}, key=int)
+    for i, leaf in enumerate(leaves):
+        ax.plot(rounds, [h.get("leaf_val_loss", {}).get(leaf, np.nan) for h in history],
+                lw=1, alpha=0.6, color=_COLOURS[i % len(_COLOURS)], label=f"leaf {leaf}")
+    ax.plot(rounds, [h["val_loss"] for h in history], "o-", color="black", lw=2,
+            label="all leaves (personalised)")
+    ax.plot(rounds, [h.get("no_adaptation_loss", np.nan) for h in history], "s--",
+            color="grey", lw=1.2, label="global model, no adaptation")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("meta round")
+    ax.set_ylabel("validation log-loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+_EVENT_MARKERS = {"concept drift": ("X", "#C44E52"), "covariate shift": ("D", "#DD8452"),
+                  "refit": ("o", "#4C72B0"), "split": ("^", "#55A868"),
+                  "merge": ("v", "#8172B3"), "meta rounds": ("s", "#000000"),
+                  "profile refreshed": ("P", "#937860"), "granularity": ("*", "#DA8BC3")}
+
+
+def drift_timeline(events: list[dict], leaf_ids: list[int], rows_seen: int = 0):
+    """Every stream event: rows seen (x) against the leaf (y), marked by kind; events at the
+    same place are spread a little so that none hides another."""
+    plt = _plt()
+    rows = ["whole model"] + [f"leaf {nid}" for nid in leaf_ids]
+    at = {-1: 0, **{int(nid): i + 1 for i, nid in enumerate(leaf_ids)}}
+    fig, ax = plt.subplots(figsize=(7.5, 0.38 * len(rows) + 1.6))
+    kinds: list[str] = []
+    placed: dict[tuple, int] = {}
+    for e in events:
+        kind = str(e.get("kind"))
+        marker, colour = _EVENT_MARKERS.get(kind, ("o", "#8C8C8C"))
+        leaf = e.get("leaf", -1)
+        yv = at.get(-1 if leaf is None else int(leaf), 0)
+        x = float(e.get("rows_seen", 0))
+        k = placed.get((x, yv), 0)
+        placed[(x, yv)] = k + 1
+        ax.scatter([x], [yv + 0.18 * k], marker=marker, s=60, color=colour,
+                   label=None if kind in kinds else kind, zorder=2)
+        kinds.append(kind)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlim(0, max([rows_seen] + [float(e.get("rows_seen", 0)) for e in events]) * 1.03
+                + 1)
+    ax.set_xlabel("rows seen on the stream")
+    ax.grid(alpha=0.3)
+    if kinds:
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+# ---- the page ---------------------------------------------------------------------------------
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
+max-width:1100px;color:#222;line-height:1.45;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:1.8em}.sub{color:#666}table{border-collapse:collapse;margin:.8em 0;font-size:.88em}
+td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}figure.plot{margin:1em 0}
+figure.plot img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.88em}
+pre{background:#f7f7f7;padding:.7em;overflow-x:auto;font-size:.85em}
+.grid{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
+"""
+
+
+#: Marks the page once loaded with how many of its images failed to decode (for checks).
+_CHECK = ("<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
+          "document.body.dataset.images=String(imgs.length);document.body.dataset.imagesBad="
+          "String(imgs.filter(i=>!(i.complete&&i.naturalWidth>0)).length);});</script>")
+
+
+def _leaf_sample(model, rng: np.random.Generator):
+    """Rows drawn from each leaf's stored feature distributions, kept where they route back."""
+    prof, tree = model.profile_, model.partition_
+    rows, labels = [], []
+    per_leaf = max(50, _SAMPLE // max(1, tree.n_leaves))
+    for pos, nid in enumerate(tree.leaves):
+        lp = prof.leaves.get(nid) if hasattr(prof, "leaves") else None
+        if lp is None or lp.edges is None:
+            continue
+        draws = np.empty((per_leaf * 4, len(lp.edges)))
+        for j, (e, c) in enumerate(zip(lp.edges, lp.cdf, strict=True)):
+            e, c = np.asarray(e, float), np.asarray(c, float)
+            if e.size < 2:
+                draws[:, j] = e[0] if e.size else 0.0
+            else:
+                draws[:, j] = np.interp(rng.uniform(c[0], c[-1], draws.shape[0]), c, e)
+        keep = tree.route(draws) == pos
+        rows.append(draws[keep][:per_leaf])
+        labels.append(np.full(min(per_leaf, int(keep.sum())), pos))
+    if not rows:
+        return None, None
+    return np.vstack(rows), np.concatenate(labels)
+
+
+def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float = 0.05,
+                 title: str | None = None) -> Path:
+    """Write the HTML report of a fitted fedgrain model to ``path``; returns the path.
+
+    Parameters
+    ----------
+    model : fitted DivideConquerOrdinal, AdaptiveFederatedOrdinal or OrdinalRegression
+    path : str or path-like
+        The ``.html`` file to write (replaced atomically: never half-written).
+    X, y : optional
+        Labelled rows (for example held-out data): the leaf table then shows each leaf's
+        metrics on them, and the partition plot shows a sample of them.
+    alpha : float
+        1 - the confidence level of the intervals.
+    title : str, optional
+
+    Examples
+    --------
+    >>> from fedgrain import AdaptiveFederatedOrdinal
+    >>> from fedgrain.datasets import make_regions
+    >>> X, y, *_ = make_regions(4000, n_regions=2, random_state=0)
+    >>> model = AdaptiveFederatedOrdinal(backend="serial").fit(X, y)
+    >>> import tempfile, os
+    >>> out = write_report(model, os.path.join(tempfile.mkdtemp(), "report.html"))
+    >>> out.read_text().startswith("<!DOCTYPE html>")
+    True
+    """
+    from .metrics import ordinal_scores
+
+    if not hasattr(model, "results_"):
+        raise ValueError("The model is not fitted; fit it (or load a saved one) first.")
+    path = Path(path)
+    name = type(model).__name__
+    res = model.results_
+    adaptive = hasattr(model, "partition_")
+    rng = np.random.default_rng(0)
+    parts: list[str] = []
+    heading = title or f"fedgrain report: {name}"
+    info = res.info or {}
+    parts.append(f"<h1>{html.escape(heading)}</h1>")
+    parts.append(f'<p class="sub">{len(res.feature_names)} features, classes '
+                 f"{html.escape(' < '.join(str(c) for c in res.classes))}"
+                 + (f", {model.n_leaves_} leaves" if adaptive else "")
+                 + (f", {info.get('Rows')} rows" if info.get("Rows") else "") + "</p>")
+
+    Xe = codes = leaf = None
+    if X is not None:
+        Xe = model._encode(X) if hasattr(model, "_encode") else model.schema_.transform(
+            X, estimator_name=name)
+        if y is not None:
+            codes = model.target_.encode(y)
+            proba = model.predict_proba(X)
+        if adaptive:
+            leaf = model.partition_.route(Xe)
+
+    # coefficients and heterogeneity
+    parts.append("<h2>Coefficients</h2>")
+    parts.append(res.summary(alpha).as_html())
+    het_model = model.global_model_ if adaptive else model
+    if hasattr(het_model, "q_"):
+        parts.append("<h2>Heterogeneity between the subsets</h2>")
+        parts.append(_table(
+            ["Cochran's Q", "df", "p-value", "I^2"],
+            [[het_model.q_, het_model.q_df_, het_model.q_pvalue_, het_model.i2_]]))
+        parts.append("<p>Q tests whether the subsets' de-biased estimates differ by more than "
+                     "their standard errors allow; I^2 is the share of their spread that is "
+                     "not chance.</p>")
+
+    # forest plot
+    if adaptive:
+        leaf_params = np.array([m.results_.params for m in model.local_models_])
+        labels = [f"leaf {nid}" for nid in model.partition_.leaves]
+    elif hasattr(model, "subset_estimates_"):
+        leaf_params = model.subset_estimates_
+        labels = [f"subset {i + 1}" for i in range(leaf_params.shape[0])]
+    else:
+        leaf_params, labels = None, []
+    parts.append(f"<h2>Global coefficients and the {'leaves' if adaptive else 'subsets'}'</h2>")
+    parts.append(_figure("forest plot", _png(forest_plot(res, leaf_params, labels, alpha)),
+                         f"Black: the global (pooled) coefficients with {100 * (1 - alpha):.0f}%"
+                         " confidence intervals. Dots: each "
+                         f"{'leaf' if adaptive else 'subset'}'s own coefficients."))
+
+    if adaptive:
+        tree = model.partition_
+        parts.append("<h2>Partition</h2>")
+        if Xe is not None:
+            take = rng.choice(Xe.shape[0], min(_SAMPLE, Xe.shape[0]), replace=False)
+            Xs = tree.standardizer.transform(Xe[take])
+            caption = (f"A sample of {take.shape[0]:,} of the given rows, projected on their "
+                       "first two principal components, coloured by the leaf they route to.")
+            proj = _png(projection_plot(Xs, leaf[take], tree.leaves))
+        else:
+            sample, lab = _leaf_sample(model, rng)
+            if sample is None:
+                proj = None
+            else:
+                proj = _png(projection_plot(tree.standardizer.transform(sample), lab,
+                                            tree.leaves))
+            caption = ("Rows drawn from each leaf's stored feature distributions (the model "
+                       "keeps no training rows) and kept where the tree routes them back to that "
+                       "leaf, projected on their first two principal components. Pass data "
+                       "(--data) to show real rows.")
+        figs = [_figure("partition tree", _png(tree_plot(tree)),
+                        "The partition tree: each split's rule, and the training rows of every "
+                        "node.")]
+        if proj is not None:
+            figs.insert(0, _figure("partition projection", proj, caption))
+        parts.append('<div class="grid">' + "".join(figs) + "</div>")
+        parts.append("<pre>" + html.escape("\n".join(tree.describe())) + "</pre>")
+
+        # leaves
+        parts.append("<h2>Leaves</h2>")
+        last = model.history_[-1] if getattr(model, "history_", None) else None
+        header = ["Leaf", "Training rows", "Region"]
+        rows = []
+        region = tree.region_of()
+        for pos, nid in enumerate(tree.leaves):
+            row = [nid, int(tree.sizes[pos]), int(region[pos])]
+            if last is not None:
+                row.append(last.get("leaf_val_loss", {}).get(str(nid)))
+            if codes is not None:
+                m = leaf == pos
+                if m.any():
+                    s = ordinal_scores(codes[m], proba[m])
+                    row += [int(m.sum()), s["log_loss"], s["rps"], s["accuracy"], s["mae"]]
+                else:
+                    row += [0, None, None, None, None]
+            rows.append(row)
+        if last is not None:
+            header.append("Validation log-loss (last meta round)")
+        if codes is not None:
+            header += ["Given rows", "Log-loss", "RPS", "Accuracy", "Mean abs. class error"]
+            allm = ordinal_scores(codes, proba)
+            rows.append(["all", int(tree.sizes.sum()), ""] + ([None] if last is not None
+                                                               else [])
+                        + [allm["rows"], allm["log_loss"], allm["rps"], allm["accuracy"],
+                           allm["mae"]])
+        parts.append(_table(header, rows))
+        if last is None and codes is None:
+            parts.append("<p>No validation metrics: the model was fitted without a "
+                         "meta-learner and no labelled data were given (pass --data and "
+                         "--target to score the leaves).</p>")
+
+        # meta-learning
+        parts.append("<h2>Meta-learning</h2>")
+        if getattr(model, "history_", None):
+            parts.append(_figure("meta-learning curve", _png(meta_curve(model.history_)),
+                                 f"Validation log-loss per round ({model.meta}). Grey: the "
+                                 "global model used as it is; black: each leaf adapted from "
+                                 "it, as the personalised models are."))
+            parts.append(_table(
+                ["Round", "Validation log-loss", "Without adaptation", "Pull (pseudo-rows)",
+                 "Bytes moved", "Seconds"],
+                [[h["round"], h["val_loss"], h.get("no_adaptation_loss"), h.get("rho"),
+                  h.get("bytes"), h.get("seconds")] for h in model.history_]))
+        else:
+            parts.append(f"<p>No meta-learning rounds (meta={html.escape(str(model.meta))!s}"
+                         "): each leaf keeps its own fit.</p>")
+
+        # drift
+        parts.append("<h2>Drift timeline</h2>")
+        events = [e for e in getattr(model, "events_", []) if "rows_seen" in e]
+        seen = int((getattr(model, "_stream", None) or {}).get("rows_seen", 0))
+        if events:
+            parts.append(_figure("drift timeline",
+                                 _png(drift_timeline(events, tree.leaves, seen)),
+                                 "Every event of the stream, at the rows seen when it happened."))
+            parts.append(_table(
+                ["Rows seen", "Leaf", "Event", "Statistic", "Threshold"],
+                [[e.get("rows_seen"), e.get("leaf"), e.get("kind"), e.get("statistic"),
+                  e.get("threshold")] for e in events]))
+        if seen:
+            parts.append(f"<p>{seen:,} rows seen on the stream; {len(events)} event(s).</p>")
+        elif not events:
+            parts.append("<p>No stream yet: <code>partial_fit</code> or <code>fedgrain "
+                         "stream</code> records drift detections, refits, splits and merges "
+                         "here.</p>")
+        failures = [e for e in getattr(model, "events_", []) if "rows_seen" not in e]
+        if failures:
+            parts.append("<h3>Failed leaf tasks during meta-learning</h3>")
+            parts.append(_table(["Round", "Leaf", "Error"],
+                                [[e.get("round"), e.get("leaf"), e.get("error")]
+                                 for e in failures]))
+
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(heading)}</title><style>{_STYLE}</style></head><body>"
+            + "\n".join(parts) + _CHECK + "</body></html>\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(page)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
