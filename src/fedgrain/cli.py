@@ -28,6 +28,16 @@ def _log(args, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _bar(args):
+    """A progress-bar callback on stderr, or None with --quiet or when stderr is not a
+    terminal (a log file, a pipe)."""
+    from .progress import ProgressBar
+
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return None
+    return ProgressBar(sys.stderr)
+
+
 def _csv_list(text: str | None) -> list[str] | None:
     if text is None:
         return None
@@ -208,7 +218,7 @@ def _cmd_fit(args) -> int:
             backend = DaskBackend(scheduler=args.scheduler)
         common = {"backend": backend, "n_jobs": args.workers,
                   "random_state": args.random_state, "levels": levels,
-                  "categorical": categorical, **options}
+                  "categorical": categorical, "callback": _bar(args), **options}
         if args.estimator == "adaptive":
             g = 0.5 if args.granularity is None else args.granularity
             model = AdaptiveFederatedOrdinal(granularity=g, meta=args.meta or "none",
@@ -351,16 +361,21 @@ def _cmd_stream(args) -> int:
         raise DataError(f"--batch-size must be at least 1; got {args.batch_size}.")
     out = Path(args.out or args.model)
     events_path = Path(args.events or f"{out}.events.jsonl")
+    from . import progress
+
     seen = len(model.events_)
     rows = 0
     t0 = time.perf_counter()
-    for batch in iter_table(args.data, args.batch_size):
-        X, y = split_target(batch, args.target)
-        model.partial_fit(X, y)
-        rows += len(batch)
-        for e in model.events_[seen:]:
-            print(f"row {e['rows_seen']:,}: leaf {e['leaf']}: {e['kind']} ({e['detail']})")
-        seen = len(model.events_)
+    with progress.reporting(_bar(args)), progress.step("streaming", None, "rows"):
+        for batch in iter_table(args.data, args.batch_size):
+            X, y = split_target(batch, args.target)
+            model.partial_fit(X, y)
+            rows += len(batch)
+            progress.advance(len(batch))
+            for e in model.events_[seen:]:
+                print(f"row {e['rows_seen']:,}: leaf {e['leaf']}: {e['kind']} "
+                      f"({e['detail']})")
+            seen = len(model.events_)
     _log(args, f"streamed {rows:,} rows in {time.perf_counter() - t0:.2f} s")
     path = model.save(out, overwrite=True)
     text = "".join(json.dumps(e) + "\n" for e in model.events_)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import progress
 from .backends import Backend
 from .exceptions import SubsetError
 from .ordinal import Pass, class_proba, composite_pass
@@ -262,6 +263,16 @@ def run(backend: Backend, refs, bundles, settings: MetaSettings, theta0: np.ndar
         max_rounds: int, tol: float, fedprox_rho: float, work: float) -> MetaResult:
     """The meta-learning loop over placed leaves (see the module docstring)."""
     method = settings.method
+    with progress.step(f"meta-learning ({method})", max_rounds, "rounds"):
+        return _rounds(backend, refs, bundles, settings, theta0, P, seeds, leaf_ids,
+                       rho0=rho0, max_rounds=max_rounds, tol=tol, fedprox_rho=fedprox_rho,
+                       work=work)
+
+
+def _rounds(backend: Backend, refs, bundles, settings: MetaSettings, theta0: np.ndarray,
+            P: np.ndarray, seeds: list[int], leaf_ids: list[int], *, rho0: float,
+            max_rounds: int, tol: float, fedprox_rho: float, work: float) -> MetaResult:
+    method = settings.method
     d = theta0.shape[0]
     learned = method in ("fomaml", "reptile")
     theta = theta0.copy()
@@ -335,6 +346,7 @@ def run(backend: Backend, refs, bundles, settings: MetaSettings, theta0: np.ndar
         if learned and np.isfinite(grid[pick]):
             rho = float(np.clip(grid[pick], RHO_MIN, RHO_MAX))
         out.history[-1]["seconds"] = time.perf_counter() - t0
+        progress.advance()
         if not failed and not improved:
             break
     if method in ("fedavg", "fedprox"):

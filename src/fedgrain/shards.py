@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import progress
 from .backends import Backend, ShardRef
 from .ordinal import block_rows
 
@@ -84,11 +85,14 @@ def row_blocks(X, block: int | None = None):
     (any object with a ``blocks()`` method, such as :class:`fedgrain.data.streamed.StreamedRows`).
     """
     if hasattr(X, "blocks"):
-        yield from X.blocks()
+        for a, Xb in X.blocks():
+            yield a, Xb
+            progress.advance(Xb.shape[0])
         return
     block = block or block_rows(X.shape[1])
     for a in range(0, X.shape[0], block):
         yield a, X[a : a + block]
+        progress.advance(min(block, X.shape[0] - a))
 
 
 def is_streamed(X) -> bool:
@@ -103,13 +107,17 @@ def fit_standardizer(X, w: np.ndarray | None = None) -> Standardizer:
 
 def take_rows(X, index: np.ndarray) -> np.ndarray:
     """The rows at ``index`` (sorted) of an array or of streamed rows."""
-    return X.take(index) if is_streamed(X) else X[index]
+    if is_streamed(X):
+        with progress.step("sampling rows", X.shape[0], "rows"):
+            return X.take(index)
+    return X[index]
 
 
 def route_rows(tree, X, codes: np.ndarray | None = None) -> np.ndarray:
     """``tree.route`` for an array, or for streamed rows (one pass)."""
     if is_streamed(X):
-        return tree.route_blocks(X.blocks(), X.shape[0], codes)
+        with progress.step("routing rows", X.shape[0], "rows"):
+            return tree.route_blocks(row_blocks(X), X.shape[0], codes)
     return tree.route(X, codes)
 
 
@@ -147,11 +155,12 @@ def build_shards(
     streamed = is_streamed(X)
     writer = backend.writer(sizes, X.shape[1], weights is not None, spill=streamed)
     try:
-        for a, Xb in row_blocks(X):
-            b = a + Xb.shape[0]
-            writer.write(labels[a:b], standardizer.transform(Xb), codes[a:b],
-                         None if weights is None else weights[a:b])
-        return writer.finish()
+        with progress.step("placing subsets", X.shape[0], "rows"):
+            for a, Xb in row_blocks(X):
+                b = a + Xb.shape[0]
+                writer.write(labels[a:b], standardizer.transform(Xb), codes[a:b],
+                             None if weights is None else weights[a:b])
+            return writer.finish()
     except BaseException:
         writer.abort()
         raise

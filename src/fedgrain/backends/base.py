@@ -155,15 +155,23 @@ class Backend(ABC):
         ``bundles`` lists task indices per worker (every task in exactly one bundle). A bundle
         that fails as a whole (its worker lost) fails each of its tasks.
         """
+        from ..progress import tick
+
         packed = [(fn, [(i, tasks[i]) for i in b]) for b in bundles]
         out: list[Outcome | None] = [None] * len(tasks)
-        for b, res in zip(bundles, self.map(run_bundle, packed, work=work), strict=True):
+        for b, res in zip(bundles, self.imap(run_bundle, packed, work=work), strict=True):
+            tick(len(b))
             for i, o in zip(b, res.value if res.ok else [res] * len(b), strict=True):
                 out[i] = o if res.ok else Outcome(i, None, res.error, res.error_type,
                                                  res.traceback)
         if any(o is None for o in out):
             raise ValueError("every task must be in exactly one bundle")
         return out  # type: ignore[return-value]
+
+    def imap(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *,
+             work: float | None = None):
+        """:meth:`map` as an iterator: outcomes in task order, each as soon as it is known."""
+        yield from self.map(fn, tasks, work=work)
 
     def writer(self, sizes: Sequence[int], n_features: int, weighted: bool, *,
                spill: bool = False) -> ShardWriter:

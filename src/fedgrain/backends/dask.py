@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import FedgrainError
+from ..progress import tick
 from .base import (
     Backend,
     FileShardRef,
@@ -241,6 +242,7 @@ class DaskBackend(Backend):
                     continue
                 for i, o in zip(b, results, strict=True):
                     out[i] = o
+                tick(len(b))
             if not lost:
                 break
             self._check_lost_scheduler()

@@ -174,10 +174,16 @@ class ProcessesBackend(Backend):
     def map(
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, work: float | None = None
     ) -> list[Outcome]:
+        return list(self.imap(fn, tasks, work=work))
+
+    def imap(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *,
+             work: float | None = None):
         n_jobs = min(self._n, len(tasks))
         if n_jobs <= 1 or (work is not None and work < MIN_PARALLEL_WORK):
-            return [run_task(fn, i, t) for i, t in enumerate(tasks)]
-        return Parallel(n_jobs=n_jobs, backend="loky")(
+            for i, t in enumerate(tasks):
+                yield run_task(fn, i, t)
+            return
+        yield from Parallel(n_jobs=n_jobs, backend="loky", return_as="generator")(
             delayed(run_task)(fn, i, t) for i, t in enumerate(tasks)
         )
 

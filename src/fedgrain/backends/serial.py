@@ -43,4 +43,9 @@ class SerialBackend(Backend):
     def map(
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, work: float | None = None
     ) -> list[Outcome]:
-        return [run_task(fn, i, t) for i, t in enumerate(tasks)]
+        return list(self.imap(fn, tasks, work=work))
+
+    def imap(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *,
+             work: float | None = None):
+        for i, t in enumerate(tasks):
+            yield run_task(fn, i, t)

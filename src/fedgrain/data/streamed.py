@@ -153,6 +153,8 @@ class StreamedRows:
 
     def take(self, index: np.ndarray) -> np.ndarray:
         """The rows at ``index`` (sorted, distinct), encoded, in one pass."""
+        from .. import progress
+
         index = np.asarray(index, dtype=np.int64)
         out = np.empty((index.shape[0], self.shape[1]))
         self.passes += 1
@@ -163,6 +165,7 @@ class StreamedRows:
             if hi > lo:
                 out[at : at + hi - lo] = self._encode(frame.iloc[index[lo:hi] - start], start)
                 at += hi - lo
+            progress.advance(frame.shape[0])
         return out
 
 
@@ -189,13 +192,19 @@ def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any 
     features = [c for c in source.columns if c != y]
     if not features:
         raise DataError(f"'{source.shown}' has no feature columns besides the target {y!r}.")
-    target, schema = _scan_levels(source, y, features, levels, categorical, estimator_name)
-    return _scan_values(source, y, features, target, schema)
+    from .. import progress
+
+    with progress.step("reading levels", source.n_rows, "rows"):
+        target, schema = _scan_levels(source, y, features, levels, categorical, estimator_name)
+    with progress.step("checking values", source.n_rows, "rows"):
+        return _scan_values(source, y, features, target, schema)
 
 
 def _scan_levels(source: ParquetSource, y: str, features: list[str], levels, categorical,
                  estimator_name: str):
     """First pass, over the target and the non-numeric columns only: levels and schema."""
+    from .. import progress
+
     _, first = next(source.frames())
     schema = _fit_schema(first[features], tuple(features), True, categorical)
     cats = list(schema.categorical)
@@ -219,6 +228,7 @@ def _scan_levels(source: ParquetSource, y: str, features: list[str], levels, cat
             sample_y = values.iloc[:1]
         for c in cats:
             seen[c].extend(pd.unique(frame[c].to_numpy(dtype=object)).tolist())
+        progress.advance(frame.shape[0])
     uniques = list(counts)
     reps = np.minimum([counts[u] for u in uniques], 1 << 16)
     synthetic = pd.Series(np.repeat(np.array(uniques, dtype=object), reps))
@@ -246,6 +256,7 @@ def _scan_levels(source: ParquetSource, y: str, features: list[str], levels, cat
 def _scan_values(source: ParquetSource, y: str, features: list[str], target,
                  schema: FeatureSchema) -> FitData:
     """Second pass, over every column: checks, column moments and class codes."""
+    from .. import progress
     from ..shards import Standardizer
 
     n, p = source.n_rows, schema.n_features
@@ -269,6 +280,7 @@ def _scan_values(source: ParquetSource, y: str, features: list[str], target,
         s2 += np.einsum("ij,ij->j", Xb, Xb)
         np.minimum(lo, Xb.min(axis=0), out=lo)
         np.maximum(hi, Xb.max(axis=0), out=hi)
+        progress.advance(k)
     rows.passes = 2
     constant = [schema.output_names[j] for j in np.flatnonzero(lo == hi)]
     if constant:

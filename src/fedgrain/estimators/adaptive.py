@@ -15,7 +15,7 @@ import time
 import numpy as np
 from sklearn.utils import check_random_state
 
-from .. import combine, local, meta
+from .. import combine, local, meta, progress
 from .._warnings import warn
 from ..backends import Backend, get_backend
 from ..data import prepare_data
@@ -148,7 +148,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
                  drift_detector="adwin", alpha="rate",
                  variance="cluster", refine_rounds=1, debias="auto", ridge=0.0,
                  penalize_thresholds=False, levels=None, categorical=None, cv_folds=5,
-                 max_iter=100, tol=1e-8):
+                 max_iter=100, tol=1e-8, callback=None):
         self.granularity = granularity
         self.min_subset_size = min_subset_size
         self.meta = meta
@@ -172,6 +172,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         self.cv_folds = cv_folds
         self.max_iter = max_iter
         self.tol = tol
+        self.callback = callback
 
     def _global_estimator(self) -> DivideConquerOrdinal:
         keys = ("alpha", "variance", "backend", "n_jobs", "random_state", "refine_rounds",
@@ -235,7 +236,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         Parquet file or folder with ``y`` naming the target column: it is streamed batch by
         batch, never loaded whole (the tree is grown on a sample of at most 50,000 rows).
         """
-        with local.one_blas_thread():
+        with local.one_blas_thread(), progress.reporting(self.callback):
             return self._fit(X, y, sample_weight, partition)
 
     def _fit(self, X, y, sample_weight, partition):
@@ -243,8 +244,9 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         self._stream = None  # a stream's state belongs to the model it watched
         gm = self._validate()
         owner = type(self).__name__
-        data = prepare_data(X, y, levels=self.levels, categorical=self.categorical,
-                            sample_weight=sample_weight, estimator_name=owner)
+        with progress.step("checking data"):
+            data = prepare_data(X, y, levels=self.levels, categorical=self.categorical,
+                                sample_weight=sample_weight, estimator_name=owner)
         Xm, codes, w = data.X, data.codes, data.weights
         n, p = Xm.shape
         K = data.target.n_classes
@@ -259,9 +261,10 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
             std = fit_standardizer(Xm, w)
             clock.lap("prepare")
             if partition is None:
-                grown = grow(Xm, codes, w, std=std, n_classes=K,
-                             granularity=float(self.granularity), min_size=min_size,
-                             n_pieces=n_pieces, seed=seed, feature_names=names)
+                with progress.step("profiling and partitioning"):
+                    grown = grow(Xm, codes, w, std=std, n_classes=K,
+                                 granularity=float(self.granularity), min_size=min_size,
+                                 n_pieces=n_pieces, seed=seed, feature_names=names)
                 tree, labels, prof = grown.tree, grown.leaf, grown.profile
                 if self.granularity > 0 and n < 2 * min_size:
                     how = (f"min_subset_size={min_size:,}" if self.min_subset_size is not None

@@ -147,6 +147,8 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         """
         check_is_fitted(self, "coef_")
         given = self.get_params()
+        if given.get("callback") is not None:
+            given["callback"] = None  # code is not saved: a loaded model reports to logging
         params = {k: _plain(v) for k, v in given.items()}
         if isinstance(given.get("backend"), Backend):
             params["backend"] = given["backend"].name

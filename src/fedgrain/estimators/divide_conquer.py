@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
-from .. import combine, local
+from .. import combine, local, progress
 from .._warnings import warn
 from ..backends import BACKENDS, Backend, get_backend
 from ..backends.processes import resolve_n_jobs
@@ -109,7 +109,7 @@ class DivideConquerOrdinal(OrdinalModel):
     def __init__(self, n_subsets=None, alpha="rate", variance="cluster", backend="processes",
                  n_jobs=None, random_state=0, *, refine_rounds=1, debias="auto", ridge=0.0,
                  penalize_thresholds=False, levels=None, categorical=None, cv_folds=5,
-                 max_iter=100, tol=1e-8):
+                 max_iter=100, tol=1e-8, callback=None):
         self.n_subsets = n_subsets
         self.alpha = alpha
         self.variance = variance
@@ -125,6 +125,7 @@ class DivideConquerOrdinal(OrdinalModel):
         self.cv_folds = cv_folds
         self.max_iter = max_iter
         self.tol = tol
+        self.callback = callback
 
     def _validate(self) -> None:
         owner = type(self).__name__
@@ -195,14 +196,15 @@ class DivideConquerOrdinal(OrdinalModel):
         """
         # One BLAS thread here too: the server side only does d x d algebra, which threads slow
         # down, and the workers set their own limit.
-        with local.one_blas_thread():
+        with local.one_blas_thread(), progress.reporting(self.callback):
             return self._fit(X, y, sample_weight)
 
     def _fit(self, X, y, sample_weight):
         self._validate()
         owner = type(self).__name__
-        data = prepare_data(X, y, levels=self.levels, categorical=self.categorical,
-                            sample_weight=sample_weight, estimator_name=owner)
+        with progress.step("checking data"):
+            data = prepare_data(X, y, levels=self.levels, categorical=self.categorical,
+                                sample_weight=sample_weight, estimator_name=owner)
         Xm, codes, w = data.X, data.codes, data.weights
         n, p = Xm.shape
         K = data.target.n_classes
@@ -346,21 +348,25 @@ def fit_partition(backend: Backend, refs, sched, settings: local.LocalSettings,
     bundles = sched.bundles()
     tasks = [{"shard": r, "settings": settings, "seed": s}
              for r, s in zip(refs, seeds, strict=True)]
-    fits = values_or_raise(backend.map_bundles(local.fit_task, tasks, bundles, work=work), sizes,
-                           unit, ids)
+    units = "leaves" if unit == "leaf" else f"{unit}s"
+    with progress.step(f"fitting {units}", len(tasks), units, ticks=True):
+        outcomes = backend.map_bundles(local.fit_task, tasks, bundles, work=work)
+    fits = values_or_raise(outcomes, sizes, unit, ids)
     check_fits(fits, names, p, sizes, alpha=owner.alpha, max_iter=owner.max_iter, unit=unit,
                ids=ids)
     pooled = pool_or_explain(combine.pool, names, fits)
     est, cov = pooled.estimate, pooled.cov
     meat = local.meat_kind(settings.variance)
-    for _ in range(refine_rounds):
-        evals = values_or_raise(
-            backend.map_bundles(local.evaluate_task,
-                                [{"shard": r, "params": est, "meat": meat} for r in refs],
-                                bundles, work=work),
-            sizes, unit, ids,
-        )
-        est, cov = pool_or_explain(combine.refine, names, est, evals, settings.variance)
+    with progress.step("refinement rounds", refine_rounds, "rounds"):
+        for _ in range(refine_rounds):
+            evals = values_or_raise(
+                backend.map_bundles(local.evaluate_task,
+                                    [{"shard": r, "params": est, "meat": meat} for r in refs],
+                                    bundles, work=work),
+                sizes, unit, ids,
+            )
+            est, cov = pool_or_explain(combine.refine, names, est, evals, settings.variance)
+            progress.advance()
     return PartitionRun(fits, pooled, est, cov)
 
 
