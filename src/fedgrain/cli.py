@@ -387,7 +387,8 @@ def _cmd_stream(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), n_jobs=args.workers, log=lambda m: _log(args, m))
+    run_demo(Path(args.out), n_jobs=args.workers, log=lambda m: _log(args, m),
+             callback=_bar(args))
     return 0
 
 
@@ -527,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", help="also write the table as HTML to this file")
     p.set_defaults(func=_cmd_summary)
 
-    p = command("demo", "end-to-end demo on the RAND health insurance data (offline)")
+    p = command("demo", "the whole pipeline on the RAND health insurance data (offline): "
+                        "fits, partition, meta-learning, a stream with a change, the report")
     p.add_argument("--out", default="fedgrain_demo", help="folder for the demo's files")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=_cmd_demo)
@@ -565,9 +567,17 @@ def exit_code(exc: BaseException) -> int:
     return 1
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"fedgrain: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:  # warnings as one line each, like errors (with --debug: Python's own)
+        warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except (FedgrainError, ValueError, TypeError, OSError) as exc:

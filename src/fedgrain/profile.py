@@ -373,7 +373,11 @@ def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_cla
         picks = np.linspace(0, last, REFERENCE_POINTS + 2)[1:-1].round().astype(np.intp)
         for j in range(p):
             e = np.unique(S[picks, j])
-            edges.append(e * std.scale[j] + std.mean[j])
+            raw = e * std.scale[j] + std.mean[j]
+            # back in original units a value of the data may come out a few ulps below
+            # itself; raised by a hair, an edge still counts the rows equal to it (the CDF
+            # is "at or below"): otherwise a discrete feature's new rows all seem to move
+            edges.append(raw + 1e-9 * (np.abs(raw) + std.scale[j]))
             cdf.append(np.searchsorted(S[:, j], e, side="right") / S.shape[0])
     return LeafProfile(int(y.shape[0]), counts, mean, log_density(Xw, share, rng), imp,
                        "screening", raw_centres, low, high,
