@@ -4,6 +4,17 @@ Every error a user can cause by what they pass in subclasses the built-in type t
 scikit-learn users expect (``ValueError`` for bad values, ``TypeError`` for wrong types),
 so ``except ValueError`` keeps working, and also :class:`FedgrainError`, so the command line
 can tell our clear messages apart from genuine bugs.
+
+Examples
+--------
+>>> import numpy as np
+>>> from fedgrain import DivideConquerOrdinal
+>>> from fedgrain.exceptions import DataError
+>>> try:
+...     DivideConquerOrdinal().fit(np.array([[1.0], [np.nan], [2.0]]), [0, 1, 1])
+... except DataError as exc:
+...     print(str(exc).split(";")[0])
+Column 'x0' of X has NaN (missing) values in 1 row (row 1, counting from 0)
 """
 
 from __future__ import annotations

@@ -125,8 +125,8 @@ class PartitionTree:
     >>> X = np.array([[0.0], [1.0], [2.0], [3.0]])
     >>> tree = PartitionTree(1, 2, Standardizer.fit(X))
     >>> left, right = tree.split(tree.root, np.array([1.0]), 1.5)
-    >>> tree.route(X)
-    array([0, 0, 1, 1])
+    >>> tree.route(X).tolist()
+    [0, 0, 1, 1]
     """
 
     def __init__(self, n_features: int, n_classes: int, standardizer: Standardizer,

@@ -40,7 +40,14 @@ logger = logging.getLogger("fedgrain")
 @dataclass(frozen=True)
 class ProgressEvent:
     """One report: ``stage`` (what), ``done`` of ``total`` (``total`` None when unknown),
-    ``unit`` (rows, leaves, rounds...), ``seconds`` since the step began, and ``finished``."""
+    ``unit`` (rows, leaves, rounds...), ``seconds`` since the step began, and ``finished``.
+
+    Examples
+    --------
+    >>> e = ProgressEvent("fitting leaves", 3, 8, "leaves", 0.4)
+    >>> f"{e.stage}: {e.done}/{e.total} {e.unit}"
+    'fitting leaves: 3/8 leaves'
+    """
 
     stage: str
     done: int
@@ -129,7 +136,19 @@ def tick(n: int = 1) -> None:
 
 
 class ProgressBar:
-    """A callback drawing one bar per step on a terminal (stderr by default)."""
+    """A callback drawing one bar per step on a terminal (stderr by default).
+
+    Examples
+    --------
+    >>> import io
+    >>> out = io.StringIO()
+    >>> bar = ProgressBar(out, width=10, min_interval=0)
+    >>> bar(ProgressEvent("placing subsets", 5, 10, "rows", 0.2))
+    >>> out.getvalue().strip()
+    'placing subsets              [#####-----] 5/10 rows    0.2 s'
+
+    Give it to an estimator as ``callback=ProgressBar()`` for bars in a script.
+    """
 
     def __init__(self, stream=None, width: int = 28, min_interval: float = 0.1):
         self.stream = stream or sys.stderr

@@ -32,7 +32,17 @@ def parameter_names(feature_names: Sequence[str], classes: Sequence) -> list[str
 
 @dataclass(frozen=True)
 class WaldTest:
-    """A joint Wald test of ``R params = q``: chi-square statistic, degrees of freedom, p."""
+    """A joint Wald test of ``R params = q``: chi-square statistic, degrees of freedom, p.
+
+    Examples
+    --------
+    >>> from fedgrain import OrdinalRegression
+    >>> from fedgrain.datasets import make_ordinal
+    >>> X, y, *_ = make_ordinal(2000, 3, 3, random_state=0)
+    >>> test = OrdinalRegression().fit(X, y).results_.wald_test(["x0", "x1"])
+    >>> test.df, bool(test.pvalue < 0.05)
+    (2, True)
+    """
 
     statistic: float
     df: int
@@ -46,7 +56,19 @@ class WaldTest:
 
 @dataclass(frozen=True)
 class Summary:
-    """A coefficient table with a header; ``str()`` gives text, ``_repr_html_`` HTML."""
+    """A coefficient table with a header; ``str()`` gives text, ``_repr_html_`` HTML.
+
+    Examples
+    --------
+    >>> from fedgrain import OrdinalRegression
+    >>> from fedgrain.datasets import make_ordinal
+    >>> X, y, *_ = make_ordinal(2000, 2, 3, random_state=0)
+    >>> summary = OrdinalRegression().fit(X, y).summary()
+    >>> list(summary.to_frame().columns)[:4]
+    ['coef', 'std err', 'z', 'P>|z|']
+    >>> summary.as_html().startswith("<")
+    True
+    """
 
     title: str
     info: tuple[tuple[str, str], ...]

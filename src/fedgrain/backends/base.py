@@ -123,7 +123,22 @@ def run_bundle(bundle: tuple[Callable[[Any], Any], list[tuple[int, Any]]]) -> li
 
 
 class Backend(ABC):
-    """Runs tasks over placed subsets. Use as a context manager, or call :meth:`close`."""
+    """Runs tasks over placed subsets. Use as a context manager, or call :meth:`close`.
+
+    Examples
+    --------
+    The protocol in use: place a shard, run tasks on it, release it.
+
+    >>> import numpy as np
+    >>> from fedgrain.backends import SerialBackend
+    >>> with SerialBackend() as backend:
+    ...     writer = backend.writer([3], n_features=2, weighted=False)
+    ...     writer.write(np.zeros(3, dtype=int), np.ones((3, 2)), np.array([0, 1, 1]))
+    ...     (ref,) = writer.finish()
+    ...     out = backend.map(lambda t: float(t["shard"].load().X.sum()), [{"shard": ref}])
+    >>> out[0].ok, out[0].value
+    (True, 6.0)
+    """
 
     name: str = "base"
 

@@ -88,6 +88,17 @@ class DaskBackend(Backend):
     shared_folder : str or None
         A folder every worker can read, for shards spilled to files (data beyond memory) when
         the cluster was started elsewhere; the local cluster uses a private temporary folder.
+
+    Examples
+    --------
+    A local cluster for one fit (``backend="dask"`` does the same), or a running cluster kept
+    for several (see ``docs/operations.md``):
+
+    >>> from fedgrain import AdaptiveFederatedOrdinal
+    >>> from fedgrain.backends.dask import DaskBackend
+    >>> with DaskBackend(scheduler="tcp://10.0.0.1:8786") as backend:  # doctest: +SKIP
+    ...     model = AdaptiveFederatedOrdinal(meta="fomaml", backend=backend).fit(X, y)
+    ...     print(backend.resent_, "tasks sent again after a worker died")
     """
 
     name = "dask"

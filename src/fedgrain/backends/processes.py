@@ -112,6 +112,20 @@ class ProcessesBackend(Backend):
     temp_folder : str or None
         Where shard files go; by default ``/dev/shm`` when it has room for all of them, else
         the system's temporary folder.
+
+    Examples
+    --------
+    One backend for several fits keeps its worker processes warm:
+
+    >>> from fedgrain import DivideConquerOrdinal
+    >>> from fedgrain.backends import ProcessesBackend
+    >>> from fedgrain.datasets import make_ordinal
+    >>> X, y, *_ = make_ordinal(4000, 3, 3, random_state=0)
+    >>> with ProcessesBackend(n_jobs=2) as backend:
+    ...     a = DivideConquerOrdinal(n_subsets=2, backend=backend).fit(X, y)
+    ...     b = DivideConquerOrdinal(n_subsets=4, backend=backend).fit(X, y)
+    >>> a.n_subsets_, b.n_subsets_
+    (2, 4)
     """
 
     name = "processes"

@@ -22,7 +22,18 @@ class MemoryShardRef(ShardRef):
 
 
 class SerialBackend(Backend):
-    """Runs tasks in the calling process. The reference every other backend must match."""
+    """Runs tasks in the calling process. The reference every other backend must match.
+
+    Examples
+    --------
+    >>> from fedgrain import DivideConquerOrdinal
+    >>> from fedgrain.datasets import make_ordinal
+    >>> X, y, *_ = make_ordinal(3000, 3, 3, random_state=0)
+    >>> a = DivideConquerOrdinal(n_subsets=3, backend="serial").fit(X, y)
+    >>> b = DivideConquerOrdinal(n_subsets=3, backend="processes", n_jobs=2).fit(X, y)
+    >>> bool(abs(a.coef_ - b.coef_).max() < 1e-10)
+    True
+    """
 
     name = "serial"
 

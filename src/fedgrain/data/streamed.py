@@ -54,6 +54,20 @@ class ParquetSource:
     path : str or path-like
     batch_rows : int
         Rows per batch.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import pandas as pd
+    >>> folder = tempfile.mkdtemp()
+    >>> for i in range(3):
+    ...     pd.DataFrame({"x": [1.0 * i] * 4, "y": [0, 1, 2, 1]}).to_parquet(
+    ...         os.path.join(folder, f"part-{i}.parquet"))
+    >>> source = ParquetSource(folder, batch_rows=3)
+    >>> source.n_rows, source.columns
+    (12, ['x', 'y'])
+    >>> [(start, len(frame)) for start, frame in source.frames()]
+    [(0, 3), (3, 1), (4, 3), (7, 1), (8, 3), (11, 1)]
     """
 
     def __init__(self, path: str | os.PathLike, batch_rows: int = BATCH_ROWS):

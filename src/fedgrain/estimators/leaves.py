@@ -28,6 +28,16 @@ class LeafModel(OrdinalModel):
     beyond it (what zero counts say), and further such thresholds at the global model's gaps
     from it. The standard errors of these thresholds are the global model's, a stand-in: the
     leaf has no information on them.
+
+    Examples
+    --------
+    >>> from fedgrain import AdaptiveFederatedOrdinal
+    >>> from fedgrain.datasets import make_regions
+    >>> X, y, *_ = make_regions(6000, n_regions=2, random_state=0)
+    >>> af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y)
+    >>> leaf = af.local_models_[0]
+    >>> leaf.leaf == af.partition_.leaves[0], leaf.coef_.shape
+    (True, (5,))
     """
 
     def __init__(self, leaf=0):

@@ -17,6 +17,24 @@ class Detector(ABC):
     bound. After a detection the detector goes on with the rest of the batch from a state that
     forgets what came before the change (a second detection in the same batch updates the
     state but only the first is reported).
+
+    Examples
+    --------
+    A detector of your own returns, from ``_update``, the position in the batch where it
+    detects a change (None for none), and saves its state as plain JSON:
+
+    >>> import numpy as np
+    >>> class Threshold(Detector):
+    ...     def _update(self, x):
+    ...         above = np.flatnonzero(x > 5.0)
+    ...         return int(above[0]) if above.size else None
+    ...     def state(self):
+    ...         return {}
+    ...     def load_state(self, state):
+    ...         pass
+    >>> d = Threshold().update([1.0, 2.0, 9.0])
+    >>> d.drift_detected, d.detection_index
+    (True, 2)
     """
 
     def __init__(self):

@@ -32,6 +32,19 @@ class PageHinkley(Detector):
         Alarm level of ``m_t - min m``.
     min_instances : int
         No alarm before this many values since the last reset.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> losses = np.r_[rng.exponential(1.0, 5000), rng.exponential(3.0, 1000)]
+    >>> ph = PageHinkley()
+    >>> for a in range(0, losses.size, 500):
+    ...     _ = ph.update(losses[a:a + 500])
+    ...     if ph.drift_detected:
+    ...         print(ph.detection_index >= 5000)
+    ...         break
+    True
     """
 
     def __init__(self, delta: float = 0.05, threshold: float = 50.0, min_instances: int = 100):
@@ -85,6 +98,16 @@ class ADWIN(Detector):
         end loses resolution).
     min_window : int
         No test until the window holds this many values.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> adwin = ADWIN(delta=1e-5)
+    >>> adwin.update(rng.exponential(1.0, 20_000)).drift_detected
+    False
+    >>> adwin.update(rng.exponential(2.0, 2_000)).drift_detected
+    True
     """
 
     def __init__(self, delta: float = 1e-3, bucket: int = 100, max_buckets: int = 64,
