@@ -105,3 +105,85 @@ def test_estimator_cleans_up_its_shards(monkeypatch, tmp_path):
     X, y, _, _ = make_ordinal(3000, 3, 3, random_state=0)
     DivideConquerOrdinal(n_subsets=2, backend="processes", n_jobs=2).fit(X, y)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- shard files (review of issue 6) -------------------------------------------------------------
+def _write_one(backend, spill=True, rows=1000, p=3):
+    import numpy as np
+
+    writer = backend.writer([rows // 2, rows - rows // 2], p, weighted=True, spill=spill)
+    X = np.arange(rows * p, dtype=float).reshape(rows, p)
+    labels = np.arange(rows) % 2
+    writer.write(labels, X, np.arange(rows) % 3, np.ones(rows))
+    return writer.finish(), X, labels
+
+
+def test_spilled_shards_go_to_the_backends_temp_folder_and_are_removed(tmp_path):
+    import numpy as np
+
+    from fedgrain.backends import ProcessesBackend
+
+    backend = ProcessesBackend(2, temp_folder=str(tmp_path))
+    refs, X, labels = _write_one(backend)
+    assert all(str(p).startswith(str(tmp_path)) for r in refs for p in r.paths())
+    np.testing.assert_array_equal(refs[1].load().X, X[labels == 1])
+    backend.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_system_without_fallocate_gets_sparse_files(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import numpy as np
+
+    from fedgrain.backends import ProcessesBackend
+
+    def no_fallocate(fd, offset, size):
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
+    with ProcessesBackend(2, temp_folder=str(tmp_path)) as backend:
+        refs, X, labels = _write_one(backend)
+        np.testing.assert_array_equal(refs[0].load().X, X[labels == 0])
+
+
+def test_a_full_disk_midway_leaves_no_file_and_no_open_descriptor(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from fedgrain.backends import ProcessesBackend
+    from fedgrain.exceptions import ResourceError
+
+    real = os.posix_fallocate
+    calls = {"n": 0}
+
+    def full_on_the_fourth(fd, offset, size):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second shard's y file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, size)
+
+    monkeypatch.setattr(os, "posix_fallocate", full_on_the_fourth)
+    fds = len(os.listdir("/proc/self/fd"))
+    with ProcessesBackend(2, temp_folder=str(tmp_path)) as backend:
+        with pytest.raises(ResourceError, match="No room left"):
+            _write_one(backend)
+        assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_short_writes_are_completed(tmp_path, monkeypatch):
+    import os
+
+    import numpy as np
+
+    from fedgrain.backends import ProcessesBackend
+
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, pos: real(fd, data[: max(1, len(data)
+                                                                                // 3)], pos))
+    with ProcessesBackend(2, temp_folder=str(tmp_path)) as backend:
+        refs, X, labels = _write_one(backend)
+        np.testing.assert_array_equal(refs[1].load().X, X[labels == 1])
+        np.testing.assert_array_equal(refs[1].load().y, (np.arange(1000) % 3)[labels == 1])

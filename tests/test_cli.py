@@ -259,3 +259,20 @@ def test_granularity_outside_the_unit_interval_is_a_usage_error(files, tmp_path)
                            "--target", "grade", "--granularity", "1.5", "--out",
                            str(tmp_path / "m")], capture_output=True, text=True)
     assert proc.returncode == 2 and "must be a number in [0, 1]; got '1.5'" in proc.stderr
+
+
+def test_a_bug_exits_1_and_an_open_progress_bar_is_ended_first(capsys, monkeypatch):
+    import fedgrain.cli as cli
+    from fedgrain.progress import ProgressBar, ProgressEvent
+
+    def broken(args):
+        bar = ProgressBar(sys.stderr)
+        cli._BARS.append(bar)
+        bar(ProgressEvent("fitting leaves", 1, 4, "leaves", 0.1))
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(cli, "_cmd_summary", broken)
+    code = cli.main(["summary", "whatever"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "\nfedgrain: error: an internal inconsistency" in err

@@ -288,3 +288,24 @@ def test_the_local_cluster_keeps_the_allocators_default(dask_backend):
 
     values = dask_backend.client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
     assert set(values.values()) == {None}
+
+
+def test_a_fit_refused_early_still_stops_the_cluster_it_started():
+    import time
+
+    import psutil
+
+    X, y, *_ = make_ordinal(2_000, 3, 3, random_state=10)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ValueError, match="n_subsets=500 would give subsets"):
+        DivideConquerOrdinal(n_subsets=500, backend="dask", n_jobs=2).fit(X, y)
+    def ours():  # multiprocessing's resource tracker stays for the process's life
+        return {p.pid for p in psutil.Process().children(recursive=True)
+                if "resource_tracker" not in " ".join(p.cmdline())}
+
+    for _ in range(50):  # the nannies take a moment to go
+        left = ours() - before
+        if not left:
+            break
+        time.sleep(0.2)
+    assert not left

@@ -153,10 +153,6 @@ def test_bad_parquet_sources_get_clear_errors(tmp_path):
     dc = DivideConquerOrdinal(n_subsets=2, backend="serial")
     with pytest.raises(DataError, match=r"'grad' is not in .*did you mean 'grade'"):
         dc.fit(good, "grad")
-    with pytest.raises(DataError, match="y must name its target column"):
-        dc.fit(good, np.zeros(3_000))
-    with pytest.raises(DataError, match="sample_weight is not available"):
-        dc.fit(good, "grade", sample_weight=np.ones(3_000))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no Parquet files"):
         dc.fit(tmp_path / "empty", "grade")
@@ -206,3 +202,85 @@ def test_cli_fit_streams_a_parquet_folder(regions, tmp_path, capsys):
     ref = DivideConquerOrdinal(n_subsets=3, backend="serial").fit(frame.drop(columns="grade"),
                                                                   frame["grade"])
     np.testing.assert_allclose(model.coef_, ref.coef_, rtol=0, atol=1e-10)
+
+
+def _colour_frame(n, seed, sort=False):
+    rng = np.random.default_rng(seed)
+    colour = rng.choice(["red", "green", "blue"], n)
+    x = rng.standard_normal(n)
+    eta = x + (colour == "red") * 1.0 - (colour == "blue") * 0.5
+    grade = np.digitize(eta + rng.logistic(size=n), [-0.5, 1])
+    frame = pd.DataFrame({"x": x, "colour": colour, "grade": grade})
+    if sort:
+        frame = frame.sort_values("colour", kind="stable").reset_index(drop=True)
+    return frame
+
+
+def test_a_categorical_columns_own_order_is_kept_as_in_memory(tmp_path):
+    frame = _colour_frame(9_000, 5)
+    frame["colour"] = pd.Categorical(frame["colour"], categories=["red", "green", "blue"])
+    frame.to_parquet(tmp_path / "c.parquet")
+    a = DivideConquerOrdinal(n_subsets=2, backend="serial").fit(tmp_path / "c.parquet", "grade")
+    b = DivideConquerOrdinal(n_subsets=2, backend="serial").fit(frame[["x", "colour"]],
+                                                                frame["grade"])
+    assert list(a.results_.feature_names) == list(b.results_.feature_names) == [
+        "x", "colour[green]", "colour[blue]"]
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-10)
+
+
+def test_levels_come_from_the_whole_file_not_its_first_batch(tmp_path):
+    """Sorted by colour, the first 65,536 rows hold one colour only."""
+    frame = _colour_frame(140_000, 6, sort=True)
+    frame.to_parquet(tmp_path / "s.parquet")
+    kw = {"n_subsets": 2, "backend": "serial", "categorical": ["colour"]}
+    a = DivideConquerOrdinal(**kw).fit(tmp_path / "s.parquet", "grade")
+    b = DivideConquerOrdinal(**kw).fit(frame[["x", "colour"]], frame["grade"])
+    assert list(a.results_.feature_names) == list(b.results_.feature_names)
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-10)
+
+
+def test_an_ordered_target_whose_files_hold_different_levels(tmp_path):
+    frame = _colour_frame(6_000, 7)
+    names = np.array(["low", "mid", "high"])
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    low = frame[frame.grade < 2]  # the first file never sees "high"
+    rest = frame[frame.grade == 2]
+    for i, part in enumerate((low, rest)):
+        cats = ["low", "mid"] if i == 0 else ["low", "mid", "high"]
+        part.assign(grade=pd.Categorical(names[part.grade], categories=cats, ordered=True)) \
+            .to_parquet(parts / f"p{i}.parquet")
+    both = pd.concat([low, rest])
+    a = DivideConquerOrdinal(n_subsets=2, backend="serial", categorical=["colour"]).fit(
+        parts, "grade")
+    b = DivideConquerOrdinal(n_subsets=2, backend="serial", categorical=["colour"],
+                             levels=["low", "mid", "high"]).fit(
+        both[["x", "colour"]], names[both.grade])
+    assert list(a.classes_) == ["low", "mid", "high"]
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-10)
+
+
+def test_unknown_labels_and_missing_categories_name_the_files_rows(tmp_path):
+    frame = _colour_frame(3_000, 8)
+    bad = frame.assign(grade=frame.grade.where(frame.index != 2_900, 7))
+    _write(tmp_path / "l.parquet", bad)
+    with pytest.raises(DataError, match=r"not among the levels.*row 2900.*batch of rows 0 to "
+                                        r"2,999"):
+        DivideConquerOrdinal(n_subsets=2, backend="serial", levels=[0, 1, 2],
+                             categorical=["colour"]).fit(tmp_path / "l.parquet", "grade")
+    missing = frame.assign(colour=frame.colour.where(frame.index != 2_500))
+    _write(tmp_path / "m.parquet", missing)
+    with pytest.raises(DataError, match=r"'colour' of X has missing values in .*row 2500"):
+        DivideConquerOrdinal(n_subsets=2, backend="serial", categorical=["colour"]).fit(
+            tmp_path / "m.parquet", "grade")
+
+
+def test_an_array_target_or_weights_read_the_parquet_file_into_memory(tmp_path):
+    frame = _frame()
+    path = _write(tmp_path / "w.parquet", frame)
+    X = frame.drop(columns="grade")
+    w = np.r_[np.ones(1_500), 2 * np.ones(1_500)]
+    a = DivideConquerOrdinal(n_subsets=2, backend="serial").fit(path, "grade", sample_weight=w)
+    b = DivideConquerOrdinal(n_subsets=2, backend="serial").fit(X, frame["grade"],
+                                                                sample_weight=w)
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-12)

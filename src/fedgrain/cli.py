@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .exceptions import DataError, DataTypeError, FedgrainError, ModelFileError
+from .exceptions import (
+    DataError,
+    DataTypeError,
+    FedgrainError,
+    ModelFileError,
+    ParameterError,
+)
 
 
 def _log(args, msg: str) -> None:
@@ -35,7 +41,19 @@ def _bar(args):
 
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         return None
-    return ProgressBar(sys.stderr)
+    bar = ProgressBar(sys.stderr)
+    _BARS.append(bar)
+    return bar
+
+
+#: The bars drawn by this command (ended before an error is printed).
+_BARS: list = []
+
+
+def _end_bars() -> None:
+    for bar in _BARS:
+        bar.close()
+    _BARS.clear()
 
 
 def _csv_list(text: str | None) -> list[str] | None:
@@ -553,17 +571,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 #: Exit statuses: 0 done, 2 a usage or data error (the user can fix the input), 1 otherwise.
-USAGE_OR_DATA = (DataError, DataTypeError, ModelFileError, FileNotFoundError, FileExistsError,
-                 IsADirectoryError, NotADirectoryError, PermissionError)
+USAGE_OR_DATA = (DataError, DataTypeError, ModelFileError, ParameterError, FileNotFoundError,
+                 FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def exit_code(exc: BaseException) -> int:
-    """2 for a usage or data error (bad input, options, paths, model files), 1 otherwise
-    (resources, lost workers or scheduler, bugs)."""
+    """2 for a usage or data error (bad input, option values, paths, model files), 1
+    otherwise (resources, lost workers or scheduler, bugs)."""
     if isinstance(exc, USAGE_OR_DATA):
         return 2
-    if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, FedgrainError):
-        return 2  # parameter validation: an option out of range or a combination refused
     return 1
 
 
@@ -576,20 +592,32 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    saved = warnings.formatwarning
     if not args.debug:  # warnings as one line each, like errors (with --debug: Python's own)
         warnings.formatwarning = _one_line_warning
     try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = saved
+        _end_bars()
+
+
+def _run(args) -> int:
+    try:
         return args.func(args)
     except (FedgrainError, ValueError, TypeError, OSError) as exc:
+        _end_bars()
         if args.debug:
             traceback.print_exc()
             print(getattr(exc, "worker_traceback", ""), file=sys.stderr, end="")
         print(f"fedgrain: error: {_one_line(exc)}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
+        _end_bars()
         print("fedgrain: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: one line unless --debug
+        _end_bars()
         if args.debug:
             traceback.print_exc()
             print(getattr(exc, "worker_traceback", ""), file=sys.stderr)

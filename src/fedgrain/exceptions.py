@@ -44,6 +44,11 @@ class SeparationError(DataError):
     """The classes are perfectly separated, so the maximum likelihood estimate does not exist."""
 
 
+class ParameterError(FedgrainError, ValueError):
+    """An estimator parameter has a value it cannot take (names the parameter and the values
+    it can take)."""
+
+
 class ResourceError(FedgrainError, OSError):
     """Not enough memory or disk for the work asked for."""
 

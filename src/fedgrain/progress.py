@@ -154,6 +154,7 @@ class ProgressBar:
         self.stream = stream or sys.stderr
         self.width, self.min_interval = width, min_interval
         self._last = 0.0
+        self._open = False  # a bar is drawn on the current line, without its newline
 
     def __call__(self, e: ProgressEvent) -> None:
         now = time.perf_counter()
@@ -171,3 +172,11 @@ class ProgressBar:
         line = f"\r{e.stage[:28]:<28} [{bar}] {count} {e.seconds:6.1f} s"
         self.stream.write(line + ("\n" if e.finished else ""))
         self.stream.flush()
+        self._open = not e.finished
+
+    def close(self) -> None:
+        """End a bar left open by a step that failed, so what follows starts a new line."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False

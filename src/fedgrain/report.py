@@ -477,9 +477,7 @@ def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(page)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

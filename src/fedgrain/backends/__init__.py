@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..exceptions import ParameterError
 from .base import Backend, Outcome, Shard, ShardRef
 from .processes import ProcessesBackend
 from .serial import SerialBackend
@@ -24,7 +25,7 @@ def get_backend(backend: str | Backend, n_jobs: int | None = None, *, owner: str
         from .dask import DaskBackend  # lazily: an optional extra
 
         return DaskBackend(n_workers=n_jobs)
-    raise ValueError(
+    raise ParameterError(
         f"The 'backend' parameter of {owner} must be one of {BACKENDS} or a "
         f"fedgrain.backends.Backend instance. Got {backend!r} instead."
     )

@@ -29,6 +29,7 @@ bit-identical results.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import shutil
@@ -44,6 +45,15 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import ResourceError
+
+#: Spill folders of this process, removed at exit if a backend was never closed.
+_SPILLED: set[Path] = set()
+
+
+@atexit.register
+def _remove_spilled() -> None:
+    for folder in list(_SPILLED):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -196,10 +206,13 @@ class Backend(ABC):
         return ShardWriter(self, sizes, n_features, weighted)
 
     def spill_folder(self) -> Path:
-        """A private folder on disk for shards too large for memory (removed by ``close``)."""
+        """A private folder on disk for shards too large for memory (removed by ``close``, or
+        at exit): in the backend's ``temp_folder`` when it has one, else the system's."""
         folder = getattr(self, "_spill", None)
         if folder is None:
-            folder = Path(tempfile.mkdtemp(prefix="fedgrain-spill-"))
+            base = getattr(self, "_temp_folder", None) or getattr(self, "shared_folder", None)
+            folder = Path(tempfile.mkdtemp(prefix="fedgrain-spill-", dir=base))
+            _SPILLED.add(folder)
             self._spill = folder
         return folder
 
@@ -211,6 +224,7 @@ class Backend(ABC):
         folder = getattr(self, "_spill", None)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+            _SPILLED.discard(folder)
             self._spill = None
 
     def reserve(self, nbytes: int) -> None:  # noqa: B027 - optional hook
@@ -309,10 +323,10 @@ class FileShardWriter(ShardWriter):
                          "y": (np.intp, (int(n),))}
                 if self.weighted:
                     parts["w"] = (np.float64, (int(n),))
-                entry = {}
+                entry: dict = {}
+                self._files.append(entry)  # before its files: abort() sees a partial entry
                 for key, (dtype, shape) in parts.items():
                     entry[key] = _new_npy(f"{stem}-{key}.npy", dtype, shape)
-                self._files.append(entry)
         except BaseException:
             self.abort()
             raise
@@ -322,12 +336,20 @@ class FileShardWriter(ShardWriter):
         for key, block in (("X", X), ("y", y), ("w", w)):
             if key in entry:
                 path, fd, offset, dtype, row = entry[key]
-                data = np.ascontiguousarray(block, dtype=dtype)
-                os.pwrite(fd, memoryview(data).cast("B"), offset + at * row)
+                data = memoryview(np.ascontiguousarray(block, dtype=dtype)).cast("B")
+                pos, done = offset + at * row, 0
+                while done < len(data):  # a write may be short (2 GiB cap, network mounts)
+                    n = os.pwrite(fd, data[done:], pos + done)
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"could not write to {path}")
+                    done += n
 
     def _refs(self) -> list[FileShardRef]:
         return [FileShardRef(e["X"][0], e["y"][0], e["w"][0] if "w" in e else None)
                 for e in self._files]
+
+    def _paths(self) -> list[str]:
+        return [part[0] for e in self._files for part in e.values()]
 
     def _close_files(self) -> None:
         for entry in self._files:
@@ -351,7 +373,8 @@ class FileShardWriter(ShardWriter):
 
     def abort(self) -> None:
         self._close_files()
-        unlink_files(self._refs())
+        for path in self._paths():
+            Path(path).unlink(missing_ok=True)
         self._files = []
 
 
@@ -367,18 +390,21 @@ def _new_npy(path: str, dtype, shape: tuple) -> tuple:
     fd = os.open(path, os.O_RDWR)
     size = offset + row * shape[0]
     try:
-        if hasattr(os, "posix_fallocate"):
+        try:
+            if not hasattr(os, "posix_fallocate"):  # pragma: no cover - no fallocate here
+                raise OSError(errno.EOPNOTSUPP, "no posix_fallocate")
             os.posix_fallocate(fd, 0, size)
-        else:  # pragma: no cover - platforms without fallocate
-            os.ftruncate(fd, size)
-    except OSError as exc:
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceError(
+                    f"No room left for the subsets in {Path(path).parent} ("
+                    f"{size / 2**20:,.0f} MB more needed); free space, or pass another "
+                    "temp_folder.") from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, size)  # a file system without fallocate: a sparse file
+    except BaseException:
         os.close(fd)
         Path(path).unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceError(
-                f"No room left for the subsets in {Path(path).parent} ({size / 2**20:,.0f} MB "
-                "more needed); free space, or pass another temp_folder.") from None
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-        os.ftruncate(fd, size)
+        raise
     return path, fd, offset, dtype, row

@@ -25,6 +25,7 @@ Needs the ``dask`` extra: ``pip install 'fedgrain[dask]'``.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -197,15 +198,6 @@ class DaskBackend(Backend):
             folder = self._dir
         return FileShardWriter(self, folder, sizes, n_features, weighted)
 
-    def spill_folder(self):
-        if self.shared_folder is not None and getattr(self, "_spill", None) is None:
-            import tempfile
-            from pathlib import Path
-
-            self._spill = Path(tempfile.mkdtemp(prefix="fedgrain-spill-",
-                                                dir=self.shared_folder))
-        return super().spill_folder()
-
     def adopt(self, refs: list[FileShardRef]) -> list[ShardRef]:
         """Each shard is loaded from its files by the worker that will hold it."""
         out: list[ShardRef] = []
@@ -224,9 +216,9 @@ class DaskBackend(Backend):
         worker = self._live_worker()
         src = ref.source
         if isinstance(src, FileShardRef) and self._files_visible():
-            future = self.client.submit(_load_shard, src, key=f"fedgrain-shard-{id(ref)}-"
-                                        f"{self._placed}", workers=[worker],
-                                        allow_other_workers=True)
+            future = self.client.submit(_load_shard, src,
+                                        key=f"fedgrain-shard-{uuid.uuid4().hex}",
+                                        workers=[worker], allow_other_workers=True)
         else:
             shard = _read_shard(src) if isinstance(src, FileShardRef) else src
             future = self.client.scatter(shard, workers=[worker], direct=True)
@@ -248,7 +240,12 @@ class DaskBackend(Backend):
             for b, f in futures:
                 try:
                     results = f.result()
-                except Exception as exc:  # noqa: BLE001 - infrastructure: the task was lost
+                except Exception as exc:  # noqa: BLE001 - sorted out just below
+                    if not _lost(exc):  # not a lost worker: an error no retry will mend
+                        why = f"{type(exc).__name__}: {exc}"
+                        for i in b:
+                            out[i] = Outcome(i, None, why, type(exc).__name__)
+                        continue
                     lost.append((b, exc))
                     continue
                 for i, o in zip(b, results, strict=True):
@@ -352,6 +349,15 @@ def _resolve(task):
 
 def _run_bundle_resolved(fn, items) -> list[Outcome]:
     return run_bundle((fn, [(i, _resolve(t)) for i, t in items]))
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether a task failed because a worker, its data or the connection went away (worth
+    placing its shards again and resending it), rather than by an error of its own."""
+    name = type(exc).__name__
+    return (name in ("KilledWorker", "FutureCancelledError", "CancelledError",
+                     "CommClosedError", "FutureLost")
+            or isinstance(exc, (ConnectionError, TimeoutError)))
 
 
 def _read_shard(ref: FileShardRef) -> Shard:

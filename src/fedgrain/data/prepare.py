@@ -179,12 +179,13 @@ def prepare_fit(
 
 
 def prepare_data(X: Any, y: Any, **kwargs) -> FitData:
-    """:func:`prepare_fit`, or, when ``X`` is the path of a Parquet file or folder, the same
-    checks without loading it (:func:`fedgrain.data.streamed.prepare_streamed`): the
-    estimators that divide the data then stream it from disk and never hold it whole."""
+    """:func:`prepare_fit`, or, when ``X`` is the path of a Parquet file or folder and ``y``
+    names its target column (without ``sample_weight``), the same checks without loading it
+    (:func:`fedgrain.data.streamed.prepare_streamed`): the estimators that divide the data
+    then stream it from disk and never hold it whole."""
     from .streamed import is_parquet_path, prepare_streamed
 
-    if is_parquet_path(X):
+    if is_parquet_path(X) and isinstance(y, str) and kwargs.get("sample_weight") is None:
         return prepare_streamed(X, y, **kwargs)
     return prepare_fit(X, y, **kwargs)
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pa_parquet
 from fedgrain.exceptions import DataError
 
 from ._common import _close, _quote
-from .features import FeatureSchema, _encode, _fit_categories, _fit_schema
+from .features import FeatureSchema, _encode, _fit_categories
 from .files import _PARQUET_SUFFIXES, _reason
 from .prepare import FitData
 from .target import _check_missing, _resolve_target, _target_array
@@ -95,7 +95,10 @@ class ParquetSource:
             except (pa.ArrowException, OSError) as exc:
                 raise DataError(f"Could not read '{os.path.abspath(f)}' as Parquet: "
                                 f"{_reason(exc)}.") from None
-            these = meta.schema.to_arrow_schema().names
+            arrow = meta.schema.to_arrow_schema()
+            index = (arrow.pandas_metadata or {}).get("index_columns", [])
+            # a pandas index saved with the frame is not a column (as when read whole)
+            these = [c for c in arrow.names if c not in {i for i in index if isinstance(i, str)}]
             if names is None:
                 names = these
             elif these != names:
@@ -214,57 +217,128 @@ def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any 
         return _scan_values(source, y, features, target, schema)
 
 
+#: A target with more distinct values than this is refused while reading (an ordinal target
+#: has a few levels; the in-memory check is the same for floats, at 20).
+MAX_TARGET_VALUES = 100_000
+
+
+def _first_batch(source: ParquetSource) -> pd.DataFrame:
+    frames = source.frames()
+    try:
+        return next(frames)[1]
+    finally:
+        frames.close()
+
+
+def _merge_order(acc: list, cats, ordered: bool, where: str) -> None:
+    """Add a batch's categories to ``acc`` in order of appearance (as pyarrow unifies the
+    dictionaries of a column read whole); ordered categories must agree in their order."""
+    cats = list(cats)
+    if ordered:
+        common_acc = [c for c in acc if c in set(cats)]
+        common_new = [c for c in cats if c in set(acc)]
+        if common_acc != common_new:
+            raise DataError(f"{where} has ordered categories {_quote(cats)} in another order "
+                            f"than earlier batches ({_quote(acc)}); give every file the same "
+                            "order.")
+    acc.extend(c for c in cats if c not in set(acc))
+
+
 def _scan_levels(source: ParquetSource, y: str, features: list[str], levels, categorical,
                  estimator_name: str):
-    """First pass, over the target and the non-numeric columns only: levels and schema."""
-    from .. import progress
+    """First pass, over the target and the categorical columns only: levels and schema.
 
-    _, first = next(source.frames())
-    schema = _fit_schema(first[features], tuple(features), True, categorical)
-    cats = list(schema.categorical)
-    seen: dict[str, list] = {c: [] for c in cats}
+    Every check that names rows runs batch by batch, so its rows are the file's; the levels
+    are those of the whole file, in the order the in-memory fit would give them.
+    """
+    from .. import progress
+    from .features import (
+        _check_no_missing_category,
+        _is_numeric,
+        _not_numeric_error,
+        _resolve_categorical,
+    )
+    from .target import TargetEncoding, _as_levels
+
+    first = _first_batch(source)
+    names = tuple(features)
+    declared = _resolve_categorical(categorical, names)
+    cats, not_numeric = [], []
+    for j, name in enumerate(names):
+        column = first[name]
+        if j in declared or isinstance(column.dtype, pd.CategoricalDtype):
+            cats.append(name)
+        elif not _is_numeric(column, name):
+            not_numeric.append((name, column.dtype))
+    if not_numeric:
+        raise _not_numeric_error(not_numeric)
+    seen: dict[str, dict] = {c: {} for c in cats}
+    order: dict[str, list] = {c: [] for c in cats}
     counts: dict[Any, int] = {}
-    sample_y = first[y].iloc[:0]
+    y_order: list = []
+    y_dtype = first[y].dtype
+    y_ordered = isinstance(y_dtype, pd.CategoricalDtype) and bool(y_dtype.ordered)
+    given = None if levels is None else TargetEncoding(_as_levels(levels))
     for start, frame in source.frames([y, *cats]):
+        where = source.where(start, frame.shape[0])
         values = frame[y]
         try:
             _check_missing(_target_array(values), "y")
+            if given is not None:
+                given.encode(values)
         except DataError as exc:
-            raise DataError(f"The target column {y!r}: {exc} "
-                            f"{source.where(start, frame.shape[0])}") from None
-        for v, c in values.value_counts(sort=False).items():
-            counts[v] = counts.get(v, 0) + int(c)
-        if len(counts) > 10_000:
+            raise DataError(f"The target column {y!r}: {exc} {where}") from None
+        try:
+            for c in cats:
+                _check_no_missing_category(frame[c], c)
+        except DataError as exc:
+            raise DataError(f"{exc} {where}") from None
+        for v, k in values.value_counts(sort=False).items():
+            if k:
+                counts[v] = counts.get(v, 0) + int(k)
+        if len(counts) > MAX_TARGET_VALUES:
             raise DataError(
-                f"The target column {y!r} has more than 10,000 distinct values; an ordinal "
-                "target needs discrete levels, so round or bin it.")
-        if sample_y.shape[0] < 1:
-            sample_y = values.iloc[:1]
+                f"The target column {y!r} has more than {MAX_TARGET_VALUES:,} distinct "
+                "values; an ordinal target needs discrete levels, so round or bin it.")
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            _merge_order(y_order, values.cat.categories, y_ordered,
+                         f"The target column {y!r} {where}")
         for c in cats:
-            seen[c].extend(pd.unique(frame[c].to_numpy(dtype=object)).tolist())
+            column = frame[c]
+            if isinstance(column.dtype, pd.CategoricalDtype):
+                _merge_order(order[c], column.cat.categories, False, c)
+                codes = np.unique(column.cat.codes.to_numpy())
+                present = column.cat.categories[codes[codes >= 0]]
+                seen[c].update(dict.fromkeys(present.tolist()))
+            else:
+                seen[c].update(dict.fromkeys(pd.unique(column.to_numpy(dtype=object)).tolist()))
         progress.advance(frame.shape[0])
     uniques = list(counts)
     reps = np.minimum([counts[u] for u in uniques], 1 << 16)
-    synthetic = pd.Series(np.repeat(np.array(uniques, dtype=object), reps))
-    if isinstance(sample_y.dtype, pd.CategoricalDtype):
-        synthetic = synthetic.astype(sample_y.dtype)
+    if isinstance(y_dtype, pd.CategoricalDtype):
+        synthetic = pd.Series(pd.Categorical(np.repeat(np.array(uniques, dtype=object), reps),
+                                             categories=y_order, ordered=y_ordered))
+        target, _ = _resolve_target(synthetic, levels, None)
     else:
-        synthetic = synthetic.infer_objects()
-        if sample_y.dtype.kind in "biuf" and synthetic.dtype != sample_y.dtype:
-            synthetic = synthetic.astype(sample_y.dtype)
-    target, _ = _resolve_target(synthetic if isinstance(synthetic.dtype, pd.CategoricalDtype)
-                                else synthetic.to_numpy(), levels, None)
-    if cats:
-        categories = {c: _fit_categories(pd.Series(list(dict.fromkeys(seen[c]))), c)
-                      for c in cats}
-        output: list[str] = []
-        for name in features:
-            if name in categories:
-                output.extend(f"{name}[{lv}]" for lv in categories[name][1:])
-            else:
-                output.append(name)
-        schema = FeatureSchema(tuple(features), True, categories, tuple(output))
-    return target, schema
+        synthetic = pd.Series(np.repeat(np.array(uniques, dtype=object), reps)).infer_objects()
+        if y_dtype.kind in "biuf" and synthetic.dtype != y_dtype:
+            synthetic = synthetic.astype(y_dtype)
+        target, _ = _resolve_target(synthetic.to_numpy(), levels, None)
+    categories = {}
+    for c in cats:
+        values = list(seen[c])
+        if order[c]:  # a categorical column: its categories' order, as in memory
+            column = pd.Series(pd.Categorical(values, categories=order[c]))
+        else:
+            column = pd.Series(values, dtype=object)
+        categories[c] = _fit_categories(column, c)
+    output: list[str] = []
+    for name in features:
+        if name in categories:
+            output.extend(f"{name}[{lv}]" for lv in categories[name][1:])
+        else:
+            output.append(name)
+    return target, FeatureSchema(names, True, categories, tuple(output))
 
 
 def _scan_values(source: ParquetSource, y: str, features: list[str], target,

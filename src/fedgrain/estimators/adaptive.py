@@ -19,7 +19,7 @@ from .. import combine, local, meta, progress
 from .._warnings import warn
 from ..backends import Backend, get_backend
 from ..data import prepare_data
-from ..exceptions import DataError
+from ..exceptions import DataError, ParameterError
 from ..partition import PartitionTree
 from ..partition_growth import grow, leaf_seeds, profile_leaves
 from ..profile import DataProfile
@@ -209,7 +209,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         try:
             gm._validate()
         except ValueError as exc:
-            raise ValueError(str(exc).replace(type(gm).__name__, owner)) from None
+            raise ParameterError(str(exc).replace(type(gm).__name__, owner)) from None
         return gm
 
     def _min_size(self, n: int, d: int) -> int:

@@ -19,14 +19,14 @@ from sklearn.utils.validation import check_is_fitted
 
 from ..backends import Backend
 from ..data import FeatureSchema, TargetEncoding, prepare_predict
-from ..exceptions import ModelFileError
+from ..exceptions import ModelFileError, ParameterError
 from ..io import read_model_dir, write_model_dir
 from ..ordinal import class_proba, cumulative_proba
 from ..results import OrdinalResults
 
 
 def param_error(owner: str, name: str, allowed: str, value) -> ValueError:
-    return ValueError(
+    return ParameterError(
         f"The '{name}' parameter of {owner} must be {allowed}. Got {value!r} instead."
     )
 

@@ -211,28 +211,28 @@ class DivideConquerOrdinal(OrdinalModel):
         d = p + K - 1
         backend = get_backend(self.backend, self.n_jobs, owner=owner)
         own_backend = backend is not self.backend
-        M = self._resolve_subsets(n, d, backend)
-        need = ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0)
-        if M > 1 and n / M < need * d:
-            what = ("one-shot pooling (refine_rounds=0) is biased there"
-                    if self.refine_rounds == 0 else
-                    "one refinement round does not remove all of their bias")
-            warn(
-                f"Subsets of about {n // M:,} rows have fewer than {need} rows per parameter "
-                f"(d = {d}); {what}. Use refine_rounds={self.refine_rounds + 1} or fewer "
-                "subsets.", UserWarning)
-        rs = check_random_state(self.random_state)
-        split_seed = int(rs.randint(0, 2**31 - 1))
-        tree = PartitionTree(p, K, fit_standardizer(Xm, w), split_seed)
-        if M > 1:
-            tree.split_random(tree.root, M)
-        labels = route_rows(tree, Xm, codes)
-        tree.count(labels)
-        settings = self._settings(K)
-        names = parameter_names(data.schema.output_names, data.target.classes)
-        sched = schedule(tree.sizes, d, backend.n_workers, row_bytes=(p + 2) * 8)
         refs = []
-        try:
+        try:  # from here on the backend is closed whatever happens
+            M = self._resolve_subsets(n, d, backend)
+            need = ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0)
+            if M > 1 and n / M < need * d:
+                what = ("one-shot pooling (refine_rounds=0) is biased there"
+                        if self.refine_rounds == 0 else
+                        "one refinement round does not remove all of their bias")
+                warn(
+                    f"Subsets of about {n // M:,} rows have fewer than {need} rows per parameter "
+                    f"(d = {d}); {what}. Use refine_rounds={self.refine_rounds + 1} or fewer "
+                    "subsets.", UserWarning)
+            rs = check_random_state(self.random_state)
+            split_seed = int(rs.randint(0, 2**31 - 1))
+            tree = PartitionTree(p, K, fit_standardizer(Xm, w), split_seed)
+            if M > 1:
+                tree.split_random(tree.root, M)
+            labels = route_rows(tree, Xm, codes)
+            tree.count(labels)
+            settings = self._settings(K)
+            names = parameter_names(data.schema.output_names, data.target.classes)
+            sched = schedule(tree.sizes, d, backend.n_workers, row_bytes=(p + 2) * 8)
             refs = build_shards(backend, Xm, codes, w, labels, M, tree.standardizer)
             run = fit_partition(backend, refs, sched, settings, leaf_seeds(tree, split_seed),
                                 names=names, p=p, sizes=tree.sizes,
