@@ -145,8 +145,13 @@ def split_test(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit
     """
     terms = node_terms(X, y, w, fit) if terms is None else terms
     sP, HP, JP = terms.total
-    sL, HL, JL = terms.sums(left)
-    JR = JP - JL
+    left = np.asarray(left, dtype=bool)
+    if 2 * int(left.sum()) <= left.shape[0]:  # sum over the smaller side, the other by difference
+        sL, HL, JL = terms.sums(left)
+        JR = JP - JL
+    else:
+        sR, HR, JR = terms.sums(~left)
+        sL, HL, JL = sP - sR, HP - HR, JP - JR
     A = solve_psd(HP, HL.T).T  # H_L H_P^-1 (both symmetric)
     s = sL - A @ sP
     B = np.eye(A.shape[0]) - A
@@ -174,19 +179,29 @@ class NodeTerms:
         """:meth:`sums` over all the rows (computed once)."""
         return self.sums()
 
+    @cached_property
+    def _vsum(self) -> np.ndarray:
+        return self.V.sum(axis=1)
+
     def sums(self, mask: np.ndarray | None = None):
-        """Score, Hessian and cluster meat of the rows in ``mask`` (all rows by default)."""
-        m = self.w if mask is None else self.w * mask
-        nf = self.Xf.shape[1]
-        Sm = self.S * m[:, None]
-        d = self.S.shape[1]
+        """Score, Hessian and cluster meat of the rows in ``mask`` (a boolean mask; all rows
+        by default). Only the masked rows are touched."""
+        if mask is None:
+            S, Xf, V, m, vs = self.S, self.Xf, self.V, self.w, self._vsum
+        else:
+            idx = np.flatnonzero(mask)
+            S, Xf, V, m, vs = self.S[idx], self.Xf[idx], self.V[idx], self.w[idx], \
+                self._vsum[idx]
+        nf = Xf.shape[1]
+        Sm = S * m[:, None]
+        d = S.shape[1]
         H = np.empty((d, d))
-        Xm = Sm[:, :0] if nf == 0 else self.Xf * m[:, None]
-        H[:nf, :nf] = (Xm * self.V.sum(axis=1)[:, None]).T @ self.Xf
-        H[:nf, nf:] = -(Xm.T @ self.V)
+        Xm = Sm[:, :0] if nf == 0 else Xf * m[:, None]
+        H[:nf, :nf] = (Xm * vs[:, None]).T @ Xf
+        H[:nf, nf:] = -(Xm.T @ V)
         H[nf:, :nf] = H[:nf, nf:].T
-        H[nf:, nf:] = np.diag(m @ self.V)
-        return Sm.sum(axis=0), H, Sm.T @ self.S
+        H[nf:, nf:] = np.diag(m @ V)
+        return Sm.sum(axis=0), H, Sm.T @ S
 
 
 def node_terms(X, y, w, fit: QuickFit) -> NodeTerms:
