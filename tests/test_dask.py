@@ -309,3 +309,41 @@ def test_a_fit_refused_early_still_stops_the_cluster_it_started():
             break
         time.sleep(0.2)
     assert not left
+
+
+def test_a_scheduler_that_stops_answering_is_a_clear_error_not_a_hang(monkeypatch):
+    """SIGSTOP keeps the scheduler's connections open but silent, as a network cut would."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from fedgrain.backends import dask as dask_module
+
+    monkeypatch.setattr(dask_module, "PING_SECONDS", 1.0)
+    port = _free_port()
+    sched = subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1",
+                              "--port", str(port), "--no-dashboard"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([sys.executable, "-m", "dask", "worker",
+                               f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard",
+                               "--host", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        backend = DaskBackend(scheduler=f"tcp://127.0.0.1:{port}", timeout=4)
+        backend.client.wait_for_workers(1, timeout=20)
+        X, y, *_ = make_regions(12_000, n_regions=2, random_state=7)
+        model = AdaptiveFederatedOrdinal(meta="fomaml", max_rounds=200, meta_tol=0.0,
+                                         backend=backend, random_state=0)
+        threading.Timer(1.5, lambda: sched.send_signal(signal.SIGSTOP)).start()
+        start = time.monotonic()
+        with pytest.raises(FedgrainError, match="does not answer") as info:
+            model.fit(X, y)
+        assert time.monotonic() - start < 40, str(info.value)
+    finally:
+        sched.send_signal(signal.SIGCONT)
+        for proc in (worker, sched):
+            proc.kill()
+            proc.wait(timeout=10)
+    backend.close()

@@ -44,6 +44,9 @@ from .base import (
     unlink_files,
 )
 
+#: While a task runs, the scheduler is asked to answer this often (seconds).
+PING_SECONDS = 5.0
+
 #: The Dask setting that names the allocator variable its nanny sets in worker processes.
 TRIM_KEY = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 
@@ -239,7 +242,9 @@ class DaskBackend(Backend):
             lost = []
             for b, f in futures:
                 try:
-                    results = f.result()
+                    results = self._result(f)
+                except FedgrainError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - sorted out just below
                     if not _lost(exc):  # not a lost worker: an error no retry will mend
                         why = f"{type(exc).__name__}: {exc}"
@@ -273,6 +278,33 @@ class DaskBackend(Backend):
         return self.client.submit(_run_bundle_resolved, fn, items, pure=False,
                                   workers=_worker_of(tasks[bundle[0]]),
                                   allow_other_workers=True)
+
+    def _result(self, future):
+        """The future's result; while it runs, the scheduler must answer a ping every few
+        seconds (a scheduler stopped or cut off without closing the connection would
+        otherwise leave the fit waiting for ever)."""
+        from distributed import wait
+
+        every = min(PING_SECONDS, self.timeout)
+        while True:
+            try:
+                wait([future], timeout=every)
+            except TimeoutError:
+                pass
+            except Exception:  # noqa: BLE001 - cancelled or lost: result() says how, as usual
+                return future.result()
+            else:
+                return future.result()
+            self._check_scheduler()
+            try:
+                self.client.sync(self.client.scheduler.identity,
+                                 callback_timeout=self.timeout)
+            except Exception:  # noqa: BLE001 - no answer in time, or the link failed
+                self._check_scheduler()
+                raise FedgrainError(
+                    f"The Dask scheduler at {self.address} does not answer (waited "
+                    f"{self.timeout:g} s): the fit cannot go on. Check that it is running and "
+                    "reachable, and fit again.") from None
 
     def _check_lost_scheduler(self) -> None:
         """After a lost task: is it the scheduler that went? (The client notices within a
@@ -355,8 +387,8 @@ def _lost(exc: BaseException) -> bool:
     """Whether a task failed because a worker, its data or the connection went away (worth
     placing its shards again and resending it), rather than by an error of its own."""
     name = type(exc).__name__
-    return (name in ("KilledWorker", "FutureCancelledError", "CancelledError",
-                     "CommClosedError", "FutureLost")
+    return (name in ("KilledWorker", "FutureCancelledError", "FuturesCancelledError",
+                     "CancelledError", "CommClosedError", "FutureLost")
             or isinstance(exc, (ConnectionError, TimeoutError)))
 
 
