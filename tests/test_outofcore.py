@@ -284,3 +284,31 @@ def test_an_array_target_or_weights_read_the_parquet_file_into_memory(tmp_path):
     b = DivideConquerOrdinal(n_subsets=2, backend="serial").fit(X, frame["grade"],
                                                                 sample_weight=w)
     np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-12)
+
+
+def test_a_source_with_chosen_columns_and_the_cli_options_that_choose_them(regions, tmp_path,
+                                                                           capsys):
+    from fedgrain.cli import main
+
+    frame, folder = regions
+    ids = frame.assign(id=np.arange(len(frame)), note="x")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i, a in enumerate(range(0, len(ids), 10_000)):
+        ids.iloc[a : a + 10_000].to_parquet(parts / f"p{i}.parquet", index=False)
+    features = [c for c in frame.columns if c != "grade"]
+    ref = DivideConquerOrdinal(n_subsets=3, backend="serial").fit(frame[features],
+                                                                  frame["grade"])
+    source = ParquetSource(parts, columns=[*features, "grade"])
+    model = DivideConquerOrdinal(n_subsets=3, backend="serial").fit(source, "grade")
+    np.testing.assert_allclose(model.coef_, ref.coef_, rtol=0, atol=1e-10)
+    code = main(["fit", str(parts), "--target", "grade", "--drop", "id,note", "--backend",
+                 "serial", "--n-subsets", "3", "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert code == 0 and "streaming" in err, err
+    np.testing.assert_allclose(load(tmp_path / "m").coef_, ref.coef_, rtol=0, atol=1e-10)
+    code = main(["fit", str(parts), "--target", "grade", "--features", "x0,x1,nope",
+                 "--out", str(tmp_path / "m2")])
+    assert code == 2 and "--features: ['nope'] not among" in capsys.readouterr().err
+    with pytest.raises(DataError, match="has no column 'nopee'"):
+        ParquetSource(parts, columns=["x0", "nopee"])

@@ -192,26 +192,36 @@ def _cmd_fit(args) -> int:
         raise FileExistsError(f"{out} already exists; pass --force to replace it.")
     from .data.streamed import ParquetSource, is_parquet_path
 
-    streamed = (is_parquet_path(args.data) and args.estimator != "mle" and not args.weights
-                and not args.drop and not args.features)
+    streamed = is_parquet_path(args.data) and args.estimator != "mle" and not args.weights
     if streamed:  # the estimator reads it batch by batch, never whole
         source = ParquetSource(args.data)
+        keep = [c for c in source.columns if c != args.target]
+        if args.drop:
+            keep = [c for c in keep if c not in _columns(
+                pd.DataFrame(columns=keep), _csv_list(args.drop), "--drop", args.data)]
+        if args.features:
+            keep = _columns(pd.DataFrame(columns=keep), _csv_list(args.features), "--features",
+                            args.data)
+        if args.target not in source.columns:
+            split_target(pd.DataFrame(columns=source.columns), args.target)  # the message
+        source = ParquetSource(args.data, columns=[*keep, args.target])
         _log(args, f"streaming {args.data} ({source.n_rows:,} rows) ...")
-        first = next(source.frames())[1]
-        X, y = split_target(first, args.target)
-        X, y, size = args.data, y, (source.n_rows, len(source.columns) - 1)
+        first = next(source.frames([args.target]))[1]
+        y = first[args.target]
+        X, size = source, (source.n_rows, len(keep))
     else:
         _log(args, f"reading {args.data} ...")
         frame = read_table(args.data)
         X, y = split_target(frame, args.target)
-        size = X.shape
     weights = None
-    if args.weights:
+    if args.weights and not streamed:
         weights = X.pop(_columns(X, [args.weights], "--weights", args.data)[0]).to_numpy()
-    if args.drop:
+    if args.drop and not streamed:
         X = X.drop(columns=_columns(X, _csv_list(args.drop), "--drop", args.data))
-    if args.features:
+    if args.features and not streamed:
         X = X.loc[:, _columns(X, _csv_list(args.features), "--features", args.data)]
+    if not streamed:
+        size = X.shape
     levels = _typed_levels(_csv_list(args.levels), y)
     if streamed:
         y = args.target

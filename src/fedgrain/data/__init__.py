@@ -18,12 +18,14 @@ from fedgrain.exceptions import ComplexDataError
 from .features import FeatureSchema
 from .files import read_table, split_target
 from .prepare import FitData, prepare_data, prepare_fit, prepare_predict
+from .streamed import ParquetSource
 from .target import TargetEncoding
 
 __all__ = [
     "ComplexDataError",
     "FeatureSchema",
     "FitData",
+    "ParquetSource",
     "TargetEncoding",
     "prepare_data",
     "prepare_fit",

@@ -39,7 +39,10 @@ BATCH_ROWS = 65_536
 
 
 def is_parquet_path(X: Any) -> bool:
-    """Whether ``X`` is the path of a Parquet file or of a folder (of Parquet files)."""
+    """Whether ``X`` is the path of a Parquet file or of a folder (of Parquet files), or a
+    :class:`ParquetSource`."""
+    if isinstance(X, ParquetSource):
+        return True
     if not isinstance(X, (str, os.PathLike)):
         return False
     path = Path(X)
@@ -54,6 +57,9 @@ class ParquetSource:
     path : str or path-like
     batch_rows : int
         Rows per batch.
+    columns : list of str, optional
+        Read only these columns (the features and the target): pass an instance to ``fit``
+        instead of the path to leave out ids, dates and the like.
 
     Examples
     --------
@@ -70,7 +76,8 @@ class ParquetSource:
     [(0, 3), (3, 1), (4, 3), (7, 1), (8, 3), (11, 1)]
     """
 
-    def __init__(self, path: str | os.PathLike, batch_rows: int = BATCH_ROWS):
+    def __init__(self, path: str | os.PathLike, batch_rows: int = BATCH_ROWS,
+                 columns: list[str] | None = None):
         self.path = Path(path)
         self.shown = os.path.abspath(self.path)
         self.batch_rows = int(batch_rows)
@@ -108,12 +115,21 @@ class ParquetSource:
                     f"{_quote(names)}; give files of one table.")
             self.rows.append(meta.num_rows)
         self.columns: list[str] = list(names or [])
+        if columns is not None:
+            wanted = list(dict.fromkeys(columns))
+            missing = [c for c in wanted if c not in self.columns]
+            if missing:
+                raise DataError(f"'{self.shown}' has no column {missing[0]!r}; "
+                                f"{_close(missing[0], self.columns)}")
+            self.columns = wanted
         self.n_rows = int(sum(self.rows))
         if self.n_rows == 0:
             raise DataError(f"'{self.shown}' is empty: it has column names but no data rows.")
 
     def frames(self, columns: list[str] | None = None):
-        """``(start, DataFrame)`` for every batch, in order (the last ones may be shorter)."""
+        """``(start, DataFrame)`` for every batch, in order (the last ones may be shorter);
+        ``columns`` (default: this source's) are read, nothing else."""
+        columns = self.columns if columns is None else columns
         start = 0
         for f in self.files:
             try:
@@ -195,14 +211,15 @@ def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any 
     and whose ``codes`` are compact (one byte a row for up to 127 classes).
     """
     if not isinstance(y, str):
+        shown = path.shown if isinstance(path, ParquetSource) else os.path.abspath(path)
         raise DataError(
-            f"{estimator_name} reads '{os.path.abspath(path)}' batch by batch, so y must name "
-            f"its target column (a str), not {type(y).__name__}.")
+            f"{estimator_name} reads '{shown}' batch by batch, so y must name its target "
+            f"column (a str), not {type(y).__name__}.")
     if sample_weight is not None:
         raise DataError(
             "sample_weight is not available when fitting from a Parquet path (the rows are "
             "streamed); fit on a frame read into memory, or drop the weights.")
-    source = ParquetSource(path, batch_rows)
+    source = path if isinstance(path, ParquetSource) else ParquetSource(path, batch_rows)
     if y not in source.columns:
         raise DataError(f"The target column {y!r} is not in '{source.shown}'; "
                         f"{_close(y, source.columns)}")
