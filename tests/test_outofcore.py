@@ -312,3 +312,27 @@ def test_a_source_with_chosen_columns_and_the_cli_options_that_choose_them(regio
     assert code == 2 and "--features: ['nope'] not among" in capsys.readouterr().err
     with pytest.raises(DataError, match="has no column 'nopee'"):
         ParquetSource(parts, columns=["x0", "nopee"])
+
+
+def test_hive_partition_folders_become_columns(tmp_path):
+    """A folder written with partition columns (Spark, pyarrow.parquet.write_to_dataset) keeps
+    them: `region=north/year=2020/...` gives each row region 'north' and year 2020."""
+    rng = np.random.default_rng(9)
+    n = 9_000
+    df = pd.DataFrame({"x": rng.normal(size=n),
+                       "region": rng.choice(["north", "south", "west"], n),
+                       "year": rng.choice([2019, 2020], n)})
+    eta = df.x + (df.region == "north") * 0.8 + (df.year == 2020) * 0.5
+    df["grade"] = np.digitize(eta + rng.logistic(size=n), [-0.5, 1])
+    pq.write_to_dataset(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "d",
+                        partition_cols=["region", "year"])
+    source = ParquetSource(tmp_path / "d")
+    assert source.columns == ["x", "grade", "region", "year"]
+    rows = pd.concat([f for _, f in source.frames()], ignore_index=True)
+    assert rows["year"].dtype.kind == "i" and set(rows["region"]) == {"north", "south", "west"}
+    kw = {"n_subsets": 2, "backend": "serial", "categorical": ["region"]}
+    a = DivideConquerOrdinal(**kw).fit(tmp_path / "d", "grade")
+    b = DivideConquerOrdinal(**kw).fit(rows.drop(columns="grade"), rows["grade"])
+    assert list(a.results_.feature_names) == ["x", "region[south]", "region[west]", "year"]
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-10)
+    assert 0.5 < a.coef_[0] < 1.5  # the slope of x, the true one being 1

@@ -114,7 +114,8 @@ class ParquetSource:
                     f"'{os.path.abspath(f)}' has {_quote(these)}, the first file "
                     f"{_quote(names)}; give files of one table.")
             self.rows.append(meta.num_rows)
-        self.columns: list[str] = list(names or [])
+        self.partitions = self._hive(files, names or [])
+        self.columns: list[str] = list(names or []) + list(self.partitions[0] if files else [])
         if columns is not None:
             wanted = list(dict.fromkeys(columns))
             missing = [c for c in wanted if c not in self.columns]
@@ -126,20 +127,60 @@ class ParquetSource:
         if self.n_rows == 0:
             raise DataError(f"'{self.shown}' is empty: it has column names but no data rows.")
 
+    def _hive(self, files: list[Path], names: list[str]) -> list[dict]:
+        """Each file's ``key=value`` folders below the source's folder (Hive-style
+        partitioning, as Spark and pyarrow write it): columns with one value per file, typed
+        int, float or str by what all their values parse as."""
+        if not self.path.is_dir():
+            return [{} for _ in files]
+        raw = []
+        for f in files:
+            parts = [p.split("=", 1) for p in f.relative_to(self.path).parent.parts if "=" in p]
+            raw.append({k: v for k, v in parts})
+        keys = list(raw[0]) if raw else []
+        for f, r in zip(files, raw, strict=True):
+            if list(r) != keys:
+                raise DataError(
+                    f"The Parquet files of '{self.shown}' are not partitioned alike: "
+                    f"'{os.path.abspath(f)}' sits under {_quote(list(r))}, the first file under "
+                    f"{_quote(keys)}.")
+        clash = [k for k in keys if k in names]
+        if clash:
+            raise DataError(f"The partition folder name {clash[0]!r} in '{self.shown}' is also "
+                            "a column of its files; rename one of them.")
+        for k in keys:
+            for cast in (int, float, str):
+                try:
+                    values = [cast(r[k]) for r in raw]
+                except ValueError:
+                    continue
+                for r, v in zip(raw, values, strict=True):
+                    r[k] = v
+                break
+        return raw
+
     def frames(self, columns: list[str] | None = None):
         """``(start, DataFrame)`` for every batch, in order (the last ones may be shorter);
         ``columns`` (default: this source's) are read, nothing else."""
         columns = self.columns if columns is None else columns
         start = 0
-        for f in self.files:
+        for f, part in zip(self.files, self.partitions, strict=True):
+            read = [c for c in columns if c not in part]
             try:
                 # no pre-buffering of whole row groups: pages are read through a small
                 # buffer, so memory does not grow with the file's row-group size
                 pf = pa_parquet.ParquetFile(str(f), pre_buffer=False, buffer_size=1 << 20)
-                for rb in pf.iter_batches(batch_size=self.batch_rows, columns=columns):
+                for rb in pf.iter_batches(batch_size=self.batch_rows, columns=read):
                     if rb.num_rows == 0:
                         continue
                     frame = pa.Table.from_batches([rb]).to_pandas(split_blocks=True)
+                    if part:
+                        if len(frame) != rb.num_rows:  # no file column asked for
+                            frame = pd.DataFrame(index=pd.RangeIndex(rb.num_rows))
+                        for k in columns:
+                            if k in part:
+                                frame[k] = part[k]
+                        frame = frame[list(columns)]
                     yield start, frame
                     start += rb.num_rows
             except (pa.ArrowException, OSError) as exc:
