@@ -213,11 +213,10 @@ def test_a_worker_killed_during_the_fit_does_not_change_the_model(tmp_path, esti
     np.testing.assert_allclose(model.cov_, reference.cov_, rtol=0, atol=1e-10)
 
 
-def test_a_lost_scheduler_is_a_clear_error_not_a_hang():
+def _scheduler_and_worker():
+    """A `dask scheduler` and one `dask worker` as separate processes on 127.0.0.1."""
     import subprocess
     import sys
-    import threading
-    import time
 
     port = _free_port()
     sched = subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1",
@@ -227,12 +226,25 @@ def test_a_lost_scheduler_is_a_clear_error_not_a_hang():
                                f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard",
                                "--host", "127.0.0.1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return f"tcp://127.0.0.1:{port}", sched, worker
+
+
+def _long_meta_fit(backend, rounds):
+    X, y, *_ = make_regions(12_000, n_regions=2, random_state=7)
+    model = AdaptiveFederatedOrdinal(meta="fomaml", max_rounds=rounds, meta_tol=0.0,
+                                     backend=backend, random_state=0)
+    return model, X, y
+
+
+def test_a_lost_scheduler_is_a_clear_error_not_a_hang():
+    import threading
+    import time
+
+    address, sched, worker = _scheduler_and_worker()
     try:
-        backend = DaskBackend(scheduler=f"tcp://127.0.0.1:{port}", timeout=20)
+        backend = DaskBackend(scheduler=address, timeout=20)
         backend.client.wait_for_workers(1, timeout=20)
-        X, y, *_ = make_regions(12_000, n_regions=2, random_state=7)
-        model = AdaptiveFederatedOrdinal(meta="fomaml", max_rounds=50, meta_tol=0.0,
-                                         backend=backend, random_state=0)
+        model, X, y = _long_meta_fit(backend, 50)
         threading.Timer(1.5, sched.kill).start()  # mid-fit: the meta rounds take longer
         start = time.monotonic()
         with pytest.raises(FedgrainError, match="Lost the Dask scheduler at tcp://127.0.0.1"):
@@ -314,28 +326,17 @@ def test_a_fit_refused_early_still_stops_the_cluster_it_started():
 def test_a_scheduler_that_stops_answering_is_a_clear_error_not_a_hang(monkeypatch):
     """SIGSTOP keeps the scheduler's connections open but silent, as a network cut would."""
     import signal
-    import subprocess
-    import sys
     import threading
     import time
 
     from fedgrain.backends import dask as dask_module
 
     monkeypatch.setattr(dask_module, "PING_SECONDS", 1.0)
-    port = _free_port()
-    sched = subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1",
-                              "--port", str(port), "--no-dashboard"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([sys.executable, "-m", "dask", "worker",
-                               f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard",
-                               "--host", "127.0.0.1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address, sched, worker = _scheduler_and_worker()
     try:
-        backend = DaskBackend(scheduler=f"tcp://127.0.0.1:{port}", timeout=4)
+        backend = DaskBackend(scheduler=address, timeout=4)
         backend.client.wait_for_workers(1, timeout=20)
-        X, y, *_ = make_regions(12_000, n_regions=2, random_state=7)
-        model = AdaptiveFederatedOrdinal(meta="fomaml", max_rounds=200, meta_tol=0.0,
-                                         backend=backend, random_state=0)
+        model, X, y = _long_meta_fit(backend, 200)
         threading.Timer(1.5, lambda: sched.send_signal(signal.SIGSTOP)).start()
         start = time.monotonic()
         with pytest.raises(FedgrainError, match="does not answer") as info:
