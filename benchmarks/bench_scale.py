@@ -16,6 +16,7 @@ Run from the repository root, nothing else running (it writes about 7 GB of temp
 removed at the end):
 
     .venv/bin/python benchmarks/bench_scale.py --out docs/benchmarks.md   # about 6 minutes
+    .venv/bin/python benchmarks/bench_scale.py --large 5e7 --out docs/benchmarks.md  # + 5e7 rows
     .venv/bin/python benchmarks/bench_scale.py --quick
 """
 
@@ -285,6 +286,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2e5 rows for Dask, 2e6 out of core")
     ap.add_argument("--out", help="markdown file to update between the scale markers")
+    ap.add_argument("--large", type=float, default=0,
+                    help="also fit this many rows out of core on processes (e.g. 5e7; about "
+                         "420 MB of disk per million rows)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -301,11 +305,16 @@ def main(argv=None):
     text, ooc = out_of_core_part(n_files, rows, ["processes", "dask"])
     parts.append(text)
     print(text, "\n", flush=True)
+    if args.large:
+        text, _ = out_of_core_part(int(args.large // 1_000_000), 1_000_000, ["processes"])
+        parts.append(text.replace("### Out-of-core:", "### Out-of-core, larger:"))
+        print(parts[-1], "\n", flush=True)
     sizes = [100_000, 1_000_000] if args.quick else [100_000, 1_000_000, 5_000_000]
     parts.append(scaling_part(sizes, ooc, 200_000 if args.quick else 1_000_000))
     print(parts[-1], "\n", flush=True)
     minutes = (time.perf_counter() - t0) / 60
-    cmd = ".venv/bin/python benchmarks/bench_scale.py" + (" --quick" if args.quick else "")
+    cmd = ".venv/bin/python benchmarks/bench_scale.py" + (" --quick" if args.quick else "") \
+        + (f" --large {args.large:.0e}" if args.large else "")
     parts.insert(0, f"Command: `{cmd}` ({minutes:.1f} minutes).")
     if args.out:
         write_marked(args.out, "scale", parts)

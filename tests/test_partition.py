@@ -423,3 +423,21 @@ def test_valley_cut():
     constant = np.full(500, 2.5)
     assert _valley_cut(constant, median=True) is None
     assert _valley_cut(constant, median=False) is None
+
+
+@pytest.mark.parametrize("n, m, k", [(10, 3, 2), (5_000, 4, 5), (2_100_000, 7, 3)])
+def test_stratified_split_deals_as_the_plain_rule_says(n, m, k):
+    """The chunked dealing equals the plain rule: shuffle each class, deal in turn, carry
+    the rotation from class to class."""
+    from fedgrain.partition import stratified_split
+
+    codes = np.random.default_rng(n).integers(0, k, n).astype(np.int8)
+    got = stratified_split(codes, m, np.random.default_rng([1, 2]))
+    rng = np.random.default_rng([1, 2])
+    want = np.empty(n, dtype=np.int64)
+    offset = int(rng.integers(m))
+    for c in np.unique(codes):
+        rows = np.flatnonzero(codes == c)
+        want[rows[rng.permutation(rows.shape[0])]] = (np.arange(rows.shape[0]) + offset) % m
+        offset = (offset + rows.shape[0]) % m
+    np.testing.assert_array_equal(got, want)

@@ -22,6 +22,10 @@ import numpy as np
 from .shards import Standardizer
 
 
+#: Rows dealt out at a time by :func:`stratified_split`.
+_SPLIT_CHUNK = 1 << 20
+
+
 def stratified_split(codes: np.ndarray, n_subsets: int, rng: np.random.Generator) -> np.ndarray:
     """Assign rows to ``n_subsets`` random, class-stratified subsets.
 
@@ -45,10 +49,16 @@ def stratified_split(codes: np.ndarray, n_subsets: int, rng: np.random.Generator
     dtype = np.int16 if n_subsets <= np.iinfo(np.int16).max else np.int32
     labels = np.empty(codes.shape[0], dtype=dtype)
     offset = int(rng.integers(n_subsets))
-    for c in np.unique(codes):
-        rows = np.flatnonzero(codes == c)
-        turn = (np.arange(rows.shape[0]) + offset) % n_subsets
-        labels[rows[rng.permutation(rows.shape[0])]] = turn
+    index = np.int32 if codes.shape[0] < np.iinfo(np.int32).max else np.int64
+    for c in np.flatnonzero(np.bincount(codes)):  # the classes present, in order
+        rows = np.flatnonzero(codes == c).astype(index, copy=False)
+        perm = rng.permutation(rows.shape[0])
+        # the i-th row of the permutation gets subset (i + offset) mod M; in chunks, so no
+        # array of the class's size is made beyond ``rows`` and ``perm`` (data read from disk
+        # keep only a few bytes a row in memory)
+        for a in range(0, rows.shape[0], _SPLIT_CHUNK):
+            b = min(a + _SPLIT_CHUNK, rows.shape[0])
+            labels[rows[perm[a:b]]] = (np.arange(a, b) + offset) % n_subsets
         offset = (offset + rows.shape[0]) % n_subsets
     return labels
 
