@@ -364,7 +364,7 @@ def render(doc: dict, inference: list[str] | None = None,
             "(`threadpoolctl.threadpool_limits(1)`), minimum of "
             f"{doc['repeats']} repetitions. *Plain* is `X.T @ (X * w[:, None])` (a general "
             "matrix product with an N x p temporary); *blocked* is `Z = X_b * sqrt(w_b); "
-            "Z.T @ Z` over row blocks of `fedgrain.ordinal.block_rows(p)` rows (a symmetric "
+            "Z.T @ Z` over row blocks of `fedgrain.core.blocks.block_rows(p)` rows (a symmetric "
             "rank-k update on cached blocks); *one Newton iteration* is one call "
             "`composite_pass(X_std, y, None, beta, theta)` (loss, gradient and Hessian at the "
             "true parameters) plus the d x d solve.",

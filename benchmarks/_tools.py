@@ -119,7 +119,7 @@ def composite_optimum(X, y, x0, p, tol=1e-12, max_iter=50):
     """The optimum of the composite (expanded binary) likelihood by damped Newton from ``x0``."""
     import numpy as np
 
-    from fedgrain.ordinal import composite_pass
+    from fedgrain.core.likelihood import composite_pass
 
     x = np.array(x0, float)
     it = 0
@@ -234,7 +234,8 @@ def _floors(spec, X, y, sampler):
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from fedgrain.ordinal import block_rows, composite_pass
+    from fedgrain.core.blocks import block_rows
+    from fedgrain.core.likelihood import composite_pass
 
     n, p = X.shape
     mean = X.mean(axis=0)

@@ -32,9 +32,9 @@ from sklearn.metrics import adjusted_rand_score
 
 from _report import write_marked
 from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression
+from fedgrain.core.likelihood import class_proba
 from fedgrain.datasets import make_regions
 from fedgrain.metrics import ordinal_scores
-from fedgrain.ordinal import class_proba
 
 GRANULARITIES = (0.0, 0.25, 0.5, 0.75, 1.0)
 PHASE = "profile and partition"

@@ -29,9 +29,9 @@ import numpy as np
 
 from _report import write_marked
 from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression
+from fedgrain.core.likelihood import class_proba
 from fedgrain.datasets import load_randhie, make_regions
 from fedgrain.metrics import ordinal_scores
-from fedgrain.ordinal import class_proba
 
 STRATEGIES = ("none", "fedavg", "fedprox", "reptile", "fomaml")
 LABEL = {"none": "leaf fits (meta='none')", "fedavg": "FedAvg", "fedprox": "FedProx",
@@ -132,8 +132,8 @@ def randhie(seed=0):
     grown = compare(X[~test], codes[~test], X[test], codes[test])
     # the experiment's own groups: insurance plans, by deductible (idp) and whether care was
     # free (lncoins = 0) or had coinsurance
-    from fedgrain.partition import PartitionTree
-    from fedgrain.shards import Standardizer
+    from fedgrain.core.standardize import Standardizer
+    from fedgrain.partition.tree import PartitionTree
 
     Xa = X[~test].to_numpy(dtype=float)
     tree = PartitionTree(Xa.shape[1], 4, Standardizer.fit(Xa))

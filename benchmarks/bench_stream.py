@@ -32,8 +32,8 @@ import numpy as np
 
 from _report import write_marked
 from fedgrain import AdaptiveFederatedOrdinal
+from fedgrain.core.likelihood import class_proba
 from fedgrain.datasets import make_regions
-from fedgrain.ordinal import class_proba
 
 BATCH = 10_000
 TRAIN = 30_000

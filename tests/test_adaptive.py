@@ -14,11 +14,11 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, log_loss
 
 from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression, load
+from fedgrain.core.likelihood import class_proba
+from fedgrain.core.standardize import Standardizer
 from fedgrain.datasets import make_regions
 from fedgrain.exceptions import DataError, IdentificationWarning, ModelFileError
-from fedgrain.ordinal import class_proba
-from fedgrain.partition import PartitionTree
-from fedgrain.shards import Standardizer
+from fedgrain.partition.tree import PartitionTree
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_save_and_load_round_trip(regions, fitted, tmp_path):
 
 
 def test_a_model_file_with_a_damaged_tree_fails_clearly(fitted, tmp_path):
-    from fedgrain.io import read_model_dir, write_model_dir
+    from fedgrain.persist import read_model_dir, write_model_dir
 
     path = fitted.save(tmp_path / "model")
     meta, arrays = read_model_dir(path)

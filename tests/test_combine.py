@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedgrain.combine import NotIdentifiedError, full_view, monotonise, pool, precision
-from fedgrain.local import LocalFit
+from fedgrain.core.likelihood import monotonise
+from fedgrain.core.linalg import NotIdentifiedError, precision
+from fedgrain.inference.local import LocalFit
+from fedgrain.inference.pooling import full_view, pool
 
 
 def _fit(est, cov, design=None):
@@ -68,7 +70,7 @@ def test_a_subset_missing_a_parameter_gives_no_weight_to_it():
     P = pool([good, part])
     assert P.estimate[0] == pytest.approx(1.1)
     assert P.estimate[1] == pytest.approx(2.0)
-    om, rank = precision(part)
+    om, rank = precision(part.cov)
     assert rank == 1 and om.shape == (1, 1)
     est, _, cov, resolved = full_view(part)
     assert resolved.tolist() == [True, False] and est[0] == 1.2 and cov[1, 1] == 0

@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("dask.distributed")
 
-from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal  # noqa: E402
-from fedgrain.backends.dask import DaskBackend  # noqa: E402
-from fedgrain.datasets import make_ordinal, make_regions  # noqa: E402
-from fedgrain.exceptions import FedgrainError  # noqa: E402
+from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal
+from fedgrain.backends.dask import DaskBackend
+from fedgrain.datasets import make_ordinal, make_regions
+from fedgrain.exceptions import FedgrainError
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,14 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(fedgrain.__path__, "fedgr
 PUBLIC = [
     "fedgrain.AdaptiveFederatedOrdinal", "fedgrain.DivideConquerOrdinal",
     "fedgrain.OrdinalRegression", "fedgrain.OrdinalResults",
-    "fedgrain.results.Summary", "fedgrain.results.WaldTest",
+    "fedgrain.inference.results.Summary", "fedgrain.inference.results.WaldTest",
     "fedgrain.estimators.leaves.LeafModel",
     "fedgrain.backends.base.Backend", "fedgrain.backends.SerialBackend",
     "fedgrain.backends.ProcessesBackend", "fedgrain.backends.dask.DaskBackend",
     "fedgrain.monitor.base.Detector", "fedgrain.monitor.ADWIN", "fedgrain.monitor.PageHinkley",
     "fedgrain.progress.ProgressEvent", "fedgrain.progress.ProgressBar",
-    "fedgrain.data.streamed.ParquetSource", "fedgrain.partition.PartitionTree",
-    "fedgrain.profile.DataProfile", "fedgrain.data.FeatureSchema",
+    "fedgrain.data.streamed.ParquetSource", "fedgrain.partition.tree.PartitionTree",
+    "fedgrain.partition.profile.DataProfile", "fedgrain.data.FeatureSchema",
     "fedgrain.data.TargetEncoding",
 ]
 

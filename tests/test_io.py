@@ -1,4 +1,4 @@
-"""Tests of fedgrain.io: round trips, corruption on disk, overwrite rules and atomic writes."""
+"""Tests of fedgrain.persist: round trips, corruption on disk, overwrite rules and atomic writes."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 
 from fedgrain import __version__
 from fedgrain.exceptions import ModelFileError
-from fedgrain.io import FORMAT, FORMAT_VERSION, read_model_dir, write_model_dir
+from fedgrain.persist import FORMAT, FORMAT_VERSION, read_model_dir, write_model_dir
 
 META = {
     "n_features": 3,

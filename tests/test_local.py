@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedgrain import DivideConquerOrdinal
-from fedgrain.combine import pool
+from fedgrain.core.standardize import Standardizer
 from fedgrain.datasets import make_ordinal
-from fedgrain.local import LocalSettings, fit_local
-from fedgrain.shards import Standardizer
+from fedgrain.inference.local import LocalSettings, fit_local
+from fedgrain.inference.pooling import pool
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_lasso_on_a_shifted_subset_solves_the_uncentred_problem(penalize_thresho
     """An adaptive leaf's features sit far from the global means; the solver works in centred
     coordinates, but the lasso it returns must satisfy the optimality (KKT) conditions of the
     problem as posed, with the penalty on the original coordinates."""
-    from fedgrain.ordinal import composite_pass
+    from fedgrain.core.likelihood import composite_pass
 
     X, y, _, _ = make_ordinal(4000, 3, 4, random_state=2)
     Xs = Standardizer.fit(X).transform(X.copy()) + np.array([3.0, -2.0, 1.0])

@@ -9,10 +9,10 @@ import pytest
 from sklearn.metrics import log_loss
 
 from fedgrain import AdaptiveFederatedOrdinal, OrdinalRegression, load
-from fedgrain import meta as meta_module
+from fedgrain.core.likelihood import class_proba
 from fedgrain.datasets import make_regions
 from fedgrain.exceptions import SubsetError
-from fedgrain.ordinal import class_proba
+from fedgrain.federation import meta as meta_module
 
 K = 5
 
@@ -57,8 +57,8 @@ def test_one_region_in_identical_pieces_keeps_the_pooled_model_without_rounds():
 
 
 def test_homogeneous_regions_learn_to_stay_with_the_global_model():
-    from fedgrain.partition import PartitionTree
-    from fedgrain.shards import Standardizer
+    from fedgrain.core.standardize import Standardizer
+    from fedgrain.partition.tree import PartitionTree
 
     X, y, *_ = make_regions(45_000, n_features=6, n_classes=K, n_regions=3, heterogeneity=0.0,
                             random_state=5)
@@ -200,8 +200,8 @@ def test_bytes_per_round_do_not_grow_with_the_rows(heterogeneous):
 
 def _chain_tree(X, n_regions, K):
     """Regions of make_regions (blobs on the first axes) split off one by one."""
-    from fedgrain.partition import PartitionTree
-    from fedgrain.shards import Standardizer
+    from fedgrain.core.standardize import Standardizer
+    from fedgrain.partition.tree import PartitionTree
 
     tree = PartitionTree(X.shape[1], K, Standardizer.fit(X))
     node = tree.root

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedgrain.core.likelihood import class_proba, composite_pass, exact_pass
 from fedgrain.datasets import make_ordinal
-from fedgrain.ordinal import class_proba, composite_pass, exact_pass
 
 from .conftest import expand
 

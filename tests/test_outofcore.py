@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal, load
+from fedgrain.core.standardize import Standardizer
 from fedgrain.data.streamed import ParquetSource, prepare_streamed
 from fedgrain.datasets import make_ordinal, make_regions
 from fedgrain.exceptions import DataError
-from fedgrain.partition import PartitionTree
-from fedgrain.shards import Standardizer
+from fedgrain.partition.tree import PartitionTree
 
 
 @pytest.fixture(scope="module")

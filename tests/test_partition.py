@@ -10,10 +10,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import adjusted_rand_score
 
+from fedgrain.core.standardize import Standardizer
 from fedgrain.datasets import make_regions
-from fedgrain.partition import PartitionTree, stratified_split
-from fedgrain.partition_growth import _valley_cut, grow, leaf_seeds, region_budget, split_level
-from fedgrain.shards import Standardizer
+from fedgrain.partition.growth import _valley_cut, grow, leaf_seeds, region_budget, split_level
+from fedgrain.partition.tree import PartitionTree, stratified_split
 
 GRANULARITIES = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
 
@@ -429,7 +429,7 @@ def test_valley_cut():
 def test_stratified_split_deals_as_the_plain_rule_says(n, m, k):
     """The chunked dealing equals the plain rule: shuffle each class, deal in turn, carry
     the rotation from class to class."""
-    from fedgrain.partition import stratified_split
+    from fedgrain.partition.tree import stratified_split
 
     codes = np.random.default_rng(n).integers(0, k, n).astype(np.int8)
     got = stratified_split(codes, m, np.random.default_rng([1, 2]))

@@ -12,10 +12,11 @@ from scipy import stats
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 
 from fedgrain import OrdinalRegression
-from fedgrain import profile as prof
+from fedgrain.core.standardize import Standardizer
 from fedgrain.datasets import make_ordinal, make_regions
-from fedgrain.partition_growth import grow
-from fedgrain.shards import Standardizer
+from fedgrain.inference import split_tests
+from fedgrain.partition import profile as prof
+from fedgrain.partition.growth import grow
 
 from .conftest import expand
 
@@ -28,9 +29,9 @@ def _standardised(X):
 
 def _quick_rows(n):
     """The rows a quick fit of ``n`` rows uses (all, or QUICK_ROWS evenly spaced ones)."""
-    if n <= prof.QUICK_ROWS:
+    if n <= split_tests.QUICK_ROWS:
         return np.arange(n)
-    return np.linspace(0, n - 1, prof.QUICK_ROWS).round().astype(np.intp)
+    return np.linspace(0, n - 1, split_tests.QUICK_ROWS).round().astype(np.intp)
 
 
 def _homogeneous(seed, n=3000):
@@ -59,7 +60,7 @@ def _binary_effect(seed, n=3000):
 
 
 def _pvalue(q_df):
-    return prof.q_pvalue(*q_df)
+    return split_tests.q_pvalue(*q_df)
 
 
 # ---- quick fits -------------------------------------------------------------------------------
@@ -73,9 +74,9 @@ def ordinal_data():
 
 def test_quick_fit_agrees_with_exact_maximum_likelihood(ordinal_data):
     Xs, y = ordinal_data
-    fit = prof.quick_fit(Xs, y, None, K4)
+    fit = split_tests.quick_fit(Xs, y, None, K4)
     assert fit is not None and fit.identified.all() and not fit.shifted
-    assert fit.n_rows == y.shape[0] == min(4000, prof.QUICK_ROWS)
+    assert fit.n_rows == y.shape[0] == min(4000, split_tests.QUICK_ROWS)
     res = OrderedModel(y, Xs, distr="logit").fit(method="bfgs", disp=False, maxiter=2000,
                                                  gtol=1e-7)
     sm_slopes = np.asarray(res.params)[:4]
@@ -92,7 +93,7 @@ def test_quick_fit_agrees_with_exact_maximum_likelihood(ordinal_data):
 def test_quick_fit_is_the_composite_fit_with_cluster_covariance(ordinal_data):
     """Logistic regression on the expanded rows, clustered by original row (statsmodels GLM)."""
     Xs, y = ordinal_data
-    fit = prof.quick_fit(Xs, y, None, K4)
+    fit = split_tests.quick_fit(Xs, y, None, K4)
     Z, u, _ = expand(Xs, y, K4)
     glm = sm.GLM(u, Z, family=sm.families.Binomial()).fit(
         cov_type="cluster", cov_kwds={"groups": np.repeat(np.arange(y.shape[0]), K4 - 1),
@@ -106,8 +107,9 @@ def test_quick_fit_uses_evenly_spaced_rows_of_a_large_sample():
     Xs = _standardised(X)
     rows = _quick_rows(9000)
     assert rows.shape[0] < 9000
-    big, sub = prof.quick_fit(Xs, y, None, K4), prof.quick_fit(Xs[rows], y[rows], None, K4)
-    assert big.n_rows == prof.QUICK_ROWS
+    big = split_tests.quick_fit(Xs, y, None, K4)
+    sub = split_tests.quick_fit(Xs[rows], y[rows], None, K4)
+    assert big.n_rows == split_tests.QUICK_ROWS
     np.testing.assert_array_equal(big.estimate, sub.estimate)
     np.testing.assert_array_equal(big.cov, sub.cov)
 
@@ -115,24 +117,24 @@ def test_quick_fit_uses_evenly_spaced_rows_of_a_large_sample():
 def test_quick_fit_refuses_separated_classes():
     X = np.random.default_rng(0).standard_normal((500, 2))
     y = np.digitize(X[:, 0], [-0.5, 0.5])
-    assert prof.quick_fit(X, y, None, 3) is None
-    assert prof.quick_fit(X[:4], y[:4], None, 3) is None  # too few rows
+    assert split_tests.quick_fit(X, y, None, 3) is None
+    assert split_tests.quick_fit(X[:4], y[:4], None, 3) is None  # too few rows
 
 
 def test_quick_fit_marks_what_the_rows_do_not_identify(ordinal_data):
     Xs, y = ordinal_data
     Xc = Xs.copy()
     Xc[:, 1] = 0.7
-    fit = prof.quick_fit(Xc, y, None, K4)
+    fit = split_tests.quick_fit(Xc, y, None, K4)
     assert fit.identified.tolist() == [True, False, True, True, True, True, True]
     assert fit.shifted and np.isnan(fit.estimate[1])
     assert not np.any(fit.cov[1]) and not np.any(fit.cov[:, 1])
     # the thresholds absorb the constant feature: they estimate theta_k - 0.7 beta_1
-    full = prof.quick_fit(Xs, y, None, K4)
+    full = split_tests.quick_fit(Xs, y, None, K4)
     np.testing.assert_allclose(fit.estimate[[0, 2, 3]], full.estimate[[0, 2, 3]], atol=0.1)
     # a threshold with no rows above it is not identified either
     top = y < K4 - 1
-    fit = prof.quick_fit(Xs[top], y[top], None, K4)
+    fit = split_tests.quick_fit(Xs[top], y[top], None, K4)
     assert fit.identified.tolist() == [True] * 6 + [False]
     assert np.isnan(fit.estimate[-1]) and not fit.shifted
 
@@ -143,13 +145,13 @@ def test_split_test_is_calibrated_under_one_model_and_powerful_between_two():
     med, half = [], []
     for seed in range(300):
         Xs, y = _homogeneous(seed)
-        fit = prof.quick_fit(Xs, y, None, K4)
-        node = prof.node_terms(Xs, y, None, fit)
-        q, df = prof.split_test(Xs, y, None, fit, Xs[:, 1] <= np.median(Xs[:, 1]), node)
+        fit = split_tests.quick_fit(Xs, y, None, K4)
+        node = split_tests.node_terms(Xs, y, None, fit)
+        q, df = split_tests.split_test(Xs, y, None, fit, Xs[:, 1] <= np.median(Xs[:, 1]), node)
         assert df == 4 + K4 - 1
-        med.append(prof.q_pvalue(q, df))
+        med.append(split_tests.q_pvalue(q, df))
         random_half = np.random.default_rng([seed, 1]).permutation(y.shape[0]) < y.shape[0] // 2
-        half.append(_pvalue(prof.split_test(Xs, y, None, fit, random_half)))
+        half.append(_pvalue(split_tests.split_test(Xs, y, None, fit, random_half)))
     # Monte Carlo SE of a 5% rate over 300 seeds: sqrt(0.05 * 0.95 / 300) = 0.013
     for pvalues in (med, half):
         assert 0.02 <= np.mean(np.array(pvalues) < 0.05) <= 0.09
@@ -159,18 +161,18 @@ def test_split_test_is_calibrated_under_one_model_and_powerful_between_two():
     rejected = []
     for seed in range(40):
         Xs, y, region = _two_regions(seed)
-        fit = prof.quick_fit(Xs, y, None, K4)
-        rejected.append(_pvalue(prof.split_test(Xs, y, None, fit, region == 0)) < 1e-6)
+        fit = split_tests.quick_fit(Xs, y, None, K4)
+        rejected.append(_pvalue(split_tests.split_test(Xs, y, None, fit, region == 0)) < 1e-6)
     assert np.mean(rejected) >= 0.95
 
 
 def test_split_test_passed_the_node_pass_matches_the_one_made_inside():
     Xs, y, region = _two_regions(3)
-    fit = prof.quick_fit(Xs, y, None, K4)
-    node = prof.node_terms(Xs, y, None, fit)
+    fit = split_tests.quick_fit(Xs, y, None, K4)
+    node = split_tests.node_terms(Xs, y, None, fit)
     left = region == 0
-    assert prof.split_test(Xs, y, None, fit, left, node) == prof.split_test(Xs, y, None, fit,
-                                                                             left)
+    assert split_tests.split_test(Xs, y, None, fit, left, node) == \
+        split_tests.split_test(Xs, y, None, fit, left)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -178,12 +180,12 @@ def test_split_test_corrects_for_a_fit_that_is_not_exactly_at_the_optimum(seed):
     """The score is corrected for the estimation of the fit: moving the fit by two standard
     errors changes the statistic by a second-order amount only."""
     Xs, y = _homogeneous(seed)
-    fit = prof.quick_fit(Xs, y, None, K4)
+    fit = split_tests.quick_fit(Xs, y, None, K4)
     moved = dataclasses.replace(fit, estimate=fit.estimate + 2.0 * np.sqrt(np.diag(fit.cov))
                                 * np.random.default_rng(seed).standard_normal(7))
     left = Xs[:, 1] <= np.median(Xs[:, 1])
-    q, df = prof.split_test(Xs, y, None, fit, left)
-    assert prof.split_test(Xs, y, None, moved, left) == pytest.approx((q, df), abs=1.0)
+    q, df = split_tests.split_test(Xs, y, None, fit, left)
+    assert split_tests.split_test(Xs, y, None, moved, left) == pytest.approx((q, df), abs=1.0)
 
 
 @pytest.mark.slow
@@ -192,9 +194,9 @@ def test_heterogeneity_is_chi_square_under_one_model():
     for seed in range(200):
         Xs, y = _homogeneous(seed)
         half = np.random.default_rng([seed, 2]).permutation(y.shape[0]) < y.shape[0] // 2
-        a = prof.quick_fit(Xs[half], y[half], None, K4)
-        b = prof.quick_fit(Xs[~half], y[~half], None, K4)
-        q, df = prof.heterogeneity(a, b, 4)
+        a = split_tests.quick_fit(Xs[half], y[half], None, K4)
+        b = split_tests.quick_fit(Xs[~half], y[~half], None, K4)
+        q, df = split_tests.heterogeneity(a, b, 4)
         assert df == 4 + K4 - 1
         qs.append(q)
     # mean of chi2(7) over 200 seeds: 7 with SE sqrt(2 * 7 / 200) = 0.26; 20% is 1.4
@@ -203,17 +205,17 @@ def test_heterogeneity_is_chi_square_under_one_model():
 
 def test_heterogeneity_is_large_between_different_models_and_zero_within_one():
     Xs, y, region = _two_regions(0)
-    a = prof.quick_fit(Xs[region == 0], y[region == 0], None, K4)
-    b = prof.quick_fit(Xs[region == 1], y[region == 1], None, K4)
-    q, df = prof.heterogeneity(a, b, 4)
-    assert df == 7 and prof.q_pvalue(q, df) < 1e-10
-    assert prof.heterogeneity(b, a, 4) == pytest.approx((q, df))
-    assert prof.heterogeneity(a, a, 4) == (0.0, 7)
+    a = split_tests.quick_fit(Xs[region == 0], y[region == 0], None, K4)
+    b = split_tests.quick_fit(Xs[region == 1], y[region == 1], None, K4)
+    q, df = split_tests.heterogeneity(a, b, 4)
+    assert df == 7 and split_tests.q_pvalue(q, df) < 1e-10
+    assert split_tests.heterogeneity(b, a, 4) == pytest.approx((q, df))
+    assert split_tests.heterogeneity(a, a, 4) == (0.0, 7)
     # a feature constant in one fit: that slope and every threshold are left out
     Xc = Xs[region == 1].copy()
     Xc[:, 2] = 0.0
-    c = prof.quick_fit(Xc, y[region == 1], None, K4)
-    assert prof.heterogeneity(a, c, 4)[1] == 3
+    c = split_tests.quick_fit(Xc, y[region == 1], None, K4)
+    assert split_tests.heterogeneity(a, c, 4)[1] == 3
 
 
 @pytest.mark.slow
@@ -222,16 +224,16 @@ def test_split_on_a_binary_feature_with_a_real_effect_is_not_heterogeneity():
     for seed in range(200):
         X, y = _binary_effect(seed)
         Xs = _standardised(X)
-        fit = prof.quick_fit(Xs, y, None, K4)
+        fit = split_tests.quick_fit(Xs, y, None, K4)
         left = X[:, 3] == 0
-        q, df = prof.split_test(Xs, y, None, fit, left)
+        q, df = split_tests.split_test(Xs, y, None, fit, left)
         # the binary column is constant on each side, collinear with the thresholds there:
         # one direction dropped per side
         assert df == 4 + K4 - 1 - 2
-        rejected.append(prof.q_pvalue(q, df) < 0.05)
+        rejected.append(split_tests.q_pvalue(q, df) < 0.05)
         if seed < 3:  # a naive comparison of the two sides' thresholds is fooled
-            a = prof.quick_fit(Xs[left], y[left], None, K4)
-            b = prof.quick_fit(Xs[~left], y[~left], None, K4)
+            a = split_tests.quick_fit(Xs[left], y[left], None, K4)
+            b = split_tests.quick_fit(Xs[~left], y[~left], None, K4)
             d = a.estimate[4:] - b.estimate[4:]
             naive = d @ np.linalg.solve(a.cov[4:, 4:] + b.cov[4:, 4:], d)
             assert stats.chi2.sf(naive, 3) < 1e-6
@@ -277,14 +279,14 @@ def test_log_density():
 
 def test_importance_and_feature_weights(ordinal_data):
     Xs, y = ordinal_data
-    fit = prof.quick_fit(Xs, y, None, K4)
+    fit = split_tests.quick_fit(Xs, y, None, K4)
     imp = prof.importance(fit, 4)
     assert imp.sum() == pytest.approx(1.0) and np.all(imp >= 0)
     assert np.argmax(imp) == 0  # make_ordinal: only the first of 4 features is informative
     assert prof.importance(None, 4).tolist() == [0.0] * 4
     Xc = Xs.copy()
     Xc[:, 2] = 1.0
-    imp_c = prof.importance(prof.quick_fit(Xc, y, None, K4), 4)  # NaN slope: no importance
+    imp_c = prof.importance(split_tests.quick_fit(Xc, y, None, K4), 4)  # NaN slope: no importance
     assert imp_c[2] == 0.0 and imp_c.sum() == pytest.approx(1.0)
     for w in (prof.feature_weights(imp), prof.feature_weights(np.zeros(4)),
               prof.feature_weights(np.array([1.0, 0.0, 0.0, 0.0]))):
@@ -386,14 +388,14 @@ def test_refresh_reprofiles_the_leaves_that_receive_rows(grown):
 
 
 def test_node_terms_sum_to_the_composite_pass():
-    from fedgrain.ordinal import composite_pass
+    from fedgrain.core.likelihood import composite_pass
 
     X, y, _, _ = make_ordinal(2000, 4, 4, random_state=3)
     Xs = Standardizer.fit(X).transform(X.copy())
     w = np.random.default_rng(0).uniform(0.5, 2.0, 2000)
-    fit = prof.quick_fit(Xs, y, w, 4)
+    fit = split_tests.quick_fit(Xs, y, w, 4)
     mask = Xs[:, 0] > 0
-    s, H, J = prof.node_terms(Xs, y, w, fit).sums(mask)
+    s, H, J = split_tests.node_terms(Xs, y, w, fit).sums(mask)
     ref = composite_pass(Xs[mask], y[mask], w[mask], fit.estimate[:4], fit.estimate[4:],
                          loss=False, order=2, meat="cluster")
     np.testing.assert_allclose(s, -ref.grad, rtol=1e-10, atol=1e-8)

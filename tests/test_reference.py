@@ -13,8 +13,8 @@ from sklearn.linear_model import LogisticRegression
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 
 from fedgrain import DivideConquerOrdinal, OrdinalRegression
+from fedgrain.core.likelihood import exact_pass
 from fedgrain.datasets import make_ordinal
-from fedgrain.ordinal import exact_pass
 
 from .conftest import expand
 

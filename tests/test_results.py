@@ -9,7 +9,7 @@ from scipy import stats
 
 from fedgrain import DivideConquerOrdinal, OrdinalRegression
 from fedgrain.datasets import make_ordinal
-from fedgrain.results import OrdinalResults
+from fedgrain.inference.results import OrdinalResults
 
 
 @pytest.fixture(scope="module")

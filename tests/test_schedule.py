@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedgrain.schedule import FIXED_COST, Schedule, leaf_costs, schedule
+from fedgrain.federation.schedule import FIXED_COST, Schedule, leaf_costs, schedule
 
 
 @st.composite

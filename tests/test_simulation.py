@@ -97,8 +97,8 @@ def test_refinement_restores_coverage_of_extreme_thresholds_in_small_subsets():
 
 def _feature_partition(X, K):
     """A non-random partition by feature ranges: x0 at its median, then x1 on the left."""
-    from fedgrain.partition import PartitionTree
-    from fedgrain.shards import Standardizer
+    from fedgrain.core.standardize import Standardizer
+    from fedgrain.partition.tree import PartitionTree
 
     tree = PartitionTree(X.shape[1], K, Standardizer.fit(X))
     e = np.eye(X.shape[1])

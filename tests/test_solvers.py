@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedgrain.core.likelihood import composite_pass
+from fedgrain.core.solvers import newton, proximal_newton, runaway, solve_l1_quadratic
 from fedgrain.datasets import make_ordinal
-from fedgrain.ordinal import composite_pass
-from fedgrain.solvers import newton, proximal_newton, runaway, solve_l1_quadratic
 
 
 def _oracle(X, y, w=None):

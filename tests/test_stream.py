@@ -14,9 +14,9 @@ import pytest
 
 from fedgrain import AdaptiveFederatedOrdinal, load
 from fedgrain.cli import main
+from fedgrain.core.likelihood import class_proba
 from fedgrain.datasets import make_regions
 from fedgrain.monitor import ADWIN, PageHinkley
-from fedgrain.ordinal import class_proba
 
 K = 4
 BATCH = 10_000
@@ -276,8 +276,8 @@ def test_a_split_model_saves_and_loads(world, tmp_path):
 
 
 def test_siblings_that_become_indistinguishable_are_merged():
-    from fedgrain.partition import PartitionTree
-    from fedgrain.shards import Standardizer
+    from fedgrain.core.standardize import Standardizer
+    from fedgrain.partition.tree import PartitionTree
 
     X, _, region, coef, thr = make_regions(230_000, n_features=4, n_classes=K, n_regions=2,
                                            heterogeneity=1.0, random_state=12)

@@ -4,7 +4,7 @@
 """
 
 from .estimators import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression, load
-from .results import OrdinalResults
+from .inference.results import OrdinalResults
 
 __version__ = "0.1.0"
 

@@ -20,13 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .exceptions import (
-    DataError,
-    DataTypeError,
-    FedgrainError,
-    ModelFileError,
-    ParameterError,
-)
+from .exceptions import DataError, DataTypeError, FedgrainError, ModelFileError, ParameterError
 
 
 def _log(args, msg: str) -> None:

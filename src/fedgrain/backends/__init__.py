@@ -22,7 +22,7 @@ def get_backend(backend: str | Backend, n_jobs: int | None = None, *, owner: str
     if backend == "processes":
         return ProcessesBackend(n_jobs)
     if backend == "dask":
-        from .dask import DaskBackend  # lazily: an optional extra
+        from .dask import DaskBackend
 
         return DaskBackend(n_workers=n_jobs)
     raise ParameterError(

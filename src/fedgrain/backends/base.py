@@ -15,7 +15,7 @@ A backend runs tasks on workers and keeps subsets' data where the tasks run:
   the total cost (about rows x d^2 summed over tasks); a backend may run small work in the
   calling process, where starting or feeding workers would cost more than the work itself.
 - ``map_bundles(fn, tasks, bundles, work=...)`` runs the tasks grouped as a scheduler assigned
-  them to workers (:mod:`fedgrain.schedule`): one backend task per bundle, which runs its
+  them to workers (:mod:`fedgrain.federation.schedule`): one backend task per bundle, which runs its
   tasks in turn; still one :class:`Outcome` per task, in task order.
 - ``writer(sizes, n_features, weighted, spill=False)`` gives a :class:`ShardWriter` that fills
   all the shards of a partition from row blocks in one pass over the data (rows keep their order

@@ -403,7 +403,7 @@ def _scan_values(source: ParquetSource, y: str, features: list[str], target,
                  schema: FeatureSchema) -> FitData:
     """Second pass, over every column: checks, column moments and class codes."""
     from .. import progress
-    from ..shards import Standardizer
+    from ..core.standardize import Standardizer
 
     n, p = source.n_rows, schema.n_features
     K = target.n_classes

@@ -15,17 +15,20 @@ import time
 import numpy as np
 from sklearn.utils import check_random_state
 
-from .. import combine, local, meta, progress
+from .. import progress
 from .._warnings import warn
 from ..backends import Backend, get_backend
+from ..core.standardize import fit_standardizer
 from ..data import prepare_data
 from ..exceptions import DataError, ParameterError
-from ..partition import PartitionTree
-from ..partition_growth import grow, leaf_seeds, profile_leaves
-from ..profile import DataProfile
-from ..results import OrdinalResults, parameter_names
-from ..schedule import Schedule, schedule
-from ..shards import build_shards, fit_standardizer, route_rows
+from ..federation import meta
+from ..federation.schedule import Schedule, schedule
+from ..federation.shards import build_shards, route_rows
+from ..inference import local
+from ..inference.results import OrdinalResults, parameter_names
+from ..partition.growth import grow, leaf_seeds, profile_leaves
+from ..partition.profile import DataProfile
+from ..partition.tree import PartitionTree
 from .base import OrdinalModel, is_int, is_real, param_error, register
 from .controller import GranularityControl
 from .divide_conquer import (
@@ -68,13 +71,14 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         one per worker, and one global model); 1 splits down to ``min_subset_size`` wherever
         the children's models differ at the 5% level. In between, a split must be significant
         at ``0.05 * 10^(-6 (1 - g))`` and there are at most ``(n / min_subset_size)^g`` regions
-        (see :mod:`fedgrain.partition_growth`); more granularity never gives fewer leaves.
+        (see :mod:`fedgrain.partition.growth`); more granularity never gives fewer leaves.
     min_subset_size : int or None
         No leaf has fewer rows. Default ``20 d`` (d = features plus thresholds), at most the
         number of rows.
     meta : {"none", "fomaml", "reptile", "fedavg", "fedprox"}
         ``"none"``: each leaf keeps its own local fit. Otherwise the leaves go through rounds of
-        federated meta-learning (:mod:`fedgrain.meta`) and ``local_models_`` are personalised:
+        federated meta-learning (:mod:`fedgrain.federation.meta`) and ``local_models_`` are
+        personalised:
         adapted from a learned global model with a learned pull toward it (``"fedavg"`` and
         ``"fedprox"`` are baselines that keep one global model).
     max_rounds : int
@@ -120,13 +124,13 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
     effective_granularity_ : float
         Where the partition stands on the granularity scale: ``log(regions) / log(n /
         min_subset_size)`` (updated by ``partial_fit`` as leaves split and merge).
-    partition_ : fedgrain.partition.PartitionTree
+    partition_ : fedgrain.partition.tree.PartitionTree
         ``leaves``, ``sizes``, ``route(X)`` (leaf positions of encoded rows), ``describe()``.
-    profile_ : fedgrain.profile.DataProfile
+    profile_ : fedgrain.partition.profile.DataProfile
         Per leaf: rows, class counts, density, feature importance (of the leaf's local model),
         2-means centres.
     n_leaves_ : int
-    schedule_ : fedgrain.schedule.Schedule
+    schedule_ : fedgrain.federation.schedule.Schedule
         Leaves to workers, with ``imbalance`` and ``bytes_to_move``.
     timings_ : dict
         Wall time of each phase of the fit, in seconds ("prepare", "profile and partition",
@@ -366,8 +370,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
             if personal is not None:  # the meta-learner's personalised (or global) model
                 est, cov = personal[pos]
                 filled = []
-            params, cov = std.to_raw(est, cov)
-            params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+            params, cov = std.to_raw_model(est, cov)
             leaf_params.append(params)
             leaf_cov.append(0.5 * (cov + cov.T))
             notes.append([names[j] for j in filled])
@@ -382,9 +385,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
 
         Its covariance is the pooled model's, a stand-in once ``theta`` has moved from it.
         """
-        p = self.schema_.n_features
-        params, cov = self.partition_.standardizer.to_raw(theta, cov_std)
-        params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+        params, cov = self.partition_.standardizer.to_raw_model(theta, cov_std)
         title = ("Pooled global model" if self.meta == "none" else
                  f"Meta-learned global model ({self.meta})")
         return self._leaf_model(-1, params, cov, title, {})

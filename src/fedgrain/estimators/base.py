@@ -3,7 +3,8 @@
 Every estimator is a scikit-learn classifier with the same fitted attributes: ``classes_``,
 ``coef_`` (p), ``thresholds_`` (K-1, increasing; ``P(Y <= k | x) = sigmoid(thresholds_[k] - x @
 coef_)``), ``cov_`` over ``(coef_, thresholds_)`` in that order, ``bse_`` and ``results_`` (an
-:class:`fedgrain.results.OrdinalResults` with the coefficient table). :func:`load` restores any of
+:class:`fedgrain.inference.results.OrdinalResults` with the coefficient table). :func:`load`
+restores any of
 them from a saved directory.
 """
 
@@ -18,11 +19,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ..backends import Backend
+from ..core.likelihood import class_proba, cumulative_proba
 from ..data import FeatureSchema, TargetEncoding, prepare_predict
 from ..exceptions import ModelFileError, ParameterError
-from ..io import read_model_dir, write_model_dir
-from ..ordinal import class_proba, cumulative_proba
-from ..results import OrdinalResults
+from ..inference.results import OrdinalResults
+from ..persist import read_model_dir, write_model_dir
 
 
 def param_error(owner: str, name: str, allowed: str, value) -> ValueError:

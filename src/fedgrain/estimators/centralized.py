@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from .. import local
 from .._warnings import warn
-from ..combine import NotIdentifiedError, inverse
+from ..core.likelihood import Pass, exact_pass, initial_thresholds
+from ..core.linalg import NotIdentifiedError, inverse
+from ..core.solvers import newton, runaway, warm_start
+from ..core.standardize import Standardizer, column_moments
 from ..data import prepare_fit
 from ..exceptions import DataError, SeparationError
-from ..ordinal import Pass, exact_pass, initial_thresholds
-from ..results import OrdinalResults, parameter_names
-from ..shards import Standardizer, column_moments
-from ..solvers import newton, runaway, warm_start
+from ..inference import local
+from ..inference.results import OrdinalResults, parameter_names
 from .base import OrdinalModel, is_real, param_error, register
 
 
@@ -180,7 +180,8 @@ class OrdinalRegression(OrdinalModel):
 def _exact_oracle(X, y, w, ridge, shift=None):
     """Oracle of the exact likelihood plus ``1/2 sum_j ridge_j x_j^2`` (no penalty when zero).
 
-    With ``shift``, the features are centred at it (see :func:`fedgrain.ordinal.exact_pass`).
+    With ``shift``, the features are centred at it (see
+    :func:`fedgrain.core.likelihood.exact_pass`).
     """
     p = X.shape[1]
     penalised = bool(np.any(ridge))

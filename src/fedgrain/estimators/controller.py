@@ -21,11 +21,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import special
 
-from .. import combine, local, meta
-from ..ordinal import class_proba
-from ..partition_growth import grow, region_budget, split_level
-from ..profile import profile_rows
-from ..results import parameter_names
+from ..core.likelihood import class_proba
+from ..federation import meta
+from ..inference import local
+from ..inference.results import parameter_names
+from ..partition.growth import grow, region_budget, split_level
+from ..partition.profile import profile_rows
 from .leaves import leaf_view
 
 #: Siblings whose models differ at a p-value above this are merged.
@@ -57,15 +58,13 @@ class GranularityControl:
                     "theta": st["theta"], "rho": st["rho"], "P": st["P"],
                     "V_global": self._pooled_cov_std()}
             est, cov, _ = meta.personalise_rows(Xs, cw, None, task)
-            params, cov = std.to_raw(est, cov)
-            params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+            params, cov = std.to_raw_model(est, cov)
             return params, 0.5 * (cov + cov.T), []
         settings = self._global_estimator()._settings(self.classes_.shape[0])
         with local.one_blas_thread():
             fit = local.fit_local(Xs, cw, None, settings, seed=seed)
         est, cov, filled = leaf_view(fit, st["theta"], self._pooled_cov_std(), p)
-        params, cov = std.to_raw(est, cov)
-        params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+        params, cov = std.to_raw_model(est, cov)
         names = parameter_names(self.schema_.output_names, self.target_.classes)
         return params, 0.5 * (cov + cov.T), [names[j] for j in filled]
 

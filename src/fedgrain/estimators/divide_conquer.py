@@ -8,17 +8,19 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
-from .. import combine, local, progress
+from .. import progress
 from .._warnings import warn
 from ..backends import BACKENDS, Backend, get_backend
 from ..backends.processes import resolve_n_jobs
+from ..core.standardize import Standardizer, fit_standardizer
 from ..data import prepare_data
 from ..exceptions import DataError, IdentificationWarning, SeparationError, SubsetError
-from ..partition import PartitionTree
-from ..partition_growth import leaf_seeds
-from ..results import OrdinalResults, parameter_names
-from ..schedule import schedule
-from ..shards import Standardizer, build_shards, fit_standardizer, route_rows
+from ..federation.schedule import schedule
+from ..federation.shards import build_shards, route_rows
+from ..inference import local, pooling
+from ..inference.results import OrdinalResults, parameter_names
+from ..partition.growth import leaf_seeds
+from ..partition.tree import PartitionTree
 from .base import OrdinalModel, is_int, is_real, param_error, register
 
 #: Every subset needs at least this many original rows per parameter (method.md 4b, 6).
@@ -268,7 +270,7 @@ class DivideConquerOrdinal(OrdinalModel):
         self.n_iter_ = np.array([f.n_iter for f in fits])
         self.q_, self.q_df_, self.q_pvalue_, self.i2_ = (
             pooled.q, pooled.q_df, pooled.q_pvalue, pooled.i2)
-        het = combine.marginal_heterogeneity(raw, raw_var, resolved)
+        het = pooling.marginal_heterogeneity(raw, raw_var, resolved)
         results = OrdinalResults(
             params, cov, data.schema.output_names, data.target.classes,
             title=title, info=self._info(sizes, K, pooled, fits),
@@ -329,7 +331,7 @@ class PartitionRun:
     """The subsets' fits, their one-shot pooling, and the refined estimate and covariance."""
 
     fits: list
-    pooled: combine.Pooled
+    pooled: pooling.Pooled
     estimate: np.ndarray
     cov: np.ndarray
 
@@ -339,7 +341,8 @@ def fit_partition(backend: Backend, refs, sched, settings: local.LocalSettings,
                   owner, unit: str = "subset", ids=None) -> PartitionRun:
     """Fit every placed subset, pool the fits and run the refinement rounds (method.md 2-4b).
 
-    The tasks run in the bundles of ``sched`` (a :class:`fedgrain.schedule.Schedule`); the
+    The tasks run in the bundles of ``sched`` (a :class:`fedgrain.federation.schedule.Schedule`);
+    the
     data stay where ``refs`` placed them, so each round moves parameters only. ``owner`` is the
     estimator whose ``alpha`` and ``max_iter`` the messages quote.
     """
@@ -354,7 +357,7 @@ def fit_partition(backend: Backend, refs, sched, settings: local.LocalSettings,
     fits = values_or_raise(outcomes, sizes, unit, ids)
     check_fits(fits, names, p, sizes, alpha=owner.alpha, max_iter=owner.max_iter, unit=unit,
                ids=ids)
-    pooled = pool_or_explain(combine.pool, names, fits)
+    pooled = pool_or_explain(pooling.pool, names, fits)
     est, cov = pooled.estimate, pooled.cov
     meat = local.meat_kind(settings.variance)
     with progress.step("refinement rounds", refine_rounds, "rounds"):
@@ -365,7 +368,7 @@ def fit_partition(backend: Backend, refs, sched, settings: local.LocalSettings,
                                     bundles, work=work),
                 sizes, unit, ids,
             )
-            est, cov = pool_or_explain(combine.refine, names, est, evals, settings.variance)
+            est, cov = pool_or_explain(pooling.refine, names, est, evals, settings.variance)
             progress.advance()
     return PartitionRun(fits, pooled, est, cov)
 
@@ -407,8 +410,7 @@ def check_fits(fits, names: list[str], p: int, sizes, *, alpha, max_iter: int,
 
 def _on_raw_scale(std: Standardizer, est, cov, p: int):
     """Map an estimate and its covariance back to the original scale; order the thresholds."""
-    params, cov = std.to_raw(est, cov)
-    params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+    params, cov = std.to_raw_model(est, cov)
     return params, cov
 
 
@@ -416,7 +418,7 @@ def pool_or_explain(step, names: list[str], *args):
     """Run a pooling step; parameters the data do not identify are a clear data error."""
     try:
         return step(*args)
-    except combine.NotIdentifiedError as exc:
+    except pooling.NotIdentifiedError as exc:
         involved = ", ".join(f"'{names[j]}'" for j in exc.indices)
         raise DataError(
             f"The data do not identify {involved}: the columns are linearly dependent "
@@ -436,7 +438,7 @@ def _subsets_on_raw_scale(fits, std: Standardizer):
     uses = T != 0
     out = [], [], [], []
     for f in fits:
-        est, las, cov, res = combine.full_view(f)
+        est, las, cov, res = pooling.full_view(f)
         out[0].append(T @ est)
         out[1].append(T @ las)
         out[2].append(np.diag(T @ cov @ T.T))

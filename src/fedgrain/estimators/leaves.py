@@ -1,6 +1,7 @@
 """The models of an adaptive partition's leaves, assembled from the leaves' local fits.
 
-A leaf's local fit is over the coordinates the leaf identifies (:mod:`fedgrain.local`); a leaf
+A leaf's local fit is over the coordinates the leaf identifies (:mod:`fedgrain.inference.local`); a
+leaf
 model is over all parameters, so that it predicts any row routed to it. :func:`leaf_view` fills
 in what the leaf does not identify; :func:`region_estimates` pools the random pieces of a region
 into the region's model.
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import combine, local
-from ..partition import PartitionTree
+from ..inference import local, pooling
+from ..partition.tree import PartitionTree
 from .base import OrdinalModel, register
 from .divide_conquer import pool_or_explain, values_or_raise
 
@@ -116,7 +117,7 @@ def region_estimates(backend, refs, sched, run, tree: PartitionTree, settings,
     if regions.shape[0] == 1:
         r = int(regions[0])
         return {r: (run.estimate, run.cov, [])}
-    est = {r: pool_or_explain(combine.pool, names, [run.fits[i] for i in m]) for r, m in
+    est = {r: pool_or_explain(pooling.pool, names, [run.fits[i] for i in m]) for r, m in
            multi.items()}
     est = {r: (v.estimate, v.cov) for r, v in est.items()}
     members = np.concatenate(list(multi.values()))
@@ -132,5 +133,5 @@ def region_estimates(backend, refs, sched, run, tree: PartitionTree, settings,
                                 sizes[members], "leaf", [tree.leaves[i] for i in members])
         for r, m in multi.items():
             ev = [evals[where[int(i)]] for i in m]
-            est[r] = pool_or_explain(combine.refine, names, est[r][0], ev, settings.variance)
+            est[r] = pool_or_explain(pooling.refine, names, est[r][0], ev, settings.variance)
     return {r: (e, c, []) for r, (e, c) in est.items()}

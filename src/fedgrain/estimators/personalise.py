@@ -1,18 +1,20 @@
 """Personalisation by the federated meta-learner, for the adaptive estimator (design.md 7).
 
 A mixin of :class:`fedgrain.estimators.AdaptiveFederatedOrdinal`: the meta-learning rounds over
-the placed leaves (the loop itself is :mod:`fedgrain.meta`), and ``adapt`` to a new subset.
+the placed leaves (the loop itself is :mod:`fedgrain.federation.meta`), and ``adapt`` to a new
+subset.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .. import combine, local, meta
+from ..core.likelihood import composite_pass
+from ..core.linalg import solve_psd
 from ..exceptions import DataError, SubsetError
-from ..ordinal import composite_pass
-from ..partition_growth import leaf_seeds
-from ..solvers import solve_psd
+from ..federation import meta
+from ..inference import local
+from ..partition.growth import leaf_seeds
 from .leaves import LeafModel, leaf_view
 
 #: The meta-learner's FedProx pull by default, in pseudo-rows per parameter.
@@ -140,8 +142,7 @@ class Personalisation:
         cov[np.ix_(~free, idx)] = 0.0
         cov[np.ix_(idx, idx)] = A @ (J[np.ix_(idx, idx)] + prior @ Vg[np.ix_(idx, idx)] @
                                      prior) @ A.T
-        params, cov = std.to_raw(est, 0.5 * (cov + cov.T))
-        params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+        params, cov = std.to_raw_model(est, 0.5 * (cov + cov.T))
         return self._leaf_model(-1, params, cov, "Model adapted to new rows",
                                 {"Rows": f"{Xe.shape[0]:,}", "Pull (pseudo-rows)": f"{rho:.4g}"})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ordinal import class_proba, cumulative_proba
+from ..core.likelihood import class_proba, cumulative_proba
 
 #: A row outside its leaf's range of a feature by more than this share of the range is unseen.
 UNSEEN_MARGIN = 0.25

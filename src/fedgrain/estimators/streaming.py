@@ -24,11 +24,11 @@ import datetime as _dt
 
 import numpy as np
 
-from .. import combine
+from ..core.likelihood import class_proba, monotonise
 from ..exceptions import DataError
+from ..inference import pooling
+from ..inference.results import OrdinalResults
 from ..monitor import ADWIN, FeatureMonitor, PageHinkley
-from ..ordinal import class_proba
-from ..results import OrdinalResults
 
 #: Rows of each leaf kept for refits (the most recent).
 WINDOW_ROWS = 20_000
@@ -207,9 +207,9 @@ class Streaming:
         from) follows the change. The leaves' own models are left as they are."""
         if self.meta not in ("fomaml", "reptile") or not np.isfinite(self._meta_state["rho"]):
             return
-        from .. import meta as meta_module
         from ..backends import SerialBackend
-        from ..shards import build_shards
+        from ..federation import meta as meta_module
+        from ..federation.shards import build_shards
 
         leaves = [n for n in self.partition_.leaves if st["windows"].get(n)]
         if len(leaves) < 2:
@@ -249,17 +249,17 @@ class Streaming:
         gone). Nothing changes when nothing was replaced."""
         if not removed and not added:
             return
-        info = combine.inverse(self.cov_)
+        info = pooling.inverse(self.cov_)
         rhs = info @ self.results_.params
         for sign, models in ((-1.0, removed), (1.0, added)):
             for params, cov in models:
                 om = np.linalg.pinv(cov, rcond=1e-10, hermitian=True)
                 info += sign * om
                 rhs += sign * om @ params
-        cov = combine.inverse(info)
+        cov = pooling.inverse(info)
         params = cov @ rhs
         p = self.schema_.n_features
-        params[p:] = combine.monotonise(params[p:], np.diag(cov)[p:])
+        params[p:] = monotonise(params[p:], np.diag(cov)[p:])
         r = self.results_
         results = OrdinalResults(params, cov, r.feature_names, r.classes,
                                  title="Adaptive federated ordinal regression: global model "

@@ -1,7 +1,8 @@
 """Feature-distribution drift of each leaf against its reference profile.
 
 For every leaf and feature the profile holds the reference CDF at up to 19 quantiles
-(:class:`fedgrain.profile.LeafProfile`). New rows routed to the leaf are counted below each
+(:class:`fedgrain.partition.profile.LeafProfile`). New rows routed to the leaf are counted below
+each
 of those points; once a leaf has ``test_rows`` new rows, each feature gets
 
 - a two-sample Kolmogorov-Smirnov statistic ``D = max |F_new - F_ref|`` at the points (the

@@ -1,7 +1,7 @@
 """The data profiler: density, feature importance and clusters per region (design.md 2).
 
 Everything here works on a *sample* of a region's rows in the globally standardised space (see
-:mod:`fedgrain.shards`), so its cost does not grow with the number of rows:
+:mod:`fedgrain.federation.shards`), so its cost does not grow with the number of rows:
 
 - **quick fits**: a few unpenalised Newton steps of the composite likelihood on at most
   :data:`QUICK_ROWS` rows, with the cluster-sandwich covariance. They give the screening
@@ -22,17 +22,12 @@ refreshed from new data.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import numpy as np
 from scipy import special
 
-from .local import _problem
-from .ordinal import initial_thresholds
-from .solvers import newton, runaway, solve_psd
+from ..inference.split_tests import QuickFit, quick_fit
 
-#: Rows a quick fit uses at most.
-QUICK_ROWS = 2_500
 #: Rows for the k-nearest-neighbour density, and its k.
 KNN_ROWS = 500
 KNN_K = 10
@@ -42,181 +37,6 @@ KMEANS_ROWS = 1_000
 RANGE_QUANTILE = 0.999
 #: Quantiles of each feature kept as the leaf's reference distribution.
 REFERENCE_POINTS = 19
-
-
-@dataclass(frozen=True)
-class QuickFit:
-    """An unpenalised composite fit on a sample, over the full parameters ``(beta, theta)``.
-
-    ``identified`` marks the parameters the rows identify (features that vary, thresholds with
-    rows on both sides); the others are NaN in ``estimate`` and zero in ``cov``.
-    ``shifted`` is True when a feature is constant in these rows, so the thresholds estimate
-    ``theta_k - c' beta`` rather than ``theta_k``.
-    """
-
-    estimate: np.ndarray
-    cov: np.ndarray
-    identified: np.ndarray
-    shifted: bool
-    n_rows: int
-
-
-def quick_fit(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, n_classes: int,
-              start: np.ndarray | None = None) -> QuickFit | None:
-    """Fit the composite model on (at most :data:`QUICK_ROWS` of) these standardised rows.
-
-    Returns None when the rows cannot support a fit: too few of them for the identified
-    parameters, or the classes separated (the fit runs off to infinity).
-    """
-    n = y.shape[0]
-    if n > QUICK_ROWS:
-        rows = np.linspace(0, n - 1, QUICK_ROWS).round().astype(np.intp)
-        X, y, w = X[rows], y[rows], None if w is None else w[rows]
-    prob, _, scales, _ = _problem(np.ascontiguousarray(X), y, w, n_classes)
-    p = X.shape[1]
-    if prob.size == 0 or y.shape[0] < 2 * prob.size:
-        return None
-    x0 = np.concatenate([np.zeros(prob.features.size),
-                         initial_thresholds(y, w, n_classes)[prob.thresholds]])
-    if start is not None:
-        guess = start[prob.full_index()]
-        x0 = np.where(np.isfinite(guess), guess, x0)
-        # thresholds from another region may be out of order for these rows: keep the start's
-        # slopes only when its thresholds are unusable
-        if np.any(np.diff(x0[prob.features.size:]) <= 0):
-            x0[prob.features.size:] = initial_thresholds(y, w, n_classes)[prob.thresholds]
-    n_eff = float(y.shape[0] if w is None else w.sum())
-    oracle = prob.oracle()
-    res = newton(oracle, x0, n_eff, max_iter=25, tol=1e-4)
-    step = res.step * np.concatenate([scales[prob.features], np.ones(prob.thresholds.size)])
-    if res.diverged or not res.converged or runaway(step, 1e-2).any():
-        return None
-    Hinv = solve_psd(res.hess, np.eye(prob.size))
-    meat = oracle(res.x, loss=False, order=0, meat="cluster").meat
-    V = Hinv @ meat @ Hinv
-    full = prob.full_index()
-    d = p + n_classes - 1
-    est = np.full(d, np.nan)
-    est[full] = res.x
-    cov = np.zeros((d, d))
-    cov[np.ix_(full, full)] = 0.5 * (V + V.T)
-    ident = np.zeros(d, dtype=bool)
-    ident[full] = True
-    return QuickFit(est, cov, ident, prob.features.size < p, int(y.shape[0]))
-
-
-def heterogeneity(a: QuickFit, b: QuickFit, n_features: int) -> tuple[float, int]:
-    """Wald statistic ``Q`` for "the two regions share one model", and its degrees of freedom.
-
-    Compared are the parameters both fits identify; thresholds only when neither region has a
-    constant feature (otherwise each region's thresholds absorb that feature's effect
-    differently and are not comparable).
-    """
-    common = a.identified & b.identified
-    if a.shifted or b.shifted:
-        common[n_features:] = False
-    idx = np.flatnonzero(common)
-    if idx.size == 0:
-        return 0.0, 0
-    diff = a.estimate[idx] - b.estimate[idx]
-    V = a.cov[np.ix_(idx, idx)] + b.cov[np.ix_(idx, idx)]
-    vals, vecs = np.linalg.eigh(0.5 * (V + V.T))
-    keep = vals > 1e-12 * max(vals.max(initial=0.0), 1e-300)
-    z = vecs[:, keep].T @ diff
-    return float(np.sum(z * z / vals[keep])), int(keep.sum())
-
-
-def split_test(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit,
-               left: np.ndarray, terms: NodeTerms | None = None) -> tuple[float, int]:
-    """Robust score test that the rows ``left`` and the others share the model ``fit``.
-
-    ``fit`` is the composite fit of all these rows (the parent). With scores ``s``, Hessians
-    ``H`` and cluster meats ``J`` of the left part ``L``, the right part ``R`` and all rows
-    ``P``, the left score corrected for the estimation of ``fit`` is
-    ``s~ = s_L - H_L H_P^-1 s_P = H_R H_P^-1 s_L - H_L H_P^-1 s_R`` with variance
-    ``(I - A) J_L (I - A)' + A J_R A'``, ``A = H_L H_P^-1``; the statistic ``s~' V^+ s~`` is
-    chi-square with ``rank V`` degrees of freedom when one model holds on both sides (the
-    Lagrange multiplier form of method.md section 5's ``Q``: masked sums of the rows' terms at
-    the parent's fit, where a Wald ``Q`` would need two fits). A feature constant on one side
-    makes ``V`` singular in its direction and the test drops that direction, so splitting on a
-    binary feature does not mistake the feature's own effect for heterogeneity.
-
-    ``terms`` are the rows' terms at ``fit`` (:func:`node_terms`), when already computed.
-    """
-    terms = node_terms(X, y, w, fit) if terms is None else terms
-    sP, HP, JP = terms.total
-    left = np.asarray(left, dtype=bool)
-    if 2 * int(left.sum()) <= left.shape[0]:  # sum over the smaller side, the other by difference
-        sL, HL, JL = terms.sums(left)
-        JR = JP - JL
-    else:
-        sR, HR, JR = terms.sums(~left)
-        sL, HL, JL = sP - sR, HP - HR, JP - JR
-    A = solve_psd(HP, HL.T).T  # H_L H_P^-1 (both symmetric)
-    s = sL - A @ sP
-    B = np.eye(A.shape[0]) - A
-    V = B @ JL @ B.T + A @ JR @ A.T
-    vals, vecs = np.linalg.eigh(0.5 * (V + V.T))
-    keep = vals > 1e-10 * max(vals.max(initial=0.0), 1e-300)
-    z = vecs[:, keep].T @ s
-    return float(np.sum(z * z / vals[keep])), int(keep.sum())
-
-
-@dataclass(frozen=True)
-class NodeTerms:
-    """Each row's terms of the composite likelihood at a fit, over the parameters it
-    identifies: its score ``S`` (summed over the row's expanded rows, as the cluster meat
-    wants), the features ``Xf`` and the binary variances ``V``. Sums over any subset of the
-    rows are then a few products (:meth:`sums`), not a pass of the likelihood."""
-
-    S: np.ndarray
-    Xf: np.ndarray
-    V: np.ndarray
-    w: np.ndarray
-
-    @cached_property
-    def total(self):
-        """:meth:`sums` over all the rows (computed once)."""
-        return self.sums()
-
-    @cached_property
-    def _vsum(self) -> np.ndarray:
-        return self.V.sum(axis=1)
-
-    def sums(self, mask: np.ndarray | None = None):
-        """Score, Hessian and cluster meat of the rows in ``mask`` (a boolean mask; all rows
-        by default). Only the masked rows are touched."""
-        if mask is None:
-            S, Xf, V, m, vs = self.S, self.Xf, self.V, self.w, self._vsum
-        else:
-            idx = np.flatnonzero(mask)
-            S, Xf, V, m, vs = self.S[idx], self.Xf[idx], self.V[idx], self.w[idx], \
-                self._vsum[idx]
-        nf = Xf.shape[1]
-        Sm = S * m[:, None]
-        d = S.shape[1]
-        H = np.empty((d, d))
-        Xm = Sm[:, :0] if nf == 0 else Xf * m[:, None]
-        H[:nf, :nf] = (Xm * vs[:, None]).T @ Xf
-        H[:nf, nf:] = -(Xm.T @ V)
-        H[nf:, :nf] = H[:nf, nf:].T
-        H[nf:, nf:] = np.diag(m @ V)
-        return Sm.sum(axis=0), H, Sm.T @ S
-
-
-def node_terms(X, y, w, fit: QuickFit) -> NodeTerms:
-    """The rows' terms at ``fit`` (see :class:`NodeTerms`); sums equal ``composite_pass``'s."""
-    p = X.shape[1]
-    ident = fit.identified
-    feats = np.flatnonzero(ident[:p])
-    ths = np.flatnonzero(ident[p:])
-    beta = np.where(ident[:p], np.nan_to_num(fit.estimate[:p]), 0.0)
-    theta = np.nan_to_num(fit.estimate[p:])[ths]
-    mu = special.expit((X @ beta)[:, None] - theta[None, :])  # P(Y > k)
-    E = (y[:, None] > ths[None, :]) - mu
-    Xf = X[:, feats]
-    S = np.concatenate([Xf * E.sum(axis=1)[:, None], -E], axis=1)
-    return NodeTerms(S, Xf, mu * (1.0 - mu), np.ones(y.shape[0]) if w is None else w)
 
 
 def importance(fit: QuickFit | None, n_features: int) -> np.ndarray:
@@ -471,6 +291,3 @@ class DataProfile:
                    d["feature_names"])
 
 
-def q_pvalue(q: float, df: int) -> float:
-    """Upper tail of the chi-square distribution (``scipy.stats.chi2.sf`` without its overhead)."""
-    return float(special.chdtrc(df, q)) if df > 0 else 1.0

@@ -1,8 +1,8 @@
 """Pooling the subsets' de-biased estimates (method.md 4, 4b, 6).
 
 Pure functions of the local results: they never see data. ``pool`` is the patent's one-shot
-combination, ``refine`` the extra round that takes one global Newton step from the pooled
-estimate, and ``monotonise`` orders the final thresholds.
+combination and ``refine`` the extra round that takes one global Newton step from the pooled
+estimate.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from sklearn.isotonic import isotonic_regression
 
+from ..core.linalg import NotIdentifiedError, inverse, unidentified_directions
+from ..core.linalg import precision as cov_precision
 from .local import Evaluation, LocalFit
-
-#: Eigenvalues of a subset's covariance below this fraction of the largest are treated as
-#: directions without information (zero weight), never as infinitely precise ones.
-EIG_RTOL = 1e-12
 
 
 @dataclass(frozen=True)
@@ -37,20 +34,6 @@ class Pooled:
     q_pvalue: float
     i2: float
     information: np.ndarray | None = None
-
-
-def precision(fit: LocalFit) -> tuple[np.ndarray, int]:
-    """A subset's robust inverse variance ``Omega_m`` over its own coordinates, and its rank.
-
-    Directions whose variance is numerically zero get zero weight, never infinite weight.
-    """
-    V = fit.cov
-    if V.size == 0:
-        return V.copy(), 0
-    vals, vecs = np.linalg.eigh(0.5 * (V + V.T))
-    top = vals.max(initial=0.0)
-    keep = vals > EIG_RTOL * top if top > 0 else np.zeros_like(vals, dtype=bool)
-    return (vecs[:, keep] / vals[keep]) @ vecs[:, keep].T, int(keep.sum())
 
 
 def pool(fits: Sequence[LocalFit]) -> Pooled:
@@ -72,7 +55,7 @@ def pool(fits: Sequence[LocalFit]) -> Pooled:
     fisher = np.zeros((d, d))
     rhs = np.zeros(d)
     for f in fits:
-        om, rank = precision(f)
+        om, rank = cov_precision(f.cov)
         pieces.append((om, rank))
         info += f.design.T @ om @ f.design
         fisher += f.design.T @ f.hess @ f.design
@@ -92,37 +75,6 @@ def pool(fits: Sequence[LocalFit]) -> Pooled:
     q_p = float(stats.chi2.sf(q, q_df)) if q_df > 0 else float("nan")
     i2 = max(0.0, (q - q_df) / q) if q > 0 and q_df > 0 else 0.0
     return Pooled(est, cov, q, q_df, q_p, i2, fisher)
-
-
-class NotIdentifiedError(ValueError):
-    """The pooled information is singular; ``indices`` are the parameters involved."""
-
-    def __init__(self, indices: np.ndarray):
-        self.indices = np.asarray(indices)
-        super().__init__(f"parameters {self.indices.tolist()} are not identified by the data")
-
-
-def inverse(info: np.ndarray) -> np.ndarray:
-    """Symmetric inverse of an information matrix, or :class:`NotIdentifiedError`."""
-    bad = unidentified_directions(info)
-    if bad.size:
-        raise NotIdentifiedError(bad)
-    inv = np.linalg.inv(info)
-    return 0.5 * (inv + inv.T)
-
-
-def unidentified_directions(info: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
-    """Indices of parameters involved in (numerically) zero-information directions of ``info``.
-
-    Scaled to unit diagonal first, so the test does not depend on the parameters' units.
-    """
-    dg = np.diag(info)
-    if np.any(dg <= 0):
-        return np.flatnonzero(dg <= 0)
-    R = info / np.sqrt(np.outer(dg, dg))
-    vals, vecs = np.linalg.eigh(R)
-    null = vecs[:, vals < rtol * vals.max()]
-    return np.flatnonzero(np.abs(null).max(axis=1, initial=0.0) > 0.1)
 
 
 def full_view(fit: LocalFit) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -186,13 +138,3 @@ def refine(
     return new, 0.5 * (cov + cov.T)
 
 
-def monotonise(theta: np.ndarray, var: np.ndarray) -> np.ndarray:
-    """Increasing thresholds by weighted isotonic regression, weights ``1 / Var(theta_k)``.
-
-    Ordered input is returned unchanged.
-    """
-    if np.all(np.diff(theta) > 0):
-        return theta
-    w = 1.0 / np.where(var > 0, var, np.inf)
-    w = np.where(np.isfinite(w) & (w > 0), w, 1.0)
-    return isotonic_regression(theta, sample_weight=w, increasing=True)

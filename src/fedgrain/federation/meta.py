@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import progress
-from .backends import Backend
-from .exceptions import SubsetError
-from .ordinal import Pass, class_proba, composite_pass
-from .solvers import newton, solve_psd
+from .. import progress
+from ..backends import Backend
+from ..core.likelihood import Pass, class_proba, composite_pass
+from ..core.linalg import solve_psd
+from ..core.solvers import newton
+from ..exceptions import SubsetError
 
 METHODS = ("fomaml", "reptile", "fedavg", "fedprox")
 #: Multiples of the current pull scored every round (plus no adaptation at all).
@@ -109,8 +110,8 @@ def free_coordinates(X, y, w, n_classes: int) -> np.ndarray:
     Adaptation moves only these; the others stay at the global value (an absent class's
     threshold would otherwise run off toward infinity, limited only by the pull).
     """
-    from .local import _two_sided
-    from .shards import column_moments
+    from ..core.standardize import column_moments
+    from ..inference.local import _two_sided
 
     _, scale = column_moments(X, w)
     return np.concatenate([scale > 1e-10, _two_sided(y, w, n_classes)])
@@ -161,7 +162,7 @@ def log_loss_sum(X, y, w, params, p: int) -> float:
 
 def adapt_task(task: dict) -> Adapted:
     """Backend entry point of a round: adapt on the training part, score on the validation."""
-    from .local import one_blas_thread
+    from ..inference.local import one_blas_thread
 
     shard = task["shard"].load()
     s: MetaSettings = task["settings"]
@@ -198,7 +199,7 @@ def personalise_task(task: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Hessian, plus the global model's uncertainty carried by the pull; the global covariance
     for parameters the leaf does not identify) and the data's Hessian (for pooling pieces).
     """
-    from .local import one_blas_thread
+    from ..inference.local import one_blas_thread
 
     shard = task["shard"].load()
     with one_blas_thread():

@@ -4,15 +4,15 @@ The tree is grown best-first on a sample of at most :data:`SAMPLE_ROWS` rows, th
 routed once; so beyond that one routing pass the cost does not grow with the number of rows.
 
 **Candidates.** At each node, from its profile (on at most
-:data:`fedgrain.profile.QUICK_ROWS` of its rows): the 2-means boundary in the importance-weighted
-standardised space and in the plain standardised space (regions may differ in features that
-matter little for the outcome); a threshold on every feature with a density valley between its
-10% and 90% quantiles, at the valley; and a threshold on each of the two most important
-features at its median when it has no valley. Each candidate is judged by the robust
-score test of :func:`fedgrain.profile.split_test` at the node's quick fit (at most
-:data:`fedgrain.profile.QUICK_ROWS` rows): the Lagrange multiplier form of the heterogeneity
-``Q`` of method.md 5, a chi-square with ``df`` degrees of freedom when one model holds on both
-sides, at the cost of one pass over the candidate's left rows.
+:data:`fedgrain.inference.split_tests.QUICK_ROWS` of its rows): the 2-means boundary in the
+importance-weighted standardised space and in the plain standardised space (regions may differ
+in features that matter little for the outcome); a threshold on every feature with a density
+valley between its 10% and 90% quantiles, at the valley; and a threshold on each of the two
+most important features at its median when it has no valley. Each candidate is judged by the
+robust score test of :func:`fedgrain.inference.split_tests.split_test` at the node's quick fit (at
+most :data:`fedgrain.inference.split_tests.QUICK_ROWS` rows): the Lagrange multiplier form of
+the heterogeneity ``Q`` of method.md 5, a chi-square with ``df`` degrees of freedom when one
+model holds on both sides, at the cost of one pass over the candidate's left rows.
 
 **Which cut.** The candidate with the largest expected gain (below), unless another one that is
 clearly significant (``p < 5e-8`` after the Bonferroni correction below) and promises at least
@@ -44,9 +44,9 @@ is grown on all rows, up to :data:`SAMPLE_ROWS`; on a sample, a split whose leaf
 smaller than ``min_subset_size`` once every row is routed is merged back,
 which can, rarely, undo a split at one granularity and not at another.
 
-Tests use at most :data:`fedgrain.profile.QUICK_ROWS` rows of a node, so on large data a
-difference too small to see in that many rows is not split even at ``g = 1``; the expected gain
-of a split is scaled to the node's full size.
+Tests use at most :data:`fedgrain.inference.split_tests.QUICK_ROWS` rows of a node, so on large
+data a difference too small to see in that many rows is not split even at ``g = 1``; the
+expected gain of a split is scaled to the node's full size.
 When there are fewer regions than workers, the largest regions are dealt out at random into
 pieces (at least ``min_subset_size`` rows each), so every worker has a subset; with ``g = 0`` this
 is exactly the patent's static division. (With more than two workers, regions near a multiple
@@ -61,9 +61,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.blocks import take_rows
+from ..core.standardize import Standardizer
+from ..federation.shards import leaf_ranges, route_rows
+from ..inference import split_tests
 from . import profile as prof
-from .partition import PartitionTree
-from .shards import Standardizer, leaf_ranges, route_rows, take_rows
+from .tree import PartitionTree
 
 #: Rows the tree is grown on at most.
 SAMPLE_ROWS = 50_000
@@ -147,14 +150,15 @@ class _Grower:
 
     def subsample(self, rows: np.ndarray) -> np.ndarray:
         """The evenly spaced rows a region's quick fit and split tests use."""
-        if rows.shape[0] <= prof.QUICK_ROWS:
+        if rows.shape[0] <= split_tests.QUICK_ROWS:
             return rows
-        return rows[np.linspace(0, rows.shape[0] - 1, prof.QUICK_ROWS).round().astype(np.intp)]
+        keep = np.linspace(0, rows.shape[0] - 1, split_tests.QUICK_ROWS)
+        return rows[keep.round().astype(np.intp)]
 
     def quick(self, rows, start=None):
         sub = self.subsample(rows)
         ws = None if self.ws is None else self.ws[sub]
-        return prof.quick_fit(self.Xs[sub], self.ys[sub], ws, self.K, start)
+        return split_tests.quick_fit(self.Xs[sub], self.ys[sub], ws, self.K, start)
 
     def evaluate(self, rows: np.ndarray, fit, key: int) -> tuple[_Candidate | None, int]:
         """The node's best split candidate (by expected gain) and how many were tried."""
@@ -187,7 +191,7 @@ class _Grower:
                 a = np.zeros(self.p)
                 a[j] = 1.0
                 proposals.append((f"feature {j}", a, cut))
-        terms = prof.node_terms(Xq, yq, wq, fit)
+        terms = split_tests.node_terms(Xq, yq, wq, fit)
         node_counts = np.bincount(yq, minlength=self.K)
         scale = rows.shape[0] * self.factor / sub.shape[0]
         cands = []
@@ -200,7 +204,7 @@ class _Grower:
             counts = np.bincount(yq[left_q], minlength=self.K)
             if min(np.count_nonzero(counts), np.count_nonzero(node_counts - counts)) < 2:
                 continue  # a one-class side has no model of its own (its rows are separated)
-            q, df = prof.split_test(Xq, yq, wq, fit, left_q, terms)
+            q, df = split_tests.split_test(Xq, yq, wq, fit, left_q, terms)
             if df > 0:
                 crowd = float(np.mean(np.abs(z - b) < BOUNDARY_BAND * np.linalg.norm(a)))
                 cands.append(_Candidate(label, a, b, None, q, df, 0.5 * (q * scale - 2 * df),
@@ -215,7 +219,7 @@ class _Grower:
             best = by_gain[0]
             cleaner = [c for c in by_gain if c.gain >= NEAR_BEST_GAIN * best.gain
                        and c.crowding <= SPARSER * best.crowding
-                       and prof.q_pvalue(c.q, c.df) * len(proposals) < CLEAR_LEVEL]
+                       and split_tests.q_pvalue(c.q, c.df) * len(proposals) < CLEAR_LEVEL]
             if cleaner:
                 pick = min(cleaner, key=lambda c: c.crowding)
                 ranked = [pick] + [c for c in by_gain if c is not pick]
@@ -309,7 +313,7 @@ def grow(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, *, std: Standar
             cand, tried = g.evaluate(rows[nid], fits[nid], tree.nodes[nid].key)
             if cand is None:
                 return
-            pval = min(1.0, prof.q_pvalue(cand.q, cand.df) * tried)
+            pval = min(1.0, split_tests.q_pvalue(cand.q, cand.df) * tried)
             if pval < alpha:
                 heapq.heappush(heap, (-cand.gain, tree.nodes[nid].key, nid, cand, pval))
 

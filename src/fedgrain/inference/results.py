@@ -18,7 +18,7 @@ import pandas as pd
 from scipy import stats
 from scipy.special import expit
 
-from .ordinal import class_proba
+from ..core.likelihood import class_proba
 
 #: Draws used for the max-|Z| simultaneous critical value (fixed seed: deterministic).
 MAXZ_DRAWS = 200_000

@@ -1,7 +1,8 @@
 """Proximal Newton for L1-penalised smooth losses, and plain Newton.
 
 The loss is reached through an *oracle*: ``oracle(x, loss=..., order=...)`` returns a
-:class:`fedgrain.ordinal.Pass` with the loss, gradient and Hessian as sums over rows. The solver
+:class:`fedgrain.core.likelihood.Pass` with the loss, gradient and Hessian as sums over rows. The
+solver
 divides by ``n`` itself, so penalties are on the per-row scale (the glmnet convention).
 
 Each outer iteration builds the quadratic model from the Hessian (one weighted Gram matrix over
@@ -16,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import linalg
 
-from .ordinal import Pass
+from .likelihood import Pass
+from .linalg import solve_psd
 
 Oracle = Callable[..., Pass]
 
@@ -106,21 +107,6 @@ def solve_l1_quadratic(
         elif active is full:
             active = [j for j in full if z[j] != 0.0 or lam[j] == 0.0]
     return z
-
-
-def solve_psd(H: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve ``H x = b`` for symmetric positive (semi-)definite ``H``.
-
-    Cholesky first; if ``H`` is numerically singular, the minimum-norm least-squares solution.
-    """
-    try:
-        cf = linalg.cho_factor(H, check_finite=False)
-        x = linalg.cho_solve(cf, b, check_finite=False)
-        if np.all(np.isfinite(x)):
-            return x
-    except linalg.LinAlgError:
-        pass
-    return linalg.lstsq(H, b, check_finite=False, cond=1e-12)[0]
 
 
 def proximal_newton(

@@ -9,7 +9,7 @@ leaves are the subsets fitted. A region may also be dealt out at random into pie
 it gives every worker a subset when there are fewer regions than workers. Pieces of one region
 share its model.
 
-The tree is grown by :func:`fedgrain.partition_growth.grow`; this module holds the structure:
+The tree is grown by :func:`fedgrain.partition.growth.grow`; this module holds the structure:
 routing, split and merge of single leaves, sizes, and saving as plain JSON.
 """
 
@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .shards import Standardizer
-
+from ..core.standardize import Standardizer
 
 #: Rows dealt out at a time by :func:`stratified_split`.
 _SPLIT_CHUNK = 1 << 20
@@ -130,8 +129,8 @@ class PartitionTree:
     Examples
     --------
     >>> import numpy as np
-    >>> from fedgrain.partition import PartitionTree
-    >>> from fedgrain.shards import Standardizer
+    >>> from fedgrain.partition.tree import PartitionTree
+    >>> from fedgrain.federation.shards import Standardizer
     >>> X = np.array([[0.0], [1.0], [2.0], [3.0]])
     >>> tree = PartitionTree(1, 2, Standardizer.fit(X))
     >>> left, right = tree.split(tree.root, np.array([1.0]), 1.5)

@@ -2,7 +2,8 @@
 
 Everything here is a pure function of (shard, settings, seed), so every backend gives the same
 numbers. A shard's features are already standardised with the *global* mean and scale (see
-:mod:`fedgrain.shards`); the L1 penalty is weighted by the subset's own column scales, which is
+:mod:`fedgrain.federation.shards`); the L1 penalty is weighted by the subset's own column scales,
+which is
 the same as standardising inside the subset. Parameters are ordered ``(beta, theta)``.
 
 Some parameters are not identified in a subset. A threshold with every row of the subset on
@@ -11,7 +12,7 @@ subset (value ``c`` after standardisation) is left out too, and then the subset'
 estimate ``theta_k - c beta_j`` rather than ``theta_k``. So a subset reports its estimate over
 the coordinates it does identify together with the linear map ``design`` (``A``) from the full
 parameters to those coordinates, and pooling weighs it by ``A' Omega A`` (see
-:mod:`fedgrain.combine`).
+:mod:`fedgrain.inference.pooling`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from scipy import optimize
 from scipy.special import expit
 from threadpoolctl import ThreadpoolController
 
-from .ordinal import Pass, composite_pass, initial_thresholds
-from .shards import column_moments
-from .solvers import proximal_newton, runaway, solve_psd, warm_start
+from ..core.likelihood import Pass, composite_pass, initial_thresholds
+from ..core.linalg import solve_psd
+from ..core.solvers import proximal_newton, runaway, warm_start
+from ..core.standardize import column_moments
 
 #: ``alpha="rate"`` is ``RATE_C * sqrt(log(d) / n)`` on the per-row loss scale. 0.5 was measured
 #: best among 1, 0.5, 0.25, 0.1 for the pooled estimate after refinement (docs/method.md).
