@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test check lint bench clean
 
 # The virtual environment, created once with an up-to-date pip.
 $(PY):
@@ -29,6 +29,11 @@ demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest
+
+# The fast tier while you work: lint, then every test but the long simulations (marked slow).
+check: $(VENV)/.dev-installed
+	$(BIN)/ruff check src tests benchmarks
+	$(PY) -m pytest -m "not slow" -q
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests benchmarks

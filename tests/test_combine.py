@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedgrain.core.likelihood import monotonise
-from fedgrain.core.linalg import NotIdentifiedError, precision
+from fedgrain.core.linalg import EIG_RTOL, NotIdentifiedError, chi2_sf, precision, wald
+from fedgrain.inference import pooling
 from fedgrain.inference.local import LocalFit
 from fedgrain.inference.pooling import full_view, pool
 
@@ -101,3 +102,39 @@ def test_monotonise_orders_and_keeps_ordered_input():
     assert np.all(np.diff(out) >= 0)
     # precise value pulls the pooled pair toward itself: weighted mean (0.5*1 + 0.3*(1/3))/(4/3)
     assert out[1] == pytest.approx((0.5 + 0.3 / 3) / (1 + 1 / 3))
+
+
+def test_q_has_a_chi_square_p_value_and_none_without_degrees_of_freedom():
+    rng = np.random.default_rng(3)
+    P = pool([_random_fit(rng, 3), _random_fit(rng, 3)])
+    assert P.q_df == 3 and P.q_pvalue == pytest.approx(chi2_sf(P.q, 3), rel=1e-14)
+    assert np.isnan(pool([_random_fit(rng, 3)]).q_pvalue)  # one subset: nothing to test
+
+
+def test_wald_drops_the_directions_without_variance():
+    V = np.diag([2.0, 0.5, EIG_RTOL * 1e-3])  # the last direction is numerically zero
+    q, df = wald(np.array([2.0, 1.0, 5.0]), V)
+    assert df == 2 and q == pytest.approx(2.0 + 2.0)
+    assert wald(np.zeros(0), np.zeros((0, 0))) == (0.0, 0)
+    assert chi2_sf(3.0, 0) == 1.0 and chi2_sf(3.84, 1) == pytest.approx(0.05, abs=1e-4)
+
+
+def test_information_mean_weighs_by_information_and_keeps_the_sandwich():
+    rng = np.random.default_rng(3)
+    H1, H2 = np.diag([1.0, 4.0]), np.diag([3.0, 4.0])
+    e1, e2 = rng.normal(size=2), rng.normal(size=2)
+    V1, V2 = np.diag([0.5, 0.1]), np.diag([0.2, 0.3])
+    est, cov = pooling.information_mean([e1, e2], [V1, V2], [H1, H2])
+    np.testing.assert_allclose(est, [(e1[0] + 3 * e2[0]) / 4, (e1[1] + e2[1]) / 2], rtol=1e-7)
+    np.testing.assert_allclose(np.diag(cov), [(0.5 + 9 * 0.2) / 16, (16 * 0.1 + 16 * 0.3) / 64],
+                               rtol=1e-7)
+
+
+def test_replacing_a_member_of_a_pool_equals_pooling_the_new_members():
+    a = (np.array([1.0, 2.0]), np.array([[0.2, 0.05], [0.05, 0.3]]))
+    b = (np.array([1.5, 1.0]), np.diag([0.4, 0.1]))
+    c = (np.array([0.5, 3.0]), np.diag([0.1, 0.2]))
+    ab, ac = pool([_fit(*a), _fit(*b)]), pool([_fit(*a), _fit(*c)])
+    est, cov = pooling.replace_in_pool(ab.estimate, ab.cov, [b], [c])
+    np.testing.assert_allclose(est, ac.estimate, rtol=1e-10)
+    np.testing.assert_allclose(cov, ac.cov, rtol=1e-10)

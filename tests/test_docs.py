@@ -19,7 +19,7 @@ PUBLIC = [
     "fedgrain.AdaptiveFederatedOrdinal", "fedgrain.DivideConquerOrdinal",
     "fedgrain.OrdinalRegression", "fedgrain.OrdinalResults",
     "fedgrain.inference.results.Summary", "fedgrain.inference.results.WaldTest",
-    "fedgrain.estimators.leaves.LeafModel",
+    "fedgrain.estimators.models.LeafModel",
     "fedgrain.backends.base.Backend", "fedgrain.backends.SerialBackend",
     "fedgrain.backends.ProcessesBackend", "fedgrain.backends.dask.DaskBackend",
     "fedgrain.monitor.base.Detector", "fedgrain.monitor.ADWIN", "fedgrain.monitor.PageHinkley",

@@ -12,7 +12,12 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression, load
 from fedgrain.datasets import make_ordinal
-from fedgrain.exceptions import DataError, IdentificationWarning, ModelFileError
+from fedgrain.exceptions import (
+    DataError,
+    IdentificationWarning,
+    ModelFileError,
+    SeparationError,
+)
 
 STRING_LABELS = (
     "string labels have no order an ordinal model can use: fedgrain asks for levels=[...] "
@@ -304,6 +309,20 @@ def test_collinear_features_are_named():
     for est in (OrdinalRegression(), DivideConquerOrdinal(n_subsets=2, backend="serial")):
         with pytest.raises(DataError, match=r"do not identify 'x0', 'x1', 'x2'.*collinear"):
             est.fit(X, y)
+
+
+def test_collinearity_is_told_from_separation():
+    # Along a dependence of the columns Newton's step is rounding noise of any size, which must
+    # not read as separation: the columns are judged first (here up to a constant, weighted).
+    X, y, _, _ = make_ordinal(2000, 2, 3, random_state=0)
+    Xc = np.c_[X, 3.0 + X[:, 0] - 2 * X[:, 1]]
+    w = np.r_[np.ones(1000), np.full(1000, 2.0)]
+    with pytest.raises(DataError, match=r"do not identify 'x0', 'x1', 'x2'.*collinear"):
+        OrdinalRegression().fit(Xc, y, sample_weight=w)
+    # columns of full rank and classes separated by x0: separation, as before
+    Xs = np.random.default_rng(1).standard_normal((600, 3))
+    with pytest.raises(SeparationError, match=r"separated.*set alpha > 0"):
+        OrdinalRegression().fit(Xs, np.digitize(Xs[:, 0], [-0.5, 0.5]))
 
 
 def test_shared_memory_too_small_is_a_clear_error(monkeypatch, tmp_path):

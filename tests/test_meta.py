@@ -43,7 +43,7 @@ def test_personalised_models_approach_the_oracle_region_models(heterogeneous, me
             "seconds"} <= set(h[0])
     assert all(0 < v <= 1 for v in h[-1]["strength"].values())
     assert set(h[0]["leaf_val_loss"]) == {str(i) for i in af.partition_.leaves}
-    assert np.isfinite(af._meta_state["rho"])  # the regions differ: adaptation pays
+    assert np.isfinite(af.meta_state_.rho)  # the regions differ: adaptation pays
 
 
 def test_one_region_in_identical_pieces_keeps_the_pooled_model_without_rounds():

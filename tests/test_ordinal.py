@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedgrain.core.likelihood import class_proba, composite_pass, exact_pass
+from fedgrain.core.likelihood import class_proba, composite_pass, exact_pass, row_log_loss
 from fedgrain.datasets import make_ordinal
+from fedgrain.metrics import ordinal_scores
 
 from .conftest import expand
 
@@ -129,3 +130,15 @@ def test_class_probabilities_are_a_distribution(eta, gaps, start):
     assert P.shape == (len(eta), len(gaps) + 1)
     assert np.all(P >= 0)
     np.testing.assert_allclose(P.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_row_log_loss_is_the_clipped_negative_log_probability_of_the_true_class():
+    X, y, beta, theta = make_ordinal(500, 2, 4, random_state=1)
+    proba = class_proba(X @ beta, theta)
+    proba[0] = [1.0, 0.0, 0.0, 0.0]  # a true class predicted at probability zero
+    y[0] = 3
+    loss = row_log_loss(proba, y)
+    expected = -np.log(np.clip(proba[np.arange(500), y], 1e-15, 1.0))
+    np.testing.assert_array_equal(loss, expected)
+    assert loss[0] == pytest.approx(-np.log(1e-15))
+    assert ordinal_scores(y, proba)["log_loss"] == float(np.mean(expected))

@@ -185,14 +185,14 @@ def test_a_bad_batch_is_refused_and_leaves_the_model_unchanged(world, bad, messa
     model.fit(pd.DataFrame(X[:20_000], columns=cols), y[:20_000])
     model.partial_fit(pd.DataFrame(X[:5_000], columns=cols), y[:5_000])
     before = (json.dumps(model.events_), model.predict_proba(pd.DataFrame(X[:100], columns=cols)),
-              model._stream["rows_seen"])
+              model.stream_.rows_seen)
     Xb, yb = bad(pd.DataFrame(X[5_000:6_000], columns=cols), pd.Series(y[5_000:6_000]))
     with pytest.raises(ValueError, match=message):
         model.partial_fit(Xb, yb)
     assert json.dumps(model.events_) == before[0]
     np.testing.assert_array_equal(model.predict_proba(pd.DataFrame(X[:100], columns=cols)),
                                   before[1])
-    assert model._stream["rows_seen"] == before[2]
+    assert model.stream_.rows_seen == before[2]
 
 
 def test_events_survive_save_and_load(world, tmp_path):
@@ -307,7 +307,7 @@ def test_a_meta_learned_model_personalises_its_refitted_leaf(world):
     af, X, _, region, coef, thr = world
     model = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial").fit(
         X[:30_000], _labels(X[:30_000], region[:30_000], coef, thr, 15))
-    assert np.isfinite(model._meta_state["rho"])
+    assert np.isfinite(model.meta_state_.rho)
     new_coef = coef.copy()
     new_coef[1] = -coef[1]
     y = np.where(np.arange(60_000) >= 20_000,
@@ -337,8 +337,8 @@ def test_stream_state_survives_save_and_load_between_files(world, tmp_path):
     first = _stream(af, X[:20_000], y[:20_000])  # ends right after the drift is found
     assert [e["kind"] for e in first.events_] == ["concept drift"]
     back = load(first.save(tmp_path / "m"))
-    assert back._stream["pending"] == first._stream["pending"]
-    assert back._stream["rows_seen"] == 20_000
+    assert back.stream_.pending == first.stream_.pending
+    assert back.stream_.rows_seen == 20_000
     later = _stream(back, X[20_000:40_000], y[20_000:40_000])
     assert any(e["kind"] == "refit" for e in later.events_)
 
@@ -349,10 +349,10 @@ def test_fit_after_partial_fit_starts_a_fresh_stream(world):
     af, X, y, *_ = world
     model = copy.deepcopy(af)
     model.partial_fit(X[:10_000], y[:10_000])
-    assert model._stream["rows_seen"] == 10_000
+    assert model.stream_.rows_seen == 10_000
     model.fit(X[:20_000], y[:20_000])
     model.partial_fit(X[20_000:30_000], y[20_000:30_000])
-    assert model._stream["rows_seen"] == 10_000
+    assert model.stream_.rows_seen == 10_000
 
 
 def test_an_error_while_reacting_restores_the_model(world, monkeypatch):
@@ -366,7 +366,7 @@ def test_an_error_while_reacting_restores_the_model(world, monkeypatch):
                  _labels(X[:40_000], region[:40_000], coef, thr, 18))
     model = _stream(af, X[:20_000], y[:20_000])
     before = (copy.deepcopy(model.events_), model.predict_proba(X[:50]),
-              model._stream["rows_seen"], model.partition_.to_dict())
+              model.stream_.rows_seen, model.partition_.to_dict())
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -375,8 +375,8 @@ def test_an_error_while_reacting_restores_the_model(world, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         for a in range(20_000, 40_000, BATCH):
             model.partial_fit(X[a:a + BATCH], y[a:a + BATCH])
-    assert model._stream["rows_seen"] >= before[2]
-    failed_at = model._stream["rows_seen"]
+    assert model.stream_.rows_seen >= before[2]
+    failed_at = model.stream_.rows_seen
     monkeypatch.undo()
     # the failing batch left nothing behind: the model is the one before it
     assert model.partition_.to_dict() == before[3]
@@ -396,7 +396,7 @@ def test_stream_command_reads_csv_too(world, tmp_path, capsys):
     frame.to_csv(tmp_path / "s.csv", index=False)
     code = main(["--quiet", "stream", str(tmp_path / "m"), str(tmp_path / "s.csv"), "--target",
                  "grade", "--batch-size", "7000", "--out", str(tmp_path / "m2")])
-    assert code == 0 and load(tmp_path / "m2")._stream["rows_seen"] == 30_000
+    assert code == 0 and load(tmp_path / "m2").stream_.rows_seen == 30_000
 
 
 def test_page_hinkley_can_watch_the_leaves_instead(world):

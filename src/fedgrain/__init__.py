@@ -3,10 +3,9 @@
 >>> from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression, load
 """
 
+from ._version import __version__
 from .estimators import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression, load
 from .inference.results import OrdinalResults
-
-__version__ = "0.1.0"
 
 __all__ = ["AdaptiveFederatedOrdinal", "DivideConquerOrdinal", "OrdinalRegression",
            "OrdinalResults", "load", "__version__"]

@@ -177,49 +177,78 @@ def _check_fit_options(args) -> None:
 
 
 def _cmd_fit(args) -> int:
-    from .data import read_table, split_target
-    from .estimators import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression
+    from .data.streamed import is_parquet_path
 
     _check_fit_options(args)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it.")
-    from .data.streamed import ParquetSource, is_parquet_path
-
     streamed = is_parquet_path(args.data) and args.estimator != "mle" and not args.weights
     if streamed:  # the estimator reads it batch by batch, never whole
-        source = ParquetSource(args.data)
-        keep = [c for c in source.columns if c != args.target]
-        if args.drop:
-            keep = [c for c in keep if c not in _columns(
-                pd.DataFrame(columns=keep), _csv_list(args.drop), "--drop", args.data)]
-        if args.features:
-            keep = _columns(pd.DataFrame(columns=keep), _csv_list(args.features), "--features",
-                            args.data)
-        if args.target not in source.columns:
-            split_target(pd.DataFrame(columns=source.columns), args.target)  # the message
-        source = ParquetSource(args.data, columns=[*keep, args.target])
-        _log(args, f"streaming {args.data} ({source.n_rows:,} rows) ...")
-        first = next(source.frames([args.target]))[1]
-        y = first[args.target]
-        X, size = source, (source.n_rows, len(keep))
+        X, y, size = _parquet_source(args)
+        weights = None
     else:
-        _log(args, f"reading {args.data} ...")
-        frame = read_table(args.data)
-        X, y = split_target(frame, args.target)
-    weights = None
-    if args.weights and not streamed:
-        weights = X.pop(_columns(X, [args.weights], "--weights", args.data)[0]).to_numpy()
-    if args.drop and not streamed:
-        X = X.drop(columns=_columns(X, _csv_list(args.drop), "--drop", args.data))
-    if args.features and not streamed:
-        X = X.loc[:, _columns(X, _csv_list(args.features), "--features", args.data)]
-    if not streamed:
+        X, y, weights = _read_frame(args)
         size = X.shape
     levels = _typed_levels(_csv_list(args.levels), y)
-    if streamed:
-        y = args.target
-    categorical = _csv_list(args.categorical)
+    model, what = _estimator(args, levels, _csv_list(args.categorical))
+    _log(args, f"fitting {size[0]:,} rows x {size[1]} columns ({what}) ...")
+    t0 = time.perf_counter()
+    try:
+        model.fit(X, args.target if streamed else y, sample_weight=weights)
+    finally:
+        if args.scheduler is not None:
+            model.backend.close()  # the client only: the cluster keeps running
+    _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
+    _print_fit(args, model)
+    path = model.save(out, overwrite=args.force)
+    print(f"\nModel saved to {path}")
+    return 0
+
+
+def _parquet_source(args):
+    """The Parquet data to stream: its source of the chosen columns, the first batch's target
+    (which gives ``--levels`` their type) and the (rows, features) size."""
+    from .data import split_target
+    from .data.streamed import ParquetSource
+
+    source = ParquetSource(args.data)
+    keep = [c for c in source.columns if c != args.target]
+    if args.drop:
+        keep = [c for c in keep if c not in _columns(
+            pd.DataFrame(columns=keep), _csv_list(args.drop), "--drop", args.data)]
+    if args.features:
+        keep = _columns(pd.DataFrame(columns=keep), _csv_list(args.features), "--features",
+                        args.data)
+    if args.target not in source.columns:
+        split_target(pd.DataFrame(columns=source.columns), args.target)  # the message
+    source = ParquetSource(args.data, columns=[*keep, args.target])
+    _log(args, f"streaming {args.data} ({source.n_rows:,} rows) ...")
+    first = next(source.frames([args.target]))[1]
+    return source, first[args.target], (source.n_rows, len(keep))
+
+
+def _read_frame(args):
+    """The data read whole: features, target and ``--weights`` (or None)."""
+    from .data import read_table, split_target
+
+    _log(args, f"reading {args.data} ...")
+    frame = read_table(args.data)
+    X, y = split_target(frame, args.target)
+    weights = None
+    if args.weights:
+        weights = X.pop(_columns(X, [args.weights], "--weights", args.data)[0]).to_numpy()
+    if args.drop:
+        X = X.drop(columns=_columns(X, _csv_list(args.drop), "--drop", args.data))
+    if args.features:
+        X = X.loc[:, _columns(X, _csv_list(args.features), "--features", args.data)]
+    return X, y, weights
+
+
+def _estimator(args, levels, categorical):
+    """The estimator the options choose, and the words that describe it."""
+    from .estimators import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression
+
     if args.estimator == "mle":
         ridge = 0.0 if args.alpha is None else args.alpha
         if isinstance(ridge, str):
@@ -227,51 +256,43 @@ def _cmd_fit(args) -> int:
                             "--alpha is a ridge penalty (a number).")
         model = OrdinalRegression(alpha=ridge, levels=levels, categorical=categorical,
                                   **({} if args.variance is None else {"variance": args.variance}))
-        what = "exact maximum likelihood"
-    else:
-        options = {k: v for k, v in (("alpha", args.alpha), ("variance", args.variance),
-                                     ("refine_rounds", args.refine_rounds)) if v is not None}
-        backend = args.backend or "processes"
-        if args.scheduler is not None:
-            if backend != "dask":
-                raise DataError("--scheduler applies to --backend dask.")
-            from .backends.dask import DaskBackend
+        return model, "exact maximum likelihood"
+    options = {k: v for k, v in (("alpha", args.alpha), ("variance", args.variance),
+                                 ("refine_rounds", args.refine_rounds)) if v is not None}
+    backend = args.backend or "processes"
+    if args.scheduler is not None:
+        if backend != "dask":
+            raise DataError("--scheduler applies to --backend dask.")
+        from .backends.dask import DaskBackend
 
-            backend = DaskBackend(scheduler=args.scheduler)
-        common = {"backend": backend, "n_jobs": args.workers,
-                  "random_state": args.random_state, "levels": levels,
-                  "categorical": categorical, "callback": _bar(args), **options}
-        if args.estimator == "adaptive":
-            g = 0.5 if args.granularity is None else args.granularity
-            model = AdaptiveFederatedOrdinal(granularity=g, meta=args.meta or "none",
-                                             min_subset_size=args.min_subset_size, **common)
-            what = (f"adaptive partition, granularity {g}, meta-learner {args.meta or 'none'}, "
-                    f"backend {args.backend or 'processes'}")
-        else:
-            model = DivideConquerOrdinal(n_subsets=args.n_subsets, **common)
-            what = f"divide and conquer, backend {args.backend or 'processes'}"
-    _log(args, f"fitting {size[0]:,} rows x {size[1]} columns ({what}) ...")
-    t0 = time.perf_counter()
-    try:
-        model.fit(X, y, sample_weight=weights)
-    finally:
-        if args.scheduler is not None:
-            common["backend"].close()  # the client only: the cluster keeps running
-    _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
-    print(model.summary(args.ci_alpha))
+        backend = DaskBackend(scheduler=args.scheduler)
+    common = {"backend": backend, "n_jobs": args.workers,
+              "random_state": args.random_state, "levels": levels,
+              "categorical": categorical, "callback": _bar(args), **options}
     if args.estimator == "adaptive":
-        print(f"\nPartition: {model.n_leaves_} leaves on {model.schedule_.n_workers} worker(s), "
-              f"load imbalance {model.schedule_.imbalance:.3f}")
-        print("\n".join(model.partition_.describe()))
-        for h in model.history_:
-            pull = "none (global model)" if h["rho"] is None else f"{h['rho']:.3g} pseudo-rows"
-            print(f"meta round {h['round']}: validation log-loss {h['val_loss']:.4f}, pull "
-                  f"{pull}, {h['bytes']:,} bytes moved")
-        for e in model.events_:
-            print(f"event: round {e['round']}, leaf {e['leaf']}: {e['kind']} ({e['error']})")
-    path = model.save(out, overwrite=args.force)
-    print(f"\nModel saved to {path}")
-    return 0
+        g = 0.5 if args.granularity is None else args.granularity
+        model = AdaptiveFederatedOrdinal(granularity=g, meta=args.meta or "none",
+                                         min_subset_size=args.min_subset_size, **common)
+        return model, (f"adaptive partition, granularity {g}, meta-learner "
+                       f"{args.meta or 'none'}, backend {args.backend or 'processes'}")
+    model = DivideConquerOrdinal(n_subsets=args.n_subsets, **common)
+    return model, f"divide and conquer, backend {args.backend or 'processes'}"
+
+
+def _print_fit(args, model) -> None:
+    """The coefficient table; for an adaptive model also its partition, rounds and events."""
+    print(model.summary(args.ci_alpha))
+    if args.estimator != "adaptive":
+        return
+    print(f"\nPartition: {model.n_leaves_} leaves on {model.schedule_.n_workers} worker(s), "
+          f"load imbalance {model.schedule_.imbalance:.3f}")
+    print("\n".join(model.partition_.describe()))
+    for h in model.history_:
+        pull = "none (global model)" if h["rho"] is None else f"{h['rho']:.3g} pseudo-rows"
+        print(f"meta round {h['round']}: validation log-loss {h['val_loss']:.4f}, pull "
+              f"{pull}, {h['bytes']:,} bytes moved")
+    for e in model.events_:
+        print(f"event: round {e['round']}, leaf {e['leaf']}: {e['kind']} ({e['error']})")
 
 
 def _columns(X: pd.DataFrame, names: list[str], option: str, source: str) -> list[str]:
@@ -319,7 +340,7 @@ def _cmd_evaluate(args) -> int:
     for k, v in scores.items():
         print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v:.4f}")
     if hasattr(model, "partition_"):  # adaptive: the same scores leaf by leaf
-        leaf = model.partition_.route(model._encode(_features_for(model, X, args.data)))
+        leaf = model.apply(_features_for(model, X, args.data))
         rows = []
         for pos, nid in enumerate(model.partition_.leaves):
             m = leaf == pos
@@ -464,11 +485,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no progress messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text,
+                              description=help_text[0].upper() + help_text[1:] + ".",
                               parents=[common], epilog=EXAMPLES.get(name),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
+    for add in (_add_fit, _add_stream, _add_predict, _add_evaluate, _add_report, _add_summary,
+                _add_demo):
+        add(command)
+    return parser
+
+
+def _add_fit(command) -> None:
     p = command("fit", "fit a model on a CSV or Parquet file and save it")
     p.add_argument("data", help="CSV or Parquet file")
     p.add_argument("--target", required=True, help="the ordinal target column")
@@ -504,12 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "--backend dask)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
     p.add_argument("--random-state", type=int, default=0)
-    p.add_argument("--ci-alpha", type=_probability, default=0.05,
-                   help="1 - confidence level of the intervals (default 0.05)")
+    _add_ci_alpha(p)
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=_cmd_fit)
 
+
+def _add_stream(command) -> None:
     p = command("stream", "update an adaptive model batch by batch, watching for drift")
     p.add_argument("model", help="model directory (fitted with --granularity)")
     p.add_argument("data", help="CSV or Parquet file of new labelled rows, in stream order")
@@ -519,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", help="event log to write, JSON lines (default OUT.events.jsonl)")
     p.set_defaults(func=_cmd_stream)
 
+
+def _add_predict(command) -> None:
     p = command("predict", "predict classes and class probabilities")
     p.add_argument("model", help="model directory")
     p.add_argument("data", help="CSV or Parquet file with the model's feature columns")
@@ -526,12 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", help="input columns to copy into the output (an id, say): c1,c2")
     p.set_defaults(func=_cmd_predict)
 
+
+def _add_evaluate(command) -> None:
     p = command("evaluate", "ordinal scores of a model on labelled data")
     p.add_argument("model")
     p.add_argument("data")
     p.add_argument("--target", required=True)
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_report(command) -> None:
     p = command("report", "write the HTML report of a model: partition, coefficients, "
                           "leaves, meta-learning, drift")
     p.add_argument("model", help="model directory")
@@ -539,23 +575,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="labelled rows (CSV or Parquet) to score each leaf on and "
                                   "to draw in the partition plot")
     p.add_argument("--target", help="the target column of --data")
-    p.add_argument("--ci-alpha", type=_probability, default=0.05,
-                   help="1 - confidence level of the intervals (default 0.05)")
+    _add_ci_alpha(p)
     p.set_defaults(func=_cmd_report)
 
+
+def _add_summary(command) -> None:
     p = command("summary", "coefficient table with confidence intervals")
     p.add_argument("model")
-    p.add_argument("--ci-alpha", type=_probability, default=0.05,
-                   help="1 - confidence level of the intervals (default 0.05)")
+    _add_ci_alpha(p)
     p.add_argument("--html", help="also write the table as HTML to this file")
     p.set_defaults(func=_cmd_summary)
 
+
+def _add_demo(command) -> None:
     p = command("demo", "the whole pipeline on the RAND health insurance data (offline): "
                         "fits, partition, meta-learning, a stream with a change, the report")
     p.add_argument("--out", default="fedgrain_demo", help="folder for the demo's files")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=_cmd_demo)
-    return parser
+
+
+def _add_ci_alpha(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ci-alpha", type=_probability, default=0.05,
+                   help="1 - confidence level of the intervals (default 0.05)")
 
 
 #: Python-API wording in messages, and the command-line options that say the same.

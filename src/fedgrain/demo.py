@@ -54,8 +54,24 @@ def run_demo(out: Path, n_jobs: int | None = None, log: Callable[[str], None] = 
     print(f"RAND Health Insurance Experiment: {len(frame):,} people, self-rated health "
           f"({' < '.join(levels)}), {X.shape[1]} features. {N_TRAIN:,} people train the "
           f"models, {N_TEST:,} are held out, the other {len(pool):,} feed a stream.\n")
+    dc, mle = _static_division(Xtr, ytr, n_jobs, callback)
+    af = _adaptive_partition(Xtr, ytr, n_jobs, callback)
+    codes = af.target_.encode(yte)
+    print("\nHeld-out people:")
+    print(_scores_table({
+        "centralized (exact)": ordinal_scores(codes, mle.predict_proba(Xte)),
+        "divide and conquer": ordinal_scores(codes, dc.predict_proba(Xte)),
+        "adaptive + FO-MAML": ordinal_scores(codes, af.predict_proba(Xte)),
+    }))
+    _stream_with_a_change(af, X.iloc[pool], y.iloc[pool], levels, rng)
+    model_dir = _report_save_reload(af, frame, Xte, yte, levels, out)
+    log(f"demo finished in {time.perf_counter() - t_start:.0f} s")
+    return model_dir
 
-    # 1. the patent's static division beside the exact centralized fit
+
+def _static_division(Xtr: pd.DataFrame, ytr: pd.Series, n_jobs: int | None,
+                     callback) -> tuple[DivideConquerOrdinal, OrdinalRegression]:
+    """Part 1: the patent's static division beside the exact centralized fit."""
     print("== 1. Divide and conquer (the patent's static division) and the exact fit ==\n")
     t0 = time.perf_counter()
     dc = DivideConquerOrdinal(n_subsets=4, n_jobs=n_jobs, callback=callback).fit(Xtr, ytr)
@@ -74,8 +90,12 @@ def run_demo(out: Path, n_jobs: int | None = None, log: Callable[[str], None] = 
           f"inverse-variance weights): {t_dc:.2f} s; OrdinalRegression: {t_mle:.2f} s.")
     print(f"Do the insurance-plan variables matter jointly? "
           f"{dc.results_.wald_test(['lncoins', 'idp', 'lpi', 'fmde'])}")
+    return dc, mle
 
-    # 2. the adaptive partition and the meta-learner
+
+def _adaptive_partition(Xtr: pd.DataFrame, ytr: pd.Series, n_jobs: int | None,
+                        callback) -> AdaptiveFederatedOrdinal:
+    """Part 2: the adaptive partition and the meta-learner, described leaf by leaf."""
     print("\n== 2. Adaptive partition and federated meta-learning ==\n")
     t0 = time.perf_counter()
     af = AdaptiveFederatedOrdinal(granularity=0.5, meta="fomaml", n_jobs=n_jobs,
@@ -100,21 +120,17 @@ def run_demo(out: Path, n_jobs: int | None = None, log: Callable[[str], None] = 
         print(f"  meta round {h['round']}: validation log-loss {h['val_loss']:.4f} "
               f"(global model as it is: {h['no_adaptation_loss']:.4f}), pull {pull}, "
               f"{h['bytes']:,} bytes moved")
-    codes = af.target_.encode(yte)
-    print("\nHeld-out people:")
-    print(_scores_table({
-        "centralized (exact)": ordinal_scores(codes, mle.predict_proba(Xte)),
-        "divide and conquer": ordinal_scores(codes, dc.predict_proba(Xte)),
-        "adaptive + FO-MAML": ordinal_scores(codes, af.predict_proba(Xte)),
-    }))
+    return af
 
-    # 3. a stream with a change
+
+def _stream_with_a_change(af: AdaptiveFederatedOrdinal, Xp: pd.DataFrame, yp: pd.Series,
+                          levels: list, rng: np.random.Generator) -> None:
+    """Part 3: rows drawn from the pool in batches; half way, one leaf's answers turn around."""
     print("\n== 3. A stream with a change ==\n")
-    Xp, yp = X.iloc[pool], y.iloc[pool]
-    draw = rng.integers(0, len(pool), STREAM_ROWS)
+    draw = rng.integers(0, len(Xp), STREAM_ROWS)
     Xs = Xp.iloc[draw].reset_index(drop=True)
     ys = yp.iloc[draw].reset_index(drop=True)
-    leaf_of = tree.route(af._encode(Xs))
+    leaf_of = af.apply(Xs)
     changed_leaf = int(np.bincount(leaf_of).argmax())
     half = STREAM_ROWS // 2
     turn = (np.arange(STREAM_ROWS) >= half) & (leaf_of == changed_leaf)
@@ -122,8 +138,8 @@ def run_demo(out: Path, n_jobs: int | None = None, log: Callable[[str], None] = 
                                         categories=levels, ordered=True)
     ys = pd.Series(np.where(turn, flipped, ys), dtype=ys.dtype)
     print(f"{STREAM_ROWS:,} rows drawn from the stream pool, in batches of {STREAM_BATCH:,}; "
-          f"from row {half:,} on, the people of leaf {tree.leaves[changed_leaf]} answer the "
-          "other way round (excellent <-> poor, good <-> fair).")
+          f"from row {half:,} on, the people of leaf {af.partition_.leaves[changed_leaf]} answer "
+          "the other way round (excellent <-> poor, good <-> fair).")
     before = copy.deepcopy(af)
     seen = len(af.events_)
     t0 = time.perf_counter()
@@ -140,7 +156,10 @@ def run_demo(out: Path, n_jobs: int | None = None, log: Callable[[str], None] = 
     print(f"Log-loss on the changed leaf's last 2,000 rows: {was:.3f} for the model before "
           f"the stream, {now:.3f} after it adapted.")
 
-    # 4. report, save, reload, predict
+
+def _report_save_reload(af: AdaptiveFederatedOrdinal, frame: pd.DataFrame, Xte: pd.DataFrame,
+                        yte: pd.Series, levels: list, out: Path) -> Path:
+    """Part 4: the report, the saved model, a reload and predictions, and what to try next."""
     print("\n== 4. Report, save, reload, predict ==\n")
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "randhie.csv", index=False)
@@ -162,5 +181,4 @@ def run_demo(out: Path, n_jobs: int | None = None, log: Callable[[str], None] = 
           f"  fedgrain report {model_dir} --out {out / 'report2.html'}\n"
           f"  fedgrain fit {out / 'randhie.csv'} --target health --levels {','.join(levels)} "
           f"--granularity 0.5 --meta fomaml --out {out / 'model2'}")
-    log(f"demo finished in {time.perf_counter() - t_start:.0f} s")
     return model_dir

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .core.likelihood import row_log_loss
+
 
 def ordinal_scores(codes: np.ndarray, proba: np.ndarray) -> dict[str, float | int]:
     """Accuracy, mean absolute class error, log-loss and ranked probability score.
@@ -26,13 +28,12 @@ def ordinal_scores(codes: np.ndarray, proba: np.ndarray) -> dict[str, float | in
     """
     n, K = proba.shape
     pred = np.argmax(proba, axis=1)
-    p_true = np.clip(proba[np.arange(n), codes], 1e-15, 1.0)
     cum = np.cumsum(proba, axis=1)[:, :-1]
     obs = (codes[:, None] <= np.arange(K - 1)[None, :]).astype(float)
     return {
         "rows": n,
         "accuracy": float(np.mean(pred == codes)),
         "mae": float(np.mean(np.abs(pred - codes))),
-        "log_loss": float(-np.mean(np.log(p_true))),
+        "log_loss": float(np.mean(row_log_loss(proba, codes))),
         "rps": float(np.mean(np.sum((cum - obs) ** 2, axis=1) / max(K - 1, 1))),
     }

@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from fedgrain._warnings import warn
-from fedgrain.exceptions import ModelFileError
+from ._version import __version__
+from ._warnings import warn
+from .exceptions import ModelFileError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "read_model_dir", "write_model_dir"]
 
@@ -114,39 +115,15 @@ def write_model_dir(
     >>> read_model_dir(folder)[1]["coef"]
     array([ 0.5, -1. ])
     """
-    from fedgrain import __version__
-
     target = Path(os.path.abspath(path))
-    if type(meta) is not dict:
-        raise TypeError(f"meta must be a dict. Got {type(meta).__name__} instead.")
-    _check_json_value(meta, "meta")
-    _check_arrays(arrays)
+    _check_contents(meta, arrays)
     _check_target(target, overwrite)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(8)}"
     staging.mkdir()
     try:
-        npz_file = staging / ARRAYS_NPZ
-        with open(npz_file, "wb") as stream:
-            _write_npz(stream, arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        header = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "fedgrain_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "meta": meta,
-            "arrays": {name: _describe(array) for name, array in arrays.items()},
-            "checksums": {
-                "meta_sha256": hashlib.sha256(_canonical_json(meta)).hexdigest(),
-                "arrays_npz_sha256": _sha256_file(npz_file),
-            },
-        }
-        text = json.dumps(header, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-        _write_synced(staging / MODEL_JSON, text.encode("utf-8"))
-        _fsync_dir(staging)
+        _write_files(staging, meta, arrays)
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -203,6 +180,14 @@ def read_model_dir(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
             f"{MODEL_JSON}); restore the original file or save the model again."
         )
     return meta, _read_npz(npz_file, data, manifest)
+
+
+def _check_contents(meta: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise unless ``meta`` is a dict of plain JSON values and ``arrays`` can be saved."""
+    if type(meta) is not dict:
+        raise TypeError(f"meta must be a dict. Got {type(meta).__name__} instead.")
+    _check_json_value(meta, "meta")
+    _check_arrays(arrays)
 
 
 def _check_json_value(value: Any, where: str) -> None:
@@ -329,6 +314,36 @@ def _move_into_place(staging: Path, target: Path) -> None:
         )
 
 
+def _write_files(staging: Path, meta: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays.npz`` and then ``model.json`` into ``staging``, both flushed to disk."""
+    npz_file = staging / ARRAYS_NPZ
+    with open(npz_file, "wb") as stream:
+        _write_npz(stream, arrays)
+        stream.flush()
+        os.fsync(stream.fileno())
+    header = _header(meta, arrays, npz_file)
+    text = json.dumps(header, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    _write_synced(staging / MODEL_JSON, text.encode("utf-8"))
+    _fsync_dir(staging)
+
+
+def _header(meta: dict[str, Any], arrays: Mapping[str, np.ndarray], npz_file: Path) -> dict:
+    """The content of ``model.json``: format, versions, time, metadata, manifest, checksums."""
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fedgrain_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "meta": meta,
+        "arrays": {name: _describe(array) for name, array in arrays.items()},
+        "checksums": {
+            "meta_sha256": hashlib.sha256(_canonical_json(meta)).hexdigest(),
+            "arrays_npz_sha256": _sha256_file(npz_file),
+        },
+    }
+
+
 def _write_npz(stream: Any, arrays: Mapping[str, np.ndarray]) -> None:
     """Write ``arrays`` as an uncompressed ``.npz`` archive, one ``.npy`` member each."""
     with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -366,7 +381,6 @@ def _read_header(root: Path) -> Any:
         )
     version = header.get("format_version")
     if type(version) is int and version > FORMAT_VERSION:
-        from fedgrain import __version__
 
         raise ModelFileError(
             f"{root} was written by a newer fedgrain (format {version}; fedgrain {__version__} "

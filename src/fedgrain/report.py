@@ -311,37 +311,52 @@ def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float
     >>> out.read_text().startswith("<!DOCTYPE html>")
     True
     """
-    from .metrics import ordinal_scores
-
     if not hasattr(model, "results_"):
         raise ValueError("The model is not fitted; fit it (or load a saved one) first.")
     path = Path(path)
-    name = type(model).__name__
-    res = model.results_
     adaptive = hasattr(model, "partition_")
-    rng = np.random.default_rng(0)
-    parts: list[str] = []
-    heading = title or f"fedgrain report: {name}"
-    info = res.info or {}
-    parts.append(f"<h1>{html.escape(heading)}</h1>")
-    parts.append(f'<p class="sub">{len(res.feature_names)} features, classes '
-                 f"{html.escape(' < '.join(str(c) for c in res.classes))}"
-                 + (f", {model.n_leaves_} leaves" if adaptive else "")
-                 + (f", {info.get('Rows')} rows" if info.get("Rows") else "") + "</p>")
+    heading = title or f"fedgrain report: {type(model).__name__}"
+    parts = _title(model, heading, adaptive)
+    Xe, codes, proba, leaf = _given_rows(model, X, y, adaptive)
+    parts += _coefficients(model, alpha, adaptive)
+    parts += _forest(model, alpha, adaptive)
+    if adaptive:
+        parts += _partition(model, Xe, leaf)
+        parts += _leaves(model, codes, proba, leaf)
+        parts += _meta_learning(model)
+        parts += _drift(model)
+    _write_page(path, heading, parts)
+    return path
 
-    Xe = codes = leaf = None
+
+def _title(model, heading: str, adaptive: bool) -> list[str]:
+    """The heading, and a line with the features, classes, leaves and rows."""
+    res = model.results_
+    info = res.info or {}
+    return [f"<h1>{html.escape(heading)}</h1>",
+            f'<p class="sub">{len(res.feature_names)} features, classes '
+            f"{html.escape(' < '.join(str(c) for c in res.classes))}"
+            + (f", {model.n_leaves_} leaves" if adaptive else "")
+            + (f", {info.get('Rows')} rows" if info.get("Rows") else "") + "</p>"]
+
+
+def _given_rows(model, X, y, adaptive: bool):
+    """The encoded rows, the class codes and predicted probabilities (with ``y``), and the
+    leaf of each row (adaptive); None for what is not given."""
+    Xe = codes = proba = leaf = None
     if X is not None:
-        Xe = model._encode(X) if hasattr(model, "_encode") else model.schema_.transform(
-            X, estimator_name=name)
+        Xe = model.encode(X)
         if y is not None:
             codes = model.target_.encode(y)
             proba = model.predict_proba(X)
         if adaptive:
             leaf = model.partition_.route(Xe)
+    return Xe, codes, proba, leaf
 
-    # coefficients and heterogeneity
-    parts.append("<h2>Coefficients</h2>")
-    parts.append(res.summary(alpha).as_html())
+
+def _coefficients(model, alpha: float, adaptive: bool) -> list[str]:
+    """The coefficient table, and Cochran's Q and I^2 between the subsets where pooled."""
+    parts = ["<h2>Coefficients</h2>", model.results_.summary(alpha).as_html()]
     het_model = model.global_model_ if adaptive else model
     if hasattr(het_model, "q_"):
         parts.append("<h2>Heterogeneity between the subsets</h2>")
@@ -351,8 +366,11 @@ def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float
         parts.append("<p>Q tests whether the subsets' de-biased estimates differ by more than "
                      "their standard errors allow; I^2 is the share of their spread that is "
                      "not chance.</p>")
+    return parts
 
-    # forest plot
+
+def _forest(model, alpha: float, adaptive: bool) -> list[str]:
+    """The forest plot: global coefficients beside each leaf's or subset's."""
     if adaptive:
         leaf_params = np.array([m.results_.params for m in model.local_models_])
         labels = [f"leaf {nid}" for nid in model.partition_.leaves]
@@ -361,114 +379,138 @@ def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float
         labels = [f"subset {i + 1}" for i in range(leaf_params.shape[0])]
     else:
         leaf_params, labels = None, []
-    parts.append(f"<h2>Global coefficients and the {'leaves' if adaptive else 'subsets'}'</h2>")
-    parts.append(_figure("forest plot", _png(forest_plot(res, leaf_params, labels, alpha)),
-                         f"Black: the global (pooled) coefficients with {100 * (1 - alpha):.0f}%"
-                         " confidence intervals. Dots: each "
-                         f"{'leaf' if adaptive else 'subset'}'s own coefficients."))
+    return [f"<h2>Global coefficients and the {'leaves' if adaptive else 'subsets'}'</h2>",
+            _figure("forest plot", _png(forest_plot(model.results_, leaf_params, labels, alpha)),
+                    f"Black: the global (pooled) coefficients with {100 * (1 - alpha):.0f}%"
+                    " confidence intervals. Dots: each "
+                    f"{'leaf' if adaptive else 'subset'}'s own coefficients.")]
 
-    if adaptive:
-        tree = model.partition_
-        parts.append("<h2>Partition</h2>")
-        if Xe is not None:
-            take = rng.choice(Xe.shape[0], min(_SAMPLE, Xe.shape[0]), replace=False)
-            Xs = tree.standardizer.transform(Xe[take])
-            caption = (f"A sample of {take.shape[0]:,} of the given rows, projected on their "
-                       "first two principal components, coloured by the leaf they route to.")
-            proj = _png(projection_plot(Xs, leaf[take], tree.leaves))
-        else:
-            sample, lab = _leaf_sample(model, rng)
-            if sample is None:
-                proj = None
-            else:
-                proj = _png(projection_plot(tree.standardizer.transform(sample), lab,
-                                            tree.leaves))
-            caption = ("Rows drawn from each leaf's stored feature distributions (the model "
-                       "keeps no training rows) and kept where the tree routes them back to that "
-                       "leaf, projected on their first two principal components. Pass data "
-                       "(--data) to show real rows.")
-        figs = [_figure("partition tree", _png(tree_plot(tree)),
-                        "The partition tree: each split's rule, and the training rows of every "
-                        "node.")]
-        if proj is not None:
-            figs.insert(0, _figure("partition projection", proj, caption))
-        parts.append('<div class="grid">' + "".join(figs) + "</div>")
-        parts.append("<pre>" + html.escape("\n".join(tree.describe())) + "</pre>")
 
-        # leaves
-        parts.append("<h2>Leaves</h2>")
-        last = model.history_[-1] if getattr(model, "history_", None) else None
-        header = ["Leaf", "Training rows", "Region"]
-        rows = []
-        region = tree.region_of()
-        for pos, nid in enumerate(tree.leaves):
-            row = [nid, int(tree.sizes[pos]), int(region[pos])]
-            if last is not None:
-                row.append(last.get("leaf_val_loss", {}).get(str(nid)))
-            if codes is not None:
-                m = leaf == pos
-                if m.any():
-                    s = ordinal_scores(codes[m], proba[m])
-                    row += [int(m.sum()), s["log_loss"], s["rps"], s["accuracy"], s["mae"]]
-                else:
-                    row += [0, None, None, None, None]
-            rows.append(row)
+def _partition(model, Xe: np.ndarray | None, leaf: np.ndarray | None) -> list[str]:
+    """The projection of rows coloured by leaf, the tree plot and the tree's description."""
+    tree = model.partition_
+    proj, caption = _projection(model, Xe, leaf)
+    figs = [_figure("partition tree", _png(tree_plot(tree)),
+                    "The partition tree: each split's rule, and the training rows of every "
+                    "node.")]
+    if proj is not None:
+        figs.insert(0, _figure("partition projection", proj, caption))
+    return ["<h2>Partition</h2>", '<div class="grid">' + "".join(figs) + "</div>",
+            "<pre>" + html.escape("\n".join(tree.describe())) + "</pre>"]
+
+
+def _projection(model, Xe: np.ndarray | None, leaf: np.ndarray | None) -> tuple[str | None, str]:
+    """The projection plot (None without a sample to draw) and its caption: a sample of the
+    given rows, or else of rows drawn from the leaves' stored feature distributions."""
+    tree = model.partition_
+    rng = np.random.default_rng(0)
+    if Xe is not None:
+        take = rng.choice(Xe.shape[0], min(_SAMPLE, Xe.shape[0]), replace=False)
+        Xs = tree.standardizer.transform(Xe[take])
+        caption = (f"A sample of {take.shape[0]:,} of the given rows, projected on their "
+                   "first two principal components, coloured by the leaf they route to.")
+        return _png(projection_plot(Xs, leaf[take], tree.leaves)), caption
+    sample, lab = _leaf_sample(model, rng)
+    if sample is None:
+        proj = None
+    else:
+        proj = _png(projection_plot(tree.standardizer.transform(sample), lab, tree.leaves))
+    caption = ("Rows drawn from each leaf's stored feature distributions (the model "
+               "keeps no training rows) and kept where the tree routes them back to that "
+               "leaf, projected on their first two principal components. Pass data "
+               "(--data) to show real rows.")
+    return proj, caption
+
+
+def _leaves(model, codes: np.ndarray | None, proba: np.ndarray | None,
+            leaf: np.ndarray | None) -> list[str]:
+    """The table of leaves: sizes, the last meta round's validation loss, and scores on the
+    given labelled rows."""
+    from .metrics import ordinal_scores
+
+    tree = model.partition_
+    last = model.history_[-1] if getattr(model, "history_", None) else None
+    header = ["Leaf", "Training rows", "Region"]
+    rows = []
+    region = tree.region_of()
+    for pos, nid in enumerate(tree.leaves):
+        row = [nid, int(tree.sizes[pos]), int(region[pos])]
         if last is not None:
-            header.append("Validation log-loss (last meta round)")
+            row.append(last.get("leaf_val_loss", {}).get(str(nid)))
         if codes is not None:
-            header += ["Given rows", "Log-loss", "RPS", "Accuracy", "Mean abs. class error"]
-            allm = ordinal_scores(codes, proba)
-            rows.append(["all", int(tree.sizes.sum()), ""] + ([None] if last is not None
-                                                               else [])
-                        + [allm["rows"], allm["log_loss"], allm["rps"], allm["accuracy"],
-                           allm["mae"]])
-        parts.append(_table(header, rows))
-        if last is None and codes is None:
-            parts.append("<p>No validation metrics: the model was fitted without a "
-                         "meta-learner and no labelled data were given (pass --data and "
-                         "--target to score the leaves).</p>")
+            m = leaf == pos
+            if m.any():
+                s = ordinal_scores(codes[m], proba[m])
+                row += [int(m.sum()), s["log_loss"], s["rps"], s["accuracy"], s["mae"]]
+            else:
+                row += [0, None, None, None, None]
+        rows.append(row)
+    if last is not None:
+        header.append("Validation log-loss (last meta round)")
+    if codes is not None:
+        header += ["Given rows", "Log-loss", "RPS", "Accuracy", "Mean abs. class error"]
+        allm = ordinal_scores(codes, proba)
+        rows.append(["all", int(tree.sizes.sum()), ""] + ([None] if last is not None else [])
+                    + [allm["rows"], allm["log_loss"], allm["rps"], allm["accuracy"],
+                       allm["mae"]])
+    parts = ["<h2>Leaves</h2>", _table(header, rows)]
+    if last is None and codes is None:
+        parts.append("<p>No validation metrics: the model was fitted without a "
+                     "meta-learner and no labelled data were given (pass --data and "
+                     "--target to score the leaves).</p>")
+    return parts
 
-        # meta-learning
-        parts.append("<h2>Meta-learning</h2>")
-        if getattr(model, "history_", None):
-            parts.append(_figure("meta-learning curve", _png(meta_curve(model.history_)),
-                                 f"Validation log-loss per round ({model.meta}). Grey: the "
-                                 "global model used as it is; black: each leaf adapted from "
-                                 "it, as the personalised models are."))
-            parts.append(_table(
-                ["Round", "Validation log-loss", "Without adaptation", "Pull (pseudo-rows)",
-                 "Bytes moved", "Seconds"],
-                [[h["round"], h["val_loss"], h.get("no_adaptation_loss"), h.get("rho"),
-                  h.get("bytes"), h.get("seconds")] for h in model.history_]))
-        else:
-            parts.append(f"<p>No meta-learning rounds (meta={html.escape(str(model.meta))!s}"
-                         "): each leaf keeps its own fit.</p>")
 
-        # drift
-        parts.append("<h2>Drift timeline</h2>")
-        events = [e for e in getattr(model, "events_", []) if "rows_seen" in e]
-        seen = int((getattr(model, "_stream", None) or {}).get("rows_seen", 0))
-        if events:
-            parts.append(_figure("drift timeline",
-                                 _png(drift_timeline(events, tree.leaves, seen)),
-                                 "Every event of the stream, at the rows seen when it happened."))
-            parts.append(_table(
-                ["Rows seen", "Leaf", "Event", "Statistic", "Threshold"],
-                [[e.get("rows_seen"), e.get("leaf"), e.get("kind"), e.get("statistic"),
-                  e.get("threshold")] for e in events]))
-        if seen:
-            parts.append(f"<p>{seen:,} rows seen on the stream; {len(events)} event(s).</p>")
-        elif not events:
-            parts.append("<p>No stream yet: <code>partial_fit</code> or <code>fedgrain "
-                         "stream</code> records drift detections, refits, splits and merges "
-                         "here.</p>")
-        failures = [e for e in getattr(model, "events_", []) if "rows_seen" not in e]
-        if failures:
-            parts.append("<h3>Failed leaf tasks during meta-learning</h3>")
-            parts.append(_table(["Round", "Leaf", "Error"],
-                                [[e.get("round"), e.get("leaf"), e.get("error")]
-                                 for e in failures]))
+def _meta_learning(model) -> list[str]:
+    """The meta-learning curve and the table of rounds."""
+    parts = ["<h2>Meta-learning</h2>"]
+    if getattr(model, "history_", None):
+        parts.append(_figure("meta-learning curve", _png(meta_curve(model.history_)),
+                             f"Validation log-loss per round ({model.meta}). Grey: the "
+                             "global model used as it is; black: each leaf adapted from "
+                             "it, as the personalised models are."))
+        parts.append(_table(
+            ["Round", "Validation log-loss", "Without adaptation", "Pull (pseudo-rows)",
+             "Bytes moved", "Seconds"],
+            [[h["round"], h["val_loss"], h.get("no_adaptation_loss"), h.get("rho"),
+              h.get("bytes"), h.get("seconds")] for h in model.history_]))
+    else:
+        parts.append(f"<p>No meta-learning rounds (meta={html.escape(str(model.meta))!s}"
+                     "): each leaf keeps its own fit.</p>")
+    return parts
 
+
+def _drift(model) -> list[str]:
+    """The drift timeline and table of the stream's events, and the failed leaf tasks."""
+    parts = ["<h2>Drift timeline</h2>"]
+    events = [e for e in getattr(model, "events_", []) if "rows_seen" in e]
+    stream = getattr(model, "stream_", None)
+    seen = 0 if stream is None else int(stream.rows_seen)
+    if events:
+        parts.append(_figure("drift timeline",
+                             _png(drift_timeline(events, model.partition_.leaves, seen)),
+                             "Every event of the stream, at the rows seen when it happened."))
+        parts.append(_table(
+            ["Rows seen", "Leaf", "Event", "Statistic", "Threshold"],
+            [[e.get("rows_seen"), e.get("leaf"), e.get("kind"), e.get("statistic"),
+              e.get("threshold")] for e in events]))
+    if seen:
+        parts.append(f"<p>{seen:,} rows seen on the stream; {len(events)} event(s).</p>")
+    elif not events:
+        parts.append("<p>No stream yet: <code>partial_fit</code> or <code>fedgrain "
+                     "stream</code> records drift detections, refits, splits and merges "
+                     "here.</p>")
+    failures = [e for e in getattr(model, "events_", []) if "rows_seen" not in e]
+    if failures:
+        parts.append("<h3>Failed leaf tasks during meta-learning</h3>")
+        parts.append(_table(["Round", "Leaf", "Error"],
+                            [[e.get("round"), e.get("leaf"), e.get("error")]
+                             for e in failures]))
+    return parts
+
+
+def _write_page(path: Path, heading: str, parts: list[str]) -> None:
+    """Write the page atomically: a temporary file beside ``path``, renamed into place."""
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(heading)}</title><style>{_STYLE}</style></head><body>"
             + "\n".join(parts) + _CHECK + "</body></html>\n")
@@ -482,4 +524,3 @@ def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path

@@ -4,13 +4,13 @@ Parameters are always ordered as ``(beta, theta)``: ``p`` slopes, then ``K - 1``
 ``P(Y <= k | x) = sigmoid(theta_k - x'beta)``. This is the order of the public ``coef_`` /
 ``thresholds_`` / ``cov_`` attributes and of statsmodels' ``OrderedModel``.
 
-Composite likelihood (method.md section 1). Each row ``(x_i, y_i)`` stands for ``K - 1`` binary
-rows with label ``u_ik = 1{y_i > k}`` and ``P(u_ik = 1) = sigmoid(x_i'beta - theta_k)``. The
-expanded ``N (K - 1) x d`` design is never built: every quantity reduces to row-level sums, and
-one pass costs one weighted Gram matrix over ``N`` rows. All passes walk the rows in blocks, so
-temporaries are ``block x (p + K)`` whatever ``N`` is; per block, the weighted Gram matrix is one
-symmetric product ``Z'Z`` with ``Z = X_b sqrt(w)`` and the gradient and cross terms one thin
-product ``X_b' S``.
+Composite likelihood (docs/method.md, "The composite likelihood without expansion"). Each row
+``(x_i, y_i)`` stands for ``K - 1`` binary rows with label ``u_ik = 1{y_i > k}`` and
+``P(u_ik = 1) = sigmoid(x_i'beta - theta_k)``. The expanded ``N (K - 1) x d`` design is never
+built: every quantity reduces to row-level sums, and one pass costs one weighted Gram matrix over
+``N`` rows. All passes walk the rows in blocks, so temporaries are ``block x (p + K)`` whatever
+``N`` is; per block, the weighted Gram matrix is one symmetric product ``Z'Z`` with
+``Z = X_b sqrt(w)`` and the gradient and cross terms one thin product ``X_b' S``.
 
 Exact likelihood: the proportional-odds multinomial likelihood ``pi_ik = F_k - F_{k-1}``, the
 reference fit that must agree with statsmodels / R ``MASS::polr``.
@@ -346,6 +346,29 @@ def class_proba(eta: np.ndarray, theta: np.ndarray) -> np.ndarray:
         hi, lo = a[:, 1:], a[:, :-1]
         out[:, 1:-1] = expit(hi) * expit(-lo) * -np.expm1(np.minimum(lo - hi, 0.0))
     return out
+
+
+#: Probabilities are floored here before their logarithm: a true class predicted with
+#: probability 0 (to rounding) costs ``-log(1e-15) = 34.5``, not infinity.
+PROBA_FLOOR = 1e-15
+
+
+def row_log_loss(proba: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Each row's negative log probability of its true class: shape ``(n,)``.
+
+    ``proba`` is ``(n, K)`` class probabilities, ``codes`` the true class codes ``0 .. K-1``;
+    probabilities are clipped to ``[PROBA_FLOOR, 1]`` first, so every loss is finite. The mean
+    is the log-loss of :func:`fedgrain.metrics.ordinal_scores`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> row_log_loss(np.array([[0.5, 0.5], [0.0, 1.0]]), np.array([1, 0])).round(2)
+    array([ 0.69, 34.54])
+    """
+    codes = np.asarray(codes)
+    p_true = proba[np.arange(codes.shape[0]), codes]
+    return -np.log(np.clip(p_true, PROBA_FLOOR, 1.0))
 
 
 def monotonise(theta: np.ndarray, var: np.ndarray) -> np.ndarray:

@@ -148,26 +148,12 @@ def proximal_newton(
         ``diverged`` is True when the direction or the objective stopped being finite.
     """
     x = np.asarray(x0, dtype=float).copy()
-    penalised = lam is not None and bool(np.any(lam > 0))
-    lam_v = np.zeros_like(x) if lam is None else np.asarray(lam, dtype=float)
-
-    def objective(loss: float, z: np.ndarray) -> float:
-        return loss / n + (float(lam_v @ np.abs(z)) if penalised else 0.0)
-
-    def direction(P: Pass, z: np.ndarray) -> tuple[np.ndarray, float]:
-        """The (proximal) Newton step at ``z`` and the decrease it promises per row."""
-        g, H = P.grad / n, P.hess / n
-        if penalised:
-            znew = solve_l1_quadratic(g, H, z, lam_v)
-            return znew - z, float(g @ (znew - z)) + float(lam_v @ (np.abs(znew) - np.abs(z)))
-        step = -solve_psd(H, g)
-        return step, float(g @ step)
-
+    model = _CompositeObjective(n, lam, x)
     P = oracle(x, loss=True, order=2)
-    F = objective(P.loss, x)
+    F = model.value(P.loss, x)
     converged = diverged = False
     it = 0
-    delta, pred = direction(P, x)
+    delta, pred = model.direction(P, x)
     while True:
         if not (np.all(np.isfinite(delta)) and np.isfinite(F)):
             diverged = True
@@ -178,29 +164,67 @@ def proximal_newton(
         if it == max_iter:
             break
         it += 1
-        # The full step is tried with the Hessian in the same pass over the data: it is
-        # accepted nearly always, and then the next iteration needs no other pass.
-        t = 1.0
-        Pn = None
-        while t >= 1e-10:
-            xn = x + t * delta
-            if feasible is None or feasible(xn):
-                Pn = oracle(xn, loss=True, order=2 if t == 1.0 else 0)
-                Fn = objective(Pn.loss, xn)
-                # A full step whose change is lost in rounding is accepted: the quadratic model
-                # is exact there, so it is the optimum to working precision.
-                if np.isfinite(Fn) and (
-                    Fn <= F + 1e-4 * t * pred or (t == 1.0 and Fn - F <= 1e-13 * abs(F))
-                ):
-                    break
-            Pn = None
-            t *= 0.5
-        if Pn is None:
+        step = _line_search(oracle, model, x, F, delta, pred, feasible)
+        if step is None:
             break  # no decrease along the direction: not converged
-        x, F = xn, Fn
-        P = Pn if t == 1.0 else oracle(x, loss=False, order=2)
-        delta, pred = direction(P, x)
+        t, x, P, F = step
+        if t != 1.0:
+            P = oracle(x, loss=False, order=2)
+        delta, pred = model.direction(P, x)
     return SolverResult(x, F, P.grad, P.hess, it, converged, diverged, delta)
+
+
+class _CompositeObjective:
+    """``loss / n + sum_j lam_j |x_j|`` and the (proximal) Newton step on its quadratic model."""
+
+    def __init__(self, n: float, lam: np.ndarray | None, like: np.ndarray) -> None:
+        self.n = n
+        self.penalised = lam is not None and bool(np.any(lam > 0))
+        self.lam = np.zeros_like(like) if lam is None else np.asarray(lam, dtype=float)
+
+    def value(self, loss: float, z: np.ndarray) -> float:
+        return loss / self.n + (float(self.lam @ np.abs(z)) if self.penalised else 0.0)
+
+    def direction(self, P: Pass, z: np.ndarray) -> tuple[np.ndarray, float]:
+        """The (proximal) Newton step at ``z`` and the decrease it promises per row."""
+        g, H = P.grad / self.n, P.hess / self.n
+        if self.penalised:
+            znew = solve_l1_quadratic(g, H, z, self.lam)
+            return znew - z, float(g @ (znew - z)) + float(self.lam @ (np.abs(znew) - np.abs(z)))
+        step = -solve_psd(H, g)
+        return step, float(g @ step)
+
+
+def _line_search(
+    oracle: Oracle,
+    model: _CompositeObjective,
+    x: np.ndarray,
+    F: float,
+    delta: np.ndarray,
+    pred: float,
+    feasible: Callable[[np.ndarray], bool] | None,
+) -> tuple[float, np.ndarray, Pass, float] | None:
+    """Backtrack from the full step until the objective decreases enough (Armijo).
+
+    Returns the step length, the new point, its pass and its objective; None when no step
+    down to ``1e-10`` decreases the objective. The full step is tried with the Hessian in the
+    same pass over the data: it is accepted nearly always, and then the next iteration needs
+    no other pass.
+    """
+    t = 1.0
+    while t >= 1e-10:
+        xn = x + t * delta
+        if feasible is None or feasible(xn):
+            Pn = oracle(xn, loss=True, order=2 if t == 1.0 else 0)
+            Fn = model.value(Pn.loss, xn)
+            # A full step whose change is lost in rounding is accepted: the quadratic model
+            # is exact there, so it is the optimum to working precision.
+            if np.isfinite(Fn) and (
+                Fn <= F + 1e-4 * t * pred or (t == 1.0 and Fn - F <= 1e-13 * abs(F))
+            ):
+                return t, xn, Pn, Fn
+        t *= 0.5
+    return None
 
 
 def newton(oracle: Oracle, x0: np.ndarray, n: float, **kwargs) -> SolverResult:

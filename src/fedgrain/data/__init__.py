@@ -9,8 +9,9 @@ what is wrong, where, and how to fix it. Row numbers in messages count from 0.
 
 The modules: ``target`` (ordinal levels and label validation), ``features`` (encoding,
 validation and the feature schema), ``files`` (reading CSV and Parquet, the target column),
-``prepare`` (training and prediction data, put together from the three) and ``_common``
-(helpers they share).
+``prepare`` (training and prediction data, put together from the three), ``streamed`` (training
+data read from Parquet batch by batch), ``fitdata`` (:class:`FitData`, what both kinds of
+preparation return) and ``_common`` (helpers they share).
 """
 
 from fedgrain.exceptions import ComplexDataError

@@ -16,44 +16,44 @@ from fedgrain.exceptions import ComplexDataError, DataError, DataTypeError
 
 Scalar = bool | int | float | str
 
-_SHOW = 5  # values or row numbers quoted in a message
+SHOW = 5  # values or row numbers quoted in a message
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _quote(values: Any, limit: int = _SHOW) -> str:
+def quote(values: Any, limit: int = SHOW) -> str:
     """Comma-separated reprs of the first ``limit`` values, with ``...`` when there are more."""
     values = list(values)
-    shown = ", ".join(repr(_plain(v)) for v in values[:limit])
+    shown = ", ".join(repr(plain(v)) for v in values[:limit])
     return shown + (", ..." if len(values) > limit else "")
 
 
-def _rows(mask: np.ndarray) -> str:
+def describe_rows(mask: np.ndarray) -> str:
     """``'3 rows (rows 0, 4, 9, ...)'`` for a boolean mask over rows."""
     where = np.flatnonzero(mask)
-    shown = ", ".join(str(i) for i in where[:_SHOW]) + (", ..." if where.size > _SHOW else "")
+    shown = ", ".join(str(i) for i in where[:SHOW]) + (", ..." if where.size > SHOW else "")
     plural = "s" if where.size != 1 else ""
     return f"{where.size} row{plural} (row{plural} {shown}, counting from 0)"
 
 
-def _close(name: str, names: tuple[str, ...] | list[str]) -> str:
+def did_you_mean(name: str, names: tuple[str, ...] | list[str]) -> str:
     """A ``did you mean`` clause followed by the available names."""
     lowered = {str(n).lower(): str(n) for n in names}
     matches = [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=3)]
-    available = f"available columns are {_quote(names, 20)}."
-    return f"did you mean {_quote(matches)}? The {available}" if matches else f"the {available}"
+    available = f"available columns are {quote(names, 20)}."
+    return f"did you mean {quote(matches)}? The {available}" if matches else f"the {available}"
 
 
-def _complex_error(where: str) -> ComplexDataError:
+def complex_error(where: str) -> ComplexDataError:
     return ComplexDataError(
         f"Complex data not supported: {where} holds complex numbers; pass real numbers "
         "(for example np.real(X) or np.abs(X))."
     )
 
 
-def _asarray(obj: Any, what: str) -> np.ndarray:
+def as_array(obj: Any, what: str) -> np.ndarray:
     """``np.asarray`` that keeps Python types for lists of mixed labels and explains failures."""
     try:
         values = np.asarray(obj)
@@ -67,35 +67,35 @@ def _asarray(obj: Any, what: str) -> np.ndarray:
     return values
 
 
-def _is_polars(obj: Any, name: str | None = None) -> bool:
+def is_polars(obj: Any, name: str | None = None) -> bool:
     """Whether ``obj`` comes from polars (and, when ``name`` is given, is of that class)."""
     kind = type(obj)
     return kind.__module__.split(".")[0] == "polars" and name in (None, kind.__name__)
 
 
-def _compact_codes(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def compact_codes(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Which of ``0..size-1`` occur in ``codes``, and ``codes`` renumbered over those alone."""
     present = np.bincount(codes, minlength=size) > 0
     remap = np.cumsum(present, dtype=np.intp) - 1
     return present, remap[codes]
 
 
-def _occurring_categories(series: pd.Series, where: str) -> tuple[tuple[Scalar, ...], np.ndarray]:
+def occurring_categories(series: pd.Series, where: str) -> tuple[tuple[Scalar, ...], np.ndarray]:
     """The categories of a categorical series that occur in it, in order, and its codes.
 
     The codes are renumbered ``0..m-1`` over the occurring categories; ``series`` must have no
     missing values.
     """
     raw = series.cat.codes.to_numpy().astype(np.intp)
-    present, codes = _compact_codes(raw, len(series.cat.categories))
-    return _as_categories(series.cat.categories[present].tolist(), where), codes
+    present, codes = compact_codes(raw, len(series.cat.categories))
+    return as_categories(series.cat.categories[present].tolist(), where), codes
 
 
-def _as_categories(values: list, where: str) -> tuple[Scalar, ...]:
+def as_categories(values: list, where: str) -> tuple[Scalar, ...]:
     """Categories as plain Python scalars; ``where`` names their column in the message."""
     out = []
     for value in values:
-        value = _plain(value)
+        value = plain(value)
         if not isinstance(value, (bool, int, float, str)):
             raise DataTypeError(
                 f"{where} has a category {value!r} of type {type(value).__name__}; categories "

@@ -19,17 +19,17 @@ from fedgrain.exceptions import DataError, DataTypeError
 
 from .._warnings import warn
 from ._common import (
-    _SHOW,
+    SHOW,
     Scalar,
-    _as_categories,
-    _close,
-    _complex_error,
-    _occurring_categories,
-    _plain,
-    _quote,
-    _rows,
+    as_categories,
+    complex_error,
+    describe_rows,
+    did_you_mean,
+    occurring_categories,
+    plain,
+    quote,
 )
-from .files import _coerce_X
+from .files import coerce_X
 
 __all__ = ["FeatureSchema"]
 
@@ -39,7 +39,7 @@ _TEXT_KINDS = frozenset(
 )  # fmt: skip
 
 
-def _column_names(table: np.ndarray | pd.DataFrame) -> tuple[tuple[str, ...], bool]:
+def column_names(table: np.ndarray | pd.DataFrame) -> tuple[tuple[str, ...], bool]:
     """Input column names and whether they are real names (all strings, from a frame)."""
     if isinstance(table, pd.DataFrame):
         labels = list(table.columns)
@@ -47,14 +47,14 @@ def _column_names(table: np.ndarray | pd.DataFrame) -> tuple[tuple[str, ...], bo
             duplicated = [c for c, count in Counter(labels).items() if count > 1]
             if duplicated:
                 raise DataError(
-                    f"The column names of X must be unique, but {_quote(duplicated)} appear "
+                    f"The column names of X must be unique, but {quote(duplicated)} appear "
                     "more than once; rename or drop the duplicates."
                 )
             return tuple(str(c) for c in labels), True
     return tuple(f"x{i}" for i in range(table.shape[1])), False
 
 
-def _check_shape(table: np.ndarray | pd.DataFrame) -> None:
+def check_shape(table: np.ndarray | pd.DataFrame) -> None:
     n, p = table.shape
     if n == 0:
         raise DataError(
@@ -68,7 +68,7 @@ def _check_shape(table: np.ndarray | pd.DataFrame) -> None:
         )
 
 
-def _resolve_categorical(categorical: Any, names: tuple[str, ...]) -> set[int]:
+def resolve_categorical(categorical: Any, names: tuple[str, ...]) -> set[int]:
     """Positions of the columns declared categorical by name or position."""
     if categorical is None:
         return set()
@@ -79,12 +79,13 @@ def _resolve_categorical(categorical: Any, names: tuple[str, ...]) -> set[int]:
         )
     positions = set()
     for item in items:
-        item = _plain(item)
+        item = plain(item)
         if isinstance(item, str) and item in names:
             positions.add(names.index(item))
         elif isinstance(item, str):
             raise DataError(
-                f"categorical names {item!r}, which is not a column of X; {_close(item, names)}"
+                f"categorical names {item!r}, which is not a column of X; "
+                f"{did_you_mean(item, names)}"
             )
         elif isinstance(item, int) and not isinstance(item, bool):
             if not 0 <= item < len(names):
@@ -100,29 +101,29 @@ def _resolve_categorical(categorical: Any, names: tuple[str, ...]) -> set[int]:
     return positions
 
 
-def _is_numeric(column: pd.Series, name: str) -> bool:
+def is_numeric(column: pd.Series, name: str) -> bool:
     """Whether a column converts to float64; raises for complex numbers."""
     dtype = column.dtype
     if pd.api.types.is_complex_dtype(dtype):
-        raise _complex_error(f"column {name!r} of X")
+        raise complex_error(f"column {name!r} of X")
     if isinstance(dtype, np.dtype) and dtype.kind == "O":
         kind = pd.api.types.infer_dtype(column, skipna=True)
         if kind == "complex":
-            raise _complex_error(f"column {name!r} of X")
+            raise complex_error(f"column {name!r} of X")
         return kind not in _TEXT_KINDS
     if isinstance(dtype, np.dtype):
         return dtype.kind in "biuf"
     return pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_numeric_dtype(dtype)
 
 
-def _not_numeric_error(columns: list[tuple[str, Any]]) -> DataError:
+def not_numeric_error(columns: list[tuple[str, Any]]) -> DataError:
     names = [name for name, _ in columns]
-    listed = ", ".join(f"{name!r} ({dtype})" for name, dtype in columns[:_SHOW])
+    listed = ", ".join(f"{name!r} ({dtype})" for name, dtype in columns[:SHOW])
     if len(columns) == 1:
         subject, them = f"Column {listed} of X is", "it"
     else:
         subject, them = (
-            f"Columns {listed}{', ...' if len(columns) > _SHOW else ''} of X are",
+            f"Columns {listed}{', ...' if len(columns) > SHOW else ''} of X are",
             "them",
         )
     return DataError(
@@ -149,23 +150,23 @@ def _numeric_values(column: pd.Series, name: str) -> np.ndarray:
         ) from None
 
 
-def _check_no_missing_category(column: pd.Series, name: str) -> None:
+def check_no_missing_category(column: pd.Series, name: str) -> None:
     missing = column.isna().to_numpy()
     if missing.any():
         raise DataError(
-            f"Categorical column {name!r} of X has missing values in {_rows(missing)}; fill them "
-            "(for example with a 'missing' category) or drop those rows."
+            f"Categorical column {name!r} of X has missing values in {describe_rows(missing)}; "
+            "fill them (for example with a 'missing' category) or drop those rows."
         )
 
 
-def _fit_categories(column: pd.Series, name: str) -> tuple[Scalar, ...]:
+def fit_categories(column: pd.Series, name: str) -> tuple[Scalar, ...]:
     """The occurring categories of a column in encoding order; the first is the reference."""
-    _check_no_missing_category(column, name)
+    check_no_missing_category(column, name)
     where = f"Categorical column {name!r} of X"
     if isinstance(column.dtype, pd.CategoricalDtype):
-        levels = _occurring_categories(column, where)[0]
+        levels = occurring_categories(column, where)[0]
     else:
-        found = _as_categories(list(column.unique()), where)
+        found = as_categories(list(column.unique()), where)
         try:
             levels = tuple(sorted(found))
         except TypeError:
@@ -184,14 +185,14 @@ def _fit_categories(column: pd.Series, name: str) -> tuple[Scalar, ...]:
 
 def _one_hot(column: pd.Series, name: str, levels: tuple, block: np.ndarray) -> None:
     """Write the indicator columns of every non-reference level into ``block``."""
-    _check_no_missing_category(column, name)
+    check_no_missing_category(column, name)
     codes = pd.Index(levels).get_indexer(column)
     unseen = codes < 0
     if unseen.any():
         raise DataError(
             f"Column {name!r} of X has categories not seen at fit: "
-            f"{_quote(pd.unique(column.to_numpy()[unseen]))} in {_rows(unseen)}; the known "
-            f"categories are {_quote(levels, 20)}, so map the new values to one of them or refit."
+            f"{quote(pd.unique(column.to_numpy()[unseen]))} in {describe_rows(unseen)}; the known "
+            f"categories are {quote(levels, 20)}, so map the new values to one of them or refit."
         )
     block[...] = 0.0
     rows = np.flatnonzero(codes > 0)
@@ -207,23 +208,23 @@ def _check_finite(out: np.ndarray, names: tuple[str, ...]) -> None:
         nan = np.isnan(column)
         if nan.any():
             raise DataError(
-                f"Column {names[j]!r} of X has NaN (missing) values in {_rows(nan)}; fill them "
-                "(for example frame.fillna(...)) or drop those rows."
+                f"Column {names[j]!r} of X has NaN (missing) values in {describe_rows(nan)}; "
+                "fill them (for example frame.fillna(...)) or drop those rows."
             )
         infinite = np.isinf(column)
         if infinite.any():
             raise DataError(
-                f"Column {names[j]!r} of X has infinite values (inf) in {_rows(infinite)}; "
+                f"Column {names[j]!r} of X has infinite values (inf) in {describe_rows(infinite)}; "
                 "replace them with finite numbers or drop those rows."
             )
 
 
-def _check_constant(out: np.ndarray, names: tuple[str, ...]) -> None:
+def check_constant(out: np.ndarray, names: tuple[str, ...]) -> None:
     """Name the constant columns; only columns constant over the first rows are scanned fully."""
     candidates = np.flatnonzero((out[:1024] == out[0]).all(axis=0))
     constant = [j for j in candidates if out[:, j].max() == out[:, j].min()]
     if constant:
-        listed = _quote([names[j] for j in constant])
+        listed = quote([names[j] for j in constant])
         verb = "is" if len(constant) == 1 else "are"
         value = float(out[0, constant[0]])
         raise DataError(
@@ -233,10 +234,10 @@ def _check_constant(out: np.ndarray, names: tuple[str, ...]) -> None:
         )
 
 
-def _fit_schema(
+def fit_schema(
     table: np.ndarray | pd.DataFrame, names: tuple[str, ...], has_names: bool, categorical: Any
 ) -> FeatureSchema:
-    declared = _resolve_categorical(categorical, names)
+    declared = resolve_categorical(categorical, names)
     if isinstance(table, np.ndarray) and not declared:
         return FeatureSchema(names, has_names, {}, names)
     frame = pd.DataFrame(table, copy=False) if isinstance(table, np.ndarray) else table
@@ -246,18 +247,18 @@ def _fit_schema(
     for j, name in enumerate(names):
         column = frame.iloc[:, j]
         if j in declared or isinstance(column.dtype, pd.CategoricalDtype):
-            categories[name] = _fit_categories(column, name)
+            categories[name] = fit_categories(column, name)
             output.extend(f"{name}[{level}]" for level in categories[name][1:])
-        elif _is_numeric(column, name):
+        elif is_numeric(column, name):
             output.append(name)
         else:
             not_numeric.append((name, column.dtype))
     if not_numeric:
-        raise _not_numeric_error(not_numeric)
+        raise not_numeric_error(not_numeric)
     return FeatureSchema(names, has_names, categories, tuple(output))
 
 
-def _encode(table: np.ndarray | pd.DataFrame, schema: FeatureSchema) -> np.ndarray:
+def encode_features(table: np.ndarray | pd.DataFrame, schema: FeatureSchema) -> np.ndarray:
     """Validated float64 C-contiguous features; the input itself when it already is one."""
     if isinstance(table, np.ndarray) and not schema.categorical:
         if table.dtype == np.float64 and table.flags.c_contiguous:
@@ -277,20 +278,20 @@ def _encode(table: np.ndarray | pd.DataFrame, schema: FeatureSchema) -> np.ndarr
             _one_hot(column, name, levels, out[:, k : k + len(levels) - 1])
             k += len(levels) - 1
             continue
-        if _is_numeric(column, name):
+        if is_numeric(column, name):
             out[:, k] = _numeric_values(column, name)
         else:
             not_numeric.append((name, column.dtype))
         k += 1
     if not_numeric:
-        raise _not_numeric_error(not_numeric)
+        raise not_numeric_error(not_numeric)
     _check_finite(out, schema.output_names)
     return out
 
 
 def _bullets(names: list[str]) -> str:
-    shown = "".join(f"- {name}\n" for name in names[:_SHOW])
-    return shown + ("- ...\n" if len(names) > _SHOW else "")
+    shown = "".join(f"- {name}\n" for name in names[:SHOW])
+    return shown + ("- ...\n" if len(names) > SHOW else "")
 
 
 @dataclass(frozen=True)
@@ -365,17 +366,17 @@ class FeatureSchema:
         DataError
             On different columns, unseen categories, NaN or infinite values.
         """
-        table = _coerce_X(X)
-        names, has_names = _column_names(table)
+        table = coerce_X(X)
+        names, has_names = column_names(table)
         self._check_names(names, has_names, estimator_name)
         if table.shape[1] != self.n_features_in:
             raise DataError(
                 f"X has {table.shape[1]} features, but {estimator_name} is expecting "
                 f"{self.n_features_in} features as input. Pass the columns seen at fit: "
-                f"{_quote(self.input_columns, 10)}."
+                f"{quote(self.input_columns, 10)}."
             )
-        _check_shape(table)
-        return _encode(table, self)
+        check_shape(table)
+        return encode_features(table, self)
 
     def _check_names(self, names: tuple[str, ...], has_names: bool, estimator_name: str) -> None:
         """scikit-learn's feature-name rules (and messages) for data given at predict time."""
@@ -392,7 +393,7 @@ class FeatureSchema:
             if not unseen and not missing:
                 message += "Feature names must be in the same order as they were in fit.\n"
             raise DataError(
-                message + f"Pass X with the columns {_quote(self.input_columns, 10)}, in order."
+                message + f"Pass X with the columns {quote(self.input_columns, 10)}, in order."
             )
         if self.has_names:
             warn(

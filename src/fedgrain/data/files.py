@@ -21,12 +21,12 @@ from scipy import sparse
 
 from fedgrain.exceptions import DataError, DataTypeError
 
-from ._common import _asarray, _close, _complex_error, _is_polars, _quote
+from ._common import as_array, complex_error, did_you_mean, is_polars, quote
 
 __all__ = ["read_table", "split_target"]
 
 _CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": None}
-_PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_SUFFIXES = (".parquet", ".pq")
 _SUPPORTED = ".csv, .tsv, .txt (each also gzipped, e.g. .csv.gz), .parquet, .pq"
 
 
@@ -34,9 +34,9 @@ def _as_frame(X: Any) -> pd.DataFrame | None:
     """X as a pandas DataFrame when it is a pandas, polars or pyarrow frame, else None."""
     if isinstance(X, pd.DataFrame):
         return X
-    if _is_polars(X, "LazyFrame"):
+    if is_polars(X, "LazyFrame"):
         raise DataTypeError("X is a polars LazyFrame; call .collect() on it first.")
-    if _is_polars(X, "DataFrame"):
+    if is_polars(X, "DataFrame"):
         # polars' Categorical lists its categories in the order rows (and its global string
         # cache) met them; sort them so the reference level does not depend on row order.
         # Enum columns keep their declared order.
@@ -56,7 +56,7 @@ def _as_frame(X: Any) -> pd.DataFrame | None:
     return None
 
 
-def _coerce_X(X: Any) -> np.ndarray | pd.DataFrame:
+def coerce_X(X: Any) -> np.ndarray | pd.DataFrame:
     """A numeric 2-D ndarray (the fast path) or a pandas DataFrame holding the features."""
     if isinstance(X, (str, os.PathLike)):
         return read_table(X)
@@ -68,12 +68,12 @@ def _coerce_X(X: Any) -> np.ndarray | pd.DataFrame:
             "X is a scipy sparse matrix, which fedgrain does not support; pass a dense array "
             "(X.toarray()) or a frame."
         )
-    if isinstance(X, (pd.Series, pa.Array, pa.ChunkedArray)) or _is_polars(X, "Series"):
+    if isinstance(X, (pd.Series, pa.Array, pa.ChunkedArray)) or is_polars(X, "Series"):
         raise DataError(
             "X must be 2-D (rows x features), but it is a 1-D series. Reshape your data: pass "
             "a one-column frame (frame[['col']]) or values.reshape(-1, 1) for a single feature."
         )
-    array = _asarray(X, "X")
+    array = as_array(X, "X")
     if array.ndim != 2:
         raise DataError(
             f"X must be 2-D (rows x features), but it has shape {array.shape}. Reshape your "
@@ -81,7 +81,7 @@ def _coerce_X(X: Any) -> np.ndarray | pd.DataFrame:
         )
     kind = array.dtype.kind
     if kind == "c":
-        raise _complex_error("X")
+        raise complex_error("X")
     if kind in "biuf":
         return array
     if kind in "OUS":
@@ -96,7 +96,7 @@ def _file_format(path: Path, shown: str) -> tuple[str, str | None]:
     suffix = Path(name[:-3] if gzipped else name).suffix
     if suffix in _CSV_SUFFIXES:
         return "CSV", _CSV_SUFFIXES[suffix]
-    if suffix in _PARQUET_SUFFIXES and not gzipped:
+    if suffix in PARQUET_SUFFIXES and not gzipped:
         return "Parquet", None
     raise DataError(f"Cannot read '{shown}': its extension is not a supported one ({_SUPPORTED}).")
 
@@ -105,7 +105,7 @@ def _check_columns(wanted: list[str] | None, names: list[str], shown: str) -> No
     absent = [c for c in wanted or () if c not in names]
     if absent:
         raise DataError(
-            f"The file '{shown}' has no column(s) {_quote(absent)}; {_close(absent[0], names)}"
+            f"The file '{shown}' has no column(s) {quote(absent)}; {did_you_mean(absent[0], names)}"
         )
 
 
@@ -128,7 +128,7 @@ def _read_parquet(path: Path, wanted: list[str] | None, shown: str) -> pa.Table:
     return pa_parquet.read_table(str(path), columns=wanted)
 
 
-def _reason(exc: Exception) -> str:
+def error_reason(exc: Exception) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
     return first[:200].rstrip(".")
@@ -180,7 +180,7 @@ def read_table(path: str | os.PathLike, *, columns: Any = None) -> pd.DataFrame:
         else:
             table = _read_parquet(path, wanted, shown)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"Could not read '{shown}' as {kind}: {_reason(exc)}.") from None
+        raise DataError(f"Could not read '{shown}' as {kind}: {error_reason(exc)}.") from None
     if table.num_rows == 0:
         raise DataError(f"The file '{shown}' is empty: it has column names but no data rows.")
     return table.to_pandas(split_blocks=True)
@@ -201,7 +201,7 @@ def iter_table(path: str | os.PathLike, batch_rows: int):
             yield from pd.read_csv(path, sep=delimiter, chunksize=batch_rows,
                                    engine="python" if delimiter is None else "c")
         except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
-            raise DataError(f"Could not read '{shown}' as CSV: {_reason(exc)}.") from None
+            raise DataError(f"Could not read '{shown}' as CSV: {error_reason(exc)}.") from None
         return
     try:
         batches = pa_parquet.ParquetFile(str(path)).iter_batches(batch_size=batch_rows)
@@ -218,7 +218,7 @@ def iter_table(path: str | os.PathLike, batch_rows: int):
         if held:
             yield pa.Table.from_batches(pending).to_pandas(split_blocks=True)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"Could not read '{shown}' as {kind}: {_reason(exc)}.") from None
+        raise DataError(f"Could not read '{shown}' as {kind}: {error_reason(exc)}.") from None
 
 
 def split_target(frame: Any, target: str) -> tuple[pd.DataFrame, pd.Series]:
@@ -255,7 +255,7 @@ def split_target(frame: Any, target: str) -> tuple[pd.DataFrame, pd.Series]:
     count = labels.count(target)
     if count == 0:
         raise DataError(
-            f"The target column {target!r} is not in the data; {_close(target, labels)}"
+            f"The target column {target!r} is not in the data; {did_you_mean(target, labels)}"
         )
     if count > 1:
         raise DataError(

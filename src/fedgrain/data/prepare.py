@@ -6,7 +6,6 @@ the features into :class:`FitData`; :func:`prepare_predict` encodes new data wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,60 +13,29 @@ import pandas as pd
 
 from fedgrain.exceptions import DataError
 
-from ._common import _asarray, _complex_error, _rows
+from ._common import as_array, complex_error, describe_rows
 from .features import (
     FeatureSchema,
-    _check_constant,
-    _check_shape,
-    _column_names,
-    _encode,
-    _fit_schema,
+    check_constant,
+    check_shape,
+    column_names,
+    encode_features,
+    fit_schema,
 )
-from .files import _coerce_X, split_target
-from .target import TargetEncoding, _resolve_target, _target_array
+from .files import coerce_X, split_target
+from .fitdata import FitData
+from .streamed import is_parquet_path, prepare_streamed
+from .target import resolve_target, target_array
 
 __all__ = ["FitData", "prepare_data", "prepare_fit", "prepare_predict"]
-
-
-@dataclass(frozen=True, eq=False)
-class FitData:
-    """Validated training data.
-
-    Parameters
-    ----------
-    X : numpy.ndarray
-        ``(n, n_features)`` float64, C-contiguous; the caller's array itself (no copy) when it
-        already was one.
-    codes : numpy.ndarray
-        ``(n,)`` ``np.intp`` class codes ``0..K-1``.
-    weights : numpy.ndarray or None
-        ``(n,)`` float64 copy of ``sample_weight``, or None when none was given.
-    schema : FeatureSchema
-        The feature schema for predict time.
-    target : TargetEncoding
-        The ordinal levels.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> fit = prepare_fit(np.array([[0.5], [1.5], [2.5]]), [1, 3, 3])
-    >>> fit.codes.tolist(), fit.target.classes
-    ([0, 1, 1], (1, 3))
-    """
-
-    X: np.ndarray
-    codes: np.ndarray
-    weights: np.ndarray | None
-    schema: FeatureSchema
-    target: TargetEncoding
 
 
 def _check_weights(sample_weight: Any, n: int) -> np.ndarray | None:
     if sample_weight is None:
         return None
-    raw = _asarray(sample_weight, "sample_weight")
+    raw = as_array(sample_weight, "sample_weight")
     if raw.dtype.kind == "c":
-        raise _complex_error("sample_weight")
+        raise complex_error("sample_weight")
     if raw.ndim != 1:
         raise DataError(
             f"sample_weight must be 1-D with one weight per row, but it has shape {raw.shape}."
@@ -85,12 +53,13 @@ def _check_weights(sample_weight: Any, n: int) -> np.ndarray | None:
     bad = ~np.isfinite(weights)
     if bad.any():
         raise DataError(
-            f"sample_weight has NaN or infinite values in {_rows(bad)}; give finite weights."
+            f"sample_weight has NaN or infinite values in {describe_rows(bad)}; "
+            "give finite weights."
         )
     negative = weights < 0
     if negative.any():
         raise DataError(
-            f"sample_weight has negative values in {_rows(negative)}; weights must be >= 0."
+            f"sample_weight has negative values in {describe_rows(negative)}; weights must be >= 0."
         )
     if not weights.any():
         raise DataError("sample_weight is zero in every row; give some rows a positive weight.")
@@ -140,22 +109,22 @@ def prepare_fit(
     DataTypeError
         For unusable types (sparse matrices, complex numbers, ...).
     """
-    table = _coerce_X(X)
+    table = coerce_X(X)
     if y is None:
         raise DataError(
             f"{estimator_name} requires y to be passed, but the target y is None; pass the "
             "ordinal labels, or the name of the target column when X is a table."
         )
     if isinstance(y, str):
-        if not _column_names(table)[1]:
+        if not column_names(table)[1]:
             raise DataError(
                 f"y is the string {y!r}, which names a target column only when X is a frame, "
                 "table or file with named columns; pass y as an array of labels."
             )
         table, y = split_target(table, y)
-    names, has_names = _column_names(table)
-    _check_shape(table)
-    values = _target_array(y)
+    names, has_names = column_names(table)
+    check_shape(table)
+    values = target_array(y)
     if values.shape[0] != table.shape[0]:
         raise DataError(
             f"X has {table.shape[0]} rows but y has {values.shape[0]} labels; pass one label "
@@ -171,10 +140,10 @@ def prepare_fit(
             a.iloc[keep] if isinstance(a, (pd.DataFrame, pd.Series)) else a[keep]
             for a in (table, values, weights)
         )
-    target, codes = _resolve_target(values, levels, weights)
-    schema = _fit_schema(table, names, has_names, categorical)
-    matrix = _encode(table, schema)
-    _check_constant(matrix, schema.output_names)
+    target, codes = resolve_target(values, levels, weights)
+    schema = fit_schema(table, names, has_names, categorical)
+    matrix = encode_features(table, schema)
+    check_constant(matrix, schema.output_names)
     return FitData(matrix, codes, weights, schema, target)
 
 
@@ -183,8 +152,6 @@ def prepare_data(X: Any, y: Any, **kwargs) -> FitData:
     names its target column (without ``sample_weight``), the same checks without loading it
     (:func:`fedgrain.data.streamed.prepare_streamed`): the estimators that divide the data
     then stream it from disk and never hold it whole."""
-    from .streamed import is_parquet_path, prepare_streamed
-
     if is_parquet_path(X) and isinstance(y, str) and kwargs.get("sample_weight") is None:
         return prepare_streamed(X, y, **kwargs)
     return prepare_fit(X, y, **kwargs)

@@ -26,11 +26,19 @@ import pyarrow.parquet as pa_parquet
 
 from fedgrain.exceptions import DataError
 
-from ._common import _close, _quote
-from .features import FeatureSchema, _encode, _fit_categories
-from .files import _PARQUET_SUFFIXES, _reason
-from .prepare import FitData
-from .target import _check_missing, _resolve_target, _target_array
+from ._common import did_you_mean, quote
+from .features import (
+    FeatureSchema,
+    check_no_missing_category,
+    encode_features,
+    fit_categories,
+    is_numeric,
+    not_numeric_error,
+    resolve_categorical,
+)
+from .files import PARQUET_SUFFIXES, error_reason
+from .fitdata import FitData
+from .target import TargetEncoding, as_levels, check_missing, resolve_target, target_array
 
 __all__ = ["BATCH_ROWS", "ParquetSource", "StreamedRows", "is_parquet_path", "prepare_streamed"]
 
@@ -46,7 +54,7 @@ def is_parquet_path(X: Any) -> bool:
     if not isinstance(X, (str, os.PathLike)):
         return False
     path = Path(X)
-    return path.is_dir() or path.name.lower().endswith(_PARQUET_SUFFIXES)
+    return path.is_dir() or path.name.lower().endswith(PARQUET_SUFFIXES)
 
 
 class ParquetSource:
@@ -85,7 +93,7 @@ class ParquetSource:
             raise DataError(f"The file '{self.shown}' does not exist; check the path.")
         if self.path.is_dir():
             files = sorted(p for p in self.path.rglob("*")
-                           if p.is_file() and p.name.lower().endswith(_PARQUET_SUFFIXES))
+                           if p.is_file() and p.name.lower().endswith(PARQUET_SUFFIXES))
             if not files:
                 raise DataError(f"The folder '{self.shown}' holds no Parquet files (*.parquet, "
                                 "*.pq); check the path.")
@@ -101,7 +109,7 @@ class ParquetSource:
                 meta = pa_parquet.ParquetFile(str(f)).metadata
             except (pa.ArrowException, OSError) as exc:
                 raise DataError(f"Could not read '{os.path.abspath(f)}' as Parquet: "
-                                f"{_reason(exc)}.") from None
+                                f"{error_reason(exc)}.") from None
             arrow = meta.schema.to_arrow_schema()
             index = (arrow.pandas_metadata or {}).get("index_columns", [])
             # a pandas index saved with the frame is not a column (as when read whole)
@@ -111,8 +119,8 @@ class ParquetSource:
             elif these != names:
                 raise DataError(
                     f"The Parquet files of '{self.shown}' do not have the same columns: "
-                    f"'{os.path.abspath(f)}' has {_quote(these)}, the first file "
-                    f"{_quote(names)}; give files of one table.")
+                    f"'{os.path.abspath(f)}' has {quote(these)}, the first file "
+                    f"{quote(names)}; give files of one table.")
             self.rows.append(meta.num_rows)
         self.partitions = self._hive(files, names or [])
         self.columns: list[str] = list(names or []) + list(self.partitions[0] if files else [])
@@ -121,7 +129,7 @@ class ParquetSource:
             missing = [c for c in wanted if c not in self.columns]
             if missing:
                 raise DataError(f"'{self.shown}' has no column {missing[0]!r}; "
-                                f"{_close(missing[0], self.columns)}")
+                                f"{did_you_mean(missing[0], self.columns)}")
             self.columns = wanted
         self.n_rows = int(sum(self.rows))
         if self.n_rows == 0:
@@ -142,8 +150,8 @@ class ParquetSource:
             if list(r) != keys:
                 raise DataError(
                     f"The Parquet files of '{self.shown}' are not partitioned alike: "
-                    f"'{os.path.abspath(f)}' sits under {_quote(list(r))}, the first file under "
-                    f"{_quote(keys)}.")
+                    f"'{os.path.abspath(f)}' sits under {quote(list(r))}, the first file under "
+                    f"{quote(keys)}.")
         clash = [k for k in keys if k in names]
         if clash:
             raise DataError(f"The partition folder name {clash[0]!r} in '{self.shown}' is also "
@@ -185,7 +193,7 @@ class ParquetSource:
                     start += rb.num_rows
             except (pa.ArrowException, OSError) as exc:
                 raise DataError(f"Could not read '{os.path.abspath(f)}' as Parquet: "
-                                f"{_reason(exc)}.") from None
+                                f"{error_reason(exc)}.") from None
 
     def where(self, start: int, k: int) -> str:
         """For messages: the batch of ``k`` rows from global row ``start``, by file and row."""
@@ -221,7 +229,7 @@ class StreamedRows:
 
     def _encode(self, frame: pd.DataFrame, start: int) -> np.ndarray:
         try:
-            return _encode(frame, self.schema)
+            return encode_features(frame, self.schema)
         except DataError as exc:
             raise DataError(f"{exc} {self.source.where(start, frame.shape[0])}") from None
 
@@ -248,7 +256,7 @@ def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any 
                      batch_rows: int = BATCH_ROWS) -> FitData:
     """Check a Parquet data set and fix its encoding without loading it.
 
-    Returns a :class:`~fedgrain.data.prepare.FitData` whose ``X`` is a :class:`StreamedRows`
+    Returns a :class:`~fedgrain.data.FitData` whose ``X`` is a :class:`StreamedRows`
     and whose ``codes`` are compact (one byte a row for up to 127 classes).
     """
     if not isinstance(y, str):
@@ -263,7 +271,7 @@ def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any 
     source = path if isinstance(path, ParquetSource) else ParquetSource(path, batch_rows)
     if y not in source.columns:
         raise DataError(f"The target column {y!r} is not in '{source.shown}'; "
-                        f"{_close(y, source.columns)}")
+                        f"{did_you_mean(y, source.columns)}")
     features = [c for c in source.columns if c != y]
     if not features:
         raise DataError(f"'{source.shown}' has no feature columns besides the target {y!r}.")
@@ -296,8 +304,8 @@ def _merge_order(acc: list, cats, ordered: bool, where: str) -> None:
         common_acc = [c for c in acc if c in set(cats)]
         common_new = [c for c in cats if c in set(acc)]
         if common_acc != common_new:
-            raise DataError(f"{where} has ordered categories {_quote(cats)} in another order "
-                            f"than earlier batches ({_quote(acc)}); give every file the same "
+            raise DataError(f"{where} has ordered categories {quote(cats)} in another order "
+                            f"than earlier batches ({quote(acc)}); give every file the same "
                             "order.")
     acc.extend(c for c in cats if c not in set(acc))
 
@@ -310,45 +318,28 @@ def _scan_levels(source: ParquetSource, y: str, features: list[str], levels, cat
     are those of the whole file, in the order the in-memory fit would give them.
     """
     from .. import progress
-    from .features import (
-        _check_no_missing_category,
-        _is_numeric,
-        _not_numeric_error,
-        _resolve_categorical,
-    )
-    from .target import TargetEncoding, _as_levels
 
     first = _first_batch(source)
-    names = tuple(features)
-    declared = _resolve_categorical(categorical, names)
-    cats, not_numeric = [], []
-    for j, name in enumerate(names):
-        column = first[name]
-        if j in declared or isinstance(column.dtype, pd.CategoricalDtype):
-            cats.append(name)
-        elif not _is_numeric(column, name):
-            not_numeric.append((name, column.dtype))
-    if not_numeric:
-        raise _not_numeric_error(not_numeric)
+    cats = _categorical_columns(first, features, categorical)
     seen: dict[str, dict] = {c: {} for c in cats}
     order: dict[str, list] = {c: [] for c in cats}
     counts: dict[Any, int] = {}
     y_order: list = []
     y_dtype = first[y].dtype
     y_ordered = isinstance(y_dtype, pd.CategoricalDtype) and bool(y_dtype.ordered)
-    given = None if levels is None else TargetEncoding(_as_levels(levels))
+    given = None if levels is None else TargetEncoding(as_levels(levels))
     for start, frame in source.frames([y, *cats]):
         where = source.where(start, frame.shape[0])
         values = frame[y]
         try:
-            _check_missing(_target_array(values), "y")
+            check_missing(target_array(values), "y")
             if given is not None:
                 given.encode(values)
         except DataError as exc:
             raise DataError(f"The target column {y!r}: {exc} {where}") from None
         try:
             for c in cats:
-                _check_no_missing_category(frame[c], c)
+                check_no_missing_category(frame[c], c)
         except DataError as exc:
             raise DataError(f"{exc} {where}") from None
         for v, k in values.value_counts(sort=False).items():
@@ -371,32 +362,59 @@ def _scan_levels(source: ParquetSource, y: str, features: list[str], levels, cat
             else:
                 seen[c].update(dict.fromkeys(pd.unique(column.to_numpy(dtype=object)).tolist()))
         progress.advance(frame.shape[0])
+    target = _target_of_counts(counts, y_dtype, y_order, y_ordered, levels)
+    return target, _schema_of_levels(features, seen, order)
+
+
+def _categorical_columns(first: pd.DataFrame, features: list[str], categorical) -> list[str]:
+    """The features encoded as categories (declared, or of a category dtype); every other
+    feature must be numeric."""
+    names = tuple(features)
+    declared = resolve_categorical(categorical, names)
+    cats, not_numeric = [], []
+    for j, name in enumerate(names):
+        column = first[name]
+        if j in declared or isinstance(column.dtype, pd.CategoricalDtype):
+            cats.append(name)
+        elif not is_numeric(column, name):
+            not_numeric.append((name, column.dtype))
+    if not_numeric:
+        raise not_numeric_error(not_numeric)
+    return cats
+
+
+def _target_of_counts(counts: dict, y_dtype, y_order: list, y_ordered: bool, levels):
+    """The target's levels from the counts of its values over the whole file, resolved as the
+    in-memory fit resolves them (on a stand-in column with those values)."""
     uniques = list(counts)
     reps = np.minimum([counts[u] for u in uniques], 1 << 16)
     if isinstance(y_dtype, pd.CategoricalDtype):
         synthetic = pd.Series(pd.Categorical(np.repeat(np.array(uniques, dtype=object), reps),
                                              categories=y_order, ordered=y_ordered))
-        target, _ = _resolve_target(synthetic, levels, None)
-    else:
-        synthetic = pd.Series(np.repeat(np.array(uniques, dtype=object), reps)).infer_objects()
-        if y_dtype.kind in "biuf" and synthetic.dtype != y_dtype:
-            synthetic = synthetic.astype(y_dtype)
-        target, _ = _resolve_target(synthetic.to_numpy(), levels, None)
+        return resolve_target(synthetic, levels, None)[0]
+    synthetic = pd.Series(np.repeat(np.array(uniques, dtype=object), reps)).infer_objects()
+    if y_dtype.kind in "biuf" and synthetic.dtype != y_dtype:
+        synthetic = synthetic.astype(y_dtype)
+    return resolve_target(synthetic.to_numpy(), levels, None)[0]
+
+
+def _schema_of_levels(features: list[str], seen: dict, order: dict) -> FeatureSchema:
+    """The feature schema from each categorical column's levels seen in the file."""
     categories = {}
-    for c in cats:
+    for c in seen:
         values = list(seen[c])
         if order[c]:  # a categorical column: its categories' order, as in memory
             column = pd.Series(pd.Categorical(values, categories=order[c]))
         else:
             column = pd.Series(values, dtype=object)
-        categories[c] = _fit_categories(column, c)
+        categories[c] = fit_categories(column, c)
     output: list[str] = []
     for name in features:
         if name in categories:
             output.extend(f"{name}[{lv}]" for lv in categories[name][1:])
         else:
             output.append(name)
-    return target, FeatureSchema(names, True, categories, tuple(output))
+    return FeatureSchema(tuple(features), True, categories, tuple(output))
 
 
 def _scan_values(source: ParquetSource, y: str, features: list[str], target,
@@ -431,7 +449,7 @@ def _scan_values(source: ParquetSource, y: str, features: list[str], target,
     constant = [schema.output_names[j] for j in np.flatnonzero(lo == hi)]
     if constant:
         raise DataError(
-            f"Column{'s' if len(constant) > 1 else ''} {_quote(constant)} of "
+            f"Column{'s' if len(constant) > 1 else ''} {quote(constant)} of "
             f"'{source.shown}' {'are' if len(constant) > 1 else 'is'} constant; fedgrain's "
             "thresholds play the role of the intercept, so remove constant columns.")
     m = s1 / n
@@ -440,6 +458,6 @@ def _scan_values(source: ParquetSource, y: str, features: list[str], target,
     counts = np.bincount(codes, minlength=K)
     absent = [c for c, k in zip(target.classes, counts, strict=True) if k == 0]
     if absent:
-        raise DataError(f"The level(s) {_quote(absent)} never occur in {y!r}, so their "
+        raise DataError(f"The level(s) {quote(absent)} never occur in {y!r}, so their "
                         "thresholds cannot be estimated; drop them from levels or add such rows.")
     return FitData(rows, codes, None, schema, target)

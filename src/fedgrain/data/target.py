@@ -23,14 +23,14 @@ from fedgrain.exceptions import DataError, DataTypeError
 from .._warnings import warn
 from ._common import (
     Scalar,
-    _asarray,
-    _compact_codes,
-    _complex_error,
-    _is_polars,
-    _occurring_categories,
-    _plain,
-    _quote,
-    _rows,
+    as_array,
+    compact_codes,
+    complex_error,
+    describe_rows,
+    is_polars,
+    occurring_categories,
+    plain,
+    quote,
 )
 
 __all__ = ["TargetEncoding"]
@@ -45,7 +45,7 @@ _NUMERIC_LABEL_KINDS = {
 }
 
 
-def _as_levels(levels: Any, what: str = "levels") -> tuple[Scalar, ...]:
+def as_levels(levels: Any, what: str = "levels") -> tuple[Scalar, ...]:
     """Validate a sequence of ordinal levels and return it as a tuple of plain Python scalars."""
     if isinstance(levels, (str, bytes)) or not np.iterable(levels):
         raise DataTypeError(
@@ -54,7 +54,7 @@ def _as_levels(levels: Any, what: str = "levels") -> tuple[Scalar, ...]:
         )
     out = []
     for value in np.asarray(levels, dtype=object).ravel().tolist():
-        value = _plain(value)
+        value = plain(value)
         if not isinstance(value, (bool, int, float, str)):
             raise DataTypeError(
                 f"{what} must hold numbers, booleans or strings; {value!r} is a "
@@ -67,17 +67,17 @@ def _as_levels(levels: Any, what: str = "levels") -> tuple[Scalar, ...]:
         raise DataError(f"{what} must list at least 2 levels, lowest first; got {out!r}.")
     duplicated = [v for v, count in Counter(out).items() if count > 1]
     if duplicated:
-        raise DataError(f"{what} must be unique; repeated: {_quote(duplicated)}.")
+        raise DataError(f"{what} must be unique; repeated: {quote(duplicated)}.")
     if len({isinstance(v, str) for v in out}) > 1:
         raise DataError(
-            f"{what} mix strings and numbers ({_quote(out)}); give them all as one type."
+            f"{what} mix strings and numbers ({quote(out)}); give them all as one type."
         )
     return tuple(out)
 
 
-def _target_array(y: Any, what: str = "y") -> np.ndarray | pd.Series:
+def target_array(y: Any, what: str = "y") -> np.ndarray | pd.Series:
     """1-D values of a target: a pandas Series when categorical, else a numpy array."""
-    if _is_polars(y) or isinstance(y, (pa.Array, pa.ChunkedArray)):
+    if is_polars(y) or isinstance(y, (pa.Array, pa.ChunkedArray)):
         y = y.to_pandas()
     elif isinstance(y, pd.Categorical):
         y = pd.Series(y)
@@ -98,7 +98,7 @@ def _target_array(y: Any, what: str = "y") -> np.ndarray | pd.Series:
             return y.to_numpy()
         dtype = object if y.hasnans else getattr(y.dtype, "numpy_dtype", object)
         return y.to_numpy(dtype=dtype, na_value=np.nan)
-    values = _asarray(y, what)
+    values = as_array(y, what)
     if values.ndim == 2 and values.shape[1] == 1:
         _warn_column_vector()
         values = values.ravel()
@@ -108,7 +108,7 @@ def _target_array(y: Any, what: str = "y") -> np.ndarray | pd.Series:
             "pass one target column."
         )
     if values.dtype.kind == "c":
-        raise _complex_error(what)
+        raise complex_error(what)
     return values
 
 
@@ -118,20 +118,20 @@ def _warn_column_vector() -> None:
         DataConversionWarning)
 
 
-def _check_missing(values: np.ndarray | pd.Series, what: str) -> None:
+def check_missing(values: np.ndarray | pd.Series, what: str) -> None:
     if isinstance(values, np.ndarray) and values.dtype.kind in "biuUS":
         return
     missing = np.asarray(pd.isna(values))
     if missing.any():
         raise DataError(
-            f"{what} has missing values (None/NaN) in {_rows(missing)}; drop those rows or fill "
-            "in their labels."
+            f"{what} has missing values (None/NaN) in {describe_rows(missing)}; drop those rows "
+            "or fill in their labels."
         )
     if isinstance(values, np.ndarray) and values.dtype.kind == "f":
         infinite = np.isinf(values)
         if infinite.any():
             raise DataError(
-                f"{what} has infinite values in {_rows(infinite)}; an ordinal target needs "
+                f"{what} has infinite values in {describe_rows(infinite)}; an ordinal target needs "
                 "finite labels."
             )
 
@@ -156,7 +156,7 @@ def _label_values(values: np.ndarray, what: str) -> np.ndarray:
     if kind == "string":
         return values.astype(str)
     if kind == "complex":
-        raise _complex_error(what)
+        raise complex_error(what)
     types = sorted({type(v).__name__ for v in values[:1000].tolist()})
     raise DataError(
         f"{what} mixes labels of different types ({', '.join(types)}), which cannot be ordered; "
@@ -172,7 +172,7 @@ def _int_codes(values: np.ndarray) -> tuple[tuple[Scalar, ...], np.ndarray]:
         return tuple(uniques.tolist()), codes.astype(np.intp, copy=False)
     shifted = values.astype(np.intp)
     shifted -= low
-    present, codes = _compact_codes(shifted, high - low + 1)
+    present, codes = compact_codes(shifted, high - low + 1)
     return tuple((np.flatnonzero(present) + low).tolist()), codes
 
 
@@ -182,7 +182,7 @@ def _natural_codes(values: np.ndarray, what: str) -> tuple[tuple[Scalar, ...], n
     if kind in "US":
         found = np.unique(values)
         raise DataError(
-            f"The labels of {what} ({_quote(found, 10)}) have no known order; pass "
+            f"The labels of {what} ({quote(found, 10)}) have no known order; pass "
             "levels=[...] listing them lowest first, or use an ordered categorical."
         )
     if kind in "iu":
@@ -195,7 +195,7 @@ def _natural_codes(values: np.ndarray, what: str) -> tuple[tuple[Scalar, ...], n
         if uniques.size > _MAX_FLOAT_LEVELS or 2 * uniques.size > values.size:
             raise DataError(
                 f"Unknown label type: 'continuous'. {what} looks continuous ({uniques.size} "
-                f"distinct values such as {_quote(np.round(uniques, 6))}); an ordinal target "
+                f"distinct values such as {quote(np.round(uniques, 6))}); an ordinal target "
                 "needs discrete levels, so round or bin it, or pass levels=[...]."
             )
     uniques, codes = np.unique(values, return_inverse=True)
@@ -207,10 +207,10 @@ def _categorical_codes(series: pd.Series, what: str) -> tuple[tuple[Scalar, ...]
     if not series.cat.ordered:
         raise DataError(
             f"The labels of {what} are an unordered categorical "
-            f"({_quote(series.cat.categories, 10)}), so they have no known order; pass "
+            f"({quote(series.cat.categories, 10)}), so they have no known order; pass "
             "levels=[...] lowest first, or make it ordered (series.cat.as_ordered())."
         )
-    return _occurring_categories(series, what)
+    return occurring_categories(series, what)
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ class TargetEncoding:
     classes: tuple
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "classes", _as_levels(self.classes, "classes"))
+        object.__setattr__(self, "classes", as_levels(self.classes, "classes"))
 
     @property
     def n_classes(self) -> int:
@@ -263,8 +263,8 @@ class TargetEncoding:
         DataError
             When a label is missing or not one of the levels.
         """
-        values = _target_array(y, what)
-        _check_missing(values, what)
+        values = target_array(y, what)
+        check_missing(values, what)
         if isinstance(values, pd.Series):
             values = values.to_numpy(dtype=object)
         values = _label_values(values, what)
@@ -278,9 +278,9 @@ class TargetEncoding:
             elif not isinstance(self.classes[0], str) and values.dtype.kind in "US":
                 hint = " The levels are numbers but the labels are strings; give both one type."
             raise DataError(
-                f"{what} has labels that are not among the levels: {_quote(labels)} in "
-                f"{_rows(unknown)}; the known levels, lowest first, are "
-                f"{_quote(self.classes, 20)}.{hint}"
+                f"{what} has labels that are not among the levels: {quote(labels)} in "
+                f"{describe_rows(unknown)}; the known levels, lowest first, are "
+                f"{quote(self.classes, 20)}.{hint}"
             )
         return codes.astype(np.intp, copy=False)
 
@@ -299,13 +299,13 @@ class TargetEncoding:
             ) from None
 
 
-def _resolve_target(
+def resolve_target(
     values: np.ndarray | pd.Series, levels: Any, weights: np.ndarray | None
 ) -> tuple[TargetEncoding, np.ndarray]:
     """Levels and codes of a fit-time target; checks the class counts."""
-    _check_missing(values, "y")
+    check_missing(values, "y")
     if levels is not None:
-        target = TargetEncoding(_as_levels(levels))
+        target = TargetEncoding(as_levels(levels))
         codes = target.encode(values)
     else:
         if isinstance(values, pd.Series):
@@ -316,7 +316,7 @@ def _resolve_target(
             raise DataError(
                 "y has only one class"
                 f"{' with positive sample_weight' if weights is not None else ''} "
-                f"({_quote(classes)}); an ordinal model needs at least 2 classes."
+                f"({quote(classes)}); an ordinal model needs at least 2 classes."
             )
         target = TargetEncoding(classes)
     counts = np.bincount(codes, weights=weights, minlength=target.n_classes)
@@ -324,14 +324,14 @@ def _resolve_target(
         raise DataError(
             "y has only one class"
             f"{' with positive sample_weight' if weights is not None else ''} "
-            f"({_quote(np.asarray(target.classes, dtype=object)[counts > 0])}); an ordinal model "
+            f"({quote(np.asarray(target.classes, dtype=object)[counts > 0])}); an ordinal model "
             "needs at least 2 classes."
         )
     absent = [c for c, n in zip(target.classes, counts, strict=True) if n == 0]
     if absent:
         source = "levels" if levels is not None else "the classes of y"
         raise DataError(
-            f"The level(s) {_quote(absent)} in {source} never occur in y"
+            f"The level(s) {quote(absent)} in {source} never occur in y"
             f"{' with positive sample_weight' if weights is not None else ''}, so their "
             "thresholds cannot be estimated; drop them from levels or add such rows."
         )

@@ -4,10 +4,12 @@
 See :mod:`fedgrain.estimators.base` for what they share.
 """
 
-from .adaptive import AdaptiveFederatedOrdinal, LeafModel
+from .adaptive import AdaptiveFederatedOrdinal
 from .base import ESTIMATORS, OrdinalModel, load
 from .centralized import OrdinalRegression
 from .divide_conquer import DivideConquerOrdinal
+from .models import GlobalModel, LeafModel
 
-__all__ = ["ESTIMATORS", "AdaptiveFederatedOrdinal", "DivideConquerOrdinal", "LeafModel",
+__all__ = ["ESTIMATORS", "AdaptiveFederatedOrdinal", "DivideConquerOrdinal", "GlobalModel",
+           "LeafModel",
            "OrdinalModel", "OrdinalRegression", "load"]

@@ -1,10 +1,11 @@
 """Adaptive federated ordinal regression: profile, partition, schedule, fit leaves, pool.
 
-The first form (``meta="none"``): every leaf of the partition tree keeps its own de-biased local
-fit, and the leaves' fits are pooled into a global model with inference exactly as the
-divide-and-conquer estimator pools its subsets (method.md 4-5; with adaptive, non-random leaves
-the pooled estimate stays valid when one model holds everywhere, and ``Q`` measures how much the
-leaves differ when it does not).
+The estimator validates its parameters, grows (or takes) the partition tree
+(:mod:`fedgrain.partition.growth`), places the leaves and hands them to the engine
+(:mod:`fedgrain.federation.engine`: leaf fits, pooling, refinement), personalises them
+(:mod:`fedgrain.federation.personalise`), and holds the results: the global model, one model per
+leaf (:mod:`fedgrain.federation.leaves` routes rows to them) and, on streams, the monitor's state
+(:mod:`fedgrain.monitor.stream` reacts to drift).
 """
 
 from __future__ import annotations
@@ -18,40 +19,40 @@ from sklearn.utils import check_random_state
 from .. import progress
 from .._warnings import warn
 from ..backends import Backend, get_backend
+from ..core.likelihood import class_proba, cumulative_proba, monotonise
 from ..core.standardize import fit_standardizer
 from ..data import prepare_data
-from ..exceptions import DataError, ParameterError
+from ..exceptions import DataError
 from ..federation import meta
+from ..federation.engine import (
+    MIN_LEAF_ROWS_PER_PARAM,
+    MIN_ROWS_PER_PARAM,
+    ROWS_PER_PARAM_FOR_ROUNDS,
+    Units,
+    fit_partition,
+    region_estimates,
+    resolve_subsets,
+    summarise,
+)
+from ..federation.leaves import LeafTable, leaf_view, unseen_rows
+from ..federation.personalise import MetaConfig, MetaState, adapt_rows, fit_leaf_rows, meta_rounds
 from ..federation.schedule import Schedule, schedule
 from ..federation.shards import build_shards, route_rows
-from ..inference import local
-from ..inference.results import OrdinalResults, parameter_names
+from ..inference import local, pooling
+from ..inference.results import parameter_names
+from ..monitor.stream import DriftMonitor
 from ..partition.growth import grow, leaf_seeds, profile_leaves
 from ..partition.profile import DataProfile
 from ..partition.tree import PartitionTree
 from .base import OrdinalModel, is_int, is_real, param_error, register
-from .controller import GranularityControl
-from .divide_conquer import (
-    MIN_ROWS_PER_PARAM,
-    ROWS_PER_PARAM_FOR_ROUNDS,
-    DivideConquerOrdinal,
-    fit_partition,
-)
-from .leaves import LeafModel, leaf_view, region_estimates
-from .personalise import Personalisation
-from .routing import RoutedPrediction
-from .streaming import Streaming
+from .models import GlobalModel, LeafModel
 
-#: Default minimum leaf size, in rows per parameter: ``min_subset_size = 20 d`` (capped at the
-#: number of rows). A leaf's own model is used for prediction, so it needs more rows than the
-#: pooling alone would (``5 d``, method.md 6).
-MIN_LEAF_ROWS_PER_PARAM = 20
 META = ("none", *meta.METHODS)
+GLOBAL_TITLE = "Adaptive federated ordinal regression: global model"
 
 
 @register
-class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
-                               GranularityControl, OrdinalModel):
+class AdaptiveFederatedOrdinal(OrdinalModel):
     """Ordinal regression on an adaptive partition of the data, pooled with valid inference.
 
     ``fit`` profiles the data (density, feature importance, clusters), grows a partition tree
@@ -62,7 +63,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
     routes each row to its leaf's model. With ``meta=...`` the leaves are personalised by a
     federated meta-learner; ``partial_fit`` keeps the model on a stream, watching every leaf
     for drift and refitting, splitting or merging only where the data changed
-    (:mod:`fedgrain.estimators.streaming`).
+    (:mod:`fedgrain.monitor.stream`).
 
     Parameters
     ----------
@@ -104,7 +105,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
     Attributes
     ----------
     coef_, thresholds_, cov_, bse_, results_ : the global model's (pooled over the leaves)
-    global_model_ : DivideConquerOrdinal
+    global_model_ : fedgrain.estimators.models.GlobalModel
         The pooled model with inference; ``global_model_.q_`` is the leaves' heterogeneity.
     local_models_ : list of LeafModel
         One per leaf, in the order of ``partition_.leaves``: its local fit, or with a
@@ -121,6 +122,12 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         Leaves that failed in a meta round or in personalisation, and on streams every drift
         detection, refit, reference refresh, split, merge and granularity change (with the
         rows seen, the leaf, the statistic and its threshold). Saved with the model.
+    meta_state_ : fedgrain.federation.personalise.MetaState
+        What the meta-learner learned (global parameters, pull, information metric), in
+        standardised coordinates.
+    stream_ : fedgrain.monitor.state.StreamState or None
+        The monitored stream's state (rows seen, each leaf's detector and recent rows), from
+        the first ``partial_fit`` on; saved with the model.
     effective_granularity_ : float
         Where the partition stands on the granularity scale: ``log(regions) / log(n /
         min_subset_size)`` (updated by ``partial_fit`` as leaves split and merge).
@@ -178,13 +185,8 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         self.tol = tol
         self.callback = callback
 
-    def _global_estimator(self) -> DivideConquerOrdinal:
-        keys = ("alpha", "variance", "backend", "n_jobs", "random_state", "refine_rounds",
-                "debias", "ridge", "penalize_thresholds", "levels", "categorical", "cv_folds",
-                "max_iter", "tol")
-        return DivideConquerOrdinal(**{k: getattr(self, k) for k in keys})
 
-    def _validate(self) -> DivideConquerOrdinal:
+    def _validate(self) -> None:
         owner = type(self).__name__
         g = self.granularity
         if not (is_real(g) and 0.0 <= g <= 1.0):
@@ -209,12 +211,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         if self.drift_detector not in ("adwin", "page_hinkley"):
             raise param_error(owner, "drift_detector", "'adwin' or 'page_hinkley'",
                               self.drift_detector)
-        gm = self._global_estimator()
-        try:
-            gm._validate()
-        except ValueError as exc:
-            raise ParameterError(str(exc).replace(type(gm).__name__, owner)) from None
-        return gm
+        self._validate_engine()
 
     def _min_size(self, n: int, d: int) -> int:
         if self.min_subset_size is None:
@@ -231,6 +228,11 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
                 f"min_subset_size >= {MIN_ROWS_PER_PARAM * d}.")
         return m
 
+    def _meta_config(self) -> MetaConfig:
+        return MetaConfig(self.meta, int(self.max_rounds), float(self.meta_tol),
+                          int(self.inner_steps), float(self.validation_fraction),
+                          None if self.fedprox_mu is None else float(self.fedprox_mu))
+
     # ---- fitting ----------------------------------------------------------------------------
     def fit(self, X, y, sample_weight=None, partition: PartitionTree | None = None):
         """Profile, partition, schedule, fit every leaf, pool.
@@ -245,8 +247,8 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
 
     def _fit(self, X, y, sample_weight, partition):
         clock = _Clock()
-        self._stream = None  # a stream's state belongs to the model it watched
-        gm = self._validate()
+        self.stream_ = None  # a stream's state belongs to the model it watched
+        self._validate()
         owner = type(self).__name__
         with progress.step("checking data"):
             data = prepare_data(X, y, levels=self.levels, categorical=self.categorical,
@@ -259,7 +261,8 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         backend = get_backend(self.backend, self.n_jobs, owner=owner)
         own_backend = backend is not self.backend
         try:
-            n_pieces = gm._resolve_subsets(n, d, backend, owner)
+            n_pieces = resolve_subsets(n, d, None, self._n_workers(backend),
+                                       self.refine_rounds, owner)
             min_size = self._min_size(n, d)
             seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
             std = fit_standardizer(Xm, w)
@@ -270,23 +273,25 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
                                  granularity=float(self.granularity), min_size=min_size,
                                  n_pieces=n_pieces, seed=seed, feature_names=names)
                 tree, labels, prof = grown.tree, grown.leaf, grown.profile
-                if self.granularity > 0 and n < 2 * min_size:
-                    how = (f"min_subset_size={min_size:,}" if self.min_subset_size is not None
-                           else f"the default min_subset_size, {MIN_LEAF_ROWS_PER_PARAM} rows "
-                                f"per parameter for d = {d}, capped at the rows")
-                    warn(f"The data ({n:,} rows) are too small to split into two regions of "
-                         f"at least {min_size:,} rows each ({how}); fitting one region.",
-                         UserWarning)
+                self._warn_too_small(n, min_size, d)
             else:
                 tree, labels, prof = self._given_partition(partition, Xm, codes, w, std, p, K,
                                                            min_size, seed, names)
             clock.lap("profile and partition")
-            self._fit_leaves(gm, data, tree, labels, prof, backend, seed, clock)
+            self._fit_leaves(data, tree, labels, prof, backend, seed, clock)
             self.timings_ = clock.laps
         finally:
             if own_backend:
                 backend.close()
         return self
+
+    def _warn_too_small(self, n: int, min_size: int, d: int) -> None:
+        if self.granularity > 0 and n < 2 * min_size:
+            how = (f"min_subset_size={min_size:,}" if self.min_subset_size is not None
+                   else f"the default min_subset_size, {MIN_LEAF_ROWS_PER_PARAM} rows "
+                        f"per parameter for d = {d}, capped at the rows")
+            warn(f"The data ({n:,} rows) are too small to split into two regions of "
+                 f"at least {min_size:,} rows each ({how}); fitting one region.", UserWarning)
 
     def _given_partition(self, tree, Xm, codes, w, std, p, K, min_size, seed, names):
         if not isinstance(tree, PartitionTree):
@@ -316,7 +321,7 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         prof = profile_leaves(tree, Xm, codes, w, labels, seed=seed, feature_names=names)
         return tree, labels, prof
 
-    def _fit_leaves(self, gm, data, tree: PartitionTree, labels, prof: DataProfile,
+    def _fit_leaves(self, data, tree: PartitionTree, labels, prof: DataProfile,
                     backend: Backend, seed: int, clock: _Clock) -> None:
         Xm, codes, w = data.X, data.codes, data.weights
         p = Xm.shape[1]
@@ -326,59 +331,66 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         sizes = tree.sizes
         sched = schedule(sizes, len(names), backend.n_workers, groups=tree.siblings(),
                          row_bytes=(p + 2) * 8)
-        need = ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0) * len(names)
-        if tree.n_leaves > 1 and sizes.min() < need:
-            warn(f"Leaves of {int(sizes.min()):,} rows have fewer than "
-                 f"{need // len(names)} rows per parameter (d = {len(names)}): with "
-                 f"refine_rounds={self.refine_rounds} the pooled (global) estimate keeps part of "
-                 "their finite-sample bias. Use a larger refine_rounds or min_subset_size.",
-                 UserWarning)
-        settings = gm._settings(K)
+        self._warn_small_leaves(sizes, len(names), tree.n_leaves)
+        settings = self._engine_settings(K)
+        units = Units("leaf", tree.leaves)
+        region_of = tree.region_of()
         refs = []
         try:
             clock.lap("schedule")
             refs = build_shards(backend, Xm, codes, w, labels, tree.n_leaves, std)
             clock.lap("place leaves")
             run = fit_partition(backend, refs, sched, settings, leaf_seeds(tree, seed),
-                                names=names, p=p, sizes=sizes,
-                                refine_rounds=self.refine_rounds, owner=self, unit="leaf",
-                                ids=tree.leaves)
-            regions = region_estimates(backend, refs, sched, run, tree, settings,
-                                        self.refine_rounds, names, sizes)
+                                names=names, sizes=sizes, units=units)
+            regions = region_estimates(backend, refs, sched, run, region_of, settings,
+                                       names=names, sizes=sizes, units=units)
             clock.lap("fit leaves and pool")
-            learned = self._meta_rounds(backend, refs, sched, run, tree, p, seed)
+            learned = meta_rounds(backend, refs, sched, run, region_of, tree.leaves, p,
+                                  float(sizes.sum()), leaf_seeds(tree, seed, tag=1),
+                                  self._meta_config())
             if self.meta != "none":
                 clock.lap("meta-learning")
         finally:
             backend.release(refs)
-        gm._set_from_run(data, std, run, sizes,
-                         title="Adaptive federated ordinal regression: global model")
-        self.global_model_ = gm
+        pooled = summarise(run, std, sizes, settings, feature_names=data.schema.output_names,
+                           classes=data.target.classes, title=GLOBAL_TITLE)
+        self.global_model_ = GlobalModel.of(data.schema, data.target, pooled)
         self.partition_ = tree
         self.n_leaves_ = tree.n_leaves
         self.schedule_ = sched
-        self.n_iter_ = gm.n_iter_
-        self._set_fitted(data.schema, data.target, gm.results_.params, gm.cov_, gm.results_)
-        theta, rho, adapt_rho, P, personal = learned
-        self._meta_state = {"theta": theta, "rho": rho, "adapt_rho": adapt_rho, "P": P}
-        self.meta_model_ = self._meta_model(theta, run.cov)
+        self.n_iter_ = pooled.n_iter
+        self._set_fitted(data.schema, data.target, pooled.results.params, pooled.results.cov,
+                         pooled.results)
+        self.history_, self.events_ = learned.history, learned.events
+        self.meta_state_ = learned.state
+        self.meta_model_ = self._meta_model(learned.state.theta, run.cov)
         leaf_params, leaf_cov, notes = [], [], []
-        region_of = tree.region_of()
         for pos, nid in enumerate(tree.leaves):
-            est, cov, filled = regions.get(int(region_of[pos])) or leaf_view(
-                run.fits[pos], run.estimate, run.cov, p)
-            if personal is not None:  # the meta-learner's personalised (or global) model
-                est, cov = personal[pos]
-                filled = []
+            if learned.personal is not None:  # the meta-learner's personalised (or global) model
+                (est, cov), filled = learned.personal[pos], []
+            elif int(region_of[pos]) in regions:
+                (est, cov), filled = regions[int(region_of[pos])], []
+            else:
+                est, cov, filled = leaf_view(run.fits[pos], run.estimate, run.cov, p)
             params, cov = std.to_raw_model(est, cov)
             leaf_params.append(params)
             leaf_cov.append(0.5 * (cov + cov.T))
             notes.append([names[j] for j in filled])
             prof.with_importance(nid, est[:p])
         self.profile_ = prof
-        self._set_leaf_models(np.array(leaf_params), np.array(leaf_cov), notes)
-        self.effective_granularity_ = self._effective_granularity({"rows_seen": 0})
+        self._set_leaves(LeafTable(list(tree.leaves), np.array(leaf_params),
+                                   np.array(leaf_cov), notes))
+        self.effective_granularity_ = self._effective_granularity(0)
         clock.lap("results")
+
+    def _warn_small_leaves(self, sizes, d: int, n_leaves: int) -> None:
+        need = ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0) * d
+        if n_leaves > 1 and sizes.min() < need:
+            warn(f"Leaves of {int(sizes.min()):,} rows have fewer than "
+                 f"{need // d} rows per parameter (d = {d}): with "
+                 f"refine_rounds={self.refine_rounds} the pooled (global) estimate keeps part of "
+                 "their finite-sample bias. Use a larger refine_rounds or min_subset_size.",
+                 UserWarning)
 
     def _meta_model(self, theta: np.ndarray, cov_std: np.ndarray) -> LeafModel:
         """The meta-learned global parameters as a model (the pooled one for meta="none").
@@ -388,90 +400,291 @@ class AdaptiveFederatedOrdinal(RoutedPrediction, Personalisation, Streaming,
         params, cov = self.partition_.standardizer.to_raw_model(theta, cov_std)
         title = ("Pooled global model" if self.meta == "none" else
                  f"Meta-learned global model ({self.meta})")
-        return self._leaf_model(-1, params, cov, title, {})
+        return LeafModel.of(-1, self.schema_, self.target_, params, cov, title, {})
 
-    def _leaf_model(self, nid: int, params, cov, title: str, info: dict) -> LeafModel:
-        results = OrdinalResults(params, cov, self.schema_.output_names, self.target_.classes,
-                                 title=title, info=info)
-        m = LeafModel(leaf=nid)
-        m._set_fitted(self.schema_, self.target_, params, cov, results)
-        return m
-
-    def _set_leaf_models(self, params: np.ndarray, covs: np.ndarray, notes: list) -> None:
-        self._leaf_params = params
-        self._leaf_notes = notes
-        p = self.schema_.n_features
+    def _set_leaves(self, table: LeafTable) -> None:
+        """The leaves' models (``local_models_``) from a table in the tree's leaf order."""
+        self._leaves = table
         models = []
-        for pos, nid in enumerate(self.partition_.leaves):
+        for pos, nid in enumerate(table.ids):
             info = {"Leaf": nid, "Rows": f"{int(self.partition_.sizes[pos]):,}"}
-            if notes[pos]:
-                info["Not identified in the leaf"] = ", ".join(notes[pos])
-            models.append(self._leaf_model(nid, params[pos], covs[pos], f"Leaf {nid} model",
-                                           info))
+            if table.notes[pos]:
+                info["Not identified in the leaf"] = ", ".join(table.notes[pos])
+            models.append(LeafModel.of(nid, self.schema_, self.target_, table.params[pos],
+                                       table.covs[pos], f"Leaf {nid} model", info))
         self.local_models_ = models
-        self._leaf_ids = list(self.partition_.leaves)
-        self._leaf_coef = params[:, :p]
-        self._leaf_thresholds = params[:, p:]
 
     def refresh_profile(self, X, y, sample_weight=None) -> DataProfile:
         """Profile the leaves again from new labelled rows (``profile_``, updated in place).
 
         Rows go to their leaves as in prediction; leaves that receive none keep their profile.
         """
-        Xe = self._encode(X)
+        Xe = self.encode(X)
         codes = self.target_.encode(y, what="y")
         w = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
         self._route(Xe)  # the partition must still be the fitted one
         self.profile_.refresh(self.partition_, Xe, codes, w)
         return self.profile_
 
+    # ---- prediction: each row by its leaf's model ---------------------------------------------
+    def apply(self, X) -> np.ndarray:
+        """The leaf (position in ``partition_.leaves`` and ``local_models_``) of each row.
+
+        Rows of a region dealt out into random pieces go to a piece by a fixed pseudo-random
+        function of the row, not by the class-stratified deal of the training rows (use
+        ``partition_.route(X_encoded, class_codes)`` for that); the pieces share one model, so
+        predictions do not depend on which.
+        """
+        return self._route(self.encode(X))
+
+    def _route(self, Xe: np.ndarray) -> np.ndarray:
+        if self.partition_.leaves != self._leaves.ids:
+            raise ValueError(
+                "partition_ was changed (split or merged) after fitting, so its leaves no longer "
+                "match local_models_; fit again, or fit(X, y, partition=...) with the new tree.")
+        return self.partition_.route(Xe)
+
+    def unseen(self, X) -> np.ndarray:
+        """Which rows lie outside the region their leaf was trained on (predicted by the
+        global model instead, with a meta-learner): some feature lies outside its leaf's range
+        (``profile_``) by more than a quarter of that range
+        (:func:`fedgrain.federation.leaves.unseen_rows`)."""
+        Xe = self.encode(X)
+        return self._unseen(Xe, self._route(Xe))
+
+    def _unseen(self, Xe: np.ndarray, leaf: np.ndarray) -> np.ndarray:
+        return unseen_rows(Xe, leaf, [self.profile_[nid] for nid in self.partition_.leaves])
+
+    def _falls_back(self, Xe: np.ndarray, leaf: np.ndarray) -> np.ndarray | None:
+        """Rows the meta-learned global model predicts: unseen ones, with a meta-learner (with
+        ``meta="none"`` every row keeps its leaf's fit, as the partition alone decides)."""
+        return None if self.meta == "none" else self._unseen(Xe, leaf)
+
+    def _routed_encoded(self, Xe: np.ndarray, leaf: np.ndarray):
+        """Each row's linear predictor and thresholds: its leaf's model, or for rows of an
+        unseen region the (meta-learned) global model."""
+        return self._leaves.routed(Xe, leaf, self._falls_back(Xe, leaf),
+                                   self.meta_model_.results_.params)
+
+    def _routed(self, X):
+        Xe = self.encode(X)
+        return self._routed_encoded(Xe, self._route(Xe))
+
+    def predict_linear(self, X) -> np.ndarray:
+        """``x @ coef`` with each row's leaf coefficients (the global model's for unseen rows
+        when there is a meta-learner)."""
+        return self._routed(X)[0]
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities from each row's leaf model, shape ``(n, K)``."""
+        return class_proba(*self._routed(X))
+
+    def predict_cumulative_proba(self, X) -> np.ndarray:
+        return cumulative_proba(*self._routed(X))
+
+    def predict_proba_ci(self, X, alpha: float = 0.05):
+        """Class probabilities with delta-method intervals, each row from its leaf model (the
+        global model for unseen rows when there is a meta-learner)."""
+        Xe = self.encode(X)
+        leaf = self._route(Xe)
+        fallback = self._falls_back(Xe, leaf)
+        which = leaf if fallback is None else np.where(fallback, -1, leaf)
+        K = self.classes_.shape[0]
+        out = [np.empty((Xe.shape[0], K)) for _ in range(3)]
+        for pos in np.unique(which):
+            rows = which == pos
+            model = self.meta_model_ if pos < 0 else self.local_models_[pos]
+            for o, v in zip(out, model.results_.predict_proba_ci(Xe[rows], alpha), strict=True):
+                o[rows] = v
+        return tuple(out)
+
+    # ---- personalisation to new subsets -----------------------------------------------------
+    def adapt(self, X, y, sample_weight=None) -> LeafModel:
+        """A model personalised to a new subset from a few labelled rows.
+
+        Newton steps, to convergence, from the meta-learned global parameters (``meta_model_``)
+        on these rows, pulled toward them with the empirical-Bayes pull of the training leaves'
+        spread (``adapt_pull_``, pseudo-rows: what the leaves' differences say a new region's
+        model may differ by). So a handful of rows moves the model a little and many rows move
+        it far; on data where the leaves do not differ the pull is huge and the result is the
+        global model. Parameters the rows do not identify (an absent class, a constant
+        feature) stay at the global value. Returns a :class:`LeafModel` whose covariance is
+        the sandwich of the rows plus the global model's uncertainty carried by the pull.
+        """
+        Xe = self.encode(X)
+        codes = self.target_.encode(y, what="y")
+        if codes.shape[0] != Xe.shape[0]:
+            raise DataError(f"adapt got {Xe.shape[0]:,} rows of X and {codes.shape[0]:,} "
+                            "labels; give one label per row.")
+        if Xe.shape[0] < 1:
+            raise DataError("adapt needs at least one labelled row.")
+        w = None
+        if sample_weight is not None:
+            w = np.asarray(sample_weight, dtype=float).reshape(-1)
+            if w.shape[0] != Xe.shape[0] or not np.all(np.isfinite(w)) or np.any(w < 0) \
+                    or not w.sum() > 0:
+                raise DataError("sample_weight must hold one finite, non-negative weight per "
+                                "row, not all zero.")
+        std = self.partition_.standardizer
+        Xs = np.ascontiguousarray(std.transform(Xe))
+        est, cov = adapt_rows(Xs, codes, w, self.meta_state_, self._pooled_cov_std(),
+                              self.classes_.shape[0])
+        params, cov = std.to_raw_model(est, cov)
+        return LeafModel.of(-1, self.schema_, self.target_, params, cov,
+                            "Model adapted to new rows",
+                            {"Rows": f"{Xe.shape[0]:,}",
+                             "Pull (pseudo-rows)": f"{self.meta_state_.adapt_rho:.4g}"})
+
+    @property
+    def adapt_pull_(self) -> float:
+        """The pull (pseudo-rows) ``adapt`` uses toward the meta-learned global model."""
+        return float(self.meta_state_.adapt_rho)
+
+    def _pooled_cov_std(self) -> np.ndarray:
+        """The global model's covariance in the standardised coordinates."""
+        p = self.schema_.n_features
+        T = self.partition_.standardizer.jacobian(self.cov_.shape[0] - p)
+        Tinv = np.linalg.inv(T)
+        return Tinv @ self.cov_ @ Tinv.T
+
+    # ---- streams ------------------------------------------------------------------------------
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
+        """Update the model with a labelled batch, watching each leaf for drift.
+
+        On a model not fitted yet, the first batch fits it. ``classes`` (as scikit-learn passes
+        it) must then be the levels of the labels if given. A bad batch (other columns, an
+        unknown label, no rows) raises before anything changes, and an error while reacting to
+        drift restores the model as it was before the batch. What happens to a batch is
+        :class:`fedgrain.monitor.stream.DriftMonitor`'s. Returns ``self``.
+        """
+        if not hasattr(self, "coef_"):
+            self.fit(X, y, sample_weight=sample_weight)
+            if classes is not None and not np.array_equal(np.asarray(classes),
+                                                          self.classes_):
+                raise DataError(f"classes={list(classes)} differs from the levels of the labels "
+                                f"{list(self.classes_)}; give levels=[...] for their order.")
+            return self
+        Xe = self.encode(X)
+        if Xe.shape[0] == 0:
+            raise DataError("The batch is empty; pass at least one row.")
+        codes = self.target_.encode(y, what="y")
+        if codes.shape[0] != Xe.shape[0]:
+            raise DataError(f"The batch has {Xe.shape[0]:,} rows of X and {codes.shape[0]:,} "
+                            "labels; give one label per row.")
+        if sample_weight is not None:
+            raise DataError("partial_fit takes unweighted rows; repeat rows instead of "
+                            "weighting them.")
+        leaf = self._route(Xe)  # raises if the partition changed
+        saved = self._snapshot()
+        try:
+            DriftMonitor(self).take_batch(Xe, codes, leaf)
+        except BaseException:
+            self.__dict__.update(saved)
+            raise
+        return self
+
+    def _snapshot(self) -> dict:
+        """What a batch may change, copied, to restore if reacting to it fails."""
+        out = copy.copy(self.__dict__)
+        out["partition_"] = copy.deepcopy(self.partition_)
+        out["profile_"] = copy.deepcopy(self.profile_)
+        out["events_"] = list(self.events_)
+        out["stream_"] = copy.deepcopy(self.stream_)
+        return out
+
+    def _fit_rows(self, X: np.ndarray, codes: np.ndarray, seed: int):
+        """A leaf model fitted on these rows (a streaming refit): raw parameters, covariance,
+        filled-in names (:func:`fedgrain.federation.personalise.fit_leaf_rows`)."""
+        return fit_leaf_rows(X, codes, self.partition_.standardizer,
+                             self._engine_settings(self.classes_.shape[0]).local,
+                             self.meta_state_, self._pooled_cov_std(), self.meta,
+                             parameter_names(self.schema_.output_names, self.target_.classes),
+                             seed)
+
+    def _replace_leaves(self, models: dict, rows_seen: int) -> None:
+        """Leaf models in the tree's current leaf order: ``models`` (``nid: (params, cov,
+        notes)``) for new or changed leaves, the current ones for the rest; the global model
+        with the replaced leaves' information swapped for the new ones'."""
+        old = self._leaves
+        leaves = self.partition_.leaves
+        removed = [(old.params[i], old.covs[i]) for i, n in enumerate(old.ids)
+                   if n not in leaves or n in models]
+        added = [m[:2] for m in models.values()]
+        self._set_leaves(old.replace(leaves, models))
+        self.n_leaves_ = len(leaves)
+        self._repool(removed, added)
+        self.effective_granularity_ = self._effective_granularity(rows_seen)
+
+    def _repool(self, removed: list, added: list) -> None:
+        """The global model after leaf models were replaced: its information less the old
+        models' plus the new ones' (inverse-variance, no refinement round: the old rows are
+        gone). Nothing changes when nothing was replaced."""
+        if not removed and not added:
+            return
+        params, cov = pooling.replace_in_pool(self.results_.params, self.cov_, removed, added)
+        p = self.schema_.n_features
+        params[p:] = monotonise(params[p:], np.diag(cov)[p:])
+        fit = self.global_model_.pooled_fit_.with_model(
+            params, cov, GLOBAL_TITLE + " (leaves replaced after drift)")
+        self._set_fitted(self.schema_, self.target_, params, cov, fit.results)
+        self.global_model_ = GlobalModel.of(self.schema_, self.target_, fit)
+
+    def _stream_min_size(self) -> int:
+        return int(self.min_subset_size or MIN_LEAF_ROWS_PER_PARAM * self.cov_.shape[0])
+
+    def _effective_granularity(self, rows_seen: int) -> float:
+        regions = np.unique(self.partition_.region_of()).shape[0]
+        rows = int(self.partition_.nodes[0].n_rows) + rows_seen
+        scale = np.log(max(rows / self._stream_min_size(), 2.0))
+        return float(np.clip(np.log(regions) / scale, 0.0, 1.0))
+
     # ---- persistence ------------------------------------------------------------------------
     def _extra_state(self):
         g_meta, g_arrays = self.global_model_._extra_state()
-        meta = {"tree": self.partition_.to_dict(), "profile": self.profile_.to_dict(),
-                "schedule": self.schedule_.to_dict(), "global": g_meta,
-                "leaf_notes": self._leaf_notes, "timings": dict(self.timings_),
-                "effective_granularity": float(self.effective_granularity_),
-                "history": self.history_, "events": self.events_,
-                "meta_rho": None if not np.isfinite(self._meta_state["rho"])
-                else float(self._meta_state["rho"]),
-                "adapt_rho": float(self._meta_state["adapt_rho"])}
-        meta["stream"], stream_arrays = self._stream_extra()
-        arrays = {**stream_arrays,
-                  "meta_theta": self._meta_state["theta"], "meta_P": self._meta_state["P"],
+        m_meta, m_arrays = self.meta_state_.to_dict()
+        s_meta, s_arrays = (None, {}) if self.stream_ is None else self.stream_.to_dict()
+        meta_ = {"tree": self.partition_.to_dict(), "profile": self.profile_.to_dict(),
+                 "schedule": self.schedule_.to_dict(), "global": g_meta,
+                 "leaf_notes": self._leaves.notes, "timings": dict(self.timings_),
+                 "effective_granularity": float(self.effective_granularity_),
+                 "history": self.history_, "events": self.events_, **m_meta,
+                 "stream": s_meta}
+        arrays = {**s_arrays, **m_arrays,
                   "meta_params": self.meta_model_.results_.params,
                   "meta_cov": self.meta_model_.cov_,
-                  "leaf_params": self._leaf_params,
-                  "leaf_cov": np.array([m.cov_ for m in self.local_models_]),
+                  "leaf_params": self._leaves.params, "leaf_cov": self._leaves.covs,
                   **{f"global_{k}": v for k, v in g_arrays.items()}}
-        return meta, arrays
+        return meta_, arrays
 
-    def _restore_extra(self, meta, arrays):
-        self.partition_ = PartitionTree.from_dict(meta["tree"])
-        self.profile_ = DataProfile.from_dict(meta["profile"])
-        self.schedule_ = Schedule.from_dict(meta["schedule"])
+    def _restore_extra(self, meta_, arrays):
+        self.partition_ = PartitionTree.from_dict(meta_["tree"])
+        self.profile_ = DataProfile.from_dict(meta_["profile"])
+        self.schedule_ = Schedule.from_dict(meta_["schedule"])
         self.n_leaves_ = self.partition_.n_leaves
-        gm = self._global_estimator()
+        gm = GlobalModel()
         gm._set_fitted(self.schema_, self.target_, self.results_.params, self.cov_,
                        self.results_)
-        gm._restore_extra(meta["global"], {k[len("global_"):]: v for k, v in arrays.items()
-                                           if k.startswith("global_")})
+        gm._restore_extra(meta_["global"], {k[len("global_"):]: v for k, v in arrays.items()
+                                            if k.startswith("global_")})
         self.global_model_ = gm
         self.n_iter_ = gm.n_iter_
-        self.timings_ = dict(meta["timings"])
-        self.effective_granularity_ = float(meta["effective_granularity"])
-        self.history_, self.events_ = list(meta["history"]), list(meta["events"])
-        rho = np.inf if meta["meta_rho"] is None else float(meta["meta_rho"])
-        self._meta_state = {"theta": arrays["meta_theta"], "rho": rho,
-                            "adapt_rho": float(meta["adapt_rho"]), "P": arrays["meta_P"]}
-        self.meta_model_ = self._leaf_model(-1, arrays["meta_params"], arrays["meta_cov"],
-                                            "Pooled global model" if self.meta == "none" else
-                                            f"Meta-learned global model ({self.meta})", {})
+        self.timings_ = dict(meta_["timings"])
+        self.effective_granularity_ = float(meta_["effective_granularity"])
+        self.history_, self.events_ = list(meta_["history"]), list(meta_["events"])
+        self.meta_state_ = MetaState.from_dict(meta_, arrays)
+        self.meta_model_ = LeafModel.of(-1, self.schema_, self.target_, arrays["meta_params"],
+                                        arrays["meta_cov"], "Pooled global model"
+                                        if self.meta == "none" else
+                                        f"Meta-learned global model ({self.meta})", {})
         L, d = self.n_leaves_, self.results_.params.shape[0]
         if arrays["leaf_params"].shape != (L, d) or arrays["leaf_cov"].shape != (L, d, d):
             raise ValueError("the leaf arrays do not match the partition")
-        self._set_leaf_models(arrays["leaf_params"], arrays["leaf_cov"], meta["leaf_notes"])
-        self._restore_stream(meta.get("stream"), arrays)
+        self._set_leaves(LeafTable(list(self.partition_.leaves), arrays["leaf_params"],
+                                   arrays["leaf_cov"], meta_["leaf_notes"]))
+        self.stream_ = None
+        if meta_.get("stream") is not None:
+            self.stream_ = DriftMonitor.new_state(self)
+            self.stream_.load(meta_["stream"], arrays)
 
 
 class _Clock:

@@ -18,10 +18,13 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ..backends import Backend
+from ..backends import BACKENDS, Backend
+from ..backends.processes import resolve_n_jobs
 from ..core.likelihood import class_proba, cumulative_proba
 from ..data import FeatureSchema, TargetEncoding, prepare_predict
 from ..exceptions import ModelFileError, ParameterError
+from ..federation.engine import EngineSettings
+from ..inference.local import DEBIAS, VARIANCES, LocalSettings
 from ..inference.results import OrdinalResults
 from ..persist import read_model_dir, write_model_dir
 
@@ -56,13 +59,15 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
     """Prediction, inference and persistence shared by the ordinal estimators."""
 
     # ---- prediction ------------------------------------------------------------------------
-    def _encode(self, X) -> np.ndarray:
+    def encode(self, X) -> np.ndarray:
+        """The numeric feature matrix the model sees for ``X`` (checked like the data at
+        fit, categorical columns one-hot encoded, columns in the order of ``coef_``)."""
         check_is_fitted(self, "coef_")
         return prepare_predict(X, self.schema_, estimator_name=type(self).__name__)
 
     def predict_linear(self, X) -> np.ndarray:
         """The latent linear predictor ``x @ coef_`` (higher means higher classes)."""
-        return self._encode(X) @ self.coef_
+        return self.encode(X) @ self.coef_
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities, shape ``(n, K)``, columns in the order of ``classes_``."""
@@ -82,7 +87,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
 
         Returns ``(proba, lower, upper)``, each of shape ``(n, K)``.
         """
-        return self.results_.predict_proba_ci(self._encode(X), alpha)
+        return self.results_.predict_proba_ci(self.encode(X), alpha)
 
     def summary(self, alpha: float = 0.05):
         """Shortcut for ``results_.summary(alpha)``."""
@@ -119,11 +124,55 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         self.results_ = results
 
     def _validate_solver(self, owner: str) -> None:
-        """Checks of the solver parameters both estimators have."""
+        """Checks of the solver parameters every estimator has."""
         if not is_int(self.max_iter) or self.max_iter < 1:
             raise param_error(owner, "max_iter", "an int >= 1", self.max_iter)
         if not is_real(self.tol) or not self.tol > 0:
             raise param_error(owner, "tol", "a float > 0", self.tol)
+
+    def _validate_engine(self) -> None:
+        """Checks of the parameters the divide-and-conquer engine takes (both federated
+        estimators have them)."""
+        owner = type(self).__name__
+        a = self.alpha
+        if not ((isinstance(a, str) and a in ("rate", "cv", "bic"))
+                or (is_real(a) and np.isfinite(a) and a >= 0)):
+            raise param_error(owner, "alpha", "'rate', 'cv', 'bic' or a float >= 0", a)
+        if self.variance not in VARIANCES:
+            raise param_error(owner, "variance", "'cluster', 'sandwich' or 'model'",
+                              self.variance)
+        if not (isinstance(self.backend, Backend) or self.backend in BACKENDS):
+            raise param_error(owner, "backend", f"one of {BACKENDS} or a Backend instance",
+                              self.backend)
+        if self.n_jobs is not None and (not is_int(self.n_jobs) or self.n_jobs == 0):
+            raise param_error(owner, "n_jobs", "a non-zero int or None", self.n_jobs)
+        if not is_int(self.refine_rounds) or self.refine_rounds < 0:
+            raise param_error(owner, "refine_rounds", "an int >= 0", self.refine_rounds)
+        if self.debias not in DEBIAS:
+            raise param_error(owner, "debias", "'auto', 'inverse' or 'nodewise'", self.debias)
+        if not is_real(self.ridge) or not self.ridge >= 0:
+            raise param_error(owner, "ridge", "a float >= 0", self.ridge)
+        if not isinstance(self.penalize_thresholds, (bool, np.bool_)):
+            raise param_error(owner, "penalize_thresholds", "a bool", self.penalize_thresholds)
+        if not is_int(self.cv_folds) or self.cv_folds < 2:
+            raise param_error(owner, "cv_folds", "an int >= 2", self.cv_folds)
+        self._validate_solver(owner)
+
+    def _engine_settings(self, n_classes: int) -> EngineSettings:
+        """The engine's settings from this estimator's parameters."""
+        return EngineSettings(
+            LocalSettings(n_classes=n_classes, alpha=self.alpha, variance=self.variance,
+                          debias=self.debias, ridge=float(self.ridge),
+                          penalize_thresholds=bool(self.penalize_thresholds),
+                          cv_folds=self.cv_folds, max_iter=self.max_iter, tol=float(self.tol)),
+            refine_rounds=int(self.refine_rounds), alpha=self.alpha)
+
+    def _n_workers(self, backend: Backend) -> int:
+        """Workers for the default number of subsets: those of ``n_jobs`` (or the CPUs) for the
+        built-in backends, serial included, so the default model does not depend on the
+        backend chosen; a backend instance's own."""
+        return (backend.n_workers if isinstance(self.backend, Backend)
+                else resolve_n_jobs(self.n_jobs))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

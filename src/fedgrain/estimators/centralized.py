@@ -6,8 +6,9 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
 from .._warnings import warn
+from ..core.blocks import block_rows
 from ..core.likelihood import Pass, exact_pass, initial_thresholds
-from ..core.linalg import NotIdentifiedError, inverse
+from ..core.linalg import NotIdentifiedError, inverse, unidentified_directions
 from ..core.solvers import newton, runaway, warm_start
 from ..core.standardize import Standardizer, column_moments
 from ..data import prepare_fit
@@ -119,14 +120,12 @@ class OrdinalRegression(OrdinalModel):
             J = oracle(res.x, order=0, meat=True).meat if self.variance == "sandwich" else None
         names = data.schema.output_names
         labels = parameter_names(names, data.target.classes)
-        self._check(res, np.where(scales > 0, scales, 1.0), labels)
+        unit = np.where(scales > 0, scales, 1.0)
+        self._check(res, unit, labels, lambda: _collinear_columns(Xm, w, means, unit))
         try:
             cov = inverse(res.hess)
         except NotIdentifiedError as exc:
-            raise DataError(
-                f"The data do not identify {', '.join(repr(labels[j]) for j in exc.indices)}: "
-                "the columns are linearly dependent (collinear); drop one of them."
-            ) from None
+            raise _collinear_error(labels, exc.indices) from None
         if J is not None:
             cov = cov @ J @ cov
         params, cov = Standardizer(means, np.ones(p)).to_raw(res.x, 0.5 * (cov + cov.T))
@@ -148,16 +147,25 @@ class OrdinalRegression(OrdinalModel):
         self._set_fitted(data.schema, data.target, params, cov, results)
         return self
 
-    def _check(self, res, scales: np.ndarray, labels: list[str]) -> None:
-        """Separation is an error; running out of iterations a warning.
+    def _check(self, res, scales: np.ndarray, labels: list[str], collinear) -> None:
+        """Collinear columns and separation are errors; running out of iterations a warning.
 
         Newton's last step is judged in standardised units (slopes times the features' standard
         deviations; the centred thresholds as they are), where one unit means the same whatever
-        the data's scale.
+        the data's scale. A step that keeps moving means separation only when the Hessian is
+        regular: along a linear dependence of the columns it is singular, and the step there
+        is rounding noise of any size. So whenever the fit did not settle, ``collinear()`` (the
+        features in a dependence of the design, :func:`_collinear_columns`) is asked first:
+        collinearity is a property of the columns alone, separation one of the columns and the
+        labels.
         """
+        step = res.step * np.concatenate([scales, np.ones(len(labels) - scales.size)])
+        moving = np.flatnonzero(runaway(step) | ~np.isfinite(step))
+        if not res.converged or res.diverged or moving.size:
+            dependent = collinear()
+            if dependent.size:
+                raise _collinear_error(labels, dependent)
         if res.converged or res.diverged:
-            step = res.step * np.concatenate([scales, np.ones(len(labels) - scales.size)])
-            moving = np.flatnonzero(runaway(step) | ~np.isfinite(step))
             if moving.size or res.diverged:
                 raise SeparationError(
                     "The classes are (quasi-)separated: the maximum likelihood estimate does "
@@ -175,6 +183,31 @@ class OrdinalRegression(OrdinalModel):
     def _restore_extra(self, meta, arrays):
         self.loglik_ = meta["loglik"]
         self.n_iter_ = meta["n_iter"]
+
+
+def _collinear_columns(X: np.ndarray, w: np.ndarray | None, means: np.ndarray,
+                      scales: np.ndarray) -> np.ndarray:
+    """Indices of the columns of ``X`` in a linear dependence (up to a constant), if any.
+
+    The thresholds act as intercepts, so the columns are centred at ``means`` and scaled by
+    ``scales`` first; a dependence is a numerically zero-information direction of their
+    weighted Gram matrix (:func:`fedgrain.core.linalg.unidentified_directions`). One pass over
+    the rows, in blocks; it depends on ``X`` and the weights only, never on the labels.
+    """
+    p = X.shape[1]
+    G = np.zeros((p, p))
+    block = block_rows(p)
+    for a in range(0, X.shape[0], block):
+        Z = (X[a : a + block] - means) / scales
+        G += (Z if w is None else Z * w[a : a + block, None]).T @ Z
+    return unidentified_directions(G)
+
+
+def _collinear_error(labels: list[str], indices) -> DataError:
+    return DataError(
+        f"The data do not identify {', '.join(repr(labels[j]) for j in indices)}: "
+        "the columns are linearly dependent (collinear); drop one of them."
+    )
 
 
 def _exact_oracle(X, y, w, ridge, shift=None):

@@ -1,4 +1,4 @@
-"""The federated meta-learner (design.md 7): a global model that the leaves adapt from quickly.
+"""The federated meta-learner: a global model that the leaves adapt from quickly.
 
 The loop is a short template, in the spirit of Flower's strategies: broadcast the global
 parameters ``theta``; on every leaf, *adapt* them to the leaf's training part and score the
@@ -15,7 +15,8 @@ starts at the empirical-Bayes value of the leaves' spread around ``theta``
 (:func:`empirical_pull`) and is learned from validation loss: every round each leaf also scores
 the adaptation at ``rho`` times (1/4, 1/2, 2, 4) and at infinity (no adaptation), and the next
 round uses the best (the largest pull among near-ties, so a flat loss does not drift toward no
-pull at all). Strategies:
+pull at all). Strategies (:mod:`fedgrain.federation.strategies`, looked up by name; the loop
+knows none of them):
 
 - ``"fomaml"``: first-order MAML; the meta-gradient is the validation gradient at the adapted
   parameters, summed over leaves and preconditioned by all their information (training and
@@ -42,15 +43,17 @@ from ..core.likelihood import Pass, class_proba, composite_pass
 from ..core.linalg import solve_psd
 from ..core.solvers import newton
 from ..exceptions import SubsetError
+from .strategies import RHO_MIN, STRATEGIES, Adapted, Strategy, get_strategy
 
-METHODS = ("fomaml", "reptile", "fedavg", "fedprox")
+#: The strategies' names, in the registry's order (built-in ones: FO-MAML, Reptile, FedAvg,
+#: FedProx).
+METHODS = tuple(STRATEGIES)
 #: Multiples of the current pull scored every round (plus no adaptation at all).
 RHO_STEPS = (0.25, 0.5, 1.0, 2.0, 4.0)
 #: Pulls within this relative validation loss of the best count as equally good; the largest
 #: of them is taken (on a flat loss, the most shrinkage: no drift toward no pull at all).
 RHO_TIE = 1e-4
-#: The range of pulls, in pseudo-rows. FedAvg adapts at the smallest.
-RHO_MIN = 1.0
+#: The largest pull, in pseudo-rows (the smallest, ``RHO_MIN``, is FedAvg's).
 RHO_MAX = 1e9
 #: Newton steps at most for a model that is kept (the personalised leaves, ``adapt``): the
 #: penalised fit to convergence, where a round's adaptation takes ``inner_steps``.
@@ -66,19 +69,6 @@ class MetaSettings:
     n_classes: int
     inner_steps: int = 3
     validation_fraction: float = 0.2
-
-
-@dataclass(frozen=True)
-class Adapted:
-    """What a leaf sends back in a round: about ``d + 2 d^2`` numbers."""
-
-    val_loss: np.ndarray  # summed validation log-loss, one per pull scored
-    n_val: float
-    n_train: float
-    params: np.ndarray  # adapted at the round's pull
-    train_hess: np.ndarray  # the training part's Hessian there (its information)
-    grad: np.ndarray | None  # FO-MAML: gradient of the validation composite loss there
-    hess: np.ndarray | None  # FO-MAML: its Hessian there
 
 
 @dataclass
@@ -111,10 +101,10 @@ def free_coordinates(X, y, w, n_classes: int) -> np.ndarray:
     threshold would otherwise run off toward infinity, limited only by the pull).
     """
     from ..core.standardize import column_moments
-    from ..inference.local import _two_sided
+    from ..inference.local import two_sided
 
     _, scale = column_moments(X, w)
-    return np.concatenate([scale > 1e-10, _two_sided(y, w, n_classes)])
+    return np.concatenate([scale > 1e-10, two_sided(y, w, n_classes)])
 
 
 def adapt_params(X, y, w, theta, rho, P, steps: int, p: int,
@@ -184,7 +174,7 @@ def adapt_task(task: dict) -> Adapted:
         if adapted is None:
             adapted = adapt_params(X, y, w_tr, theta, task["rho"], P, s.inner_steps, p, free)
         grad = hess = None
-        if s.method == "fomaml":  # the meta-gradient: only FO-MAML needs it
+        if task["meta_gradient"]:  # the validation gradient and Hessian, if the strategy asks
             V = composite_pass(X, y, w_val, adapted[0][:p], adapted[0][p:], loss=False,
                                order=2)
             grad, hess = V.grad, V.hess
@@ -262,97 +252,126 @@ def payload_bytes(obj) -> int:
 def run(backend: Backend, refs, bundles, settings: MetaSettings, theta0: np.ndarray,
         P: np.ndarray, seeds: list[int], leaf_ids: list[int], *, rho0: float,
         max_rounds: int, tol: float, fedprox_rho: float, work: float) -> MetaResult:
-    """The meta-learning loop over placed leaves (see the module docstring)."""
-    method = settings.method
-    with progress.step(f"meta-learning ({method})", max_rounds, "rounds"):
-        return _rounds(backend, refs, bundles, settings, theta0, P, seeds, leaf_ids,
+    """The meta-learning loop over placed leaves (see the module docstring).
+
+    ``settings.method`` names the strategy; an unknown name is a
+    :class:`~fedgrain.exceptions.ParameterError` that lists the known ones.
+    """
+    strategy = get_strategy(settings.method)
+    with progress.step(f"meta-learning ({strategy.name})", max_rounds, "rounds"):
+        return _rounds(backend, refs, bundles, settings, strategy, theta0, P, seeds, leaf_ids,
                        rho0=rho0, max_rounds=max_rounds, tol=tol, fedprox_rho=fedprox_rho,
                        work=work)
 
 
-def _rounds(backend: Backend, refs, bundles, settings: MetaSettings, theta0: np.ndarray,
-            P: np.ndarray, seeds: list[int], leaf_ids: list[int], *, rho0: float,
-            max_rounds: int, tol: float, fedprox_rho: float, work: float) -> MetaResult:
-    method = settings.method
-    d = theta0.shape[0]
-    learned = method in ("fomaml", "reptile")
-    theta = theta0.copy()
-    rho = {"fedavg": RHO_MIN, "fedprox": float(fedprox_rho)}.get(method, float(rho0))
+def _rounds(backend: Backend, refs, bundles, settings: MetaSettings, strategy: Strategy,
+            theta0: np.ndarray, P: np.ndarray, seeds: list[int], leaf_ids: list[int], *,
+            rho0: float, max_rounds: int, tol: float, fedprox_rho: float,
+            work: float) -> MetaResult:
+    """The rounds of :func:`run`, until one does not improve or ``max_rounds``."""
+    theta, rho = theta0.copy(), strategy.start_pull(rho0, fedprox_rho)
     out = MetaResult(theta0.copy(), np.inf)
     best = np.inf
     for r in range(1, max_rounds + 1):
         t0 = time.perf_counter()
-        grid = ([rho * m for m in RHO_STEPS] if learned else [rho]) + [np.inf]
-        tasks = [{"shard": ref, "settings": settings, "seed": s, "theta": theta, "P": P,
-                  "rho": rho, "grid": grid} for ref, s in zip(refs, seeds, strict=True)]
+        grid = pull_grid(strategy, rho)
+        tasks = _round_tasks(refs, seeds, settings, strategy, theta, P, rho, grid)
         outcomes = backend.map_bundles(adapt_task, tasks, bundles, work=work)
-        ok = [o for o in outcomes if o.ok]
-        failed = [o for o in outcomes if not o.ok]
-        for o in failed:
-            out.events.append({"round": r, "leaf": int(leaf_ids[o.index]),
-                               "kind": "leaf failed", "error": f"{o.error_type}: {o.error}"})
-        if not ok:
-            first = outcomes[0]
-            raise SubsetError(f"Every leaf failed in meta round {r}: {first.error_type}: "
-                              f"{first.error}", first.traceback)
-        n_val = sum(o.value.n_val for o in ok)
-        losses = sum(o.value.val_loss for o in ok) / n_val
-        # what would be deployed this round: the personalised models at the best pull (the
-        # largest within RHO_TIE of the best), or the global model (FedAvg, FedProx)
-        if learned:
-            near = np.flatnonzero(losses <= losses.min() * (1 + RHO_TIE))
-            pick = int(max(near, key=lambda i: grid[i]))
-        else:
-            pick = len(grid) - 1
-        round_loss = float(losses[pick])
-        n_tr = np.array([o.value.n_train for o in ok])
-        # what the round moves: each task's numbers without its shard handle (the rows stay
-        # where they were placed), and each leaf's answer
-        moved = sum(payload_bytes({k: v for k, v in t.items() if k != "shard"})
-                    for t in tasks) + sum(payload_bytes(o.value) for o in ok)
-        out.history.append({
-            "round": r, "val_loss": round_loss, "no_adaptation_loss": float(losses[-1]),
-            "rho": float(grid[pick]) if np.isfinite(grid[pick]) else None,
-            "leaf_val_loss": {str(leaf_ids[o.index]): float(o.value.val_loss[pick] /
-                                                            max(o.value.n_val, 1e-300))
-                              for o in ok},
-            "strength": {str(leaf_ids[o.index]): float(o.value.n_train / (o.value.n_train +
-                                                                          grid[pick]))
-                         for o in ok},
-            "leaves_failed": [int(leaf_ids[o.index]) for o in failed],
-            "bytes": int(moved),
-            "seconds": 0.0,
-        })
+        ok, failed = _accept(outcomes, r, leaf_ids, out.events)
+        answers = [o.value for o in ok]
+        losses = sum(a.val_loss for a in answers) / sum(a.n_val for a in answers)
+        pick = choose_pull(strategy, losses, grid)
+        out.history.append(_history_entry(r, losses, grid, pick, tasks, ok, failed, leaf_ids))
         # A round with failures is not comparable with the others (other leaves): it neither
         # becomes the best nor stops the loop.
+        round_loss = float(losses[pick])
         improved = not failed and (not np.isfinite(best) or round_loss < best * (1 - tol))
         if improved:
             best = round_loss
             out.theta, out.rho = theta.copy(), float(grid[pick])
-        # the next round's parameters
-        if method == "fomaml":
-            # the validation gradient at the adapted parameters, preconditioned by all the
-            # leaves' information (training and validation parts): a damped step, not a jump
-            # to the validation rows' own optimum
-            g = sum(o.value.grad for o in ok)
-            H = sum(o.value.hess + o.value.train_hess for o in ok)
-            theta = theta - solve_psd(H + 1e-8 * np.trace(H) / d * np.eye(d), g)
-        elif method == "reptile":  # the adapted parameters' information-weighted mean
-            H = sum(o.value.train_hess for o in ok)
-            Hs = H + 1e-8 * np.trace(H) / d * np.eye(d)
-            theta = solve_psd(Hs, sum(o.value.train_hess @ o.value.params for o in ok)
-                              + 1e-8 * np.trace(H) / d * theta)
-        else:  # FedAvg, FedProx: the rows-weighted mean of the local steps
-            theta = sum(n * o.value.params for n, o in zip(n_tr, ok, strict=True)) / n_tr.sum()
-        if learned and np.isfinite(grid[pick]):
-            rho = float(np.clip(grid[pick], RHO_MIN, RHO_MAX))
+        theta = strategy.update(theta, answers, np.array([a.n_train for a in answers]))
+        rho = _next_pull(strategy, rho, grid[pick])
         out.history[-1]["seconds"] = time.perf_counter() - t0
         progress.advance()
         if not failed and not improved:
             break
-    if method in ("fedavg", "fedprox"):
-        out.rho = np.inf  # their model is the global one
+    if strategy.global_model:
+        out.rho = np.inf  # its model is the global one
     return out
+
+
+def pull_grid(strategy: Strategy, rho: float) -> list[float]:
+    """The pulls a round scores: multiples of ``rho`` (one if the pull is not learned) and
+    infinity (no adaptation), last."""
+    return ([rho * m for m in RHO_STEPS] if strategy.learns_pull else [rho]) + [np.inf]
+
+
+def choose_pull(strategy: Strategy, losses: np.ndarray, grid: list[float]) -> int:
+    """The index in ``grid`` of what the round would deploy.
+
+    A learned pull: the largest pull within :data:`RHO_TIE` of the best validation loss (the
+    personalised models there). Otherwise the global model: the infinite pull, last.
+    """
+    if not strategy.learns_pull:
+        return len(grid) - 1
+    near = np.flatnonzero(losses <= losses.min() * (1 + RHO_TIE))
+    return int(max(near, key=lambda i: grid[i]))
+
+
+def _next_pull(strategy: Strategy, rho: float, picked: float) -> float:
+    """The next round's pull: the picked one (clipped) if learned and finite, else ``rho``."""
+    if strategy.learns_pull and np.isfinite(picked):
+        return float(np.clip(picked, RHO_MIN, RHO_MAX))
+    return rho
+
+
+def _round_tasks(refs, seeds: list[int], settings: MetaSettings, strategy: Strategy,
+                 theta: np.ndarray, P: np.ndarray, rho: float, grid: list[float]) -> list[dict]:
+    """One :func:`adapt_task` input per leaf.
+
+    The strategy's ``meta_gradient`` travels as a flag, so the leaves need not know the
+    registry (a strategy registered at run time works on workers in other processes).
+    """
+    return [{"shard": ref, "settings": settings, "seed": s, "theta": theta, "P": P, "rho": rho,
+             "grid": grid, "meta_gradient": strategy.meta_gradient}
+            for ref, s in zip(refs, seeds, strict=True)]
+
+
+def _accept(outcomes: list, r: int, leaf_ids: list[int], events: list) -> tuple[list, list]:
+    """Split a round's outcomes into answers and failures, recording each failure in
+    ``events``; every leaf failing is a :class:`~fedgrain.exceptions.SubsetError`."""
+    ok = [o for o in outcomes if o.ok]
+    failed = [o for o in outcomes if not o.ok]
+    for o in failed:
+        events.append({"round": r, "leaf": int(leaf_ids[o.index]), "kind": "leaf failed",
+                       "error": f"{o.error_type}: {o.error}"})
+    if not ok:
+        first = outcomes[0]
+        raise SubsetError(f"Every leaf failed in meta round {r}: {first.error_type}: "
+                          f"{first.error}", first.traceback)
+    return ok, failed
+
+
+def _history_entry(r: int, losses: np.ndarray, grid: list[float], pick: int, tasks: list[dict],
+                   ok: list, failed: list, leaf_ids: list[int]) -> dict:
+    """The round's record (``seconds`` is filled in at the end of the round)."""
+    # what the round moves: each task's numbers (not its shard handle, where the rows stay, nor
+    # the strategy's flag), and each leaf's answer
+    moved = sum(payload_bytes({k: v for k, v in t.items() if k not in ("shard", "meta_gradient")})
+                for t in tasks) + sum(payload_bytes(o.value) for o in ok)
+    return {
+        "round": r, "val_loss": float(losses[pick]), "no_adaptation_loss": float(losses[-1]),
+        "rho": float(grid[pick]) if np.isfinite(grid[pick]) else None,
+        "leaf_val_loss": {str(leaf_ids[o.index]): float(o.value.val_loss[pick] /
+                                                        max(o.value.n_val, 1e-300))
+                          for o in ok},
+        "strength": {str(leaf_ids[o.index]): float(o.value.n_train / (o.value.n_train +
+                                                                      grid[pick]))
+                     for o in ok},
+        "leaves_failed": [int(leaf_ids[o.index]) for o in failed],
+        "bytes": int(moved),
+        "seconds": 0.0,
+    }
 
 
 def personalise(backend: Backend, refs, bundles, settings: MetaSettings, result: MetaResult,

@@ -1,4 +1,6 @@
-"""One subset: L1 cumulative-logit fit, de-biasing and robust variance (method.md 2-3).
+"""One subset: L1 cumulative-logit fit, de-biasing and robust variance.
+
+The statistics are described in docs/method.md, "One subset".
 
 Everything here is a pure function of (shard, settings, seed), so every backend gives the same
 numbers. A shard's features are already standardised with the *global* mean and scale (see
@@ -98,8 +100,9 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
-class _Problem:
-    """A subset's data with the identified coordinates, and an oracle over them."""
+class Problem:
+    """A subset's data with the identified coordinates, and an oracle over them
+    (built by :func:`identified_problem`)."""
 
     X: np.ndarray
     y: np.ndarray
@@ -212,44 +215,49 @@ class _Centring:
                        hess=Binv.T @ res.hess @ Binv, step=self.to_global(res.step))
 
 
-def _two_sided(y: np.ndarray, w: np.ndarray | None, n_classes: int) -> np.ndarray:
+def two_sided(y: np.ndarray, w: np.ndarray | None, n_classes: int) -> np.ndarray:
     """For each threshold, whether rows (of positive weight) lie on both sides of it."""
     counts = np.bincount(y if w is None else y[w > 0], minlength=n_classes)
     below = np.cumsum(counts)[:-1]
     return (below > 0) & (below < counts.sum())
 
 
-def _problem(X, y, w, n_classes: int):
-    """The subset's problem over the coordinates it identifies, its column means and scales."""
+def identified_problem(X, y, w, n_classes: int) -> tuple[Problem, np.ndarray, np.ndarray, list]:
+    """The rows' problem over the coordinates they identify: ``(problem, means, scales, notes)``.
+
+    A feature is identified when it varies in the rows (scale above ``1e-10``), a threshold
+    when rows lie on both sides of it (:func:`two_sided`); ``notes`` name the others
+    (``"feature:j"``, ``"threshold:k"``), ``means`` and ``scales`` are the columns' moments.
+    """
     p = X.shape[1]
     notes = []
-    th_ok = _two_sided(y, w, n_classes)
+    th_ok = two_sided(y, w, n_classes)
     notes += [f"threshold:{k}" for k in np.flatnonzero(~th_ok)]
     means, scales = column_moments(X, w)
     f_ok = scales > 1e-10
     notes += [f"feature:{j}" for j in np.flatnonzero(~f_ok)]
-    prob = _Problem(X, y, w, p, n_classes - 1, np.flatnonzero(f_ok), np.flatnonzero(th_ok))
+    prob = Problem(X, y, w, p, n_classes - 1, np.flatnonzero(f_ok), np.flatnonzero(th_ok))
     return prob, means, scales, notes
 
 
-def _start(prob: _Problem) -> np.ndarray:
+def _start(prob: Problem) -> np.ndarray:
     """Slopes zero and thresholds at the logits of the cumulative class shares."""
     theta = initial_thresholds(prob.y, prob.w, prob.n_thresholds + 1)
     return np.concatenate([np.zeros(prob.features.shape[0]), theta[prob.thresholds]])
 
 
-def _subsample(prob: _Problem, rows: np.ndarray):
+def _subsample(prob: Problem, rows: np.ndarray):
     """The subsample's oracle, or None when it misses a side of an identified threshold."""
     ys = prob.y[rows]
     ws = None if prob.w is None else prob.w[rows]
-    if not _two_sided(ys, ws, prob.n_thresholds + 1)[prob.thresholds].all():
+    if not two_sided(ys, ws, prob.n_thresholds + 1)[prob.thresholds].all():
         return None
-    sub = _Problem(np.ascontiguousarray(prob.X[rows]), ys, ws, prob.n_features,
+    sub = Problem(np.ascontiguousarray(prob.X[rows]), ys, ws, prob.n_features,
                    prob.n_thresholds, prob.features, prob.thresholds)
     return sub.oracle(), float(rows.size if ws is None else ws.sum())
 
 
-def _lambda_max(prob: _Problem, pen: np.ndarray, n_eff: float) -> float:
+def _lambda_max(prob: Problem, pen: np.ndarray, n_eff: float) -> float:
     """Smallest lambda at which every penalised slope is zero."""
     x0 = _start(prob)
     g = prob.oracle()(x0, loss=False, order=1).grad / n_eff
@@ -383,7 +391,7 @@ def fit_local(
     -------
     LocalFit
     """
-    prob, means, scales, notes = _problem(X, y, w, settings.n_classes)
+    prob, means, scales, notes = identified_problem(X, y, w, settings.n_classes)
     n_eff = float(y.shape[0] if w is None else w.sum())
     pen = np.concatenate(
         [scales[prob.features],
@@ -432,7 +440,7 @@ def fit_local(
                     edges=_edges(prob, est), **common)
 
 
-def _edges(prob: _Problem, est: np.ndarray) -> np.ndarray | None:
+def _edges(prob: Problem, est: np.ndarray) -> np.ndarray | None:
     """Where the subset would put thresholds it does not identify, from its own rows.
 
     A threshold with every row below it (the top classes never occur here) has no finite
@@ -475,7 +483,8 @@ def evaluate_local(
 ) -> Evaluation:
     """Score (of the log-likelihood), Hessian and meat of the composite loss at ``params``.
 
-    This is the message of the refinement round (method.md 4b): ``d + 2 d^2`` numbers.
+    This is the message of the refinement round (docs/method.md, "Pooling and refinement"):
+    ``d + 2 d^2`` numbers.
     """
     p = X.shape[1]
     P = composite_pass(X, y, w, params[:p], params[p:], loss=False, order=2, meat=meat)

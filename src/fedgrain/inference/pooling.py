@@ -1,4 +1,4 @@
-"""Pooling the subsets' de-biased estimates (method.md 4, 4b, 6).
+"""Pooling the subsets' de-biased estimates (docs/method.md, "Pooling and refinement").
 
 Pure functions of the local results: they never see data. ``pool`` is the patent's one-shot
 combination and ``refine`` the extra round that takes one global Newton step from the pooled
@@ -11,9 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
-from ..core.linalg import NotIdentifiedError, inverse, unidentified_directions
+from ..core.linalg import (
+    NotIdentifiedError,
+    chi2_sf,
+    inverse,
+    solve_psd,
+    unidentified_directions,
+)
 from ..core.linalg import precision as cov_precision
 from .local import Evaluation, LocalFit
 
@@ -37,7 +42,8 @@ class Pooled:
 
 
 def pool(fits: Sequence[LocalFit]) -> Pooled:
-    """Combine the subsets: ``gamma = (sum A'Omega A)^-1 sum A'Omega gamma_m`` (method.md 4, 6).
+    """Combine the subsets: ``gamma = (sum A'Omega A)^-1 sum A'Omega gamma_m`` (docs/method.md,
+    "Pooling and refinement").
 
     ``A`` is each subset's ``design`` (the identity when it identifies every parameter).
 
@@ -72,7 +78,7 @@ def pool(fits: Sequence[LocalFit]) -> Pooled:
         r = f.estimate - f.design @ est
         q += float(r @ om @ r)
     q_df = int(sum(rank for _, rank in pieces) - d)
-    q_p = float(stats.chi2.sf(q, q_df)) if q_df > 0 else float("nan")
+    q_p = chi2_sf(q, q_df) if q_df > 0 else float("nan")  # NaN: nothing to test
     i2 = max(0.0, (q - q_df) / q) if q > 0 and q_df > 0 else 0.0
     return Pooled(est, cov, q, q_df, q_p, i2, fisher)
 
@@ -120,7 +126,8 @@ def marginal_heterogeneity(estimates: np.ndarray, variances: np.ndarray,
 def refine(
     estimate: np.ndarray, evaluations: Sequence[Evaluation], variance: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One global Newton step from the pooled estimate (method.md 4b).
+    """One global Newton step from the pooled estimate (docs/method.md, "Pooling and
+    refinement").
 
     Each subset has sent its score, Hessian and meat at ``estimate``; the step is
     ``estimate + (sum H_m)^-1 sum s_m`` and the covariance the sandwich
@@ -138,3 +145,34 @@ def refine(
     return new, 0.5 * (cov + cov.T)
 
 
+
+
+def information_mean(estimates: Sequence[np.ndarray], covs: Sequence[np.ndarray],
+                     informations: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Estimates pooled by their data's information ``H_m`` (a Hessian, not an inverse
+    variance): ``(sum H)^-1 sum H_m est_m`` with the sandwich covariance
+    ``(sum H)^-1 (sum H_m V_m H_m) (sum H)^-1``.
+
+    The pooling of penalised (personalised) fits, whose covariance is not the inverse of their
+    information; a tiny ridge keeps directions no fit informs finite.
+    """
+    d = estimates[0].shape[0]
+    W = solve_psd(sum(informations) + 1e-8 * np.eye(d), np.eye(d))
+    est = W @ sum(H @ e for H, e in zip(informations, estimates, strict=True))
+    V = W @ sum(H @ C @ H for H, C in zip(informations, covs, strict=True)) @ W
+    return est, 0.5 * (V + V.T)
+
+
+def replace_in_pool(params: np.ndarray, cov: np.ndarray, removed: Sequence[tuple],
+                    added: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """An inverse-variance pool with some members' ``(estimate, cov)`` taken out and others
+    put in: its information less theirs plus the new ones', no refinement round."""
+    info = inverse(cov)
+    rhs = info @ params
+    for sign, members in ((-1.0, removed), (1.0, added)):
+        for est, V in members:
+            om = cov_precision(V)[0]
+            info += sign * om
+            rhs += sign * om @ est
+    new_cov = inverse(info)
+    return new_cov @ rhs, new_cov

@@ -19,6 +19,7 @@ from scipy import stats
 from scipy.special import expit
 
 from ..core.likelihood import class_proba
+from ..core.linalg import chi2_sf, wald
 
 #: Draws used for the max-|Z| simultaneous critical value (fixed seed: deterministic).
 MAXZ_DRAWS = 200_000
@@ -255,11 +256,8 @@ class OrdinalResults:
         qv = np.zeros(Rm.shape[0]) if q is None else np.atleast_1d(np.asarray(q, dtype=float))
         if qv.shape[0] != Rm.shape[0]:
             raise ValueError(f"q must have {Rm.shape[0]} entries; got {qv.shape[0]}")
-        diff = Rm @ self.params - qv
-        M = Rm @ self.cov @ Rm.T
-        stat = float(diff @ np.linalg.lstsq(M, diff, rcond=None)[0])
-        df = int(np.linalg.matrix_rank(M))
-        return WaldTest(stat, df, float(stats.chi2.sf(stat, df)), label)
+        stat, df = wald(Rm @ self.params - qv, Rm @ self.cov @ Rm.T)
+        return WaldTest(stat, df, chi2_sf(stat, df), label)
 
     def simultaneous_conf_int(self, alpha: float = 0.05, method: str = "max-z",
                               params=None) -> np.ndarray:

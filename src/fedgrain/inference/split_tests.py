@@ -6,7 +6,11 @@
 - :func:`split_test`: a robust score test at the parent's quick fit that two candidate children
   share its model (masked sums of the rows' terms, :class:`NodeTerms`, so many candidates cost
   one pass);
-- :func:`heterogeneity`: the Wald ``Q`` between two fitted regions (docs/method.md section 5).
+- :func:`heterogeneity`: the Wald ``Q`` between two fitted regions (docs/method.md, "Adaptive
+  partitions").
+
+Both statistics are :func:`fedgrain.core.linalg.wald` (pseudo-inverse over the informative
+directions, rank as degrees of freedom); their p-values are :func:`fedgrain.core.linalg.chi2_sf`.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import numpy as np
 from scipy import special
 
 from ..core.likelihood import initial_thresholds
-from ..core.solvers import newton, runaway, solve_psd
-from .local import _problem
+from ..core.linalg import solve_psd, wald
+from ..core.solvers import newton, runaway
+from .local import identified_problem
 
 #: Rows a quick fit uses at most.
 QUICK_ROWS = 2_500
@@ -52,7 +57,7 @@ def quick_fit(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, n_classes: int
     if n > QUICK_ROWS:
         rows = np.linspace(0, n - 1, QUICK_ROWS).round().astype(np.intp)
         X, y, w = X[rows], y[rows], None if w is None else w[rows]
-    prob, _, scales, _ = _problem(np.ascontiguousarray(X), y, w, n_classes)
+    prob, _, scales, _ = identified_problem(np.ascontiguousarray(X), y, w, n_classes)
     p = X.shape[1]
     if prob.size == 0 or y.shape[0] < 2 * prob.size:
         return None
@@ -99,11 +104,7 @@ def heterogeneity(a: QuickFit, b: QuickFit, n_features: int) -> tuple[float, int
     if idx.size == 0:
         return 0.0, 0
     diff = a.estimate[idx] - b.estimate[idx]
-    V = a.cov[np.ix_(idx, idx)] + b.cov[np.ix_(idx, idx)]
-    vals, vecs = np.linalg.eigh(0.5 * (V + V.T))
-    keep = vals > 1e-12 * max(vals.max(initial=0.0), 1e-300)
-    z = vecs[:, keep].T @ diff
-    return float(np.sum(z * z / vals[keep])), int(keep.sum())
+    return wald(diff, a.cov[np.ix_(idx, idx)] + b.cov[np.ix_(idx, idx)])
 
 
 def split_test(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit,
@@ -116,10 +117,11 @@ def split_test(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit
     ``s~ = s_L - H_L H_P^-1 s_P = H_R H_P^-1 s_L - H_L H_P^-1 s_R`` with variance
     ``(I - A) J_L (I - A)' + A J_R A'``, ``A = H_L H_P^-1``; the statistic ``s~' V^+ s~`` is
     chi-square with ``rank V`` degrees of freedom when one model holds on both sides (the
-    Lagrange multiplier form of method.md section 5's ``Q``: masked sums of the rows' terms at
-    the parent's fit, where a Wald ``Q`` would need two fits). A feature constant on one side
-    makes ``V`` singular in its direction and the test drops that direction, so splitting on a
-    binary feature does not mistake the feature's own effect for heterogeneity.
+    Lagrange multiplier form of the ``Q`` of docs/method.md, "Adaptive partitions": masked sums
+    of the rows' terms at the parent's fit, where a Wald ``Q`` would need two fits). A feature
+    constant on one side makes ``V`` singular in its direction and the test drops that direction
+    (:data:`fedgrain.core.linalg.EIG_RTOL`), so splitting on a binary feature does not mistake
+    the feature's own effect for heterogeneity.
 
     ``terms`` are the rows' terms at ``fit`` (:func:`node_terms`), when already computed.
     """
@@ -135,11 +137,7 @@ def split_test(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit
     A = solve_psd(HP, HL.T).T  # H_L H_P^-1 (both symmetric)
     s = sL - A @ sP
     B = np.eye(A.shape[0]) - A
-    V = B @ JL @ B.T + A @ JR @ A.T
-    vals, vecs = np.linalg.eigh(0.5 * (V + V.T))
-    keep = vals > 1e-10 * max(vals.max(initial=0.0), 1e-300)
-    z = vecs[:, keep].T @ s
-    return float(np.sum(z * z / vals[keep])), int(keep.sum())
+    return wald(s, B @ JL @ B.T + A @ JR @ A.T)
 
 
 @dataclass(frozen=True)
@@ -197,8 +195,3 @@ def node_terms(X, y, w, fit: QuickFit) -> NodeTerms:
     Xf = X[:, feats]
     S = np.concatenate([Xf * E.sum(axis=1)[:, None], -E], axis=1)
     return NodeTerms(S, Xf, mu * (1.0 - mu), np.ones(y.shape[0]) if w is None else w)
-
-
-def q_pvalue(q: float, df: int) -> float:
-    """Upper tail of the chi-square distribution (``scipy.stats.chi2.sf`` without its overhead)."""
-    return float(special.chdtrc(df, q)) if df > 0 else 1.0

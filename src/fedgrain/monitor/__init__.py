@@ -1,5 +1,6 @@
-"""Monitoring and adjustment (design.md 8): drift detectors on each leaf's loss stream and on
-its features, and what the adaptive estimator does about them (``partial_fit``).
+"""Monitoring and adjustment on streams: drift detectors on each leaf's loss stream
+(``detectors``) and on its features (``features``), the stream's typed state (``state``), the
+drift reaction of ``partial_fit`` (``stream``) and the granularity controller (``controller``).
 
 The detectors follow River's API (``update(...)`` and a read-only ``drift_detected``) but take a
 batch of values at a time, vectorised, and report the exact index of detection in the stream.

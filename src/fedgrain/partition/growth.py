@@ -1,4 +1,4 @@
-"""Growing the partition tree from the data profile (design.md 3, method.md 5).
+"""Growing the partition tree from the data profile (docs/method.md, "Adaptive partitions").
 
 The tree is grown best-first on a sample of at most :data:`SAMPLE_ROWS` rows, then every row is
 routed once; so beyond that one routing pass the cost does not grow with the number of rows.
@@ -11,7 +11,7 @@ valley between its 10% and 90% quantiles, at the valley; and a threshold on each
 most important features at its median when it has no valley. Each candidate is judged by the
 robust score test of :func:`fedgrain.inference.split_tests.split_test` at the node's quick fit (at
 most :data:`fedgrain.inference.split_tests.QUICK_ROWS` rows): the Lagrange multiplier form of
-the heterogeneity ``Q`` of method.md 5, a chi-square with ``df`` degrees of freedom when one
+the heterogeneity ``Q`` of docs/method.md, a chi-square with ``df`` degrees of freedom when one
 model holds on both sides, at the cost of one pass over the candidate's left rows.
 
 **Which cut.** The candidate with the largest expected gain (below), unless another one that is
@@ -62,6 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.blocks import take_rows
+from ..core.linalg import chi2_sf
 from ..core.standardize import Standardizer
 from ..federation.shards import leaf_ranges, route_rows
 from ..inference import split_tests
@@ -219,7 +220,7 @@ class _Grower:
             best = by_gain[0]
             cleaner = [c for c in by_gain if c.gain >= NEAR_BEST_GAIN * best.gain
                        and c.crowding <= SPARSER * best.crowding
-                       and split_tests.q_pvalue(c.q, c.df) * len(proposals) < CLEAR_LEVEL]
+                       and chi2_sf(c.q, c.df) * len(proposals) < CLEAR_LEVEL]
             if cleaner:
                 pick = min(cleaner, key=lambda c: c.crowding)
                 ranked = [pick] + [c for c in by_gain if c is not pick]
@@ -313,7 +314,7 @@ def grow(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, *, std: Standar
             cand, tried = g.evaluate(rows[nid], fits[nid], tree.nodes[nid].key)
             if cand is None:
                 return
-            pval = min(1.0, split_tests.q_pvalue(cand.q, cand.df) * tried)
+            pval = min(1.0, chi2_sf(cand.q, cand.df) * tried)
             if pval < alpha:
                 heapq.heappush(heap, (-cand.gain, tree.nodes[nid].key, nid, cand, pval))
 

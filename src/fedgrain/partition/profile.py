@@ -1,13 +1,13 @@
-"""The data profiler: density, feature importance and clusters per region (design.md 2).
+"""The data profiler: density, feature importance and clusters per region (docs/method.md,
+"Adaptive partitions").
 
 Everything here works on a *sample* of a region's rows in the globally standardised space (see
 :mod:`fedgrain.federation.shards`), so its cost does not grow with the number of rows:
 
-- **quick fits**: a few unpenalised Newton steps of the composite likelihood on at most
-  :data:`QUICK_ROWS` rows, with the cluster-sandwich covariance. They give the screening
-  importance of the features; a robust score test at the region's quick fit says whether two
-  candidate children differ (:func:`split_test`), and :func:`heterogeneity` is the Wald ``Q``
-  of method.md section 5 between two fitted regions;
+- **importance**: each feature's share of ``|standardised slope|`` in the region's quick fit
+  (:func:`fedgrain.inference.split_tests.quick_fit`, on at most
+  :data:`fedgrain.inference.split_tests.QUICK_ROWS` rows), the screening importance until the
+  leaf's local model replaces it;
 - **density**: the k-nearest-neighbour estimate ``log f = log(k / (n V_p r_k^p))`` on at most
   :data:`KNN_ROWS` rows, in the importance-weighted space, scaled by the region's share of all rows
   so that regions compare;

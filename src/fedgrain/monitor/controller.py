@@ -1,0 +1,160 @@
+"""The granularity controller of a streaming adaptive model (docs/method.md 5).
+
+Used by :class:`fedgrain.monitor.stream.DriftMonitor` each time a leaf has been refitted after
+concept drift (and when a covariate shift moved a leaf's density), on the leaves' recent rows
+only:
+
+- **split** the leaf when a tree grown on its recent rows (at the model's granularity: the same
+  score test and significance level as at fit time) finds a cut, *and* the two children's
+  models predict held-out recent rows better than the leaf's single model;
+- **merge** the leaf with its sibling leaf when both have been refitted since their drift and
+  their models are indistinguishable: the Wald ``Q`` of their difference is not significant at
+  :data:`MERGE_LEVEL`;
+- never more regions than the granularity allows for the rows seen so far
+  (``(n / min_subset_size)^g``). The model's ``effective_granularity_`` reports where the
+  partition stands on that scale.
+
+Each change is an event (``split``, ``merge``, ``granularity``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import special
+
+from ..core.likelihood import class_proba, row_log_loss
+from ..core.linalg import chi2_sf, wald
+from ..partition.growth import grow, region_budget, split_level
+from ..partition.profile import LeafProfile, profile_rows
+from .state import FollowUp, RecentRows, Window
+
+#: Siblings whose models differ at a p-value above this are merged.
+MERGE_LEVEL = 0.05
+#: Share of a leaf's recent rows held out to judge a split.
+HOLDOUT = 0.2
+
+
+class GranularityController:
+    """Split and merge leaves of the model a :class:`DriftMonitor` watches."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+
+    @property
+    def model(self):
+        return self.monitor.model
+
+    def profile(self, recent: Window, nid: int) -> LeafProfile:
+        """A leaf's profile from these rows (reference distribution included)."""
+        model = self.model
+        std = model.partition_.standardizer
+        return profile_rows(std.transform(recent.X), recent.codes, None, std,
+                            model.classes_.shape[0], 1.0, None, np.random.default_rng(nid), None)
+
+    # ---- merge ---------------------------------------------------------------------------
+    def try_merge(self, nid: int) -> int | None:
+        """Merge the leaf with its sibling leaf when their models do not differ; the new leaf.
+
+        Only when both have been refitted since their own drift: the merged leaf is fitted on
+        the rows of the new regime of each, and followed up like any refitted leaf.
+        """
+        model, st = self.model, self.monitor.state
+        tree = model.partition_
+        node = tree.nodes[nid]
+        parent = tree.nodes.get(node.parent)
+        if parent is None or parent.kind != "hyperplane":
+            return None
+        sib = [c for c in parent.children if c != nid][0]
+        if tree.nodes[sib].kind != "leaf" or sib not in st.followup or nid not in st.followup:
+            return None
+        a, b = (model.local_models_[tree.leaves.index(i)] for i in (nid, sib))
+        q, df = wald(a.results_.params - b.results_.params, a.cov_ + b.cov_)
+        pvalue = chi2_sf(q, df)
+        if pvalue < MERGE_LEVEL:
+            return None
+        since = {n: st.followup[n].since for n in (nid, sib)}
+        parts = [st.windows[n].since(since[n]) for n in (nid, sib)]
+        merged = Window(*(np.concatenate([getattr(w, f) for w in parts])
+                          for f in ("X", "codes", "rows")))
+        leaf_model = model._fit_rows(merged.X, merged.codes, seed=int(st.rows_seen))
+        tree.merge(parent.id)
+        tree.nodes[parent.id].n_rows = int(merged.codes.shape[0])
+        for gone in (nid, sib):
+            st.drop_leaf(gone)
+            model.profile_.leaves.pop(gone, None)
+        st.windows[parent.id] = RecentRows(merged.X.shape[1], [merged])
+        st.followup[parent.id] = FollowUp(min(since.values()), 2 * merged.codes.shape[0])
+        model.profile_.leaves[parent.id] = self.profile(merged, parent.id)
+        self.monitor.replace_leaves({parent.id: leaf_model})
+        self.monitor.event(
+            "merge", parent.id, st.rows_seen, statistic=q,
+            threshold=float(special.chdtri(df, MERGE_LEVEL)) if df > 0 else 0.0,
+            detail=f"leaves {nid} and {sib} are indistinguishable (Q {q:.1f}, df {df}, "
+                   f"p {pvalue:.3g}); merged into leaf {parent.id}")
+        self._granularity_event(parent.id)
+        return parent.id
+
+    # ---- split ---------------------------------------------------------------------------
+    def try_split(self, nid: int, recent: Window) -> bool:
+        """Split the leaf when its recent rows show two regions that predict better apart."""
+        model, st = self.model, self.monitor.state
+        tree = model.partition_
+        min_size = model._stream_min_size()
+        Xw, cw = recent.X, recent.codes
+        regions = np.unique(tree.region_of()).shape[0]
+        rows = int(tree.nodes[0].n_rows) + st.rows_seen
+        if cw.shape[0] < 2 * min_size / (1 - HOLDOUT) or \
+                regions >= region_budget(float(model.granularity), rows, min_size):
+            return False
+        seed = int(st.rows_seen)
+        hold = np.random.default_rng(seed).random(cw.shape[0]) < HOLDOUT
+        fit = ~hold
+        grown = grow(Xw[fit], cw[fit], None, std=tree.standardizer,
+                     n_classes=model.classes_.shape[0], granularity=float(model.granularity),
+                     min_size=int(min_size * (1 - HOLDOUT)), n_pieces=1, seed=seed,
+                     feature_names=list(model.schema_.output_names))
+        root = grown.tree.nodes[0]
+        if root.kind != "hyperplane":
+            return False
+        left = Xw @ root.a <= root.b
+        one = model._fit_rows(Xw[fit], cw[fit], seed)
+        parts = [model._fit_rows(Xw[fit & side], cw[fit & side], seed)
+                 for side in (left, ~left)]
+        p = model.schema_.n_features
+
+        def loss(params, rows):
+            proba = class_proba(Xw[rows] @ params[:p], params[p:])
+            return row_log_loss(proba, cw[rows]).sum()
+
+        single = loss(one[0], hold)
+        split = loss(parts[0][0], hold & left) + loss(parts[1][0], hold & ~left)
+        if not split < single:
+            return False
+        ev = dict(root.evidence)
+        models = [model._fit_rows(Xw[side], cw[side], seed) for side in (left, ~left)]
+        since = st.followup[nid].since if nid in st.followup else st.rows_seen
+        rows_since = st.windows[nid].since(since).rows
+        kids = tree.split(nid, root.a, root.b, ev)
+        for kid, side in zip(kids, (left, ~left), strict=True):
+            chunk = Window(Xw[side], cw[side], rows_since[side])
+            tree.nodes[kid].n_rows = int(chunk.codes.shape[0])
+            st.windows[kid] = RecentRows(Xw.shape[1], [chunk])
+            st.followup[kid] = FollowUp(since, 2 * chunk.codes.shape[0])
+            model.profile_.leaves[kid] = self.profile(chunk, kid)
+        st.drop_leaf(nid)
+        model.profile_.leaves.pop(nid, None)
+        self.monitor.replace_leaves(dict(zip(kids, models, strict=True)))
+        self.monitor.event(
+            "split", nid, st.rows_seen, statistic=float(ev.get("q", 0.0)),
+            threshold=float(split_level(float(model.granularity))),
+            detail=f"{ev.get('candidate', 'a cut')}: children {list(kids)} predict held-out "
+                   f"recent rows better ({split:.1f} against {single:.1f})")
+        self._granularity_event(nid)
+        return True
+
+    def _granularity_event(self, nid: int) -> None:
+        model = self.model
+        self.monitor.event("granularity", nid, self.monitor.state.rows_seen,
+                           statistic=model.effective_granularity_,
+                           threshold=float(model.granularity),
+                           detail=f"{model.n_leaves_} leaves")

@@ -1,0 +1,136 @@
+"""The state of a monitored stream, typed: what ``partial_fit`` keeps between batches.
+
+Per leaf: its recent rows (:class:`RecentRows`, chunks of :class:`Window`), its loss
+detector, a pending drift (the stream row where the change was found, until the leaf has rows
+enough to refit) and a follow-up (refit again when the new regime's rows double). Saved with
+the model (:meth:`StreamState.to_dict` / :meth:`StreamState.load`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .base import Detector
+from .features import FeatureMonitor
+
+#: Rows of each leaf kept for refits (the most recent).
+WINDOW_ROWS = 20_000
+
+
+@dataclass(frozen=True)
+class Window:
+    """A chunk of a leaf's recent rows: encoded features, class codes, stream row numbers."""
+
+    X: np.ndarray
+    codes: np.ndarray
+    rows: np.ndarray
+
+    def since(self, row: int) -> Window:
+        keep = self.rows >= row
+        return Window(self.X[keep], self.codes[keep], self.rows[keep])
+
+
+@dataclass
+class RecentRows:
+    """A leaf's most recent rows (at most :data:`WINDOW_ROWS`), in chunks as they came."""
+
+    n_features: int
+    chunks: list[Window] = field(default_factory=list)
+
+    def add(self, chunk: Window) -> None:
+        """Append a chunk and drop the oldest chunks beyond :data:`WINDOW_ROWS` rows."""
+        self.chunks.append(chunk)
+        total = sum(c.codes.shape[0] for c in self.chunks)
+        while self.chunks and total - self.chunks[0].codes.shape[0] >= WINDOW_ROWS:
+            total -= self.chunks[0].codes.shape[0]
+            self.chunks.pop(0)
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+    def since(self, row: int) -> Window:
+        """The rows from stream row ``row`` on, as one window."""
+        parts = [c.since(row) for c in self.chunks]
+        if not parts:
+            return Window(np.empty((0, self.n_features)), np.empty(0, dtype=np.intp),
+                          np.empty(0, dtype=np.int64))
+        return Window(np.concatenate([c.X for c in parts]),
+                      np.concatenate([c.codes for c in parts]),
+                      np.concatenate([c.rows for c in parts]))
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """A refitted leaf is fitted again on its rows since ``since`` once it has ``due`` of them."""
+
+    since: int
+    due: int
+
+
+@dataclass
+class StreamState:
+    """Everything ``partial_fit`` remembers, per leaf and for the stream."""
+
+    rows_seen: int
+    detectors: dict[int, Detector]
+    features: FeatureMonitor
+    windows: dict[int, RecentRows]
+    pending: dict[int, int] = field(default_factory=dict)
+    followup: dict[int, FollowUp] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, leaves: list[int], profiles: dict, feature_names: list[str],
+              new_detector: Callable[[], Detector]) -> StreamState:
+        """A fresh stream over these leaves (their profiles are the features' references)."""
+        p = len(feature_names)
+        return cls(0, {nid: new_detector() for nid in leaves},
+                   FeatureMonitor(profiles, leaves, list(feature_names)),
+                   {nid: RecentRows(p) for nid in leaves})
+
+    def add_leaves(self, leaves: list[int], new_detector: Callable[[], Detector]) -> None:
+        """State for leaves new to the stream (after a split or merge)."""
+        p = len(self.features.feature_names)
+        for nid in leaves:
+            self.detectors.setdefault(nid, new_detector())
+            self.windows.setdefault(nid, RecentRows(p))
+        self.features.set_leaves(leaves)
+
+    def drop_leaf(self, nid: int) -> None:
+        """Forget a leaf that was split or merged away."""
+        for table in (self.windows, self.detectors, self.pending, self.followup):
+            table.pop(nid, None)
+
+    # ---- persistence -----------------------------------------------------------------------
+    def to_dict(self) -> tuple[dict, dict]:
+        """The state as JSON and arrays (the keys of saved models: keep them)."""
+        meta = {"rows_seen": int(self.rows_seen),
+                "pending": {str(k): int(v) for k, v in self.pending.items()},
+                "followup": {str(k): [int(f.since), int(f.due)]
+                             for k, f in self.followup.items()},
+                "detectors": {str(k): d.state() for k, d in self.detectors.items()},
+                "features": self.features.state()}
+        arrays = {}
+        for nid, window in self.windows.items():
+            if window:
+                w = window.since(np.iinfo(np.int64).min)
+                arrays[f"stream_{nid}_X"] = w.X
+                arrays[f"stream_{nid}_y"] = w.codes
+                arrays[f"stream_{nid}_rows"] = w.rows
+        return meta, arrays
+
+    def load(self, meta: dict, arrays: dict) -> None:
+        """Restore what :meth:`to_dict` saved into this fresh state (same leaves)."""
+        self.rows_seen = int(meta["rows_seen"])
+        self.pending = {int(k): int(v) for k, v in meta["pending"].items()}
+        self.followup = {int(k): FollowUp(int(v[0]), int(v[1]))
+                         for k, v in meta["followup"].items()}
+        for k, v in meta["detectors"].items():
+            self.detectors[int(k)].load_state(v)
+        self.features.load_state(meta["features"])
+        for nid, window in self.windows.items():
+            if f"stream_{nid}_X" in arrays:
+                window.chunks = [Window(arrays[f"stream_{nid}_X"], arrays[f"stream_{nid}_y"],
+                                        arrays[f"stream_{nid}_rows"])]

@@ -1,0 +1,253 @@
+"""The drift reaction: what ``partial_fit`` does with a labelled batch (docs/method.md 5).
+
+:class:`DriftMonitor` works on a fitted :class:`fedgrain.AdaptiveFederatedOrdinal` and its
+:class:`fedgrain.monitor.state.StreamState` (``stream_``). For a batch it routes the rows to
+their leaves and
+
+- feeds each leaf's per-row log-loss under its current model to the leaf's detector (ADWIN, or
+  Page-Hinkley): an increase is **concept drift** (the relationship changed there);
+- counts each leaf's features against the leaf's reference profile
+  (:class:`fedgrain.monitor.FeatureMonitor`): a shift in a leaf without concept drift is
+  **covariate shift** (only the inputs moved);
+- reacts: a leaf with concept drift is refitted on its rows since the change once there are
+  enough of them, and again each time they double (until the window of recent rows is full),
+  and the global model is pooled again from the leaf models; the granularity controller
+  (:mod:`fedgrain.monitor.controller`) may then merge the leaf with its sibling or split it. A
+  covariate shift refreshes the leaf's reference profile and keeps its coefficients, which
+  still fit; when it moves the leaf's density, the controller may split the leaf. Other leaves
+  and their data are not touched.
+
+Every detection, refit and refresh is an entry of the model's ``events_``. The model provides
+the leaf fits and the re-pooling (``_fit_rows``, ``_replace_leaves``); this module decides when.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+import numpy as np
+
+from ..backends import SerialBackend
+from ..core.likelihood import class_proba, row_log_loss
+from ..federation import meta
+from ..federation.personalise import learns_pull, with_theta
+from ..federation.shards import build_shards
+from .base import Detector
+from .controller import GranularityController
+from .detectors import ADWIN, PageHinkley
+from .state import WINDOW_ROWS, FollowUp, StreamState, Window
+
+#: Meta rounds run on the recent rows after a drift refit (with a meta-learner).
+META_ROUNDS_AFTER_DRIFT = 3
+#: Rows after a detected change before the leaf is refitted on them (at least 20 d as well).
+REFIT_ROWS = 1_500
+#: A covariate shift that moves a leaf's log density by more than this (a factor of 2) lets
+#: the controller try to split the leaf on its recent rows.
+DENSITY_CHANGE = float(np.log(2.0))
+#: ADWIN on each leaf's loss: confidence of the cut test, rows per bucket.
+ADWIN_DELTA = 1e-5
+ADWIN_BUCKET = 100
+#: Every row since the stream started.
+ALL_ROWS = -1
+
+
+class DriftMonitor:
+    """Takes a batch for a fitted adaptive model: detection and the reactions to it."""
+
+    def __init__(self, model):
+        self.model = model
+        if model.stream_ is None:
+            model.stream_ = self.new_state(model)
+        self.state: StreamState = model.stream_
+        self.controller = GranularityController(self)
+
+    @staticmethod
+    def new_state(model) -> StreamState:
+        """A fresh stream over the model's leaves."""
+        return StreamState.start(model.partition_.leaves, model.profile_.leaves,
+                                 list(model.schema_.output_names),
+                                 lambda: new_detector(model.drift_detector))
+
+    def new_detector(self) -> Detector:
+        return new_detector(self.model.drift_detector)
+
+    # ---- a batch ---------------------------------------------------------------------------
+    def take_batch(self, Xe: np.ndarray, codes: np.ndarray, leaf: np.ndarray) -> None:
+        st = self.state
+        eta, thr = self.model._routed_encoded(Xe, leaf)
+        loss = row_log_loss(class_proba(eta, thr), codes)
+        start = st.rows_seen
+        st.rows_seen = start + Xe.shape[0]
+        drifted = self._detect_concept_drift(Xe, codes, leaf, loss, start)
+        self._react_to_covariate_shift(Xe, leaf, start, drifted)
+        self._refit_pending()
+        self._follow_up()
+
+    def _detect_concept_drift(self, Xe, codes, leaf, loss, start: int) -> set:
+        st = self.state
+        drifted = set()
+        for pos, nid in enumerate(self.model.partition_.leaves):
+            rows = np.flatnonzero(leaf == pos)
+            if rows.size == 0:
+                continue
+            st.windows[nid].add(Window(Xe[rows], codes[rows], start + rows))
+            det = st.detectors[nid]
+            det.update(loss[rows])
+            if det.drift_detected and nid not in st.pending:
+                at = det.detection_index - (det.n_seen - rows.size)  # within this batch
+                row = int(start + rows[min(max(at, 0), rows.size - 1)])
+                drifted.add(nid)
+                st.pending[nid] = row
+                st.followup.pop(nid, None)
+                self.event("concept drift", nid, row, statistic=det.last_gap,
+                           threshold=det.last_bound,
+                           detail=f"the leaf's loss rose ({type(det).__name__}: its statistic "
+                                  "crossed its bound)")
+        return drifted
+
+    def _react_to_covariate_shift(self, Xe, leaf, start: int, drifted: set) -> None:
+        st = self.state
+        profile = self.model.profile_
+        shifted: dict[int, list] = {}
+        for shift in st.features.update(Xe, leaf, first_row=start):
+            if shift["leaf"] not in drifted and shift["leaf"] not in st.pending:
+                shifted.setdefault(shift["leaf"], []).append(shift)
+        for nid, shifts in shifted.items():  # one event per leaf, naming its features
+            worst = max(shifts, key=lambda t: t["psi"])
+            names = ", ".join(f"'{t['feature']}' (KS {t['ks']:.3f}, PSI {t['psi']:.3f})"
+                              for t in shifts)
+            self.event("covariate shift", nid, st.rows_seen, statistic=worst["psi"],
+                       threshold=st.features.min_psi, detail=f"features {names}")
+            before = profile[nid].log_density
+            recent = st.windows[nid].since(worst["since"])
+            self.refresh_reference(nid, recent)
+            after = profile[nid].log_density
+            if np.isfinite(before) and np.isfinite(after) and \
+                    abs(after - before) > DENSITY_CHANGE:
+                # the leaf's density moved: see whether its recent rows now form two regions
+                self.controller.try_split(nid, recent)
+
+    def _refit_pending(self) -> None:
+        st = self.state
+        d = self.model.cov_.shape[0]
+        for nid, since in list(st.pending.items()):
+            if nid not in st.windows:  # merged away meanwhile
+                del st.pending[nid]
+                continue
+            recent = st.windows[nid].since(since)
+            n = recent.codes.shape[0]
+            if n >= max(REFIT_ROWS, 20 * d) and np.unique(recent.codes).shape[0] >= 2:
+                del st.pending[nid]
+                # fit again as the new regime's rows double, until the window is full
+                st.followup[nid] = FollowUp(since, 2 * n)
+                self.refit_leaf(nid, recent, first=True)
+
+    def _follow_up(self) -> None:
+        st = self.state
+        for nid, f in list(st.followup.items()):
+            if nid in st.pending or nid not in st.windows:
+                st.followup.pop(nid, None)
+                continue
+            recent = st.windows[nid].since(f.since)
+            n = recent.codes.shape[0]
+            if n >= f.due:
+                self.refit_leaf(nid, recent)
+                st.followup[nid] = FollowUp(f.since, 2 * n)
+                if 2 * n > WINDOW_ROWS:
+                    del st.followup[nid]
+
+    # ---- reactions -------------------------------------------------------------------------
+    def refit_leaf(self, nid: int, recent: Window, first: bool = False) -> None:
+        """Fit the leaf again on its rows since the change (the global model follows); let
+        the granularity controller merge it with its sibling, or on the first refit after the
+        drift split it."""
+        st, model = self.state, self.model
+        n = recent.codes.shape[0]
+        leaf_model = model._fit_rows(recent.X, recent.codes, seed=int(st.rows_seen))
+        model.partition_.nodes[nid].n_rows = int(n)
+        st.detectors[nid] = self.new_detector()
+        self.replace_leaves({nid: leaf_model})
+        self.event("refit", nid, st.rows_seen, statistic=float(n), threshold=float(REFIT_ROWS),
+                   detail=f"refitted on the {n:,} rows since the change was found")
+        self.refresh_reference(nid, recent)
+        # merge whenever both siblings are in the new regime and agree (each refit has more
+        # rows to tell them apart); a split only on the first refit after the drift
+        if self.controller.try_merge(nid) is None and first:
+            self.controller.try_split(nid, recent)
+        if first:
+            self._meta_after_drift()
+
+    def replace_leaves(self, models: dict) -> None:
+        """New or changed leaf models into the model (which re-pools its global model), and
+        stream state for leaves new to the stream."""
+        self.model._replace_leaves(models, self.state.rows_seen)
+        self.state.add_leaves(self.model.partition_.leaves, self.new_detector)
+
+    def _meta_after_drift(self) -> None:
+        """With a meta-learner: a few meta rounds on the leaves' recent rows, from the current
+        global parameters, so the meta-learned model (what new subsets and unseen rows start
+        from) follows the change. The leaves' own models are left as they are."""
+        model, st = self.model, self.state
+        ms = model.meta_state_
+        if not learns_pull(model.meta) or not np.isfinite(ms.rho):
+            return
+        leaves = [n for n in model.partition_.leaves if st.windows.get(n)]
+        if len(leaves) < 2:
+            return
+        parts = [st.windows[n].since(ALL_ROWS) for n in leaves]
+        X = np.concatenate([w.X for w in parts])
+        c = np.concatenate([w.codes for w in parts])
+        labels = np.repeat(np.arange(len(leaves)), [w.codes.shape[0] for w in parts])
+        p = model.schema_.n_features
+        backend = SerialBackend()
+        refs = build_shards(backend, X, c, None, labels, len(leaves),
+                            model.partition_.standardizer)
+        try:
+            settings = meta.MetaSettings(model.meta, p, model.classes_.shape[0],
+                                         int(model.inner_steps),
+                                         float(model.validation_fraction))
+            res = meta.run(backend, refs, [list(range(len(leaves)))], settings, ms.theta, ms.P,
+                           [int(st.rows_seen) + i for i in range(len(leaves))], leaves,
+                           rho0=ms.rho, max_rounds=META_ROUNDS_AFTER_DRIFT,
+                           tol=float(model.meta_tol), fedprox_rho=1.0, work=None)
+        finally:
+            backend.release(refs)
+        if np.isfinite(res.rho):
+            model.meta_state_ = with_theta(ms, res.theta, res.rho)
+            model.meta_model_ = model._meta_model(res.theta, model._pooled_cov_std())
+        self.event("meta rounds", -1, st.rows_seen,
+                   statistic=float(res.history[-1]["val_loss"]) if res.history else 0.0,
+                   threshold=float(model.meta_tol),
+                   detail=f"{len(res.history)} round(s) on the leaves' recent rows; pull "
+                          f"{res.rho:.3g} pseudo-rows")
+
+    def refresh_reference(self, nid: int, recent: Window) -> None:
+        """The leaf's reference profile from these recent rows; coefficients untouched."""
+        if recent.codes.shape[0] < 50:
+            return
+        profile = self.model.profile_
+        old = profile[nid]
+        lp = self.controller.profile(recent, nid)
+        profile.leaves[nid] = type(old)(
+            old.n_rows, lp.class_counts, lp.mean, lp.log_density, old.importance,
+            old.importance_source, old.centres, lp.low, lp.high, lp.edges, lp.cdf, lp.n_ref)
+        self.state.features.restart(nid)
+        self.event("profile refreshed", nid, self.state.rows_seen,
+                   statistic=float(recent.codes.shape[0]), threshold=0.0,
+                   detail="reference distribution taken from the recent rows")
+
+    def event(self, kind: str, nid: int, row: int, *, statistic: float, threshold: float,
+              detail: str) -> None:
+        """Record a decision in the model's ``events_``, with its evidence."""
+        self.model.events_.append({
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "rows_seen": int(row), "leaf": int(nid), "kind": kind,
+            "statistic": float(statistic), "threshold": float(threshold), "detail": detail,
+        })
+
+
+def new_detector(kind: str) -> Detector:
+    """A fresh detector for a leaf's loss stream (the model's ``drift_detector``)."""
+    if kind == "page_hinkley":
+        return PageHinkley()
+    return ADWIN(delta=ADWIN_DELTA, bucket=ADWIN_BUCKET)
