@@ -236,7 +236,9 @@ def _long_meta_fit(backend, rounds):
     return model, X, y
 
 
-def test_a_lost_scheduler_is_a_clear_error_not_a_hang():
+# 0.3 s: while shards are placed; 1.5 s: during the rounds.
+@pytest.mark.parametrize("after", [0.3, 1.5])
+def test_a_lost_scheduler_is_a_clear_error_not_a_hang(after):
     import threading
     import time
 
@@ -245,11 +247,11 @@ def test_a_lost_scheduler_is_a_clear_error_not_a_hang():
         backend = DaskBackend(scheduler=address, timeout=20)
         backend.client.wait_for_workers(1, timeout=20)
         model, X, y = _long_meta_fit(backend, 50)
-        threading.Timer(1.5, sched.kill).start()  # mid-fit: the meta rounds take longer
+        threading.Timer(after, sched.kill).start()
         start = time.monotonic()
         with pytest.raises(FedgrainError, match="Lost the Dask scheduler at tcp://127.0.0.1"):
             model.fit(X, y)
-        assert time.monotonic() - start < 30
+        assert time.monotonic() - start < after + 10  # noticed at once, not at the timeout
         backend.close()
     finally:
         for proc in (worker, sched):
@@ -323,8 +325,10 @@ def test_a_fit_refused_early_still_stops_the_cluster_it_started():
     assert not left
 
 
-def test_a_scheduler_that_stops_answering_is_a_clear_error_not_a_hang(monkeypatch):
-    """SIGSTOP keeps the scheduler's connections open but silent, as a network cut would."""
+@pytest.mark.parametrize("after", [0.3, 1.5])
+def test_a_scheduler_that_stops_answering_is_a_clear_error_not_a_hang(monkeypatch, after):
+    """SIGSTOP keeps the scheduler's connections open but silent, as a network cut would
+    (0.3 s: while shards are placed; 1.5 s: during the rounds)."""
     import signal
     import threading
     import time
@@ -337,7 +341,7 @@ def test_a_scheduler_that_stops_answering_is_a_clear_error_not_a_hang(monkeypatc
         backend = DaskBackend(scheduler=address, timeout=4)
         backend.client.wait_for_workers(1, timeout=20)
         model, X, y = _long_meta_fit(backend, 200)
-        threading.Timer(1.5, lambda: sched.send_signal(signal.SIGSTOP)).start()
+        threading.Timer(after, lambda: sched.send_signal(signal.SIGSTOP)).start()
         start = time.monotonic()
         with pytest.raises(FedgrainError, match="does not answer") as info:
             model.fit(X, y)

@@ -47,6 +47,13 @@ from .base import (
 #: While a task runs, the scheduler is asked to answer this often (seconds).
 PING_SECONDS = 5.0
 
+#: How often a request to the scheduler checks that the client is still connected (seconds).
+WATCH_SECONDS = 0.2
+
+#: Sending a shard from here may take ``timeout`` plus its bytes at this rate before the
+#: scheduler counts as silent.
+MIN_BYTES_PER_SECOND = 20e6
+
 #: The Dask setting that names the allocator variable its nanny sets in worker processes.
 TRIM_KEY = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 
@@ -142,8 +149,44 @@ class DaskBackend(Backend):
 
     @property
     def workers(self) -> list[str]:
+        info = self._ask(self.client.scheduler.identity, n_workers=-1) \
+            if self.client is not None else None
+        return sorted(info["workers"]) if info else []
+
+    def _ask(self, call, *args, deadline: float | None = None, **kwargs):
+        """Run one request to the scheduler (a coroutine function) within ``deadline`` seconds
+        (default ``timeout``). A scheduler that is gone or does not answer in time is a
+        :class:`FedgrainError`, wherever in the fit it happens, never a hang."""
         self._check_scheduler()
-        return sorted(self.client.scheduler_info()["workers"])
+        try:
+            return self.client.sync(self._watched, call, *args,
+                                    callback_timeout=deadline or self.timeout, **kwargs)
+        except FedgrainError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted out just below
+            if not (_lost(exc) or isinstance(exc, OSError)):
+                raise
+            self._check_lost_scheduler()
+            raise self._silent(deadline or self.timeout) from None
+
+    async def _watched(self, call, *args, **kwargs):
+        """``call`` on the client's event loop, given up as soon as the client has lost its
+        scheduler (a killed scheduler would otherwise be noticed only at the deadline)."""
+        import asyncio
+
+        task = asyncio.ensure_future(call(*args, **kwargs))
+        while True:
+            done, _ = await asyncio.wait([task], timeout=WATCH_SECONDS)
+            if done:
+                return task.result()
+            if self.client is None or self.client.status != "running":
+                task.cancel()
+                self._check_scheduler()
+
+    def _silent(self, waited: float) -> FedgrainError:
+        return FedgrainError(
+            f"The Dask scheduler at {self.address} does not answer (waited {waited:.3g} s): the "
+            "fit cannot go on. Check that it is running and reachable, and fit again.")
 
     def _check_scheduler(self) -> None:
         if self.client is None or self.client.status != "running":
@@ -154,14 +197,13 @@ class DaskBackend(Backend):
     def _live_worker(self) -> str:
         """The next worker in turn; waits (up to ``timeout``) when none is alive."""
         workers = self.workers
-        if not workers:
-            try:
-                self.client.wait_for_workers(1, timeout=self.timeout)
-            except Exception:  # noqa: BLE001 - dask raises TimeoutError or OSError here
-                self._check_scheduler()
+        give_up = time.monotonic() + self.timeout
+        while not workers:
+            if time.monotonic() > give_up:
                 raise FedgrainError(
                     f"No Dask worker is left at {self.address} (waited {self.timeout:g} s); "
-                    "start workers (dask worker ADDRESS) and fit again.") from None
+                    "start workers (dask worker ADDRESS) and fit again.")
+            time.sleep(0.1)
             workers = self.workers
         worker = workers[self._placed % len(workers)]  # round robin; bundles follow the data
         self._placed += 1
@@ -224,7 +266,10 @@ class DaskBackend(Backend):
                                         workers=[worker], allow_other_workers=True)
         else:
             shard = _read_shard(src) if isinstance(src, FileShardRef) else src
-            future = self.client.scatter(shard, workers=[worker], direct=True)
+            # Sending takes as long as the bytes need; the scheduler must answer meanwhile.
+            deadline = self.timeout + shard.X.nbytes / MIN_BYTES_PER_SECOND
+            future = self._ask(lambda: self.client.scatter(
+                shard, workers=[worker], direct=True, asynchronous=True), deadline=deadline)
         ref.future, ref.worker = future, worker
 
     def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *,
@@ -294,17 +339,18 @@ class DaskBackend(Backend):
             except Exception:  # noqa: BLE001 - cancelled or lost: result() says how, as usual
                 return future.result()
             else:
-                return future.result()
-            self._check_scheduler()
-            try:
-                self.client.sync(self.client.scheduler.identity,
-                                 callback_timeout=self.timeout)
-            except Exception:  # noqa: BLE001 - no answer in time, or the link failed
-                self._check_scheduler()
-                raise FedgrainError(
-                    f"The Dask scheduler at {self.address} does not answer (waited "
-                    f"{self.timeout:g} s): the fit cannot go on. Check that it is running and "
-                    "reachable, and fit again.") from None
+                return self._fetch(future)
+            self._ask(self.client.scheduler.identity)
+
+    def _fetch(self, future):
+        """A finished task's result (small: parameters and statistics), within ``timeout``."""
+        if future.status != "finished":  # its error, or why it was lost, raised as usual
+            return future.result()
+        try:
+            return future.result(timeout=self.timeout)
+        except TimeoutError:  # the scheduler did not say where the result is
+            self._check_lost_scheduler()
+            raise self._silent(self.timeout) from None
 
     def _check_lost_scheduler(self) -> None:
         """After a lost task: is it the scheduler that went? (The client notices within a
@@ -327,9 +373,10 @@ class DaskBackend(Backend):
                 self._place(ref)
 
     def release(self, refs: Sequence[ShardRef]) -> None:
-        futures = [r.future for r in refs if isinstance(r, DaskShardRef) and r.future is not None]
-        if futures and self.client is not None and self.client.status == "running":
-            self.client.cancel(futures)
+        for r in refs:  # dropping our reference frees the shard on its worker; unlike
+            # cancel(), it does not wait for the scheduler (which may be gone)
+            if isinstance(r, DaskShardRef) and r.future is not None:
+                r.future.release()
         unlink_files([r.source for r in refs if isinstance(r, DaskShardRef)])
         for r in refs:
             if isinstance(r, DaskShardRef):
