@@ -17,7 +17,11 @@ from fedgrain import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegr
 from fedgrain.core.likelihood import class_proba
 from fedgrain.core.standardize import Standardizer
 from fedgrain.datasets import make_regions
-from fedgrain.exceptions import DataError, IdentificationWarning, ModelFileError
+from fedgrain.exceptions import (
+    DataError,
+    IdentificationWarning,
+    ModelFileError,
+)
 from fedgrain.partition.tree import PartitionTree
 
 
@@ -112,12 +116,16 @@ def test_granularity_zero_is_the_static_divide_and_conquer_fit(regions):
     (X, y, _), _, _ = regions
     af = AdaptiveFederatedOrdinal(granularity=0.0, backend="serial", n_jobs=3,
                                   random_state=4).fit(X, y)
-    dc = DivideConquerOrdinal(backend="serial", n_jobs=3, random_state=4).fit(X, y)
+    # both refine to convergence (the adaptive pieces start from converged fits, the static
+    # ones from one-step de-biased fits): the same composite fit, to a sliver of an SE
+    dc = DivideConquerOrdinal(backend="serial", n_jobs=3, random_state=4,
+                              refine_rounds=20).fit(X, y)
     assert af.n_leaves_ == dc.n_subsets_ == 3
-    np.testing.assert_allclose(af.coef_, dc.coef_, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(af.cov_, dc.cov_, rtol=0, atol=1e-12)
+    assert np.max(np.abs(af.results_.params - dc.results_.params) / dc.bse_) < 0.01
+    np.testing.assert_allclose(af.bse_, dc.bse_, rtol=1e-3)
     # one region: every piece predicts with the pooled (global) model
-    np.testing.assert_allclose(af.predict_proba(X[:100]), dc.predict_proba(X[:100]), atol=1e-10)
+    np.testing.assert_allclose(af.predict_proba(X[:100]), dc.predict_proba(X[:100]), atol=1e-3)
+    assert all(np.array_equal(m.coef_, af.coef_) for m in af.local_models_)
 
 
 def test_more_workers_than_regions_deals_regions_out_into_pieces(regions):
@@ -290,9 +298,12 @@ def test_a_feature_constant_inside_a_region_takes_its_slope_from_the_global_mode
     y = np.digitize(latent, [-1.0, 1.0])
     tree = PartitionTree(3, 3, Standardizer.fit(X))
     tree.split(tree.root, np.array([1.0, 0.0, 0.0]), 0.5)
-    with pytest.warns(IdentificationWarning, match="feature 'x1' \\(constant\\) carries no "
-                                                    "information in leaf"):
+    with pytest.warns(IdentificationWarning,
+                      match=r"feature 'x1' is constant in leaf\(s\) \[2\]: its slope there is "
+                            "the global model's") as rec:
         af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tree)
+    # x0 is constant in both leaves because the tree cut on it: expected, not warned about
+    assert not [w for w in rec if "'x0'" in str(w.message)]
     constant_leaf = af.local_models_[1]
     assert "x1" in constant_leaf.results_.info["Not identified in the leaf"]
     assert constant_leaf.coef_[1] == pytest.approx(af.coef_[1])
@@ -315,7 +326,8 @@ def test_a_class_missing_from_a_leaf_is_not_identified_there():
     X = np.c_[x0, x1]
     tree = PartitionTree(2, 4, Standardizer.fit(X))
     tree.split(tree.root, np.array([1.0, 0.0]), 0.0)
-    with pytest.warns(IdentificationWarning, match="threshold '2\\|3' \\(no rows on one side\\)"):
+    with pytest.warns(IdentificationWarning,
+                      match=r"class '3' never occurs in leaf\(s\) \[2\]: threshold '2\|3'"):
         af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tree)
     right = af.local_models_[1]
     assert np.all(np.diff(right.thresholds_) > 0)
@@ -347,15 +359,15 @@ def test_no_warnings_on_clean_data(regions):
 
 def test_regions_without_a_density_gap_are_cut_where_the_model_changes():
     rng = np.random.default_rng(0)
-    n = 18_000
+    n = 30_000  # the tree is grown on half the 24,000 training rows (honest leaves)
     X = rng.standard_normal((n, 2))
     slope = np.where(X[:, 0] > 0, 1.5, -1.5)  # the slope of x1 flips at x0 = 0
     y = np.digitize(slope * X[:, 1] + 0.5 * X[:, 0] + rng.logistic(size=n), [-1.5, 0, 1.5])
-    af = AdaptiveFederatedOrdinal(granularity=0.5, backend="serial").fit(X[:12_000], y[:12_000])
-    Xt, yt = X[12_000:], y[12_000:]
+    af = AdaptiveFederatedOrdinal(granularity=0.5, backend="serial").fit(X[:24_000], y[:24_000])
+    Xt, yt = X[24_000:], y[24_000:]
     assert af.n_leaves_ == 2
     assert adjusted_rand_score(Xt[:, 0] > 0, af.apply(Xt)) >= 0.9
-    oracle = class_proba(slope[12_000:] * Xt[:, 1] + 0.5 * Xt[:, 0], np.array([-1.5, 0, 1.5]))
+    oracle = class_proba(slope[24_000:] * Xt[:, 1] + 0.5 * Xt[:, 0], np.array([-1.5, 0, 1.5]))
     assert log_loss(yt, af.predict_proba(Xt)) < 1.02 * log_loss(yt, oracle)
 
 
@@ -400,10 +412,12 @@ def test_no_leaf_holds_a_single_class():
     X = np.r_[rng.normal(-4, 1, (n // 2, 2)), rng.normal(4, 1, (n // 2, 2))]
     y = np.digitize(X[:, 1] + rng.logistic(size=n), [-5.5, -4, -2.5])
     y[X[:, 0] > 0] = 1  # the right cluster is all class 1
+    # a side of class 1 plus a few stragglers (no finite fit) is not a cut either
     af = AdaptiveFederatedOrdinal(granularity=1.0, backend="serial").fit(X, y)
     leaf = af.apply(X)
     for pos in range(af.n_leaves_):
-        assert np.unique(y[leaf == pos]).shape[0] >= 2
+        counts = np.bincount(y[leaf == pos], minlength=4)
+        assert counts.sum() - counts.max() >= 20
     tree = PartitionTree(2, 4, Standardizer.fit(X))
     tree.split(tree.root, np.array([1.0, 0.0]), 0.0)
     with pytest.raises(DataError, match="holds one class only"):
@@ -419,7 +433,8 @@ def test_a_bottom_class_missing_from_a_leaf_gets_an_edge_threshold():
     X = np.c_[x0, x1]
     tree = PartitionTree(2, 4, Standardizer.fit(X))
     tree.split(tree.root, np.array([1.0, 0.0]), 0.0)
-    with pytest.warns(IdentificationWarning, match="threshold '0\\|1' \\(no rows on one side\\)"):
+    with pytest.warns(IdentificationWarning,
+                      match=r"class '0' never occurs in leaf\(s\) \[2\]: threshold '0\|1'"):
         af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tree)
     right = af.local_models_[1]
     assert np.all(np.diff(right.thresholds_) > 0)

@@ -97,12 +97,12 @@ def test_refining_groups_equals_refining_each_group_alone():
                          start, settings, names=names, sizes=sizes)
     alone = refine_groups(backend, refs, sched, {1: np.array([2, 3])}, {1: start[1]}, settings,
                           names=names, sizes=sizes)
-    np.testing.assert_allclose(both[1][0], alone[1][0], rtol=1e-12)
-    np.testing.assert_allclose(both[1][1], alone[1][1], rtol=1e-12)
+    np.testing.assert_allclose(both[1].estimate, alone[1].estimate, rtol=1e-12)
+    np.testing.assert_allclose(both[1].cov, alone[1].cov, rtol=1e-12)
     # one group of every subset is the global refinement
     whole = refine_groups(backend, refs, sched, {0: np.arange(4)}, {0: (run.pooled.estimate,
                           run.pooled.cov)}, settings, names=names, sizes=sizes)
-    np.testing.assert_allclose(whole[0][0], run.estimate, rtol=1e-12)
+    np.testing.assert_allclose(whole[0].estimate, run.estimate, rtol=1e-12)
 
 
 def test_failures_name_the_subset_by_position_or_by_id():

@@ -356,7 +356,12 @@ def _given_rows(model, X, y, adaptive: bool):
 
 def _coefficients(model, alpha: float, adaptive: bool) -> list[str]:
     """The coefficient table, and Cochran's Q and I^2 between the subsets where pooled."""
-    parts = ["<h2>Coefficients</h2>", model.results_.summary(alpha).as_html()]
+    parts = ["<h2>Coefficients</h2>"]
+    if adaptive and model.random_effects_.differ:  # say it before the table, plainly
+        parts.append(f"<p class='warning'><b>{html.escape(model.random_effects_.statement())}"
+                     "</b></p>")
+    # an adaptive model's summary adds the random-effects summary of its regions
+    parts.append(model.summary(alpha).as_html())
     het_model = model.global_model_ if adaptive else model
     if hasattr(het_model, "q_"):
         parts.append("<h2>Heterogeneity between the subsets</h2>")
@@ -395,8 +400,14 @@ def _partition(model, Xe: np.ndarray | None, leaf: np.ndarray | None) -> list[st
                     "node.")]
     if proj is not None:
         figs.insert(0, _figure("partition projection", proj, caption))
+    st = getattr(tree, "stability_", None)
+    stable = ("Stability: " + st.describe() + "." if st is not None else
+              "Stability not measured: <code>model.partition_.stability(model.encode(X), "
+              "model.target_.encode(y))</code> grows the partition again on resamples and "
+              "reports the adjusted Rand index between them.")
     return ["<h2>Partition</h2>", '<div class="grid">' + "".join(figs) + "</div>",
-            "<pre>" + html.escape("\n".join(tree.describe())) + "</pre>"]
+            "<pre>" + html.escape("\n".join(tree.describe())) + "</pre>",
+            f"<p>{stable}</p>"]
 
 
 def _projection(model, Xe: np.ndarray | None, leaf: np.ndarray | None) -> tuple[str | None, str]:

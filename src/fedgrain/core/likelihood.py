@@ -39,13 +39,17 @@ class Pass:
 
     ``loss`` is the negative log-likelihood, ``grad`` its gradient, ``hess`` its Hessian, and
     ``meat`` the sum of outer products of per-cluster (``"cluster"``: original row) or
-    per-expanded-row (``"row"``) scores. Entries not asked for are ``None``.
+    per-expanded-row (``"row"``) scores. ``class_grad`` (``K x d``, on request) is the gradient
+    summed over the rows of each class: with the classes' weights ``n_h`` it gives the
+    within-class meat ``meat - sum_h g_h g_h' / n_h`` (docs/method.md, "Pooling and
+    refinement"). Entries not asked for are ``None``.
     """
 
     loss: float | None
     grad: np.ndarray | None
     hess: np.ndarray | None
     meat: np.ndarray | None
+    class_grad: np.ndarray | None = None
 
 
 def initial_thresholds(codes: np.ndarray, weights: np.ndarray | None, n_classes: int,
@@ -70,6 +74,7 @@ def composite_pass(
     loss: bool = True,
     order: int = 2,
     meat: str | None = None,
+    by_class: bool = False,
     block: int | None = None,
 ) -> Pass:
     """One pass of the composite (expanded binary) likelihood over the rows of ``X``.
@@ -97,6 +102,9 @@ def composite_pass(
         Also return the meat of the sandwich: ``"cluster"`` sums the score over the ``K - 1``
         expanded rows of each original row before the outer product (the right variance for the
         composite likelihood); ``"row"`` treats the expanded rows as independent.
+    by_class : bool
+        Also return the gradient summed over the rows of each class (``Pass.class_grad``,
+        ``K x d`` with ``K = len(theta) + 1``): a thin product per block.
 
     Returns
     -------
@@ -115,6 +123,8 @@ def composite_pass(
     grad = np.zeros(d) if order >= 1 else None
     hess = np.zeros((d, d)) if order >= 2 else None
     mt = np.zeros((d, d)) if meat is not None else None
+    n_cls = theta.shape[0] + 1
+    cg = np.zeros((n_cls, d)) if by_class else None
     ones_k = np.ones(kk)
     ones_b = np.ones(min(block, n))
     # sum_k u_ik a_ik = c(y_i) eta_i - s(y_i), with c(y) = #{k in ks: k < y} and s(y) the sum of
@@ -129,7 +139,8 @@ def composite_pass(
     # (gradient, cross terms) go through one thin product X_b' S.
     need_z = order >= 2 or meat is not None
     Z = np.empty((min(block, n), p)) if need_z else None
-    S = np.empty((min(block, n), 1 + 2 * kk)) if order >= 1 or meat is not None else None
+    S = np.empty((min(block, n), 1 + 2 * kk)) if order >= 1 or meat is not None or by_class \
+        else None
 
     for start in range(0, n, block):
         stop = min(start + block, n)
@@ -150,13 +161,18 @@ def composite_pass(
             np.log1p(lt, out=lt)
             rows = 2.0 * (sp @ ones_k) - lt @ ones_k + kk * LN2 - (cnt[yb] * eta - csum[yb])
             total += float(rows.sum() if wb is None else rows @ wb)
-        if order == 0 and meat is None:
+        if order == 0 and meat is None and not by_class:
             continue
         E = np.multiply(T, -0.5)
         E += u_half[yb]  # u_ik - mu_ik
         r = E @ ones_k
         Sb = S[:nb]
         ob = ones_b[:nb] if wb is None else wb
+        if by_class:  # per class: slopes -sum w r x, thresholds sum w E
+            C = np.zeros((nb, n_cls))
+            C[np.arange(nb), yb] = ob
+            cg[:, :p] -= (C * r[:, None]).T @ Xb
+            cg[:, p:] += C.T @ E
         c = 0
         if order >= 1:
             Sb[:, 0] = r if wb is None else wb * r
@@ -203,7 +219,7 @@ def composite_pass(
         hess[p:, :p] = hess[:p, p:].T
     if mt is not None:
         mt[p:, :p] = mt[:p, p:].T
-    return Pass(total if loss else None, grad, hess, mt)
+    return Pass(total if loss else None, grad, hess, mt, cg)
 
 
 def _sigmoid_logs(a: np.ndarray):

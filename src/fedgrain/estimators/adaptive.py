@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
 
 from .. import progress
 from .._warnings import warn
 from ..backends import Backend, get_backend
-from ..core.likelihood import class_proba, cumulative_proba, monotonise
+from ..core.blocks import take_rows
+from ..core.likelihood import class_proba, cumulative_proba
 from ..core.standardize import fit_standardizer
 from ..data import prepare_data
 from ..exceptions import DataError
@@ -27,27 +31,35 @@ from ..federation import meta
 from ..federation.engine import (
     MIN_LEAF_ROWS_PER_PARAM,
     MIN_ROWS_PER_PARAM,
+    REFINE_TOL,
     ROWS_PER_PARAM_FOR_ROUNDS,
-    Units,
     fit_partition,
     region_estimates,
     resolve_subsets,
     summarise,
 )
-from ..federation.leaves import LeafTable, leaf_view, unseen_rows
+from ..federation.leaves import LeafTable, leaf_units, leaf_view, unseen_rows
 from ..federation.personalise import MetaConfig, MetaState, adapt_rows, fit_leaf_rows, meta_rounds
 from ..federation.schedule import Schedule, schedule
 from ..federation.shards import build_shards, route_rows
-from ..inference import local, pooling
+from ..inference import local
+from ..inference.contributions import Contribution, combine, repool, stack, unstack
+from ..inference.random_effects import RandomEffects, random_effects
 from ..inference.results import parameter_names
 from ..monitor.stream import DriftMonitor
-from ..partition.growth import grow, leaf_seeds, profile_leaves
+from ..partition.growth import SAMPLE_ROWS, grow, leaf_seeds, profile_leaves
 from ..partition.profile import DataProfile
 from ..partition.tree import PartitionTree
 from .base import OrdinalModel, is_int, is_real, param_error, register
 from .models import GlobalModel, LeafModel
 
 META = ("none", *meta.METHODS)
+#: An honest tree is grown on half the rows, at most this many (the growth sample); the other
+#: rows estimate the leaves.
+HONEST_GROW_ROWS = SAMPLE_ROWS
+#: Newton steps a leaf's own model may take from its de-biased start (it stops once a step
+#: moves no parameter more than 0.01 standard errors; usually after two or three).
+LEAF_NEWTON_STEPS = 25
 GLOBAL_TITLE = "Adaptive federated ordinal regression: global model"
 
 
@@ -95,7 +107,13 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         FedProx's fixed pull, in pseudo-rows (default ``10 d``).
     drift_detector : {"adwin", "page_hinkley"}
         The detector of concept drift on each leaf's loss stream (``partial_fit``).
-    backend, n_jobs, random_state, alpha, variance, refine_rounds, debias, ridge,
+    refine_rounds : int, default=20
+        At most this many refinement rounds: the global model's (and each region's) rounds
+        stop once a round moves no parameter more than 0.01 standard errors, so the global
+        model is the composite fit on all rows at any heterogeneity, and a leaf's own model
+        takes Newton steps from its de-biased start until it converges. 0 is the patent's
+        one-shot pooling, with one-step de-biased leaves.
+    backend, n_jobs, random_state, alpha, variance, debias, ridge,
     penalize_thresholds, levels, categorical, cv_folds, max_iter, tol :
         As for :class:`fedgrain.DivideConquerOrdinal`; they set every leaf's fit and the
         pooling. With fewer regions than workers (``n_jobs``, default all CPUs) regions are
@@ -106,10 +124,19 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
     ----------
     coef_, thresholds_, cov_, bse_, results_ : the global model's (pooled over the leaves)
     global_model_ : fedgrain.estimators.models.GlobalModel
-        The pooled model with inference; ``global_model_.q_`` is the leaves' heterogeneity.
+        The population-averaged model: the composite fit on all rows (refined until
+        converged), with inference valid for it; ``global_model_.q_`` is the leaves'
+        heterogeneity. When leaves differ it is an average over them, not any leaf's model.
+    random_effects_ : fedgrain.inference.random_effects.RandomEffects
+        Beside it, a random-effects summary of the regions' models: their mean, the
+        between-region variance ``tau2`` of each parameter and a prediction interval for a new
+        region (``random_effects_.summary()``).
     local_models_ : list of LeafModel
-        One per leaf, in the order of ``partition_.leaves``: its local fit, or with a
-        meta-learner its personalised model. Random pieces of one region share one model.
+        One per leaf, in the order of ``partition_.leaves``: its local fit (converged), or with
+        a meta-learner its personalised model. Random pieces of one region share one model.
+        When the tree was grown from the data, leaves are estimated honestly: the splits are
+        chosen on one part of the rows (half of them, at most ``HONEST_GROW_ROWS``) and the
+        leaves fitted on the others, so their intervals do not inherit the selection.
     meta_model_ : LeafModel
         The meta-learned global parameters (the pooled model with ``meta="none"``); it predicts
         rows of regions no leaf has seen (``unseen``) when there is a meta-learner, and is what
@@ -157,7 +184,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                  backend="processes", n_jobs=None, random_state=0, *, meta_tol=1e-3,
                  inner_steps=3, validation_fraction=0.2, fedprox_mu=None,
                  drift_detector="adwin", alpha="rate",
-                 variance="cluster", refine_rounds=1, debias="auto", ridge=0.0,
+                 variance="cluster", refine_rounds=20, debias="auto", ridge=0.0,
                  penalize_thresholds=False, levels=None, categorical=None, cv_folds=5,
                  max_iter=100, tol=1e-8, callback=None):
         self.granularity = granularity
@@ -228,6 +255,15 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                 f"min_subset_size >= {MIN_ROWS_PER_PARAM * d}.")
         return m
 
+    def _engine_settings(self, n_classes: int):
+        """The engine's settings; a leaf's own model is converged (Newton steps from its
+        de-biased start) unless ``refine_rounds=0`` asks for the one-shot method."""
+        settings = super()._engine_settings(n_classes)
+        if settings.refine_rounds == 0:
+            return settings
+        return replace(settings, local=replace(settings.local,
+                                                polish_rounds=LEAF_NEWTON_STEPS))
+
     def _meta_config(self) -> MetaConfig:
         return MetaConfig(self.meta, int(self.max_rounds), float(self.meta_tol),
                           int(self.inner_steps), float(self.validation_fraction),
@@ -267,23 +303,57 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
             std = fit_standardizer(Xm, w)
             clock.lap("prepare")
+            estimation = None
             if partition is None:
                 with progress.step("profiling and partitioning"):
-                    grown = grow(Xm, codes, w, std=std, n_classes=K,
-                                 granularity=float(self.granularity), min_size=min_size,
-                                 n_pieces=n_pieces, seed=seed, feature_names=names)
-                tree, labels, prof = grown.tree, grown.leaf, grown.profile
+                    tree, labels, prof, estimation = self._grow_honestly(
+                        Xm, codes, w, std, K, min_size, n_pieces, seed, names)
                 self._warn_too_small(n, min_size, d)
             else:
                 tree, labels, prof = self._given_partition(partition, Xm, codes, w, std, p, K,
                                                            min_size, seed, names)
             clock.lap("profile and partition")
-            self._fit_leaves(data, tree, labels, prof, backend, seed, clock)
+            self._fit_leaves(data, tree, labels, prof, backend, seed, clock, estimation)
             self.timings_ = clock.laps
         finally:
             if own_backend:
                 backend.close()
         return self
+
+    def _grow_honestly(self, Xm, codes, w, std, K, min_size, n_pieces, seed, names):
+        """Grow the tree on some rows and keep the others to estimate the leaves.
+
+        The splits are chosen on a random part of the rows (half, at most
+        :data:`HONEST_GROW_ROWS`); every row is then routed to its leaf. When the tree has
+        more than one region, ``estimation`` marks the rows the leaves are fitted on (the
+        others'), so leaf intervals and sibling tests do not inherit the selection of the
+        splits (honest trees, as in Athey and Imbens' causal trees); otherwise None (one
+        region: nothing was selected). Returns ``(tree, labels, profile, estimation)``.
+        """
+        n = Xm.shape[0]
+        if float(self.granularity) == 0 or n < 2 * min_size:
+            grown = grow(Xm, codes, w, std=std, n_classes=K, granularity=0.0,
+                         min_size=min_size, n_pieces=n_pieces, seed=seed, feature_names=names)
+            return grown.tree, grown.leaf, grown.profile, None
+        rng = np.random.default_rng([seed, 7])
+        n_grow = min(n // 2, HONEST_GROW_ROWS)
+        chosen = np.sort(rng.choice(n, n_grow, replace=False))
+        share = n_grow / n
+        grown = grow(take_rows(Xm, chosen), codes[chosen],
+                     None if w is None else w[chosen], std=std, n_classes=K,
+                     granularity=float(self.granularity),
+                     min_size=max(1, int(np.ceil(min_size * share))), n_pieces=n_pieces,
+                     seed=seed, feature_names=names)
+        tree = grown.tree
+        labels = route_rows(tree, Xm, codes)
+        tree.count(labels)
+        if np.unique(tree.region_of()).shape[0] == 1:
+            estimation = None
+        else:
+            estimation = np.ones(n, dtype=bool)
+            estimation[chosen] = False
+        prof = profile_leaves(tree, Xm, codes, w, labels, seed=seed, feature_names=names)
+        return tree, labels, prof, estimation
 
     def _warn_too_small(self, n: int, min_size: int, d: int) -> None:
         if self.granularity > 0 and n < 2 * min_size:
@@ -322,7 +392,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         return tree, labels, prof
 
     def _fit_leaves(self, data, tree: PartitionTree, labels, prof: DataProfile,
-                    backend: Backend, seed: int, clock: _Clock) -> None:
+                    backend: Backend, seed: int, clock: _Clock,
+                    estimation: np.ndarray | None = None) -> None:
         Xm, codes, w = data.X, data.codes, data.weights
         p = Xm.shape[1]
         K = data.target.n_classes
@@ -333,17 +404,18 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                          row_bytes=(p + 2) * 8)
         self._warn_small_leaves(sizes, len(names), tree.n_leaves)
         settings = self._engine_settings(K)
-        units = Units("leaf", tree.leaves)
+        units = leaf_units(tree)
         region_of = tree.region_of()
+        rows = None if estimation is None else _rows_by_leaf(labels, estimation, tree.n_leaves)
         refs = []
         try:
             clock.lap("schedule")
             refs = build_shards(backend, Xm, codes, w, labels, tree.n_leaves, std)
             clock.lap("place leaves")
             run = fit_partition(backend, refs, sched, settings, leaf_seeds(tree, seed),
-                                names=names, sizes=sizes, units=units)
+                                names=names, sizes=sizes, units=units, rows=rows)
             regions = region_estimates(backend, refs, sched, run, region_of, settings,
-                                       names=names, sizes=sizes, units=units)
+                                       names=names, sizes=sizes, units=units, rows=rows)
             clock.lap("fit leaves and pool")
             learned = meta_rounds(backend, refs, sched, run, region_of, tree.leaves, p,
                                   float(sizes.sum()), leaf_seeds(tree, seed, tag=1),
@@ -377,11 +449,29 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             leaf_cov.append(0.5 * (cov + cov.T))
             notes.append([names[j] for j in filled])
             prof.with_importance(nid, est[:p])
+        prof.cover(tree, Xm, labels)  # no training row is unseen
         self.profile_ = prof
+        self._contributions = list(run.contributions)
+        self._estimation_rows = {} if estimation is None else {
+            int(nid): int(c) for nid, c in zip(
+                tree.leaves, np.bincount(labels[estimation], minlength=tree.n_leaves),
+                strict=True)}
+        self._warn_unsettled(run.fits, tree.leaves, region_of, regions)
         self._set_leaves(LeafTable(list(tree.leaves), np.array(leaf_params),
                                    np.array(leaf_cov), notes))
         self.effective_granularity_ = self._effective_granularity(0)
         clock.lap("results")
+
+    def _warn_unsettled(self, fits, leaves, region_of, regions) -> None:
+        """Leaves whose own model kept its one-step de-biased estimate: Newton steps from it
+        did not settle (nearly separated classes in the leaf, or a flat direction)."""
+        bad = [nid for f, nid, r in zip(fits, leaves, region_of, strict=True)
+               if f.polished is False and int(r) not in regions]
+        if bad:
+            warn(f"The model of leaf(s) {bad} did not converge from its de-biased start (the "
+                 "classes are nearly separated there, or a direction is flat); it keeps the "
+                 "one-step estimate, whose intervals may be too narrow. Use a larger "
+                 "min_subset_size or fewer features.", UserWarning)
 
     def _warn_small_leaves(self, sizes, d: int, n_leaves: int) -> None:
         need = ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0) * d
@@ -408,6 +498,9 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         models = []
         for pos, nid in enumerate(table.ids):
             info = {"Leaf": nid, "Rows": f"{int(self.partition_.sizes[pos]):,}"}
+            honest = self._estimation_rows.get(nid)
+            if honest is not None:
+                info["Rows estimating it"] = f"{honest:,} (the others chose the splits)"
             if table.notes[pos]:
                 info["Not identified in the leaf"] = ", ".join(table.notes[pos])
             models.append(LeafModel.of(nid, self.schema_, self.target_, table.params[pos],
@@ -547,6 +640,27 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         Tinv = np.linalg.inv(T)
         return Tinv @ self.cov_ @ Tinv.T
 
+    @property
+    def random_effects_(self) -> RandomEffects:
+        """The random-effects summary of the regions' models (one per region: random pieces
+        of a region share theirs), on the original scale."""
+        check_is_fitted(self, "coef_")
+        region = self.partition_.region_of()
+        first = np.unique(region, return_index=True)[1]
+        names = parameter_names(self.schema_.output_names, self.target_.classes)
+        return random_effects(self._leaves.params[first], self._leaves.covs[first], names,
+                              self.schema_.n_features)
+
+    def summary(self, alpha: float = 0.05):
+        """The global model's coefficient table, followed by the random-effects summary of
+        the regions and a plain statement of what the global model is when they differ."""
+        check_is_fitted(self, "coef_")
+        out = self.results_.summary(alpha)
+        re = self.random_effects_
+        if re.n_regions < 2:
+            return out
+        return replace(out, notes=(*out.notes, re.statement()), sections=(re.summary(),))
+
     # ---- streams ------------------------------------------------------------------------------
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """Update the model with a labelled batch, watching each leaf for drift.
@@ -592,14 +706,19 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         out["stream_"] = copy.deepcopy(self.stream_)
         return out
 
-    def _fit_rows(self, X: np.ndarray, codes: np.ndarray, seed: int):
-        """A leaf model fitted on these rows (a streaming refit): raw parameters, covariance,
-        filled-in names (:func:`fedgrain.federation.personalise.fit_leaf_rows`)."""
-        return fit_leaf_rows(X, codes, self.partition_.standardizer,
-                             self._engine_settings(self.classes_.shape[0]).local,
-                             self.meta_state_, self._pooled_cov_std(), self.meta,
-                             parameter_names(self.schema_.output_names, self.target_.classes),
-                             seed)
+    def _fit_rows(self, X: np.ndarray, codes: np.ndarray, seed: int) -> LeafFit:
+        """A leaf model fitted on these rows (a streaming refit, converged like the leaves of
+        a fit; :func:`fedgrain.federation.personalise.fit_leaf_rows`), with the rows' part of
+        the global model at its current point."""
+        std = self.partition_.standardizer
+        params, cov, notes = fit_leaf_rows(
+            X, codes, std, self._engine_settings(self.classes_.shape[0]).local,
+            self.meta_state_, self._pooled_cov_std(), self.meta,
+            parameter_names(self.schema_.output_names, self.target_.classes), seed)
+        point = combine(self._contributions, self.variance)[0]
+        Xs = np.ascontiguousarray(std.transform(X))
+        ev = local.evaluate_local(Xs, codes, None, point, local.meat_kind(self.variance))
+        return LeafFit(params, cov, notes, Contribution.at(point, ev), (Xs, codes))
 
     def _replace_leaves(self, models: dict, rows_seen: int) -> None:
         """Leaf models in the tree's current leaf order: ``models`` (``nid: (params, cov,
@@ -607,25 +726,36 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         with the replaced leaves' information swapped for the new ones'."""
         old = self._leaves
         leaves = self.partition_.leaves
-        removed = [(old.params[i], old.covs[i]) for i, n in enumerate(old.ids)
-                   if n not in leaves or n in models]
-        added = [m[:2] for m in models.values()]
-        self._set_leaves(old.replace(leaves, models))
+        start = combine(self._contributions, self.variance)[0]  # the current global point
+        parts = dict(zip(old.ids, self._contributions, strict=True))
+        parts.update({nid: m.contribution for nid, m in models.items()})
+        self._contributions = [parts[nid] for nid in leaves]
+        for nid in models:  # refitted on stream rows: no split was chosen on them
+            self._estimation_rows.pop(nid, None)
+        changed = bool(models) or list(old.ids) != list(leaves)
+        self._set_leaves(old.replace(leaves, {n: tuple(m[:3]) for n, m in models.items()}))
         self.n_leaves_ = len(leaves)
-        self._repool(removed, added)
+        if changed:
+            self._repool({leaves.index(n): m.rows for n, m in models.items()}, start)
         self.effective_granularity_ = self._effective_granularity(rows_seen)
 
-    def _repool(self, removed: list, added: list) -> None:
-        """The global model after leaf models were replaced: its information less the old
-        models' plus the new ones' (inverse-variance, no refinement round: the old rows are
-        gone). Nothing changes when nothing was replaced."""
-        if not removed and not added:
-            return
-        params, cov = pooling.replace_in_pool(self.results_.params, self.cov_, removed, added)
-        p = self.schema_.n_features
-        params[p:] = monotonise(params[p:], np.diag(cov)[p:])
+    def _repool(self, new_rows: dict, start: np.ndarray) -> None:
+        """The global model pooled again from the current leaves' parts of the composite
+        likelihood (:func:`fedgrain.inference.contributions.repool`): the same pooling as at
+        fit time, with the replaced leaves' new rows in place of their old ones; the new rows
+        are at hand, so they are evaluated again at each point (damped Newton steps from the
+        last global model, converged like the refinement rounds of a fit)."""
+        meat = local.meat_kind(self.variance)
+
+        def rows_at(Xs, codes):
+            return lambda x: local.evaluate_local(Xs, codes, None, x, meat)
+
+        est, cov, self._contributions = repool(
+            self._contributions, {pos: rows_at(*r) for pos, r in new_rows.items()}, start,
+            self.variance, tol=REFINE_TOL, max_steps=LEAF_NEWTON_STEPS)
+        params, cov = self.partition_.standardizer.to_raw_model(est, cov)
         fit = self.global_model_.pooled_fit_.with_model(
-            params, cov, GLOBAL_TITLE + " (leaves replaced after drift)")
+            params, cov, GLOBAL_TITLE + " (leaves replaced on the stream)")
         self._set_fitted(self.schema_, self.target_, params, cov, fit.results)
         self.global_model_ = GlobalModel.of(self.schema_, self.target_, fit)
 
@@ -643,7 +773,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         g_meta, g_arrays = self.global_model_._extra_state()
         m_meta, m_arrays = self.meta_state_.to_dict()
         s_meta, s_arrays = (None, {}) if self.stream_ is None else self.stream_.to_dict()
-        meta_ = {"tree": self.partition_.to_dict(), "profile": self.profile_.to_dict(),
+        meta_ = {"estimation_rows": {str(k): v for k, v in self._estimation_rows.items()},
+                 "tree": self.partition_.to_dict(), "profile": self.profile_.to_dict(),
                  "schedule": self.schedule_.to_dict(), "global": g_meta,
                  "leaf_notes": self._leaves.notes, "timings": dict(self.timings_),
                  "effective_granularity": float(self.effective_granularity_),
@@ -653,8 +784,25 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                   "meta_params": self.meta_model_.results_.params,
                   "meta_cov": self.meta_model_.cov_,
                   "leaf_params": self._leaves.params, "leaf_cov": self._leaves.covs,
+                  **{f"contrib_{k}": v for k, v in stack(self._contributions).items()},
                   **{f"global_{k}": v for k, v in g_arrays.items()}}
         return meta_, arrays
+
+    def _restore_contributions(self, arrays) -> list[Contribution]:
+        """The leaves' parts of the global model; for a model saved without them, the global
+        model's information shared out by leaf size (pooling them gives the saved global
+        model; a leaf replaced on a stream then swaps its share for its new rows')."""
+        if "contrib_target" in arrays:
+            parts = unstack({k: arrays[f"contrib_{k}"] for k in ("target", "hess", "meat")})
+            if len(parts) != self.n_leaves_:
+                raise ValueError("the leaves' contributions do not match the partition")
+            return parts
+        p = self.schema_.n_features
+        T = self.partition_.standardizer.jacobian(self.cov_.shape[0] - p)
+        Tinv = np.linalg.inv(T)
+        whole = Contribution.of_model(Tinv @ self.results_.params, Tinv @ self.cov_ @ Tinv.T)
+        shares = self.partition_.sizes / self.partition_.sizes.sum()
+        return [Contribution(a * whole.target, a * whole.hess, a * whole.meat) for a in shares]
 
     def _restore_extra(self, meta_, arrays):
         self.partition_ = PartitionTree.from_dict(meta_["tree"])
@@ -679,12 +827,34 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         L, d = self.n_leaves_, self.results_.params.shape[0]
         if arrays["leaf_params"].shape != (L, d) or arrays["leaf_cov"].shape != (L, d, d):
             raise ValueError("the leaf arrays do not match the partition")
+        self._estimation_rows = {int(k): int(v) for k, v in
+                                 meta_.get("estimation_rows", {}).items()}
         self._set_leaves(LeafTable(list(self.partition_.leaves), arrays["leaf_params"],
                                    arrays["leaf_cov"], meta_["leaf_notes"]))
+        self._contributions = self._restore_contributions(arrays)
         self.stream_ = None
         if meta_.get("stream") is not None:
             self.stream_ = DriftMonitor.new_state(self)
             self.stream_.load(meta_["stream"], arrays)
+
+
+def _rows_by_leaf(labels: np.ndarray, keep: np.ndarray, n_leaves: int) -> list[np.ndarray]:
+    """Each leaf's selection of its rows (``keep``), in shard row order (the rows' order),
+    packed for the tasks."""
+    order = np.argsort(labels, kind="stable")
+    cuts = np.cumsum(np.bincount(labels, minlength=n_leaves))[:-1]
+    return [local.pack_rows(keep[idx]) for idx in np.split(order, cuts)]
+
+
+class LeafFit(NamedTuple):
+    """A leaf model fitted on stream rows: raw parameters, covariance, names filled in from
+    the global model, and the rows' part of the global model."""
+
+    params: np.ndarray
+    cov: np.ndarray
+    notes: list
+    contribution: Contribution
+    rows: tuple  # the standardised rows and their codes (to evaluate them at a new point)
 
 
 class _Clock:

@@ -170,8 +170,9 @@ class OrdinalRegression(OrdinalModel):
                 raise SeparationError(
                     "The classes are (quasi-)separated: the maximum likelihood estimate does "
                     f"not exist ({', '.join(labels[j] for j in moving)} grow without bound). "
-                    "Remove or merge the separating feature, set alpha > 0 for a ridge penalty, "
-                    "or use DivideConquerOrdinal, whose L1 penalty keeps the fit finite."
+                    "Remove or merge the separating feature, or set alpha > 0 for a ridge "
+                    "penalty (DivideConquerOrdinal refuses such data too: its L1 fit is finite, "
+                    "but not the de-biased estimate)."
                 )
         else:
             warn(f"OrdinalRegression did not converge in max_iter={self.max_iter} Newton "

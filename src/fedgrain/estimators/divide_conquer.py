@@ -175,7 +175,8 @@ class DivideConquerOrdinal(PooledModel):
         self._set_pooled(data.schema, data.target, summarise(
             run, tree.standardizer, tree.sizes, settings,
             feature_names=data.schema.output_names, classes=data.target.classes,
-            title="Divide-and-conquer ordinal regression (cumulative logit)"))
+            title="Divide-and-conquer ordinal regression (cumulative logit)",
+            stratified=M > 1))  # split_random deals every class out evenly
         return self
 
     def _warn_small_subsets(self, n: int, M: int, d: int) -> None:

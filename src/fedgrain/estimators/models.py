@@ -87,7 +87,11 @@ class LeafModel(OrdinalModel):
     of a class the leaf never saw sits where the leaf's rows would expect half an observation
     beyond it (what zero counts say), and further such thresholds at the global model's gaps
     from it. The standard errors of these thresholds are the global model's, a stand-in: the
-    leaf has no information on them.
+    leaf has no information on them. A middle class the leaf never saw (classes on both sides
+    occur) would leave its two thresholds equal (probability 0 with the interval [0, 0]); they
+    are opened to the width at which the leaf's rows expect half an observation of it, with a
+    standard error equal to that width (the class's interval reaches about the exact Poisson
+    bound for zero counts), and both are listed.
 
     Examples
     --------

@@ -18,7 +18,7 @@ is the same and lives here, with its settings passed as values:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -30,6 +30,7 @@ from ..core.linalg import NotIdentifiedError
 from ..core.standardize import Standardizer
 from ..exceptions import DataError, IdentificationWarning, SeparationError, SubsetError
 from ..inference import local, pooling
+from ..inference.contributions import Contribution
 from ..inference.results import OrdinalResults
 from .schedule import Schedule
 
@@ -40,6 +41,10 @@ MIN_ROWS_PER_PARAM = 5
 #: enough at 7.5 rows per parameter, not at 4.7). Two or more rounds converge to the
 #: centralized fit from any subset size allowed.
 ROWS_PER_PARAM_FOR_ROUNDS = {0: 40, 1: 6}
+#: Refinement rounds stop once a round moves no parameter more than this many standard errors
+#: (``refine_rounds`` is then a maximum): the composite fit on all rows, converged at any
+#: heterogeneity (docs/method.md, "Non-random partitions").
+REFINE_TOL = 0.01
 #: Default minimum leaf size of an adaptive partition, in rows per parameter (``20 d``, capped
 #: at the number of rows). A leaf's own model is used for prediction, so it needs more rows than
 #: the pooling alone would (``MIN_ROWS_PER_PARAM``).
@@ -57,6 +62,7 @@ class EngineSettings:
     local: local.LocalSettings
     refine_rounds: int = 1
     alpha: object = "rate"
+    refine_tol: float = REFINE_TOL
 
     @property
     def variance(self) -> str:
@@ -87,12 +93,34 @@ class Units:
 
 @dataclass(frozen=True)
 class PartitionRun:
-    """The subsets' fits, their one-shot pooling, and the refined estimate and covariance."""
+    """The subsets' fits, their one-shot pooling, the refined estimate and covariance, the
+    rounds run, and each subset's part of the refined model (:mod:`..inference.contributions`:
+    what the global model is pooled from again when a stream replaces subsets)."""
 
     fits: list
     pooled: pooling.Pooled
     estimate: np.ndarray
     cov: np.ndarray
+    rounds: int = 0
+    contributions: list | None = None
+
+
+@dataclass(frozen=True)
+class Refined:
+    """A group's refined estimate and covariance, the rounds run, and its members' last
+    score, Hessian and meat (at ``point``, the estimate the last round started from)."""
+
+    estimate: np.ndarray
+    cov: np.ndarray
+    rounds: int = 0
+    point: np.ndarray | None = None
+    evaluations: list | None = None
+    loss: float = np.inf  # the composite loss at ``point``
+
+    def contributions(self) -> list[Contribution] | None:
+        if self.evaluations is None:
+            return None
+        return [Contribution.at(self.point, e) for e in self.evaluations]
 
 
 def resolve_subsets(n_rows: int, d: int, n_subsets: int | None, n_workers: int,
@@ -124,16 +152,20 @@ def resolve_subsets(n_rows: int, d: int, n_subsets: int | None, n_workers: int,
 
 
 def fit_partition(backend: Backend, refs, sched: Schedule, settings: EngineSettings,
-                  seeds: list[int], *, names: list[str], sizes,
-                  units: Units = Units()) -> PartitionRun:
+                  seeds: list[int], *, names: list[str], sizes, units: Units = Units(),
+                  rows: Sequence | None = None) -> PartitionRun:
     """Fit every placed subset, pool the fits and run the refinement rounds.
 
     The tasks run in the bundles of ``sched``; the data stay where ``refs`` placed them, so
-    each round moves parameters only.
+    each round moves parameters only. ``rows`` (one packed selection per subset, or None)
+    restricts the subsets' own fits to some of their rows (an honest partition's estimation
+    rows); the refinement rounds always use every row, so the refined model is the composite
+    fit on all rows whatever the start.
     """
     p = len(names) - (settings.local.n_classes - 1)
-    tasks = [{"shard": r, "settings": settings.local, "seed": s}
-             for r, s in zip(refs, seeds, strict=True)]
+    rows = [None] * len(refs) if rows is None else list(rows)
+    tasks = [{"shard": r, "settings": settings.local, "seed": s, "rows": m}
+             for r, s, m in zip(refs, seeds, rows, strict=True)]
     plural = "leaves" if units.word == "leaf" else f"{units.word}s"
     with progress.step(f"fitting {plural}", len(tasks), plural, ticks=True):
         outcomes = backend.map_bundles(local.fit_task, tasks, sched.bundles(),
@@ -142,67 +174,89 @@ def fit_partition(backend: Backend, refs, sched: Schedule, settings: EngineSetti
     check_fits(fits, names, p, sizes, settings, units)
     pooled = pool_or_explain(pooling.pool, names, fits)
     with progress.step("refinement rounds", settings.refine_rounds, "rounds"):
-        est, cov = refine_groups(backend, refs, sched, {0: np.arange(len(fits))},
-                                 {0: (pooled.estimate, pooled.cov)}, settings,
-                                 names=names, sizes=sizes, units=units, report=True)[0]
-    return PartitionRun(fits, pooled, est, cov)
+        ref = refine_groups(backend, refs, sched, {0: np.arange(len(fits))},
+                            {0: (pooled.estimate, pooled.cov)}, settings,
+                            names=names, sizes=sizes, units=units, report=True)[0]
+    parts = ref.contributions() or [Contribution.of_fit(f) for f in fits]
+    return PartitionRun(fits, pooled, ref.estimate, ref.cov, ref.rounds, parts)
 
 
 def refine_groups(backend: Backend, refs, sched: Schedule, groups: Mapping[int, np.ndarray],
                   start: Mapping[int, tuple[np.ndarray, np.ndarray]], settings: EngineSettings,
-                  *, names: list[str], sizes, units: Units = Units(),
-                  report: bool = False) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+                  *, names: list[str], sizes, units: Units = Units(), report: bool = False,
+                  rows: Sequence | None = None) -> dict[int, Refined]:
     """The refinement rounds (docs/method.md 4b), for each group of subsets on its own.
 
     Every round, each subset of a group evaluates its score, Hessian and meat at the group's
-    current estimate and the group takes the global Newton step from them. ``start`` holds
-    each group's pooled estimate and covariance; returns each group's refined pair (the start
-    when ``settings.refine_rounds`` is 0).
+    current estimate and the group takes the global Newton step from them. A group stops once
+    a step moves none of its parameters more than ``settings.refine_tol`` standard errors, or
+    after ``settings.refine_rounds`` rounds. ``start`` holds each group's pooled estimate and
+    covariance; ``rows`` optionally restricts each subset to some of its rows (packed, by
+    subset index). Returns each group's :class:`Refined` (the start when no round ran).
     """
-    est = dict(start)
-    members = np.concatenate([np.asarray(m, dtype=np.intp) for m in groups.values()])
-    owner = {int(i): g for g, m in groups.items() for i in m}
-    where = {int(i): t for t, i in enumerate(members)}
-    bundles = [b for b in ([where[i] for i in bundle if i in where]
-                           for bundle in sched.bundles()) if b]
+    out = {g: Refined(*start[g]) for g in groups}
+    active = {g: np.asarray(m, dtype=np.intp) for g, m in groups.items()}
     meat = local.meat_kind(settings.variance)
-    sub_sizes = np.asarray(sizes)[members]
-    whole = np.array_equal(members, np.arange(len(sizes)))
     for _ in range(settings.refine_rounds):
-        tasks = [{"shard": refs[i], "params": est[owner[int(i)]][0], "meat": meat}
-                 for i in members]
+        if not active:
+            break
+        members = np.concatenate(list(active.values()))
+        where = {int(i): t for t, i in enumerate(members)}
+        bundles = [b for b in ([where[i] for i in bundle if i in where]
+                               for bundle in sched.bundles()) if b]
+        owner = {int(i): g for g, m in active.items() for i in m}
+        tasks = [{"shard": refs[i], "params": out[owner[int(i)]].estimate, "meat": meat,
+                  "rows": None if rows is None else rows[i]} for i in members]
+        sub_sizes = np.asarray(sizes)[members]
+        whole = np.array_equal(members, np.arange(len(sizes)))
         outcomes = backend.map_bundles(local.evaluate_task, tasks, bundles,
                                        work=_work(sub_sizes, len(names)))
         evals = values_or_raise(outcomes, sub_sizes, units if whole else units.subset(members))
-        for g, m in groups.items():
+        for g, m in list(active.items()):
             ev = [evals[where[int(i)]] for i in m]
-            est[g] = pool_or_explain(pooling.refine, names, est[g][0], ev, settings.variance)
+            here = out[g].estimate
+            loss = sum(e.loss for e in ev)
+            prev = out[g]
+            if prev.evaluations is not None and loss > prev.loss + 1e-9 * abs(prev.loss):
+                # the last step overshot (far from the optimum, where leaves differ): halve it
+                # and evaluate again, keeping the last accepted point's evaluations
+                mid = prev.point + 0.5 * (here - prev.point)
+                out[g] = replace(prev, estimate=mid, rounds=prev.rounds + 1)
+                continue
+            new, cov = pool_or_explain(pooling.refine, names, here, ev, settings.variance)
+            out[g] = Refined(new, cov, prev.rounds + 1, here, ev, loss)
+            se = np.sqrt(np.maximum(np.diag(cov), 1e-300))
+            if np.max(np.abs(new - here) / se) < settings.refine_tol:
+                del active[g]
         if report:
             progress.advance()
-    return est
+    return out
 
 
 def region_estimates(backend: Backend, refs, sched: Schedule, run: PartitionRun,
                      region_of: np.ndarray, settings: EngineSettings, *, names: list[str],
-                     sizes, units: Units) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """The pooled model of every region dealt out into random pieces: ``{region: (est, cov)}``.
+                     sizes, units: Units, rows: Sequence | None = None
+                     ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The model of every region dealt out into random pieces: ``{region: (est, cov)}``.
 
-    With one region the pieces' model is the global one; otherwise each region's pieces are
-    pooled and refined like the global model, over the region's pieces only.
+    Each region's pieces are pooled and refined like the global model, over the region's
+    pieces only (their ``rows`` when given: an honest partition's estimation rows), until
+    converged. With one region and no row selection the model is the global one.
     """
     regions = np.unique(region_of)
     groups = {int(r): np.flatnonzero(region_of == r) for r in regions}
     multi = {r: m for r, m in groups.items() if m.shape[0] > 1}
     if not multi:
         return {}
-    if regions.shape[0] == 1:
+    if regions.shape[0] == 1 and rows is None:
         return {int(regions[0]): (run.estimate, run.cov)}
     start = {}
     for r, m in multi.items():
         pooled = pool_or_explain(pooling.pool, names, [run.fits[i] for i in m])
         start[r] = (pooled.estimate, pooled.cov)
-    return refine_groups(backend, refs, sched, multi, start, settings, names=names, sizes=sizes,
-                         units=units)
+    refined = refine_groups(backend, refs, sched, multi, start, settings, names=names,
+                            sizes=sizes, units=units, rows=rows)
+    return {r: (f.estimate, f.cov) for r, f in refined.items()}
 
 
 def _work(sizes, d: int) -> float:
@@ -212,33 +266,109 @@ def _work(sizes, d: int) -> float:
 
 def check_fits(fits, names: list[str], p: int, sizes, settings: EngineSettings,
                units: Units = Units()) -> None:
-    """Separation is an error; non-convergence and unidentified parameters are warnings."""
+    """Separation is an error; non-convergence and unidentified parameters are warnings.
+
+    Separation is judged on the *unpenalised* fit (:func:`fedgrain.inference.local.fit_local`
+    checks it even when the L1 penalty keeps the lasso finite), as ``OrdinalRegression``
+    judges its own. For leaves (``units.word == "leaf"``) the warnings say what the leaf model
+    does with what it lacks: a feature constant in the leaf takes the global slope, an absent
+    class (at either end, or between classes the leaf has) is given the probability of half
+    an observation. A feature constant in a leaf because one of the cuts above it uses that
+    feature is expected and not warned about (``units.cut_features``, see
+    :func:`fedgrain.federation.leaves.leaf_units`).
+    """
     M = len(fits)
     separated = {m: f.separated for m, f in enumerate(fits) if f.separated}
     if separated:
         m, idx = next(iter(separated.items()))
-        fix = ("use a positive alpha (for example alpha='rate')" if settings.alpha == 0 else
-               "remove or merge the separating feature(s)")
+        more = len(separated) - 1
+        others = (f" (and {more} other {units.word if more == 1 else _plural(units.word)})"
+                  if more else "")
+        fix = ("remove or merge the separating feature(s), or fit OrdinalRegression(alpha=...) "
+               "for a ridge-penalised model")
+        if units.word == "leaf":
+            fix += (", or grow fewer leaves (a lower granularity or a larger min_subset_size) "
+                    "if only a small region is separated")
         raise SeparationError(
             f"The classes are (quasi-)separated in {units.word} {units.name(m, M)} "
-            f"({int(sizes[m]):,} rows): the fit runs off to infinity along "
-            f"{', '.join(names[j] for j in idx)}; {fix}."
+            f"({int(sizes[m]):,} rows){others}: the maximum likelihood estimate does not exist "
+            f"there ({', '.join(names[j] for j in idx)} grow without bound), so the de-biased "
+            f"estimate and its standard errors would be meaningless; {fix}."
         )
     slow = [m for m, f in enumerate(fits) if not f.converged]
     if slow:
         warn(f"The lasso fit of {units.word}(s) {units.names(slow, M)} did not converge in "
              f"max_iter={settings.local.max_iter} iterations; increase max_iter.",
              ConvergenceWarning)
+    leaves = units.word == "leaf"
+    cut = getattr(units, "cut_features", None) or ()
     where: dict[str, list[int]] = {}
     for m, f in enumerate(fits):
         for note in f.notes:
             kind, j = note.split(":")
-            label = (f"threshold '{names[p + int(j)]}' (no rows on one side)"
-                     if kind == "threshold" else f"feature '{names[int(j)]}' (constant)")
+            j = int(j)
+            if kind != "threshold" and leaves and m < len(cut) and j in cut[m]:
+                continue  # constant because a cut above the leaf uses it: expected
+            if not leaves:
+                label = (f"threshold '{names[p + j]}' (no rows on one side)"
+                         if kind == "threshold" else f"feature '{names[j]}' (constant)")
+            elif kind == "threshold":
+                label = _absent_end_class(f, names, p, j)
+            else:
+                label = (f"feature '{names[j]}' is constant in leaf(s) {{}}: its slope there is "
+                         "the global model's (the leaf's thresholds absorb its effect)")
             where.setdefault(label, []).append(m)
+        if leaves and getattr(f, "gaps", None) is not None:
+            labels = _class_labels(names[p:])
+            for c in np.flatnonzero(np.isfinite(f.gaps)):
+                label = (f"class '{labels[c]}' never occurs in leaf(s) {{}}, though classes on "
+                         f"both sides do: thresholds '{names[p + c - 1]}' and '{names[p + c]}' "
+                         "are not identified apart there, so the class is given the probability "
+                         "of half an observation among the leaf's rows, with an interval as "
+                         "wide as zero counts allow")
+                where.setdefault(label, []).append(m)
     for label, subsets in where.items():
-        warn(f"{label} carries no information in {units.word}(s) {units.names(subsets, M)}; "
-             "it gets zero weight there.", IdentificationWarning)
+        if leaves:
+            warn(label.format(units.names(subsets, M)), IdentificationWarning)
+        else:
+            warn(f"{label} carries no information in {units.word}(s) "
+                 f"{units.names(subsets, M)}; it gets zero weight there.", IdentificationWarning)
+
+
+def _plural(word: str) -> str:
+    return "leaves" if word == "leaf" else f"{word}s"
+
+
+def _absent_end_class(fit, names: list[str], p: int, k: int) -> str:
+    """The warning's text for a leaf's threshold ``k`` with no rows on one side: the class
+    beyond it never occurs in the leaf (``{}`` stands for the leaves)."""
+    K1 = len(names) - p
+    noted = {int(n.split(":")[1]) for n in fit.notes if n.startswith("threshold:")}
+    known = [t for t in range(K1) if t not in noted]
+    labels = _class_labels(names[p:])
+    low = bool(known) and k < min(known)
+    cls = labels[k] if low else labels[k + 1]
+    edges = getattr(fit, "edges", None)
+    place = ("where the leaf's rows would expect half an observation beyond it"
+             if edges is not None and np.isfinite(edges[k]) else
+             "at the global model's gap from its neighbour")
+    return (f"class '{cls}' never occurs in leaf(s) {{}}: threshold '{names[p + k]}' is placed "
+            f"{place}, with the global model's standard error as a stand-in")
+
+
+def _class_labels(thresholds: list[str]) -> list[str]:
+    """The class labels from the threshold names ``"a|b"`` (labels may contain ``|``)."""
+    if len(thresholds) == 1:
+        a, _, b = thresholds[0].partition("|")
+        return [a, b]
+    inner = []
+    for left, right in zip(thresholds[:-1], thresholds[1:], strict=True):
+        cands = [left[i + 1:] for i, ch in enumerate(left) if ch == "|"
+                 and right.startswith(left[i + 1:] + "|")]
+        inner.append(cands[0] if cands else right.partition("|")[0])
+    first = thresholds[0][: max(len(thresholds[0]) - len(inner[0]) - 1, 0)]
+    last = thresholds[-1][len(inner[-1]) + 1:]
+    return [first, *inner, last]
 
 
 def pool_or_explain(step, names: list[str], *args):
@@ -322,14 +452,25 @@ class PooledFit:
 
 
 def summarise(run: PartitionRun, std: Standardizer, sizes, settings: EngineSettings, *,
-              feature_names: list[str], classes: list, title: str) -> PooledFit:
-    """The pooled model of a run on the original scale, with inference and heterogeneity."""
+              feature_names: list[str], classes: list, title: str,
+              stratified: bool = False) -> PooledFit:
+    """The pooled model of a run on the original scale, with inference and heterogeneity.
+
+    ``stratified``: the subsets are a class-stratified random division of the rows, so Q and
+    the per-parameter Q and I^2 compare them within classes
+    (:func:`fedgrain.inference.pooling.heterogeneity`); the estimates and intervals do not
+    change.
+    """
     fits, pooled = run.fits, run.pooled
     params, cov = std.to_raw_model(run.estimate, run.cov)
     one_params, one_cov = std.to_raw_model(pooled.estimate, pooled.cov)
     raw, raw_lasso, raw_var, resolved = _subsets_on_raw_scale(fits, std)
-    het = pooling.marginal_heterogeneity(raw, raw_var, resolved)
-    info = _info(sizes, len(classes), pooled, fits, settings)
+    het_raw, het_var = raw, raw_var
+    if stratified:
+        pooled = pooling.heterogeneity(pooled, fits)
+        het_raw, _, het_var, _ = _subsets_on_raw_scale(pooling.within_class(fits), std)
+    het = pooling.marginal_heterogeneity(het_raw, het_var, resolved)
+    info = _info(sizes, len(classes), pooled, fits, settings, run.rounds)
     results = OrdinalResults(params, cov, feature_names, classes, title=title, info=info,
                              heterogeneity=het)
     oneshot = OrdinalResults(one_params, one_cov, feature_names, classes,
@@ -340,18 +481,21 @@ def summarise(run: PartitionRun, std: Standardizer, sizes, settings: EngineSetti
                      pooled.q, pooled.q_df, pooled.q_pvalue, pooled.i2)
 
 
-def _info(subset_sizes, K: int, pooled: pooling.Pooled, fits, settings: EngineSettings) -> dict:
+def _info(subset_sizes, K: int, pooled: pooling.Pooled, fits, settings: EngineSettings,
+          ran: int) -> dict:
     n, M = int(np.sum(subset_sizes)), len(fits)
     lo, hi = int(np.min(subset_sizes)), int(np.max(subset_sizes))
     sizes = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
     q = f"{pooled.q:.2f} (df {pooled.q_df}, p {pooled.q_pvalue:.3g})" if pooled.q_df > 0 \
         else "n/a (one subset)"
     alpha = settings.alpha if isinstance(settings.alpha, str) else "fixed"
+    rounds = f"{ran}" if ran == settings.refine_rounds else \
+        f"{ran} (converged; at most {settings.refine_rounds})"
     return {
         "Rows": f"{n:,}", "Classes": K, "Subsets": M, "Rows per subset": sizes,
         "Penalty": f"{alpha} (mean {np.mean([f.alpha for f in fits]):.3g})",
         "De-biasing": ", ".join(sorted({f.debias for f in fits})),
-        "Variance": settings.variance, "Refinement rounds": settings.refine_rounds,
+        "Variance": settings.variance, "Refinement rounds": rounds,
         "Heterogeneity Q": q, "I^2": f"{pooled.i2:.3f}",
     }
 

@@ -75,6 +75,8 @@ class Summary:
     info: tuple[tuple[str, str], ...]
     table: pd.DataFrame
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: Further summaries shown after this one (an adaptive model's random-effects summary).
+    sections: tuple[Summary, ...] = field(default_factory=tuple)
 
     def to_frame(self) -> pd.DataFrame:
         """The table: one row per parameter; coef, se, z, p and the interval bounds."""
@@ -104,6 +106,8 @@ class Summary:
             lines.append(f"{n:<{wn}}" + "".join(cells))
         lines.append(rule)
         lines += list(self.notes)
+        for section in self.sections:
+            lines += ["", section.as_text()]
         return "\n".join(lines)
 
     def as_html(self) -> str:
@@ -112,8 +116,9 @@ class Summary:
         )
         notes = "".join(f"<p>{html.escape(n)}</p>" for n in self.notes)
         table = self.table.to_html(float_format=lambda v: f"{v:.4g}", border=0)
+        more = "".join(section.as_html() for section in self.sections)
         return (f"<div class='fedgrain-summary'><h4>{html.escape(self.title)}</h4>"
-                f"<table>{info}</table>{table}{notes}</div>")
+                f"<table>{info}</table>{table}{notes}</div>{more}")
 
     def __str__(self) -> str:
         return self.as_text()

@@ -19,11 +19,14 @@ Each change is an event (``split``, ``merge``, ``granularity``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from scipy import special
 
 from ..core.likelihood import class_proba, row_log_loss
 from ..core.linalg import chi2_sf, wald
+from ..federation.leaves import LeafSeparationError
 from ..partition.growth import grow, region_budget, split_level
 from ..partition.profile import LeafProfile, profile_rows
 from .state import FollowUp, RecentRows, Window
@@ -45,11 +48,23 @@ class GranularityController:
         return self.monitor.model
 
     def profile(self, recent: Window, nid: int) -> LeafProfile:
-        """A leaf's profile from these rows (reference distribution included)."""
+        """A leaf's profile from these rows (reference distribution included), with their
+        whole range as the range its model was fitted on (``seen_low``, ``seen_high``)."""
         model = self.model
         std = model.partition_.standardizer
-        return profile_rows(std.transform(recent.X), recent.codes, None, std,
-                            model.classes_.shape[0], 1.0, None, np.random.default_rng(nid), None)
+        lp = profile_rows(std.transform(recent.X), recent.codes, None, std,
+                          model.classes_.shape[0], 1.0, None, np.random.default_rng(nid), None)
+        if recent.codes.shape[0] == 0:
+            return lp
+        return replace(lp, seen_low=recent.X.min(axis=0), seen_high=recent.X.max(axis=0))
+
+    def _fit(self, X, codes, seed: int):
+        """A leaf model on these rows, or None when they are separated (no finite fit): the
+        split or merge that needed it is not made."""
+        try:
+            return self.model._fit_rows(X, codes, seed)
+        except LeafSeparationError:
+            return None
 
     # ---- merge ---------------------------------------------------------------------------
     def try_merge(self, nid: int) -> int | None:
@@ -76,7 +91,9 @@ class GranularityController:
         parts = [st.windows[n].since(since[n]) for n in (nid, sib)]
         merged = Window(*(np.concatenate([getattr(w, f) for w in parts])
                           for f in ("X", "codes", "rows")))
-        leaf_model = model._fit_rows(merged.X, merged.codes, seed=int(st.rows_seen))
+        leaf_model = self._fit(merged.X, merged.codes, int(st.rows_seen))
+        if leaf_model is None:
+            return None
         tree.merge(parent.id)
         tree.nodes[parent.id].n_rows = int(merged.codes.shape[0])
         for gone in (nid, sib):
@@ -117,9 +134,10 @@ class GranularityController:
         if root.kind != "hyperplane":
             return False
         left = Xw @ root.a <= root.b
-        one = model._fit_rows(Xw[fit], cw[fit], seed)
-        parts = [model._fit_rows(Xw[fit & side], cw[fit & side], seed)
-                 for side in (left, ~left)]
+        one = self._fit(Xw[fit], cw[fit], seed)
+        parts = [self._fit(Xw[fit & side], cw[fit & side], seed) for side in (left, ~left)]
+        if one is None or any(m is None for m in parts):
+            return False
         p = model.schema_.n_features
 
         def loss(params, rows):
@@ -131,12 +149,16 @@ class GranularityController:
         if not split < single:
             return False
         ev = dict(root.evidence)
-        models = [model._fit_rows(Xw[side], cw[side], seed) for side in (left, ~left)]
-        since = st.followup[nid].since if nid in st.followup else st.rows_seen
-        rows_since = st.windows[nid].since(since).rows
+        models = [self._fit(Xw[side], cw[side], seed) for side in (left, ~left)]
+        if any(m is None for m in models):
+            return False
+        # the children start from the rows split here (since the drift, or since a covariate
+        # shift), with their own stream row numbers; they are followed up from there
+        first = int(recent.rows.min())
+        since = min(st.followup[nid].since, first) if nid in st.followup else first
         kids = tree.split(nid, root.a, root.b, ev)
         for kid, side in zip(kids, (left, ~left), strict=True):
-            chunk = Window(Xw[side], cw[side], rows_since[side])
+            chunk = Window(Xw[side], cw[side], recent.rows[side])
             tree.nodes[kid].n_rows = int(chunk.codes.shape[0])
             st.windows[kid] = RecentRows(Xw.shape[1], [chunk])
             st.followup[kid] = FollowUp(since, 2 * chunk.codes.shape[0])

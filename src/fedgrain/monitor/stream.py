@@ -24,14 +24,18 @@ the leaf fits and the re-pooling (``_fit_rows``, ``_replace_leaves``); this modu
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import replace
 
 import numpy as np
 
+from .._warnings import warn
 from ..backends import SerialBackend
 from ..core.likelihood import class_proba, row_log_loss
 from ..federation import meta
+from ..federation.leaves import LeafSeparationError
 from ..federation.personalise import learns_pull, with_theta
 from ..federation.shards import build_shards
+from ..inference.results import parameter_names
 from .base import Detector
 from .controller import GranularityController
 from .detectors import ADWIN, PageHinkley
@@ -163,13 +167,27 @@ class DriftMonitor:
         drift split it."""
         st, model = self.state, self.model
         n = recent.codes.shape[0]
-        leaf_model = model._fit_rows(recent.X, recent.codes, seed=int(st.rows_seen))
+        try:
+            leaf_model = model._fit_rows(recent.X, recent.codes, seed=int(st.rows_seen))
+        except LeafSeparationError as exc:
+            # no finite model on these rows: the leaf keeps its model, and is tried again when
+            # its rows since the change have doubled (its follow-up)
+            names = parameter_names(model.schema_.output_names, model.target_.classes)
+            along = ", ".join(names[j] for j in exc.indices)
+            detail = (f"the {n:,} rows since the change are (quasi-)separated along {along}: "
+                      "no finite model; the leaf keeps its previous model until more rows come")
+            warn(f"Leaf {nid}: {detail}.", UserWarning)
+            self.event("refit failed", nid, st.rows_seen, statistic=float(n),
+                       threshold=float(REFIT_ROWS), detail=detail)
+            return
         model.partition_.nodes[nid].n_rows = int(n)
         st.detectors[nid] = self.new_detector()
         self.replace_leaves({nid: leaf_model})
+        notes = list(leaf_model[2]) if len(leaf_model) > 2 else []
+        missing = f"; not identified in the leaf: {', '.join(notes)}" if notes else ""
         self.event("refit", nid, st.rows_seen, statistic=float(n), threshold=float(REFIT_ROWS),
-                   detail=f"refitted on the {n:,} rows since the change was found")
-        self.refresh_reference(nid, recent)
+                   detail=f"refitted on the {n:,} rows since the change was found{missing}")
+        self.refresh_reference(nid, recent, refit=True)
         # merge whenever both siblings are in the new regime and agree (each refit has more
         # rows to tell them apart); a split only on the first refit after the drift
         if self.controller.try_merge(nid) is None and first:
@@ -221,16 +239,26 @@ class DriftMonitor:
                    detail=f"{len(res.history)} round(s) on the leaves' recent rows; pull "
                           f"{res.rho:.3g} pseudo-rows")
 
-    def refresh_reference(self, nid: int, recent: Window) -> None:
-        """The leaf's reference profile from these recent rows; coefficients untouched."""
+    def refresh_reference(self, nid: int, recent: Window, refit: bool = False) -> None:
+        """The leaf's reference profile from these recent rows; coefficients untouched.
+
+        The range the leaf's model was fitted on (``seen_low``, ``seen_high``: rows in it are
+        never unseen) becomes these rows' after a refit on them (``refit``); after a covariate
+        shift the model is the old one, so its old range stays seen, widened by these rows'.
+        """
         if recent.codes.shape[0] < 50:
             return
         profile = self.model.profile_
         old = profile[nid]
         lp = self.controller.profile(recent, nid)
-        profile.leaves[nid] = type(old)(
-            old.n_rows, lp.class_counts, lp.mean, lp.log_density, old.importance,
-            old.importance_source, old.centres, lp.low, lp.high, lp.edges, lp.cdf, lp.n_ref)
+        seen_low, seen_high = lp.seen_low, lp.seen_high
+        if not refit and old.seen_low is not None and old.seen_high is not None:
+            seen_low = np.minimum(old.seen_low, seen_low)
+            seen_high = np.maximum(old.seen_high, seen_high)
+        profile.leaves[nid] = replace(
+            old, class_counts=lp.class_counts, mean=lp.mean, log_density=lp.log_density,
+            low=lp.low, high=lp.high, edges=lp.edges, cdf=lp.cdf, n_ref=lp.n_ref,
+            seen_low=seen_low, seen_high=seen_high)
         self.state.features.restart(nid)
         self.event("profile refreshed", nid, self.state.rows_seen,
                    statistic=float(recent.codes.shape[0]), threshold=0.0,

@@ -9,10 +9,12 @@ importance-weighted standardised space and in the plain standardised space (regi
 in features that matter little for the outcome); a threshold on every feature with a density
 valley between its 10% and 90% quantiles, at the valley; and a threshold on each of the two
 most important features at its median when it has no valley. Each candidate is judged by the
-robust score test of :func:`fedgrain.inference.split_tests.split_test` at the node's quick fit (at
-most :data:`fedgrain.inference.split_tests.QUICK_ROWS` rows): the Lagrange multiplier form of
-the heterogeneity ``Q`` of docs/method.md, a chi-square with ``df`` degrees of freedom when one
-model holds on both sides, at the cost of one pass over the candidate's left rows.
+robust score test of :func:`fedgrain.inference.split_tests.split_test` on *all* the node's rows
+in the sample (at most :data:`fedgrain.inference.split_tests.TEST_ROWS`), at the node's quick
+fit refined by one Newton step on those rows (:func:`fedgrain.inference.split_tests.refine`):
+the Lagrange multiplier form of the heterogeneity ``Q`` of docs/method.md, a chi-square with
+``df`` degrees of freedom when one model holds on both sides. A node costs two passes over its
+rows and one masked Gram matrix per candidate, so the test's power grows with the data.
 
 **Which cut.** The candidate with the largest expected gain (below), unless another one that is
 clearly significant (``p < 5e-8`` after the Bonferroni correction below) and promises at least
@@ -31,7 +33,9 @@ grows):
 
 - a node is split only when its best candidate's ``Q`` is significant at level
   ``alpha(g) = 0.05 * 10^(-6 (1 - g))`` after a Bonferroni correction for the candidates tried
-  (``g = 1``: children that differ at all, at the 5% level; ``g = 0.5``: ``5e-5``);
+  at the node *and* for the nodes the search may test, ``2 (n / min_size)^g``
+  (:func:`node_level`): so where one model holds, the whole search splits with probability at
+  most ``alpha(g)`` (``g = 1``: 5%; ``g = 0.5``: ``5e-5``);
 - at most ``(n / min_subset_size)^g`` regions (``g = 1``: down to the minimum size);
 - ``g = 0``: no region at all, only the static division.
 
@@ -44,9 +48,11 @@ is grown on all rows, up to :data:`SAMPLE_ROWS`; on a sample, a split whose leaf
 smaller than ``min_subset_size`` once every row is routed is merged back,
 which can, rarely, undo a split at one granularity and not at another.
 
-Tests use at most :data:`fedgrain.inference.split_tests.QUICK_ROWS` rows of a node, so on large
-data a difference too small to see in that many rows is not split even at ``g = 1``; the
-expected gain of a split is scaled to the node's full size.
+Tests use every row of a node in the sample the tree is grown on (:data:`SAMPLE_ROWS`), so on
+larger data a difference too small to see in that many rows is not split even at ``g = 1``;
+the expected gain of a split is scaled to the node's full size. How stable the result is
+across resamples of the rows is measured by :func:`stability` (or
+:meth:`PartitionTree.stability`), never by ``fit``.
 When there are fewer regions than workers, the largest regions are dealt out at random into
 pieces (at least ``min_subset_size`` rows each), so every worker has a subset; with ``g = 0`` this
 is exactly the patent's static division. (With more than two workers, regions near a multiple
@@ -71,9 +77,14 @@ from .tree import PartitionTree
 
 #: Rows the tree is grown on at most.
 SAMPLE_ROWS = 50_000
+#: Each side of a cut needs this many rows per parameter outside its largest class (among the
+#: rows it is tested on): a side of one class plus a few stragglers has no finite fit.
+MIN_MINORITY_PER_PARAM = 2
 #: Split level at g = 1, and how many decades it falls to g -> 0.
 ALPHA_AT_ONE = 0.05
 ALPHA_DECADES = 6.0
+#: Largest base of the node count in the correction across nodes (:func:`search_size`).
+SEARCH_BASE_CAP = 1e5
 #: Features whose thresholds are tried at each node.
 N_FEATURE_CANDIDATES = 2
 #: Half-width (standard deviations along the cut's normal) of the band whose share of rows
@@ -96,6 +107,28 @@ def split_level(granularity: float) -> float:
     if granularity <= 0:
         return 0.0
     return ALPHA_AT_ONE * 10.0 ** (-ALPHA_DECADES * (1.0 - granularity))
+
+
+def search_size(granularity: float, n_rows: int, min_size: int) -> float:
+    """Nodes a search at this granularity may test, for the Bonferroni correction across them.
+
+    A search that ends with ``R`` regions has tested ``2 R - 1`` nodes (the root and both
+    children of every split), and ``R`` is at most the region budget ``(n / min_size)^g``; so
+    ``2 (n / min_size)^g`` (not rounded, so the level below changes smoothly with ``g``). The
+    base is capped at :data:`SEARCH_BASE_CAP` so that the level per node still rises with
+    ``g`` (``alpha(g)`` gains 6 decades from 0 to 1, the count at most 5).
+    """
+    if granularity <= 0:
+        return 1.0
+    base = min(max(n_rows / max(min_size, 1), 1.0), SEARCH_BASE_CAP)
+    return 2.0 * base**granularity
+
+
+def node_level(granularity: float, n_rows: int, min_size: int) -> float:
+    """The level one node's best candidate must reach: :func:`split_level` over
+    :func:`search_size`, so that the whole search (every node it tests, every candidate at
+    each, Bonferroni) splits where one model holds with probability at most ``alpha(g)``."""
+    return split_level(granularity) / search_size(granularity, n_rows, min_size)
 
 
 def region_budget(granularity: float, n_rows: int, min_size: int) -> int:
@@ -156,6 +189,14 @@ class _Grower:
         keep = np.linspace(0, rows.shape[0] - 1, split_tests.QUICK_ROWS)
         return rows[keep.round().astype(np.intp)]
 
+    def test_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The evenly spaced rows a region's split tests use: all of them up to
+        :data:`fedgrain.inference.split_tests.TEST_ROWS`."""
+        if rows.shape[0] <= split_tests.TEST_ROWS:
+            return rows
+        keep = np.linspace(0, rows.shape[0] - 1, split_tests.TEST_ROWS)
+        return rows[keep.round().astype(np.intp)]
+
     def quick(self, rows, start=None):
         sub = self.subsample(rows)
         ws = None if self.ws is None else self.ws[sub]
@@ -168,7 +209,6 @@ class _Grower:
         imp = prof.importance(fit, self.p)
         sub = self.subsample(rows)
         Xq, yq = self.Xs[sub], self.ys[sub]
-        wq = None if self.ws is None else self.ws[sub]
         proposals = []
         rng = self.rng(key)
         for label, fw in (("cluster boundary (2-means)", prof.feature_weights(imp)),
@@ -192,20 +232,30 @@ class _Grower:
                 a = np.zeros(self.p)
                 a[j] = 1.0
                 proposals.append((f"feature {j}", a, cut))
-        terms = split_tests.node_terms(Xq, yq, wq, fit)
-        node_counts = np.bincount(yq, minlength=self.K)
-        scale = rows.shape[0] * self.factor / sub.shape[0]
+        # The tests use all the node's rows in the sample (up to TEST_ROWS), at the quick fit
+        # refined by a Newton step on them: power grows with the data, at two passes per node
+        # and one masked Gram matrix per candidate.
+        tr = self.test_rows(rows)
+        Xt, yt = (Xq, yq) if tr is sub else (self.Xs[tr], self.ys[tr])
+        wt = None if self.ws is None else self.ws[tr]
+        fit, terms = split_tests.refine(Xt, yt, wt, fit)
+        node_counts = np.bincount(yt, minlength=self.K)
+        scale = rows.shape[0] * self.factor / tr.shape[0]
         cands = []
         for label, a, b in proposals:
-            z = Xq @ a
-            left_q = z <= b
-            share = float(left_q.mean())
+            z = Xt @ a
+            left_t = z <= b
+            share = float(left_t.mean())
             if min(share, 1.0 - share) * rows.shape[0] < self.min_sample:
                 continue
-            counts = np.bincount(yq[left_q], minlength=self.K)
-            if min(np.count_nonzero(counts), np.count_nonzero(node_counts - counts)) < 2:
-                continue  # a one-class side has no model of its own (its rows are separated)
-            q, df = split_tests.split_test(Xq, yq, wq, fit, left_q, terms)
+            counts = np.bincount(yt[left_t], minlength=self.K)
+            minority = min(counts.sum() - counts.max(),
+                           (node_counts - counts).sum() - (node_counts - counts).max())
+            if minority < MIN_MINORITY_PER_PARAM * (self.p + self.K - 1):
+                # a side of (nearly) one class has no model of its own: its few other rows
+                # are as good as separated
+                continue
+            q, df = split_tests.split_test(Xt, yt, wt, fit, left_t, terms)
             if df > 0:
                 crowd = float(np.mean(np.abs(z - b) < BOUNDARY_BAND * np.linalg.norm(a)))
                 cands.append(_Candidate(label, a, b, None, q, df, 0.5 * (q * scale - 2 * df),
@@ -224,9 +274,9 @@ class _Grower:
             if cleaner:
                 pick = min(cleaner, key=lambda c: c.crowding)
                 ranked = [pick] + [c for c in by_gain if c is not pick]
-        for cand in ranked:  # the sizes above were estimated on the subsample: check them
-            if sub.shape[0] == rows.shape[0]:
-                cand.left = Xq @ cand.a <= cand.b
+        for cand in ranked:  # the sizes above were estimated on the test rows: check them
+            if tr.shape[0] == rows.shape[0]:
+                cand.left = Xt @ cand.a <= cand.b
             else:  # one product over the whole sample beats gathering the node's rows
                 cand.left = (self.Xs @ cand.a)[rows] <= cand.b
             nl = int(cand.left.sum())
@@ -301,10 +351,11 @@ def grow(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, *, std: Standar
     n, p = X.shape
     g = _Grower(X, codes, w, std, n_classes, min_size, seed)
     tree = PartitionTree(p, n_classes, std, seed)
+    tree.growth = {"granularity": float(granularity), "min_size": int(min_size)}
     fits = {0: g.quick(np.arange(g.sample.shape[0]))}
     rows = {0: np.arange(g.sample.shape[0])}
     if granularity > 0:
-        alpha = split_level(granularity)
+        alpha = node_level(granularity, n, min_size)
         budget = region_budget(granularity, n, min_size)
         heap: list = []
 
@@ -327,7 +378,7 @@ def grow(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, *, std: Standar
                 j = int(label.split()[1])
                 label = f"{feature_names[j]} <= {b / a[j]:.4g}"
             evidence = {"candidate": label, "q": cand.q, "df": cand.df, "p_value": pval,
-                        "gain": cand.gain}
+                        "level": alpha, "gain": cand.gain}
             left_id, right_id = tree.split(nid, a, b, evidence)
             rows[left_id], rows[right_id] = rows[nid][cand.left], rows[nid][~cand.left]
             consider(left_id, fits[nid].estimate)
@@ -344,6 +395,91 @@ def grow(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, *, std: Standar
     profile = profile_leaves(tree, X, codes, w, leaf, seed=seed, feature_names=feature_names,
                              fits=fits, grower=g)
     return Grown(tree, leaf, profile)
+
+
+@dataclass(frozen=True)
+class Stability:
+    """How much the partition changes when it is grown again on resamples of the rows.
+
+    ``ari`` is the mean adjusted Rand index between the regions of every pair of trees grown on
+    ``n_resamples`` random ``fraction``s of the rows (each tree routes all the given rows; 1:
+    the same regions every time, about 0: no more alike than chance). ``ari_to_tree`` is the
+    mean index between each of them and the given tree, ``n_regions`` their numbers of
+    regions (random pieces of a region count once).
+    """
+
+    ari: float
+    ari_pairs: tuple[float, ...]
+    ari_to_tree: float | None
+    n_regions: tuple[int, ...]
+    fraction: float
+
+    @property
+    def n_resamples(self) -> int:
+        return len(self.n_regions)
+
+    def describe(self) -> str:
+        """One line for people: the mean index and the regions found."""
+        vs = "" if self.ari_to_tree is None else \
+            f", {self.ari_to_tree:.2f} against the fitted tree"
+        return (f"adjusted Rand index between partitions grown on {self.n_resamples} random "
+                f"{self.fraction:.0%} resamples: {self.ari:.2f} (pairs {min(self.ari_pairs):.2f}"
+                f" to {max(self.ari_pairs):.2f}){vs}; regions "
+                f"{', '.join(str(r) for r in self.n_regions)}")
+
+    def to_dict(self) -> dict:
+        return {"ari": self.ari, "ari_pairs": list(self.ari_pairs),
+                "ari_to_tree": self.ari_to_tree, "n_regions": list(self.n_regions),
+                "fraction": self.fraction}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Stability:
+        return cls(float(d["ari"]), tuple(float(a) for a in d["ari_pairs"]),
+                   None if d["ari_to_tree"] is None else float(d["ari_to_tree"]),
+                   tuple(int(r) for r in d["n_regions"]), float(d["fraction"]))
+
+
+def stability(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None = None, *,
+              granularity: float, min_size: int, std: Standardizer | None = None,
+              n_classes: int | None = None, n_resamples: int = 5, fraction: float = 0.7,
+              seed: int = 0, tree: PartitionTree | None = None) -> Stability:
+    """Grow the partition on ``n_resamples`` random ``fraction``s of the rows (without
+    replacement, the same granularity and minimum size) and compare the regions they give
+    all the rows, pair by pair, by the adjusted Rand index (and each with ``tree``, if given).
+
+    ``X`` are encoded features in original units (``model.encode(X)``), ``codes`` class codes
+    (``model.target_.encode(y)``). Costs ``n_resamples`` tree growths (no leaf fits); a fit
+    never runs it: call it, or :meth:`PartitionTree.stability`, when the figure is wanted.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    X = np.asarray(X, dtype=float)
+    codes = np.asarray(codes)
+    n, p = X.shape
+    if n_resamples < 2:
+        raise ValueError(f"stability needs at least 2 resamples; got {n_resamples}.")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1]; got {fraction}.")
+    std = std if std is not None else Standardizer.fit(X, w)
+    K = int(n_classes if n_classes is not None else codes.max() + 1)
+    names = [f"x{j}" for j in range(p)]
+    m = max(2, int(round(fraction * n)))
+    labels, regions = [], []
+    for r in range(n_resamples):
+        rows = np.sort(np.random.default_rng([seed, r, 99]).choice(n, m, replace=False))
+        grown = grow(X[rows], codes[rows], None if w is None else w[rows], std=std,
+                     n_classes=K, granularity=granularity, min_size=min(min_size, m),
+                     n_pieces=1, seed=int(np.random.SeedSequence([seed, r]).generate_state(1)[0]
+                                          >> 1), feature_names=names)
+        labels.append(grown.tree.region_of()[grown.tree.route(X)])
+        regions.append(int(np.unique(grown.tree.region_of()).shape[0]))
+    pairs = tuple(float(adjusted_rand_score(labels[i], labels[j]))
+                  for i in range(n_resamples) for j in range(i + 1, n_resamples))
+    to_tree = None
+    if tree is not None:
+        own = tree.region_of()[tree.route(X)]
+        to_tree = float(np.mean([adjusted_rand_score(own, lab) for lab in labels]))
+    return Stability(float(np.mean(pairs)), pairs, to_tree, tuple(regions), float(fraction))
 
 
 def profile_leaves(tree: PartitionTree, X, codes, w, leaf, *, seed: int,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import special
 
+from ..core.blocks import row_blocks
 from ..inference.split_tests import QuickFit, quick_fit
 
 #: Rows for the k-nearest-neighbour density, and its k.
@@ -37,6 +38,10 @@ KMEANS_ROWS = 1_000
 RANGE_QUANTILE = 0.999
 #: Quantiles of each feature kept as the leaf's reference distribution.
 REFERENCE_POINTS = 19
+#: Relative slack of a range brought back from the standardised space (``1e-9 (|x| +
+#: scale)``): a value of the data comes back a few ulps off itself, and a feature constant in
+#: a leaf would otherwise have a range of round-off size (2.8e-17) that excludes its own value.
+RANGE_SLACK = 1e-9
 
 
 def importance(fit: QuickFit | None, n_features: int) -> np.ndarray:
@@ -122,7 +127,10 @@ class LeafProfile:
     """What the profiler knows about one leaf.
 
     ``low`` and ``high`` are each feature's 0.1% and 99.9% quantiles among its rows: a row far
-    outside them belongs to a region the leaf has not seen. ``edges`` and ``cdf`` are each
+    outside them belongs to a region the leaf has not seen. ``seen_low`` and ``seen_high`` are
+    the smallest and largest value of each feature among *all* the rows the leaf's model was
+    fitted on (None when unknown): those rows are never unseen
+    (:func:`fedgrain.federation.leaves.unseen_rows`). ``edges`` and ``cdf`` are each
     feature's reference distribution: its empirical CDF at up to 19 quantiles (original units),
     from ``n_ref`` rows.
     ``mean`` and ``centres`` are in the original (encoded) feature units; ``importance`` sums to
@@ -142,6 +150,8 @@ class LeafProfile:
     edges: list | None = None
     cdf: list | None = None
     n_ref: int | None = None
+    seen_low: np.ndarray | None = None
+    seen_high: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         return {"n_rows": self.n_rows, "class_counts": self.class_counts.tolist(),
@@ -153,7 +163,9 @@ class LeafProfile:
                 "high": None if self.high is None else self.high.tolist(),
                 "edges": None if self.edges is None else [e.tolist() for e in self.edges],
                 "cdf": None if self.cdf is None else [c.tolist() for c in self.cdf],
-                "n_ref": self.n_ref}
+                "n_ref": self.n_ref,
+                "seen_low": None if self.seen_low is None else self.seen_low.tolist(),
+                "seen_high": None if self.seen_high is None else self.seen_high.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> LeafProfile:
@@ -169,7 +181,10 @@ class LeafProfile:
                                                         for e in d["edges"]],
                    None if d.get("cdf") is None else [np.asarray(c, dtype=float)
                                                       for c in d["cdf"]],
-                   None if d.get("n_ref") is None else int(d["n_ref"]))
+                   None if d.get("n_ref") is None else int(d["n_ref"]),
+                   None if d.get("seen_low") is None else np.asarray(d["seen_low"], dtype=float),
+                   None if d.get("seen_high") is None else np.asarray(d["seen_high"],
+                                                                      dtype=float))
 
 
 def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_classes: int,
@@ -202,6 +217,10 @@ def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_cla
         discrete = (np.diff(S, axis=0) != 0).sum(axis=0) < 10
         low = np.where(discrete, S[0], low) * std.scale + std.mean
         high = np.where(discrete, S[-1], high) * std.scale + std.mean
+        # back in original units a value may come out a few ulps off itself (a feature
+        # constant in the leaf had a range of 2.8e-17 excluding its own value): widen by a hair
+        low = low - RANGE_SLACK * (np.abs(low) + std.scale)
+        high = high + RANGE_SLACK * (np.abs(high) + std.scale)
         # the reference distribution of each feature: its CDF at up to 19 quantiles (distinct
         # ones; a discrete feature's values), for the drift tests of fedgrain.monitor
         edges, cdf = [], []
@@ -218,6 +237,26 @@ def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_cla
                        "screening", raw_centres, low, high,
                        edges if Xs.shape[0] else None, cdf if Xs.shape[0] else None,
                        int(Xs.shape[0]))
+
+
+def leaf_ranges(X, leaf: np.ndarray, n_leaves: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each leaf position's smallest and largest value of every column, ``(n_leaves, p)``
+    each (``inf`` and ``-inf`` for a leaf without rows), in one pass over ``X``'s blocks."""
+    p = X.shape[1]
+    lo, hi = np.full((n_leaves, p), np.inf), np.full((n_leaves, p), -np.inf)
+    for a, Xb in row_blocks(X):
+        if Xb.shape[0] == 0:
+            continue
+        lb = np.asarray(leaf[a : a + Xb.shape[0]])
+        order = np.argsort(lb, kind="stable")
+        ls = lb[order]
+        starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])
+        Xs = Xb[order]
+        mins = np.minimum.reduceat(Xs, starts, axis=0)
+        maxs = np.maximum.reduceat(Xs, starts, axis=0)
+        lo[ls[starts]] = np.minimum(lo[ls[starts]], mins)
+        hi[ls[starts]] = np.maximum(hi[ls[starts]], maxs)
+    return lo, hi
 
 
 class DataProfile:
@@ -244,6 +283,23 @@ class DataProfile:
                                        importance=imp / total if total > 0 else imp,
                                        importance_source="local model")
 
+    def cover(self, partition, X, leaf: np.ndarray) -> None:
+        """Record every leaf's whole range of the rows its model is fitted on (one pass).
+
+        ``X`` are the encoded training rows (an array, or rows streamed from disk), ``leaf``
+        their leaf positions. Pieces of one region share its range: a new row of the region
+        may be routed to any of them. After this, no training row is unseen
+        (:func:`fedgrain.federation.leaves.unseen_rows`), whatever its leaf's quantiles.
+        """
+        lo, hi = leaf_ranges(X, leaf, partition.n_leaves)
+        region = partition.region_of()
+        for pos, nid in enumerate(partition.leaves):
+            same = region == region[pos]
+            low, high = lo[same].min(axis=0), hi[same].max(axis=0)
+            if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+                continue
+            self.leaves[nid] = replace(self.leaves[nid], seen_low=low, seen_high=high)
+
     def refresh(self, partition, X, y, sample_weight=None, *, random_state: int = 0) -> None:
         """Profile every leaf again from new data: encoded features and class *codes*.
 
@@ -265,8 +321,11 @@ class DataProfile:
             Xs = std.transform(X[rows])
             ws = None if w is None else w[rows]
             fit = quick_fit(Xs, y[rows], ws, K)
-            self.leaves[node_id] = profile_rows(Xs, y[rows], ws, std, K,
-                                                rows.size / X.shape[0], fit, rng)
+            old = self.leaves.get(node_id)
+            new = profile_rows(Xs, y[rows], ws, std, K, rows.size / X.shape[0], fit, rng)
+            # the model was fitted on its rows, not on these: their range stays seen
+            self.leaves[node_id] = new if old is None else replace(
+                new, seen_low=old.seen_low, seen_high=old.seen_high)
 
     def frame(self):
         """One row per leaf: rows, log density and the three most important features."""

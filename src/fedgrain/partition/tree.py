@@ -125,6 +125,12 @@ class PartitionTree:
         also the positions of the fitted leaf models.
     sizes : ndarray of int
         Training rows per leaf.
+    growth : dict or None
+        How :func:`fedgrain.partition.growth.grow` grew the tree (``granularity``,
+        ``min_size``); None for a tree made by hand.
+    stability_ : fedgrain.partition.growth.Stability or None
+        The last :meth:`stability` measured (None until then, and again once the tree is
+        split or merged).
 
     Examples
     --------
@@ -146,6 +152,8 @@ class PartitionTree:
         self.seed = seed
         self.nodes: dict[int, Node] = {0: Node(0, -1, 0, 1)}
         self._next = 1
+        self.growth: dict | None = None
+        self.stability_ = None
 
     # ---- structure --------------------------------------------------------------------------
     @property
@@ -196,6 +204,7 @@ class PartitionTree:
         Returns the ids of the two new leaves; their sizes are zero until :meth:`count` runs.
         """
         node = self._leaf(leaf_id)
+        self.stability_ = None
         a = np.asarray(a, dtype=float).reshape(-1)
         if a.shape[0] != self.n_features or not np.all(np.isfinite(a)) or not np.isfinite(b):
             raise ValueError(f"A split needs {self.n_features} finite coefficients and a finite "
@@ -228,7 +237,43 @@ class PartitionTree:
             stack.extend(child.children)
         node.kind, node.children, node.a, node.b, node.evidence = "leaf", (), None, 0.0, {}
         node.n_rows = rows
+        self.stability_ = None
         return node_id
+
+    def stability(self, X, codes: np.ndarray, sample_weight: np.ndarray | None = None, *,
+                  n_resamples: int = 5, fraction: float = 0.7, random_state: int = 0):
+        """How stable the grown partition is: grow it again on ``n_resamples`` random
+        ``fraction``s of the rows, at the granularity and minimum size it was grown with, and
+        compare the regions by the adjusted Rand index
+        (:func:`fedgrain.partition.growth.stability`, which returns a ``Stability``).
+
+        ``X`` are encoded features and ``codes`` class codes, for a fitted model
+        ``model.encode(X)`` and ``model.target_.encode(y)``. The result is kept as
+        :attr:`stability_` (saved with the tree, shown in the HTML report). Costs
+        ``n_resamples`` tree growths, no leaf fits.
+
+        Examples
+        --------
+        >>> from fedgrain import AdaptiveFederatedOrdinal
+        >>> from fedgrain.datasets import make_regions
+        >>> X, y, *_ = make_regions(4000, n_regions=2, random_state=0)
+        >>> af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y)
+        >>> st = af.partition_.stability(af.encode(X), af.target_.encode(y))
+        >>> st.ari > 0.9
+        True
+        """
+        from .growth import stability
+
+        if self.growth is None:
+            raise ValueError("This partition was not grown by fedgrain (it was made by hand "
+                             "or loaded from an older file), so there is no granularity to "
+                             "grow it again at; call fedgrain.partition.growth.stability with "
+                             "granularity= and min_size=.")
+        self.stability_ = stability(
+            X, codes, sample_weight, granularity=self.growth["granularity"],
+            min_size=self.growth["min_size"], std=self.standardizer, n_classes=self.n_classes,
+            n_resamples=n_resamples, fraction=fraction, seed=random_state, tree=self)
+        return self.stability_
 
     def _leaf(self, leaf_id: int) -> Node:
         node = self.nodes.get(leaf_id)
@@ -403,7 +448,8 @@ class PartitionTree:
         return {"n_features": self.n_features, "n_classes": self.n_classes, "seed": self.seed,
                 "next": self._next, "mean": self.standardizer.mean.tolist(),
                 "scale": self.standardizer.scale.tolist(),
-                "nodes": [n.to_dict() for n in self.nodes.values()]}
+                "nodes": [n.to_dict() for n in self.nodes.values()], "growth": self.growth,
+                "stability": None if self.stability_ is None else self.stability_.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> PartitionTree:
@@ -413,6 +459,11 @@ class PartitionTree:
         tree.nodes = {int(n["id"]): Node.from_dict(n) for n in d["nodes"]}
         tree._next = int(d["next"])
         tree._check()
+        tree.growth = dict(d["growth"]) if d.get("growth") else None
+        if d.get("stability"):
+            from .growth import Stability
+
+            tree.stability_ = Stability.from_dict(d["stability"])
         return tree
 
     def _check(self) -> None:
