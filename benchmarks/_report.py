@@ -27,6 +27,10 @@ MARKED = {
                "bench_stream.py"),
     "scale": ("Scale out and beyond memory: Dask, out-of-core Parquet, scaling",
               "bench_scale.py"),
+    "splits": ("Split search: power, size and stability", "bench_splits.py"),
+    "honest": ("Honest inference on adaptive partitions: coverage, selection, the global model",
+               "bench_honest.py"),
+    "qcal": ("Heterogeneity Q under the class-stratified division", "bench_q_calibration.py"),
 }
 
 

@@ -135,7 +135,11 @@ def global_model(seeds=(0, 1, 2, 3, 4), n: int = 9000) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None,
+                    help="a Markdown page: the table goes between its honest markers "
+                         "(docs/benchmarks.md), any other file is written whole")
+    ap.add_argument("--before", default=None,
+                    help="this script's table from an older version, shown beside this one")
     args = ap.parse_args()
     t0 = time.perf_counter()
     lc = leaf_coverage(max(200, args.reps // 1))
@@ -159,7 +163,23 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if args.out:
+    if args.out and args.out.endswith("benchmarks.md"):
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _report import write_marked
+
+        parts = ["Command: `.venv/bin/python benchmarks/bench_honest.py --reps "
+                 f"{args.reps}` (serial backend, one worker per fit; public API only).",
+                 "**After** (this version):", "\n".join(lines[2:])]
+        if args.before:
+            before = Path(args.before).read_text().strip().splitlines()
+            parts += ["**Before** (the same script on the code before issue 12: one-step "
+                      "leaves estimated on the rows that chose the splits, one refinement "
+                      "round):", "\n".join(before[2:])]
+        write_marked(args.out, "honest", parts)
+    elif args.out:
         with open(args.out, "w") as fh:
             fh.write(text + "\n")
 

@@ -25,7 +25,7 @@ M, N_PER = 8, 500
 
 def _subset_fits(X, y, labels, K, seed):
     Z = fit_standardizer(X, None).transform(X)
-    settings = local.LocalSettings(n_classes=K)
+    settings = local.LocalSettings(n_classes=K, within_class=True)
     return [local.fit_local(Z[labels == m], y[labels == m], None, settings, seed)
             for m in range(M)]
 

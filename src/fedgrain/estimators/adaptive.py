@@ -413,7 +413,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             refs = build_shards(backend, Xm, codes, w, labels, tree.n_leaves, std)
             clock.lap("place leaves")
             run = fit_partition(backend, refs, sched, settings, leaf_seeds(tree, seed),
-                                names=names, sizes=sizes, units=units, rows=rows)
+                                names=names, sizes=sizes, units=units, rows=rows,
+                                local_settings=_own_fits(settings.local, region_of))
             regions = region_estimates(backend, refs, sched, run, region_of, settings,
                                        names=names, sizes=sizes, units=units, rows=rows)
             clock.lap("fit leaves and pool")
@@ -442,6 +443,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                 (est, cov), filled = learned.personal[pos], []
             elif int(region_of[pos]) in regions:
                 (est, cov), filled = regions[int(region_of[pos])], []
+            elif np.unique(region_of).shape[0] == 1:  # one region: its model is the global one
+                (est, cov), filled = (run.estimate, run.cov), []
             else:
                 est, cov, filled = leaf_view(run.fits[pos], run.estimate, run.cov, p)
             params, cov = std.to_raw_model(est, cov)
@@ -836,6 +839,17 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         if meta_.get("stream") is not None:
             self.stream_ = DriftMonitor.new_state(self)
             self.stream_.load(meta_["stream"], arrays)
+
+
+def _own_fits(settings, region_of: np.ndarray) -> list:
+    """Each piece's fit settings: converged (``polish_rounds``) where the piece is a region's
+    whole model (a region alone in its piece, when there are several regions); elsewhere the
+    region's pooled and refined model is reported, and the one-step fit only starts it."""
+    regions, count = np.unique(region_of, return_counts=True)
+    alone = dict(zip(regions.tolist(), (count == 1).tolist(), strict=True))
+    plain = replace(settings, polish_rounds=0)
+    many = regions.shape[0] > 1
+    return [settings if many and alone[int(r)] else plain for r in region_of]
 
 
 def _rows_by_leaf(labels: np.ndarray, keep: np.ndarray, n_leaves: int) -> list[np.ndarray]:

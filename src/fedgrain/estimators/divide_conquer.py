@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sklearn.utils import check_random_state
 
 from .. import progress
@@ -163,6 +165,8 @@ class DivideConquerOrdinal(PooledModel):
             labels = route_rows(tree, Xm, codes)
             tree.count(labels)
             settings = self._engine_settings(K)
+            if M > 1:  # a class-stratified division: Q's reference needs the within-class view
+                settings = replace(settings, local=replace(settings.local, within_class=True))
             names = parameter_names(data.schema.output_names, data.target.classes)
             sched = schedule(tree.sizes, d, backend.n_workers, row_bytes=(p + 2) * 8)
             refs = build_shards(backend, Xm, codes, w, labels, M, tree.standardizer)

@@ -45,6 +45,9 @@ ROWS_PER_PARAM_FOR_ROUNDS = {0: 40, 1: 6}
 #: (``refine_rounds`` is then a maximum): the composite fit on all rows, converged at any
 #: heterogeneity (docs/method.md, "Non-random partitions").
 REFINE_TOL = 0.01
+#: A refinement round after a step smaller than this (in SE) carries the meat: it is probably
+#: the last one (Newton steps shrink quadratically).
+MEAT_NEAR = 0.1
 #: Default minimum leaf size of an adaptive partition, in rows per parameter (``20 d``, capped
 #: at the number of rows). A leaf's own model is used for prediction, so it needs more rows than
 #: the pooling alone would (``MIN_ROWS_PER_PARAM``).
@@ -153,19 +156,22 @@ def resolve_subsets(n_rows: int, d: int, n_subsets: int | None, n_workers: int,
 
 def fit_partition(backend: Backend, refs, sched: Schedule, settings: EngineSettings,
                   seeds: list[int], *, names: list[str], sizes, units: Units = Units(),
-                  rows: Sequence | None = None) -> PartitionRun:
+                  rows: Sequence | None = None,
+                  local_settings: Sequence | None = None) -> PartitionRun:
     """Fit every placed subset, pool the fits and run the refinement rounds.
 
     The tasks run in the bundles of ``sched``; the data stay where ``refs`` placed them, so
     each round moves parameters only. ``rows`` (one packed selection per subset, or None)
     restricts the subsets' own fits to some of their rows (an honest partition's estimation
     rows); the refinement rounds always use every row, so the refined model is the composite
-    fit on all rows whatever the start.
+    fit on all rows whatever the start. ``local_settings`` gives each subset its own fit
+    settings (only leaves reported on their own are converged, for example).
     """
     p = len(names) - (settings.local.n_classes - 1)
     rows = [None] * len(refs) if rows is None else list(rows)
-    tasks = [{"shard": r, "settings": settings.local, "seed": s, "rows": m}
-             for r, s, m in zip(refs, seeds, rows, strict=True)]
+    each = [settings.local] * len(refs) if local_settings is None else list(local_settings)
+    tasks = [{"shard": r, "settings": ls, "seed": s, "rows": m}
+             for r, s, m, ls in zip(refs, seeds, rows, each, strict=True)]
     plural = "leaves" if units.word == "leaf" else f"{units.word}s"
     with progress.step(f"fitting {plural}", len(tasks), plural, ticks=True):
         outcomes = backend.map_bundles(local.fit_task, tasks, sched.bundles(),
@@ -196,10 +202,17 @@ def refine_groups(backend: Backend, refs, sched: Schedule, groups: Mapping[int, 
     """
     out = {g: Refined(*start[g]) for g in groups}
     active = {g: np.asarray(m, dtype=np.intp) for g, m in groups.items()}
-    meat = local.meat_kind(settings.variance)
-    for _ in range(settings.refine_rounds):
+    kind = local.meat_kind(settings.variance)
+    # The meat (for the sandwich) is needed only where a group stops: in the last round
+    # allowed, and after a step under MEAT_NEAR SE (the next one is then almost surely under
+    # the tolerance). Other rounds take the same Newton step without it.
+    near = {g: False for g in groups}
+    for r in range(settings.refine_rounds):
         if not active:
             break
+        with_meat = kind is not None and (r == settings.refine_rounds - 1
+                                          or any(near[g] for g in active))
+        meat = kind if with_meat else None
         members = np.concatenate(list(active.values()))
         where = {int(i): t for t, i in enumerate(members)}
         bundles = [b for b in ([where[i] for i in bundle if i in where]
@@ -223,11 +236,14 @@ def refine_groups(backend: Backend, refs, sched: Schedule, groups: Mapping[int, 
                 mid = prev.point + 0.5 * (here - prev.point)
                 out[g] = replace(prev, estimate=mid, rounds=prev.rounds + 1)
                 continue
-            new, cov = pool_or_explain(pooling.refine, names, here, ev, settings.variance)
+            variance = settings.variance if meat is not None else "model"
+            new, cov = pool_or_explain(pooling.refine, names, here, ev, variance)
             out[g] = Refined(new, cov, prev.rounds + 1, here, ev, loss)
             se = np.sqrt(np.maximum(np.diag(cov), 1e-300))
-            if np.max(np.abs(new - here) / se) < settings.refine_tol:
+            step = float(np.max(np.abs(new - here) / se))
+            if step < settings.refine_tol and (meat is not None or kind is None):
                 del active[g]
+            near[g] = step < MEAT_NEAR
         if report:
             progress.advance()
     return out

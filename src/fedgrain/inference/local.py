@@ -67,6 +67,8 @@ class LocalSettings:
     #: leaf's own model is reported converged (docs/method.md, "Non-random partitions").
     polish_rounds: int = 0
     polish_tol: float = 0.01
+    #: Compute the within-class view for Q (a class-stratified division: two more passes).
+    within_class: bool = False
 
 
 @dataclass(frozen=True)
@@ -496,7 +498,8 @@ def fit_local(
                     edges=_edges(prob, est), gaps=_gaps(prob, est), polished=polished,
                     within=(_within_class(oracle, est, y, w, n_eff, method, settings,
                                           converged=bool(polished))
-                            if settings.variance == "cluster" else None), **common)
+                            if settings.within_class and settings.variance == "cluster"
+                            else None), **common)
 
 
 def within_class_meat(meat: np.ndarray, class_grad: np.ndarray,
