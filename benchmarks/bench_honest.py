@@ -44,7 +44,7 @@ def _covers(model, truth: np.ndarray) -> np.ndarray:
     return (lo <= truth) & (truth <= hi)
 
 
-def leaf_coverage(reps: int, n: int = 4000) -> dict:
+def leaf_coverage(reps: int, n: int = 4000, with_grown: bool = True) -> dict:
     from fedgrain import AdaptiveFederatedOrdinal
     from fedgrain.datasets import make_regions
 
@@ -70,6 +70,8 @@ def leaf_coverage(reps: int, n: int = 4000) -> dict:
             for pos, m in enumerate(af.local_models_):
                 reg = np.bincount(region[leaf == pos]).argmax()
                 given.append(_covers(m, truth[reg]))
+            if not with_grown:
+                continue
             af = AdaptiveFederatedOrdinal(backend="serial", n_jobs=1,
                                           random_state=r).fit(X, y)
         leaf = af.apply(X)
@@ -112,8 +114,9 @@ def selection(reps: int, n: int = 3000) -> dict:
             significant += 1
         for m in af.local_models_:
             cover.append(_covers(m, np.r_[coef, th]))
-    return {"reps": reps, "split": split / reps, "split_and_significant": significant / reps,
-            "cover": np.array(cover).mean() if cover else None}
+    return {"reps": reps, "split": split / reps, "n_split": split,
+            "split_and_significant": significant / reps,
+            "cover": np.array(cover).mean() if cover else None, "n_cover": len(cover)}
 
 
 def global_model(seeds=(0, 1, 2, 3, 4), n: int = 9000) -> dict:
@@ -153,11 +156,13 @@ def main() -> None:
         f"| leaf coverage, grown tree that found the regions ({lc['found']} fits) | "
         + ("n/a" if lc["grown"] is None else
            f"{lc['grown'].min():.3f}-{lc['grown'].max():.3f}") + " |",
-        f"| one true model: fits that split ({sel['reps']} fits) | {sel['split']:.3f} |",
+        f"| one true model: fits that split ({sel['reps']} fits) | {sel['split']:.3f} "
+        f"({sel['n_split']} fits) |",
         f"| one true model: split and significant sibling difference | "
         f"{sel['split_and_significant']:.3f} |",
         "| one true model: leaf coverage in fits that split | "
-        + ("n/a" if sel["cover"] is None else f"{sel['cover']:.3f}") + " |",
+        + ("n/a" if sel["cover"] is None else
+           f"{sel['cover']:.3f} ({sel['n_cover']} leaves)") + " |",
         f"| global model vs centralised composite fit, 3 differing regions | "
         f"{gm['max_se']:.3f} SE at most |",
     ]

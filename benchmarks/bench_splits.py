@@ -192,7 +192,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer replications and seeds")
     ap.add_argument("--reps", type=int, default=None, help="replications of part 1")
-    ap.add_argument("--out", help="write the markdown here (a file of its own)")
+    ap.add_argument("--out", help="write the markdown here: between the splits markers as "
+                    "its 'After' part for docs/benchmarks.md (the 'Before' part is kept), "
+                    "else a file of its own")
     ap.add_argument("--only", choices=("size", "simulations", "randhie"),
                     help="run one part only")
     args = ap.parse_args(argv)
@@ -212,9 +214,29 @@ def main(argv=None):
         parts.append(randhie(seeds))
         print(parts[-1], "\n", flush=True)
     parts.append(f"({(time.perf_counter() - t0) / 60:.1f} minutes)")
-    if args.out:
+    if args.out and args.out.endswith("benchmarks.md"):
+        _write_after(args.out, parts)
+    elif args.out:
         with open(args.out, "w") as fh:
             fh.write("\n\n".join(parts) + "\n")
+
+
+def _write_after(page: str, parts: list[str]) -> None:
+    """Replace the 'After' part of the page's splits section, keeping its introduction and
+    its 'Before' part (measured once on the older code)."""
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _report import marked_blocks, write_marked
+
+    old = marked_blocks(Path(page).read_text(), "splits")
+    body = old[0].split("\n", 1)[1].rsplit("\n", 1)[0] if old else ""
+    intro, _, rest = body.partition("### After")
+    _, sep, before = rest.partition("### Before")
+    write_marked(page, "splits", [re.sub(r"\s+$", "", intro or ""), "### After",
+                                  "\n\n".join(parts), *([sep + before] if sep else [])])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
@@ -345,14 +346,32 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                      min_size=max(1, int(np.ceil(min_size * share))), n_pieces=n_pieces,
                      seed=seed, feature_names=names)
         tree = grown.tree
+        tree.growth["fraction"] = share  # grown on this share of the rows (for stability())
         labels = route_rows(tree, Xm, codes)
         tree.count(labels)
+        estimation = np.ones(n, dtype=bool)
+        estimation[chosen] = False
+        need = MIN_ROWS_PER_PARAM * (Xm.shape[1] + K - 1)
+        while tree.n_leaves > 1:  # a leaf needs rows of its own to be estimated on
+            fitted = np.bincount(labels[estimation], minlength=tree.n_leaves)
+            small = np.flatnonzero(fitted < need)
+            if not small.size:
+                break
+            tree.merge(tree.nodes[tree.leaves[small[0]]].parent)
+            labels = route_rows(tree, Xm, codes)
+            tree.count(labels)
         if np.unique(tree.region_of()).shape[0] == 1:
             estimation = None
-        else:
-            estimation = np.ones(n, dtype=bool)
-            estimation[chosen] = False
-        prof = profile_leaves(tree, Xm, codes, w, labels, seed=seed, feature_names=names)
+        if set(grown.profile.leaves) == set(tree.leaves):
+            # the growth's profile (its sample: half the rows) with every row's counts
+            counts = np.bincount(labels * K + codes, weights=w,
+                                 minlength=tree.n_leaves * K).reshape(tree.n_leaves, K)
+            prof = grown.profile
+            for pos, nid in enumerate(tree.leaves):
+                prof.leaves[nid] = replace(prof.leaves[nid], n_rows=int(tree.sizes[pos]),
+                                           class_counts=counts[pos].astype(float))
+        else:  # leaves merged after growth: profile them again
+            prof = profile_leaves(tree, Xm, codes, w, labels, seed=seed, feature_names=names)
         return tree, labels, prof, estimation
 
     def _warn_too_small(self, n: int, min_size: int, d: int) -> None:
@@ -415,11 +434,17 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             run = fit_partition(backend, refs, sched, settings, leaf_seeds(tree, seed),
                                 names=names, sizes=sizes, units=units, rows=rows,
                                 local_settings=_own_fits(settings.local, region_of))
+            if not run.converged:
+                warn(f"The refinement rounds did not converge in refine_rounds="
+                     f"{self.refine_rounds} rounds: the global model is not yet the composite "
+                     "fit on all rows (where the leaves differ a lot, more rounds are needed); "
+                     "increase refine_rounds.", ConvergenceWarning)
             regions = region_estimates(backend, refs, sched, run, region_of, settings,
                                        names=names, sizes=sizes, units=units, rows=rows)
             clock.lap("fit leaves and pool")
+            n_fitted = float(sizes.sum() if estimation is None else estimation.sum())
             learned = meta_rounds(backend, refs, sched, run, region_of, tree.leaves, p,
-                                  float(sizes.sum()), leaf_seeds(tree, seed, tag=1),
+                                  n_fitted, leaf_seeds(tree, seed, tag=1),
                                   self._meta_config())
             if self.meta != "none":
                 clock.lap("meta-learning")
@@ -455,7 +480,9 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         prof.cover(tree, Xm, labels)  # no training row is unseen
         self.profile_ = prof
         self._contributions = list(run.contributions)
-        self._estimation_rows = {} if estimation is None else {
+        # personalised leaves adapt on every row of their leaf: no honest count to report
+        honest = estimation is not None and learned.personal is None
+        self._estimation_rows = {} if not honest else {
             int(nid): int(c) for nid, c in zip(
                 tree.leaves, np.bincount(labels[estimation], minlength=tree.n_leaves),
                 strict=True)}
@@ -651,8 +678,10 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         region = self.partition_.region_of()
         first = np.unique(region, return_index=True)[1]
         names = parameter_names(self.schema_.output_names, self.target_.classes)
-        return random_effects(self._leaves.params[first], self._leaves.covs[first], names,
-                              self.schema_.n_features)
+        est = self._leaves.params[first].copy()
+        for row, pos in enumerate(first):  # filled in from the global model: not the region's
+            est[row, [names.index(n) for n in self._leaves.notes[pos] if n in names]] = np.nan
+        return random_effects(est, self._leaves.covs[first], names, self.schema_.n_features)
 
     def summary(self, alpha: float = 0.05):
         """The global model's coefficient table, followed by the random-effects summary of
@@ -662,7 +691,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         re = self.random_effects_
         if re.n_regions < 2:
             return out
-        return replace(out, notes=(*out.notes, re.statement()), sections=(re.summary(),))
+        return replace(out, notes=(*out.notes, re.statement()),
+                       sections=(re.summary(statement=False),))
 
     # ---- streams ------------------------------------------------------------------------------
     def partial_fit(self, X, y, classes=None, sample_weight=None):
@@ -707,21 +737,20 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         out["profile_"] = copy.deepcopy(self.profile_)
         out["events_"] = list(self.events_)
         out["stream_"] = copy.deepcopy(self.stream_)
+        out["_estimation_rows"] = dict(self._estimation_rows)
+        out["_contributions"] = list(self._contributions)
         return out
 
     def _fit_rows(self, X: np.ndarray, codes: np.ndarray, seed: int) -> LeafFit:
         """A leaf model fitted on these rows (a streaming refit, converged like the leaves of
         a fit; :func:`fedgrain.federation.personalise.fit_leaf_rows`), with the rows' part of
-        the global model at its current point."""
+        the global model, evaluated when the leaf goes in (:meth:`_replace_leaves`)."""
         std = self.partition_.standardizer
         params, cov, notes = fit_leaf_rows(
             X, codes, std, self._engine_settings(self.classes_.shape[0]).local,
             self.meta_state_, self._pooled_cov_std(), self.meta,
             parameter_names(self.schema_.output_names, self.target_.classes), seed)
-        point = combine(self._contributions, self.variance)[0]
-        Xs = np.ascontiguousarray(std.transform(X))
-        ev = local.evaluate_local(Xs, codes, None, point, local.meat_kind(self.variance))
-        return LeafFit(params, cov, notes, Contribution.at(point, ev), (Xs, codes))
+        return LeafFit(params, cov, notes, np.ascontiguousarray(std.transform(X)), codes)
 
     def _replace_leaves(self, models: dict, rows_seen: int) -> None:
         """Leaf models in the tree's current leaf order: ``models`` (``nid: (params, cov,
@@ -731,15 +760,16 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         leaves = self.partition_.leaves
         start = combine(self._contributions, self.variance)[0]  # the current global point
         parts = dict(zip(old.ids, self._contributions, strict=True))
-        parts.update({nid: m.contribution for nid, m in models.items()})
+        parts.update({nid: None for nid in models})  # evaluated by the re-pooling
         self._contributions = [parts[nid] for nid in leaves]
-        for nid in models:  # refitted on stream rows: no split was chosen on them
-            self._estimation_rows.pop(nid, None)
+        # refitted on stream rows (no split was chosen on them), or gone
+        self._estimation_rows = {n: c for n, c in self._estimation_rows.items()
+                                 if n in leaves and n not in models}
         changed = bool(models) or list(old.ids) != list(leaves)
         self._set_leaves(old.replace(leaves, {n: tuple(m[:3]) for n, m in models.items()}))
         self.n_leaves_ = len(leaves)
         if changed:
-            self._repool({leaves.index(n): m.rows for n, m in models.items()}, start)
+            self._repool({leaves.index(n): (m.X, m.codes) for n, m in models.items()}, start)
         self.effective_granularity_ = self._effective_granularity(rows_seen)
 
     def _repool(self, new_rows: dict, start: np.ndarray) -> None:
@@ -755,7 +785,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
 
         est, cov, self._contributions = repool(
             self._contributions, {pos: rows_at(*r) for pos, r in new_rows.items()}, start,
-            self.variance, tol=REFINE_TOL, max_steps=LEAF_NEWTON_STEPS)
+            self.variance, tol=REFINE_TOL, max_steps=int(self.refine_rounds))
         params, cov = self.partition_.standardizer.to_raw_model(est, cov)
         fit = self.global_model_.pooled_fit_.with_model(
             params, cov, GLOBAL_TITLE + " (leaves replaced on the stream)")
@@ -867,8 +897,8 @@ class LeafFit(NamedTuple):
     params: np.ndarray
     cov: np.ndarray
     notes: list
-    contribution: Contribution
-    rows: tuple  # the standardised rows and their codes (to evaluate them at a new point)
+    X: np.ndarray  # the rows, standardised, and their codes: the leaf's part of the global
+    codes: np.ndarray  # model is evaluated from them at each point of the re-pooling
 
 
 class _Clock:

@@ -36,8 +36,9 @@ class DivideConquerOrdinal(PooledModel):
     binary problem and de-biased by one Newton step; each estimate is weighted by its robust
     (cluster-sandwich) inverse variance and the estimates are pooled. A refinement round
     (``refine_rounds=1``, the default) then takes one global Newton step from the pooled
-    estimate, which removes the subsets' finite-sample bias; ``refine_rounds=0`` is the patent's
-    one-shot method.
+    estimate, which removes the subsets' finite-sample bias; more rounds (``refine_rounds`` is a
+    maximum) stop once a step moves no parameter more than 0.01 standard errors;
+    ``refine_rounds=0`` is the patent's one-shot method.
 
     Parameters
     ----------

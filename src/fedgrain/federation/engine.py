@@ -48,6 +48,8 @@ REFINE_TOL = 0.01
 #: A refinement round after a step smaller than this (in SE) carries the meat: it is probably
 #: the last one (Newton steps shrink quadratically).
 MEAT_NEAR = 0.1
+#: Rounds a refinement may spend halving steps that raised the loss, beyond ``refine_rounds``.
+MAX_HALVINGS = 10
 #: Default minimum leaf size of an adaptive partition, in rows per parameter (``20 d``, capped
 #: at the number of rows). A leaf's own model is used for prediction, so it needs more rows than
 #: the pooling alone would (``MIN_ROWS_PER_PARAM``).
@@ -106,6 +108,7 @@ class PartitionRun:
     cov: np.ndarray
     rounds: int = 0
     contributions: list | None = None
+    converged: bool = True
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class Refined:
     point: np.ndarray | None = None
     evaluations: list | None = None
     loss: float = np.inf  # the composite loss at ``point``
+    converged: bool = False  # the last step moved no parameter more than the tolerance
+    halved: bool = False  # the estimate is a halved step not evaluated yet
 
     def contributions(self) -> list[Contribution] | None:
         if self.evaluations is None:
@@ -184,7 +189,8 @@ def fit_partition(backend: Backend, refs, sched: Schedule, settings: EngineSetti
                             {0: (pooled.estimate, pooled.cov)}, settings,
                             names=names, sizes=sizes, units=units, report=True)[0]
     parts = ref.contributions() or [Contribution.of_fit(f) for f in fits]
-    return PartitionRun(fits, pooled, ref.estimate, ref.cov, ref.rounds, parts)
+    return PartitionRun(fits, pooled, ref.estimate, ref.cov, ref.rounds, parts,
+                        ref.converged or settings.refine_rounds <= 1)
 
 
 def refine_groups(backend: Backend, refs, sched: Schedule, groups: Mapping[int, np.ndarray],
@@ -203,23 +209,25 @@ def refine_groups(backend: Backend, refs, sched: Schedule, groups: Mapping[int, 
     out = {g: Refined(*start[g]) for g in groups}
     active = {g: np.asarray(m, dtype=np.intp) for g, m in groups.items()}
     kind = local.meat_kind(settings.variance)
-    # The meat (for the sandwich) is needed only where a group stops: in the last round
+    most = settings.refine_rounds
+    steps = {g: 0 for g in groups}  # Newton steps taken (halvings not counted)
+    # The meat (for the sandwich) is needed only where a group stops: before its last step
     # allowed, and after a step under MEAT_NEAR SE (the next one is then almost surely under
     # the tolerance). Other rounds take the same Newton step without it.
     near = {g: False for g in groups}
-    for r in range(settings.refine_rounds):
+    for _ in range(most + MAX_HALVINGS if most else 0):
         if not active:
             break
-        with_meat = kind is not None and (r == settings.refine_rounds - 1
-                                          or any(near[g] for g in active))
-        meat = kind if with_meat else None
+        meat = {g: kind if kind is not None and (near[g] or steps[g] == most - 1) else None
+                for g in active}
         members = np.concatenate(list(active.values()))
         where = {int(i): t for t, i in enumerate(members)}
         bundles = [b for b in ([where[i] for i in bundle if i in where]
                                for bundle in sched.bundles()) if b]
         owner = {int(i): g for g, m in active.items() for i in m}
-        tasks = [{"shard": refs[i], "params": out[owner[int(i)]].estimate, "meat": meat,
-                  "rows": None if rows is None else rows[i]} for i in members]
+        tasks = [{"shard": refs[i], "params": out[owner[int(i)]].estimate,
+                  "meat": meat[owner[int(i)]], "rows": None if rows is None else rows[i]}
+                 for i in members]
         sub_sizes = np.asarray(sizes)[members]
         whole = np.array_equal(members, np.arange(len(sizes)))
         outcomes = backend.map_bundles(local.evaluate_task, tasks, bundles,
@@ -227,25 +235,29 @@ def refine_groups(backend: Backend, refs, sched: Schedule, groups: Mapping[int, 
         evals = values_or_raise(outcomes, sub_sizes, units if whole else units.subset(members))
         for g, m in list(active.items()):
             ev = [evals[where[int(i)]] for i in m]
-            here = out[g].estimate
+            prev, here = out[g], out[g].estimate
             loss = sum(e.loss for e in ev)
-            prev = out[g]
             if prev.evaluations is not None and loss > prev.loss + 1e-9 * abs(prev.loss):
                 # the last step overshot (far from the optimum, where leaves differ): halve it
                 # and evaluate again, keeping the last accepted point's evaluations
-                mid = prev.point + 0.5 * (here - prev.point)
-                out[g] = replace(prev, estimate=mid, rounds=prev.rounds + 1)
+                out[g] = replace(prev, estimate=prev.point + 0.5 * (here - prev.point),
+                                 rounds=prev.rounds + 1, halved=True)
                 continue
-            variance = settings.variance if meat is not None else "model"
+            variance = settings.variance if meat[g] is not None or kind is None else "model"
             new, cov = pool_or_explain(pooling.refine, names, here, ev, variance)
-            out[g] = Refined(new, cov, prev.rounds + 1, here, ev, loss)
             se = np.sqrt(np.maximum(np.diag(cov), 1e-300))
             step = float(np.max(np.abs(new - here) / se))
-            if step < settings.refine_tol and (meat is not None or kind is None):
+            steps[g] += 1
+            done = step < settings.refine_tol and variance == settings.variance
+            out[g] = Refined(new, cov, prev.rounds + 1, here, ev, loss, converged=done)
+            if done or steps[g] == most:
                 del active[g]
             near[g] = step < MEAT_NEAR
         if report:
             progress.advance()
+    for g in active:  # halved to the end: keep the last point whose loss was checked
+        if out[g].halved:
+            out[g] = replace(out[g], estimate=out[g].point, halved=False)
     return out
 
 
@@ -486,7 +498,7 @@ def summarise(run: PartitionRun, std: Standardizer, sizes, settings: EngineSetti
         pooled = pooling.heterogeneity(pooled, fits)
         het_raw, _, het_var, _ = _subsets_on_raw_scale(pooling.within_class(fits), std)
     het = pooling.marginal_heterogeneity(het_raw, het_var, resolved)
-    info = _info(sizes, len(classes), pooled, fits, settings, run.rounds)
+    info = _info(sizes, len(classes), pooled, fits, settings, run.rounds, run.converged)
     results = OrdinalResults(params, cov, feature_names, classes, title=title, info=info,
                              heterogeneity=het)
     oneshot = OrdinalResults(one_params, one_cov, feature_names, classes,
@@ -498,15 +510,16 @@ def summarise(run: PartitionRun, std: Standardizer, sizes, settings: EngineSetti
 
 
 def _info(subset_sizes, K: int, pooled: pooling.Pooled, fits, settings: EngineSettings,
-          ran: int) -> dict:
+          ran: int, converged: bool = True) -> dict:
     n, M = int(np.sum(subset_sizes)), len(fits)
     lo, hi = int(np.min(subset_sizes)), int(np.max(subset_sizes))
     sizes = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
     q = f"{pooled.q:.2f} (df {pooled.q_df}, p {pooled.q_pvalue:.3g})" if pooled.q_df > 0 \
         else "n/a (one subset)"
     alpha = settings.alpha if isinstance(settings.alpha, str) else "fixed"
-    rounds = f"{ran}" if ran == settings.refine_rounds else \
-        f"{ran} (converged; at most {settings.refine_rounds})"
+    rounds = (f"{ran}" if settings.refine_rounds <= 1 else
+              f"{ran} (converged; at most {settings.refine_rounds})" if converged else
+              f"{ran} (NOT converged; at most {settings.refine_rounds})")
     return {
         "Rows": f"{n:,}", "Classes": K, "Subsets": M, "Rows per subset": sizes,
         "Penalty": f"{alpha} (mean {np.mean([f.alpha for f in fits]):.3g})",

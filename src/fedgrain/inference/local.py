@@ -489,11 +489,9 @@ def fit_local(
     else:
         meat = oracle(res.x, loss=False, order=0, meat=meat_kind(settings.variance)).meat
         V = Theta @ meat @ Theta.T
-    polished = None
-    if settings.polish_rounds > 0:
-        polished = False
-        if method == "inverse":
-            est, V, polished = _polish(oracle, est, 0.5 * (V + V.T), settings)
+    polished = None  # not asked, or nodewise de-biasing (ill-conditioned: no Newton steps)
+    if settings.polish_rounds > 0 and method == "inverse":
+        est, V, polished = _polish(oracle, est, 0.5 * (V + V.T), settings)
     return LocalFit(estimate=est, cov=0.5 * (V + V.T), lasso=res.x, debias=method,
                     edges=_edges(prob, est), gaps=_gaps(prob, est), polished=polished,
                     within=(_within_class(oracle, est, y, w, n_eff, method, settings,
@@ -759,9 +757,12 @@ def one_blas_thread():
 def fit_task(task: dict) -> LocalFit:
     """Backend entry point: fit the shard named in ``task`` (one BLAS thread, for determinism)."""
     shard = task["shard"].load()
+    X, y, w = shard.X, shard.y, task_weights(shard, task)
+    if task.get("rows") is not None:  # the fit's many passes run on the selected rows only
+        keep = w > 0
+        X, y, w = X[keep], y[keep], (None if shard.w is None else w[keep])
     with one_blas_thread():
-        return fit_local(shard.X, shard.y, task_weights(shard, task), task["settings"],
-                         task["seed"])
+        return fit_local(X, y, w, task["settings"], task["seed"])
 
 
 def evaluate_task(task: dict) -> Evaluation:

@@ -107,13 +107,15 @@ class RandomEffects:
              "Q p": self.q_pvalue, "pred low": self.pred_low, "pred high": self.pred_high},
             index=pd.Index(self.names, name="parameter"))
 
-    def summary(self) -> Summary:
+    def summary(self, statement: bool = True) -> Summary:
+        """The table, with :meth:`statement` among its notes unless ``statement=False`` (when
+        it is said elsewhere, as in the adaptive estimator's summary)."""
         info = (("Regions", str(self.n_regions)), ("tau^2", "REML, per parameter"),
                 ("Prediction interval", "95%, for a new region"))
-        notes = (self.statement(),
+        notes = ((self.statement(),) if statement else ()) + (
                  "mean: the random-effects mean of the regions' models; tau: the standard "
                  "deviation between regions; pred low/high: where a new region's parameter "
-                 "is expected (NaN with fewer than 3 regions).")
+                 "is expected (NaN with fewer than 3 regions).",)
         return Summary("Random-effects summary of the regions' models", info,
                        self.to_frame(), notes)
 

@@ -241,10 +241,13 @@ class PartitionTree:
         return node_id
 
     def stability(self, X, codes: np.ndarray, sample_weight: np.ndarray | None = None, *,
-                  n_resamples: int = 5, fraction: float = 0.7, random_state: int = 0):
+                  n_resamples: int = 5, fraction: float | None = None,
+                  random_state: int = 0):
         """How stable the grown partition is: grow it again on ``n_resamples`` random
         ``fraction``s of the rows, at the granularity and minimum size it was grown with, and
-        compare the regions by the adjusted Rand index
+        compare the regions by the adjusted Rand index. ``fraction`` defaults to the share of
+        the rows the tree was grown on when it was grown honestly on part of them (each
+        resample then repeats that procedure with another random part), else 0.7
         (:func:`fedgrain.partition.growth.stability`, which returns a ``Stability``).
 
         ``X`` are encoded features and ``codes`` class codes, for a fitted model
@@ -272,7 +275,9 @@ class PartitionTree:
         self.stability_ = stability(
             X, codes, sample_weight, granularity=self.growth["granularity"],
             min_size=self.growth["min_size"], std=self.standardizer, n_classes=self.n_classes,
-            n_resamples=n_resamples, fraction=fraction, seed=random_state, tree=self)
+            n_resamples=n_resamples,
+            fraction=fraction if fraction is not None else self.growth.get("fraction", 0.7),
+            seed=random_state, tree=self)
         return self.stability_
 
     def _leaf(self, leaf_id: int) -> Node:
