@@ -130,11 +130,28 @@ def test_information_mean_weighs_by_information_and_keeps_the_sandwich():
                                rtol=1e-7)
 
 
-def test_replacing_a_member_of_a_pool_equals_pooling_the_new_members():
+def test_contributions_pool_like_the_one_shot_pool_and_repool_to_the_fit_on_the_rows():
+    from fedgrain.core.standardize import Standardizer
+    from fedgrain.datasets import make_ordinal
+    from fedgrain.inference import local
+    from fedgrain.inference.contributions import Contribution, combine, repool
+
     a = (np.array([1.0, 2.0]), np.array([[0.2, 0.05], [0.05, 0.3]]))
-    b = (np.array([1.5, 1.0]), np.diag([0.4, 0.1]))
     c = (np.array([0.5, 3.0]), np.diag([0.1, 0.2]))
-    ab, ac = pool([_fit(*a), _fit(*b)]), pool([_fit(*a), _fit(*c)])
-    est, cov = pooling.replace_in_pool(ab.estimate, ab.cov, [b], [c])
+    ac = pool([_fit(*a), _fit(*c)])
+    est, cov = combine([Contribution.of_fit(_fit(*a)), Contribution.of_fit(_fit(*c))], "cluster")
     np.testing.assert_allclose(est, ac.estimate, rtol=1e-10)
     np.testing.assert_allclose(cov, ac.cov, rtol=1e-10)
+    # every part fresh: the damped Newton steps reach the composite fit on all the rows
+    X, y, *_ = make_ordinal(3000, 3, 3, random_state=2)
+    Z = Standardizer.fit(X).transform(X)
+    halves = [slice(0, 1500), slice(1500, None)]
+    fresh = {i: (lambda x, h=h: local.evaluate_local(Z[h], y[h], None, x, "cluster"))
+             for i, h in enumerate(halves)}
+    start = np.r_[np.zeros(3), -1.0, 1.0]
+    placeholder = [Contribution(np.zeros(5), np.eye(5), np.eye(5))] * 2
+    est, cov, parts = repool(placeholder, fresh, start, "cluster", tol=1e-6, max_steps=50)
+    whole = local.fit_local(Z, y, None, local.LocalSettings(n_classes=3, alpha=0.0,
+                                                            polish_rounds=50, polish_tol=1e-8))
+    np.testing.assert_allclose(est, whole.estimate, atol=1e-6)
+    np.testing.assert_allclose(combine(parts, "cluster")[0], est, atol=1e-12)

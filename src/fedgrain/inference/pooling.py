@@ -236,18 +236,3 @@ def information_mean(estimates: Sequence[np.ndarray], covs: Sequence[np.ndarray]
     est = W @ sum(H @ e for H, e in zip(informations, estimates, strict=True))
     V = W @ sum(H @ C @ H for H, C in zip(informations, covs, strict=True)) @ W
     return est, 0.5 * (V + V.T)
-
-
-def replace_in_pool(params: np.ndarray, cov: np.ndarray, removed: Sequence[tuple],
-                    added: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray]:
-    """An inverse-variance pool with some members' ``(estimate, cov)`` taken out and others
-    put in: its information less theirs plus the new ones', no refinement round."""
-    info = inverse(cov)
-    rhs = info @ params
-    for sign, members in ((-1.0, removed), (1.0, added)):
-        for est, V in members:
-            om = cov_precision(V)[0]
-            info += sign * om
-            rhs += sign * om @ est
-    new_cov = inverse(info)
-    return new_cov @ rhs, new_cov
