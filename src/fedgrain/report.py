@@ -402,8 +402,8 @@ def _partition(model, Xe: np.ndarray | None, leaf: np.ndarray | None) -> list[st
         figs.insert(0, _figure("partition projection", proj, caption))
     st = getattr(tree, "stability_", None)
     stable = ("Stability: " + st.describe() + "." if st is not None else
-              "Stability not measured: <code>model.partition_.stability(model.encode(X), "
-              "model.target_.encode(y))</code> grows the partition again on resamples and "
+              "Stability not measured: <code>model.stability(X, y)</code> grows the partition "
+              "again on resamples and "
               "reports the adjusted Rand index between them.")
     return ["<h2>Partition</h2>", '<div class="grid">' + "".join(figs) + "</div>",
             "<pre>" + html.escape("\n".join(tree.describe())) + "</pre>",

@@ -48,7 +48,13 @@ from ..inference.contributions import Contribution, combine, repool, stack, unst
 from ..inference.random_effects import RandomEffects, random_effects
 from ..inference.results import parameter_names
 from ..monitor.stream import DriftMonitor
-from ..partition.growth import SAMPLE_ROWS, grow, leaf_seeds, profile_leaves
+from ..partition.growth import (
+    SAMPLE_ROWS,
+    grow,
+    leaf_seeds,
+    measure_stability,
+    profile_leaves,
+)
 from ..partition.profile import DataProfile
 from ..partition.tree import PartitionTree
 from .base import OrdinalModel, is_int, is_real, param_error, register
@@ -462,21 +468,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self.history_, self.events_ = learned.history, learned.events
         self.meta_state_ = learned.state
         self.meta_model_ = self._meta_model(learned.state.theta, run.cov)
-        leaf_params, leaf_cov, notes = [], [], []
-        for pos, nid in enumerate(tree.leaves):
-            if learned.personal is not None:  # the meta-learner's personalised (or global) model
-                (est, cov), filled = learned.personal[pos], []
-            elif int(region_of[pos]) in regions:
-                (est, cov), filled = regions[int(region_of[pos])], []
-            elif np.unique(region_of).shape[0] == 1:  # one region: its model is the global one
-                (est, cov), filled = (run.estimate, run.cov), []
-            else:
-                est, cov, filled = leaf_view(run.fits[pos], run.estimate, run.cov, p)
-            params, cov = std.to_raw_model(est, cov)
-            leaf_params.append(params)
-            leaf_cov.append(0.5 * (cov + cov.T))
-            notes.append([names[j] for j in filled])
-            prof.with_importance(nid, est[:p])
+        table = self._leaf_table(tree, run, regions, learned.personal, names, prof)
         prof.cover(tree, Xm, labels)  # no training row is unseen
         self.profile_ = prof
         self._contributions = list(run.contributions)
@@ -487,10 +479,35 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                 tree.leaves, np.bincount(labels[estimation], minlength=tree.n_leaves),
                 strict=True)}
         self._warn_unsettled(run.fits, tree.leaves, region_of, regions)
-        self._set_leaves(LeafTable(list(tree.leaves), np.array(leaf_params),
-                                   np.array(leaf_cov), notes))
+        self._set_leaves(table)
         self.effective_granularity_ = self._effective_granularity(0)
         clock.lap("results")
+
+    @staticmethod
+    def _leaf_table(tree: PartitionTree, run, regions: dict, personal, names: list[str],
+                    prof: DataProfile) -> LeafTable:
+        """Each leaf's model on the original scale: the meta-learner's personalised one, its
+        region's pooled and refined one, the global one (one region), or its own converged
+        fit with what it does not identify filled in from the global model."""
+        region_of, std = tree.region_of(), tree.standardizer
+        p = std.mean.shape[0]
+        one_region = np.unique(region_of).shape[0] == 1
+        params_, covs, notes = [], [], []
+        for pos, nid in enumerate(tree.leaves):
+            if personal is not None:  # the meta-learner's personalised (or global) model
+                (est, cov), filled = personal[pos], []
+            elif int(region_of[pos]) in regions:
+                (est, cov), filled = regions[int(region_of[pos])], []
+            elif one_region:  # its model is the global one
+                (est, cov), filled = (run.estimate, run.cov), []
+            else:
+                est, cov, filled = leaf_view(run.fits[pos], run.estimate, run.cov, p)
+            params, cov = std.to_raw_model(est, cov)
+            params_.append(params)
+            covs.append(0.5 * (cov + cov.T))
+            notes.append([names[j] for j in filled])
+            prof.with_importance(nid, est[:p])
+        return LeafTable(list(tree.leaves), np.array(params_), np.array(covs), notes)
 
     def _warn_unsettled(self, fits, leaves, region_of, regions) -> None:
         """Leaves whose own model kept its one-step de-biased estimate: Newton steps from it
@@ -536,6 +553,29 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             models.append(LeafModel.of(nid, self.schema_, self.target_, table.params[pos],
                                        table.covs[pos], f"Leaf {nid} model", info))
         self.local_models_ = models
+
+    def stability(self, X, y, sample_weight=None, *, n_resamples: int = 5,
+                  fraction: float | None = None, random_state: int = 0):
+        """How stable the partition is: the tree grown again on ``n_resamples`` random parts
+        of these rows (the share it was grown on), its regions compared by the adjusted Rand
+        index (:func:`fedgrain.partition.growth.measure_stability`). Kept as
+        ``partition_.stability_`` and shown in the report. Costs ``n_resamples`` tree
+        growths, no leaf fits.
+
+        Examples
+        --------
+        >>> from fedgrain import AdaptiveFederatedOrdinal
+        >>> from fedgrain.datasets import make_regions
+        >>> X, y, *_ = make_regions(4000, n_regions=2, random_state=0)
+        >>> af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y)
+        >>> af.stability(X, y).ari > 0.9
+        True
+        """
+        check_is_fitted(self, "coef_")
+        return measure_stability(self.partition_, self.encode(X),
+                                 self.target_.encode(y, what="y"), sample_weight,
+                                 n_resamples=n_resamples, fraction=fraction,
+                                 random_state=random_state)
 
     def refresh_profile(self, X, y, sample_weight=None) -> DataProfile:
         """Profile the leaves again from new labelled rows (``profile_``, updated in place).

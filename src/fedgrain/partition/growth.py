@@ -52,7 +52,7 @@ Tests use every row of a node in the sample the tree is grown on (:data:`SAMPLE_
 larger data a difference too small to see in that many rows is not split even at ``g = 1``;
 the expected gain of a split is scaled to the node's full size. How stable the result is
 across resamples of the rows is measured by :func:`stability` (or
-:meth:`PartitionTree.stability`), never by ``fit``.
+:func:`measure_stability`), never by ``fit``.
 When there are fewer regions than workers, the largest regions are dealt out at random into
 pieces (at least ``min_subset_size`` rows each), so every worker has a subset; with ``g = 0`` this
 is exactly the patent's static division. (With more than two workers, regions near a multiple
@@ -73,7 +73,7 @@ from ..core.standardize import Standardizer
 from ..federation.shards import leaf_ranges, route_rows
 from ..inference import split_tests
 from . import profile as prof
-from .tree import PartitionTree
+from .tree import PartitionTree, Stability
 
 #: Rows the tree is grown on at most.
 SAMPLE_ROWS = 50_000
@@ -206,32 +206,9 @@ class _Grower:
         """The node's best split candidate (by expected gain) and how many were tried."""
         if fit is None or rows.shape[0] < 2 * self.min_sample:
             return None, 0
-        imp = prof.importance(fit, self.p)
         sub = self.subsample(rows)
         Xq, yq = self.Xs[sub], self.ys[sub]
-        proposals = []
-        rng = self.rng(key)
-        for label, fw in (("cluster boundary (2-means)", prof.feature_weights(imp)),
-                          ("cluster boundary (2-means, unweighted)", np.ones(self.p))):
-            centres = prof.two_means(Xq * fw, rng)
-            self.centres.setdefault(key, centres)  # the weighted ones, for the profile
-            if centres is not None:
-                c1, c2 = centres / fw
-                a = 2.0 * fw**2 * (c2 - c1)
-                b = float(c2 @ (fw**2 * c2) - c1 @ (fw**2 * c1))
-                proposals.append((label, a, b))
-            if imp.sum() == 0:
-                break  # without importance the weighted space is the plain one
-        order = np.argsort(-imp, kind="stable")[:N_FEATURE_CANDIDATES]
-        top = set(order[imp[order] > 0].tolist())
-        sorted_q = np.sort(Xq, axis=0)
-        for j in range(self.p):
-            # every feature with a density valley; the most important ones at their median too
-            cut = _valley_cut(sorted_q[:, j], median=j in top)
-            if cut is not None:
-                a = np.zeros(self.p)
-                a[j] = 1.0
-                proposals.append((f"feature {j}", a, cut))
+        proposals = self.proposals(Xq, prof.importance(fit, self.p), key)
         # The tests use all the node's rows in the sample (up to TEST_ROWS), at the quick fit
         # refined by a Newton step on them: power grows with the data, at two passes per node
         # and one masked Gram matrix per candidate.
@@ -283,6 +260,35 @@ class _Grower:
             if min(nl, rows.shape[0] - nl) >= self.min_sample:
                 return cand, len(proposals)
         return None, len(proposals)
+
+    def proposals(self, Xq: np.ndarray, imp: np.ndarray, key: int) -> list:
+        """The candidate cuts of a node from its subsample ``Xq`` (standardised): the 2-means
+        boundaries in the importance-weighted and the plain space, every feature's density
+        valley, and the most important features' medians. ``(label, a, b)``: ``x @ a <= b``."""
+        proposals = []
+        rng = self.rng(key)
+        for label, fw in (("cluster boundary (2-means)", prof.feature_weights(imp)),
+                          ("cluster boundary (2-means, unweighted)", np.ones(self.p))):
+            centres = prof.two_means(Xq * fw, rng)
+            self.centres.setdefault(key, centres)  # the weighted ones, for the profile
+            if centres is not None:
+                c1, c2 = centres / fw
+                a = 2.0 * fw**2 * (c2 - c1)
+                b = float(c2 @ (fw**2 * c2) - c1 @ (fw**2 * c1))
+                proposals.append((label, a, b))
+            if imp.sum() == 0:
+                break  # without importance the weighted space is the plain one
+        order = np.argsort(-imp, kind="stable")[:N_FEATURE_CANDIDATES]
+        top = set(order[imp[order] > 0].tolist())
+        sorted_q = np.sort(Xq, axis=0)
+        for j in range(self.p):
+            # every feature with a density valley; the most important ones at their median too
+            cut = _valley_cut(sorted_q[:, j], median=j in top)
+            if cut is not None:
+                a = np.zeros(self.p)
+                a[j] = 1.0
+                proposals.append((f"feature {j}", a, cut))
+        return proposals
 
     def raw_rule(self, a_std: np.ndarray, b_std: float) -> tuple[np.ndarray, float]:
         """The rule ``x_std @ a <= b`` in original feature units, scaled to max |a| = 1."""
@@ -397,48 +403,6 @@ def grow(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, *, std: Standar
     return Grown(tree, leaf, profile)
 
 
-@dataclass(frozen=True)
-class Stability:
-    """How much the partition changes when it is grown again on resamples of the rows.
-
-    ``ari`` is the mean adjusted Rand index between the regions of every pair of trees grown on
-    ``n_resamples`` random ``fraction``s of the rows (each tree routes all the given rows; 1:
-    the same regions every time, about 0: no more alike than chance). ``ari_to_tree`` is the
-    mean index between each of them and the given tree, ``n_regions`` their numbers of
-    regions (random pieces of a region count once).
-    """
-
-    ari: float
-    ari_pairs: tuple[float, ...]
-    ari_to_tree: float | None
-    n_regions: tuple[int, ...]
-    fraction: float
-
-    @property
-    def n_resamples(self) -> int:
-        return len(self.n_regions)
-
-    def describe(self) -> str:
-        """One line for people: the mean index and the regions found."""
-        vs = "" if self.ari_to_tree is None else \
-            f", {self.ari_to_tree:.2f} against the fitted tree"
-        return (f"adjusted Rand index between partitions grown on {self.n_resamples} random "
-                f"{self.fraction:.0%} resamples: {self.ari:.2f} (pairs {min(self.ari_pairs):.2f}"
-                f" to {max(self.ari_pairs):.2f}){vs}; regions "
-                f"{', '.join(str(r) for r in self.n_regions)}")
-
-    def to_dict(self) -> dict:
-        return {"ari": self.ari, "ari_pairs": list(self.ari_pairs),
-                "ari_to_tree": self.ari_to_tree, "n_regions": list(self.n_regions),
-                "fraction": self.fraction}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Stability:
-        return cls(float(d["ari"]), tuple(float(a) for a in d["ari_pairs"]),
-                   None if d["ari_to_tree"] is None else float(d["ari_to_tree"]),
-                   tuple(int(r) for r in d["n_regions"]), float(d["fraction"]))
-
-
 def stability(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None = None, *,
               granularity: float, min_size: int, std: Standardizer | None = None,
               n_classes: int | None = None, n_resamples: int = 5, fraction: float = 0.7,
@@ -449,7 +413,7 @@ def stability(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None = None, *,
 
     ``X`` are encoded features in original units (``model.encode(X)``), ``codes`` class codes
     (``model.target_.encode(y)``). Costs ``n_resamples`` tree growths (no leaf fits); a fit
-    never runs it: call it, or :meth:`PartitionTree.stability`, when the figure is wanted.
+    never runs it: call it, or :func:`measure_stability`, when the figure is wanted.
     """
     from sklearn.metrics import adjusted_rand_score
 
@@ -570,3 +534,30 @@ def leaf_seeds(tree: PartitionTree, seed: int, tag: int = 0) -> list[int]:
     region = tree.region_of()
     return [int(np.random.SeedSequence([seed, tree.nodes[nid].key, int(region[i] != nid), tag])
                 .generate_state(1)[0] >> 1) for i, nid in enumerate(tree.leaves)]
+
+
+def measure_stability(tree: PartitionTree, X, codes: np.ndarray,
+                      sample_weight: np.ndarray | None = None, *, n_resamples: int = 5,
+                      fraction: float | None = None, random_state: int = 0) -> Stability:
+    """How stable a grown partition is: :func:`stability` at the granularity and minimum size
+    ``tree`` was grown with, compared with ``tree``; the result is kept as
+    ``tree.stability_`` (saved with the tree, shown in the HTML report).
+
+    ``fraction`` defaults to the share of the rows the tree was grown on when it was grown
+    honestly on part of them (each resample then repeats that procedure with another random
+    part), else 0.7. ``X`` are encoded features and ``codes`` class codes (a fitted model's
+    :meth:`~fedgrain.AdaptiveFederatedOrdinal.stability` passes them). Costs ``n_resamples``
+    tree growths, no leaf fits.
+    """
+    if tree.growth is None:
+        raise ValueError("This partition was not grown by fedgrain (it was made by hand "
+                         "or loaded from an older file), so there is no granularity to "
+                         "grow it again at; call fedgrain.partition.growth.stability with "
+                         "granularity= and min_size=.")
+    tree.stability_ = stability(
+        X, codes, sample_weight, granularity=tree.growth["granularity"],
+        min_size=tree.growth["min_size"], std=tree.standardizer, n_classes=tree.n_classes,
+        n_resamples=n_resamples,
+        fraction=fraction if fraction is not None else tree.growth.get("fraction", 0.7),
+        seed=random_state, tree=tree)
+    return tree.stability_

@@ -128,7 +128,7 @@ class PartitionTree:
     growth : dict or None
         How :func:`fedgrain.partition.growth.grow` grew the tree (``granularity``,
         ``min_size``); None for a tree made by hand.
-    stability_ : fedgrain.partition.growth.Stability or None
+    stability_ : fedgrain.partition.tree.Stability or None
         The last :meth:`stability` measured (None until then, and again once the tree is
         split or merged).
 
@@ -239,46 +239,6 @@ class PartitionTree:
         node.n_rows = rows
         self.stability_ = None
         return node_id
-
-    def stability(self, X, codes: np.ndarray, sample_weight: np.ndarray | None = None, *,
-                  n_resamples: int = 5, fraction: float | None = None,
-                  random_state: int = 0):
-        """How stable the grown partition is: grow it again on ``n_resamples`` random
-        ``fraction``s of the rows, at the granularity and minimum size it was grown with, and
-        compare the regions by the adjusted Rand index. ``fraction`` defaults to the share of
-        the rows the tree was grown on when it was grown honestly on part of them (each
-        resample then repeats that procedure with another random part), else 0.7
-        (:func:`fedgrain.partition.growth.stability`, which returns a ``Stability``).
-
-        ``X`` are encoded features and ``codes`` class codes, for a fitted model
-        ``model.encode(X)`` and ``model.target_.encode(y)``. The result is kept as
-        :attr:`stability_` (saved with the tree, shown in the HTML report). Costs
-        ``n_resamples`` tree growths, no leaf fits.
-
-        Examples
-        --------
-        >>> from fedgrain import AdaptiveFederatedOrdinal
-        >>> from fedgrain.datasets import make_regions
-        >>> X, y, *_ = make_regions(4000, n_regions=2, random_state=0)
-        >>> af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y)
-        >>> st = af.partition_.stability(af.encode(X), af.target_.encode(y))
-        >>> st.ari > 0.9
-        True
-        """
-        from .growth import stability
-
-        if self.growth is None:
-            raise ValueError("This partition was not grown by fedgrain (it was made by hand "
-                             "or loaded from an older file), so there is no granularity to "
-                             "grow it again at; call fedgrain.partition.growth.stability with "
-                             "granularity= and min_size=.")
-        self.stability_ = stability(
-            X, codes, sample_weight, granularity=self.growth["granularity"],
-            min_size=self.growth["min_size"], std=self.standardizer, n_classes=self.n_classes,
-            n_resamples=n_resamples,
-            fraction=fraction if fraction is not None else self.growth.get("fraction", 0.7),
-            seed=random_state, tree=self)
-        return self.stability_
 
     def _leaf(self, leaf_id: int) -> Node:
         node = self.nodes.get(leaf_id)
@@ -466,8 +426,6 @@ class PartitionTree:
         tree._check()
         tree.growth = dict(d["growth"]) if d.get("growth") else None
         if d.get("stability"):
-            from .growth import Stability
-
             tree.stability_ = Stability.from_dict(d["stability"])
         return tree
 
@@ -511,3 +469,45 @@ class PartitionTree:
 
         walk(0)
         return lines
+
+
+@dataclass(frozen=True)
+class Stability:
+    """How much the partition changes when it is grown again on resamples of the rows.
+
+    ``ari`` is the mean adjusted Rand index between the regions of every pair of trees grown on
+    ``n_resamples`` random ``fraction``s of the rows (each tree routes all the given rows; 1:
+    the same regions every time, about 0: no more alike than chance). ``ari_to_tree`` is the
+    mean index between each of them and the given tree, ``n_regions`` their numbers of
+    regions (random pieces of a region count once).
+    """
+
+    ari: float
+    ari_pairs: tuple[float, ...]
+    ari_to_tree: float | None
+    n_regions: tuple[int, ...]
+    fraction: float
+
+    @property
+    def n_resamples(self) -> int:
+        return len(self.n_regions)
+
+    def describe(self) -> str:
+        """One line for people: the mean index and the regions found."""
+        vs = "" if self.ari_to_tree is None else \
+            f", {self.ari_to_tree:.2f} against the fitted tree"
+        return (f"adjusted Rand index between partitions grown on {self.n_resamples} random "
+                f"{self.fraction:.0%} resamples: {self.ari:.2f} (pairs {min(self.ari_pairs):.2f}"
+                f" to {max(self.ari_pairs):.2f}){vs}; regions "
+                f"{', '.join(str(r) for r in self.n_regions)}")
+
+    def to_dict(self) -> dict:
+        return {"ari": self.ari, "ari_pairs": list(self.ari_pairs),
+                "ari_to_tree": self.ari_to_tree, "n_regions": list(self.n_regions),
+                "fraction": self.fraction}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Stability:
+        return cls(float(d["ari"]), tuple(float(a) for a in d["ari_pairs"]),
+                   None if d["ari_to_tree"] is None else float(d["ari_to_tree"]),
+                   tuple(int(r) for r in d["n_regions"]), float(d["fraction"]))
