@@ -24,15 +24,22 @@ def route_rows(tree, X, codes: np.ndarray | None = None) -> np.ndarray:
 
 
 def leaf_ranges(X, leaf: np.ndarray, n_leaves: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each leaf's smallest and largest value of every column (``(n_leaves, p)`` each)."""
+    """Each leaf position's smallest and largest value of every column, ``(n_leaves, p)``
+    each (``inf`` and ``-inf`` for a leaf without rows), in one pass over ``X``'s blocks."""
     p = X.shape[1]
     lo, hi = np.full((n_leaves, p), np.inf), np.full((n_leaves, p), -np.inf)
     for a, Xb in row_blocks(X):
-        lb = leaf[a : a + Xb.shape[0]]
-        for pos in np.unique(lb):
-            rows = Xb[lb == pos]
-            np.minimum(lo[pos], rows.min(axis=0), out=lo[pos])
-            np.maximum(hi[pos], rows.max(axis=0), out=hi[pos])
+        if Xb.shape[0] == 0:
+            continue
+        lb = np.asarray(leaf[a : a + Xb.shape[0]])
+        order = np.argsort(lb, kind="stable")
+        ls = lb[order]
+        starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])
+        Xs = Xb[order]
+        mins = np.minimum.reduceat(Xs, starts, axis=0)
+        maxs = np.maximum.reduceat(Xs, starts, axis=0)
+        lo[ls[starts]] = np.minimum(lo[ls[starts]], mins)
+        hi[ls[starts]] = np.maximum(hi[ls[starts]], maxs)
     return lo, hi
 
 

@@ -103,6 +103,14 @@ def _q_summary(q: float, q_df: int) -> tuple[float, float]:
 WITHIN_MIN_ROWS = 0.1
 
 
+def _views_usable(fits: Sequence[LocalFit]) -> bool:
+    """Whether every subset has a within-class view and they describe the spread: the median
+    subset keeps at least ``WITHIN_MIN_ROWS`` rows' worth of within-class variance in every
+    direction (else the features barely predict the class and the plain Q is kept)."""
+    return not any(f.within is None for f in fits) and np.median(
+        [f.within.ratio * f.within.class_weights.sum() for f in fits]) >= WITHIN_MIN_ROWS
+
+
 def within_class(fits: Sequence[LocalFit]) -> list[LocalFit]:
     """The subsets of a class-stratified division as heterogeneity tests compare them: each
     fit's ``estimate`` and ``cov`` replaced by its :class:`~fedgrain.inference.local.WithinClass`
@@ -110,8 +118,7 @@ def within_class(fits: Sequence[LocalFit]) -> list[LocalFit]:
     (``estimate + sum_h (pi_h n_m - n_mh) class_shift_h``). ``fits`` as they are when one has
     no such view.
     """
-    if any(f.within is None for f in fits) or np.median(
-            [f.within.ratio * f.within.class_weights.sum() for f in fits]) < WITHIN_MIN_ROWS:
+    if not _views_usable(fits):
         return list(fits)
     n_mh = np.array([f.within.class_weights for f in fits])
     share = n_mh.sum(0) / n_mh.sum()
@@ -135,9 +142,7 @@ def heterogeneity(pooled: Pooled, fits: Sequence[LocalFit]) -> Pooled:
     ``(sum A'W A)^+ sum A'W gamma_m``, on ``sum rank(W_m) - rank(sum A'W A)`` degrees of
     freedom. ``pooled`` is returned as it is when a subset has no such view.
     """
-    if (any(f.within is None for f in fits) or len(fits) < 2
-            or np.median([f.within.ratio * f.within.class_weights.sum() for f in fits])
-            < WITHIN_MIN_ROWS):
+    if len(fits) < 2 or not _views_usable(fits):
         return pooled
     fits = within_class(fits)
     d = fits[0].design.shape[1]

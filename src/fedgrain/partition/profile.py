@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import special
 
-from ..core.blocks import row_blocks
+from ..federation.shards import leaf_ranges
 from ..inference.split_tests import QuickFit, quick_fit
 
 #: Rows for the k-nearest-neighbour density, and its k.
@@ -237,26 +237,6 @@ def profile_rows(Xs: np.ndarray, y: np.ndarray, w: np.ndarray | None, std, n_cla
                        "screening", raw_centres, low, high,
                        edges if Xs.shape[0] else None, cdf if Xs.shape[0] else None,
                        int(Xs.shape[0]))
-
-
-def leaf_ranges(X, leaf: np.ndarray, n_leaves: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each leaf position's smallest and largest value of every column, ``(n_leaves, p)``
-    each (``inf`` and ``-inf`` for a leaf without rows), in one pass over ``X``'s blocks."""
-    p = X.shape[1]
-    lo, hi = np.full((n_leaves, p), np.inf), np.full((n_leaves, p), -np.inf)
-    for a, Xb in row_blocks(X):
-        if Xb.shape[0] == 0:
-            continue
-        lb = np.asarray(leaf[a : a + Xb.shape[0]])
-        order = np.argsort(lb, kind="stable")
-        ls = lb[order]
-        starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])
-        Xs = Xb[order]
-        mins = np.minimum.reduceat(Xs, starts, axis=0)
-        maxs = np.maximum.reduceat(Xs, starts, axis=0)
-        lo[ls[starts]] = np.minimum(lo[ls[starts]], mins)
-        hi[ls[starts]] = np.maximum(hi[ls[starts]], maxs)
-    return lo, hi
 
 
 class DataProfile:
