@@ -225,9 +225,10 @@ def refine_groups(backend: Backend, refs, sched: Schedule, groups: Mapping[int, 
         bundles = [b for b in ([where[i] for i in bundle if i in where]
                                for bundle in sched.bundles()) if b]
         owner = {int(i): g for g, m in active.items() for i in m}
+        # the loss only judges a step against the one before: not needed with one round
         tasks = [{"shard": refs[i], "params": out[owner[int(i)]].estimate,
-                  "meat": meat[owner[int(i)]], "rows": None if rows is None else rows[i]}
-                 for i in members]
+                  "meat": meat[owner[int(i)]], "rows": None if rows is None else rows[i],
+                  "loss": most > 1} for i in members]
         sub_sizes = np.asarray(sizes)[members]
         whole = np.array_equal(members, np.arange(len(sizes)))
         outcomes = backend.map_bundles(local.evaluate_task, tasks, bundles,
@@ -236,7 +237,7 @@ def refine_groups(backend: Backend, refs, sched: Schedule, groups: Mapping[int, 
         for g, m in list(active.items()):
             ev = [evals[where[int(i)]] for i in m]
             prev, here = out[g], out[g].estimate
-            loss = sum(e.loss for e in ev)
+            loss = sum(e.loss for e in ev) if most > 1 else np.inf
             if prev.evaluations is not None and loss > prev.loss + 1e-9 * abs(prev.loss):
                 # the last step overshot (far from the optimum, where leaves differ): halve it
                 # and evaluate again, keeping the last accepted point's evaluations

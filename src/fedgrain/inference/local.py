@@ -727,7 +727,8 @@ def _edges(prob: Problem, est: np.ndarray) -> np.ndarray | None:
 
 
 def evaluate_local(
-    X: np.ndarray, y: np.ndarray, w: np.ndarray | None, params: np.ndarray, meat: str | None
+    X: np.ndarray, y: np.ndarray, w: np.ndarray | None, params: np.ndarray, meat: str | None,
+    loss: bool = True,
 ) -> Evaluation:
     """Score (of the log-likelihood), Hessian and meat of the composite loss at ``params``.
 
@@ -735,8 +736,8 @@ def evaluate_local(
     ``d + 2 d^2`` numbers.
     """
     p = X.shape[1]
-    P = composite_pass(X, y, w, params[:p], params[p:], loss=True, order=2, meat=meat)
-    return Evaluation(-P.grad, P.hess, P.meat, float(P.loss))
+    P = composite_pass(X, y, w, params[:p], params[p:], loss=loss, order=2, meat=meat)
+    return Evaluation(-P.grad, P.hess, P.meat, float(P.loss) if loss else None)
 
 
 _CONTROLLER: ThreadpoolController | None = None
@@ -770,7 +771,7 @@ def evaluate_task(task: dict) -> Evaluation:
     shard = task["shard"].load()
     with one_blas_thread():
         return evaluate_local(shard.X, shard.y, task_weights(shard, task), task["params"],
-                              task["meat"])
+                              task["meat"], loss=task.get("loss", True))
 
 
 def pack_rows(mask: np.ndarray) -> np.ndarray:
