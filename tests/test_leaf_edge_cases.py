@@ -220,3 +220,26 @@ def test_a_stream_refit_on_separated_rows_keeps_the_leaf_and_says_so():
     assert "concept drift" in kinds and "refit failed" in kinds
     assert "refit" not in kinds
     np.testing.assert_array_equal(model.local_models_[0].results_.params, before)
+
+
+def test_a_grown_leaf_with_separated_classes_is_merged_back_with_a_warning():
+    """The fit chose the split, so a leaf where a feature separates the classes (here: in the
+    right region, every row with the 0/1 feature x3 set is in the top class) undoes that split
+    instead of failing the fit; a partition given by hand is still refused."""
+    rng = np.random.default_rng(3)
+    n = 8000
+    X = rng.standard_normal((n, 4))
+    X[:, 0] = np.sign(X[:, 0]) * (1 + np.abs(X[:, 0]))  # two regions with a gap between
+    X[:, 3] = (rng.random(n) < 0.3).astype(float)
+    right = X[:, 0] > 0
+    y = np.digitize(np.where(right, 2, -2) * X[:, 1] + rng.logistic(size=n), [-1.0, 1.0])
+    y[right & (X[:, 3] == 1)] = 2
+    with pytest.warns(UserWarning, match=r"separated in leaf 2, so its model does not exist; "
+                                         r"the split above it \(node 0, x0 <= .*\) is undone"):
+        model = AdaptiveFederatedOrdinal(backend="serial", random_state=0).fit(X, y)
+    assert model.n_leaves_ == 1 or model.partition_.nodes[0].kind == "random"
+    assert np.all(np.isfinite(model.bse_))
+    tree = PartitionTree(4, 3, Standardizer.fit(X))
+    tree.split(tree.root, np.array([1.0, 0, 0, 0]), 0.0)
+    with pytest.raises(SeparationError, match=r"separated in leaf 2 .*x3 grow without bound"):
+        AdaptiveFederatedOrdinal(backend="serial", random_state=0).fit(X, y, partition=tree)

@@ -122,6 +122,28 @@ def test_quick_fit_refuses_separated_classes():
     assert split_tests.quick_fit(X[:4], y[:4], None, 3) is None  # too few rows
 
 
+def test_quick_fit_leaves_out_a_nearly_constant_feature_the_classes_are_separated_along():
+    """RAND HIE: below a cut near physlm = 0, the few rows with small positive physlm were all
+    in one class; the node's quick fit ran off and the node was never split further, or was,
+    depending on where among physlm's rare values the cut fell."""
+    rng = np.random.default_rng(2)
+    n = 2000
+    X = rng.standard_normal((n, 3))
+    X[:, 2] = np.where(rng.random(n) < 0.03, 1.0, 0.0)  # 3% ones
+    y = np.digitize(X[:, 0] + rng.logistic(size=n), [-1.0, 1.0])
+    y[X[:, 2] == 1] = 2  # every one of them in the top class
+    fit = split_tests.quick_fit(X, y, None, 3)
+    assert fit is not None and fit.separated == frozenset({2}) and fit.shifted
+    assert fit.identified.tolist() == [True, True, False, True, True]
+    assert np.isnan(fit.estimate[2]) and np.all(np.isfinite(fit.estimate[[0, 1, 3, 4]]))
+    # with the rare rows in every class the feature stays in, and nothing is marked
+    y2 = np.digitize(X[:, 0] + rng.logistic(size=n), [-1.0, 1.0])
+    fit2 = split_tests.quick_fit(X, y2, None, 3)
+    assert fit2.separated == frozenset() and fit2.identified.all()
+    # separated along a feature that varies as well: still no fit
+    assert split_tests.quick_fit(X, np.digitize(X[:, 0], [-0.5, 0.5]), None, 3) is None
+
+
 def test_quick_fit_marks_what_the_rows_do_not_identify(ordinal_data):
     Xs, y = ordinal_data
     Xc = Xs.copy()
@@ -165,6 +187,25 @@ def test_split_test_is_calibrated_under_one_model_and_powerful_between_two():
         fit = split_tests.quick_fit(Xs, y, None, K4)
         rejected.append(_pvalue(split_tests.split_test(Xs, y, None, fit, region == 0)) < 1e-6)
     assert np.mean(rejected) >= 0.95
+
+
+def test_split_test_in_the_tail_of_a_strong_feature_is_calibrated():
+    """A cut in the tail of the feature that drives the outcome leaves a class (nearly) absent
+    on one side; the score of its threshold there is a sum of tiny terms of one sign with a
+    tinier empirical variance, and the test rejected one model with p < 1e-14 (the cut at a
+    feature's quartiles found it). Such thresholds are left out of the comparison."""
+    pvalues, dfs = [], []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        X = rng.standard_normal((3000, 3))
+        y = np.digitize(2.5 * X[:, 0] + rng.logistic(size=3000), [-3.0, 0.0, 3.0])
+        Xs = _standardised(X)
+        fit = split_tests.quick_fit(Xs, y, None, K4)
+        q, df = split_tests.split_test(Xs, y, None, fit, Xs[:, 0] <= np.quantile(Xs[:, 0], 0.8))
+        pvalues.append(chi2_sf(q, df))
+        dfs.append(df)
+    assert 0.02 <= np.mean(np.array(pvalues) < 0.05) <= 0.09
+    assert min(dfs) >= 3  # the slopes are always compared
 
 
 def test_split_test_passed_the_node_pass_matches_the_one_made_inside():

@@ -130,3 +130,35 @@ def test_partition_stability_is_kept_saved_and_reset():
     d = tree.to_dict()
     del d["growth"], d["stability"]
     assert PartitionTree.from_dict(d).growth is None
+
+
+def test_point_masses_are_not_rows_on_the_fence_of_a_cut():
+    from fedgrain.partition.growth import _crowding
+
+    rng = np.random.default_rng(0)
+    z = np.where(rng.random(10_000) < 0.85, 0.0, rng.uniform(0.7, 3.0, 10_000))
+    # a cut between the zeros and the positive values: the zeros lie within the band but no
+    # cut in that gap divides them
+    assert _crowding(z, 0.15, 0.5) == 0.0
+    cont = rng.standard_normal(10_000)  # a continuous feature cut at its median
+    assert 0.3 < _crowding(cont, 0.0, 0.5) < 0.45
+    binary = rng.integers(0, 2, 10_000).astype(float)
+    assert _crowding(binary, 0.5, 1.0) == 0.0
+
+
+def test_a_zero_inflated_feature_is_cut_at_its_gap_not_passed_over_for_a_cluster():
+    """RAND HIE: the cut between physlm = 0 and physlm > 0 (the zeros within half a standard
+    deviation of it) was called crowded, and a 2-means boundary with half its Q won in some
+    resamples: the first split changed with the rows."""
+    from fedgrain.datasets import load_randhie
+
+    df = load_randhie()
+    codes = df["health"].cat.codes.to_numpy()
+    X = df.drop(columns="health").to_numpy(dtype=float)
+    firsts = set()
+    for r in range(4):
+        rows = np.sort(np.random.default_rng([1, r, 99]).choice(X.shape[0], 10_000,
+                                                                 replace=False))
+        tree = _grow(X[rows], codes[rows], 4, granularity=0.5, min_size=200, seed=r).tree
+        firsts.add(tree.nodes[tree.root].evidence["candidate"].split(" <= ")[0])
+    assert firsts == {"x4"}  # physlm, every time

@@ -41,7 +41,15 @@ class ComplexDataError(DataTypeError, DataError):
 
 
 class SeparationError(DataError):
-    """The classes are perfectly separated, so the maximum likelihood estimate does not exist."""
+    """The classes are perfectly separated, so the maximum likelihood estimate does not exist.
+
+    ``units`` are the positions of the separated subsets or leaves when the error comes from a
+    divided fit (empty otherwise).
+    """
+
+    def __init__(self, *args, units: tuple[int, ...] = ()):
+        super().__init__(*args)
+        self.units = tuple(units)
 
 
 class ParameterError(FedgrainError, ValueError):

@@ -27,7 +27,7 @@ from ..core.blocks import take_rows
 from ..core.likelihood import class_proba, cumulative_proba
 from ..core.standardize import fit_standardizer
 from ..data import prepare_data
-from ..exceptions import DataError
+from ..exceptions import DataError, SeparationError
 from ..federation import meta
 from ..federation.engine import (
     MIN_LEAF_ROWS_PER_PARAM,
@@ -320,7 +320,17 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                 tree, labels, prof = self._given_partition(partition, Xm, codes, w, std, p, K,
                                                            min_size, seed, names)
             clock.lap("profile and partition")
-            self._fit_leaves(data, tree, labels, prof, backend, seed, clock, estimation)
+            while True:
+                try:
+                    self._fit_leaves(data, tree, labels, prof, backend, seed, clock,
+                                     estimation)
+                    break
+                except SeparationError as exc:
+                    merged = None if partition is not None else self._merge_separated(
+                        tree, exc, Xm, codes, w, estimation, seed, names)
+                    if merged is None:
+                        raise
+                    labels, prof, estimation = merged
             self.timings_ = clock.laps
         finally:
             if own_backend:
@@ -379,6 +389,40 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         else:  # leaves merged after growth: profile them again
             prof = profile_leaves(tree, Xm, codes, w, labels, seed=seed, feature_names=names)
         return tree, labels, prof, estimation
+
+    def _merge_separated(self, tree: PartitionTree, exc: SeparationError, Xm, codes, w,
+                         estimation, seed: int, names):
+        """Undo the grown splits that left the classes separated in a leaf, with a warning.
+
+        The fit chose the splits, so a leaf where the classes are (quasi-)separated (a few rows
+        of a rare feature value, all in one class) is merged back into the node above its
+        nearest cut rather than failing the fit. Returns ``(labels, profile, estimation)``
+        for the fit to run again, or None when there is no grown cut to undo.
+        """
+        tops = []
+        for pos in exc.units:
+            nid = tree.leaves[pos]
+            parent = tree.nodes[nid].parent
+            while parent >= 0 and tree.nodes[parent].kind != "hyperplane":
+                parent = tree.nodes[parent].parent
+            if parent < 0:
+                return None
+            tops.append((nid, parent))
+        if not tops:
+            return None
+        for nid, parent in tops:
+            if parent in tree.nodes and tree.nodes[parent].kind == "hyperplane":
+                cut = tree.nodes[parent].evidence.get("candidate", "a hyperplane")
+                warn(f"The classes are (quasi-)separated in leaf {nid}, so its model does not "
+                     f"exist; the split above it (node {parent}, {cut}) is undone and the "
+                     "leaf merged with its sibling.", UserWarning)
+                tree.merge(parent)
+        labels = route_rows(tree, Xm, codes)
+        tree.count(labels)
+        if estimation is not None and np.unique(tree.region_of()).shape[0] == 1:
+            estimation = None
+        prof = profile_leaves(tree, Xm, codes, w, labels, seed=seed, feature_names=names)
+        return labels, prof, estimation
 
     def _warn_too_small(self, n: int, min_size: int, d: int) -> None:
         if self.granularity > 0 and n < 2 * min_size:

@@ -322,7 +322,8 @@ def check_fits(fits, names: list[str], p: int, sizes, settings: EngineSettings,
             f"The classes are (quasi-)separated in {units.word} {units.name(m, M)} "
             f"({int(sizes[m]):,} rows){others}: the maximum likelihood estimate does not exist "
             f"there ({', '.join(names[j] for j in idx)} grow without bound), so the de-biased "
-            f"estimate and its standard errors would be meaningless; {fix}."
+            f"estimate and its standard errors would be meaningless; {fix}.",
+            units=tuple(separated),
         )
     slow = [m for m, f in enumerate(fits) if not f.converged]
     if slow:

@@ -18,7 +18,7 @@ directions, rank as degrees of freedom); their p-values are :func:`fedgrain.core
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -27,10 +27,17 @@ from scipy import special
 from ..core.likelihood import initial_thresholds
 from ..core.linalg import solve_psd, wald
 from ..core.solvers import newton, runaway
-from .local import identified_problem
+from .local import Problem, identified_problem
 
 #: Rows a quick fit uses at most.
 QUICK_ROWS = 2_500
+#: Rows a split test needs beyond a threshold (below it and above it) on each side of the cut
+#: to compare that threshold.
+MIN_ROWS_BESIDE = 10
+#: Times a quick fit drops the features the classes are separated along and tries again
+#: (only nearly constant ones: one value in all but RARE_SHARE of the rows).
+MAX_DROPS = 2
+RARE_SHARE = 0.1
 #: Rows a split test uses at most: all the rows the tree is grown on
 #: (:data:`fedgrain.partition.growth.SAMPLE_ROWS`). A test costs two passes over a node's rows
 #: (:func:`refine`, :func:`node_terms`) and one masked Gram matrix per candidate.
@@ -42,8 +49,9 @@ class QuickFit:
 
     ``identified`` marks the parameters the rows identify (features that vary, thresholds with
     rows on both sides); the others are NaN in ``estimate`` and zero in ``cov``.
-    ``shifted`` is True when a feature is constant in these rows, so the thresholds estimate
-    ``theta_k - c' beta`` rather than ``theta_k``.
+    ``shifted`` is True when a feature is left out (constant in these rows, or separated), so
+    the thresholds estimate ``theta_k - c' beta`` rather than ``theta_k``. ``separated`` are the
+    features left out because the classes are separated along them in these rows.
     """
 
     estimate: np.ndarray
@@ -51,6 +59,7 @@ class QuickFit:
     identified: np.ndarray
     shifted: bool
     n_rows: int
+    separated: frozenset = frozenset()
 
 
 def quick_fit(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, n_classes: int,
@@ -58,30 +67,56 @@ def quick_fit(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, n_classes: int
     """Fit the composite model on (at most :data:`QUICK_ROWS` of) these standardised rows.
 
     Returns None when the rows cannot support a fit: too few of them for the identified
-    parameters, or the classes separated (the fit runs off to infinity).
+    parameters, or the classes separated (the fit runs off to infinity). Separation along a
+    nearly constant feature (one value in all but :data:`RARE_SHARE` of the rows, whose few
+    other rows fall in one class by chance) leaves that feature out of the fit instead, as a
+    constant one would be (up to :data:`MAX_DROPS` times).
     """
     n = y.shape[0]
     if n > QUICK_ROWS:
         rows = np.linspace(0, n - 1, QUICK_ROWS).round().astype(np.intp)
         X, y, w = X[rows], y[rows], None if w is None else w[rows]
-    prob, _, scales, _ = identified_problem(np.ascontiguousarray(X), y, w, n_classes)
+    prob, means, _, _ = identified_problem(np.ascontiguousarray(X), y, w, n_classes)
     p = X.shape[1]
-    if prob.size == 0 or y.shape[0] < 2 * prob.size:
-        return None
-    x0 = np.concatenate([np.zeros(prob.features.size),
-                         initial_thresholds(y, w, n_classes)[prob.thresholds]])
-    if start is not None:
-        guess = start[prob.full_index()]
-        x0 = np.where(np.isfinite(guess), guess, x0)
-        # thresholds from another region may be out of order for these rows: keep the start's
-        # slopes only when its thresholds are unusable
-        if np.any(np.diff(x0[prob.features.size:]) <= 0):
-            x0[prob.features.size:] = initial_thresholds(y, w, n_classes)[prob.thresholds]
     n_eff = float(y.shape[0] if w is None else w.sum())
-    oracle = prob.oracle()
-    res = newton(oracle, x0, n_eff, max_iter=25, tol=1e-4)
-    step = res.step * np.concatenate([scales[prob.features], np.ones(prob.thresholds.size)])
-    if res.diverged or not res.converged or runaway(step, 1e-2).any():
+    dropped: list[int] = []
+    for _ in range(MAX_DROPS + 1):
+        if prob.size == 0 or y.shape[0] < 2 * prob.size:
+            return None
+        x0 = np.concatenate([np.zeros(prob.features.size),
+                             initial_thresholds(y, w, n_classes)[prob.thresholds]])
+        if start is not None:
+            guess = start[prob.full_index()]
+            x0 = np.where(np.isfinite(guess), guess, x0)
+            # thresholds from another region may be out of order for these rows: keep the
+            # start's slopes only when its thresholds are unusable
+            if np.any(np.diff(x0[prob.features.size:]) <= 0):
+                x0[prob.features.size:] = initial_thresholds(y, w, n_classes)[prob.thresholds]
+        oracle = prob.oracle()
+        res = newton(oracle, x0, n_eff, max_iter=25, tol=1e-4)
+        if res.diverged:
+            return None
+        nf = prob.features.size
+        # how far a step moves the linear predictor across each feature's range: a sparse
+        # feature's standard deviation hides its few separated rows
+        off = runaway(res.step[:nf] * (X.max(axis=0) - X.min(axis=0))[prob.features], 1e-2)
+        if off.any() and not all(_nearly_constant(X[:, j]) for j in prob.features[off]):
+            return None  # separated along a feature that varies: no model here
+        if not off.any():
+            # thresholds at the rows' means: a slope creeping along a nearly constant feature
+            # drags the raw thresholds by its mean times its step, which is no separation
+            centred = res.step[nf:] - means[prob.features] @ res.step[:nf]
+            if not res.converged or runaway(centred, 1e-2).any():
+                return None
+            break
+        # A few rows of a nearly constant feature separate the classes along it (a feature
+        # that is 0 in nearly all of a node's rows): the node's model leaves that feature out,
+        # as it would a constant one, rather than the node going unfitted, so a node's fate
+        # does not hinge on where a cut fell among the feature's rare values.
+        dropped += prob.features[off].tolist()
+        prob = Problem(prob.X, prob.y, prob.w, p, n_classes - 1, prob.features[~off],
+                       prob.thresholds)
+    else:
         return None
     Hinv = solve_psd(res.hess, np.eye(prob.size))
     meat = oracle(res.x, loss=False, order=0, meat="cluster").meat
@@ -94,7 +129,14 @@ def quick_fit(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, n_classes: int
     cov[np.ix_(full, full)] = 0.5 * (V + V.T)
     ident = np.zeros(d, dtype=bool)
     ident[full] = True
-    return QuickFit(est, cov, ident, prob.features.size < p, int(y.shape[0]))
+    return QuickFit(est, cov, ident, prob.features.size < p, int(y.shape[0]),
+                    frozenset(int(j) for j in dropped))
+
+
+def _nearly_constant(x: np.ndarray) -> bool:
+    """Whether one value holds all but :data:`RARE_SHARE` of ``x``."""
+    _, counts = np.unique(x, return_counts=True)
+    return counts.max() >= (1.0 - RARE_SHARE) * x.shape[0]
 
 
 def refine(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit,
@@ -120,14 +162,14 @@ def refine(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit,
         if not np.all(np.isfinite(est[idx])) or np.any(np.diff(est[p:][fit.identified[p:]])
                                                         <= 0):
             break
-        fit = QuickFit(est, fit.cov, fit.identified, fit.shifted, int(y.shape[0]))
+        fit = replace(fit, estimate=est, n_rows=int(y.shape[0]))
         terms = node_terms(X, y, w, fit)
     _, H, J = terms.total
     Hinv = solve_psd(H, np.eye(H.shape[0]))
     V = Hinv @ J @ Hinv
     cov = np.zeros_like(fit.cov)
     cov[np.ix_(idx, idx)] = 0.5 * (V + V.T)
-    return QuickFit(fit.estimate, cov, fit.identified, fit.shifted, int(y.shape[0])), terms
+    return replace(fit, cov=cov, n_rows=int(y.shape[0])), terms
 
 
 def heterogeneity(a: QuickFit, b: QuickFit, n_features: int) -> tuple[float, int]:
@@ -161,7 +203,10 @@ def split_test(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit
     of the rows' terms at the parent's fit, where a Wald ``Q`` would need two fits). A feature
     constant on one side makes ``V`` singular in its direction and the test drops that direction
     (:data:`fedgrain.core.linalg.EIG_RTOL`), so splitting on a binary feature does not mistake
-    the feature's own effect for heterogeneity.
+    the feature's own effect for heterogeneity. A threshold with fewer than
+    :data:`MIN_ROWS_BESIDE` rows beyond it on one side of the cut (a class absent there, as in
+    a tail of a feature that drives the outcome) is left out of the comparison
+    (:func:`_testable`).
 
     ``terms`` are the rows' terms at ``fit`` (:func:`node_terms`), when already computed.
     """
@@ -177,7 +222,31 @@ def split_test(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, fit: QuickFit
     A = solve_psd(HP, HL.T).T  # H_L H_P^-1 (both symmetric)
     s = sL - A @ sP
     B = np.eye(A.shape[0]) - A
-    return wald(s, B @ JL @ B.T + A @ JR @ A.T)
+    V = B @ JL @ B.T + A @ JR @ A.T
+    keep = _testable(y, w, left, fit, X.shape[1], s.shape[0])
+    if not keep.all():
+        s, V = s[keep], V[np.ix_(keep, keep)]
+    return wald(s, V)
+
+
+def _testable(y, w, left, fit: QuickFit, p: int, d: int) -> np.ndarray:
+    """The score's coordinates a split test compares: every feature, and the thresholds with
+    at least :data:`MIN_ROWS_BESIDE` rows (of positive weight) on both of their sides on both
+    sides of the cut. Beyond a class (nearly) absent on one side, that side's score for the
+    threshold is a sum of tiny terms of one sign and its empirical variance tinier still: the
+    statistic would be large under one model."""
+    ths = np.flatnonzero(fit.identified[p:])
+    keep = np.ones(d, dtype=bool)
+    if ths.size == 0:
+        return keep
+    K = ths.max() + 2
+    counted = np.ones(y.shape[0], dtype=bool) if w is None else w > 0
+    for side in (left, ~left):
+        counts = np.bincount(y[side & counted], minlength=K)
+        below = np.cumsum(counts)[ths]
+        above = counts.sum() - below
+        keep[d - ths.size:] &= np.minimum(below, above) >= MIN_ROWS_BESIDE
+    return keep
 
 
 @dataclass(frozen=True)

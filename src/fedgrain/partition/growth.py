@@ -4,23 +4,27 @@ The tree is grown best-first on a sample of at most :data:`SAMPLE_ROWS` rows, th
 routed once; so beyond that one routing pass the cost does not grow with the number of rows.
 
 **Candidates.** At each node, from its profile (on at most
-:data:`fedgrain.inference.split_tests.QUICK_ROWS` of its rows): the 2-means boundary in the
-importance-weighted standardised space and in the plain standardised space (regions may differ
-in features that matter little for the outcome); a threshold on every feature with a density
-valley between its 10% and 90% quantiles, at the valley; and a threshold on each of the two
-most important features at its median when it has no valley. Each candidate is judged by the
-robust score test of :func:`fedgrain.inference.split_tests.split_test` on *all* the node's rows
-in the sample (at most :data:`fedgrain.inference.split_tests.TEST_ROWS`), at the node's quick
-fit refined by one Newton step on those rows (:func:`fedgrain.inference.split_tests.refine`):
-the Lagrange multiplier form of the heterogeneity ``Q`` of docs/method.md, a chi-square with
-``df`` degrees of freedom when one model holds on both sides. A node costs two passes over its
-rows and one masked Gram matrix per candidate, so the test's power grows with the data.
+:data:`fedgrain.inference.split_tests.QUICK_ROWS` of its rows): the 2-means boundary (best of
+:data:`KMEANS_STARTS` k-means++ starts) in the importance-weighted standardised space and in the
+plain standardised space (regions may differ in features that matter little for the outcome); a
+threshold on every feature with a density valley between its 10% and 90% quantiles, at the
+valley; and thresholds on the two most important features at their quartiles and median (where a
+model's change need not be at a feature's median). Each candidate is judged by the robust score
+test of :func:`fedgrain.inference.split_tests.split_test` on *all* the node's rows in the sample
+(at most :data:`fedgrain.inference.split_tests.TEST_ROWS`), at the node's quick fit refined by
+one Newton step on those rows (:func:`fedgrain.inference.split_tests.refine`): the Lagrange
+multiplier form of the heterogeneity ``Q`` of docs/method.md, a chi-square with ``df`` degrees
+of freedom when one model holds on both sides. A node costs two passes over its rows and one
+masked Gram matrix per candidate, so the test's power grows with the data.
 
 **Which cut.** The candidate with the largest expected gain (below), unless another one that is
 clearly significant (``p < 5e-8`` after the Bonferroni correction below) and promises at least
 half that gain cuts through much sparser data: at most half as many rows within
-:data:`BOUNDARY_BAND` standard deviations of its boundary (a gap between clusters, so fewer
-rows on the fence and fewer misrouted). Between well separated regions that prefers the clean
+:data:`BOUNDARY_BAND` standard deviations of its boundary, and at least :data:`SPARSER_BY` of
+the node's rows fewer (a gap between clusters, so fewer rows on the fence and fewer
+misrouted). Values many rows share (:data:`POINT_MASS`: a 0/1 feature, the zeros of a
+mostly-zero one) are not on the fence: a cut between distinct values keeps each of them on one
+side. Between well separated regions that prefers the clean
 cut to one through a cluster's edge; without a gap, gain decides.
 
 **Which node first.** The split that promises most goes first: the expected gain in held-out
@@ -85,17 +89,25 @@ ALPHA_AT_ONE = 0.05
 ALPHA_DECADES = 6.0
 #: Largest base of the node count in the correction across nodes (:func:`search_size`).
 SEARCH_BASE_CAP = 1e5
-#: Features whose thresholds are tried at each node.
+#: k-means++ starts of a node's 2-means candidates (the best by inertia): one start's local
+#: optimum varies with the seed and the rows, and so would the cut.
+KMEANS_STARTS = 3
+#: Features whose thresholds are tried at each node at these quantiles.
 N_FEATURE_CANDIDATES = 2
+QUANTILES = (0.25, 0.5, 0.75)
 #: Half-width (standard deviations along the cut's normal) of the band whose share of rows
 #: measures how crowded a cut is.
 BOUNDARY_BAND = 0.5
+#: Share of the rows one value must hold to count as a point mass, not as rows near a cut.
+POINT_MASS = 0.01
 #: Candidates this significant (after the Bonferroni correction) and with at least this share
 #: of the best expected gain compete on how crowded their boundary is.
 CLEAR_LEVEL = 5e-8
 NEAR_BEST_GAIN = 0.5
-#: ... when at most this share of the best candidate's rows lie near their boundary.
+#: ... when at most this share of the best candidate's rows lie near their boundary, and at
+#: least this share of the node's rows fewer.
 SPARSER = 0.5
+SPARSER_BY = 0.05
 #: Grid of cut points searched for the density valley of a feature.
 VALLEY_GRID = 41
 #: A valley must be this many times less dense than the densest points on both of its sides.
@@ -182,20 +194,22 @@ class _Grower:
                                  rows.shape[0] / self.sample.shape[0], fit, self.rng(key),
                                  self.centres.get(key, False))
 
-    def subsample(self, rows: np.ndarray) -> np.ndarray:
-        """The evenly spaced rows a region's quick fit and split tests use."""
-        if rows.shape[0] <= split_tests.QUICK_ROWS:
+    @staticmethod
+    def spaced(rows: np.ndarray, at_most: int) -> np.ndarray:
+        """``at_most`` evenly spaced ones of ``rows`` (all of them if fewer)."""
+        if rows.shape[0] <= at_most:
             return rows
-        keep = np.linspace(0, rows.shape[0] - 1, split_tests.QUICK_ROWS)
+        keep = np.linspace(0, rows.shape[0] - 1, at_most)
         return rows[keep.round().astype(np.intp)]
+
+    def subsample(self, rows: np.ndarray) -> np.ndarray:
+        """The evenly spaced rows a region's quick fit uses."""
+        return self.spaced(rows, split_tests.QUICK_ROWS)
 
     def test_rows(self, rows: np.ndarray) -> np.ndarray:
         """The evenly spaced rows a region's split tests use: all of them up to
         :data:`fedgrain.inference.split_tests.TEST_ROWS`."""
-        if rows.shape[0] <= split_tests.TEST_ROWS:
-            return rows
-        keep = np.linspace(0, rows.shape[0] - 1, split_tests.TEST_ROWS)
-        return rows[keep.round().astype(np.intp)]
+        return self.spaced(rows, split_tests.TEST_ROWS)
 
     def quick(self, rows, start=None):
         sub = self.subsample(rows)
@@ -234,7 +248,7 @@ class _Grower:
                 continue
             q, df = split_tests.split_test(Xt, yt, wt, fit, left_t, terms)
             if df > 0:
-                crowd = float(np.mean(np.abs(z - b) < BOUNDARY_BAND * np.linalg.norm(a)))
+                crowd = _crowding(z, b, BOUNDARY_BAND * np.linalg.norm(a))
                 cands.append(_Candidate(label, a, b, None, q, df, 0.5 * (q * scale - 2 * df),
                                         crowd))
         # Where to cut: by gain, unless a clearly significant candidate with at least half the
@@ -247,6 +261,7 @@ class _Grower:
             best = by_gain[0]
             cleaner = [c for c in by_gain if c.gain >= NEAR_BEST_GAIN * best.gain
                        and c.crowding <= SPARSER * best.crowding
+                       and c.crowding <= best.crowding - SPARSER_BY
                        and chi2_sf(c.q, c.df) * len(proposals) < CLEAR_LEVEL]
             if cleaner:
                 pick = min(cleaner, key=lambda c: c.crowding)
@@ -269,7 +284,7 @@ class _Grower:
         rng = self.rng(key)
         for label, fw in (("cluster boundary (2-means)", prof.feature_weights(imp)),
                           ("cluster boundary (2-means, unweighted)", np.ones(self.p))):
-            centres = prof.two_means(Xq * fw, rng)
+            centres = prof.two_means(Xq * fw, rng, n_init=KMEANS_STARTS)
             self.centres.setdefault(key, centres)  # the weighted ones, for the profile
             if centres is not None:
                 c1, c2 = centres / fw
@@ -282,11 +297,14 @@ class _Grower:
         top = set(order[imp[order] > 0].tolist())
         sorted_q = np.sort(Xq, axis=0)
         for j in range(self.p):
-            # every feature with a density valley; the most important ones at their median too
-            cut = _valley_cut(sorted_q[:, j], median=j in top)
-            if cut is not None:
-                a = np.zeros(self.p)
-                a[j] = 1.0
+            # every feature with a density valley; the most important ones at their median and
+            # quartiles too (a change of model need not sit at a feature's median)
+            cuts = [_valley_cut(sorted_q[:, j], median=False)]
+            if j in top:
+                cuts += [_quantile_cut(sorted_q[:, j], q) for q in QUANTILES]
+            a = np.zeros(self.p)
+            a[j] = 1.0
+            for cut in dict.fromkeys(c for c in cuts if c is not None):
                 proposals.append((f"feature {j}", a, cut))
         return proposals
 
@@ -296,6 +314,30 @@ class _Grower:
         b = b_std + float(a @ self.std.mean)
         top = np.abs(a).max()
         return a / top, b / top
+
+
+def _crowding(z: np.ndarray, b: float, band: float) -> float:
+    """Share of the rows on the fence of the cut ``z <= b``: within ``band`` of it, leaving out
+    values that at least :data:`POINT_MASS` of the rows share (a cut between distinct values
+    never divides those: a 0/1 feature, or the zeros of a mostly-zero one, are on one side of
+    it wherever in the gap the cut falls)."""
+    near = z[np.abs(z - b) < band]
+    if near.shape[0] == 0:
+        return 0.0
+    values, counts = np.unique(near, return_counts=True)
+    return float(counts[counts < POINT_MASS * z.shape[0]].sum()) / z.shape[0]
+
+
+def _quantile_cut(sv: np.ndarray, q: float) -> float | None:
+    """A cut at the ``q`` quantile of the sorted values ``sv``: between the distinct values
+    nearest to it, None when all the values lie on one side."""
+    last = sv.shape[0] - 1
+    v = sv[int(round(q * last))]
+    above = sv[np.searchsorted(sv, v, side="right"):]
+    if above.shape[0] == 0:
+        below = sv[:np.searchsorted(sv, v, side="left")]
+        return None if below.shape[0] == 0 else float(0.5 * (below[-1] + v))
+    return float(0.5 * (v + above[0]))
 
 
 def _valley_cut(sv: np.ndarray, median: bool = True) -> float | None:
