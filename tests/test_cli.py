@@ -240,17 +240,31 @@ def test_fit_with_granularity_uses_the_adaptive_estimator(files, capsys, tmp_pat
 
 
 @pytest.mark.parametrize("extra, message", [
-    (("--estimator", "dc", "--granularity", "0.5"), "--granularity apply to --estimator adaptive"),
-    (("--estimator", "mle", "--min-subset-size", "100"), "--min-subset-size apply to"),
+    (("--estimator", "dc", "--granularity", "0.5"),
+     "--granularity applies to --estimator adaptive"),
+    (("--estimator", "mle", "--min-subset-size", "100"), "--min-subset-size applies to"),
+    (("--estimator", "dc", "--meta", "fomaml", "--stability", "3"),
+     "--meta, --stability apply to --estimator adaptive"),
     (("--granularity", "0.5", "--n-subsets", "3"), "--n-subsets applies to --estimator dc"),
     (("--estimator", "adaptive", "--min-subset-size", "5000"), "min_subset_size=5,000 is larger"),
-    (("--estimator", "dc", "--meta", "fomaml"), "--meta apply to --estimator adaptive"),
+    (("--estimator", "dc", "--meta", "fomaml"), "--meta applies to --estimator adaptive"),
 ])
 def test_adaptive_options_are_checked(files, capsys, tmp_path, extra, message):
     d, _ = files
     code, _, err = fit(capsys, d, "m_refused", *extra)
     assert code == 2 and message in err, err
     assert not (d / "m_refused").exists()
+
+
+def test_fit_measures_the_stability_of_the_partition_on_request(files, capsys, tmp_path):
+    d, _ = files
+    code, out, _ = fit(capsys, d, "m_stable", "--granularity", "0.5", "--stability", "3")
+    assert code == 0 and "Stability: adjusted Rand index between partitions grown on 3" in out
+    assert load(d / "m_stable").partition_.stability_.n_resamples == 3
+    code = main(["fit", str(d / "train.parquet"), "--target", "grade", "--drop", "id",
+                 "--granularity", "0.5", "--stability", "3", "--out", str(tmp_path / "m_pq")])
+    assert code == 2 and "needs them in memory" in capsys.readouterr().err
+    assert not (tmp_path / "m_pq").exists()
 
 
 def test_granularity_outside_the_unit_interval_is_a_usage_error(files, tmp_path):

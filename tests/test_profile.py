@@ -401,6 +401,12 @@ def test_with_importance_normalises_the_local_model(grown):
     assert profile[nid].importance_source == "local model"
     profile.with_importance(nid, np.zeros(3))
     assert profile[nid].importance.tolist() == [0.0, 0.0, 0.0]
+    # within the leaf: a feature constant there counts for nothing, the others by their range
+    lp = profile[nid]
+    profile.leaves[nid] = dataclasses.replace(lp, low=np.array([0.0, 1.0, -1.0]),
+                                  high=np.array([2.0, 1.0, 1.0]))
+    profile.with_importance(nid, np.array([1.0, 5.0, 1.0]), scale=np.array([1.0, 1.0, 2.0]))
+    np.testing.assert_allclose(profile[nid].importance, [2 / 3, 0.0, 1 / 3])
 
 
 def test_refresh_reprofiles_the_leaves_that_receive_rows(grown):

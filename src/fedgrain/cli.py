@@ -110,6 +110,16 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 2; got {text!r}")
+    return value
+
+
 def _write_atomic(out: Path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``out``, then rename it into place.
 
@@ -158,11 +168,13 @@ def _check_fit_options(args) -> None:
     estimator; otherwise the default is dc.
     """
     adaptive_only = [f"--{n.replace('_', '-')}" for n in ("granularity", "min_subset_size",
-                                                          "meta") if getattr(args, n) is not None]
+                                                          "meta", "stability")
+                     if getattr(args, n) is not None]
     if args.estimator is None:
         args.estimator = "adaptive" if adaptive_only else "dc"
     if args.estimator != "adaptive" and adaptive_only:
-        raise DataError(f"{', '.join(adaptive_only)} apply to --estimator adaptive only.")
+        verb = "apply" if len(adaptive_only) > 1 else "applies"
+        raise DataError(f"{', '.join(adaptive_only)} {verb} to --estimator adaptive only.")
     if args.estimator == "adaptive" and args.n_subsets is not None:
         raise DataError("--n-subsets applies to --estimator dc; the adaptive estimator's leaves "
                         "come from --granularity and --min-subset-size.")
@@ -184,6 +196,11 @@ def _cmd_fit(args) -> int:
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it.")
     streamed = is_parquet_path(args.data) and args.estimator != "mle" and not args.weights
+    if streamed and args.stability is not None:
+        raise DataError("--stability grows the partition again on parts of the rows, so it "
+                        "needs them in memory, and Parquet data are streamed batch by batch. "
+                        "Fit from a CSV file, or measure it on a sample in Python "
+                        "(AdaptiveFederatedOrdinal.stability).")
     if streamed:  # the estimator reads it batch by batch, never whole
         X, y, size = _parquet_source(args)
         weights = None
@@ -200,6 +217,9 @@ def _cmd_fit(args) -> int:
         if args.scheduler is not None:
             model.backend.close()  # the client only: the cluster keeps running
     _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
+    if args.stability is not None:
+        _log(args, f"growing the partition on {args.stability} random parts of the rows ...")
+        model.stability(X, y, weights, n_resamples=args.stability)
     _print_fit(args, model)
     path = model.save(out, overwrite=args.force)
     print(f"\nModel saved to {path}")
@@ -287,6 +307,8 @@ def _print_fit(args, model) -> None:
     print(f"\nPartition: {model.n_leaves_} leaves on {model.schedule_.n_workers} worker(s), "
           f"load imbalance {model.schedule_.imbalance:.3f}")
     print("\n".join(model.partition_.describe()))
+    if model.partition_.stability_ is not None:
+        print(f"Stability: {model.partition_.stability_.describe()}")
     for h in model.history_:
         pull = "none (global model)" if h["rho"] is None else f"{h['rho']:.3g} pseudo-rows"
         print(f"meta round {h['round']}: validation log-loss {h['val_loss']:.4f}, pull "
@@ -517,6 +539,10 @@ def _add_fit(command) -> None:
     p.add_argument("--meta", choices=("none", "fomaml", "reptile", "fedavg", "fedprox"),
                    default=None, help="adaptive: personalise the leaves with a federated "
                                       "meta-learner (default none: each leaf keeps its fit)")
+    p.add_argument("--stability", type=_at_least_two, default=None, metavar="N",
+                   help="adaptive: grow the partition again on N random parts of the rows and "
+                        "report how alike the regions are (adjusted Rand index; saved with "
+                        "the model and shown in its report)")
     p.add_argument("--n-subsets", type=int, default=None, help="dc only (default: workers)")
     p.add_argument("--alpha", type=_alpha, default=None,
                    help="dc: rate (default), cv, bic or a number; mle: a ridge penalty (0)")
@@ -524,7 +550,8 @@ def _add_fit(command) -> None:
                    help="dc: cluster (default), sandwich or model; mle: model (default) or "
                         "sandwich")
     p.add_argument("--refine-rounds", type=int, default=None,
-                   help="dc and adaptive (default 1)")
+                   help="dc (default 1) and adaptive (default 20, a maximum: rounds stop "
+                        "once the global model moves less than 0.01 SE)")
     p.add_argument("--backend", choices=("processes", "serial", "dask"), default=None,
                    help="dc and adaptive (default processes; dask: a local Dask cluster, or "
                         "the one at --scheduler)")

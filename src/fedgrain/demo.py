@@ -106,6 +106,9 @@ def _adaptive_partition(Xtr: pd.DataFrame, ytr: pd.Series, n_jobs: int | None,
           f"{af.schedule_.n_workers} worker(s), load imbalance {af.schedule_.imbalance:.3f}; "
           f"fitted in {t_af:.2f} s:")
     print("\n".join("  " + line for line in tree.describe()))
+    t0 = time.perf_counter()
+    stab = af.stability(Xtr, ytr)  # kept with the tree: the report shows it
+    print(f"Stability ({time.perf_counter() - t0:.1f} s): {stab.describe()}.")
     gm = af.global_model_
     print(f"Heterogeneity between the leaves: Q = {gm.q_:.1f} on {gm.q_df_} df "
           f"(p = {gm.q_pvalue_:.3g}), I^2 = {gm.i2_:.2f}.")

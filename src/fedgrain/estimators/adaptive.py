@@ -550,7 +550,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             params_.append(params)
             covs.append(0.5 * (cov + cov.T))
             notes.append([names[j] for j in filled])
-            prof.with_importance(nid, est[:p])
+            prof.with_importance(nid, est[:p], std.scale)
         return LeafTable(list(tree.leaves), np.array(params_), np.array(covs), notes)
 
     def _warn_unsettled(self, fits, leaves, region_of, regions) -> None:

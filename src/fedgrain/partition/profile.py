@@ -255,9 +255,20 @@ class DataProfile:
     def __getitem__(self, leaf_id: int) -> LeafProfile:
         return self.leaves[leaf_id]
 
-    def with_importance(self, leaf_id: int, beta_std: np.ndarray) -> None:
-        """Replace a leaf's screening importance by that of its fitted local model."""
+    def with_importance(self, leaf_id: int, beta_std: np.ndarray,
+                        scale: np.ndarray | None = None) -> None:
+        """Replace a leaf's screening importance by that of its fitted local model.
+
+        With ``scale`` (the features' global standard deviations, the units of ``beta_std``)
+        a feature counts by how much it moves the linear predictor *within the leaf*:
+        ``|slope| x`` its 0.1%-99.9% range among the leaf's rows. A feature constant in the leaf
+        (a cut above it uses it; its slope is the global model's) then counts for nothing,
+        where its global slope alone would call it the leaf's most important.
+        """
         imp = np.nan_to_num(np.abs(beta_std))
+        lp = self.leaves[leaf_id]
+        if scale is not None and lp.low is not None and lp.high is not None:
+            imp = imp * np.nan_to_num(np.maximum(lp.high - lp.low, 0.0) / scale)
         total = imp.sum()
         self.leaves[leaf_id] = replace(self.leaves[leaf_id],
                                        importance=imp / total if total > 0 else imp,
