@@ -31,6 +31,8 @@ MARKED = {
     "honest": ("Honest inference on adaptive partitions: coverage, selection, the global model",
                "bench_honest.py"),
     "qcal": ("Heterogeneity Q under the class-stratified division", "bench_q_calibration.py"),
+    "drift": ("Streams that drift: gradual, recurring, wrong from the start, and a real one",
+              "bench_drift.py"),
 }
 
 

@@ -156,7 +156,10 @@ def test_seen_ranges_survive_save_and_load_and_cover_pieces(tmp_path):
 # ---- a covariate shift at granularity 1 -------------------------------------------------------
 def test_a_covariate_shift_split_at_granularity_one_keeps_streaming():
     """The split attempt after a covariate shift took the new leaves' rows from the window since
-    a follow-up the leaf did not have (IndexError: boolean index did not match)."""
+    a follow-up the leaf did not have (IndexError: boolean index did not match). The other
+    region's rows are a covariate shift for the leaf and, its model being another, a concept
+    drift too, which the reference CUSUM now finds first; either way the leaf splits and the
+    children's windows hold their own rows."""
     X, y, region, *_ = make_regions(60_000, n_features=4, n_classes=4, n_regions=2,
                                     heterogeneity=0.5, random_state=5)
     r0 = region == 0  # trained on one region; the stream brings the other one too
@@ -166,7 +169,8 @@ def test_a_covariate_shift_split_at_granularity_one_keeps_streaming():
     for a in range(0, 20_000, 4000):
         af.partial_fit(X[a:a + 4000], y[a:a + 4000])
     kinds = [e["kind"] for e in af.events_]
-    assert "covariate shift" in kinds and "split" in kinds, af.events_
+    assert ("covariate shift" in kinds or "concept drift" in kinds) and "split" in kinds, \
+        af.events_
     assert af.n_leaves_ == 2
     st = af.stream_
     for nid in af.partition_.leaves:  # the children's windows hold their own stream rows
@@ -219,7 +223,9 @@ def test_a_stream_refit_on_separated_rows_keeps_the_leaf_and_says_so():
     kinds = [e["kind"] for e in model.events_]
     assert "concept drift" in kinds and "refit failed" in kinds
     assert "refit" not in kinds
-    np.testing.assert_array_equal(model.local_models_[0].results_.params, before)
+    # no refit: the leaf keeps following its rows batch by batch, and stays finite
+    params = model.local_models_[0].results_.params
+    assert np.all(np.isfinite(params)) and not np.array_equal(params, before)
 
 
 def test_a_grown_leaf_with_separated_classes_is_merged_back_with_a_warning():

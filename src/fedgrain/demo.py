@@ -151,7 +151,10 @@ def _stream_with_a_change(af: AdaptiveFederatedOrdinal, Xp: pd.DataFrame, yp: pd
         for e in af.events_[seen:]:
             print(f"  row {e['rows_seen']:,}: leaf {e['leaf']}: {e['kind']} ({e['detail']})")
         seen = len(af.events_)
-    print(f"Streamed in {time.perf_counter() - t0:.2f} s; the other leaves were not touched.")
+    refitted = sorted({e["leaf"] for e in af.events_ if e["kind"] == "refit"})
+    print(f"Streamed in {time.perf_counter() - t0:.2f} s: every batch updated the leaves' "
+          f"models (each with the forgetting rate that predicted best); refitted after drift: "
+          f"leaf {', '.join(str(n) for n in refitted) or 'none'}.")
     last = np.flatnonzero(turn)[-2_000:]
     lc = af.target_.encode(ys.iloc[last])
     was = ordinal_scores(lc, before.predict_proba(Xs.iloc[last]))["log_loss"]

@@ -47,6 +47,7 @@ from ..inference import local
 from ..inference.contributions import Contribution, combine, repool, stack, unstack
 from ..inference.random_effects import RandomEffects, random_effects
 from ..inference.results import parameter_names
+from ..monitor.detectors import standardised_excess
 from ..monitor.stream import DriftMonitor
 from ..partition.growth import (
     SAMPLE_ROWS,
@@ -68,6 +69,9 @@ HONEST_GROW_ROWS = SAMPLE_ROWS
 #: moves no parameter more than 0.01 standard errors; usually after two or three).
 LEAF_NEWTON_STEPS = 25
 GLOBAL_TITLE = "Adaptive federated ordinal regression: global model"
+#: Training rows (evenly spaced) on which each leaf's fit-time loss level is measured, for the
+#: stream's reference CUSUM.
+REFERENCE_ROWS = 100_000
 
 
 @register
@@ -160,8 +164,13 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         What the meta-learner learned (global parameters, pull, information metric), in
         standardised coordinates.
     stream_ : fedgrain.monitor.state.StreamState or None
-        The monitored stream's state (rows seen, each leaf's detector and recent rows), from
-        the first ``partial_fit`` on; saved with the model.
+        The monitored stream's state (rows seen, each leaf's detectors and recent rows, each
+        region's models that follow every batch with their forgetting), from the first
+        ``partial_fit`` on; saved with the model.
+    reference_excess_ : dict
+        Per leaf (node id), its mean standardised excess loss at fit time (log-loss minus the
+        entropy of its predictions, over their standard deviation): the level the stream's
+        reference CUSUM holds the leaf to.
     effective_granularity_ : float
         Where the partition stands on the granularity scale: ``log(regions) / log(n /
         min_subset_size)`` (updated by ``partial_fit`` as leaves split and merge).
@@ -525,7 +534,77 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self._warn_unsettled(run.fits, tree.leaves, region_of, regions)
         self._set_leaves(table)
         self.effective_granularity_ = self._effective_granularity(0)
+        self.reference_excess_ = self._reference_excess(Xm, codes, labels, estimation)
         clock.lap("results")
+
+    def _reference_excess(self, Xm, codes, labels, estimation) -> dict[int, float]:
+        """Each leaf's mean standardised excess loss (:func:`fedgrain.monitor.detectors.
+        standardised_excess`) on its rows, at most :data:`REFERENCE_ROWS` of them evenly spaced
+        (the estimation rows of an honest tree): the level its model had when fitted, which
+        the stream's reference CUSUM is measured against."""
+        n = codes.shape[0]
+        pool = np.arange(n) if estimation is None else np.flatnonzero(estimation)
+        if pool.shape[0] > REFERENCE_ROWS:
+            pool = pool[np.linspace(0, pool.shape[0] - 1, REFERENCE_ROWS).round().astype(int)]
+        Xe = take_rows(Xm, pool)
+        lab = labels[pool]
+        u = standardised_excess(class_proba(*self._leaves.routed(Xe, lab, None,
+                                                                   self.results_.params)),
+                                codes[pool])
+        sums = np.bincount(lab, weights=u, minlength=self.n_leaves_)
+        counts = np.bincount(lab, minlength=self.n_leaves_)
+        return {int(nid): float(sums[i] / counts[i]) if counts[i] else 0.0
+                for i, nid in enumerate(self.partition_.leaves)}
+
+    def _mean_excess(self, Xs: np.ndarray, codes: np.ndarray, nid: int) -> float:
+        """The leaf's mean standardised excess on these standardised rows, under its model."""
+        pos = self.partition_.leaves.index(nid)
+        theta, _, _ = self._leaf_standardised_at(pos)
+        p = Xs.shape[1]
+        return float(np.mean(standardised_excess(class_proba(Xs @ theta[:p], theta[p:]),
+                                                 codes)))
+
+    def _global_point(self) -> np.ndarray:
+        """The global model's point in the standardised coordinates (its parts' pool)."""
+        return combine(self._contributions, self.variance)[0]
+
+    def _leaf_standardised_at(self, pos: int):
+        """Leaf ``pos``'s model in the standardised coordinates ``(theta, cov, free)``;
+        ``free`` marks the parameters it identifies (not filled in from the global model)."""
+        std = self.partition_.standardizer
+        d = self.cov_.shape[0]
+        Tinv = np.linalg.inv(std.jacobian(d - std.mean.shape[0]))
+        theta = Tinv @ self._leaves.params[pos]
+        cov = Tinv @ self._leaves.covs[pos] @ Tinv.T
+        names = parameter_names(self.schema_.output_names, self.target_.classes)
+        free = np.ones(d, dtype=bool)
+        for note in self._leaves.notes[pos]:
+            if note in names:
+                free[names.index(note)] = False
+        return theta, 0.5 * (cov + cov.T), free
+
+    def _leaf_standardised(self, region: int):
+        """:meth:`_leaf_standardised_at` for the first leaf of a region (pieces share its
+        model)."""
+        return self._leaf_standardised_at(int(np.flatnonzero(
+            self.partition_.region_of() == region)[0]))
+
+    def _follow_leaves(self, served: dict, parts: dict) -> None:
+        """A batch's continuous update: leaf positions' served models (standardised ``(theta,
+        cov)``) and their new parts of the global model; the global model pooled from the
+        parts (:func:`fedgrain.inference.contributions.combine`)."""
+        std = self.partition_.standardizer
+        table = self._leaves
+        for pos, (theta, cov) in served.items():
+            params, cov = std.to_raw_model(theta, cov)
+            table.params[pos] = params
+            table.covs[pos] = 0.5 * (cov + cov.T)
+            self._leaf_model_at(pos)
+        for pos, part in parts.items():
+            self._contributions[pos] = part
+        if parts:
+            est, cov = combine(self._contributions, self.variance)
+            self._set_global(est, cov, GLOBAL_TITLE + " (following the stream)")
 
     @staticmethod
     def _leaf_table(tree: PartitionTree, run, regions: dict, personal, names: list[str],
@@ -586,17 +665,23 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
     def _set_leaves(self, table: LeafTable) -> None:
         """The leaves' models (``local_models_``) from a table in the tree's leaf order."""
         self._leaves = table
-        models = []
-        for pos, nid in enumerate(table.ids):
-            info = {"Leaf": nid, "Rows": f"{int(self.partition_.sizes[pos]):,}"}
-            honest = self._estimation_rows.get(nid)
-            if honest is not None:
-                info["Rows estimating it"] = f"{honest:,} (the others chose the splits)"
-            if table.notes[pos]:
-                info["Not identified in the leaf"] = ", ".join(table.notes[pos])
-            models.append(LeafModel.of(nid, self.schema_, self.target_, table.params[pos],
-                                       table.covs[pos], f"Leaf {nid} model", info))
-        self.local_models_ = models
+        self.local_models_ = [None] * len(table.ids)
+        for pos in range(len(table.ids)):
+            self._leaf_model_at(pos)
+
+    def _leaf_model_at(self, pos: int) -> None:
+        """``local_models_[pos]`` from the table's row ``pos``."""
+        table = self._leaves
+        nid = table.ids[pos]
+        info = {"Leaf": nid, "Rows": f"{int(self.partition_.sizes[pos]):,}"}
+        honest = self._estimation_rows.get(nid)
+        if honest is not None:
+            info["Rows estimating it"] = f"{honest:,} (the others chose the splits)"
+        if table.notes[pos]:
+            info["Not identified in the leaf"] = ", ".join(table.notes[pos])
+        self.local_models_[pos] = LeafModel.of(nid, self.schema_, self.target_,
+                                               table.params[pos], table.covs[pos],
+                                               f"Leaf {nid} model", info)
 
     def stability(self, X, y, sample_weight=None, *, n_resamples: int = 5,
                   fraction: float | None = None, random_state: int = 0):
@@ -870,9 +955,12 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         est, cov, self._contributions = repool(
             self._contributions, {pos: rows_at(*r) for pos, r in new_rows.items()}, start,
             self.variance, tol=REFINE_TOL, max_steps=int(self.refine_rounds))
+        self._set_global(est, cov, GLOBAL_TITLE + " (leaves replaced on the stream)")
+
+    def _set_global(self, est: np.ndarray, cov: np.ndarray, title: str) -> None:
+        """The global model from its standardised estimate and covariance."""
         params, cov = self.partition_.standardizer.to_raw_model(est, cov)
-        fit = self.global_model_.pooled_fit_.with_model(
-            params, cov, GLOBAL_TITLE + " (leaves replaced on the stream)")
+        fit = self.global_model_.pooled_fit_.with_model(params, cov, title)
         self._set_fitted(self.schema_, self.target_, params, cov, fit.results)
         self.global_model_ = GlobalModel.of(self.schema_, self.target_, fit)
 
@@ -895,6 +983,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                  "schedule": self.schedule_.to_dict(), "global": g_meta,
                  "leaf_notes": self._leaves.notes, "timings": dict(self.timings_),
                  "effective_granularity": float(self.effective_granularity_),
+                 "reference_excess": {str(k): v for k, v in self.reference_excess_.items()},
                  "history": self.history_, "events": self.events_, **m_meta,
                  "stream": s_meta}
         arrays = {**s_arrays, **m_arrays,
@@ -935,6 +1024,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self.n_iter_ = gm.n_iter_
         self.timings_ = dict(meta_["timings"])
         self.effective_granularity_ = float(meta_["effective_granularity"])
+        self.reference_excess_ = {int(k): float(v) for k, v in
+                                  meta_.get("reference_excess", {}).items()}
         self.history_, self.events_ = list(meta_["history"]), list(meta_["events"])
         self.meta_state_ = MetaState.from_dict(meta_, arrays)
         self.meta_model_ = LeafModel.of(-1, self.schema_, self.target_, arrays["meta_params"],

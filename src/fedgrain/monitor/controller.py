@@ -14,7 +14,13 @@ only:
   (``(n / min_subset_size)^g``). The model's ``effective_granularity_`` reports where the
   partition stands on that scale.
 
-Each change is an event (``split``, ``merge``, ``granularity``).
+The granularity factor itself adapts (the *working* granularity, ``stream_.granularity``, which
+splits use; it starts at the model's): it rises by :data:`GRANULARITY_STEP` when a leaf keeps
+needing refits (:data:`REFINE_AFTER` concept drifts within :data:`REFINE_WINDOW` rows: its
+region is not one model over time, so finer leaves may split off) and falls by the same step
+when two siblings turn out indistinguishable and merge.
+
+Each change is an event (``split``, ``merge``, ``granularity``) with its evidence.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ from .state import FollowUp, RecentRows, Window
 MERGE_LEVEL = 0.05
 #: Share of a leaf's recent rows held out to judge a split.
 HOLDOUT = 0.2
+#: The working granularity rises when one leaf has this many concept drifts within this many
+#: stream rows, and moves by this step (up, or down after a merge).
+REFINE_AFTER = 2
+REFINE_WINDOW = 200_000
+GRANULARITY_STEP = 0.1
 
 
 class GranularityController:
@@ -46,6 +57,33 @@ class GranularityController:
     @property
     def model(self):
         return self.monitor.model
+
+    @property
+    def granularity(self) -> float:
+        """The working granularity factor (the model's until it first moves)."""
+        g = self.monitor.state.granularity
+        return float(self.model.granularity) if g is None else g
+
+    def _move_granularity(self, nid: int, step: float, why: str) -> None:
+        before = self.granularity
+        after = float(np.clip(before + step, 0.0, 1.0))
+        if after == before:
+            return
+        self.monitor.state.granularity = after
+        self.monitor.event("granularity", nid, self.monitor.state.rows_seen, statistic=after,
+                           threshold=before,
+                           detail=f"granularity factor {before:.2f} -> {after:.2f}: {why}")
+
+    def refine(self, nid: int) -> None:
+        """Raise the working granularity when the leaf keeps needing refits."""
+        st = self.monitor.state
+        recent = [e for e in self.model.events_ if e["kind"] == "concept drift"
+                  and e["leaf"] == nid and e["rows_seen"] >= st.rows_seen - REFINE_WINDOW]
+        if len(recent) >= REFINE_AFTER:
+            self._move_granularity(nid, GRANULARITY_STEP,
+                                   f"leaf {nid} drifted {len(recent)} times in the last "
+                                   f"{REFINE_WINDOW:,} rows: its region is not one model "
+                                   "over time, so finer leaves may split off")
 
     def profile(self, recent: Window, nid: int) -> LeafProfile:
         """A leaf's profile from these rows (reference distribution included), with their
@@ -103,6 +141,9 @@ class GranularityController:
         st.followup[parent.id] = FollowUp(min(since.values()), 2 * merged.codes.shape[0])
         model.profile_.leaves[parent.id] = self.profile(merged, parent.id)
         self.monitor.replace_leaves({parent.id: leaf_model})
+        self._move_granularity(parent.id, -GRANULARITY_STEP,
+                               f"leaves {nid} and {sib} were indistinguishable (Q {q:.1f}, df "
+                               f"{df}, p {pvalue:.3g}) and merged: coarser leaves suffice")
         self.monitor.event(
             "merge", parent.id, st.rows_seen, statistic=q,
             threshold=float(special.chdtri(df, MERGE_LEVEL)) if df > 0 else 0.0,
@@ -121,13 +162,13 @@ class GranularityController:
         regions = np.unique(tree.region_of()).shape[0]
         rows = int(tree.nodes[0].n_rows) + st.rows_seen
         if cw.shape[0] < 2 * min_size / (1 - HOLDOUT) or \
-                regions >= region_budget(float(model.granularity), rows, min_size):
+                regions >= region_budget(self.granularity, rows, min_size):
             return False
         seed = int(st.rows_seen)
         hold = np.random.default_rng(seed).random(cw.shape[0]) < HOLDOUT
         fit = ~hold
         grown = grow(Xw[fit], cw[fit], None, std=tree.standardizer,
-                     n_classes=model.classes_.shape[0], granularity=float(model.granularity),
+                     n_classes=model.classes_.shape[0], granularity=self.granularity,
                      min_size=int(min_size * (1 - HOLDOUT)), n_pieces=1, seed=seed,
                      feature_names=list(model.schema_.output_names))
         root = grown.tree.nodes[0]
@@ -168,7 +209,7 @@ class GranularityController:
         self.monitor.replace_leaves(dict(zip(kids, models, strict=True)))
         self.monitor.event(
             "split", nid, st.rows_seen, statistic=float(ev.get("q", 0.0)),
-            threshold=float(split_level(float(model.granularity))),
+            threshold=float(split_level(self.granularity)),
             detail=f"{ev.get('candidate', 'a cut')}: children {list(kids)} predict held-out "
                    f"recent rows better ({split:.1f} against {single:.1f})")
         self._granularity_event(nid)
@@ -178,5 +219,7 @@ class GranularityController:
         model = self.model
         self.monitor.event("granularity", nid, self.monitor.state.rows_seen,
                            statistic=model.effective_granularity_,
-                           threshold=float(model.granularity),
-                           detail=f"{model.n_leaves_} leaves")
+                           threshold=self.granularity,
+                           detail=f"{model.n_leaves_} leaves: the partition now stands at "
+                                  f"{model.effective_granularity_:.2f} on the granularity "
+                                  f"scale (working factor {self.granularity:.2f})")

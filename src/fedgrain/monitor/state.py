@@ -1,9 +1,11 @@
 """The state of a monitored stream, typed: what ``partial_fit`` keeps between batches.
 
-Per leaf: its recent rows (:class:`RecentRows`, chunks of :class:`Window`), its loss
-detector, a pending drift (the stream row where the change was found, until the leaf has rows
-enough to refit) and a follow-up (refit again when the new regime's rows double). Saved with
-the model (:meth:`StreamState.to_dict` / :meth:`StreamState.load`).
+Per leaf: its recent rows (:class:`RecentRows`, chunks of :class:`Window`), its loss detectors
+(against its own past, and against what its model expects), a pending drift (the stream row
+where the change was found, until the leaf has rows enough to refit) and a follow-up (refit
+again when the new regime's rows double). Saved with the model (:meth:`StreamState.to_dict` /
+:meth:`StreamState.load`); per region, the models that follow every batch
+(:class:`fedgrain.monitor.online.LeafFollower`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .base import Detector
+from .detectors import ReferenceCUSUM
 from .features import FeatureMonitor
+from .online import LeafFollower
 
 #: Rows of each leaf kept for refits (the most recent).
 WINDOW_ROWS = 20_000
@@ -72,7 +76,14 @@ class FollowUp:
 
 @dataclass
 class StreamState:
-    """Everything ``partial_fit`` remembers, per leaf and for the stream."""
+    """Everything ``partial_fit`` remembers, per leaf and for the stream.
+
+    ``references`` are the leaves' :class:`fedgrain.monitor.detectors.ReferenceCUSUM` (their
+    losses against what their own models expect); ``followers`` the regions'
+    :class:`fedgrain.monitor.online.LeafFollower` (the models that follow every batch), keyed
+    by the region's node id (pieces of a region share one); ``granularity`` the working
+    granularity factor the controller splits at (None until it first moves: the model's).
+    """
 
     rows_seen: int
     detectors: dict[int, Detector]
@@ -80,6 +91,9 @@ class StreamState:
     windows: dict[int, RecentRows]
     pending: dict[int, int] = field(default_factory=dict)
     followup: dict[int, FollowUp] = field(default_factory=dict)
+    references: dict[int, Detector] = field(default_factory=dict)
+    followers: dict[int, LeafFollower] = field(default_factory=dict)
+    granularity: float | None = None  # the working granularity factor (None: the model's)
 
     @classmethod
     def start(cls, leaves: list[int], profiles: dict, feature_names: list[str],
@@ -88,19 +102,22 @@ class StreamState:
         p = len(feature_names)
         return cls(0, {nid: new_detector() for nid in leaves},
                    FeatureMonitor(profiles, leaves, list(feature_names)),
-                   {nid: RecentRows(p) for nid in leaves})
+                   {nid: RecentRows(p) for nid in leaves},
+                   references={nid: ReferenceCUSUM() for nid in leaves})
 
     def add_leaves(self, leaves: list[int], new_detector: Callable[[], Detector]) -> None:
         """State for leaves new to the stream (after a split or merge)."""
         p = len(self.features.feature_names)
         for nid in leaves:
             self.detectors.setdefault(nid, new_detector())
+            self.references.setdefault(nid, ReferenceCUSUM())
             self.windows.setdefault(nid, RecentRows(p))
         self.features.set_leaves(leaves)
 
     def drop_leaf(self, nid: int) -> None:
         """Forget a leaf that was split or merged away."""
-        for table in (self.windows, self.detectors, self.pending, self.followup):
+        for table in (self.windows, self.detectors, self.pending, self.followup,
+                      self.references, self.followers):
             table.pop(nid, None)
 
     # ---- persistence -----------------------------------------------------------------------
@@ -111,8 +128,14 @@ class StreamState:
                 "followup": {str(k): [int(f.since), int(f.due)]
                              for k, f in self.followup.items()},
                 "detectors": {str(k): d.state() for k, d in self.detectors.items()},
-                "features": self.features.state()}
+                "references": {str(k): d.state() for k, d in self.references.items()},
+                "features": self.features.state(), "followers": {},
+                "granularity": self.granularity}
         arrays = {}
+        for rid, follower in self.followers.items():
+            f_meta, f_arrays = follower.to_dict(f"follow_{rid}")
+            meta["followers"][str(rid)] = f_meta
+            arrays.update(f_arrays)
         for nid, window in self.windows.items():
             if window:
                 w = window.since(np.iinfo(np.int64).min)
@@ -129,6 +152,13 @@ class StreamState:
                          for k, v in meta["followup"].items()}
         for k, v in meta["detectors"].items():
             self.detectors[int(k)].load_state(v)
+        for k, v in meta.get("references", {}).items():  # absent from older files
+            self.references.setdefault(int(k), ReferenceCUSUM()).load_state(v)
+        g = meta.get("granularity")
+        self.granularity = None if g is None else float(g)
+        if "followers" in meta:
+            self.followers = {int(k): LeafFollower.from_dict(v, arrays, f"follow_{k}")
+                              for k, v in meta["followers"].items()}
         self.features.load_state(meta["features"])
         for nid, window in self.windows.items():
             if f"stream_{nid}_X" in arrays:

@@ -5,7 +5,12 @@
 their leaves and
 
 - feeds each leaf's per-row log-loss under its current model to the leaf's detector (ADWIN, or
-  Page-Hinkley): an increase is **concept drift** (the relationship changed there);
+  Page-Hinkley), and its excess over what the model expects to the leaf's reference CUSUM: an
+  increase is **concept drift** (the relationship changed there);
+- **updates the model** with every batch: each region's follower
+  (:class:`fedgrain.monitor.online.LeafFollower`) learns from the region's rows and serves the
+  forgetting rate that predicts best, and the global model is pooled again from the leaves'
+  parts;
 - counts each leaf's features against the leaf's reference profile
   (:class:`fedgrain.monitor.FeatureMonitor`): a shift in a leaf without concept drift is
   **covariate shift** (only the inputs moved);
@@ -35,10 +40,12 @@ from ..federation import meta
 from ..federation.leaves import LeafSeparationError
 from ..federation.personalise import learns_pull, with_theta
 from ..federation.shards import build_shards
+from ..inference import local
 from ..inference.results import parameter_names
 from .base import Detector
 from .controller import GranularityController
-from .detectors import ADWIN, PageHinkley
+from .detectors import ADWIN, PageHinkley, ReferenceCUSUM, standardised_excess
+from .online import MEMORIES, SWITCH_Z, LeafFollower, follow_global
 from .state import WINDOW_ROWS, FollowUp, StreamState, Window
 
 #: Meta rounds run on the recent rows after a drift refit (with a meta-learner).
@@ -79,35 +86,103 @@ class DriftMonitor:
     def take_batch(self, Xe: np.ndarray, codes: np.ndarray, leaf: np.ndarray) -> None:
         st = self.state
         eta, thr = self.model._routed_encoded(Xe, leaf)
-        loss = row_log_loss(class_proba(eta, thr), codes)
+        proba = class_proba(eta, thr)
+        loss = row_log_loss(proba, codes)
+        excess = standardised_excess(proba, codes)
         start = st.rows_seen
         st.rows_seen = start + Xe.shape[0]
-        drifted = self._detect_concept_drift(Xe, codes, leaf, loss, start)
+        drifted = self._detect_concept_drift(Xe, codes, leaf, loss, excess, start)
         self._react_to_covariate_shift(Xe, leaf, start, drifted)
+        self._follow(Xe, codes, leaf)
         self._refit_pending()
         self._follow_up()
 
-    def _detect_concept_drift(self, Xe, codes, leaf, loss, start: int) -> set:
-        st = self.state
+    def _detect_concept_drift(self, Xe, codes, leaf, loss, excess, start: int) -> set:
+        """Each leaf's losses to its detector (against the leaf's own past) and their excess
+        over what its model expects to its reference CUSUM (against the fit); either one
+        crossing its bound is concept drift."""
+        st, model = self.state, self.model
         drifted = set()
-        for pos, nid in enumerate(self.model.partition_.leaves):
+        for pos, nid in enumerate(model.partition_.leaves):
             rows = np.flatnonzero(leaf == pos)
             if rows.size == 0:
                 continue
             st.windows[nid].add(Window(Xe[rows], codes[rows], start + rows))
+            found = []
             det = st.detectors[nid]
             det.update(loss[rows])
-            if det.drift_detected and nid not in st.pending:
-                at = det.detection_index - (det.n_seen - rows.size)  # within this batch
-                row = int(start + rows[min(max(at, 0), rows.size - 1)])
-                drifted.add(nid)
-                st.pending[nid] = row
-                st.followup.pop(nid, None)
-                self.event("concept drift", nid, row, statistic=det.last_gap,
-                           threshold=det.last_bound,
-                           detail=f"the leaf's loss rose ({type(det).__name__}: its statistic "
-                                  "crossed its bound)")
+            if det.drift_detected:
+                found.append((det, "the leaf's loss rose"))
+            ref = st.references[nid]
+            ref.update(excess[rows] - model.reference_excess_.get(nid, 0.0))
+            if ref.drift_detected:
+                found.append((ref, "the leaf's loss is above what its model expects"))
+            if not found or nid in st.pending:
+                continue
+            first, why = min(found, key=lambda f: f[0].detection_index - f[0].n_seen)
+            at = first.detection_index - (first.n_seen - rows.size)  # within this batch
+            row = int(start + rows[min(max(at, 0), rows.size - 1)])
+            drifted.add(nid)
+            st.pending[nid] = row
+            st.followup.pop(nid, None)
+            self.event("concept drift", nid, row, statistic=first.last_gap,
+                       threshold=first.last_bound,
+                       detail=f"{why} ({type(first).__name__}: its statistic crossed its "
+                              "bound)")
         return drifted
+
+    def _follow(self, Xe, codes, leaf) -> None:
+        """Every batch updates the model: each region's follower learns from the region's rows
+        and serves its chosen candidate to the region's leaves, and each leaf's part of the
+        global model takes the batch (forgetting at the region's chosen memory); the global
+        model is pooled again from the parts."""
+        st, model = self.state, self.model
+        tree = model.partition_
+        region_of = tree.region_of()
+        Xs = tree.standardizer.transform(Xe)
+        meat = local.meat_kind(model.variance)
+        point = model._global_point()
+        served, parts = {}, {}
+        for rid in np.unique(region_of):
+            positions = np.flatnonzero(region_of == rid)
+            in_region = np.isin(leaf, positions)
+            if not in_region.any():
+                continue
+            fol = self._follower(int(rid))
+            switch = fol.take(Xs[in_region], codes[in_region], meat)
+            if switch is not None:
+                abrupt = any(tree.leaves[q] in st.pending or tree.leaves[q] in st.followup
+                             for q in positions)
+                self._switch_event(int(rid), switch, abrupt)
+            memory = np.inf if fol.chosen == 0 else MEMORIES[fol.chosen - 1]
+            for pos in positions:
+                rows = np.flatnonzero(leaf == pos)
+                served[int(pos)] = fol.served()
+                if rows.size:
+                    parts[int(pos)] = follow_global(model._contributions[pos], Xs[rows],
+                                                    codes[rows], point, memory, meat)
+        model._follow_leaves(served, parts)
+
+    def _follower(self, rid: int) -> LeafFollower:
+        """The region's follower, started from its current model when it has none."""
+        st = self.state
+        if rid not in st.followers:
+            theta, cov, free = self.model._leaf_standardised(rid)
+            st.followers[rid] = LeafFollower.start(theta, cov, free)
+        return st.followers[rid]
+
+    def _switch_event(self, rid: int, switch: dict, abrupt: bool) -> None:
+        """The region's follower changed its served candidate: "gradual drift" when a
+        forgetting track replaced the unforgetting or the fitted model with no abrupt change
+        found in the region, "forgetting" otherwise."""
+        before, after = LeafFollower.label(switch["from"]), LeafFollower.label(switch["to"])
+        m = switch["losses"]
+        kind = "gradual drift" if switch["from"] in (0, 1) and switch["to"] > 1 and \
+            not abrupt else "forgetting"
+        self.event(kind, rid, self.state.rows_seen, statistic=switch["z"], threshold=SWITCH_Z,
+                   detail=f"the region's model now follows with {after} (prequential log-loss "
+                          f"{m[switch['to']]:.4f} against {m[switch['from']]:.4f} with "
+                          f"{before}, z = {switch['z']:.1f})")
 
     def _react_to_covariate_shift(self, Xe, leaf, start: int, drifted: set) -> None:
         st = self.state
@@ -191,15 +266,30 @@ class DriftMonitor:
         # merge whenever both siblings are in the new regime and agree (each refit has more
         # rows to tell them apart); a split only on the first refit after the drift
         if self.controller.try_merge(nid) is None and first:
+            self.controller.refine(nid)
             self.controller.try_split(nid, recent)
         if first:
             self._meta_after_drift()
 
     def replace_leaves(self, models: dict) -> None:
         """New or changed leaf models into the model (which re-pools its global model), and
-        stream state for leaves new to the stream."""
-        self.model._replace_leaves(models, self.state.rows_seen)
-        self.state.add_leaves(self.model.partition_.leaves, self.new_detector)
+        stream state for leaves new to the stream; the followers of their regions start
+        again from the new models, and the leaves' reference excess is measured on their
+        rows."""
+        model, st = self.model, self.state
+        model._replace_leaves(models, st.rows_seen)
+        st.add_leaves(model.partition_.leaves, self.new_detector)
+        region_of = model.partition_.region_of()
+        leaves = model.partition_.leaves
+        for nid, m in models.items():
+            rid = int(region_of[leaves.index(nid)])
+            st.followers.pop(rid, None)
+            st.references[nid] = ReferenceCUSUM()
+            if len(m) > 4:  # the rows it was fitted on (standardised)
+                model.reference_excess_[nid] = model._mean_excess(m.X, m.codes, nid)
+        live = set(int(r) for r in region_of)
+        for rid in [r for r in st.followers if r not in live]:
+            del st.followers[rid]
 
     def _meta_after_drift(self) -> None:
         """With a meta-learner: a few meta rounds on the leaves' recent rows, from the current
