@@ -207,8 +207,8 @@ def report(results, n_stream):
         ("a covariate shift alone is reported as such in every seed and costs no accuracy "
          "(log-loss on the moved rows at most 1% above the unadapted model's)",
          all(c["shift_events"] > 0 and c["loss_ratio"] <= 1.01 for c in cv)),
-        ("at least 100,000 rows per second through partial_fit",
-         min(s["rows_per_s"] for s in st) >= 100_000),
+        ("at least 200,000 rows per second through partial_fit (every batch updating the "
+         "model)", min(s["rows_per_s"] for s in st) >= 200_000),
     ]
     lines += ["", "Targets:"] + [f"- {t}: {'met' if ok else '**not met**'}" for t, ok in checks]
     extra = [i for i, c in enumerate(cv) if c["concept_events"]]

@@ -214,3 +214,31 @@ def test_a_leaf_that_keeps_drifting_raises_the_working_granularity(world, tmp_pa
     assert "drifted 2 times" in moved[0]["detail"]
     assert model.stream_.granularity == pytest.approx(moved[-1]["statistic"])
     assert load(model.save(tmp_path / "g")).stream_.granularity == model.stream_.granularity
+
+
+def test_a_batch_that_fails_after_updating_leaves_everything_as_before(world, monkeypatch):
+    """The continuous update runs before the refits of a batch: a refit that fails must undo
+    it too (leaf table, leaf models, global model and its parts, the followers)."""
+    af, X, region, coef = world
+    rng = np.random.default_rng(12)
+    y = _labels(X[:30_000], region[:30_000], coef, rng)
+    model, _ = _stream(af, X[:10_000], y[:10_000])
+    before = (model.predict_proba(X[:100]), model.results_.params.copy(),
+              [c.target.copy() for c in model._contributions],
+              {r: f.served_point().copy() for r, f in model.stream_.followers.items()},
+              model.stream_.rows_seen)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(model), "_fit_rows", broken)
+    flipped = K - 1 - y[10_000:15_000]  # drift found and refitted within this batch: fails
+    with pytest.raises(RuntimeError, match="disk full"):
+        model.partial_fit(X[10_000:15_000], flipped)
+    np.testing.assert_array_equal(model.predict_proba(X[:100]), before[0])
+    np.testing.assert_array_equal(model.results_.params, before[1])
+    for c, t in zip(model._contributions, before[2], strict=True):
+        np.testing.assert_array_equal(c.target, t)
+    for r, f in model.stream_.followers.items():
+        np.testing.assert_array_equal(f.served_point(), before[3][r])
+    assert model.stream_.rows_seen == before[4]

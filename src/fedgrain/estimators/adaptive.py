@@ -594,11 +594,14 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         cov)``) and their new parts of the global model; the global model pooled from the
         parts (:func:`fedgrain.inference.contributions.combine`)."""
         std = self.partition_.standardizer
-        table = self._leaves
+        old = self._leaves  # replaced, not written into: a failed batch restores it
+        self._leaves = LeafTable(list(old.ids), old.params.copy(), old.covs.copy(),
+                                 list(old.notes))
+        self.local_models_ = list(self.local_models_)
         for pos, (theta, cov) in served.items():
             params, cov = std.to_raw_model(theta, cov)
-            table.params[pos] = params
-            table.covs[pos] = 0.5 * (cov + cov.T)
+            self._leaves.params[pos] = params
+            self._leaves.covs[pos] = 0.5 * (cov + cov.T)
             self._leaf_model_at(pos)
         for pos, part in parts.items():
             self._contributions[pos] = part
@@ -905,7 +908,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         out["partition_"] = copy.deepcopy(self.partition_)
         out["profile_"] = copy.deepcopy(self.profile_)
         out["events_"] = list(self.events_)
-        out["stream_"] = copy.deepcopy(self.stream_)
+        out["stream_"] = None if self.stream_ is None else self.stream_.snapshot()
         out["_estimation_rows"] = dict(self._estimation_rows)
         out["_contributions"] = list(self._contributions)
         return out

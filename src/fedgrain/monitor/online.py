@@ -26,7 +26,8 @@ keep their values; the others move.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.special import expit
@@ -177,6 +178,12 @@ class LeafFollower:
         tracks = [Track.start(m, theta, info) for m in MEMORIES]
         return cls(free.copy(), theta.copy(), cov.copy(), tracks,
                    Prequential.empty(1 + len(tracks)))
+
+    def copy(self) -> LeafFollower:
+        """A copy that a batch taken by either leaves the other as it was (a batch replaces
+        the tracks' and sums' arrays, never writes into them)."""
+        return replace(self, tracks=[copy.copy(t) for t in self.tracks],
+                       stats=copy.copy(self.stats))
 
     @staticmethod
     def label(c: int) -> str:

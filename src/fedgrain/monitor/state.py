@@ -10,6 +10,7 @@ again when the new regime's rows double). Saved with the model (:meth:`StreamSta
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -104,6 +105,16 @@ class StreamState:
                    FeatureMonitor(profiles, leaves, list(feature_names)),
                    {nid: RecentRows(p) for nid in leaves},
                    references={nid: ReferenceCUSUM() for nid in leaves})
+
+    def snapshot(self) -> StreamState:
+        """A copy to restore if a batch fails: the containers copied, the arrays they hold
+        shared (chunks of recent rows, and the followers' arrays, are replaced by a batch, never
+        written in place), the small detectors copied whole."""
+        return StreamState(
+            self.rows_seen, copy.deepcopy(self.detectors), copy.deepcopy(self.features),
+            {n: RecentRows(w.n_features, list(w.chunks)) for n, w in self.windows.items()},
+            dict(self.pending), dict(self.followup), copy.deepcopy(self.references),
+            {r: f.copy() for r, f in self.followers.items()}, self.granularity)
 
     def add_leaves(self, leaves: list[int], new_detector: Callable[[], Detector]) -> None:
         """State for leaves new to the stream (after a split or merge)."""
