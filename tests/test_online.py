@@ -196,6 +196,35 @@ def test_followers_start_from_the_leaves_and_keep_what_a_leaf_does_not_identify(
     assert est[0] > 0.5  # moved toward the rows' 0.8
 
 
+def test_a_refit_restarts_every_candidate_from_it_and_keeps_the_memory_that_served():
+    rng = np.random.default_rng(12)
+    theta = np.array([0.5, -1.0, 1.0])
+    cov = np.diag([0.01, 0.02, 0.02])
+    free = np.ones(3, dtype=bool)
+    fol = LeafFollower.start(theta, cov, free)
+    X = rng.standard_normal((3000, 1))
+    y = np.digitize(-0.8 * X[:, 0] + rng.logistic(size=3000), [-1.0, 1.0])
+    for a in range(0, 3000, 500):
+        fol.take(X[a:a + 500], y[a:a + 500], "cluster")
+    assert len(set(fol.stats.mean().round(6))) > 1  # the candidates' losses differ
+    fol.chosen = 3  # a forgetting memory served
+    refit = np.array([-0.8, -1.0, 1.0])
+    new = fol.reseed(refit, cov, free)
+    assert new.chosen == 3 and new.rows == fol.rows
+    for t in new.tracks:  # every candidate starts from the refitted model
+        np.testing.assert_array_equal(t.theta, refit)
+    np.testing.assert_array_equal(new.frozen, refit)
+    # all start even, with the history of the one that served: no switch on old losses
+    np.testing.assert_allclose(new.stats.mean(), fol.stats.mean()[3])
+    assert new.stats.clearly_better(3, 1) == 0.0
+    # the fitted model or the unforgetting track served: the refit serves through the latter
+    fol.chosen = 0
+    assert fol.reseed(refit, cov, free).chosen == 1
+    # a refit that identifies other coordinates starts a new follower
+    other = fol.reseed(refit, cov, np.array([True, False, True]))
+    assert other.chosen == 1 and other.stats.w == 0.0
+
+
 def test_a_leaf_that_keeps_drifting_raises_the_working_granularity(world, tmp_path):
     af, X, region, coef = world
     n = 150_000

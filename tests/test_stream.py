@@ -120,7 +120,8 @@ def test_an_abrupt_concept_change_in_one_region_is_found_and_only_that_leaf_refi
                  & (np.arange(X.shape[0]) <= drift[0]["rows_seen"])).sum())
     assert drift[0]["rows_seen"] >= change and after <= 2_000, after
     refits = [e for e in model.events_ if e["kind"] == "refit"]
-    assert {e["leaf"] for e in refits} == {leaf}  # refitted again as the new rows double
+    # one refit per change: afterwards the region's unforgetting track follows every new row
+    assert [e["leaf"] for e in refits] == [leaf]
     assert not any(e["kind"] in ("split", "merge") for e in model.events_)
     # recovered: on fresh post-change rows of the region, the refitted leaf is about as good as
     # a model of the new relationship
@@ -367,7 +368,7 @@ def test_an_error_while_reacting_restores_the_model(world, monkeypatch):
     y = np.where(np.arange(40_000) >= 10_000, _labels(X[:40_000], region[:40_000], new_coef,
                                                        thr, 18),
                  _labels(X[:40_000], region[:40_000], coef, thr, 18))
-    model = _stream(af, X[:20_000], y[:20_000])
+    model = _stream(af, X[:10_000], y[:10_000])  # up to the change: the refit comes next
     before = (copy.deepcopy(model.events_), model.predict_proba(X[:50]),
               model.stream_.rows_seen, model.partition_.to_dict())
 
@@ -376,7 +377,7 @@ def test_an_error_while_reacting_restores_the_model(world, monkeypatch):
 
     monkeypatch.setattr(type(model), "_fit_rows", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        for a in range(20_000, 40_000, BATCH):
+        for a in range(10_000, 40_000, BATCH):
             model.partial_fit(X[a:a + BATCH], y[a:a + BATCH])
     assert model.stream_.rows_seen >= before[2]
     failed_at = model.stream_.rows_seen

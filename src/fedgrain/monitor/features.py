@@ -72,9 +72,9 @@ class FeatureMonitor:
                 continue
             if nid not in self._below:
                 self._start(nid, first_row + int(rows[0]))
-            Xl = X[rows]
+            Xl = np.sort(X[rows], axis=0)  # rows at or below each edge: a sorted search
             for j, e in enumerate(lp.edges):
-                self._below[nid][j] += (Xl[:, j][:, None] <= e[None, :]).sum(axis=0)
+                self._below[nid][j] += np.searchsorted(Xl[:, j], e, side="right")
             self._n[nid] += rows.size
             if self._n[nid] >= self.test_rows:
                 tests += self._test(nid, lp)

@@ -179,6 +179,26 @@ class LeafFollower:
         return cls(free.copy(), theta.copy(), cov.copy(), tracks,
                    Prequential.empty(1 + len(tracks)))
 
+    def reseed(self, theta: np.ndarray, cov: np.ndarray, free: np.ndarray) -> LeafFollower:
+        """After the region's model was refitted on its rows since a detected change: every
+        candidate starts again from the refitted model (the tracks carried the old regime,
+        and took batches' quadratics far from the new one), and the choice of memory stays:
+        a forgetting memory that served keeps serving, else the unforgetting track (the fit
+        on every row since the change) serves. The candidates take over the prequential
+        history of the one that served, so that they start even and a later switch rests on
+        the rows since the refit only. A refit that identifies other coordinates than the
+        follower's starts a new follower."""
+        new = LeafFollower.start(theta, cov, free)
+        if free.shape != self.free.shape or not np.array_equal(free, self.free):
+            return new
+        keep = self.chosen
+        s1 = np.full_like(self.stats.s1, self.stats.s1[keep])
+        s2 = np.full_like(self.stats.s2, self.stats.s2[keep, keep])
+        new.stats = Prequential(s1, s2, self.stats.w, self.stats.w2)
+        new.chosen = max(keep, 1)
+        new.rows = self.rows
+        return new
+
     def copy(self) -> LeafFollower:
         """A copy that a batch taken by either leaves the other as it was (a batch replaces
         the tracks' and sums' arrays, never writes into them)."""

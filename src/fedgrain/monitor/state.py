@@ -2,10 +2,10 @@
 
 Per leaf: its recent rows (:class:`RecentRows`, chunks of :class:`Window`), its loss detectors
 (against its own past, and against what its model expects), a pending drift (the stream row
-where the change was found, until the leaf has rows enough to refit) and a follow-up (refit
-again when the new regime's rows double). Saved with the model (:meth:`StreamState.to_dict` /
-:meth:`StreamState.load`); per region, the models that follow every batch
-(:class:`fedgrain.monitor.online.LeafFollower`).
+where the change was found, until the leaf has rows enough to refit) and a follow-up (its
+merge tried again, or a failed refit retried, when the new regime's rows double); per region,
+the models that follow every batch (:class:`fedgrain.monitor.online.LeafFollower`). Saved with
+the model (:meth:`StreamState.to_dict` / :meth:`StreamState.load`).
 """
 
 from __future__ import annotations
@@ -69,10 +69,13 @@ class RecentRows:
 
 @dataclass(frozen=True)
 class FollowUp:
-    """A refitted leaf is fitted again on its rows since ``since`` once it has ``due`` of them."""
+    """A leaf in a new regime since stream row ``since`` is looked at again once it has ``due``
+    rows since then: its merge with its sibling is tried, or, when its refit on them failed
+    (``refit``), the refit is tried again."""
 
     since: int
     due: int
+    refit: bool = False
 
 
 @dataclass
@@ -136,7 +139,7 @@ class StreamState:
         """The state as JSON and arrays (the keys of saved models: keep them)."""
         meta = {"rows_seen": int(self.rows_seen),
                 "pending": {str(k): int(v) for k, v in self.pending.items()},
-                "followup": {str(k): [int(f.since), int(f.due)]
+                "followup": {str(k): [int(f.since), int(f.due), bool(f.refit)]
                              for k, f in self.followup.items()},
                 "detectors": {str(k): d.state() for k, d in self.detectors.items()},
                 "references": {str(k): d.state() for k, d in self.references.items()},
@@ -159,7 +162,8 @@ class StreamState:
         """Restore what :meth:`to_dict` saved into this fresh state (same leaves)."""
         self.rows_seen = int(meta["rows_seen"])
         self.pending = {int(k): int(v) for k, v in meta["pending"].items()}
-        self.followup = {int(k): FollowUp(int(v[0]), int(v[1]))
+        self.followup = {int(k): FollowUp(int(v[0]), int(v[1]), bool(v[2]) if len(v) > 2
+                                          else False)
                          for k, v in meta["followup"].items()}
         for k, v in meta["detectors"].items():
             self.detectors[int(k)].load_state(v)

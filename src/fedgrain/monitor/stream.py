@@ -15,9 +15,10 @@ their leaves and
   (:class:`fedgrain.monitor.FeatureMonitor`): a shift in a leaf without concept drift is
   **covariate shift** (only the inputs moved);
 - reacts: a leaf with concept drift is refitted on its rows since the change once there are
-  enough of them, and again each time they double (until the window of recent rows is full),
-  and the global model is pooled again from the leaf models; the granularity controller
-  (:mod:`fedgrain.monitor.controller`) may then merge the leaf with its sibling or split it. A
+  enough of them (its region's follower then starts from the refit and keeps its memory), and
+  the global model is pooled again from the leaf models; the granularity controller
+  (:mod:`fedgrain.monitor.controller`) may then merge the leaf with its sibling or split it,
+  and tries the merge again each time the rows since the change double (the follow-ups). A
   covariate shift refreshes the leaf's reference profile and keeps its coefficients, which
   still fit; when it moves the leaf's density, the controller may split the leaf. Other leaves
   and their data are not touched.
@@ -217,11 +218,17 @@ class DriftMonitor:
             n = recent.codes.shape[0]
             if n >= max(REFIT_ROWS, 20 * d) and np.unique(recent.codes).shape[0] >= 2:
                 del st.pending[nid]
-                # fit again as the new regime's rows double, until the window is full
+                # looked at again as the new regime's rows double, until the window is full
                 st.followup[nid] = FollowUp(since, 2 * n)
-                self.refit_leaf(nid, recent, first=True)
+                if not self.refit_leaf(nid, recent) and nid in st.followup:
+                    st.followup[nid] = FollowUp(since, 2 * n, refit=True)
 
     def _follow_up(self) -> None:
+        """A leaf in a new regime, each time its rows since the change have doubled: its
+        merge with its sibling is tried (their models follow the new regime batch by batch,
+        so they are compared as they stand), or its refit again when the last one failed.
+        The region's unforgetting track already follows every row since the change: a refit
+        on them would add nothing but a restart."""
         st = self.state
         for nid, f in list(st.followup.items()):
             if nid in st.pending or nid not in st.windows:
@@ -229,17 +236,24 @@ class DriftMonitor:
                 continue
             recent = st.windows[nid].since(f.since)
             n = recent.codes.shape[0]
-            if n >= f.due:
-                self.refit_leaf(nid, recent)
-                st.followup[nid] = FollowUp(f.since, 2 * n)
-                if 2 * n > WINDOW_ROWS:
-                    del st.followup[nid]
+            if n < f.due:
+                continue
+            retry = f.refit
+            st.followup[nid] = FollowUp(f.since, 2 * n, refit=retry)
+            if retry:
+                ok = self.refit_leaf(nid, recent)
+                if nid in st.followup:
+                    st.followup[nid] = FollowUp(f.since, 2 * n, refit=not ok)
+            else:
+                self.controller.try_merge(nid)
+            if nid in st.followup and 2 * n > WINDOW_ROWS:
+                del st.followup[nid]
 
     # ---- reactions -------------------------------------------------------------------------
-    def refit_leaf(self, nid: int, recent: Window, first: bool = False) -> None:
+    def refit_leaf(self, nid: int, recent: Window) -> bool:
         """Fit the leaf again on its rows since the change (the global model follows); let
-        the granularity controller merge it with its sibling, or on the first refit after the
-        drift split it."""
+        the granularity controller merge it with its sibling, or split it. False when the
+        rows allow no finite model (the leaf keeps its own)."""
         st, model = self.state, self.model
         n = recent.codes.shape[0]
         try:
@@ -254,42 +268,53 @@ class DriftMonitor:
             warn(f"Leaf {nid}: {detail}.", UserWarning)
             self.event("refit failed", nid, st.rows_seen, statistic=float(n),
                        threshold=float(REFIT_ROWS), detail=detail)
-            return
+            return False
         model.partition_.nodes[nid].n_rows = int(n)
         st.detectors[nid] = self.new_detector()
-        self.replace_leaves({nid: leaf_model})
+        self.replace_leaves({nid: leaf_model}, refit=True)
         notes = list(leaf_model[2]) if len(leaf_model) > 2 else []
         missing = f"; not identified in the leaf: {', '.join(notes)}" if notes else ""
         self.event("refit", nid, st.rows_seen, statistic=float(n), threshold=float(REFIT_ROWS),
                    detail=f"refitted on the {n:,} rows since the change was found{missing}")
         self.refresh_reference(nid, recent, refit=True)
-        # merge whenever both siblings are in the new regime and agree (each refit has more
-        # rows to tell them apart); a split only on the first refit after the drift
-        if self.controller.try_merge(nid) is None and first:
+        # merge when both siblings are in the new regime and agree (tried again as their rows
+        # double: the follow-ups), else see whether the new regime splits the leaf
+        if self.controller.try_merge(nid) is None:
             self.controller.refine(nid)
             self.controller.try_split(nid, recent)
-        if first:
-            self._meta_after_drift()
+        self._meta_after_drift()
+        return True
 
-    def replace_leaves(self, models: dict) -> None:
+    def replace_leaves(self, models: dict, refit: bool = False) -> None:
         """New or changed leaf models into the model (which re-pools its global model), and
-        stream state for leaves new to the stream; the followers of their regions start
-        again from the new models, and the leaves' reference excess is measured on their
-        rows."""
+        stream state for leaves new to the stream; the leaves' reference excess is measured
+        on their rows. The followers of their regions start again from the new models, or,
+        after a ``refit`` of a leaf on its recent rows, take the new model as a candidate
+        and keep the forgetting memory that served (:meth:`LeafFollower.reseed`), which
+        then serves the region's leaves."""
         model, st = self.model, self.state
         model._replace_leaves(models, st.rows_seen)
         st.add_leaves(model.partition_.leaves, self.new_detector)
         region_of = model.partition_.region_of()
         leaves = model.partition_.leaves
+        served = {}
         for nid, m in models.items():
-            rid = int(region_of[leaves.index(nid)])
-            st.followers.pop(rid, None)
+            pos = leaves.index(nid)
+            rid = int(region_of[pos])
+            fol = st.followers.pop(rid, None)
+            if refit and fol is not None:
+                fol = st.followers[rid] = fol.reseed(*model._leaf_standardised_at(pos))
+                if fol.chosen > 1:
+                    served.update({int(q): fol.served()
+                                   for q in np.flatnonzero(region_of == rid)})
             st.references[nid] = ReferenceCUSUM()
             if len(m) > 4:  # the rows it was fitted on (standardised)
                 model.reference_excess_[nid] = model._mean_excess(m.X, m.codes, nid)
         live = set(int(r) for r in region_of)
         for rid in [r for r in st.followers if r not in live]:
             del st.followers[rid]
+        if served:
+            model._follow_leaves(served, {})
 
     def _meta_after_drift(self) -> None:
         """With a meta-learner: a few meta rounds on the leaves' recent rows, from the current
