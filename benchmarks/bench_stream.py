@@ -142,12 +142,19 @@ def one_seed(seed, n_stream):
     in_region = rs == 1
     delay = (int((in_region & after & (np.arange(n_stream) <= drift[0]["rows_seen"])).sum())
              if drift and drift[0]["rows_seen"] >= change else None)
+    # the region's rows that the fitted tree routes to another leaf than most of them: their
+    # leaves' models never learn the change (no refit of a leaf that did not drift)
+    routed = base.apply(Xs)
+    main_leaf = np.bincount(routed[in_region]).argmax()
+    in_leaf = in_region & (routed == main_leaf)
     static_loss = row_loss(base.predict_proba(Xs), ya)
     per_loss = periodic(base, Xs, ya)
     rv = [i for i in river_adwin(loss) if i >= change]
     out["abrupt"] = {
         "delay": delay, "false": sum(e["rows_seen"] < change for e in drift),
         "recovery": recovery(loss, ref, in_region, change),
+        "leaf_recovery": recovery(loss, ref, in_leaf, change),
+        "outside": float((in_region & ~in_leaf).sum() / in_region.sum()),
         "refitted": sorted({e["leaf"] for e in m.events_ if e["kind"] == "refit"}),
         "leaves": m.n_leaves_,
         "static_recovery": recovery(static_loss, ref, in_region, change),
@@ -184,14 +191,16 @@ def report(results, n_stream):
         f"(4 regions, 10 features, K = 5); {seeds} seeds**", "",
         "| seed | false alarms (stationary) | River ADWIN alarms (stationary, global loss) | "
         "throughput (rows/s) | delay (region rows) | River delay | recovery (region rows) | "
+        "recovery on the rows in the region's leaf | region's rows in other leaves | "
         "static recovery | periodic retraining recovery | leaves refitted / leaves | "
         "covariate: shift / concept events | covariate: loss / unadapted model's |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, (s, a, c) in enumerate(zip(st, ab, cv, strict=True)):
         lines.append(
             f"| {i} | {s['alarms']} | {s['river']} | {s['rows_per_s']:,.0f} | {fmt(a['delay'])} "
-            f"| {fmt(a['river_delay'])} | {fmt(a['recovery'])} | {fmt(a['static_recovery'])} | "
+            f"| {fmt(a['river_delay'])} | {fmt(a['recovery'])} | {fmt(a['leaf_recovery'])} | "
+            f"{100 * a['outside']:.2f}% | {fmt(a['static_recovery'])} | "
             f"{fmt(a['periodic_recovery'])} | {len(a['refitted'])} / {a['leaves']} | "
             f"{c['shift_events']} / {c['concept_events']} | {c['loss_ratio']:.4f} |")
     delays = [a["delay"] for a in ab]
@@ -211,6 +220,15 @@ def report(results, n_stream):
          "model)", min(s["rows_per_s"] for s in st) >= 200_000),
     ]
     lines += ["", "Targets:"] + [f"- {t}: {'met' if ok else '**not met**'}" for t, ok in checks]
+    late = [i for i, a in enumerate(ab) if (a["recovery"] is None or a["recovery"] > 5_000)
+            and a["leaf_recovery"] is not None and a["leaf_recovery"] <= 5_000]
+    if late:
+        lines += ["", f"Recovery after more than 5,000 rows in seed(s) {late}: the changed "
+                  "leaf's model had recovered (the recovery on the region's rows in its leaf), "
+                  "but the few of the region's rows that the fitted tree routes to other leaves "
+                  "(the share above) meet models that never saw the change, and with the "
+                  "region's slopes reversed each costs tens of nats: enough to keep a batch's "
+                  "mean above 5% of the truth's."]
     extra = [i for i, c in enumerate(cv) if c["concept_events"]]
     if extra:
         lines += ["", f"Under the covariate shift, seed(s) {extra} also raised a concept-drift "

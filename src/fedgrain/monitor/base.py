@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -64,6 +65,10 @@ class Detector(ABC):
     @abstractmethod
     def _update(self, x: np.ndarray) -> int | None:
         """Take the batch; return the position within it where a drift is detected, if any."""
+
+    def copy(self) -> Detector:
+        """A copy that the original's updates leave alone (a stream's snapshot)."""
+        return copy.deepcopy(self)
 
     @abstractmethod
     def state(self) -> dict:

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from .base import Detector
@@ -115,8 +117,14 @@ class ADWIN(Detector):
         super().__init__()
         self.delta, self.bucket = delta, bucket
         self.max_buckets, self.min_window = max_buckets, min_window
-        self._buckets: list[list[float]] = []  # [count, sum, sum of squares], oldest first
+        # [count, sum, sum of squares] per bucket, oldest first: rows [:_m] of _B
+        self._B = np.zeros((max_buckets + 1, 3))
+        self._m = 0
         self._partial = [0.0, 0.0, 0.0]
+
+    @property
+    def _buckets(self) -> np.ndarray:
+        return self._B[: self._m]
 
     def _update(self, x):
         pos, first = 0, None
@@ -128,34 +136,42 @@ class ADWIN(Detector):
             self._partial[2] += float(chunk @ chunk)
             pos += chunk.shape[0]
             if self._partial[0] >= self.bucket:
-                self._buckets.append(self._partial)
+                self._B[self._m] = self._partial
+                self._m += 1
                 self._partial = [0.0, 0.0, 0.0]
-                if len(self._buckets) > self.max_buckets:
-                    a, b = self._buckets[0], self._buckets[1]
-                    self._buckets[:2] = [[a[0] + b[0], a[1] + b[1], a[2] + b[2]]]
+                if self._m > self.max_buckets:  # merge the two oldest
+                    self._B[0] += self._B[1]
+                    self._B[1 : self._m - 1] = self._B[2 : self._m]
+                    self._m -= 1
                 if self._cut() and first is None:
                     first = pos - 1  # the rest of the batch goes on after the cut
         return first
 
     def _cut(self) -> bool:
-        B = np.array(self._buckets)
-        n, s, q = B[:, 0], B[:, 1], B[:, 2]
-        N = n.sum()
-        if N < self.min_window or len(B) < 2:
+        m = self._m
+        if m < 2:
             return False
-        var = max(q.sum() / N - (s.sum() / N) ** 2, 1e-12)
-        n0, s0 = np.cumsum(n)[:-1], np.cumsum(s)[:-1]  # older part: buckets up to the split
-        n1, s1 = N - n0, s.sum() - s0
-        m = 1.0 / (1.0 / n0 + 1.0 / n1)
+        B = self._B[:m]
+        n, s, q = B[:, 0], B[:, 1], B[:, 2]
+        cn, cs = np.cumsum(n), np.cumsum(s)
+        N, S = cn[-1], cs[-1]
+        if N < self.min_window:
+            return False
+        var = max(q.sum() / N - (S / N) ** 2, 1e-12)
+        n0, s0 = cn[:-1], cs[:-1]  # older part: buckets up to the split
+        n1, s1 = N - n0, S - s0
+        inv = 1.0 / n0 + 1.0 / n1  # 1 / m, m the harmonic size of the two parts
         dd = np.log(2.0 * np.log(N) / self.delta) if N > 1 else np.log(2.0 / self.delta)
-        eps = np.sqrt(2.0 / m * var * dd) + 2.0 / (3.0 * m) * dd
+        eps = np.sqrt(2.0 * inv * var * dd) + 2.0 / 3.0 * inv * dd
         gap = s1 / n1 - s0 / n0  # newer minus older
         cut = np.flatnonzero(gap > eps)
         if cut.size == 0:
             return False
         i = int(cut[-1])
         self.last_gap, self.last_bound = float(gap[i]), float(eps[i])
-        self._buckets = self._buckets[i + 1 :]  # keep the part after the change
+        keep = m - (i + 1)  # keep the part after the change
+        self._B[:keep] = self._B[i + 1 : m]
+        self._m = keep
         return True
 
     @property
@@ -164,12 +180,23 @@ class ADWIN(Detector):
         return int(sum(b[0] for b in self._buckets) + self._partial[0])
 
     def state(self):
-        return {"buckets": self._buckets, "partial": self._partial, "n_seen": self.n_seen}
+        return {"buckets": self._buckets.tolist(), "partial": list(self._partial),
+                "n_seen": self.n_seen}
 
     def load_state(self, s):
-        self._buckets = [list(map(float, b)) for b in s["buckets"]]
+        buckets = np.asarray(s["buckets"], dtype=float).reshape(-1, 3)
+        self._B = np.zeros((max(self.max_buckets, buckets.shape[0]) + 1, 3))
+        self._B[: buckets.shape[0]] = buckets
+        self._m = buckets.shape[0]
         self._partial = list(map(float, s["partial"]))
         self.n_seen = int(s["n_seen"])
+
+    def copy(self) -> ADWIN:
+        """A copy that the original's updates leave alone."""
+        c = copy.copy(self)
+        c._B = self._B.copy()
+        c._partial = list(self._partial)
+        return c
 
 
 class ReferenceCUSUM(Detector):

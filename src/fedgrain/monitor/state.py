@@ -114,9 +114,11 @@ class StreamState:
         shared (chunks of recent rows, and the followers' arrays, are replaced by a batch, never
         written in place), the small detectors copied whole."""
         return StreamState(
-            self.rows_seen, copy.deepcopy(self.detectors), copy.deepcopy(self.features),
+            self.rows_seen, {n: d.copy() for n, d in self.detectors.items()},
+            copy.deepcopy(self.features),
             {n: RecentRows(w.n_features, list(w.chunks)) for n, w in self.windows.items()},
-            dict(self.pending), dict(self.followup), copy.deepcopy(self.references),
+            dict(self.pending), dict(self.followup),
+            {n: d.copy() for n, d in self.references.items()},
             {r: f.copy() for r, f in self.followers.items()}, self.granularity)
 
     def add_leaves(self, leaves: list[int], new_detector: Callable[[], Detector]) -> None:
