@@ -168,7 +168,7 @@ def _check_fit_options(args) -> None:
     estimator; otherwise the default is dc.
     """
     adaptive_only = [f"--{n.replace('_', '-')}" for n in ("granularity", "min_subset_size",
-                                                          "meta", "stability")
+                                                          "meta", "stability", "groups")
                      if getattr(args, n) is not None]
     if args.estimator is None:
         args.estimator = "adaptive" if adaptive_only else "dc"
@@ -195,7 +195,8 @@ def _cmd_fit(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it.")
-    streamed = is_parquet_path(args.data) and args.estimator != "mle" and not args.weights
+    streamed = is_parquet_path(args.data) and args.estimator != "mle" and not args.weights \
+        and not args.groups
     if streamed and args.stability is not None:
         raise DataError("--stability grows the partition again on parts of the rows, so it "
                         "needs them in memory, and Parquet data are streamed batch by batch. "
@@ -207,12 +208,17 @@ def _cmd_fit(args) -> int:
     else:
         X, y, weights = _read_frame(args)
         size = X.shape
+    groups = None
+    if args.groups:  # one client per group: the column is a label, not a feature
+        groups = X.pop(_columns(X, [args.groups], "--groups", args.data)[0]).to_numpy()
+        size = X.shape
     levels = _typed_levels(_csv_list(args.levels), y)
     model, what = _estimator(args, levels, _csv_list(args.categorical))
     _log(args, f"fitting {size[0]:,} rows x {size[1]} columns ({what}) ...")
     t0 = time.perf_counter()
     try:
-        model.fit(X, args.target if streamed else y, sample_weight=weights)
+        model.fit(X, args.target if streamed else y, sample_weight=weights,
+                  **({} if groups is None else {"groups": groups}))
     finally:
         if args.scheduler is not None:
             model.backend.close()  # the client only: the cluster keeps running
@@ -326,6 +332,18 @@ def _columns(X: pd.DataFrame, names: list[str], option: str, source: str) -> lis
     return names
 
 
+def _group_labels(model, frame: pd.DataFrame, args):
+    """``{"groups": labels}`` from ``--groups COLUMN`` (nothing without it)."""
+    if not getattr(args, "groups", None):
+        return {}
+    if getattr(model, "groups_", None) is None:
+        raise DataError(f"--groups: the model in {args.model} was fitted without groups.")
+    if args.groups not in frame.columns:
+        raise DataError(f"--groups {args.groups}: no such column in {args.data}; the columns "
+                        f"are {list(frame.columns)}.")
+    return {"groups": frame[args.groups].to_numpy()}
+
+
 def _cmd_predict(args) -> int:
     from .data import read_table
     from .estimators import load
@@ -333,7 +351,7 @@ def _cmd_predict(args) -> int:
     model = load(args.model)
     frame = read_table(args.data)
     X = _features_for(model, frame, args.data)
-    proba = model.predict_proba(X)
+    proba = model.predict_proba(X, **_group_labels(model, frame, args))
     classes = list(model.target_.classes)
     out = pd.DataFrame({"predicted": [classes[i] for i in np.argmax(proba, axis=1)]})
     for k, c in enumerate(classes):
@@ -356,13 +374,14 @@ def _cmd_evaluate(args) -> int:
     frame = read_table(args.data)
     X, y = split_target(frame, args.target)
     codes = model.target_.encode(y, what=f"column '{args.target}'")
-    proba = model.predict_proba(_features_for(model, X, args.data))
+    by_group = _group_labels(model, frame, args)
+    proba = model.predict_proba(_features_for(model, X, args.data), **by_group)
     scores = ordinal_scores(codes, proba)
     width = max(len(k) for k in scores)
     for k, v in scores.items():
         print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v:.4f}")
     if hasattr(model, "partition_"):  # adaptive: the same scores leaf by leaf
-        leaf = model.apply(_features_for(model, X, args.data))
+        leaf = model.apply(_features_for(model, X, args.data), **by_group)
         rows = []
         for pos, nid in enumerate(model.partition_.leaves):
             m = leaf == pos
@@ -383,17 +402,20 @@ def _cmd_report(args) -> int:
 
     model = load(args.model)
     X = y = None
+    by_group = {}
     if args.data:
         frame = read_table(args.data)
+        by_group = _group_labels(model, frame, args)
         if args.target:
             X, y = split_target(frame, args.target)
         else:
             X = frame
         X = _features_for(model, X, args.data)
-    elif args.target:
-        raise DataError("--target applies with --data (labelled rows to score the leaves on).")
+    elif args.target or args.groups:
+        raise DataError(f"{'--target' if args.target else '--groups'} applies with --data "
+                        "(labelled rows to score the leaves on).")
     _log(args, f"writing the report of {args.model} ...")
-    path = model.report(args.out, X, y, alpha=args.ci_alpha)
+    path = model.report(args.out, X, y, alpha=args.ci_alpha, **by_group)
     print(f"Report written to {path}")
     return 0
 
@@ -539,6 +561,9 @@ def _add_fit(command) -> None:
     p.add_argument("--meta", choices=("none", "fomaml", "reptile", "fedavg", "fedprox"),
                    default=None, help="adaptive: personalise the leaves with a federated "
                                       "meta-learner (default none: each leaf keeps its fit)")
+    p.add_argument("--groups", default=None, metavar="COLUMN",
+                   help="adaptive: the column naming each row's site; every site is a client "
+                        "with a leaf of its own, its rows never mixed with another's")
     p.add_argument("--stability", type=_at_least_two, default=None, metavar="N",
                    help="adaptive: grow the partition again on N random parts of the rows and "
                         "report how alike the regions are (adjusted Rand index; saved with "
@@ -583,6 +608,9 @@ def _add_predict(command) -> None:
     p.add_argument("data", help="CSV or Parquet file with the model's feature columns")
     p.add_argument("--out", required=True, help="output .csv or .parquet")
     p.add_argument("--keep", help="input columns to copy into the output (an id, say): c1,c2")
+    p.add_argument("--groups", metavar="COLUMN",
+                   help="the column naming each row's site (a model fitted with --groups): "
+                        "each row by its site's model, the global one for a new site")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -591,6 +619,8 @@ def _add_evaluate(command) -> None:
     p.add_argument("model")
     p.add_argument("data")
     p.add_argument("--target", required=True)
+    p.add_argument("--groups", metavar="COLUMN",
+                   help="the column naming each row's site (a model fitted with --groups)")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -602,6 +632,9 @@ def _add_report(command) -> None:
     p.add_argument("--data", help="labelled rows (CSV or Parquet) to score each leaf on and "
                                   "to draw in the partition plot")
     p.add_argument("--target", help="the target column of --data")
+    p.add_argument("--groups", metavar="COLUMN",
+                   help="the column of --data naming each row's site (a model fitted with "
+                        "--groups)")
     _add_ci_alpha(p)
     p.set_defaults(func=_cmd_report)
 

@@ -285,7 +285,7 @@ def _leaf_sample(model, rng: np.random.Generator):
 
 
 def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float = 0.05,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, groups=None) -> Path:
     """Write the HTML report of a fitted fedgrain model to ``path``; returns the path.
 
     Parameters
@@ -299,6 +299,9 @@ def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float
     alpha : float
         1 - the confidence level of the intervals.
     title : str, optional
+    groups : optional
+        The group of each row of ``X`` (a model fitted with groups): each row goes to its
+        group's leaf (without them, every row is the global model's).
 
     Examples
     --------
@@ -317,7 +320,7 @@ def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float
     adaptive = hasattr(model, "partition_")
     heading = title or f"fedgrain report: {type(model).__name__}"
     parts = _title(model, heading, adaptive)
-    Xe, codes, proba, leaf = _given_rows(model, X, y, adaptive)
+    Xe, codes, proba, leaf = _given_rows(model, X, y, adaptive, groups)
     parts += _coefficients(model, alpha, adaptive)
     parts += _forest(model, alpha, adaptive)
     if adaptive:
@@ -340,17 +343,21 @@ def _title(model, heading: str, adaptive: bool) -> list[str]:
             + (f", {info.get('Rows')} rows" if info.get("Rows") else "") + "</p>"]
 
 
-def _given_rows(model, X, y, adaptive: bool):
+def _given_rows(model, X, y, adaptive: bool, groups=None):
     """The encoded rows, the class codes and predicted probabilities (with ``y``), and the
     leaf of each row (adaptive); None for what is not given."""
     Xe = codes = proba = leaf = None
     if X is not None:
+        by_group = {}
+        if groups is not None:
+            X, groups = model._groups_of(X, groups)
+            by_group = {"groups": groups}
         Xe = model.encode(X)
         if y is not None:
             codes = model.target_.encode(y)
-            proba = model.predict_proba(X)
+            proba = model.predict_proba(X, **by_group)
         if adaptive:
-            leaf = model.partition_.route(Xe)
+            leaf = model.apply(X, **by_group)
     return Xe, codes, proba, leaf
 
 
@@ -378,7 +385,7 @@ def _forest(model, alpha: float, adaptive: bool) -> list[str]:
     """The forest plot: global coefficients beside each leaf's or subset's."""
     if adaptive:
         leaf_params = np.array([m.results_.params for m in model.local_models_])
-        labels = [f"leaf {nid}" for nid in model.partition_.leaves]
+        labels = leaf_labels(model)
     elif hasattr(model, "subset_estimates_"):
         leaf_params = model.subset_estimates_
         labels = [f"subset {i + 1}" for i in range(leaf_params.shape[0])]
@@ -391,15 +398,24 @@ def _forest(model, alpha: float, adaptive: bool) -> list[str]:
                     f"{'leaf' if adaptive else 'subset'}'s own coefficients.")]
 
 
+def leaf_labels(model) -> list[str]:
+    """"leaf N" for each leaf, or "site G" for the leaves of groups."""
+    sites = model.partition_.group_of_leaf()
+    return [f"leaf {nid}" if g is None else f"site {g}"
+            for nid, g in zip(model.partition_.leaves, sites, strict=True)]
+
+
 def _partition(model, Xe: np.ndarray | None, leaf: np.ndarray | None) -> list[str]:
     """The projection of rows coloured by leaf, the tree plot and the tree's description."""
     tree = model.partition_
     proj, caption = _projection(model, Xe, leaf)
-    figs = [_figure("partition tree", _png(tree_plot(tree)),
-                    "The partition tree: each split's rule, and the training rows of every "
-                    "node.")]
+    figs = [] if tree.group_labels is not None else [  # sites: the table of leaves says it
+        _figure("partition tree", _png(tree_plot(tree)),
+                "The partition tree: each split's rule, and the training rows of every node.")]
     if proj is not None:
         figs.insert(0, _figure("partition projection", proj, caption))
+    elif tree.group_labels is not None:
+        figs.append(f"<p>{html.escape(caption)}</p>")
     st = getattr(tree, "stability_", None)
     stable = ("Stability: " + st.describe() + "." if st is not None else
               "Stability not measured: <code>model.stability(X, y)</code> grows the partition "
@@ -415,12 +431,18 @@ def _projection(model, Xe: np.ndarray | None, leaf: np.ndarray | None) -> tuple[
     given rows, or else of rows drawn from the leaves' stored feature distributions."""
     tree = model.partition_
     rng = np.random.default_rng(0)
-    if Xe is not None:
+    grouped = tree.group_labels is not None
+    if Xe is not None and grouped:  # only the rows of known sites have a leaf
+        Xe, leaf = Xe[leaf >= 0], leaf[leaf >= 0]
+    if Xe is not None and Xe.shape[0]:
         take = rng.choice(Xe.shape[0], min(_SAMPLE, Xe.shape[0]), replace=False)
         Xs = tree.standardizer.transform(Xe[take])
         caption = (f"A sample of {take.shape[0]:,} of the given rows, projected on their "
                    "first two principal components, coloured by the leaf they route to.")
         return _png(projection_plot(Xs, leaf[take], tree.leaves)), caption
+    if grouped:
+        return None, ("The leaves are sites, not regions of feature space: pass rows with "
+                      "their sites (--data, --groups) to show where they lie.")
     sample, lab = _leaf_sample(model, rng)
     if sample is None:
         proj = None
@@ -441,11 +463,13 @@ def _leaves(model, codes: np.ndarray | None, proba: np.ndarray | None,
 
     tree = model.partition_
     last = model.history_[-1] if getattr(model, "history_", None) else None
-    header = ["Leaf", "Training rows", "Region"]
+    sites = tree.group_of_leaf() if tree.group_labels is not None else None
+    header = ["Leaf", "Training rows", "Region"] if sites is None else \
+        ["Leaf", "Training rows", "Site"]
     rows = []
     region = tree.region_of()
     for pos, nid in enumerate(tree.leaves):
-        row = [nid, int(tree.sizes[pos]), int(region[pos])]
+        row = [nid, int(tree.sizes[pos]), int(region[pos]) if sites is None else sites[pos]]
         if last is not None:
             row.append(last.get("leaf_val_loss", {}).get(str(nid)))
         if codes is not None:

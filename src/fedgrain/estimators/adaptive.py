@@ -27,6 +27,7 @@ from ..core.blocks import take_rows
 from ..core.likelihood import class_proba, cumulative_proba
 from ..core.standardize import fit_standardizer
 from ..data import prepare_data
+from ..data.groups import check_groups, split_groups_column
 from ..exceptions import DataError, SeparationError
 from ..federation import meta
 from ..federation.engine import (
@@ -286,22 +287,36 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                           None if self.fedprox_mu is None else float(self.fedprox_mu))
 
     # ---- fitting ----------------------------------------------------------------------------
-    def fit(self, X, y, sample_weight=None, partition: PartitionTree | None = None):
+    def fit(self, X, y, sample_weight=None, partition: PartitionTree | None = None,
+            groups=None):
         """Profile, partition, schedule, fit every leaf, pool.
 
         ``partition`` fits on a given tree (for example one grown earlier, or split by hand
         with :meth:`PartitionTree.split`) instead of growing one. ``X`` may be the path of a
         Parquet file or folder with ``y`` naming the target column: it is streamed batch by
         batch, never loaded whole (the tree is grown on a sample of at most 50,000 rows).
+
+        ``groups`` (one label per row, or the name of a column of the DataFrame ``X``) makes
+        every group a client of its own (federated sites): one leaf per group, its rows placed
+        on one worker and never mixed with another group's, its model personalised (with a
+        meta-learner) or its own fit. ``predict(X, groups=...)`` then uses each known group's
+        model and the global (meta-learned) model for a group it did not see; ``adapt()``
+        personalises to a new group from its labelled rows. Each group needs rows enough for
+        its own fit (5 per parameter) and two classes.
         """
         with local.one_blas_thread(), progress.reporting(self.callback):
-            return self._fit(X, y, sample_weight, partition)
+            return self._fit(X, y, sample_weight, partition, groups)
 
-    def _fit(self, X, y, sample_weight, partition):
+    def _fit(self, X, y, sample_weight, partition, groups=None):
         clock = _Clock()
         self.stream_ = None  # a stream's state belongs to the model it watched
         self._validate()
         owner = type(self).__name__
+        if groups is not None:
+            if partition is not None:
+                raise DataError("Give groups or a partition, not both: with groups the "
+                                "partition is one leaf per group.")
+            X, groups = split_groups_column(X, groups)
         with progress.step("checking data"):
             data = prepare_data(X, y, levels=self.levels, categorical=self.categorical,
                                 sample_weight=sample_weight, estimator_name=owner)
@@ -320,7 +335,11 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             std = fit_standardizer(Xm, w)
             clock.lap("prepare")
             estimation = None
-            if partition is None:
+            if groups is not None:
+                with progress.step("profiling the groups"):
+                    tree, labels, prof = self._group_partition(
+                        groups, Xm, codes, w, std, p, K, seed, names, data.target.classes)
+            elif partition is None:
                 with progress.step("profiling and partitioning"):
                     tree, labels, prof, estimation = self._grow_honestly(
                         Xm, codes, w, std, K, min_size, n_pieces, seed, names)
@@ -335,7 +354,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                                      estimation)
                     break
                 except SeparationError as exc:
-                    merged = None if partition is not None else self._merge_separated(
+                    merged = None if partition is not None or groups is not None else \
+                        self._merge_separated(
                         tree, exc, Xm, codes, w, estimation, seed, names)
                     if merged is None:
                         raise
@@ -440,6 +460,40 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                         f"per parameter for d = {d}, capped at the rows")
             warn(f"The data ({n:,} rows) are too small to split into two regions of "
                  f"at least {min_size:,} rows each ({how}); fitting one region.", UserWarning)
+
+    def _group_partition(self, groups, Xm, codes, w, std, p, K, seed, names, classes):
+        """One leaf per group: a tree whose root sends each group's rows to its own leaf.
+
+        Raises a :class:`DataError` naming the groups that cannot have a model of their own
+        (too few rows, one class only)."""
+        n = Xm.shape[0]
+        labels_in = check_groups(groups, n)
+        found, labels = np.unique(labels_in, return_inverse=True)
+        found = [str(g) for g in found]
+        d = p + K - 1
+        need = MIN_ROWS_PER_PARAM * d
+        sizes = np.bincount(labels, minlength=len(found))
+        small = [f"{found[i]!r} ({sizes[i]:,} rows)" for i in np.flatnonzero(sizes < need)]
+        if small:
+            more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+            raise DataError(
+                f"Group(s) {', '.join(small[:5])}{more} have fewer than {MIN_ROWS_PER_PARAM} "
+                f"rows per parameter (d = {d}: {need:,} rows) for a model of their own. Leave "
+                "them out of the fit and personalise to each afterwards with adapt(X, y) on "
+                "its rows, or use fewer features.")
+        per_class = np.bincount(labels * K + codes, minlength=len(found) * K).reshape(-1, K)
+        single = np.flatnonzero((per_class > 0).sum(axis=1) < 2)
+        if single.size:
+            which = ", ".join(f"{found[i]!r} (all {classes[int(np.argmax(per_class[i]))]!r})"
+                              for i in single[:5])
+            raise DataError(f"Group(s) {which} hold one class only: no model of their own. "
+                            "Leave them out of the fit and use adapt(X, y) for them.")
+        tree = PartitionTree(p, K, std, seed=seed)
+        tree.split_groups(tree.root, found)
+        labels = labels.astype(np.int32)
+        tree.count(labels)
+        prof = profile_leaves(tree, Xm, codes, w, labels, seed=seed, feature_names=names)
+        return tree, labels, prof
 
     def _given_partition(self, tree, Xm, codes, w, std, p, K, min_size, seed, names):
         if not isinstance(tree, PartitionTree):
@@ -704,6 +758,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         True
         """
         check_is_fitted(self, "coef_")
+        self._no_groups("stability", "the groups are given, not grown")
         return measure_stability(self.partition_, self.encode(X),
                                  self.target_.encode(y, what="y"), sample_weight,
                                  n_resamples=n_resamples, fraction=fraction,
@@ -714,6 +769,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
 
         Rows go to their leaves as in prediction; leaves that receive none keep their profile.
         """
+        self._no_groups("refresh_profile", "fit again")
         Xe = self.encode(X)
         codes = self.target_.encode(y, what="y")
         w = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
@@ -722,30 +778,62 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         return self.profile_
 
     # ---- prediction: each row by its leaf's model ---------------------------------------------
-    def apply(self, X) -> np.ndarray:
+    def apply(self, X, groups=None) -> np.ndarray:
         """The leaf (position in ``partition_.leaves`` and ``local_models_``) of each row.
 
         Rows of a region dealt out into random pieces go to a piece by a fixed pseudo-random
         function of the row, not by the class-stratified deal of the training rows (use
         ``partition_.route(X_encoded, class_codes)`` for that); the pieces share one model, so
-        predictions do not depend on which.
+        predictions do not depend on which. On a model fitted with ``groups``, a row goes to
+        its group's leaf (``groups``: one label per row, or a column of the DataFrame ``X``);
+        a row of a group the fit did not see, or every row without ``groups``, to none: -1
+        (the global model predicts it).
         """
-        return self._route(self.encode(X))
+        X, groups = self._groups_of(X, groups)
+        return self._route(self.encode(X), groups)
 
-    def _route(self, Xe: np.ndarray) -> np.ndarray:
+    def _no_groups(self, what: str, instead: str) -> None:
+        """A :class:`DataError` for ``what`` on a model fitted with groups."""
+        if hasattr(self, "partition_") and self.partition_.group_labels is not None:
+            raise DataError(f"{what} is not available on a model fitted with groups "
+                            f"(federated sites); {instead}.")
+
+    @property
+    def groups_(self) -> list[str] | None:
+        """The groups the model was fitted on (as text), one leaf each; None without groups."""
+        check_is_fitted(self, "coef_")
+        return self.partition_.group_labels
+
+    def _groups_of(self, X, groups):
+        """``(X, labels)`` for a prediction: the labels checked (taken from ``X``'s column when
+        named); groups given to a model fitted without them is an error."""
+        if groups is None:
+            return X, None
+        check_is_fitted(self, "coef_")
+        if self.partition_.group_labels is None:
+            raise DataError("This model was fitted without groups; predict without groups=, "
+                            "or fit with fit(X, y, groups=...).")
+        X, groups = split_groups_column(X, groups)
+        return X, groups
+
+    def _route(self, Xe: np.ndarray, groups=None) -> np.ndarray:
         if self.partition_.leaves != self._leaves.ids:
             raise ValueError(
                 "partition_ was changed (split or merged) after fitting, so its leaves no longer "
                 "match local_models_; fit again, or fit(X, y, partition=...) with the new tree.")
-        return self.partition_.route(Xe)
+        if groups is not None:
+            groups = check_groups(groups, Xe.shape[0])
+        return self.partition_.route(Xe, groups=groups)
 
-    def unseen(self, X) -> np.ndarray:
+    def unseen(self, X, groups=None) -> np.ndarray:
         """Which rows lie outside the region their leaf was trained on (predicted by the
         global model instead, with a meta-learner): some feature lies outside its leaf's range
         (``profile_``) by more than a quarter of that range
-        (:func:`fedgrain.federation.leaves.unseen_rows`)."""
+        (:func:`fedgrain.federation.leaves.unseen_rows`). A row that reaches no leaf (an
+        unknown group) is unseen."""
+        X, groups = self._groups_of(X, groups)
         Xe = self.encode(X)
-        return self._unseen(Xe, self._route(Xe))
+        return self._unseen(Xe, self._route(Xe, groups))
 
     def _unseen(self, Xe: np.ndarray, leaf: np.ndarray) -> np.ndarray:
         return unseen_rows(Xe, leaf, [self.profile_[nid] for nid in self.partition_.leaves])
@@ -761,27 +849,42 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         return self._leaves.routed(Xe, leaf, self._falls_back(Xe, leaf),
                                    self.meta_model_.results_.params)
 
-    def _routed(self, X):
+    def _routed(self, X, groups=None):
+        X, groups = self._groups_of(X, groups)
         Xe = self.encode(X)
-        return self._routed_encoded(Xe, self._route(Xe))
+        return self._routed_encoded(Xe, self._route(Xe, groups))
 
-    def predict_linear(self, X) -> np.ndarray:
+    def predict_linear(self, X, groups=None) -> np.ndarray:
         """``x @ coef`` with each row's leaf coefficients (the global model's for unseen rows
-        when there is a meta-learner)."""
-        return self._routed(X)[0]
+        when there is a meta-learner, and for rows of no known group)."""
+        return self._routed(X, groups)[0]
 
-    def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities from each row's leaf model, shape ``(n, K)``."""
-        return class_proba(*self._routed(X))
+    def predict_proba(self, X, groups=None) -> np.ndarray:
+        """Class probabilities from each row's leaf model, shape ``(n, K)``; with ``groups``
+        (a model fitted on groups), each row's group's model."""
+        return class_proba(*self._routed(X, groups))
 
-    def predict_cumulative_proba(self, X) -> np.ndarray:
-        return cumulative_proba(*self._routed(X))
+    def predict_cumulative_proba(self, X, groups=None) -> np.ndarray:
+        return cumulative_proba(*self._routed(X, groups))
 
-    def predict_proba_ci(self, X, alpha: float = 0.05):
+    def predict(self, X, groups=None) -> np.ndarray:
+        """The most probable level of each row (its leaf's, or its group's, model)."""
+        proba = self.predict_proba(X, groups)  # first: raises if not fitted
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def score(self, X, y, sample_weight=None, groups=None) -> float:
+        """Accuracy of :meth:`predict` (with ``groups``: each row by its group's model)."""
+        from sklearn.metrics import accuracy_score
+
+        return float(accuracy_score(y, self.predict(X, groups), sample_weight=sample_weight))
+
+    def predict_proba_ci(self, X, alpha: float = 0.05, groups=None):
         """Class probabilities with delta-method intervals, each row from its leaf model (the
-        global model for unseen rows when there is a meta-learner)."""
+        global model for unseen rows when there is a meta-learner, and rows of no known
+        group)."""
+        X, groups = self._groups_of(X, groups)
         Xe = self.encode(X)
-        leaf = self._route(Xe)
+        leaf = self._route(Xe, groups)
         fallback = self._falls_back(Xe, leaf)
         which = leaf if fallback is None else np.where(fallback, -1, leaf)
         K = self.classes_.shape[0]
@@ -883,6 +986,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                 raise DataError(f"classes={list(classes)} differs from the levels of the labels "
                                 f"{list(self.classes_)}; give levels=[...] for their order.")
             return self
+        self._no_groups("partial_fit", "fit again on all the groups' rows")
         Xe = self.encode(X)
         if Xe.shape[0] == 0:
             raise DataError("The batch is empty; pass at least one row.")

@@ -94,16 +94,17 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "coef_")
         return self.results_.summary(alpha)
 
-    def report(self, path, X=None, y=None, *, alpha: float = 0.05):
+    def report(self, path, X=None, y=None, *, alpha: float = 0.05, groups=None):
         """Write the HTML report of this model (see :func:`fedgrain.report.write_report`).
 
         ``X`` and ``y`` (labelled rows, held out say) add each leaf's metrics and a projection
-        of real rows. Returns the path written.
+        of real rows; ``groups`` their groups (a model fitted with groups). Returns the path
+        written.
         """
         from ..report import write_report
 
         check_is_fitted(self, "coef_")
-        return write_report(self, path, X, y, alpha=alpha)
+        return write_report(self, path, X, y, alpha=alpha, groups=groups)
 
     # ---- fitted state shared by both estimators ---------------------------------------------
     def _set_fitted(self, schema: FeatureSchema, target: TargetEncoding, params, cov,

@@ -177,7 +177,9 @@ class LeafTable:
         ``fallback`` is True the model ``fallback_params``."""
         p = Xe.shape[1]
         table = np.vstack([self.params, fallback_params[None, :]])
-        which = leaf if fallback is None else np.where(fallback, len(self.ids), leaf)
+        which = np.where(leaf < 0, len(self.ids), leaf)  # no leaf (an unknown group)
+        if fallback is not None:
+            which = np.where(fallback, len(self.ids), which)
         eta = np.einsum("ij,ij->i", Xe, table[which, :p]) if Xe.shape[0] else np.zeros(0)
         return eta, table[which, p:]
 
@@ -208,7 +210,7 @@ def unseen_rows(Xe: np.ndarray, leaf: np.ndarray, profiles: list) -> np.ndarray:
     leaf (a range of zero) or they sit in a long tail beyond the quantiles.
     """
     if any(lp.low is None for lp in profiles):
-        return np.zeros(Xe.shape[0], dtype=bool)
+        return leaf < 0
     low = np.array([lp.low for lp in profiles])
     high = np.array([lp.high for lp in profiles])
     pad = UNSEEN_MARGIN * (high - low)
@@ -223,5 +225,5 @@ def unseen_rows(Xe: np.ndarray, leaf: np.ndarray, profiles: list) -> np.ndarray:
     for a in range(0, Xe.shape[0], UNSEEN_BLOCK):
         rows = slice(a, a + UNSEEN_BLOCK)
         Xb, lb = Xe[rows], leaf[rows]
-        out[rows] = ((Xb < lo[lb]) | (Xb > hi[lb])).any(axis=1)
+        out[rows] = ((Xb < lo[lb]) | (Xb > hi[lb])).any(axis=1) | (lb < 0)
     return out

@@ -7,7 +7,9 @@ look like instead: each internal node splits its region of feature space by a hy
 leaves are the subsets fitted. A region may also be dealt out at random into pieces (a
 ``"random"`` node): that is how the tree holds the static division (``granularity=0``) and how
 it gives every worker a subset when there are fewer regions than workers. Pieces of one region
-share its model.
+share its model. A ``"groups"`` node sends each row to the child of its group (federated
+sites: ``fit(X, y, groups=...)``), by a label given beside the features, not by them; a row
+of a group the node does not know, or given without its group, reaches no leaf (position -1).
 
 The tree is grown by :func:`fedgrain.partition.growth.grow`; this module holds the structure:
 routing, split and merge of single leaves, sizes, and saving as plain JSON.
@@ -67,9 +69,11 @@ class Node:
     """One node of the tree.
 
     ``kind`` is ``"leaf"``, ``"hyperplane"`` (children ``(left, right)``: ``x @ a <= b`` goes
-    left, in the original feature units) or ``"random"`` (children are random pieces of the
-    node's rows). ``key`` is the node's position in a complete binary numbering (root 1, children
-    ``2 key`` and ``2 key + 1``; the pieces of a random node ``key * 1000 + i``), the same however
+    left, in the original feature units), ``"random"`` (children are random pieces of the
+    node's rows) or ``"groups"`` (one child per group label, ``evidence["groups"]`` in the
+    children's order). ``key`` is the node's position in a complete binary numbering (root 1,
+    children ``2 key`` and ``2 key + 1``; the pieces of a random node and the groups of a groups
+    node ``key * 1000 + i``), the same however
     the tree was grown, so it seeds the node's random choices. ``evidence`` records why a node was
     split (the candidate, its ``Q``, degrees of freedom, p-value and expected gain).
     """
@@ -223,6 +227,40 @@ class PartitionTree:
         node.children = tuple(self._add(node, node.key * 1000 + i) for i in range(n_pieces))
         return node.children
 
+    def split_groups(self, leaf_id: int, labels: list[str]) -> tuple[int, ...]:
+        """One child per group: rows of group ``labels[i]`` go to child ``i`` (labels are
+        compared as text). Returns the children, leaves."""
+        node = self._leaf(leaf_id)
+        labels = [str(g) for g in labels]
+        if len(labels) < 1 or len(set(labels)) != len(labels):
+            raise ValueError("A groups node needs distinct group labels, at least one.")
+        self.stability_ = None
+        node.kind, node.evidence = "groups", {"groups": labels}
+        node.children = tuple(self._add(node, node.key * 1000 + i) for i in range(len(labels)))
+        return node.children
+
+    @property
+    def group_labels(self) -> list[str] | None:
+        """The group labels of the tree's groups node (None without one)."""
+        for node in self.nodes.values():
+            if node.kind == "groups":
+                return list(node.evidence["groups"])
+        return None
+
+    def group_of_leaf(self) -> list[str | None]:
+        """For each leaf, the group whose rows it holds (None outside a groups node)."""
+        out = []
+        for nid in self.leaves:
+            label, child, parent = None, nid, self.nodes[nid].parent
+            while parent >= 0:
+                node = self.nodes[parent]
+                if node.kind == "groups":
+                    label = node.evidence["groups"][node.children.index(child)]
+                    break
+                child, parent = parent, node.parent
+            out.append(label)
+        return out
+
     def merge(self, node_id: int) -> int:
         """Make an internal node a leaf again, dropping everything below it."""
         node = self.nodes.get(node_id)
@@ -248,23 +286,48 @@ class PartitionTree:
         return node
 
     # ---- routing ----------------------------------------------------------------------------
-    def route(self, X, codes: np.ndarray | None = None) -> np.ndarray:
+    def route(self, X, codes: np.ndarray | None = None,
+              groups: np.ndarray | None = None) -> np.ndarray:
         """The leaf (position in :attr:`leaves`) of every row of the encoded features ``X``.
 
         Hyperplane nodes route by the features. Random nodes deal rows out among their pieces:
         stratified by class at random (with ``codes``, as when the tree was grown on training
         rows), or without codes by a fixed pseudo-random function of the row's values, so a
-        given row always lands in the same piece.
+        given row always lands in the same piece. A groups node sends a row to its group's
+        child (``groups``: one label per row); a row of an unknown group, or every row when
+        ``groups`` is None, reaches no leaf: -1.
         """
         X = np.asarray(X, dtype=float)
         position = np.full(max(self.nodes) + 1, -1, dtype=np.int32)
         position[self.leaves] = np.arange(self.n_leaves)
-        return self._route_from(0, X, codes, position)
+        if groups is not None:
+            groups = np.asarray(groups).astype(str).reshape(-1)
+            if groups.shape[0] != X.shape[0]:
+                raise ValueError(f"groups has {groups.shape[0]:,} labels for {X.shape[0]:,} "
+                                 "rows; give one group label per row.")
+        return self._route_from(0, X, codes, position, groups)
 
-    def _route_from(self, top: int, X: np.ndarray, codes, position: np.ndarray) -> np.ndarray:
+    def _route_from(self, top: int, X: np.ndarray, codes, position: np.ndarray,
+                    groups: np.ndarray | None = None) -> np.ndarray:
         """Leaf positions of rows entering the tree at node ``top``."""
-        end = self._ends(top, X)  # the leaf or random node each row reaches by hyperplanes
+        end = self._ends(top, X)  # the leaf, random or groups node each row reaches
         out = position[end]
+        for node in [nd for nd in self.nodes.values() if nd.kind == "groups"]:
+            rows = np.flatnonzero(end == node.id)
+            if rows.size == 0:
+                continue
+            out[rows] = -1
+            if groups is None:
+                continue
+            index = {g: i for i, g in enumerate(node.evidence["groups"])}
+            child = np.array([index.get(g, -1) for g in groups[rows]], dtype=np.int64)
+            for i, c in enumerate(node.children):
+                mine = rows[child == i]
+                if self.nodes[c].kind == "leaf":
+                    out[mine] = position[c]
+                elif mine.size:
+                    out[mine] = self._route_from(c, X[mine], None if codes is None
+                                                 else codes[mine], position, groups[mine])
         randoms = [nd for nd in self.nodes.values() if nd.kind == "random"]
         for node in randoms:
             rows = np.flatnonzero(end == node.id)
@@ -292,6 +355,9 @@ class PartitionTree:
         then dealt out among its pieces as :meth:`route` deals them (by class over all of them
         with ``codes``, or by the hash of each row's values), so the result is the same.
         """
+        if self.group_labels is not None:
+            raise ValueError("Rows read in blocks cannot be routed to groups; load the rows "
+                             "and their group labels as arrays.")
         randoms = {nd.id: nd for nd in self.nodes.values() if nd.kind == "random"}
         for node in randoms.values():
             if any(self.nodes[c].kind != "leaf" for c in node.children):
@@ -435,7 +501,7 @@ class PartitionTree:
             raise ValueError("the tree has no root")
         seen = 0
         for node in self.nodes.values():
-            if node.kind not in ("leaf", "hyperplane", "random"):
+            if node.kind not in ("leaf", "hyperplane", "random", "groups"):
                 raise ValueError(f"node {node.id} has an unknown kind {node.kind!r}")
             if (node.kind == "leaf") != (len(node.children) == 0):
                 raise ValueError(f"node {node.id} is a {node.kind} with "
@@ -452,6 +518,11 @@ class PartitionTree:
                 raise ValueError(f"node {node.id} is not a valid hyperplane split")
             if node.kind == "random" and len(node.children) < 2:
                 raise ValueError(f"node {node.id} deals rows out to fewer than 2 pieces")
+            if node.kind == "groups" and (
+                not isinstance(node.evidence.get("groups"), list)
+                or len(node.evidence["groups"]) != len(node.children)
+            ):
+                raise ValueError(f"node {node.id} does not name one group per child")
         if seen != len(self.nodes) - 1:
             raise ValueError("the nodes do not form one tree")
 
@@ -461,8 +532,12 @@ class PartitionTree:
 
         def walk(nid: int) -> None:
             node = self.nodes[nid]
-            what = {"leaf": "leaf", "random": f"random pieces ({len(node.children)})"}.get(
+            what = {"leaf": "leaf", "random": f"random pieces ({len(node.children)})",
+                    "groups": f"groups ({len(node.children)})"}.get(
                 node.kind, node.evidence.get("candidate", "hyperplane"))
+            parent = self.nodes.get(node.parent)
+            if parent is not None and parent.kind == "groups":
+                what += f" (group {parent.evidence['groups'][parent.children.index(nid)]})"
             lines.append(f"{'  ' * node.depth}[{nid}] {what}: {node.n_rows:,} rows")
             for c in node.children:
                 walk(c)

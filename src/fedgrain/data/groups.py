@@ -1,0 +1,50 @@
+"""Group labels (federated sites): checked, and taken from a DataFrame column when named.
+
+A group label is anything with a text form (numbers, strings); labels are compared as text, so
+``1`` and ``"1"`` are one group. Missing labels are refused: a row must belong to a site.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fedgrain.exceptions import DataError
+
+
+def split_groups_column(X, groups):
+    """``(X, groups)``: when ``groups`` names a column of the frame ``X``, that column as the
+    labels and ``X`` without it; otherwise both as given."""
+    if isinstance(groups, str):
+        columns = getattr(X, "columns", None)
+        if columns is None:
+            raise DataError(f"groups={groups!r} names a column, but X has no columns (an "
+                            "array or a file path); pass one group label per row instead, or "
+                            "a DataFrame holding that column.")
+        names = [str(c) for c in columns]
+        if groups not in names:
+            raise DataError(f"groups={groups!r} is not a column of X; the columns are "
+                            f"{names[:20]}.")
+        col = X[groups]
+        labels = col.to_numpy() if hasattr(col, "to_numpy") else np.asarray(col)
+        rest = [c for c in columns if str(c) != groups]
+        return X.select(rest) if hasattr(X, "select") and not hasattr(X, "drop") \
+            else X.drop(columns=[groups]), labels
+    return X, groups
+
+
+def check_groups(groups, n_rows: int) -> np.ndarray:
+    """The labels as text, one per row; a :class:`DataError` for a wrong count or a missing
+    label (naming the first such row)."""
+    try:
+        raw = np.asarray(groups, dtype=object).reshape(-1)
+    except Exception as exc:  # pragma: no cover - exotic containers
+        raise DataError(f"groups could not be read as one label per row: {exc}") from None
+    if raw.shape[0] != n_rows:
+        raise DataError(f"groups has {raw.shape[0]:,} labels for {n_rows:,} rows; give one "
+                        "group label per row.")
+    missing = np.asarray(pd.isna(raw), dtype=bool)
+    if missing.any():
+        raise DataError(f"groups has a missing label at row {int(np.flatnonzero(missing)[0])} "
+                        f"({int(missing.sum()):,} in all); every row needs its group.")
+    return np.array([str(v) for v in raw], dtype=object).astype(str)
