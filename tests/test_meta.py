@@ -264,3 +264,69 @@ def test_personalisation_failing_for_one_leaf_falls_back_and_for_all_is_an_error
     monkeypatch.setattr(meta_module, "personalise_task", never)
     with pytest.raises(SubsetError, match="Personalising every leaf failed: MemoryError"):
         AdaptiveFederatedOrdinal(meta="fomaml", backend="serial", max_rounds=2).fit(X, y)
+
+
+# ---- the empirical-Bayes metric of the pull ------------------------------------------------------
+def test_the_pull_metric_is_the_inverse_spread_of_the_leaves():
+    from fedgrain.federation.meta import RHO_MAX, between_metric
+
+    rng = np.random.default_rng(0)
+    d, m = 3, 400
+    A = rng.standard_normal((d, d))
+    S = A @ A.T + 0.1 * np.eye(d)  # the leaves' spread
+    dev = rng.multivariate_normal(np.zeros(d), S, size=m)
+    dev -= dev.mean(axis=0)
+    theta = np.array([0.2, -1.0, 1.0])
+    V = 0.01 * np.eye(d)  # each leaf's own noise
+    est = [theta + e for e in dev]
+    P = np.diag([2.0, 1.0, 0.5])
+    pull = 7.0
+    M = between_metric(est, [V] * m, theta, P, pull)
+    S_hat = dev.T @ dev / m - V
+    np.testing.assert_allclose(pull * M, np.linalg.inv(S_hat), rtol=1e-8)
+    # a direction in which the leaves do not spread gets the largest pull
+    flat = [theta + np.r_[e[:2], 0.0] for e in dev]
+    M0 = between_metric(flat, [np.zeros((d, d))] * m, theta, P, pull)
+    assert pull * M0[2, 2] >= 0.99 * RHO_MAX * P[2, 2]
+    # fewer leaves than parameters: the spread is not estimable, the metric stays P
+    assert between_metric(est[:d], [V] * d, theta, P, pull) is P
+
+
+def test_sites_that_differ_in_thresholds_only_shrink_the_slopes_more():
+    """One scalar pull in the global information metric let large threshold differences lift
+    the slopes' shrinkage too; with the metric shaped by the sites' spread the slopes (common
+    to all sites) are held much harder than the thresholds (which differ), and the
+    personalised models predict new rows of each site better than the global model and than
+    each site's own fit."""
+    from fedgrain import AdaptiveFederatedOrdinal
+
+    rng = np.random.default_rng(5)
+    beta, cuts = np.array([0.8, -0.5, 0.3]), np.array([-1.0, 0.0, 1.2])
+    X, y, g, Xt, yt, gt = [], [], [], [], [], []
+    for s in range(40):
+        shift = 0.8 * rng.standard_normal()
+        for XX, yy, gg, n in ((X, y, g, 150), (Xt, yt, gt, 300)):
+            x = rng.standard_normal((n, 3))
+            yy.append(np.digitize(x @ beta + rng.logistic(size=n), cuts + shift))
+            XX.append(x)
+            gg.append(np.full(n, s))
+    X, y, g, Xt, yt, gt = (np.concatenate(a) for a in (X, y, g, Xt, yt, gt))
+    own = AdaptiveFederatedOrdinal(backend="serial", random_state=0).fit(X, y, groups=g)
+    meta_ = AdaptiveFederatedOrdinal(backend="serial", meta="fomaml", random_state=0).fit(
+        X, y, groups=g)
+
+    def spread(model, cols):
+        params = np.array([m.results_.params for m in model.local_models_])
+        return params[:, cols].std(axis=0).mean()
+
+    slopes, thresholds = slice(0, 3), slice(3, None)
+    kept_slopes = spread(meta_, slopes) / spread(own, slopes)
+    kept_thresholds = spread(meta_, thresholds) / spread(own, thresholds)
+    assert kept_slopes < 0.45 * kept_thresholds and kept_thresholds > 0.8
+
+    def loss(proba):
+        return -np.log(proba[np.arange(yt.shape[0]), yt]).mean()
+
+    personal = loss(meta_.predict_proba(Xt, groups=gt))
+    assert personal < loss(own.predict_proba(Xt, groups=gt)) - 0.005
+    assert personal < loss(own.predict_proba(Xt)) - 0.02  # the global model

@@ -234,6 +234,37 @@ def empirical_pull(estimates: list[np.ndarray], covs: list[np.ndarray], theta: n
     return float(np.clip(d / spread if spread > 0 else RHO_MAX, RHO_MIN, RHO_MAX))
 
 
+def between_metric(estimates: list[np.ndarray], covs: list[np.ndarray], theta: np.ndarray,
+                   P: np.ndarray, pull: float) -> np.ndarray:
+    """The metric of the pull shaped by the leaves' spread, per row: ``Sigma^-1 / pull``.
+
+    ``Sigma`` is the between-leaf covariance of the parameters (the random-effects view: a
+    leaf's true parameters ``gamma ~ N(theta, Sigma)``, its estimate ``N(gamma, V)``), by
+    moments, ``mean((est - theta)(est - theta)' - V)``, made positive semi-definite. The pull
+    toward ``theta`` at ``pull`` pseudo-rows is then the empirical-Bayes prior ``N(theta,
+    Sigma)``: parameters the leaves share are held (a direction without spread gets the
+    largest pull, :data:`RHO_MAX` rows of ``P``), parameters that differ are free, and large
+    differences in the thresholds no longer lift the shrinkage of the slopes. With fewer
+    leaves than parameters (or no finite pull) the spread is not estimable: ``P`` itself.
+    """
+    d = theta.shape[0]
+    if len(estimates) <= d or not np.isfinite(pull) or pull <= 0:
+        return P
+    dev = np.array([e - theta for e in estimates])
+    S = dev.T @ dev / len(estimates) - np.mean(covs, axis=0)
+    S = 0.5 * (S + S.T)
+    # in the coordinates where P is the identity: the spread per row of information
+    w, U = np.linalg.eigh(P)
+    if w.min() <= 0:
+        return P
+    R = U * np.sqrt(w)  # P = R R'; z = R' (gamma - theta) has Cov(z) = R' Sigma R
+    lam, Q = np.linalg.eigh(R.T @ S @ R)
+    # each direction's pull in rows: 1 / lam (no spread: the largest pull)
+    rows = 1.0 / np.maximum(lam, 1.0 / RHO_MAX)
+    M = R @ (Q * rows) @ Q.T @ R.T
+    return 0.5 * (M + M.T) / pull
+
+
 def payload_bytes(obj) -> int:
     """The bytes of the numbers in a message: arrays at their size, scalars at 8 bytes."""
     if isinstance(obj, np.ndarray):

@@ -95,12 +95,16 @@ def meta_rounds(backend: Backend, refs, sched: Schedule, run: PartitionRun,
     pooled model with the empirical pull and each leaf keeps its own fit.
     """
     d = run.estimate.shape[0]
-    P = run.pooled.information / n_rows
+    info = run.pooled.information / n_rows
     views = [leaf_view(f, run.estimate, run.cov, p) for f in run.fits]
     fits, covs = [v[0] for v in views], [v[1] for v in views]
+    # the empirical-Bayes pull, and (for the strategies that learn a pull, and adapt()) its
+    # metric shaped by the leaves' spread: at that pull, the prior N(theta, Sigma)
+    pull0 = meta.empirical_pull(fits, covs, run.estimate, info)
+    shaped = not config.learns or learns_pull(config.method)
+    P = meta.between_metric(fits, covs, run.estimate, info, pull0) if shaped else info
     if not config.learns:
-        pull = meta.empirical_pull(fits, covs, run.estimate, P)
-        return MetaOutcome(MetaState(run.estimate, np.inf, pull, P), None)
+        return MetaOutcome(MetaState(run.estimate, np.inf, pull0, P), None)
     L = len(leaf_ids)
     if np.unique(region_of).shape[0] == 1:
         # one region (maybe dealt out into identical pieces): nothing to learn across
@@ -113,10 +117,10 @@ def meta_rounds(backend: Backend, refs, sched: Schedule, run: PartitionRun,
     work = n_rows * d * d * config.inner_steps * (len(meta.RHO_STEPS) + 2)
     mu = DEFAULT_PULL_PER_PARAM * d if config.fedprox_mu is None else float(config.fedprox_mu)
     res = meta.run(backend, refs, sched.bundles(), settings, run.estimate, P, seeds, leaf_ids,
-                   rho0=meta.empirical_pull(fits, covs, run.estimate, P),
+                   rho0=pull0,
                    max_rounds=int(config.max_rounds), tol=float(config.tol),
                    fedprox_rho=mu, work=work)
-    state = MetaState(res.theta, res.rho, meta.empirical_pull(fits, covs, res.theta, P), P)
+    state = MetaState(res.theta, res.rho, pull0, P)
     out = MetaOutcome(state, None, res.history, res.events)
     if not np.isfinite(res.rho):  # no adaptation pays: every leaf uses the global model
         out.personal = [(res.theta, run.cov)] * L
