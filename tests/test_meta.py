@@ -330,3 +330,22 @@ def test_sites_that_differ_in_thresholds_only_shrink_the_slopes_more():
     personal = loss(meta_.predict_proba(Xt, groups=gt))
     assert personal < loss(own.predict_proba(Xt, groups=gt)) - 0.005
     assert personal < loss(own.predict_proba(Xt)) - 0.02  # the global model
+
+
+def test_one_leaf_with_a_nearly_unidentified_parameter_does_not_hide_the_spread():
+    """RAND HIE's grown leaves: one leaf's covariance had a trace of 1e8 (a parameter its rows
+    hardly identify); averaged plainly, its noise swamped the others' spread and the pull went
+    to its largest value (every leaf got the global model). Weighted by precision it counts
+    for nothing."""
+    from fedgrain.federation.meta import RHO_MAX, empirical_pull
+
+    rng = np.random.default_rng(1)
+    d, tau2 = 4, 0.5
+    theta, P = np.zeros(d), np.eye(d)
+    est = [rng.normal(0.0, np.sqrt(tau2 + 0.01), d) for _ in range(12)]
+    covs = [0.01 * np.eye(d)] * 12
+    pull = empirical_pull(est, covs, theta, P)
+    assert 0.5 / tau2 < pull < 2.0 / tau2  # about 1 / tau^2 pseudo-rows
+    wild = est + [np.full(d, 30.0)]
+    with_wild = empirical_pull(wild, covs + [1e8 * np.eye(d)], theta, P)
+    assert with_wild < RHO_MAX / 1e6 and abs(np.log(with_wild / pull)) < np.log(1.5)
