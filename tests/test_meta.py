@@ -155,6 +155,32 @@ def test_baselines_keep_one_global_model(heterogeneous, method):
     assert all(h["rho"] is None for h in af.history_)  # None: no adaptation (infinite pull)
 
 
+@pytest.mark.parametrize("method", ["fedavg", "fedprox"])
+def test_baselines_start_uninformed_and_their_rounds_make_their_model(method):
+    """FedAvg and FedProx started from the pooled model and kept it (the best round was the
+    first): they were the pooled model under another name. They start from the model without
+    features; the first round scores that start, later rounds improve on it."""
+    from fedgrain.federation.personalise import intercept_only
+
+    start = intercept_only(np.array([30.0, 50.0, 20.0]), 2)
+    np.testing.assert_allclose(start, [0.0, 0.0, np.log(0.3 / 0.7), np.log(0.8 / 0.2)])
+    X, y, g = [], [], []
+    rng = np.random.default_rng(2)
+    for s in range(6):
+        x = rng.standard_normal((400, 3))
+        y.append(np.digitize(x @ np.array([1.0, -0.6, 0.4]) + 0.3 * rng.standard_normal()
+                             + rng.logistic(size=400), [-1.0, 0.5, 1.5]))
+        X.append(x)
+        g.append(np.full(400, s))
+    X, y, g = np.vstack(X), np.concatenate(y), np.concatenate(g)
+    af = AdaptiveFederatedOrdinal(meta=method, backend="serial").fit(X, y, groups=g)
+    losses = [h["val_loss"] for h in af.history_]
+    assert len(losses) >= 3 and losses[0] > 1.1 * min(losses)
+    # converged near the pooled model: the same predictions to a small fraction of a row
+    gap = np.abs(af.meta_model_.predict_proba(X) - af.global_model_.predict_proba(X)).max()
+    assert gap < 0.05
+
+
 def test_adapt_to_a_new_region_from_fifty_rows():
     X, y, region, coef, thr = make_regions(60_000, n_features=6, n_classes=K, n_regions=4,
                                            heterogeneity=1.0, random_state=8)

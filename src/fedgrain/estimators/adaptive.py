@@ -558,7 +558,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             n_fitted = float(sizes.sum() if estimation is None else estimation.sum())
             learned = meta_rounds(backend, refs, sched, run, region_of, tree.leaves, p,
                                   n_fitted, leaf_seeds(tree, seed, tag=1),
-                                  self._meta_config())
+                                  self._meta_config(),
+                                  class_counts=np.bincount(codes, weights=w, minlength=K))
             if self.meta != "none":
                 clock.lap("meta-learning")
         finally:

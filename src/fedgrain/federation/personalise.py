@@ -87,12 +87,17 @@ class MetaOutcome:
 
 def meta_rounds(backend: Backend, refs, sched: Schedule, run: PartitionRun,
                 region_of: np.ndarray, leaf_ids: list[int], p: int, n_rows: float,
-                seeds: list[int], config: MetaConfig) -> MetaOutcome:
+                seeds: list[int], config: MetaConfig,
+                class_counts: np.ndarray | None = None) -> MetaOutcome:
     """Run the meta-learner over the placed leaves (``n_rows`` rows in all) and personalise
     every leaf.
 
     ``seeds`` are the leaves' validation-split seeds. Without a meta-learner the state is the
-    pooled model with the empirical pull and each leaf keeps its own fit.
+    pooled model with the empirical pull and each leaf keeps its own fit. The learned
+    strategies start from the pooled model; the federated baselines (FedAvg, FedProx) from
+    the model without features (``class_counts``: the rows of each class over all leaves, the
+    only numbers they share before their rounds), as McMahan et al.'s and Li et al.'s do from
+    an uninformed start, so that their rounds, not the pooling, make their model.
     """
     d = run.estimate.shape[0]
     info = run.pooled.information / n_rows
@@ -116,7 +121,10 @@ def meta_rounds(backend: Backend, refs, sched: Schedule, run: PartitionRun,
                                  float(config.validation_fraction))
     work = n_rows * d * d * config.inner_steps * (len(meta.RHO_STEPS) + 2)
     mu = DEFAULT_PULL_PER_PARAM * d if config.fedprox_mu is None else float(config.fedprox_mu)
-    res = meta.run(backend, refs, sched.bundles(), settings, run.estimate, P, seeds, leaf_ids,
+    start = run.estimate
+    if get_strategy(config.method).global_model and class_counts is not None:
+        start = intercept_only(class_counts, p)
+    res = meta.run(backend, refs, sched.bundles(), settings, start, P, seeds, leaf_ids,
                    rho0=pull0,
                    max_rounds=int(config.max_rounds), tol=float(config.tol),
                    fedprox_rho=mu, work=work)
@@ -141,6 +149,14 @@ def meta_rounds(backend: Backend, refs, sched: Schedule, run: PartitionRun,
     out.personal = [_region_model(got, np.flatnonzero(region_of == region_of[pos]), res.theta,
                                   run.cov) for pos in range(L)]
     return out
+
+
+def intercept_only(class_counts: np.ndarray, p: int) -> np.ndarray:
+    """The model without features (standardised coordinates): no slopes, and thresholds at the
+    logits of the cumulative class shares (a class without rows gets a small share)."""
+    shares = np.maximum(np.asarray(class_counts, dtype=float), 0.5)
+    cum = np.cumsum(shares / shares.sum())[:-1]
+    return np.concatenate([np.zeros(p), np.log(cum / (1.0 - cum))])
 
 
 def _region_model(got: dict, pieces: np.ndarray, theta: np.ndarray, cov: np.ndarray):
