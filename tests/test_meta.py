@@ -375,3 +375,35 @@ def test_one_leaf_with_a_nearly_unidentified_parameter_does_not_hide_the_spread(
     wild = est + [np.full(d, 30.0)]
     with_wild = empirical_pull(wild, covs + [1e8 * np.eye(d)], theta, P)
     assert with_wild < RHO_MAX / 1e6 and abs(np.log(with_wild / pull)) < np.log(1.5)
+
+
+def test_support_query_and_selection_rows_have_one_role_each():
+    """The validation part is halved: the meta-gradient comes from the query rows only, the
+    losses that choose the pull and stop the loop (history_) from the selection rows only."""
+    from types import SimpleNamespace
+
+    from fedgrain.core.likelihood import composite_pass
+    from fedgrain.federation import meta as M
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((400, 2))
+    y = np.digitize(X @ np.array([1.0, -0.5]) + rng.logistic(size=400), [-0.5, 0.8])
+    shard = SimpleNamespace(X=X, y=y, w=None)
+    settings = M.MetaSettings("fomaml", 2, 3)
+    theta = np.array([0.5, -0.2, -0.4, 0.7])
+    task = {"shard": SimpleNamespace(load=lambda: shard), "settings": settings, "seed": 9,
+            "theta": theta, "P": np.eye(4) * 0.2, "rho": 50.0, "grid": [50.0, np.inf],
+            "meta_gradient": True}
+    out = M.adapt_task(task)
+    val = M.validation_mask(y, 0.2, 9)
+    rows = np.flatnonzero(val)
+    query = np.zeros(400, dtype=bool)
+    query[rows[M.validation_mask(y[rows], 0.5, 10)]] = True
+    select = val & ~query
+    assert query.sum() > 30 and select.sum() > 30
+    # the infinite pull is theta itself: its loss is the selection rows' loss at theta
+    assert out.val_loss[1] == pytest.approx(M.log_loss_sum(X[select], y[select], None, theta, 2))
+    assert out.n_val == select.sum()
+    g = composite_pass(X[query], y[query], None, out.params[:2], out.params[2:], loss=False,
+                       order=2)
+    np.testing.assert_allclose(out.grad, g.grad, rtol=1e-10)

@@ -114,7 +114,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         Newton steps of a leaf's adaptation in a round (the personalised models and ``adapt``
         converge).
     validation_fraction : float in [0.05, 0.5]
-        Share of each leaf's rows, stratified by class, set aside once to judge the rounds.
+        Share of each leaf's rows, stratified by class, set aside once: half scores the outer
+        step (query), half chooses the pull and stops the rounds (selection).
     fedprox_mu : float or None
         FedProx's fixed pull, in pseudo-rows (default ``10 d``).
     drift_detector : {"adwin", "page_hinkley"}

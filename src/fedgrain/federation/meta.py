@@ -1,11 +1,12 @@
 """The federated meta-learner: a global model that the leaves adapt from quickly.
 
 The loop is a short template, in the spirit of Flower's strategies: broadcast the global
-parameters ``theta``; on every leaf, *adapt* them to the leaf's training part and score the
-adapted model on the leaf's validation part (a stratified share of its rows, fixed for all
-rounds); aggregate; stop when the validation loss stops improving. Everything a round sends is
-parameters (about ``d + 2 d^2`` numbers a leaf, counted in ``history``); the rows stay where
-they were placed.
+parameters ``theta``; on every leaf, *adapt* them to the leaf's training part (support) and
+score the adapted model on the leaf's validation part (a stratified share of its rows, fixed for
+all rounds, halved: the query rows give the outer step, the selection rows choose the pull and
+the stop); aggregate; stop when the selection rows' loss stops improving. Everything a round
+sends is parameters (about ``d + 2 d^2`` numbers a leaf, counted in ``history``); the rows stay
+where they were placed.
 
 **Adaptation** is a few Newton steps on the leaf's composite loss plus a pull toward the global
 parameters, ``L_train(gamma) + rho/2 (gamma - theta)' P (gamma - theta)``, with ``P`` the global
@@ -18,12 +19,13 @@ round uses the best (the largest pull among near-ties, so a flat loss does not d
 pull at all). Strategies (:mod:`fedgrain.federation.strategies`, looked up by name; the loop
 knows none of them):
 
-- ``"fomaml"``: first-order MAML; the meta-gradient is the validation gradient at the adapted
+- ``"fomaml"``: first-order MAML; the meta-gradient is the query rows' gradient at the adapted
   parameters, summed over leaves and preconditioned by all their information (training and
-  validation Hessians): a damped step, not a jump to the validation rows' own optimum;
+  query Hessians): a damped step, not a jump to the query rows' own optimum;
 - ``"reptile"``: ``theta`` moves to the adapted parameters' information-weighted mean;
-- ``"fedavg"`` and ``"fedprox"``: baselines in the same loop; local Newton steps with (almost) no
-  pull or a fixed one, averaged by rows; their model is the global one.
+- ``"fedavg"`` and ``"fedprox"``: baselines in the same loop, from the model without features;
+  local Newton steps with (almost) no pull or a fixed one, averaged by rows; their model is the
+  global one.
 
 A leaf whose task fails in a round is left out of that round and the failure recorded, as
 Flower's ``accept_failures``; such a round neither becomes the best nor stops the loop (its
@@ -161,7 +163,15 @@ def adapt_task(task: dict) -> Adapted:
         X, y = shard.X, shard.y
         w = np.ones(y.shape[0]) if shard.w is None else shard.w
         val = validation_mask(y, s.validation_fraction, task["seed"])
-        w_tr, w_val = np.where(val, 0.0, w), np.where(val, w, 0.0)
+        # three roles: the training part fits (support), half the validation part scores the
+        # outer step (query: the meta-gradient), the other half chooses the pull and stops
+        # the loop (selection: the losses in history_)
+        query = np.zeros_like(val)
+        rows = np.flatnonzero(val)
+        query[rows[validation_mask(y[rows], 0.5, task["seed"] + 1)]] = True
+        w_tr = np.where(val, 0.0, w)
+        w_val = np.where(val & ~query, w, 0.0)
+        w_q = np.where(query, w, 0.0)
         theta, P = task["theta"], task["P"]
         free = free_coordinates(X, y, w_tr, s.n_classes)
         losses = []
@@ -174,8 +184,8 @@ def adapt_task(task: dict) -> Adapted:
         if adapted is None:
             adapted = adapt_params(X, y, w_tr, theta, task["rho"], P, s.inner_steps, p, free)
         grad = hess = None
-        if task["meta_gradient"]:  # the validation gradient and Hessian, if the strategy asks
-            V = composite_pass(X, y, w_val, adapted[0][:p], adapted[0][p:], loss=False,
+        if task["meta_gradient"]:  # the query rows' gradient and Hessian, if the strategy asks
+            V = composite_pass(X, y, w_q, adapted[0][:p], adapted[0][p:], loss=False,
                                order=2)
             grad, hess = V.grad, V.hess
         return Adapted(np.array(losses), float(w_val.sum()), float(w_tr.sum()), adapted[0],
