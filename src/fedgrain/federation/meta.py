@@ -55,6 +55,10 @@ RHO_STEPS = (0.25, 0.5, 1.0, 2.0, 4.0)
 #: Pulls within this relative validation loss of the best count as equally good; the largest
 #: of them is taken (on a flat loss, the most shrinkage: no drift toward no pull at all).
 RHO_TIE = 1e-4
+#: Adaptation is deployed only when it beats no adaptation on the selection rows by this many
+#: standard errors of the paired per-row differences (one-sided, about 2.3%): where the leaves
+#: do not differ, the noise of the selection rows no longer picks a pull.
+ADAPT_Z = 2.0
 #: The largest pull, in pseudo-rows (the smallest, ``RHO_MIN``, is FedAvg's).
 RHO_MAX = 1e9
 #: Newton steps at most for a model that is kept (the personalised leaves, ``adapt``): the
@@ -146,10 +150,15 @@ def adapt_params(X, y, w, theta, rho, P, steps: int, p: int,
 
 def log_loss_sum(X, y, w, params, p: int) -> float:
     """Summed negative log-likelihood of the classes (thresholds ordered by running max)."""
+    lp = row_log_loss(X, y, params, p)
+    return float(lp.sum() if w is None else w @ lp)
+
+
+def row_log_loss(X, y, params, p: int) -> np.ndarray:
+    """Each row's negative log-likelihood (thresholds ordered by running max)."""
     eta = X @ params[:p]
     proba = class_proba(eta, np.maximum.accumulate(params[p:]))
-    lp = -np.log(np.clip(proba[np.arange(y.shape[0]), y], 1e-15, 1.0))
-    return float(lp.sum() if w is None else w @ lp)
+    return -np.log(np.clip(proba[np.arange(y.shape[0]), y], 1e-15, 1.0))
 
 
 def adapt_task(task: dict) -> Adapted:
@@ -174,13 +183,17 @@ def adapt_task(task: dict) -> Adapted:
         w_q = np.where(query, w, 0.0)
         theta, P = task["theta"], task["P"]
         free = free_coordinates(X, y, w_tr, s.n_classes)
-        losses = []
+        rows = []
         adapted = None
         for rho in task["grid"]:
             g, H = adapt_params(X, y, w_tr, theta, rho, P, s.inner_steps, p, free)
-            losses.append(log_loss_sum(X, y, w_val, g, p))
+            rows.append(row_log_loss(X, y, g, p))
             if rho == task["rho"]:
                 adapted = (g, H)
+        rows = np.array(rows)
+        losses = rows @ w_val
+        diff = rows - rows[-1]  # against no adaptation (the last pull: infinity)
+        val_sq = (diff * diff) @ w_val
         if adapted is None:
             adapted = adapt_params(X, y, w_tr, theta, task["rho"], P, s.inner_steps, p, free)
         grad = hess = None
@@ -188,8 +201,8 @@ def adapt_task(task: dict) -> Adapted:
             V = composite_pass(X, y, w_q, adapted[0][:p], adapted[0][p:], loss=False,
                                order=2)
             grad, hess = V.grad, V.hess
-        return Adapted(np.array(losses), float(w_val.sum()), float(w_tr.sum()), adapted[0],
-                       adapted[1], grad, hess)
+        return Adapted(losses, float(w_val.sum()), float(w_tr.sum()), adapted[0], adapted[1],
+                       grad, hess, val_sq)
 
 
 def personalise_task(task: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -343,8 +356,10 @@ def _rounds(backend: Backend, refs, bundles, settings: MetaSettings, strategy: S
         outcomes = backend.map_bundles(adapt_task, tasks, bundles, work=work)
         ok, failed = _accept(outcomes, r, leaf_ids, out.events)
         answers = [o.value for o in ok]
-        losses = sum(a.val_loss for a in answers) / sum(a.n_val for a in answers)
-        pick = choose_pull(strategy, losses, grid)
+        n_val = sum(a.n_val for a in answers)
+        losses = sum(a.val_loss for a in answers) / n_val
+        sq = sum(a.val_sq for a in answers) / n_val
+        pick = choose_pull(strategy, losses, grid, sq, n_val)
         out.history.append(_history_entry(r, losses, grid, pick, tasks, ok, failed, leaf_ids))
         # A round with failures is not comparable with the others (other leaves): it neither
         # becomes the best nor stops the loop.
@@ -370,16 +385,26 @@ def pull_grid(strategy: Strategy, rho: float) -> list[float]:
     return ([rho * m for m in RHO_STEPS] if strategy.learns_pull else [rho]) + [np.inf]
 
 
-def choose_pull(strategy: Strategy, losses: np.ndarray, grid: list[float]) -> int:
+def choose_pull(strategy: Strategy, losses: np.ndarray, grid: list[float],
+                sq: np.ndarray | None = None, n: float | None = None) -> int:
     """The index in ``grid`` of what the round would deploy.
 
     A learned pull: the largest pull within :data:`RHO_TIE` of the best validation loss (the
-    personalised models there). Otherwise the global model: the infinite pull, last.
+    personalised models there), provided it beats no adaptation clearly: by
+    :data:`ADAPT_Z` standard errors of the selection rows' paired loss differences (``sq``:
+    their mean squares, over ``n`` rows); otherwise, and for the strategies that keep a global
+    model, the infinite pull, last.
     """
+    last = len(grid) - 1
     if not strategy.learns_pull:
-        return len(grid) - 1
+        return last
     near = np.flatnonzero(losses <= losses.min() * (1 + RHO_TIE))
-    return int(max(near, key=lambda i: grid[i]))
+    pick = int(max(near, key=lambda i: grid[i]))
+    if sq is None or n is None or pick == last:
+        return pick
+    gain = losses[last] - losses[pick]
+    se = np.sqrt(max(sq[pick] - gain * gain, 0.0) / max(n, 1.0))
+    return pick if gain > ADAPT_Z * se else last
 
 
 def _next_pull(strategy: Strategy, rho: float, picked: float) -> float:
