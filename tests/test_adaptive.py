@@ -254,7 +254,7 @@ def test_minimum_size_too_small_for_a_covariance():
 
 
 @pytest.mark.parametrize("name, value, allowed", [
-    ("meta", "maml", "one of \\('none', 'fomaml', 'reptile', 'fedavg', 'fedprox'\\)"),
+    ("meta", "maml", "one of \\('none', 'fomaml', 'reptile', 'fedavg', 'fedprox', 'ditto'\\)"),
     ("max_rounds", 0, "an int >= 1"), ("meta_tol", -1.0, "a float >= 0"),
     ("inner_steps", 0, "an int >= 1"), ("validation_fraction", 0.9, "a float in \\[0.05, 0.5\\]"),
     ("fedprox_mu", -1.0, "a float > 0 or None"),

@@ -407,3 +407,30 @@ def test_support_query_and_selection_rows_have_one_role_each():
     g = composite_pass(X[query], y[query], None, out.params[:2], out.params[2:], loss=False,
                        order=2)
     np.testing.assert_allclose(out.grad, g.grad, rtol=1e-10)
+
+
+def test_ditto_personalises_from_fedavgs_model_with_a_euclidean_pull():
+    from fedgrain import AdaptiveFederatedOrdinal
+    from fedgrain.federation.strategies import get_strategy
+
+    ditto = get_strategy("ditto")
+    assert ditto.learns_pull and not ditto.global_model
+    assert (ditto.start, ditto.metric) == ("uninformed", "euclidean")
+    assert ditto.update is get_strategy("fedavg").update
+    rng = np.random.default_rng(4)
+    X, y, g = [], [], []
+    for s in range(12):
+        x = rng.standard_normal((300, 2))
+        b = np.array([1.0, -0.5]) + 0.6 * rng.standard_normal(2)
+        y.append(np.digitize(x @ b + rng.logistic(size=300), [-0.8, 0.9]))
+        X.append(x)
+        g.append(np.full(300, s))
+    X, y, g = np.vstack(X), np.concatenate(y), np.concatenate(g)
+    af = AdaptiveFederatedOrdinal(meta="ditto", backend="serial", random_state=0).fit(
+        X, y, groups=g)
+    coefs = np.array([m.coef_ for m in af.local_models_])
+    assert coefs.std(axis=0).min() > 0.1  # personalised: the sites' models differ
+    assert np.isfinite(af.meta_state_.rho)
+    # the Euclidean metric: a multiple of the identity in the standardised coordinates
+    P = af.meta_state_.P
+    np.testing.assert_allclose(P, np.eye(P.shape[0]) * P[0, 0])

@@ -27,7 +27,7 @@ def _answer(params, train_hess, n_train=100.0, grad=None, hess=None):
 
 
 def test_the_registry_lists_the_four_strategies_in_the_estimators_order():
-    assert meta.METHODS == ("fomaml", "reptile", "fedavg", "fedprox")
+    assert meta.METHODS == ("fomaml", "reptile", "fedavg", "fedprox", "ditto")
     assert tuple(strategies.STRATEGIES) == meta.METHODS
     assert meta.Adapted is Adapted
 
@@ -108,7 +108,7 @@ def test_what_each_strategy_asks_for_and_keeps():
     learned = {n for n, s in strategies.STRATEGIES.items() if s.learns_pull}
     sends = {n for n, s in strategies.STRATEGIES.items() if s.meta_gradient}
     global_ = {n for n, s in strategies.STRATEGIES.items() if s.global_model}
-    assert learned == {"fomaml", "reptile"}
+    assert learned == {"fomaml", "reptile", "ditto"}
     assert sends == {"fomaml"}
     assert global_ == {"fedavg", "fedprox"}
 
@@ -131,7 +131,7 @@ def test_the_pulls_a_round_scores_and_the_one_it_picks():
 
 
 def test_an_unknown_strategy_is_an_error_that_names_the_known_ones():
-    known = r"\('fomaml', 'reptile', 'fedavg', 'fedprox'\)"
+    known = r"\('fomaml', 'reptile', 'fedavg', 'fedprox', 'ditto'\)"
     with pytest.raises(ParameterError, match=f"Unknown meta-learning strategy 'maml'; the "
                                              f"known ones are {known}"):
         get_strategy("maml")

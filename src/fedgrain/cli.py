@@ -558,7 +558,7 @@ def _add_fit(command) -> None:
                         "(as fine as the data support); default 0.5")
     p.add_argument("--min-subset-size", type=int, default=None,
                    help="adaptive: fewest rows in a leaf (default 20 x parameters)")
-    p.add_argument("--meta", choices=("none", "fomaml", "reptile", "fedavg", "fedprox"),
+    p.add_argument("--meta", choices=("none", "fomaml", "reptile", "fedavg", "fedprox", "ditto"),
                    default=None, help="adaptive: personalise the leaves with a federated "
                                       "meta-learner (default none: each leaf keeps its fit)")
     p.add_argument("--groups", default=None, metavar="COLUMN",

@@ -100,12 +100,13 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
     min_subset_size : int or None
         No leaf has fewer rows. Default ``20 d`` (d = features plus thresholds), at most the
         number of rows.
-    meta : {"none", "fomaml", "reptile", "fedavg", "fedprox"}
+    meta : {"none", "fomaml", "reptile", "fedavg", "fedprox", "ditto"}
         ``"none"``: each leaf keeps its own local fit. Otherwise the leaves go through rounds of
         federated meta-learning (:mod:`fedgrain.federation.meta`) and ``local_models_`` are
         personalised:
         adapted from a learned global model with a learned pull toward it (``"fedavg"`` and
-        ``"fedprox"`` are baselines that keep one global model).
+        ``"fedprox"`` are baselines that keep one global model; ``"ditto"`` personalises from
+        FedAvg's model with a Euclidean pull).
     max_rounds : int
         Meta-learning rounds at most.
     meta_tol : float

@@ -106,8 +106,10 @@ def meta_rounds(backend: Backend, refs, sched: Schedule, run: PartitionRun,
     # the empirical-Bayes pull, and (for the strategies that learn a pull, and adapt()) its
     # metric shaped by the leaves' spread: at that pull, the prior N(theta, Sigma)
     pull0 = meta.empirical_pull(fits, covs, run.estimate, info)
-    shaped = not config.learns or learns_pull(config.method)
-    P = meta.between_metric(fits, covs, run.estimate, info, pull0) if shaped else info
+    metric = get_strategy(config.method).metric if config.learns else "spread"
+    P = {"spread": lambda: meta.between_metric(fits, covs, run.estimate, info, pull0),
+         "information": lambda: info,
+         "euclidean": lambda: np.eye(d) * np.trace(info) / d}[metric]()
     if not config.learns:
         return MetaOutcome(MetaState(run.estimate, np.inf, pull0, P), None)
     L = len(leaf_ids)
@@ -122,7 +124,7 @@ def meta_rounds(backend: Backend, refs, sched: Schedule, run: PartitionRun,
     work = n_rows * d * d * config.inner_steps * (len(meta.RHO_STEPS) + 2)
     mu = DEFAULT_PULL_PER_PARAM * d if config.fedprox_mu is None else float(config.fedprox_mu)
     start = run.estimate
-    if get_strategy(config.method).global_model and class_counts is not None:
+    if get_strategy(config.method).start == "uninformed" and class_counts is not None:
         start = intercept_only(class_counts, p)
     res = meta.run(backend, refs, sched.bundles(), settings, start, P, seeds, leaf_ids,
                    rho0=pull0,

@@ -6,13 +6,13 @@ learned from validation loss, whether the leaves send the validation gradient an
 the global parameters move (a pure function of the leaves' answers) and whether the final model
 is the global one. Strategies are looked up by name in :data:`STRATEGIES`; adding one is an
 update function and a :func:`register` call, with no change to the loop (see
-``docs/method.md``, "Federated meta-learning", for the four built in).
+``docs/method.md``, "Federated meta-learning", for the five built in).
 
 Examples
 --------
 >>> from fedgrain.federation.strategies import STRATEGIES, get_strategy
 >>> tuple(STRATEGIES)
-('fomaml', 'reptile', 'fedavg', 'fedprox')
+('fomaml', 'reptile', 'fedavg', 'fedprox', 'ditto')
 >>> s = get_strategy("fedprox")
 >>> s.learns_pull, s.global_model, s.start_pull(250.0, 40.0)
 (False, True, 40.0)
@@ -78,6 +78,13 @@ class Strategy:
     global_model : bool
         Whether the strategy's model is the global one (the final pull is infinite: leaves do
         not adapt).
+    start : {"pooled", "uninformed"}
+        Where the global parameters start: the pooled model, or the model without features
+        (no slopes, thresholds from the class counts), as the federated baselines do.
+    metric : {"spread", "information", "euclidean"}
+        The metric of the pull: the empirical-Bayes prior of the leaves' spread, the global
+        information per row, or plain Euclidean distance (scaled to the information's mean
+        diagonal, so the pull still counts pseudo-rows).
     """
 
     name: str
@@ -86,6 +93,8 @@ class Strategy:
     start_pull: StartPull
     meta_gradient: bool = False
     global_model: bool = False
+    start: str = "pooled"
+    metric: str = "spread"
 
 
 def _ridge(H: np.ndarray) -> float:
@@ -178,6 +187,10 @@ register(Strategy("fomaml", fomaml_update, learns_pull=True, start_pull=empirica
                   meta_gradient=True))
 register(Strategy("reptile", reptile_update, learns_pull=True, start_pull=empirical_start))
 register(Strategy("fedavg", rows_mean_update, learns_pull=False, start_pull=smallest_start,
-                  global_model=True))
+                  global_model=True, start="uninformed", metric="information"))
 register(Strategy("fedprox", rows_mean_update, learns_pull=False, start_pull=fixed_start,
-                  global_model=True))
+                  global_model=True, start="uninformed", metric="information"))
+#: Ditto (Li et al. 2021): the global model is FedAvg's; each leaf's model is its own fit
+#: regularised toward it by ``lambda/2 ||gamma - theta||^2``, ``lambda`` chosen on held-out rows.
+register(Strategy("ditto", rows_mean_update, learns_pull=True, start_pull=empirical_start,
+                  start="uninformed", metric="euclidean"))
