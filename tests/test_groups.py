@@ -147,3 +147,15 @@ def test_the_report_names_the_sites_and_scores_them(tmp_path):
     assert "<td>site2</td>" in page and "<th>Site</th>" in page
     bare = af.report(tmp_path / "r2.html").read_text()  # no rows: no projection of sites
     assert "The leaves are sites, not regions of feature space" in bare
+
+
+def test_the_report_shows_the_learned_pull_per_parameter_and_the_gain_per_site(tmp_path):
+    X, y, g, _ = _sites(n_sites=12, rows=200, spread=0.8)
+    af = AdaptiveFederatedOrdinal(backend="serial", meta="fomaml", random_state=0).fit(
+        X, y, groups=g)
+    assert np.isfinite(af.meta_state_.rho)
+    page = af.report(tmp_path / "r.html").read_text()
+    assert "How far a leaf may differ" in page and "Prior sd" in page
+    assert "Gain per leaf" in page and "(site3)" in page
+    last = af.history_[-1]
+    assert set(last["leaf_global_loss"]) == set(last["leaf_val_loss"])

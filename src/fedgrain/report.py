@@ -509,10 +509,56 @@ def _meta_learning(model) -> list[str]:
              "Bytes moved", "Seconds"],
             [[h["round"], h["val_loss"], h.get("no_adaptation_loss"), h.get("rho"),
               h.get("bytes"), h.get("seconds")] for h in model.history_]))
+        parts += _prior_spread(model) + _site_gain(model)
     else:
         parts.append(f"<p>No meta-learning rounds (meta={html.escape(str(model.meta))!s}"
                      "): each leaf keeps its own fit.</p>")
     return parts
+
+
+def _prior_spread(model) -> list[str]:
+    """How far each parameter of a leaf may differ from the global model under the learned
+    pull: the prior's standard deviation, ``(rho P)^-1``, on the original scale."""
+    state = model.meta_state_
+    if not np.isfinite(state.rho):
+        return ["<p>The learned pull is infinite: adapting did not beat the global model on "
+                "the selection rows, so every leaf uses it.</p>"]
+    std = model.partition_.standardizer
+    prior = np.linalg.pinv(state.rho * state.P)
+    _, cov = std.to_raw_model(state.theta, 0.5 * (prior + prior.T))
+    sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    names = list(model.results_.param_names)
+    p = model.schema_.n_features
+    rows = [[n, float(model.meta_model_.results_.params[j]), float(sd[j])]
+            for j, n in enumerate(names)]
+    slopes, thresholds = np.mean(sd[:p]), np.mean(sd[p:])
+    return ["<h3>How far a leaf may differ: the learned pull, per parameter</h3>",
+            f"<p>The pull toward the global model is a prior on each leaf's parameters, shaped "
+            f"by the leaves' spread: its standard deviation per parameter (mean over the "
+            f"slopes {slopes:.3g}, over the thresholds {thresholds:.3g}). Small: the leaves "
+            "share the parameter and are held to it; large: each leaf follows its rows.</p>",
+            _table(["Parameter", "Global (meta-learned)", "Prior sd"], rows)]
+
+
+def _site_gain(model) -> list[str]:
+    """Each leaf's selection log-loss, personalised and with the global model, in the last
+    round: the per-leaf (per-site) gain."""
+    last = model.history_[-1]
+    own, glob = last.get("leaf_val_loss", {}), last.get("leaf_global_loss", {})
+    if not glob:
+        return []
+    sites = model.partition_.group_of_leaf()
+    rows = []
+    for nid, site in zip(model.partition_.leaves, sites, strict=True):
+        a, b = own.get(str(nid)), glob.get(str(nid))
+        if a is None or b is None:
+            continue
+        rows.append([nid if site is None else f"{nid} ({site})", a, b,
+                     f"{100 * (b - a) / b:+.1f}%" if b > 0 else ""])
+    return ["<h3>Gain per leaf</h3>",
+            "<p>Log-loss on each leaf's selection rows (held out from the fits and the outer "
+            "step) in the last round: its personalised model against the global one.</p>",
+            _table(["Leaf", "Personalised", "Global model", "Gain"], rows)]
 
 
 def _drift(model) -> list[str]:

@@ -454,6 +454,9 @@ def _history_entry(r: int, losses: np.ndarray, grid: list[float], pick: int, tas
         "leaf_val_loss": {str(leaf_ids[o.index]): float(o.value.val_loss[pick] /
                                                         max(o.value.n_val, 1e-300))
                           for o in ok},
+        "leaf_global_loss": {str(leaf_ids[o.index]): float(o.value.val_loss[-1] /
+                                                           max(o.value.n_val, 1e-300))
+                             for o in ok},
         "strength": {str(leaf_ids[o.index]): float(o.value.n_train / (o.value.n_train +
                                                                       grid[pick]))
                      for o in ok},
