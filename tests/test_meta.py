@@ -67,9 +67,12 @@ def test_homogeneous_regions_learn_to_stay_with_the_global_model():
     left, _ = tree.split(tree.root, np.eye(6)[0], 3.0)
     tree.split(left, np.eye(6)[1], 3.0)
     af = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial").fit(X, y, partition=tree)
-    assert af.n_leaves_ == 3 and 1 <= len(af.history_) <= 3
-    best = min(af.history_, key=lambda h: h["val_loss"])
-    assert best["rho"] is None or max(best["strength"].values()) < 0.2
+    assert af.n_leaves_ == 3 and len(af.history_) <= 3
+    if af.history_:  # Cochran's test rejected one model by chance: the rounds stay global
+        best = min(af.history_, key=lambda h: h["val_loss"])
+        assert best["rho"] is None or max(best["strength"].values()) < 0.2
+    else:
+        assert af.events_[0]["kind"] == "no meta-learning rounds"
     assert af.adapt_pull_ > 10_000  # the leaves differ no more than their noise
     central = _ll(yt, OrdinalRegression().fit(X, y).predict_proba(Xt))
     assert _ll(yt, af.predict_proba(Xt)) <= 1.01 * central
@@ -434,3 +437,32 @@ def test_ditto_personalises_from_fedavgs_model_with_a_euclidean_pull():
     # the Euclidean metric: a multiple of the identity in the standardised coordinates
     P = af.meta_state_.P
     np.testing.assert_allclose(P, np.eye(P.shape[0]) * P[0, 0])
+
+
+def test_leaves_that_do_not_differ_keep_the_pooled_model_without_rounds():
+    """Cochran's test on the leaves' own fits: under one model its p-values are about uniform
+    (no rounds in 95% of fits); with sites that differ it rejects and the rounds run. Before,
+    the selection rows' noise picked a pull where nothing differed (0.3% worse than the
+    pooled model)."""
+    from fedgrain import AdaptiveFederatedOrdinal
+    from fedgrain.federation.meta import homogeneity_pvalue
+
+    rng = np.random.default_rng(6)
+    d, m = 3, 30
+    V = 0.02 * np.eye(d)
+    ps = [homogeneity_pvalue([rng.normal(0, np.sqrt(0.02), d) for _ in range(m)], [V] * m,
+                             np.zeros(d)) for _ in range(400)]
+    assert 0.02 < np.mean(np.array(ps) < 0.05) < 0.09
+    spread = [rng.normal(0, np.sqrt(0.02 + 0.05), d) for _ in range(m)]
+    assert homogeneity_pvalue(spread, [V] * m, np.zeros(d)) < 1e-6
+    X, y, g = [], [], []
+    for s in range(10):
+        x = rng.standard_normal((300, 2))
+        y.append(np.digitize(x @ np.array([1.0, -0.5]) + rng.logistic(size=300), [-0.5, 1.0]))
+        X.append(x)
+        g.append(np.full(300, s))
+    X, y, g = np.vstack(X), np.concatenate(y), np.concatenate(g)
+    af = AdaptiveFederatedOrdinal(meta="fomaml", backend="serial", random_state=1).fit(
+        X, y, groups=g)
+    assert af.history_ == [] and af.events_[0]["kind"] == "no meta-learning rounds"
+    np.testing.assert_allclose(af.predict_proba(X, groups=g), af.global_model_.predict_proba(X))

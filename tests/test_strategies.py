@@ -121,13 +121,7 @@ def test_the_pulls_a_round_scores_and_the_one_it_picks():
     losses = np.array([1.0, 0.5, 0.50001, 0.6, 0.7, 0.9])  # 4 and 8 tie: the larger
     assert meta.choose_pull(fomaml, losses, grid) == 2
     assert meta.choose_pull(fedprox, np.array([0.5, 0.9]), [8.0, np.inf]) == 1  # global model
-    # adaptation must beat no adaptation clearly on the selection rows: a gain of 0.4 nats with
-    # a standard error of 0.05 counts, one of 0.001 with 0.01 does not
-    sq = np.full(6, 0.4 ** 2 + 100 * 0.05 ** 2)  # mean squares: gain^2 + n se^2, n = 100
-    assert meta.choose_pull(fomaml, losses, grid, sq, 100.0) == 2
-    small = np.array([1.0, 0.899, 0.899, 0.9, 0.9, 0.9])
-    sq = np.full(6, 0.001 ** 2 + 100 * 0.01 ** 2)
-    assert meta.choose_pull(fomaml, small, grid, sq, 100.0) == 5
+
 
 
 def test_an_unknown_strategy_is_an_error_that_names_the_known_ones():

@@ -511,8 +511,11 @@ def _meta_learning(model) -> list[str]:
               h.get("bytes"), h.get("seconds")] for h in model.history_]))
         parts += _prior_spread(model) + _site_gain(model)
     else:
-        parts.append(f"<p>No meta-learning rounds (meta={html.escape(str(model.meta))!s}"
-                     "): each leaf keeps its own fit.</p>")
+        why = [e for e in getattr(model, "events_", [])
+               if e.get("kind") == "no meta-learning rounds"]
+        parts.append(f"<p>No meta-learning rounds (meta={html.escape(str(model.meta))!s}): "
+                     + (html.escape(why[0]["error"]) if why else "each leaf keeps its own fit")
+                     + ".</p>")
     return parts
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from .. import progress
 from ..backends import Backend
 from ..core.likelihood import Pass, class_proba, composite_pass
-from ..core.linalg import solve_psd
+from ..core.linalg import chi2_sf, solve_psd
 from ..core.solvers import newton
 from ..exceptions import SubsetError
 from .strategies import RHO_MIN, STRATEGIES, Adapted, Strategy, get_strategy
@@ -55,10 +55,6 @@ RHO_STEPS = (0.25, 0.5, 1.0, 2.0, 4.0)
 #: Pulls within this relative validation loss of the best count as equally good; the largest
 #: of them is taken (on a flat loss, the most shrinkage: no drift toward no pull at all).
 RHO_TIE = 1e-4
-#: Adaptation is deployed only when it beats no adaptation on the selection rows by this many
-#: standard errors of the paired per-row differences (one-sided, about 2.3%): where the leaves
-#: do not differ, the noise of the selection rows no longer picks a pull.
-ADAPT_Z = 2.0
 #: The largest pull, in pseudo-rows (the smallest, ``RHO_MIN``, is FedAvg's).
 RHO_MAX = 1e9
 #: Newton steps at most for a model that is kept (the personalised leaves, ``adapt``): the
@@ -190,10 +186,7 @@ def adapt_task(task: dict) -> Adapted:
             rows.append(row_log_loss(X, y, g, p))
             if rho == task["rho"]:
                 adapted = (g, H)
-        rows = np.array(rows)
-        losses = rows @ w_val
-        diff = rows - rows[-1]  # against no adaptation (the last pull: infinity)
-        val_sq = (diff * diff) @ w_val
+        losses = np.array(rows) @ w_val
         if adapted is None:
             adapted = adapt_params(X, y, w_tr, theta, task["rho"], P, s.inner_steps, p, free)
         grad = hess = None
@@ -202,7 +195,7 @@ def adapt_task(task: dict) -> Adapted:
                                order=2)
             grad, hess = V.grad, V.hess
         return Adapted(losses, float(w_val.sum()), float(w_tr.sum()), adapted[0], adapted[1],
-                       grad, hess, val_sq)
+                       grad, hess)
 
 
 def personalise_task(task: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -275,6 +268,23 @@ def _spread(estimates: list[np.ndarray], covs: list[np.ndarray], theta: np.ndarr
             break
         s = new
     return s, w / w.sum()
+
+
+def homogeneity_pvalue(estimates: list[np.ndarray], covs: list[np.ndarray],
+                       theta: np.ndarray) -> float:
+    """Cochran's test that the leaves share one model: ``Q = sum_m (est_m - theta)'
+    V_m^+ (est_m - theta)`` against chi-square on ``sum_m rank(V_m) - d`` degrees of freedom
+    (each leaf over the parameters it identifies; ``theta`` their pooled estimate)."""
+    q, df = 0.0, -theta.shape[0]
+    for e, V in zip(estimates, covs, strict=True):
+        dev = e - theta
+        keep = np.diag(V) > 0
+        if not keep.any():
+            continue
+        Vk = V[np.ix_(keep, keep)]
+        q += float(dev[keep] @ np.linalg.pinv(Vk) @ dev[keep])
+        df += int(np.linalg.matrix_rank(Vk))
+    return 1.0 if df <= 0 else float(chi2_sf(q, df))
 
 
 def between_metric(estimates: list[np.ndarray], covs: list[np.ndarray], theta: np.ndarray,
@@ -356,10 +366,8 @@ def _rounds(backend: Backend, refs, bundles, settings: MetaSettings, strategy: S
         outcomes = backend.map_bundles(adapt_task, tasks, bundles, work=work)
         ok, failed = _accept(outcomes, r, leaf_ids, out.events)
         answers = [o.value for o in ok]
-        n_val = sum(a.n_val for a in answers)
-        losses = sum(a.val_loss for a in answers) / n_val
-        sq = sum(a.val_sq for a in answers) / n_val
-        pick = choose_pull(strategy, losses, grid, sq, n_val)
+        losses = sum(a.val_loss for a in answers) / sum(a.n_val for a in answers)
+        pick = choose_pull(strategy, losses, grid)
         out.history.append(_history_entry(r, losses, grid, pick, tasks, ok, failed, leaf_ids))
         # A round with failures is not comparable with the others (other leaves): it neither
         # becomes the best nor stops the loop.
@@ -385,26 +393,17 @@ def pull_grid(strategy: Strategy, rho: float) -> list[float]:
     return ([rho * m for m in RHO_STEPS] if strategy.learns_pull else [rho]) + [np.inf]
 
 
-def choose_pull(strategy: Strategy, losses: np.ndarray, grid: list[float],
-                sq: np.ndarray | None = None, n: float | None = None) -> int:
+def choose_pull(strategy: Strategy, losses: np.ndarray, grid: list[float]) -> int:
     """The index in ``grid`` of what the round would deploy.
 
     A learned pull: the largest pull within :data:`RHO_TIE` of the best validation loss (the
-    personalised models there), provided it beats no adaptation clearly: by
-    :data:`ADAPT_Z` standard errors of the selection rows' paired loss differences (``sq``:
-    their mean squares, over ``n`` rows); otherwise, and for the strategies that keep a global
-    model, the infinite pull, last.
+    personalised models there). Otherwise the global model: the infinite pull, last.
     """
     last = len(grid) - 1
     if not strategy.learns_pull:
         return last
     near = np.flatnonzero(losses <= losses.min() * (1 + RHO_TIE))
-    pick = int(max(near, key=lambda i: grid[i]))
-    if sq is None or n is None or pick == last:
-        return pick
-    gain = losses[last] - losses[pick]
-    se = np.sqrt(max(sq[pick] - gain * gain, 0.0) / max(n, 1.0))
-    return pick if gain > ADAPT_Z * se else last
+    return int(max(near, key=lambda i: grid[i]))
 
 
 def _next_pull(strategy: Strategy, rho: float, picked: float) -> float:

@@ -27,6 +27,9 @@ from .strategies import get_strategy
 
 #: The meta-learner's FedProx pull by default, in pseudo-rows per parameter.
 DEFAULT_PULL_PER_PARAM = 10.0
+#: FO-MAML and Reptile run their rounds only when Cochran's test of the leaves' fits rejects one
+#: common model at this level; otherwise every leaf keeps the pooled model.
+HOMOGENEITY_LEVEL = 0.05
 
 
 @dataclass(frozen=True)
@@ -118,13 +121,26 @@ def meta_rounds(backend: Backend, refs, sched: Schedule, run: PartitionRun,
         # leaves; every leaf keeps the pooled (refined) model
         return MetaOutcome(MetaState(run.estimate, np.inf, meta.RHO_MAX, P),
                            [(run.estimate, run.cov)] * L)
+    strategy = get_strategy(config.method)
+    if strategy.learns_pull and strategy.start == "pooled":
+        # the leaves' own fits show no difference beyond their noise: nothing to personalise
+        pvalue = meta.homogeneity_pvalue(fits, covs, run.estimate)
+        if pvalue > HOMOGENEITY_LEVEL:
+            out = MetaOutcome(MetaState(run.estimate, np.inf, meta.RHO_MAX, P),
+                              [(run.estimate, run.cov)] * L)
+            out.events.append({
+                "round": 0, "leaf": -1, "kind": "no meta-learning rounds",
+                "error": f"the leaves' fits do not differ beyond their noise (Cochran's Q, "
+                         f"p = {pvalue:.3g} > {HOMOGENEITY_LEVEL}): every leaf uses the pooled "
+                         "model"})
+            return out
     K = d - p + 1
     settings = meta.MetaSettings(config.method, p, K, int(config.inner_steps),
                                  float(config.validation_fraction))
     work = n_rows * d * d * config.inner_steps * (len(meta.RHO_STEPS) + 2)
     mu = DEFAULT_PULL_PER_PARAM * d if config.fedprox_mu is None else float(config.fedprox_mu)
     start = run.estimate
-    if get_strategy(config.method).start == "uninformed" and class_counts is not None:
+    if strategy.start == "uninformed" and class_counts is not None:
         start = intercept_only(class_counts, p)
     res = meta.run(backend, refs, sched.bundles(), settings, start, P, seeds, leaf_ids,
                    rho0=pull0,

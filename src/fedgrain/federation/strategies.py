@@ -43,8 +43,6 @@ class Adapted:
     train_hess: np.ndarray  # the training part's Hessian there (its information)
     grad: np.ndarray | None  # FO-MAML: gradient of the validation composite loss there
     hess: np.ndarray | None  # FO-MAML: its Hessian there
-    # per pull scored, the summed squares of the rows' loss differences from no adaptation
-    val_sq: np.ndarray | None = None
 
 
 #: ``update(theta, answers, n_train)``: the next global parameters from the leaves' answers.
