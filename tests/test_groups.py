@@ -6,7 +6,6 @@ import pytest
 
 from fedgrain import AdaptiveFederatedOrdinal, load
 from fedgrain.exceptions import DataError
-from fedgrain.federation.leaves import unseen_rows  # noqa: F401  (routing of unknown groups)
 
 
 def _sites(n_sites=8, rows=300, spread=0.8, seed=0, p=3):
@@ -47,9 +46,12 @@ def test_predictions_use_the_groups_model_and_the_global_one_for_unknown_groups(
     np.testing.assert_allclose(af.predict_proba(X[rows], groups=g[rows]), own)
     glob = af.meta_model_.predict_proba(X[rows])
     np.testing.assert_allclose(af.predict_proba(X[rows]), glob)  # no groups: global model
-    np.testing.assert_allclose(af.predict_proba(X[rows], groups=["new"] * 50), glob)
-    assert af.apply(X[rows], groups=["new"] * 50).tolist() == [-1] * 50
-    assert af.unseen(X[rows], groups=["new"] * 50).all()
+    with pytest.warns(UserWarning, match=r"50 row\(s\) belong to group\(s\) the model was not "
+                                         r"fitted on \('new'; .*'site0'\): the global model"):
+        np.testing.assert_allclose(af.predict_proba(X[rows], groups=["new"] * 50), glob)
+    with pytest.warns(UserWarning, match="not fitted on"):
+        assert af.apply(X[rows], groups=["new"] * 50).tolist() == [-1] * 50
+        assert af.unseen(X[rows], groups=["new"] * 50).all()
     assert af.predict(X[rows], groups=g[rows]).shape == (50,)
     # the group model predicts its own site better than the global model
     assert af.score(X, y, groups=g) >= af.score(X, y) - 1e-9
@@ -156,6 +158,29 @@ def test_the_report_shows_the_learned_pull_per_parameter_and_the_gain_per_site(t
     assert np.isfinite(af.meta_state_.rho)
     page = af.report(tmp_path / "r.html").read_text()
     assert "How far a leaf may differ" in page and "Prior sd" in page
-    assert "Gain per leaf" in page and "(site3)" in page
+    assert "Gain per leaf" in page and "(site site3)" in page
     last = af.history_[-1]
     assert set(last["leaf_global_loss"]) == set(last["leaf_val_loss"])
+
+
+def test_groups_edge_cases_get_clear_errors(tmp_path):
+    """A tree with groups given as partition=, --groups with --stability, groups for a report
+    of a model without them, and a frame whose column labels are not text."""
+    from fedgrain import DivideConquerOrdinal
+    from fedgrain.cli import main
+
+    X, y, g, _ = _sites(n_sites=4)
+    af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y, groups=g)
+    with pytest.raises(DataError, match="fit with fit\\(X, y, groups=...\\) instead"):
+        AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=af.partition_)
+    dc = DivideConquerOrdinal(backend="serial").fit(X, y)
+    with pytest.raises(DataError, match="groups= applies to a model fitted with groups"):
+        dc.report(tmp_path / "r.html", X, y, groups=g)
+    frame = pd.DataFrame(X).assign(**{"9": g})  # int column labels, and one named "9"
+    by_name = AdaptiveFederatedOrdinal(backend="serial").fit(frame, y, groups="9")
+    assert by_name.groups_ == af.groups_
+    pd.DataFrame(X, columns=["a", "b", "c"]).assign(site=g, grade=y).to_csv(tmp_path / "d.csv",
+                                                                           index=False)
+    code = main(["--quiet", "fit", str(tmp_path / "d.csv"), "--target", "grade", "--groups",
+                 "site", "--stability", "3", "--out", str(tmp_path / "m")])
+    assert code != 0 and not (tmp_path / "m").exists()

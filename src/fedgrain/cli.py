@@ -197,6 +197,9 @@ def _cmd_fit(args) -> int:
         raise FileExistsError(f"{out} already exists; pass --force to replace it.")
     streamed = is_parquet_path(args.data) and args.estimator != "mle" and not args.weights \
         and not args.groups
+    if args.groups and args.stability is not None:
+        raise DataError("--stability grows the partition again, and with --groups the "
+                        "partition is the groups (not grown); drop one of the two.")
     if streamed and args.stability is not None:
         raise DataError("--stability grows the partition again on parts of the rows, so it "
                         "needs them in memory, and Parquet data are streamed batch by batch. "

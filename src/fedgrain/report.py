@@ -481,7 +481,7 @@ def _leaves(model, codes: np.ndarray | None, proba: np.ndarray | None,
                 row += [0, None, None, None, None]
         rows.append(row)
     if last is not None:
-        header.append("Validation log-loss (last meta round)")
+        header.append("Selection rows' log-loss (last meta round)")
     if codes is not None:
         header += ["Given rows", "Log-loss", "RPS", "Accuracy", "Mean abs. class error"]
         allm = ordinal_scores(codes, proba)
@@ -521,8 +521,14 @@ def _meta_learning(model) -> list[str]:
 
 def _prior_spread(model) -> list[str]:
     """How far each parameter of a leaf may differ from the global model under the learned
-    pull: the prior's standard deviation, ``(rho P)^-1``, on the original scale."""
+    pull: the prior's standard deviations (the square roots of the diagonal of ``(rho P)^-1``),
+    on the original scale."""
+    from .federation.strategies import get_strategy
+
     state = model.meta_state_
+    if get_strategy(model.meta).global_model:
+        return [f"<p>{html.escape(str(model.meta))} keeps one global model: every leaf uses "
+                "it.</p>"]
     if not np.isfinite(state.rho):
         return ["<p>The learned pull is infinite: adapting did not beat the global model on "
                 "the selection rows, so every leaf uses it.</p>"]
@@ -550,13 +556,12 @@ def _site_gain(model) -> list[str]:
     own, glob = last.get("leaf_val_loss", {}), last.get("leaf_global_loss", {})
     if not glob:
         return []
-    sites = model.partition_.group_of_leaf()
     rows = []
-    for nid, site in zip(model.partition_.leaves, sites, strict=True):
+    for nid, label in zip(model.partition_.leaves, leaf_labels(model), strict=True):
         a, b = own.get(str(nid)), glob.get(str(nid))
         if a is None or b is None:
             continue
-        rows.append([nid if site is None else f"{nid} ({site})", a, b,
+        rows.append([f"{nid} ({label})", a, b,
                      f"{100 * (b - a) / b:+.1f}%" if b > 0 else ""])
     return ["<h3>Gain per leaf</h3>",
             "<p>Log-loss on each leaf's selection rows (held out from the fits and the outer "
@@ -584,7 +589,8 @@ def _drift(model) -> list[str]:
         parts.append("<p>No stream yet: <code>partial_fit</code> or <code>fedgrain "
                      "stream</code> records drift detections, refits, splits and merges "
                      "here.</p>")
-    failures = [e for e in getattr(model, "events_", []) if "rows_seen" not in e]
+    failures = [e for e in getattr(model, "events_", [])
+                if "rows_seen" not in e and e.get("kind") != "no meta-learning rounds"]
     if failures:
         parts.append("<h3>Failed leaf tasks during meta-learning</h3>")
         parts.append(_table(["Round", "Leaf", "Error"],

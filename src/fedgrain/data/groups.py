@@ -11,25 +11,24 @@ import pandas as pd
 
 from fedgrain.exceptions import DataError
 
+from .files import _as_frame
+
 
 def split_groups_column(X, groups):
     """``(X, groups)``: when ``groups`` names a column of the frame ``X``, that column as the
     labels and ``X`` without it; otherwise both as given."""
     if isinstance(groups, str):
-        columns = getattr(X, "columns", None)
-        if columns is None:
+        frame = _as_frame(X)
+        if frame is None:
             raise DataError(f"groups={groups!r} names a column, but X has no columns (an "
                             "array or a file path); pass one group label per row instead, or "
                             "a DataFrame holding that column.")
-        names = [str(c) for c in columns]
+        names = [str(c) for c in frame.columns]
         if groups not in names:
             raise DataError(f"groups={groups!r} is not a column of X; the columns are "
                             f"{names[:20]}.")
-        col = X[groups]
-        labels = col.to_numpy() if hasattr(col, "to_numpy") else np.asarray(col)
-        rest = [c for c in columns if str(c) != groups]
-        return X.select(rest) if hasattr(X, "select") and not hasattr(X, "drop") \
-            else X.drop(columns=[groups]), labels
+        label = frame.columns[names.index(groups)]
+        return frame.drop(columns=[label]), frame[label].to_numpy()
     return X, groups
 
 

@@ -99,7 +99,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         (see :mod:`fedgrain.partition.growth`); more granularity never gives fewer leaves.
     min_subset_size : int or None
         No leaf has fewer rows. Default ``20 d`` (d = features plus thresholds), at most the
-        number of rows.
+        number of rows. With ``groups`` the groups are the leaves (each needs ``5 d`` rows);
+        ``granularity`` and ``min_subset_size`` do not apply.
     meta : {"none", "fomaml", "reptile", "fedavg", "fedprox", "ditto"}
         ``"none"``: each leaf keeps its own local fit. Otherwise the leaves go through rounds of
         federated meta-learning (:mod:`fedgrain.federation.meta`) and ``local_models_`` are
@@ -156,15 +157,17 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         rows of regions no leaf has seen (``unseen``) when there is a meta-learner, and is what
         ``adapt`` starts from. Its covariance is the pooled model's, a stand-in.
     history_ : list of dict
-        Per meta round: validation log-loss (``val_loss``) and that of the global model alone,
-        per-leaf validation loss, the pull ``rho`` (None: no adaptation) and each leaf's
-        adaptation strength, bytes moved, seconds, leaves that failed.
+        Per meta round: the selection rows' log-loss (``val_loss``; rows that took no part in
+        the fits or the outer step) and that of the global model alone, per-leaf losses, the
+        pull ``rho`` (None: no adaptation) and each leaf's adaptation strength, bytes moved,
+        seconds, leaves that failed.
     events_ : list of dict
-        Leaves that failed in a meta round or in personalisation, and on streams every drift
+        Leaves that failed in a meta round or in personalisation, a meta-learner that ran no
+        rounds because the leaves do not differ (with Cochran's p), and on streams every drift
         detection, refit, reference refresh, split, merge and granularity change (with the
         rows seen, the leaf, the statistic and its threshold). Saved with the model.
     meta_state_ : fedgrain.federation.personalise.MetaState
-        What the meta-learner learned (global parameters, pull, information metric), in
+        What the meta-learner learned (global parameters, pull, the pull's metric), in
         standardised coordinates.
     stream_ : fedgrain.monitor.state.StreamState or None
         The monitored stream's state (rows seen, each leaf's detectors and recent rows, each
@@ -504,6 +507,9 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         if tree.n_features != p or tree.n_classes != K:
             raise DataError(f"The partition was made for {tree.n_features} features and "
                             f"{tree.n_classes} classes; the data have {p} and {K}.")
+        if tree.group_labels is not None:
+            raise DataError("The partition sends rows to groups (a model fitted with groups=); "
+                            "fit with fit(X, y, groups=...) instead.")
         tree = copy.deepcopy(tree)  # the model owns its tree; the caller's is left alone
         tree.standardizer = std
         labels = route_rows(tree, Xm, codes)
@@ -824,9 +830,19 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             raise ValueError(
                 "partition_ was changed (split or merged) after fitting, so its leaves no longer "
                 "match local_models_; fit again, or fit(X, y, partition=...) with the new tree.")
-        if groups is not None:
-            groups = check_groups(groups, Xe.shape[0])
-        return self.partition_.route(Xe, groups=groups)
+        if groups is None:
+            return self.partition_.route(Xe)
+        groups = check_groups(groups, Xe.shape[0])
+        leaf = self.partition_.route(Xe, groups=groups)
+        unknown = leaf < 0
+        if unknown.any():
+            names = sorted(set(groups[unknown].tolist()))
+            shown = ", ".join(repr(g) for g in names[:5]) + (" ..." if len(names) > 5 else "")
+            warn(f"{int(unknown.sum()):,} row(s) belong to group(s) the model was not fitted on "
+                 f"({shown}; the fitted groups are compared as text, e.g. "
+                 f"{self.partition_.group_labels[0]!r}): the global model predicts them.",
+                 UserWarning)
+        return leaf
 
     def unseen(self, X, groups=None) -> np.ndarray:
         """Which rows lie outside the region their leaf was trained on (predicted by the

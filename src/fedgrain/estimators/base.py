@@ -22,7 +22,7 @@ from ..backends import BACKENDS, Backend
 from ..backends.processes import resolve_n_jobs
 from ..core.likelihood import class_proba, cumulative_proba
 from ..data import FeatureSchema, TargetEncoding, prepare_predict
-from ..exceptions import ModelFileError, ParameterError
+from ..exceptions import DataError, ModelFileError, ParameterError
 from ..federation.engine import EngineSettings
 from ..inference.local import DEBIAS, VARIANCES, LocalSettings
 from ..inference.results import OrdinalResults
@@ -104,6 +104,9 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         from ..report import write_report
 
         check_is_fitted(self, "coef_")
+        if groups is not None and not hasattr(self, "partition_"):
+            raise DataError(f"groups= applies to a model fitted with groups; this "
+                            f"{type(self).__name__} has none.")
         return write_report(self, path, X, y, alpha=alpha, groups=groups)
 
     # ---- fitted state shared by both estimators ---------------------------------------------

@@ -9,15 +9,17 @@ sends is parameters (about ``d + 2 d^2`` numbers a leaf, counted in ``history``)
 where they were placed.
 
 **Adaptation** is a few Newton steps on the leaf's composite loss plus a pull toward the global
-parameters, ``L_train(gamma) + rho/2 (gamma - theta)' P (gamma - theta)``, with ``P`` the global
-information per row, over the parameters the leaf identifies (the others stay at ``theta``).
+parameters, ``L_train(gamma) + rho/2 (gamma - theta)' P (gamma - theta)``, with ``P`` the pull's
+metric per row (by strategy: the empirical-Bayes prior of the leaves' spread,
+:func:`between_metric`; the global information; or Euclidean), over the parameters the leaf
+identifies (the others stay at ``theta``).
 ``rho`` counts pseudo-rows: a leaf of ``n`` rows moves with strength ``n / (n + rho)``. The pull
 starts at the empirical-Bayes value of the leaves' spread around ``theta``
-(:func:`empirical_pull`) and is learned from validation loss: every round each leaf also scores
-the adaptation at ``rho`` times (1/4, 1/2, 2, 4) and at infinity (no adaptation), and the next
-round uses the best (the largest pull among near-ties, so a flat loss does not drift toward no
-pull at all). Strategies (:mod:`fedgrain.federation.strategies`, looked up by name; the loop
-knows none of them):
+(:func:`empirical_pull`) and is learned from the selection rows' loss: every round each leaf
+also scores the adaptation at ``rho`` times (1/4, 1/2, 2, 4) and at infinity (no adaptation),
+and the next round uses the best (the largest pull among near-ties, so a flat loss does not
+drift toward no pull at all). Strategies (:mod:`fedgrain.federation.strategies`, looked up by
+name; the loop knows none of them):
 
 - ``"fomaml"``: first-order MAML; the meta-gradient is the query rows' gradient at the adapted
   parameters, summed over leaves and preconditioned by all their information (training and
@@ -25,7 +27,9 @@ knows none of them):
 - ``"reptile"``: ``theta`` moves to the adapted parameters' information-weighted mean;
 - ``"fedavg"`` and ``"fedprox"``: baselines in the same loop, from the model without features;
   local Newton steps with (almost) no pull or a fixed one, averaged by rows; their model is the
-  global one.
+  global one;
+- ``"ditto"``: FedAvg's global model, and each leaf personalised toward it with a Euclidean
+  pull learned as above.
 
 A leaf whose task fails in a round is left out of that round and the failure recorded, as
 Flower's ``accept_failures``; such a round neither becomes the best nor stops the loop (its
@@ -41,14 +45,14 @@ import numpy as np
 
 from .. import progress
 from ..backends import Backend
-from ..core.likelihood import Pass, class_proba, composite_pass
-from ..core.linalg import chi2_sf, solve_psd
+from ..core.likelihood import Pass, class_proba, composite_pass, row_log_loss
+from ..core.linalg import chi2_sf, precision, solve_psd
 from ..core.solvers import newton
 from ..exceptions import SubsetError
 from .strategies import RHO_MIN, STRATEGIES, Adapted, Strategy, get_strategy
 
 #: The strategies' names, in the registry's order (built-in ones: FO-MAML, Reptile, FedAvg,
-#: FedProx).
+#: FedProx, Ditto).
 METHODS = tuple(STRATEGIES)
 #: Multiples of the current pull scored every round (plus no adaptation at all).
 RHO_STEPS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -146,15 +150,8 @@ def adapt_params(X, y, w, theta, rho, P, steps: int, p: int,
 
 def log_loss_sum(X, y, w, params, p: int) -> float:
     """Summed negative log-likelihood of the classes (thresholds ordered by running max)."""
-    lp = row_log_loss(X, y, params, p)
+    lp = row_log_loss(class_proba(X @ params[:p], np.maximum.accumulate(params[p:])), y)
     return float(lp.sum() if w is None else w @ lp)
-
-
-def row_log_loss(X, y, params, p: int) -> np.ndarray:
-    """Each row's negative log-likelihood (thresholds ordered by running max)."""
-    eta = X @ params[:p]
-    proba = class_proba(eta, np.maximum.accumulate(params[p:]))
-    return -np.log(np.clip(proba[np.arange(y.shape[0]), y], 1e-15, 1.0))
 
 
 def adapt_task(task: dict) -> Adapted:
@@ -179,15 +176,17 @@ def adapt_task(task: dict) -> Adapted:
         w_q = np.where(query, w, 0.0)
         theta, P = task["theta"], task["P"]
         free = free_coordinates(X, y, w_tr, s.n_classes)
-        rows = []
+        losses = []
         adapted = None
         for rho in task["grid"]:
             g, H = adapt_params(X, y, w_tr, theta, rho, P, s.inner_steps, p, free)
-            rows.append(row_log_loss(X, y, g, p))
+            losses.append(log_loss_sum(X, y, w_val, g, p))
             if rho == task["rho"]:
                 adapted = (g, H)
-        losses = np.array(rows) @ w_val
-        if adapted is None:
+        losses = np.array(losses)
+        if task.get("global_step"):  # the global model takes FedAvg's local step (Ditto)
+            adapted = adapt_params(X, y, w_tr, theta, RHO_MIN, P, s.inner_steps, p, free)
+        elif adapted is None:
             adapted = adapt_params(X, y, w_tr, theta, task["rho"], P, s.inner_steps, p, free)
         grad = hess = None
         if task["meta_gradient"]:  # the query rows' gradient and Hessian, if the strategy asks
@@ -271,19 +270,22 @@ def _spread(estimates: list[np.ndarray], covs: list[np.ndarray], theta: np.ndarr
 
 
 def homogeneity_pvalue(estimates: list[np.ndarray], covs: list[np.ndarray],
-                       theta: np.ndarray) -> float:
+                       theta: np.ndarray, filled: list | None = None) -> float:
     """Cochran's test that the leaves share one model: ``Q = sum_m (est_m - theta)'
-    V_m^+ (est_m - theta)`` against chi-square on ``sum_m rank(V_m) - d`` degrees of freedom
-    (each leaf over the parameters it identifies; ``theta`` their pooled estimate)."""
+    V_m^+ (est_m - theta)`` against chi-square on ``sum_m rank(V_m) - d`` degrees of freedom,
+    each leaf over the parameters it identifies (``filled[m]``: the indices filled in from the
+    global model, left out); ``theta`` their pooled estimate."""
     q, df = 0.0, -theta.shape[0]
-    for e, V in zip(estimates, covs, strict=True):
-        dev = e - theta
-        keep = np.diag(V) > 0
+    for m, (e, V) in enumerate(zip(estimates, covs, strict=True)):
+        keep = np.ones(theta.shape[0], dtype=bool)
+        if filled is not None:
+            keep[list(filled[m])] = False
         if not keep.any():
             continue
-        Vk = V[np.ix_(keep, keep)]
-        q += float(dev[keep] @ np.linalg.pinv(Vk) @ dev[keep])
-        df += int(np.linalg.matrix_rank(Vk))
+        dev = (e - theta)[keep]
+        prec, rank = precision(V[np.ix_(keep, keep)])
+        q += float(dev @ prec @ dev)
+        df += rank
     return 1.0 if df <= 0 else float(chi2_sf(q, df))
 
 
@@ -399,9 +401,8 @@ def choose_pull(strategy: Strategy, losses: np.ndarray, grid: list[float]) -> in
     A learned pull: the largest pull within :data:`RHO_TIE` of the best validation loss (the
     personalised models there). Otherwise the global model: the infinite pull, last.
     """
-    last = len(grid) - 1
     if not strategy.learns_pull:
-        return last
+        return len(grid) - 1
     near = np.flatnonzero(losses <= losses.min() * (1 + RHO_TIE))
     return int(max(near, key=lambda i: grid[i]))
 
@@ -421,7 +422,8 @@ def _round_tasks(refs, seeds: list[int], settings: MetaSettings, strategy: Strat
     registry (a strategy registered at run time works on workers in other processes).
     """
     return [{"shard": ref, "settings": settings, "seed": s, "theta": theta, "P": P, "rho": rho,
-             "grid": grid, "meta_gradient": strategy.meta_gradient}
+             "grid": grid, "meta_gradient": strategy.meta_gradient,
+             "global_step": strategy.global_step}
             for ref, s in zip(refs, seeds, strict=True)]
 
 
@@ -445,7 +447,8 @@ def _history_entry(r: int, losses: np.ndarray, grid: list[float], pick: int, tas
     """The round's record (``seconds`` is filled in at the end of the round)."""
     # what the round moves: each task's numbers (not its shard handle, where the rows stay, nor
     # the strategy's flag), and each leaf's answer
-    moved = sum(payload_bytes({k: v for k, v in t.items() if k not in ("shard", "meta_gradient")})
+    moved = sum(payload_bytes({k: v for k, v in t.items()
+                               if k not in ("shard", "meta_gradient", "global_step")})
                 for t in tasks) + sum(payload_bytes(o.value) for o in ok)
     return {
         "round": r, "val_loss": float(losses[pick]), "no_adaptation_loss": float(losses[-1]),

@@ -2,7 +2,7 @@
 
 :func:`meta_rounds` runs the meta-learner (:mod:`fedgrain.federation.meta`) over the placed
 leaves and personalises every leaf from the learned global parameters; :class:`MetaState` is
-what it learns (the global parameters, the pull, the information metric) and what a fitted
+what it learns (the global parameters, the pull, the pull's metric) and what a fitted
 model keeps; :func:`adapt_rows` personalises to new labelled rows and :func:`fit_leaf_rows` fits
 a leaf model on rows at hand (a streaming refit), both from that state.
 """
@@ -39,7 +39,8 @@ class MetaState:
     ``theta`` the global parameters every leaf adapts from (the pooled ones without a
     meta-learner), ``rho`` the learned pull in pseudo-rows (infinite: no adaptation pays),
     ``adapt_rho`` the pull ``adapt`` uses (the empirical-Bayes pull of the leaves' spread
-    around ``theta``), ``P`` the global information per row, the metric of the pull.
+    around the pooled model), ``P`` the metric of the pull per row: the leaves' spread (an
+    empirical-Bayes prior), the global information, or Euclidean, by strategy.
     """
 
     theta: np.ndarray
@@ -96,20 +97,22 @@ def meta_rounds(backend: Backend, refs, sched: Schedule, run: PartitionRun,
     every leaf.
 
     ``seeds`` are the leaves' validation-split seeds. Without a meta-learner the state is the
-    pooled model with the empirical pull and each leaf keeps its own fit. The learned
-    strategies start from the pooled model; the federated baselines (FedAvg, FedProx) from
-    the model without features (``class_counts``: the rows of each class over all leaves, the
+    pooled model with the empirical pull and each leaf keeps its own fit. FO-MAML and Reptile
+    start from the pooled model (and run no rounds when Cochran's test finds no difference
+    between the leaves); the federated baselines (FedAvg, FedProx, Ditto) from the model
+    without features (``class_counts``: the rows of each class over all leaves, the
     only numbers they share before their rounds), as McMahan et al.'s and Li et al.'s do from
     an uninformed start, so that their rounds, not the pooling, make their model.
     """
     d = run.estimate.shape[0]
     info = run.pooled.information / n_rows
     views = [leaf_view(f, run.estimate, run.cov, p) for f in run.fits]
-    fits, covs = [v[0] for v in views], [v[1] for v in views]
+    fits, covs, filled = [v[0] for v in views], [v[1] for v in views], [v[2] for v in views]
     # the empirical-Bayes pull, and (for the strategies that learn a pull, and adapt()) its
     # metric shaped by the leaves' spread: at that pull, the prior N(theta, Sigma)
     pull0 = meta.empirical_pull(fits, covs, run.estimate, info)
-    metric = get_strategy(config.method).metric if config.learns else "spread"
+    strategy = get_strategy(config.method) if config.learns else None
+    metric = strategy.metric if strategy is not None else "spread"
     P = {"spread": lambda: meta.between_metric(fits, covs, run.estimate, info, pull0),
          "information": lambda: info,
          "euclidean": lambda: np.eye(d) * np.trace(info) / d}[metric]()
@@ -121,10 +124,9 @@ def meta_rounds(backend: Backend, refs, sched: Schedule, run: PartitionRun,
         # leaves; every leaf keeps the pooled (refined) model
         return MetaOutcome(MetaState(run.estimate, np.inf, meta.RHO_MAX, P),
                            [(run.estimate, run.cov)] * L)
-    strategy = get_strategy(config.method)
     if strategy.learns_pull and strategy.start == "pooled":
         # the leaves' own fits show no difference beyond their noise: nothing to personalise
-        pvalue = meta.homogeneity_pvalue(fits, covs, run.estimate)
+        pvalue = meta.homogeneity_pvalue(fits, covs, run.estimate, filled)
         if pvalue > HOMOGENEITY_LEVEL:
             out = MetaOutcome(MetaState(run.estimate, np.inf, meta.RHO_MAX, P),
                               [(run.estimate, run.cov)] * L)
@@ -241,7 +243,7 @@ def fit_leaf_rows(X: np.ndarray, codes: np.ndarray, std: Standardizer,
 
 def learns_pull(method: str) -> bool:
     """Whether the meta-learning ``method`` ("none" for none) learns a pull toward its global
-    model (FO-MAML, Reptile), so that leaves are personalised with it."""
+    model (FO-MAML, Reptile, Ditto), so that leaves are personalised with it."""
     return method != "none" and get_strategy(method).learns_pull
 
 

@@ -36,12 +36,12 @@ RHO_MIN = 1.0
 class Adapted:
     """What a leaf sends back in a round: about ``d + 2 d^2`` numbers."""
 
-    val_loss: np.ndarray  # summed validation log-loss, one per pull scored
+    val_loss: np.ndarray  # summed selection rows' log-loss, one per pull scored
     n_val: float
     n_train: float
     params: np.ndarray  # adapted at the round's pull
     train_hess: np.ndarray  # the training part's Hessian there (its information)
-    grad: np.ndarray | None  # FO-MAML: gradient of the validation composite loss there
+    grad: np.ndarray | None  # FO-MAML: gradient of the query rows' composite loss there
     hess: np.ndarray | None  # FO-MAML: its Hessian there
 
 
@@ -83,6 +83,10 @@ class Strategy:
         The metric of the pull: the empirical-Bayes prior of the leaves' spread, the global
         information per row, or plain Euclidean distance (scaled to the information's mean
         diagonal, so the pull still counts pseudo-rows).
+    global_step : bool
+        Whether the leaves send, for the update, their local step at the smallest pull
+        (FedAvg's) instead of their adaptation at the learned pull (Ditto: the global model is
+        FedAvg's while the personalised models use the learned pull).
     """
 
     name: str
@@ -93,6 +97,7 @@ class Strategy:
     global_model: bool = False
     start: str = "pooled"
     metric: str = "spread"
+    global_step: bool = False
 
 
 def _ridge(H: np.ndarray) -> float:
@@ -128,7 +133,8 @@ def reptile_update(theta: np.ndarray, answers: Sequence[Adapted],
 
 def rows_mean_update(theta: np.ndarray, answers: Sequence[Adapted],
                      n_train: np.ndarray) -> np.ndarray:
-    """FedAvg and FedProx: the local steps' mean weighted by training rows. ``theta`` unused."""
+    """FedAvg, FedProx and Ditto: the local steps' mean weighted by training rows. ``theta``
+    unused."""
     return sum(n * a.params for n, a in zip(n_train, answers, strict=True)) / n_train.sum()
 
 
@@ -191,4 +197,4 @@ register(Strategy("fedprox", rows_mean_update, learns_pull=False, start_pull=fix
 #: Ditto (Li et al. 2021): the global model is FedAvg's; each leaf's model is its own fit
 #: regularised toward it by ``lambda/2 ||gamma - theta||^2``, ``lambda`` chosen on held-out rows.
 register(Strategy("ditto", rows_mean_update, learns_pull=True, start_pull=empirical_start,
-                  start="uninformed", metric="euclidean"))
+                  start="uninformed", metric="euclidean", global_step=True))

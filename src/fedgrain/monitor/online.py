@@ -27,7 +27,7 @@ keep their values; the others move.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.special import expit
@@ -167,7 +167,6 @@ class LeafFollower:
     stats: Prequential
     chosen: int = 1
     rows: int = 0
-    names: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, theta: np.ndarray, cov: np.ndarray, free: np.ndarray) -> LeafFollower:

@@ -288,33 +288,26 @@ class DriftMonitor:
     def replace_leaves(self, models: dict, refit: bool = False) -> None:
         """New or changed leaf models into the model (which re-pools its global model), and
         stream state for leaves new to the stream; the leaves' reference excess is measured
-        on their rows. The followers of their regions start again from the new models, or,
-        after a ``refit`` of a leaf on its recent rows, take the new model as a candidate
-        and keep the forgetting memory that served (:meth:`LeafFollower.reseed`), which
-        then serves the region's leaves."""
+        on their rows. The followers of their regions start again from the new models; after
+        a ``refit`` of a leaf on its recent rows they keep their choice of memory and
+        prequential history (:meth:`LeafFollower.reseed`)."""
         model, st = self.model, self.state
         model._replace_leaves(models, st.rows_seen)
         st.add_leaves(model.partition_.leaves, self.new_detector)
         region_of = model.partition_.region_of()
         leaves = model.partition_.leaves
-        served = {}
         for nid, m in models.items():
             pos = leaves.index(nid)
             rid = int(region_of[pos])
             fol = st.followers.pop(rid, None)
-            if refit and fol is not None:
-                fol = st.followers[rid] = fol.reseed(*model._leaf_standardised_at(pos))
-                if fol.chosen > 1:
-                    served.update({int(q): fol.served()
-                                   for q in np.flatnonzero(region_of == rid)})
+            if refit and fol is not None:  # every candidate restarts from the refitted model
+                st.followers[rid] = fol.reseed(*model._leaf_standardised_at(pos))
             st.references[nid] = ReferenceCUSUM()
             if len(m) > 4:  # the rows it was fitted on (standardised)
                 model.reference_excess_[nid] = model._mean_excess(m.X, m.codes, nid)
         live = set(int(r) for r in region_of)
         for rid in [r for r in st.followers if r not in live]:
             del st.followers[rid]
-        if served:
-            model._follow_leaves(served, {})
 
     def _meta_after_drift(self) -> None:
         """With a meta-learner: a few meta rounds on the leaves' recent rows, from the current

@@ -345,7 +345,8 @@ class PartitionTree:
                     out[mine] = position[child]
                 elif mine.size:
                     out[mine] = self._route_from(child, X[mine], None if codes is None
-                                                 else codes[mine], position)
+                                                 else codes[mine], position,
+                                                 None if groups is None else groups[mine])
         return out
 
     def route_blocks(self, blocks, n: int, codes: np.ndarray | None = None) -> np.ndarray:
@@ -398,7 +399,7 @@ class PartitionTree:
         return out
 
     def _ends(self, top: int, X: np.ndarray) -> np.ndarray:
-        """For each row, the first leaf or random node below ``top`` along the hyperplanes.
+        """For each row, the first leaf, random or groups node below ``top`` along the hyperplanes.
 
         Rows go in blocks (no temporary of the data's size: fresh memory is slow to touch).
         Up to :data:`TABLE_PLANES` hyperplanes, each block's sides are packed into one code
@@ -444,7 +445,7 @@ class PartitionTree:
         return end
 
     def _code_table(self, top: int, planes: list[Node]) -> np.ndarray:
-        """For every code of hyperplane sides, the node (leaf or random) a row ends in."""
+        """For every code of hyperplane sides, the node (leaf, random or groups) a row ends in."""
         bit = {nd.id: j for j, nd in enumerate(planes)}
         codes = np.arange(2 ** len(planes))
         table = np.empty(codes.shape[0], dtype=np.int32)
