@@ -312,39 +312,29 @@ class PartitionTree:
         """Leaf positions of rows entering the tree at node ``top``."""
         end = self._ends(top, X)  # the leaf, random or groups node each row reaches
         out = position[end]
-        for node in [nd for nd in self.nodes.values() if nd.kind == "groups"]:
+        for node in self.nodes.values():
+            if node.kind not in ("groups", "random"):
+                continue
             rows = np.flatnonzero(end == node.id)
             if rows.size == 0:
                 continue
-            out[rows] = -1
-            if groups is None:
-                continue
-            index = {g: i for i, g in enumerate(node.evidence["groups"])}
-            child = np.array([index.get(g, -1) for g in groups[rows]], dtype=np.int64)
+            if node.kind == "groups":
+                out[rows] = -1  # a row of no known group (or given without one) reaches no leaf
+                if groups is None:
+                    continue
+                index = {g: i for i, g in enumerate(node.evidence["groups"])}
+                child = np.array([index.get(g, -1) for g in groups[rows]], dtype=np.int64)
+            elif codes is not None:
+                child = stratified_split(codes[rows], len(node.children),
+                                         np.random.default_rng([self.seed, node.key]))
+            else:
+                child = self._hash_pieces(X[rows], node.key, len(node.children))
             for i, c in enumerate(node.children):
                 mine = rows[child == i]
                 if self.nodes[c].kind == "leaf":
                     out[mine] = position[c]
                 elif mine.size:
                     out[mine] = self._route_from(c, X[mine], None if codes is None
-                                                 else codes[mine], position, groups[mine])
-        randoms = [nd for nd in self.nodes.values() if nd.kind == "random"]
-        for node in randoms:
-            rows = np.flatnonzero(end == node.id)
-            if rows.size == 0:
-                continue
-            k = len(node.children)
-            if codes is not None:
-                piece = stratified_split(codes[rows], k,
-                                         np.random.default_rng([self.seed, node.key]))
-            else:
-                piece = self._hash_pieces(X[rows], node.key, k)
-            for i, child in enumerate(node.children):
-                mine = rows[piece == i]
-                if self.nodes[child].kind == "leaf":
-                    out[mine] = position[child]
-                elif mine.size:
-                    out[mine] = self._route_from(child, X[mine], None if codes is None
                                                  else codes[mine], position,
                                                  None if groups is None else groups[mine])
         return out
