@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 from _config import DEFAULT_SIZES, parse_sizes
 from _tables import (
@@ -34,6 +36,19 @@ MARKED = {
     "drift": ("Streams that drift: gradual, recurring, wrong from the start, and a real one",
               "bench_drift.py"),
 }
+
+
+def git_rev() -> str:
+    """The repository's short commit, noting uncommitted changes in src/ ("?" without git)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + (" + uncommitted changes in src/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
 
 
 def marked_blocks(page: str, name: str) -> list[str]:

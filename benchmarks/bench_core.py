@@ -51,7 +51,14 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from _config import DEFAULT_SIZES, K, parse_sizes  # noqa: E402
-from _report import MARKED, derive, inference_blocks, marked_blocks, render  # noqa: E402
+from _report import (  # noqa: E402
+    MARKED,
+    derive,
+    git_rev,
+    inference_blocks,
+    marked_blocks,
+    render,
+)
 from _tools import SELF_MB, child_main  # noqa: E402
 
 QUICK_SIZES = "5e3x10,3e4x40"  # the second is big enough for fedgrain to use its workers
@@ -115,17 +122,6 @@ def run_child(spec: dict, timeout: float) -> dict:
         rec["status"] = "ok"
     shutil.rmtree(tmp, ignore_errors=True)
     return rec
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + (" + uncommitted changes in src/" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
 
 
 def selftest(args) -> int:

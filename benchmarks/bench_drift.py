@@ -79,7 +79,7 @@ from collections import Counter
 import numpy as np
 
 from _real_stream import load_real_stream
-from _report import write_marked
+from _report import git_rev, write_marked
 from fedgrain import AdaptiveFederatedOrdinal, OrdinalRegression
 from fedgrain.core.likelihood import class_proba
 from fedgrain.datasets import make_regions
@@ -674,20 +674,6 @@ def real_reading(r):
     ]
 
 
-def git_commit():
-    """The repository's short commit, with "+ changes" when src/ differs from it."""
-    import subprocess
-
-    def git(*a):
-        return subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
-
-    try:
-        head = git("rev-parse", "--short", "HEAD") or "?"
-        return head + (" + changes" if git("status", "--porcelain", "src") else "")
-    except OSError:
-        return "?"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 seeds of 200,000 rows")
@@ -713,7 +699,7 @@ def main(argv=None):
     lines += ["", "Targets:"] + [f"- {t}: {'met' if ok else '**not met**'}" for t, ok in checks]
     cmd = ".venv/bin/python benchmarks/bench_drift.py" + (" --quick" if args.quick else "") \
         + (f" --out {args.out}" if args.out else "")
-    commit = git_commit()
+    commit = git_rev()
     took = (time.perf_counter() - t0) / 60
     cost = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]))
     parts = [f"Command: `{cmd}` ({took:.1f} minutes on 2 cores; fedgrain at git commit "
