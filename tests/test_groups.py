@@ -184,3 +184,16 @@ def test_groups_edge_cases_get_clear_errors(tmp_path):
     code = main(["--quiet", "fit", str(tmp_path / "d.csv"), "--target", "grade", "--groups",
                  "site", "--stability", "3", "--out", str(tmp_path / "m")])
     assert code != 0 and not (tmp_path / "m").exists()
+
+
+def test_rows_of_weight_zero_leave_with_their_group_labels():
+    """Frequency weights of zero drop rows before the fit; their labels go with them (a whole
+    site of weight zero is then not a site of the fit)."""
+    X, y, g, _ = _sites(n_sites=4)
+    w = np.ones(len(y))
+    w[:7] = 0.0
+    w[g == "site3"] = 0.0
+    af = AdaptiveFederatedOrdinal(backend="serial", random_state=0).fit(X, y, groups=g,
+                                                                        sample_weight=w)
+    assert af.groups_ == ["site0", "site1", "site2"]
+    assert af.partition_.sizes.tolist() == [293, 300, 300]

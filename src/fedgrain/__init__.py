@@ -4,8 +4,15 @@
 """
 
 from ._version import __version__
-from .estimators import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression, load
+from .estimators import (
+                         AdaptiveFederatedOrdinal,
+                         DivideConquerOrdinal,
+                         MixedOrdinalRegression,
+                         OrdinalRegression,
+                         load,
+)
 from .inference.results import OrdinalResults
 
-__all__ = ["AdaptiveFederatedOrdinal", "DivideConquerOrdinal", "OrdinalRegression",
+__all__ = ["AdaptiveFederatedOrdinal", "DivideConquerOrdinal", "MixedOrdinalRegression",
+           "OrdinalRegression",
            "OrdinalResults", "load", "__version__"]

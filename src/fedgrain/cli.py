@@ -172,6 +172,19 @@ def _check_fit_options(args) -> None:
                      if getattr(args, n) is not None]
     if args.estimator is None:
         args.estimator = "adaptive" if adaptive_only else "dc"
+    if args.estimator == "mixed":
+        if args.groups is None:
+            raise DataError("--estimator mixed needs --groups COLUMN: the column naming each "
+                            "row's group (site), whose random effects it estimates.")
+        adaptive_only.remove("--groups")
+        given = adaptive_only + [f"--{n.replace('_', '-')}" for n in (
+            "n_subsets", "refine_rounds", "backend", "scheduler", "alpha", "variance")
+            if getattr(args, n) is not None]
+        if given:
+            verb = "do" if len(given) > 1 else "does"
+            raise DataError(f"{', '.join(given)} {verb} not apply to --estimator mixed (one "
+                            "central fit by Laplace-approximate REML).")
+        return
     if args.estimator != "adaptive" and adaptive_only:
         verb = "apply" if len(adaptive_only) > 1 else "applies"
         raise DataError(f"{', '.join(adaptive_only)} {verb} to --estimator adaptive only.")
@@ -278,6 +291,11 @@ def _estimator(args, levels, categorical):
     """The estimator the options choose, and the words that describe it."""
     from .estimators import AdaptiveFederatedOrdinal, DivideConquerOrdinal, OrdinalRegression
 
+    if args.estimator == "mixed":
+        from .estimators import MixedOrdinalRegression
+
+        return (MixedOrdinalRegression(levels=levels, categorical=categorical),
+                "random intercepts and slopes by group, Laplace-approximate REML")
     if args.estimator == "mle":
         ridge = 0.0 if args.alpha is None else args.alpha
         if isinstance(ridge, str):
@@ -553,9 +571,11 @@ def _add_fit(command) -> None:
     p.add_argument("--features", help="use only these feature columns: f1,f2")
     p.add_argument("--drop", help="columns that are not features (ids, dates): c1,c2")
     p.add_argument("--weights", help="column of frequency weights")
-    p.add_argument("--estimator", choices=("dc", "mle", "adaptive"), default=None,
+    p.add_argument("--estimator", choices=("dc", "mle", "adaptive", "mixed"), default=None,
                    help="dc: DivideConquerOrdinal (default); mle: exact OrdinalRegression; "
-                        "adaptive: AdaptiveFederatedOrdinal (the default with --granularity)")
+                        "adaptive: AdaptiveFederatedOrdinal (the default with --granularity "
+                        "or --groups); mixed: MixedOrdinalRegression, random intercepts and "
+                        "slopes by --groups, fitted centrally")
     p.add_argument("--granularity", type=_unit_interval, default=None,
                    help="adaptive: how far the data are split, 0 (static random subsets) to 1 "
                         "(as fine as the data support); default 0.5")
@@ -566,7 +586,8 @@ def _add_fit(command) -> None:
                                       "meta-learner (default none: each leaf keeps its fit)")
     p.add_argument("--groups", default=None, metavar="COLUMN",
                    help="adaptive: the column naming each row's site; every site is a client "
-                        "with a leaf of its own, its rows never mixed with another's")
+                        "with a leaf of its own, its rows never mixed with another's; mixed: "
+                        "the groups of the random effects")
     p.add_argument("--stability", type=_at_least_two, default=None, metavar="N",
                    help="adaptive: grow the partition again on N random parts of the rows and "
                         "report how alike the regions are (adjusted Rand index; saved with "

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .data.groups import split_groups_column
+
 __all__ = ["write_report"]
 
 #: Leaves drawn with their own colour; more share the colour cycle.
@@ -323,6 +325,8 @@ def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float
     Xe, codes, proba, leaf = _given_rows(model, X, y, adaptive, groups)
     parts += _coefficients(model, alpha, adaptive)
     parts += _forest(model, alpha, adaptive)
+    if hasattr(model, "random_effects_") and not adaptive:
+        parts += _random_effects(model)
     if adaptive:
         parts += _partition(model, Xe, leaf)
         parts += _leaves(model, codes, proba, leaf)
@@ -350,7 +354,10 @@ def _given_rows(model, X, y, adaptive: bool, groups=None):
     if X is not None:
         by_group = {}
         if groups is not None:
-            X, groups = model._groups_of(X, groups)
+            if adaptive:
+                X, groups = model._groups_of(X, groups)
+            else:  # a mixed model: its groups' own random effects
+                X, groups = split_groups_column(X, groups)
             by_group = {"groups": groups}
         Xe = model.encode(X)
         if y is not None:
@@ -389,13 +396,34 @@ def _forest(model, alpha: float, adaptive: bool) -> list[str]:
     elif hasattr(model, "subset_estimates_"):
         leaf_params = model.subset_estimates_
         labels = [f"subset {i + 1}" for i in range(leaf_params.shape[0])]
+    elif hasattr(model, "random_effects_"):
+        leaf_params = model.group_params()
+        labels = [f"group {g}" for g in model.groups_]
     else:
         leaf_params, labels = None, []
-    return [f"<h2>Global coefficients and the {'leaves' if adaptive else 'subsets'}'</h2>",
+    unit = "leaf" if adaptive else "group" if hasattr(model, "random_effects_") else "subset"
+    plural = {"leaf": "leaves", "group": "groups", "subset": "subsets"}[unit]
+    return [f"<h2>Global coefficients and the {plural}'</h2>",
             _figure("forest plot", _png(forest_plot(model.results_, leaf_params, labels, alpha)),
-                    f"Black: the global (pooled) coefficients with {100 * (1 - alpha):.0f}%"
-                    " confidence intervals. Dots: each "
-                    f"{'leaf' if adaptive else 'subset'}'s own coefficients.")]
+                    f"Black: the global coefficients with {100 * (1 - alpha):.0f}%"
+                    f" confidence intervals. Dots: each {unit}'s own coefficients"
+                    + (" (fixed effects plus its random effects)." if unit == "group" else "."))]
+
+
+def _random_effects(model) -> list[str]:
+    """A mixed model's random effects: their standard deviations and correlations."""
+    sd = model.random_sd_
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = model.random_cov_ / np.outer(sd, sd)
+    names = model.random_names_
+    rows = [[n, sd[i], *[corr[i, j] if sd[i] > 0 and sd[j] > 0 else float("nan")
+                         for j in range(i)]] for i, n in enumerate(names)]
+    return ["<h2>Random effects</h2>",
+            _table(["effect", "sd", *[f"corr. with {n}" for n in names[:-1]]],
+                   [r + [""] * (len(names) + 1 - len(r)) for r in rows]),
+            f"<p>{model.n_groups_:,} groups. Each group's model is the fixed effects plus its "
+            "conditional modes (empirical Bayes); a group the model was not fitted on gets "
+            "the probabilities averaged over this normal distribution.</p>"]
 
 
 def leaf_labels(model) -> list[str]:

@@ -338,6 +338,57 @@ def exact_pass(
     return Pass(total, grad, hess, mt)
 
 
+@dataclass(frozen=True)
+class RowTerms:
+    """Per-row derivatives of the exact loss ``l_i = -log pi_i`` in ``(eta_i, theta)``.
+
+    ``loss``, ``s = dl/deta`` and ``c = d2l/deta2 >= 0`` are ``(n,)``; ``grad_theta``
+    (``dl/dtheta``) and ``cross`` (``d2l/(deta dtheta)``) are ``(n, K-1)``. A model whose
+    linear predictor is ``eta = D @ params`` (slopes, random effects) gets its gradient and
+    Hessian from these by the chain rule; :meth:`theta_hessian` sums ``d2l/dtheta2``.
+    """
+
+    loss: np.ndarray
+    s: np.ndarray
+    c: np.ndarray
+    grad_theta: np.ndarray
+    cross: np.ndarray
+    _h: tuple
+
+    def theta_hessian(self, w: np.ndarray | None = None) -> np.ndarray:
+        """``sum_i w_i d2l_i / dtheta2``: ``(K-1, K-1)``, tridiagonal."""
+        up, lo, h11, h00, h10 = self._h
+        if w is not None:
+            h11, h00, h10 = h11 * w, h00 * w, h10 * w
+        K1 = up.shape[1]
+        H = np.diag(-(h11 @ up) - (h00 @ lo))
+        off = -(h10 @ lo)[:-1]  # rows with both cuts: the pair (y - 1, y)
+        idx = np.arange(K1 - 1)
+        H[idx, idx + 1] += off
+        H[idx + 1, idx] += off
+        return H
+
+
+def exact_row_terms(eta: np.ndarray, y: np.ndarray, theta: np.ndarray) -> RowTerms:
+    """The exact likelihood's per-row loss and derivatives at linear predictors ``eta``.
+
+    The same formulas as :func:`exact_pass`, kept per row for models whose linear predictor is
+    not ``X @ beta`` alone (the random effects of
+    :class:`fedgrain.estimators.mixed.MixedOrdinalRegression`). Requires increasing ``theta``.
+    """
+    logpi, g1, g0, F1, F0 = _cut_parts(eta, y, theta)
+    levels = np.arange(theta.shape[0])
+    up = (y[:, None] == levels[None, :]).astype(float)
+    lo = (y[:, None] == levels[None, :] + 1).astype(float)
+    h11 = g1 * (1.0 - 2.0 * F1) - g1 * g1
+    h00 = -g0 * (1.0 - 2.0 * F0) - g0 * g0
+    h10 = g1 * g0
+    c = np.maximum(-(h11 + 2.0 * h10 + h00), 0.0)
+    grad_theta = lo * g0[:, None] - up * g1[:, None]
+    cross = up * (h11 + h10)[:, None] + lo * (h10 + h00)[:, None]
+    return RowTerms(-logpi, g1 - g0, c, grad_theta, cross, (up, lo, h11, h00, h10))
+
+
 def cumulative_proba(eta: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """``P(Y <= k | x)`` for ``k = 0 .. K-2``: shape ``(n, K-1)``, accurate in both tails.
 

@@ -47,3 +47,17 @@ def check_groups(groups, n_rows: int) -> np.ndarray:
         raise DataError(f"groups has a missing label at row {int(np.flatnonzero(missing)[0])} "
                         f"({int(missing.sum()):,} in all); every row needs its group.")
     return np.array([str(v) for v in raw], dtype=object).astype(str)
+
+
+def kept_groups(groups, sample_weight) -> object:
+    """The labels of the rows a fit keeps: frequency weights of zero drop their rows (as
+    :func:`fedgrain.data.prepare_fit` does), and with them their labels. Anything that does
+    not line up with the weights is returned as given, for :func:`check_groups` to judge."""
+    if sample_weight is None or groups is None:
+        return groups
+    raw = np.asarray(groups, dtype=object).reshape(-1)
+    try:
+        keep = np.asarray(sample_weight, dtype=float).reshape(-1) > 0
+    except (TypeError, ValueError):
+        return groups
+    return raw[keep] if keep.shape == raw.shape else groups

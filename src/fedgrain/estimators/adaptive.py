@@ -27,7 +27,7 @@ from ..core.blocks import take_rows
 from ..core.likelihood import class_proba, cumulative_proba
 from ..core.standardize import fit_standardizer
 from ..data import prepare_data
-from ..data.groups import check_groups, split_groups_column
+from ..data.groups import check_groups, kept_groups, split_groups_column
 from ..exceptions import DataError, SeparationError
 from ..federation import meta
 from ..federation.engine import (
@@ -322,6 +322,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                 raise DataError("Give groups or a partition, not both: with groups the "
                                 "partition is one leaf per group.")
             X, groups = split_groups_column(X, groups)
+            groups = kept_groups(groups, sample_weight)
         with progress.step("checking data"):
             data = prepare_data(X, y, levels=self.levels, categorical=self.categorical,
                                 sample_weight=sample_weight, estimator_name=owner)

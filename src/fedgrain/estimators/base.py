@@ -104,7 +104,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         from ..report import write_report
 
         check_is_fitted(self, "coef_")
-        if groups is not None and not hasattr(self, "partition_"):
+        if groups is not None and getattr(self, "groups_", None) is None:
             raise DataError(f"groups= applies to a model fitted with groups; this "
                             f"{type(self).__name__} has none.")
         return write_report(self, path, X, y, alpha=alpha, groups=groups)
