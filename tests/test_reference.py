@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import statsmodels
 import statsmodels.api as sm
+from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 
@@ -106,3 +107,35 @@ def test_cluster_sandwich_equals_statsmodels_cluster_robust_glm():
     dc_row = DivideConquerOrdinal(n_subsets=1, alpha=0.0, variance="sandwich",
                                   backend="serial").fit(X, y)
     np.testing.assert_allclose(dc_row.cov_, glm_hc0.cov_params(), rtol=1e-5, atol=1e-12)
+
+
+def test_fit_statistics_and_the_likelihood_ratio_test_match_statsmodels(ucla, tmp_path):
+    """Log-likelihood, null log-likelihood, AIC, BIC and McFadden's R^2 as statsmodels'
+    OrderedModel reports them (to 1e-6), and the LR test of two nested fits."""
+    from fedgrain import load
+    from fedgrain.exceptions import DataError
+
+    X, y = ucla
+    m = OrdinalRegression(levels=UCLA_LEVELS).fit(X, y)
+    yc = pd.Series(pd.Categorical(y, categories=UCLA_LEVELS, ordered=True))
+    res, _ = _statsmodels_fit(X, yc)
+    for ours, theirs in ((m.loglik_, res.llf), (m.llnull_, res.llnull), (m.aic_, res.aic),
+                         (m.bic_, res.bic), (m.pseudo_r2_, res.prsquared)):
+        assert ours == pytest.approx(theirs, abs=1e-6)
+    assert m.df_model_ == res.df_model and m.nobs_ == res.nobs and m.converged_
+    small = OrdinalRegression(levels=UCLA_LEVELS).fit(X[["pared"]], y)
+    res0, _ = _statsmodels_fit(X[["pared"]], yc)
+    test = m.lr_test(small)
+    assert test.df == 2 and test.hypothesis == "public = gpa = 0"
+    assert test.statistic == pytest.approx(2 * (res.llf - res0.llf), abs=1e-6)
+    assert test.pvalue == pytest.approx(stats.chi2.sf(test.statistic, 2), rel=1e-9)
+    assert small.lr_test(m).statistic == test.statistic  # either order
+    back = load(m.save(tmp_path / "m"))
+    assert back.aic_ == m.aic_ and back.lr_test(small).statistic == test.statistic
+    with pytest.raises(DataError, match="same rows"):
+        m.lr_test(OrdinalRegression(levels=UCLA_LEVELS).fit(X[["pared"]][:300], y[:300]))
+    with pytest.raises(DataError, match="not nested"):
+        OrdinalRegression(levels=UCLA_LEVELS).fit(X[["gpa"]], y).lr_test(
+            OrdinalRegression(levels=UCLA_LEVELS).fit(X[["pared", "public"]], y))
+    with pytest.raises(DataError, match="penalised"):
+        m.lr_test(OrdinalRegression(levels=UCLA_LEVELS, alpha=0.1).fit(X[["pared"]], y))

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.validation import check_is_fitted
 
 from .._warnings import warn
 from ..core.blocks import block_rows
 from ..core.likelihood import Pass, exact_pass, initial_thresholds
-from ..core.linalg import NotIdentifiedError, inverse, unidentified_directions
+from ..core.linalg import NotIdentifiedError, chi2_sf, inverse, unidentified_directions
 from ..core.solvers import newton, runaway, warm_start
 from ..core.standardize import Standardizer, column_moments
 from ..data import prepare_fit
 from ..exceptions import DataError, SeparationError
 from ..inference import local
-from ..inference.results import OrdinalResults, parameter_names
+from ..inference.results import LRTest, OrdinalResults, parameter_names
 from .base import OrdinalModel, is_real, param_error, register
 
 
@@ -51,8 +52,20 @@ class OrdinalRegression(OrdinalModel):
     classes_, coef_, thresholds_, cov_, bse_ : see the module docstring
     results_ : OrdinalResults
     loglik_ : float
-        Maximised log-likelihood.
+        Maximised log-likelihood (without the ridge penalty when ``alpha > 0``).
+    llnull_ : float
+        Log-likelihood of the model without features (thresholds at the class shares).
+    nobs_ : float
+        Rows (the sum of the weights with ``sample_weight``).
+    df_model_ : int
+        Slopes estimated (``p``); the model has ``p + K - 1`` parameters.
+    aic_, bic_ : float
+        ``-2 loglik + 2 (p + K - 1)`` and ``-2 loglik + log(nobs) (p + K - 1)``, as R's
+        ``AIC()`` / ``BIC()`` and statsmodels.
+    pseudo_r2_ : float
+        McFadden's ``1 - loglik / llnull``.
     n_iter_ : int
+    converged_ : bool
 
     Examples
     --------
@@ -129,23 +142,79 @@ class OrdinalRegression(OrdinalModel):
         if J is not None:
             cov = cov @ J @ cov
         params, cov = Standardizer(means, np.ones(p)).to_raw(res.x, 0.5 * (cov + cov.T))
-        self.loglik_ = -float(res.objective * n_eff)
+        # the likelihood itself: the ridge term taken off the minimised objective
+        penalty = 0.5 * float((ridge * n_eff) @ (res.x * res.x))
+        self.loglik_ = -float(res.objective * n_eff - penalty)
+        counts = np.bincount(codes, weights=w, minlength=K)
+        seen = counts > 0
+        self.llnull_ = float(counts[seen] @ np.log(counts[seen] / n_eff))
+        self.nobs_ = n_eff
+        self.df_model_ = p
         self.n_iter_ = res.n_iter
-        d = p + K - 1
+        self.converged_ = bool(res.converged)
+        self._set_statistics(K - 1)
         results = OrdinalResults(
             params, cov, names, data.target.classes,
             title="Ordinal regression: exact maximum likelihood",
             info={
                 "Rows": f"{codes.shape[0]:,}", "Classes": K,
                 "Log-likelihood": f"{self.loglik_:.4f}",
-                "AIC": f"{2 * d - 2 * self.loglik_:.4f}",
+                "Null log-likelihood": f"{self.llnull_:.4f}",
+                "AIC": f"{self.aic_:.4f}", "BIC": f"{self.bic_:.4f}",
+                "McFadden pseudo-R^2": f"{self.pseudo_r2_:.4f}",
                 "Standard errors": "model-based" if self.variance == "model" else "sandwich",
                 "Ridge alpha": self.alpha,
-                "Newton iterations": res.n_iter,
+                "Newton iterations": f"{res.n_iter} "
+                                     f"({'converged' if res.converged else 'NOT converged'})",
             },
         )
         self._set_fitted(data.schema, data.target, params, cov, results)
         return self
+
+    def _set_statistics(self, n_thresholds: int) -> None:
+        """AIC, BIC and McFadden's R^2 from the log-likelihoods and counts."""
+        k = self.df_model_ + n_thresholds
+        self.aic_ = 2.0 * k - 2.0 * self.loglik_
+        self.bic_ = np.log(self.nobs_) * k - 2.0 * self.loglik_
+        self.pseudo_r2_ = 1.0 - self.loglik_ / self.llnull_ if self.llnull_ < 0 else np.nan
+
+    def lr_test(self, restricted) -> LRTest:
+        """Likelihood-ratio test of a nested, smaller model fitted on the same rows.
+
+        ``restricted`` is an :class:`OrdinalRegression` whose features are a subset of this
+        model's (the hypothesis: the slopes of the others are zero). The statistic ``2 (loglik
+        - loglik_restricted)`` is referred to chi-square on the difference in parameters.
+
+        Raises a :class:`DataError` when the two were not fitted on the same rows and levels, are
+        not nested, or either is penalised (``alpha > 0``: no likelihood-ratio theory).
+        """
+        check_is_fitted(self, "coef_")
+        if not isinstance(restricted, OrdinalRegression) or not hasattr(restricted, "coef_"):
+            raise DataError("lr_test compares two fitted OrdinalRegression models; got "
+                            f"{type(restricted).__name__}.")
+        big, small = self, restricted
+        if small.df_model_ > big.df_model_:
+            big, small = small, big
+        if list(big.classes_) != list(small.classes_) or \
+                not np.isclose(big.nobs_, small.nobs_) or \
+                not np.isclose(big.llnull_, small.llnull_, rtol=1e-10, atol=1e-8):
+            raise DataError("lr_test needs both models fitted on the same rows (their row "
+                            "counts, levels or class counts differ).")
+        if big.alpha or small.alpha:
+            raise DataError("lr_test compares maximum likelihood fits; a ridge fit (alpha > 0) "
+                            "maximises a penalised likelihood.")
+        names_big = list(big.results_.feature_names)
+        missing = [f for f in small.results_.feature_names if f not in names_big]
+        if missing:
+            raise DataError(f"The models are not nested: {missing} are features of the smaller "
+                            "model only. Fit the smaller model on a subset of the larger's "
+                            "features.")
+        df = big.df_model_ - small.df_model_
+        if df == 0:
+            raise DataError("The models have the same features: nothing to test.")
+        stat = max(2.0 * (big.loglik_ - small.loglik_), 0.0)
+        dropped = [f for f in names_big if f not in small.results_.feature_names]
+        return LRTest(stat, df, chi2_sf(stat, df), " = ".join(dropped) + " = 0")
 
     def _check(self, res, scales: np.ndarray, labels: list[str], collinear) -> None:
         """Collinear columns and separation are errors; running out of iterations a warning.
@@ -179,11 +248,18 @@ class OrdinalRegression(OrdinalModel):
                  "iterations; increase max_iter.", ConvergenceWarning)
 
     def _extra_state(self):
-        return {"loglik": self.loglik_, "n_iter": self.n_iter_}, {}
+        return {"loglik": self.loglik_, "n_iter": self.n_iter_, "llnull": self.llnull_,
+                "nobs": self.nobs_, "converged": self.converged_}, {}
 
     def _restore_extra(self, meta, arrays):
-        self.loglik_ = meta["loglik"]
-        self.n_iter_ = meta["n_iter"]
+        self.loglik_ = float(meta["loglik"])
+        self.n_iter_ = int(meta["n_iter"])
+        # models saved before these were kept: unknown, not made up
+        self.llnull_ = float(meta.get("llnull", np.nan))
+        self.nobs_ = float(meta.get("nobs", np.nan))
+        self.converged_ = bool(meta.get("converged", True))
+        self.df_model_ = self.coef_.shape[0]
+        self._set_statistics(self.thresholds_.shape[0])
 
 
 def _collinear_columns(X: np.ndarray, w: np.ndarray | None, means: np.ndarray,

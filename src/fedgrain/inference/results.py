@@ -56,6 +56,31 @@ class WaldTest:
 
 
 @dataclass(frozen=True)
+class LRTest:
+    """A likelihood-ratio test: ``2 (loglik_full - loglik_restricted)`` against chi-square.
+
+    Examples
+    --------
+    >>> from fedgrain import OrdinalRegression
+    >>> from fedgrain.datasets import make_ordinal
+    >>> X, y, *_ = make_ordinal(2000, 3, 3, random_state=0)
+    >>> full = OrdinalRegression().fit(X, y)
+    >>> test = full.lr_test(OrdinalRegression().fit(X[:, :1], y))
+    >>> test.df, bool(test.pvalue < 0.05)
+    (2, True)
+    """
+
+    statistic: float
+    df: int
+    pvalue: float
+    hypothesis: str
+
+    def __str__(self) -> str:
+        return (f"Likelihood-ratio test of {self.hypothesis}: chi2({self.df}) = "
+                f"{self.statistic:.4g}, p = {self.pvalue:.4g}")
+
+
+@dataclass(frozen=True)
 class Summary:
     """A coefficient table with a header; ``str()`` gives text, ``_repr_html_`` HTML.
 
