@@ -182,7 +182,9 @@ class OrdinalRegression(OrdinalModel):
         """Likelihood-ratio test of a nested, smaller model fitted on the same rows.
 
         ``restricted`` is an :class:`OrdinalRegression` whose features are a subset of this
-        model's (the hypothesis: the slopes of the others are zero). The statistic ``2 (loglik
+        model's (the hypothesis: the slopes of the others are zero); with named columns (a
+        DataFrame) the nesting is checked by name, with arrays (columns named by position) it
+        is the caller's to ensure. The statistic ``2 (loglik
         - loglik_restricted)`` is referred to chi-square on the difference in parameters.
 
         Raises a :class:`DataError` when the two were not fitted on the same rows and levels, are
@@ -203,16 +205,20 @@ class OrdinalRegression(OrdinalModel):
         if big.alpha or small.alpha:
             raise DataError("lr_test compares maximum likelihood fits; a ridge fit (alpha > 0) "
                             "maximises a penalised likelihood.")
+        df = big.df_model_ - small.df_model_
+        if df == 0:
+            raise DataError("The models have the same number of slopes: nothing to test.")
+        stat = max(2.0 * (big.loglik_ - small.loglik_), 0.0)
+        if not (big.schema_.has_names and small.schema_.has_names):
+            # array columns are named by position: nesting cannot be checked by name
+            return LRTest(stat, df, chi2_sf(stat, df),
+                          f"the {df} slope(s) only the larger model has = 0")
         names_big = list(big.results_.feature_names)
         missing = [f for f in small.results_.feature_names if f not in names_big]
         if missing:
             raise DataError(f"The models are not nested: {missing} are features of the smaller "
                             "model only. Fit the smaller model on a subset of the larger's "
                             "features.")
-        df = big.df_model_ - small.df_model_
-        if df == 0:
-            raise DataError("The models have the same features: nothing to test.")
-        stat = max(2.0 * (big.loglik_ - small.loglik_), 0.0)
         dropped = [f for f in names_big if f not in small.results_.feature_names]
         return LRTest(stat, df, chi2_sf(stat, df), " = ".join(dropped) + " = 0")
 

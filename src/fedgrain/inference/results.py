@@ -65,9 +65,9 @@ class LRTest:
     >>> from fedgrain.datasets import make_ordinal
     >>> X, y, *_ = make_ordinal(2000, 3, 3, random_state=0)
     >>> full = OrdinalRegression().fit(X, y)
-    >>> test = full.lr_test(OrdinalRegression().fit(X[:, :1], y))
+    >>> test = full.lr_test(OrdinalRegression().fit(X[:, 1:], y))  # without x0
     >>> test.df, bool(test.pvalue < 0.05)
-    (2, True)
+    (1, True)
     """
 
     statistic: float
