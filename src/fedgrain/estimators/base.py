@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numbers
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from ..data import FeatureSchema, TargetEncoding, prepare_predict
 from ..exceptions import DataError, ModelFileError, ParameterError
 from ..federation.engine import EngineSettings
 from ..inference.local import DEBIAS, VARIANCES, LocalSettings
-from ..inference.results import OrdinalResults
+from ..inference.results import OrdinalResults, Summary
 from ..persist import read_model_dir, write_model_dir
 
 
@@ -90,9 +91,63 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         return self.results_.predict_proba_ci(self.encode(X), alpha)
 
     def summary(self, alpha: float = 0.05):
-        """Shortcut for ``results_.summary(alpha)``."""
+        """Shortcut for ``results_.summary(alpha)``; with the last
+        :meth:`proportional_odds_test` below the table."""
         check_is_fitted(self, "coef_")
-        return self.results_.summary(alpha)
+        out = self.results_.summary(alpha)
+        test = getattr(self, "po_test_", None)
+        if test is not None:
+            t = test.table
+            section = Summary(test.title(), (), t.rename(columns={"p": "P>chi2"}))
+            out = replace(out, sections=(*out.sections, section))
+        return out
+
+    def proportional_odds_test(self, X, y, method: str = "brant", sample_weight=None):
+        """Test the proportional-odds assumption on labelled rows (those of the fit, say).
+
+        ``method="brant"``: Brant's Wald test from separate binary logits of ``Y > k``;
+        ``"score"``: the score test of the general model (threshold-specific slopes) at the
+        proportional-odds maximum likelihood fit of these rows (refitted exactly, whatever
+        this model's estimator). Per feature (``K - 2`` df) and jointly. A small p-value says
+        the feature's effect differs between cuts of the scale. The result is kept as
+        ``po_test_`` (shown by :meth:`summary` and the report, and saved with the model).
+
+        Returns a :class:`fedgrain.inference.po_tests.ProportionalOddsTest`.
+        """
+        from ..inference import po_tests
+
+        check_is_fitted(self, "coef_")
+        if method not in po_tests.METHODS:
+            raise param_error("proportional_odds_test", "method", "'brant' or 'score'", method)
+        Xe = self.encode(X)
+        codes = self.target_.encode(y, what="y")
+        if Xe.shape[0] != codes.shape[0]:
+            raise DataError(f"X has {Xe.shape[0]:,} rows but y has {codes.shape[0]:,} labels.")
+        w = None
+        if sample_weight is not None:
+            w = np.asarray(sample_weight, dtype=float).reshape(-1)
+            if w.shape[0] != codes.shape[0] or not np.all(np.isfinite(w) & (w >= 0)):
+                raise DataError("sample_weight must hold one finite, non-negative weight per "
+                                "row.")
+            keep = w > 0
+            Xe, codes, w = Xe[keep], codes[keep], w[keep]
+        K = len(self.classes_)
+        present = np.bincount(codes, minlength=K) > 0
+        if not present.all():
+            raise DataError(f"Level(s) {list(self.classes_[~present])} have no rows here; the "
+                            "test compares the slopes at every cut and needs rows of every "
+                            "level.")
+        names = list(self.schema_.output_names)
+        if method == "brant":
+            test = po_tests.brant(Xe, codes, w, K, names, self.results_.param_names[len(names):])
+        else:
+            from .centralized import OrdinalRegression
+
+            ref = OrdinalRegression(levels=list(range(K)), tol=1e-12).fit(Xe, codes,
+                                                                         sample_weight=w)
+            test = po_tests.score(Xe, codes, w, ref.coef_, ref.thresholds_, names)
+        self.po_test_ = test
+        return test
 
     def report(self, path, X=None, y=None, *, alpha: float = 0.05, groups=None):
         """Write the HTML report of this model (see :func:`fedgrain.report.write_report`).
@@ -220,6 +275,8 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
             "results": {"title": r.title, "info": {k: str(v) for k, v in r.info.items()}},
             **extra_meta,
         }
+        if getattr(self, "po_test_", None) is not None:
+            meta["po_test"] = self.po_test_.to_dict()
         arrays = {"coef": self.coef_, "thresholds": self.thresholds_, "cov": self.cov_,
                   **extra_arrays}
         if r.heterogeneity is not None:
@@ -265,6 +322,10 @@ def load(path: str | os.PathLike) -> OrdinalModel:
                                  heterogeneity=het)
         est._set_fitted(schema, target, params, arrays["cov"], results)
         est._restore_extra(meta, arrays)
+        if "po_test" in meta:
+            from ..inference.po_tests import ProportionalOddsTest
+
+            est.po_test_ = ProportionalOddsTest.from_dict(meta["po_test"])
         ok = (arrays["coef"].shape == (p,) and arrays["cov"].shape == (params.size,) * 2
               and arrays["thresholds"].shape == (target.n_classes - 1,))
     except (KeyError, TypeError, ValueError) as exc:

@@ -114,7 +114,9 @@ class Summary:
         cols = list(t.columns)
         header = f"{'':<{wn}}" + "".join(f"{c:>11}" for c in cols)
         rule = "=" * len(header)
-        lines = [self.title.center(len(header)), rule]
+        lines = [self.title.center(len(header))]
+        if self.info:
+            lines.append(rule)
         half = (len(self.info) + 1) // 2
         left, right = self.info[:half], self.info[half:]
         cw = len(header) // 2
@@ -389,9 +391,9 @@ class OrdinalResults:
 
 def _cell(column: str, v: float) -> str:
     """One table cell: p-values R-style, counts as integers, small numbers in significant digits."""
-    if column == "P>|z|":
+    if column in ("P>|z|", "P>chi2"):
         return "<2e-16" if v < 2e-16 else (f"{v:.3g}" if v >= 1e-3 else f"{v:.2e}")
-    if column == "n_subsets":
+    if column in ("n_subsets", "df"):
         return f"{int(v):d}"
     if v != 0 and abs(v) < 1e-3 or abs(v) >= 1e6:
         return f"{v:.4g}"
