@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
@@ -89,6 +90,38 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         Returns ``(proba, lower, upper)``, each of shape ``(n, K)``.
         """
         return self.results_.predict_proba_ci(self.encode(X), alpha)
+
+    def predicted_probabilities(self, X, alpha: float = 0.05, **kwargs) -> pd.DataFrame:
+        """Each level's predicted probability for each row of ``X`` (chosen values: a typical
+        person, a grid), with its delta-method standard error and ``1 - alpha`` interval, as a
+        long frame: ``row`` (the position in ``X``), ``level``, ``proba``, ``std err``,
+        ``lower``, ``upper``. The intervals are those of :meth:`predict_proba_ci` (built on
+        the logit scale of each probability, so inside (0, 1)); ``std err`` is the delta-method
+        one on the probability scale. Further keyword arguments go to
+        :meth:`predict_proba_ci` (``groups=`` for a model fitted with groups)."""
+        from scipy import stats
+        from scipy.special import logit
+
+        proba, lower, upper = self.predict_proba_ci(X, alpha, **kwargs)
+        z = stats.norm.isf(alpha / 2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            se = (logit(upper) - logit(lower)) / (2 * z) * proba * (1 - proba)
+        se = np.where(np.isfinite(se), se, 0.0)
+        n, K = proba.shape
+        return pd.DataFrame({"row": np.repeat(np.arange(n), K),
+                             "level": np.tile(np.array(self.classes_, dtype=object), n),
+                             "proba": proba.reshape(-1), "std err": se.reshape(-1),
+                             "lower": lower.reshape(-1), "upper": upper.reshape(-1)})
+
+    def marginal_effects(self, X, alpha: float = 0.05):
+        """Average marginal effects of each feature on each level's probability over the rows
+        of ``X`` (the fit's rows, or a population of interest), with delta-method standard
+        errors and ``1 - alpha`` intervals: a frame indexed by ``(feature, level)``. See
+        :meth:`fedgrain.inference.results.OrdinalResults.marginal_effects`. For the federated
+        estimators these are the global model's; for :class:`MixedOrdinalRegression` a typical
+        group's (random effects zero)."""
+        check_is_fitted(self, "coef_")
+        return self.results_.marginal_effects(self.encode(X), alpha)
 
     def summary(self, alpha: float = 0.05):
         """Shortcut for ``results_.summary(alpha)``; with the last
