@@ -130,3 +130,34 @@ def test_probability_intervals_far_in_the_tails():
     assert 0 < proba[0, 0] < 1e-15  # a tiny probability, not rounded to zero
     assert np.all((lo <= proba) & (proba <= hi))
     assert hi[0, 0] < 1e-10  # and its interval stays tiny too
+
+
+def test_wald_tests_written_as_text_equal_the_matrix_form():
+    r = OrdinalResults(np.array([0.5, 0.3, -1.0, 1.0]), np.array(
+        [[0.01, 0.002, 0, 0], [0.002, 0.02, 0, 0], [0, 0, 0.04, 0.01], [0, 0, 0.01, 0.04]]),
+        ["age", "in-come"], ["-1", "0", "1"])
+    d = 4
+
+    def matrix(rows, q):
+        return r.wald_test(np.array(rows, dtype=float).reshape(-1, d), q)
+
+    cases = [("age = in-come", [1, -1, 0, 0], [0]),
+             ("age + 2*in-come = 0", [1, 2, 0, 0], [0]),
+             ("0.5 * age - in-come = 1", [0.5, -1, 0, 0], [1]),
+             ("2*age = 1e-1 + in-come", [2, -1, 0, 0], [0.1]),
+             ("-1|0 + 1 = 0|1 - 1", [0, 0, 1, -1], [-2]),  # threshold names with '-' and '|'
+             ("age", [1, 0, 0, 0], [0])]
+    for text, row, q in cases:
+        got, ref = r.wald_test(text), matrix(row, q)
+        assert got.statistic == pytest.approx(ref.statistic, rel=1e-12), text
+        assert got.df == 1 and got.hypothesis == text
+    joint = r.wald_test(["age = 0", "in-come = 0"])
+    assert joint.df == 2 and joint.statistic == pytest.approx(
+        r.wald_test(["age", "in-come"]).statistic)
+    for bad, msg in (("age = = 1", "one '='"), ("foo = 1", "unknown parameter"),
+                     ("age +", "ends with an operator"), ("age in-come = 0", "expected '\\+'"),
+                     ("1 = 2", "names no parameter")):
+        with pytest.raises(ValueError, match=msg):
+            r.wald_test(bad)
+    with pytest.raises(ValueError, match="q goes with a matrix"):
+        r.wald_test("age = 0", q=[1.0])

@@ -255,16 +255,30 @@ class OrdinalResults:
     def wald_test(self, R=None, q=None) -> WaldTest:
         """Joint Wald test of ``R params = q`` (chi-square).
 
-        ``R`` is a list of parameter names (or indices) to test jointly equal to zero, or a 2-D
-        restriction matrix of shape ``(r, d)``; ``q`` defaults to zeros.
+        ``R`` is a list of parameter names (or indices) to test jointly equal to zero; a
+        hypothesis written as text, ``"age = income"`` or ``"age + 2*income = 1"`` (a list of
+        such strings is one joint test); or a 2-D restriction matrix of shape ``(r, d)``, with
+        ``q`` (default zeros).
 
         Examples
         --------
-        ``res.wald_test(["age", "income"])`` tests that both slopes are zero.
+        ``res.wald_test(["age", "income"])`` tests that both slopes are zero;
+        ``res.wald_test("age = income")`` that they are equal.
         """
         d = self.params.shape[0]
         if R is None:
             R = list(range(self.n_features))
+        if isinstance(R, str) or (isinstance(R, (list, tuple)) and R
+                                  and all(isinstance(r, str) and "=" in r for r in R)):
+            if q is not None:
+                raise ValueError("q goes with a matrix R; a hypothesis written as text holds "
+                                 "its own constants ('age + 2*income = 1')")
+            exprs = [R] if isinstance(R, str) else list(R)
+            rows = [self._parse_restriction(e) for e in exprs]
+            Rm = np.array([r for r, _ in rows])
+            qv = np.array([c for _, c in rows])
+            stat, df = wald(Rm @ self.params - qv, Rm @ self.cov @ Rm.T)
+            return WaldTest(stat, df, chi2_sf(stat, df), ", ".join(e.strip() for e in exprs))
         if isinstance(R, (list, tuple)) and all(isinstance(r, (str, int, np.integer)) for r in R):
             if not R:
                 raise ValueError("name at least one parameter to test")
@@ -290,6 +304,101 @@ class OrdinalResults:
             raise ValueError(f"q must have {Rm.shape[0]} entries; got {qv.shape[0]}")
         stat, df = wald(Rm @ self.params - qv, Rm @ self.cov @ Rm.T)
         return WaldTest(stat, df, chi2_sf(stat, df), label)
+
+    def _parse_restriction(self, text: str) -> tuple[np.ndarray, float]:
+        """One linear restriction written as text: ``"age = income"``, ``"age + 2*income =
+        0"``, ``"0.5*x1 - x2 = 1"``, several comma-separated in one string being separate
+        restrictions is handled by the caller. Parameter names (features and thresholds
+        ``"a|b"``) are matched longest first, so names holding ``-`` or ``|`` work. Returns the
+        row ``r`` and constant ``c`` of ``r' params = c``."""
+        names = self.param_names
+        order = sorted(range(len(names)), key=lambda i: -len(names[i]))
+        sides = text.split("=")
+        if len(sides) == 1:
+            sides.append("0")
+        if len(sides) != 2:
+            raise ValueError(f"{text!r}: write one '=' per restriction (several restrictions "
+                             "as a list of strings)")
+        row = np.zeros(len(names))
+        const = 0.0
+        for side, sign in ((sides[0], 1.0), (sides[1], -1.0)):
+            r, c = self._parse_linear(side, names, order, text)
+            row += sign * r
+            const -= sign * c
+        if not np.any(row):
+            raise ValueError(f"{text!r} names no parameter; the parameters are {names}")
+        return row, const
+
+    @staticmethod
+    def _parse_linear(side: str, names, order, text: str) -> tuple[np.ndarray, float]:
+        """``sum_i coef_i * name_i + constant`` from text (see :meth:`_parse_restriction`)."""
+        import re
+
+        number = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+        row = np.zeros(len(names))
+        const = 0.0
+        i, n = 0, len(side)
+        expect_term = True
+        sign = 1.0
+        while True:
+            while i < n and side[i].isspace():
+                i += 1
+            if i >= n:
+                break
+            starts_name = any(side.startswith(names[k], i) for k in order)
+            if expect_term and side[i] in "+-" and not starts_name:
+                sign *= -1.0 if side[i] == "-" else 1.0
+                i += 1
+                continue
+            if not expect_term:
+                if side[i] not in "+-":
+                    raise ValueError(f"{text!r}: expected '+' or '-' at {side[i:]!r}")
+                sign = -1.0 if side[i] == "-" else 1.0
+                i += 1
+                expect_term = True
+                continue
+            coef, name = 1.0, None
+            hit = next((k for k in order if side.startswith(names[k], i)), None)
+            m = number.match(side, i)
+            if hit is not None and (m is None or len(names[hit]) >= m.end() - i):
+                name, i = hit, i + len(names[hit])
+                j = i
+                while j < n and side[j].isspace():
+                    j += 1
+                if j < n and side[j] == "*":  # name * number
+                    j += 1
+                    while j < n and side[j].isspace():
+                        j += 1
+                    m2 = number.match(side, j)
+                    if m2 is None:
+                        raise ValueError(f"{text!r}: expected a number after '*'")
+                    coef, i = float(m2.group(0)), m2.end()
+            elif m is not None:
+                coef, i = float(m.group(0)), m.end()
+                j = i
+                while j < n and side[j].isspace():
+                    j += 1
+                if j < n and side[j] == "*":  # number * name
+                    j += 1
+                    while j < n and side[j].isspace():
+                        j += 1
+                    hit = next((k for k in order if side.startswith(names[k], j)), None)
+                    if hit is None:
+                        raise ValueError(f"{text!r}: unknown parameter at {side[j:]!r}; the "
+                                         f"parameters are {names}")
+                    name, i = hit, j + len(names[hit])
+            else:
+                raise ValueError(f"{text!r}: unknown parameter at {side[i:]!r}; the "
+                                 f"parameters are {names}")
+            if name is None:
+                const += sign * coef
+            else:
+                row[name] += sign * coef
+            sign = 1.0
+            expect_term = False
+        if expect_term and (np.any(row) or const):
+            raise ValueError(f"{text!r}: it ends with an operator")
+        return row, const
 
     def simultaneous_conf_int(self, alpha: float = 0.05, method: str = "max-z",
                               params=None) -> np.ndarray:
