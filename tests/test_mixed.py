@@ -47,13 +47,14 @@ def test_reml_criterion_matches_a_dense_laplace_computation():
     X, y, g, _, _ = world(6, 40, 0.7, 0.4, seed=3, p=1)
     std = Standardizer.fit(X)
     Xs = std.transform(X.copy())
-    lap = _Laplace(Xs, y, None, g, [0], 4, "full")
+    Zs = np.column_stack([np.ones(len(y)), Xs[:, 0]])
+    lap = _Laplace(Xs, Zs, y, None, g, 4, "full")
     psi = np.array([0.6, 0.1, 0.3])  # Lambda = [[0.6, 0], [0.1, 0.3]]
     phi0 = np.array([0.0, -1.0, 0.0, 1.0])
     lap.mode(np.zeros(3), phi0)
+    ours = lap.criterion(psi)  # what the fit minimises: REML, log|S| included
     m = lap.mode(psi)
     assert m.converged
-    ours = m.f + 0.5 * m.logdet_A + 0.5 * m.logdet_S
 
     lam = np.zeros((2, 2))
     lam[np.tril_indices(2)] = psi
@@ -83,7 +84,8 @@ def test_zero_variance_is_the_pooled_fit():
     """With Lambda = 0 the joint mode is the ordinary maximum likelihood fit."""
     X, y, g, _, _ = world(10, 80, 0.5, 0.2, seed=1)
     std = Standardizer.fit(X)
-    lap = _Laplace(std.transform(X.copy()), y, None, g, [0, 1], 4, "full")
+    Xs = std.transform(X.copy())
+    lap = _Laplace(Xs, np.column_stack([np.ones(len(y)), Xs]), y, None, g, 4, "full")
     m = lap.mode(np.zeros(6), np.array([0.0, 0.0, -1.0, 0.0, 1.0]))
     raw = std.to_raw(m.phi)
     ref = OrdinalRegression().fit(X, y)
@@ -137,6 +139,15 @@ def test_predictions_for_known_and_new_groups():
     eta = X[rows] @ m.coef_ + z @ m.random_effects_[m.groups_.index("3")]
     assert np.allclose(m.predict_proba(X[rows], groups=g[rows]),
                        class_proba(eta, m.thresholds_), atol=1e-12)
+    # group_params: the same model written as each group's own slopes and thresholds
+    own = m.group_params()[m.groups_.index("3")]
+    assert np.allclose(class_proba(X[rows] @ own[:2], own[2:]), class_proba(eta, m.thresholds_),
+                       atol=1e-12)
+    assert np.allclose(m.predict_linear(X[rows], groups=g[rows]), eta)
+    assert np.allclose(m.predict_cumulative_proba(X[rows], groups=g[rows]),
+                       np.cumsum(class_proba(eta, m.thresholds_), axis=1)[:, :-1])
+    with pytest.raises(DataError, match="no intervals"):
+        m.predict_proba_ci(X[rows])
     # a new group: the probabilities integrated over the random effects
     x = X[:3]
     P = m.predict_proba(x)
@@ -148,7 +159,7 @@ def test_predictions_for_known_and_new_groups():
                 np.array([x[i] @ m.coef_ + s]), m.thresholds_)[0, k]
                 * np.exp(-0.5 * (s / sd) ** 2) / (sd * np.sqrt(2 * np.pi)),
                 -12 * sd, 12 * sd, epsabs=1e-12)[0]
-            assert P[i, k] == pytest.approx(ref, abs=1e-9)
+            assert P[i, k] == pytest.approx(ref, abs=1e-10)
     with pytest.warns(UserWarning, match="not fitted on"):
         Q = m.predict_proba(x, groups=["new"] * 3)
     assert np.allclose(Q, P)
@@ -180,12 +191,20 @@ def test_frame_groups_column_weights_and_persistence(tmp_path):
     w = np.ones(len(y))
     w[g == 9] = 0.0
     m2 = MixedOrdinalRegression(random="intercept").fit(X, y, groups=g, sample_weight=w)
-    assert m2.n_groups_ == 9
+    ref = MixedOrdinalRegression(random="intercept").fit(X[g < 9], y[g < 9], groups=g[g < 9])
+    assert m2.n_groups_ == 9 and np.allclose(m2.coef_, ref.coef_, atol=1e-8)
+    assert np.allclose(m2.random_sd_, ref.random_sd_, atol=1e-6)
     path = m.save(tmp_path / "mixed")
     back = load(path)
     new = df.drop(columns="y").iloc[:20]
     assert np.array_equal(back.predict_proba(new, groups="site"),
                           m.predict_proba(new, groups="site"))
+    assert np.array_equal(back.predict_proba(new.drop(columns="site")),  # new groups
+                          m.predict_proba(new.drop(columns="site")))
+    # labels read back as floats find the groups fitted as integers
+    mi = MixedOrdinalRegression(random="intercept").fit(X, y, groups=g)
+    assert np.array_equal(mi.predict_proba(X[:30], groups=g[:30].astype(float)),
+                          mi.predict_proba(X[:30], groups=g[:30]))
     assert back.groups_ == m.groups_ and back.random_names_ == m.random_names_
     assert "Groups" in str(back.summary())
 
@@ -238,10 +257,75 @@ def test_the_command_line_and_the_report(tmp_path, capsys):
                  "--data", data, "--target", "grade", "--groups", "site"]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "<h2>Random effects</h2>" in page and "corr. with (intercept)" in page
+    assert main(["--quiet", "fit", data, "--target", "grade", "--estimator", "mixed",
+                 "--groups", "site", "--random", "dose", "--covariance", "diagonal",
+                 "--out", str(tmp_path / "m2")]) == 0
+    m2 = load(tmp_path / "m2")
+    assert m2.random_names_ == ["(intercept)", "dose"] and m2.covariance == "diagonal"
+    capsys.readouterr()
     for bad, msg in ((["--estimator", "mixed"], "needs --groups"),
+                     (["--random", "intercept"], "--random apply to --estimator mixed only"),
                      (["--estimator", "mixed", "--groups", "site", "--meta", "fomaml"],
                       "--meta does not apply to --estimator mixed")):
         code = main(["--quiet", "fit", data, "--target", "grade", *bad,
                      "--out", str(tmp_path / "x")])
         assert code == 2 and msg in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_new_group_probabilities_are_exact_for_a_large_spread():
+    """The average over the random effect is exact to 1e-10 even when its sd is 5 (the
+    trapezoid rule on an analytic integrand), against a dense quadrature."""
+    from fedgrain.estimators.mixed import _averaged_proba
+
+    theta = np.array([-1.0, 0.5, 2.0])
+    eta = np.array([1.3, -0.4])
+    for sd in (0.05, 1.0, 2.0, 5.0):
+        got = _averaged_proba(eta, np.full(2, sd), theta)
+        s = np.linspace(-12 * sd, 12 * sd, 400_001)
+        dens = np.exp(-0.5 * (s / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+        for i in range(2):
+            P = class_proba(eta[i] + s, theta)
+            ref = np.trapezoid(P * dens[:, None], s, axis=0)
+            np.testing.assert_allclose(got[i], ref, atol=1e-10)
+
+
+def test_diagonal_covariance_is_independent_on_the_features_own_origin():
+    """With covariance='diagonal' the fitted random-effects covariance on the original scale
+    is diagonal, and shifting a feature changes the model (as in lme4); collinear columns and
+    a random slope of a group-level feature are named."""
+    X, y, g, _, _ = world(20, 60, 0.7, 0.3, seed=12)
+    a = MixedOrdinalRegression(covariance="diagonal").fit(X, y, groups=g)
+    assert np.allclose(a.random_cov_, np.diag(np.diag(a.random_cov_)))
+    b = MixedOrdinalRegression(covariance="diagonal").fit(X + [3.0, 0.0], y, groups=g)
+    assert np.allclose(b.random_cov_, np.diag(np.diag(b.random_cov_)))
+    assert not np.allclose(a.predict_proba(X, groups=g), b.predict_proba(X + [3.0, 0.0],
+                                                                          groups=g), atol=1e-4)
+    with pytest.raises(DataError, match="collinear"):
+        MixedOrdinalRegression().fit(np.column_stack([X, 2 * X[:, 0] + 1]), y, groups=g)
+    level = np.random.default_rng(0).standard_normal(20)[g]  # one value per group
+    with pytest.warns(UserWarning, match="does not vary within any group"):
+        MixedOrdinalRegression(random=[2]).fit(np.column_stack([X, level]), y, groups=g)
+
+
+def test_a_damaged_model_file_fails_clearly(tmp_path):
+    from fedgrain.exceptions import ModelFileError
+    from fedgrain.persist import read_model_dir, write_model_dir
+
+    X, y, g, _, _ = world(8, 50, 0.7, 0.2, seed=13)
+    path = MixedOrdinalRegression().fit(X, y, groups=g).save(tmp_path / "m")
+
+    def edits():
+        yield lambda m, a: m.__setitem__("groups", ["0"] * len(m["groups"]))
+        yield lambda m, a: m.__setitem__("converged", "no")
+        yield lambda m, a: a.__setitem__("random_cov", np.full_like(a["random_cov"], np.nan))
+        yield lambda m, a: a.__setitem__("random_cov", -np.eye(a["random_cov"].shape[0]))
+        yield lambda m, a: a.__setitem__("random_effects", a["random_effects"].astype(str))
+        yield lambda m, a: m.__setitem__("random_names", ["(intercept)", "nope"])
+
+    for i, edit in enumerate(edits()):
+        meta, arrays = read_model_dir(path)
+        edit(meta, arrays)
+        write_model_dir(tmp_path / f"bad{i}", meta, arrays)  # valid checksums
+        with pytest.raises(ModelFileError, match="incomplete or inconsistent"):
+            load(tmp_path / f"bad{i}")

@@ -172,6 +172,9 @@ def _check_fit_options(args) -> None:
                      if getattr(args, n) is not None]
     if args.estimator is None:
         args.estimator = "adaptive" if adaptive_only else "dc"
+    mixed_only = [f"--{n}" for n in ("random", "covariance") if getattr(args, n) is not None]
+    if args.estimator != "mixed" and mixed_only:
+        raise DataError(f"{', '.join(mixed_only)} apply to --estimator mixed only.")
     if args.estimator == "mixed":
         if args.groups is None:
             raise DataError("--estimator mixed needs --groups COLUMN: the column naming each "
@@ -294,8 +297,14 @@ def _estimator(args, levels, categorical):
     if args.estimator == "mixed":
         from .estimators import MixedOrdinalRegression
 
-        return (MixedOrdinalRegression(levels=levels, categorical=categorical),
-                "random intercepts and slopes by group, Laplace-approximate REML")
+        random = args.random or "slopes"
+        if random not in ("slopes", "intercept"):
+            random = _csv_list(random)
+        model = MixedOrdinalRegression(random=random, covariance=args.covariance or "full",
+                                       levels=levels, categorical=categorical)
+        what = ("random intercepts" if random == "intercept" else
+                "random intercepts and slopes") + " by group, Laplace-approximate REML"
+        return model, what
     if args.estimator == "mle":
         ridge = 0.0 if args.alpha is None else args.alpha
         if isinstance(ridge, str):
@@ -588,6 +597,12 @@ def _add_fit(command) -> None:
                    help="adaptive: the column naming each row's site; every site is a client "
                         "with a leaf of its own, its rows never mixed with another's; mixed: "
                         "the groups of the random effects")
+    p.add_argument("--random", default=None, metavar="EFFECTS",
+                   help="mixed: the random effects by group: slopes (an intercept and every "
+                        "feature's slope; default), intercept, or the features with random "
+                        "slopes: f1,f2")
+    p.add_argument("--covariance", choices=("full", "diagonal"), default=None,
+                   help="mixed: correlated random effects (full, default) or independent ones")
     p.add_argument("--stability", type=_at_least_two, default=None, metavar="N",
                    help="adaptive: grow the partition again on N random parts of the rows and "
                         "report how alike the regions are (adjusted Rand index; saved with "

@@ -1,7 +1,7 @@
 """Group labels (federated sites): checked, and taken from a DataFrame column when named.
 
 A group label is anything with a text form (numbers, strings); labels are compared as text, so
-``1`` and ``"1"`` are one group. Missing labels are refused: a row must belong to a site.
+``1``, ``1.0`` and ``"1"`` are one group. Missing labels are refused: a row must belong to a site.
 """
 
 from __future__ import annotations
@@ -46,7 +46,15 @@ def check_groups(groups, n_rows: int) -> np.ndarray:
     if missing.any():
         raise DataError(f"groups has a missing label at row {int(np.flatnonzero(missing)[0])} "
                         f"({int(missing.sum()):,} in all); every row needs its group.")
-    return np.array([str(v) for v in raw], dtype=object).astype(str)
+    return np.array([_text(v) for v in raw], dtype=object).astype(str)
+
+
+def _text(v) -> str:
+    """A label's text; a whole-valued float reads as the integer (``1.0`` is group ``"1"``), so
+    labels read as floats (a CSV column with gaps, say) find the groups fitted as integers."""
+    if isinstance(v, (float, np.floating)) and np.isfinite(v) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
 
 
 def kept_groups(groups, sample_weight) -> object:

@@ -30,15 +30,15 @@ criterion starts its inner Newton from the last mode.
 
 The fixed effects' covariance is ``S^-1`` (lme4's ``vcov``); the random effects reported are
 the conditional modes ``u_j = Lambda v_j`` (empirical Bayes estimates). Everything runs on
-standardised features and is mapped back exactly (the covariance of the random effects is full,
-so the model does not depend on the features' location or scale; with ``covariance="diagonal"``
-it depends on their location: centre the features where zero should mean "no correlation").
+standardised features and is mapped back exactly: with the full covariance the model does not
+depend on the features' location or scale; with ``covariance="diagonal"`` the random effects
+are independent on the features' own origin (the intercept is the effect at ``x = 0``), so
+shifting a feature changes that model, as in R and lme4.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numpy.polynomial.hermite import hermgauss
 from scipy.optimize import minimize
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
@@ -51,10 +51,13 @@ from ..data.groups import check_groups, kept_groups, split_groups_column
 from ..exceptions import DataError, SeparationError
 from ..inference.results import OrdinalResults
 from .base import OrdinalModel, is_int, param_error, register
+from .centralized import _collinear_columns, _collinear_error
 
-#: Gauss-Hermite nodes for the probabilities of a group the fit did not see (the random effect
-#: integrated out); 32 nodes are exact to about 1e-10 for a random-effect sd up to 5.
-GH_NODES = 32
+#: The probabilities of a group the fit did not see integrate the random effect ``s = z'u ~
+#: N(0, sd^2)`` out by the trapezoid rule on ``t = s / sd`` over +-9, with steps of at most
+#: 0.5 in ``t`` and in ``s``: the integrand is analytic (the logistic's nearest poles are
+#: ``pi`` away), so the error falls like ``exp(-2 pi^2 / step)``, below 1e-12 at any sd.
+QUAD_RANGE, QUAD_STEP = 9.0, 0.5
 #: The inner Newton stops when it promises less than this gain (nats, absolute).
 INNER_TOL = 1e-11
 #: Forward-difference step of the outer gradient (in the entries of Lambda, standardised
@@ -64,6 +67,8 @@ FD_STEP = 1e-5
 LAMBDA_MAX = 20.0
 #: Fewer groups than this give a variance estimate the data barely determine: a warning.
 MIN_GROUPS = 5
+#: Per-group sums are built over slices of rows of at most this many numbers (16 MB).
+GSUM_ELEMENTS = 2_000_000
 
 
 @register
@@ -108,7 +113,8 @@ class MixedOrdinalRegression(OrdinalModel):
     loglik_ : float
         The Laplace-approximate marginal log-likelihood at the estimates.
     reml_criterion_ : float
-        The REML criterion minimised (``-2`` times the restricted log-likelihood).
+        The REML criterion minimised (``-2`` times the restricted log-likelihood, up to the
+        constant ``d log(2 pi)``).
     n_iter_ : int
         Outer iterations.
 
@@ -169,11 +175,12 @@ class MixedOrdinalRegression(OrdinalModel):
             raise DataError(f"random= names a feature twice: {list(r)}.")
         return sorted(out)
 
-    def fit(self, X, y, groups=None, sample_weight=None):
+    def fit(self, X, y, sample_weight=None, *, groups=None):
         """Fit by Laplace-approximate REML.
 
-        ``groups`` (required): one label per row, or the name of a column of the DataFrame
-        ``X``; labels are compared as text. ``sample_weight``: frequency weights.
+        ``groups`` (required, by keyword): one label per row, or the name of a column of the
+        DataFrame ``X``; labels are compared as text (``1``, ``1.0`` and ``"1"`` are one
+        group). ``sample_weight``: frequency weights.
         """
         self._validate()
         owner = type(self).__name__
@@ -201,7 +208,16 @@ class MixedOrdinalRegression(OrdinalModel):
                             "identified; drop them from levels=.")
         R = self._random_columns(names)
         std = Standardizer.fit(Xm, w)
-        fit = _Laplace(std.transform(np.array(Xm, dtype=float)), codes, w, gidx, R, K,
+        dependent = _collinear_columns(Xm, w, std.mean, std.scale)
+        if dependent.size:
+            raise _collinear_error(names, dependent)
+        self._check_within(Xm, gidx, R, names)
+        Xs = std.transform(np.array(Xm, dtype=float))
+        # the random effects' design: (1, x_R) standardised; with a diagonal covariance not
+        # centred, so that independence holds at the features' own zero (a full covariance
+        # does not depend on the origin, and centring conditions it better)
+        Z = Xs[:, R] if self.covariance == "full" else Xm[:, R] / std.scale[R]
+        fit = _Laplace(Xs, np.column_stack([np.ones(Xs.shape[0]), Z]), codes, w, gidx, K,
                        self.covariance)
         phi0 = np.concatenate([np.zeros(p), initial_thresholds(codes, w, K, floor=1e-10)])
         psi, n_iter, converged = fit.optimise(phi0, self.max_iter, float(self.tol))
@@ -217,7 +233,8 @@ class MixedOrdinalRegression(OrdinalModel):
         # random effects on the original scale: z'u with z = (1, x_R) instead of standardised
         q = len(R) + 1
         M = np.eye(q)
-        M[0, 1:] = -std.mean[R] / std.scale[R]
+        if self.covariance == "full":
+            M[0, 1:] = -std.mean[R] / std.scale[R]
         M[np.arange(1, q), np.arange(1, q)] = 1.0 / std.scale[R]
         Lam = fit.lam(psi)
         self.random_cov_ = M @ Lam @ Lam.T @ M.T
@@ -246,6 +263,22 @@ class MixedOrdinalRegression(OrdinalModel):
         self._set_fitted(data.schema, data.target, params, cov, results)
         return self
 
+    @staticmethod
+    def _check_within(Xm, gidx, R, names) -> None:
+        """Warn about random slopes of features that do not vary within any group: such a
+        slope is not told apart from the random intercept (a group-level covariate)."""
+        if not R:
+            return
+        counts = np.bincount(gidx)
+        for j in R:
+            x = Xm[:, j]
+            mean = np.bincount(gidx, weights=x) / counts
+            within = np.bincount(gidx, weights=(x - mean[gidx]) ** 2)
+            if np.all(within <= 1e-12 * max(1.0, float(np.sum(x * x)))):
+                warn(f"Feature {names[j]!r} does not vary within any group: its random slope "
+                     "is not identified apart from the random intercept. Leave it out of "
+                     "random= (it can stay a fixed effect).", UserWarning)
+
     # ---- prediction ------------------------------------------------------------------------
     def _group_index(self, groups, n: int) -> np.ndarray:
         labels = check_groups(groups, n)
@@ -266,16 +299,9 @@ class MixedOrdinalRegression(OrdinalModel):
         population average: the probabilities integrated over the random effects' normal
         distribution (Gauss-Hermite quadrature), the right forecast for a new group.
         """
-        check_is_fitted(self, "coef_")
-        if isinstance(groups, str):
-            X, groups = split_groups_column(X, groups)
-        Xe = self.encode(X)
-        n = Xe.shape[0]
-        R = [self.schema_.output_names.index(c) for c in self.random_names_[1:]]
-        Z = np.column_stack([np.ones(n), Xe[:, R]])
+        Xe, idx, Z = self._linear(X, groups)
         eta = Xe @ self.coef_
-        out = np.empty((n, self.thresholds_.shape[0] + 1))
-        idx = np.full(n, -1) if groups is None else self._group_index(groups, n)
+        out = np.empty((Xe.shape[0], self.thresholds_.shape[0] + 1))
         known = idx >= 0
         if known.any():
             out[known] = class_proba(
@@ -284,18 +310,49 @@ class MixedOrdinalRegression(OrdinalModel):
         if (~known).any():
             Zu = Z[~known]
             sd = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", Zu, self.random_cov_, Zu), 0.0))
-            nodes, weights = hermgauss(GH_NODES)
-            acc = np.zeros((Zu.shape[0], out.shape[1]))
-            for t, wt in zip(nodes, weights, strict=True):
-                acc += wt * class_proba(eta[~known] + np.sqrt(2.0) * sd * t, self.thresholds_)
-            out[~known] = acc / np.sqrt(np.pi)
+            out[~known] = _averaged_proba(eta[~known], sd, self.thresholds_)
         return out
+
+    def _linear(self, X, groups):
+        """Encoded rows, the known groups' positions (-1: none) and ``z`` of each row."""
+        check_is_fitted(self, "coef_")
+        if isinstance(groups, str):
+            X, groups = split_groups_column(X, groups)
+        Xe = self.encode(X)
+        n = Xe.shape[0]
+        R = [self.schema_.output_names.index(c) for c in self.random_names_[1:]]
+        idx = np.full(n, -1) if groups is None else self._group_index(groups, n)
+        return Xe, idx, np.column_stack([np.ones(n), Xe[:, R]])
+
+    def predict_linear(self, X, groups=None) -> np.ndarray:
+        """``x @ coef_`` plus, for a row of a known group, ``z @ u_group``: the linear predictor
+        of the row's group model (of a typical group, ``u = 0``, for the other rows)."""
+        Xe, idx, Z = self._linear(X, groups)
+        eta = Xe @ self.coef_
+        known = idx >= 0
+        eta[known] += np.einsum("ij,ij->i", Z[known], self.random_effects_[idx[known]])
+        return eta
+
+    def predict_cumulative_proba(self, X, groups=None) -> np.ndarray:
+        """``P(Y <= k)`` for the first ``K - 1`` levels, as :meth:`predict_proba` gives them
+        (a known group's model, else the population average)."""
+        return np.cumsum(self.predict_proba(X, groups), axis=1)[:, :-1]
+
+    def predict_proba_ci(self, X, alpha: float = 0.05, groups=None):
+        """Not available: a group's probabilities rest on its predicted random effects and a
+        new group's on the estimated spread, whose uncertainty a delta-method interval of the
+        fixed effects leaves out. Raises a :class:`DataError` that says what to use."""
+        raise DataError(
+            "MixedOrdinalRegression gives no intervals for predicted probabilities: they depend "
+            "on the groups' predicted random effects and the estimated variances, which a "
+            "delta-method interval does not cover. For a typical group (random effects zero) "
+            "use model.results_.predict_proba_ci(model.encode(X)).")
 
     def predict(self, X, groups=None) -> np.ndarray:
         """The most probable level of each row (see :meth:`predict_proba`)."""
         return self.classes_[np.argmax(self.predict_proba(X, groups), axis=1)]
 
-    def score(self, X, y, groups=None, sample_weight=None) -> float:
+    def score(self, X, y, sample_weight=None, *, groups=None) -> float:
         """Accuracy of :meth:`predict` (with the groups' own models when ``groups`` is given)."""
         from sklearn.metrics import accuracy_score
 
@@ -325,20 +382,39 @@ class MixedOrdinalRegression(OrdinalModel):
     def _restore_extra(self, meta, arrays):
         q = len(meta["random_names"])
         names = self.schema_.output_names
+        cov, eff = arrays["random_cov"], arrays["random_effects"]
+        groups = [str(g) for g in meta["groups"]]
         if any(c not in names for c in meta["random_names"][1:]) or \
-                arrays["random_cov"].shape != (q, q) or \
-                arrays["random_effects"].shape != (len(meta["groups"]), q):
+                cov.shape != (q, q) or eff.shape != (len(groups), q) or \
+                cov.dtype.kind != "f" or eff.dtype.kind != "f" or \
+                not (np.all(np.isfinite(cov)) and np.all(np.isfinite(eff))) or \
+                len(set(groups)) != len(groups) or not isinstance(meta["converged"], bool):
             raise ValueError("random effects do not match the features and groups")
+        if not np.allclose(cov, cov.T) or \
+                np.linalg.eigvalsh(cov).min() < -1e-9 * max(1.0, float(np.abs(cov).max())):
+            raise ValueError("the random effects' covariance is not positive semi-definite")
         self.loglik_ = float(meta["loglik"])
         self.reml_criterion_ = float(meta["reml"])
         self.n_iter_ = int(meta["n_iter"])
-        self.converged_ = bool(meta["converged"])
-        self.groups_ = [str(g) for g in meta["groups"]]
+        self.converged_ = meta["converged"]
+        self.groups_ = groups
         self.n_groups_ = len(self.groups_)
         self.random_names_ = [str(c) for c in meta["random_names"]]
         self.random_cov_ = arrays["random_cov"]
         self.random_sd_ = np.sqrt(np.maximum(np.diag(self.random_cov_), 0.0))
         self.random_effects_ = arrays["random_effects"]
+
+
+def _averaged_proba(eta: np.ndarray, sd: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """``E[class_proba(eta + s)]`` over ``s ~ N(0, sd^2)``, row by row (see QUAD_STEP)."""
+    step = min(QUAD_STEP, QUAD_STEP / max(float(sd.max(initial=0.0)), 1e-300))
+    t = np.arange(-QUAD_RANGE, QUAD_RANGE + step / 2, step)
+    wt = np.exp(-0.5 * t * t) * step / np.sqrt(2.0 * np.pi)
+    wt /= wt.sum()  # the truncated tails (beyond 9 sd) are below 1e-18
+    out = np.zeros((eta.shape[0], theta.shape[0] + 1))
+    for tk, wk in zip(t, wt, strict=True):
+        out += wk * class_proba(eta + sd * tk, theta)
+    return out
 
 
 class _Mode:
@@ -354,7 +430,7 @@ class _Mode:
 class _Laplace:
     """The REML criterion of the mixed model on standardised features, and its minimisation."""
 
-    def __init__(self, Xs, codes, w, gidx, R, K, covariance):
+    def __init__(self, Xs, Z, codes, w, gidx, K, covariance):
         order = np.argsort(gidx, kind="stable")
         self.X = Xs[order]
         self.y = codes[order]
@@ -363,8 +439,8 @@ class _Laplace:
         self.starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
         self.g = g
         self.J = self.starts.size
-        self.Z = np.column_stack([np.ones(order.size), self.X[:, R]])
-        self.p, self.K1, self.q = Xs.shape[1], K - 1, len(R) + 1
+        self.Z = Z[order]
+        self.p, self.K1, self.q = Xs.shape[1], K - 1, Z.shape[1]
         self.full = covariance == "full"
         q = self.q
         self.tril = np.tril_indices(q) if self.full else (np.arange(q), np.arange(q))
@@ -376,8 +452,18 @@ class _Laplace:
         L[self.tril] = psi
         return L
 
-    def _gsum(self, a):
-        return np.add.reduceat(a, self.starts, axis=0)
+    def _gsum(self, make, shape):
+        """Per-group sums of ``make(rows)`` (an array with one entry per row of the slice),
+        built in slices of rows so that no ``(n, d, q)`` array is ever whole."""
+        out = np.zeros((self.J, *shape))
+        n = self.g.shape[0]
+        size = max(1, GSUM_ELEMENTS // max(1, int(np.prod(shape))))
+        for a in range(0, n, size):
+            b = min(a + size, n)
+            g = self.g[a:b]
+            local = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+            out[g[local]] += np.add.reduceat(make(slice(a, b)), local, axis=0)
+        return out
 
     def _loss(self, phi, v, W):
         p = self.p
@@ -397,7 +483,7 @@ class _Laplace:
         ws, wc = w * t.s, w * t.c
         f = float(w @ t.loss) + 0.5 * float(np.sum(v * v))
         g_phi = np.concatenate([self.X.T @ ws, w @ t.grad_theta])
-        g_v = self._gsum(ws[:, None] * W) + v
+        g_v = self._gsum(lambda r: ws[r, None] * W[r], (self.q,)) + v
         Xc = self.X * wc[:, None]
         wcross = t.cross * w[:, None]
         H = np.empty((p + self.K1,) * 2)
@@ -405,9 +491,10 @@ class _Laplace:
         H[:p, p:] = self.X.T @ wcross
         H[p:, :p] = H[:p, p:].T
         H[p:, p:] = t.theta_hessian(w)
-        A = self._gsum((wc[:, None] * W)[:, :, None] * W[:, None, :]) + np.eye(q)
+        A = self._gsum(lambda r: (wc[r, None] * W[r])[:, :, None] * W[r, None, :],
+                       (q, q)) + np.eye(q)
         D = np.concatenate([Xc, wcross], axis=1)
-        B = self._gsum(D[:, :, None] * W[:, None, :])  # (J, d, q)
+        B = self._gsum(lambda r: D[r, :, None] * W[r, None, :], (D.shape[1], q))  # (J, d, q)
         return f, g_phi, g_v, H, A, B
 
     def mode(self, psi, phi0=None, max_newton=100) -> _Mode:
