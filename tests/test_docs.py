@@ -17,8 +17,9 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(fedgrain.__path__, "fedgr
 #: progress reports, the streamed data source, the partition and the profile.
 PUBLIC = [
     "fedgrain.AdaptiveFederatedOrdinal", "fedgrain.DivideConquerOrdinal",
-    "fedgrain.OrdinalRegression", "fedgrain.OrdinalResults",
+    "fedgrain.OrdinalRegression", "fedgrain.OrdinalResults", "fedgrain.MixedOrdinalRegression",
     "fedgrain.inference.results.Summary", "fedgrain.inference.results.WaldTest",
+    "fedgrain.inference.results.LRTest", "fedgrain.inference.po_tests.ProportionalOddsTest",
     "fedgrain.estimators.models.LeafModel",
     "fedgrain.backends.base.Backend", "fedgrain.backends.SerialBackend",
     "fedgrain.backends.ProcessesBackend", "fedgrain.backends.dask.DaskBackend",

@@ -39,6 +39,15 @@ class ProportionalOddsTest:
     """A test of proportional odds: one row per feature, then the omnibus test.
 
     ``table`` has columns ``chi2``, ``df`` and ``p`` indexed by feature name and ``"omnibus"``.
+
+    Examples
+    --------
+    >>> from fedgrain import OrdinalRegression
+    >>> from fedgrain.datasets import make_ordinal
+    >>> X, y, *_ = make_ordinal(2000, 2, 4, random_state=0)
+    >>> test = OrdinalRegression().fit(X, y).proportional_odds_test(X, y)
+    >>> list(test.table.index), int(test.omnibus["df"])
+    (['x0', 'x1', 'omnibus'], 4)
     """
 
     method: str
