@@ -19,7 +19,7 @@ PUBLIC = [
     "fedgrain.AdaptiveFederatedOrdinal", "fedgrain.DivideConquerOrdinal",
     "fedgrain.OrdinalRegression", "fedgrain.OrdinalResults", "fedgrain.MixedOrdinalRegression",
     "fedgrain.inference.results.Summary", "fedgrain.inference.results.WaldTest",
-    "fedgrain.inference.results.LRTest", "fedgrain.inference.po_tests.ProportionalOddsTest",
+    "fedgrain.inference.results.LRTest", "fedgrain.inference.results.LabelledResults", "fedgrain.inference.po_tests.ProportionalOddsTest",
     "fedgrain.estimators.models.LeafModel",
     "fedgrain.backends.base.Backend", "fedgrain.backends.SerialBackend",
     "fedgrain.backends.ProcessesBackend", "fedgrain.backends.dask.DaskBackend",

@@ -139,3 +139,69 @@ def test_fit_statistics_and_the_likelihood_ratio_test_match_statsmodels(ucla, tm
             OrdinalRegression(levels=UCLA_LEVELS).fit(X[["pared", "public"]], y))
     with pytest.raises(DataError, match="penalised"):
         m.lr_test(OrdinalRegression(levels=UCLA_LEVELS, alpha=0.1).fit(X[["pared"]], y))
+
+
+def test_cluster_robust_errors_match_statsmodels(ucla):
+    """cov_groups: statsmodels' OrderedModel fitted with cov_type='cluster' (its default
+    small-sample factor G/(G-1) (N-1)/(N-k)) on the same groups of 4 rows, to 1e-4."""
+    X, y = ucla
+    g = np.arange(len(y)) // 4
+    m = OrdinalRegression(levels=UCLA_LEVELS).fit(X, y, cov_groups=g)
+    yc = pd.Series(pd.Categorical(y, categories=UCLA_LEVELS, ordered=True))
+    res = OrderedModel(yc, X, distr="logit").fit(method="bfgs", disp=False, maxiter=2000,
+                                                 gtol=1e-9, cov_type="cluster",
+                                                 cov_kwds={"groups": g})
+    np.testing.assert_allclose(m.bse_[:4], np.asarray(res.bse)[:4], rtol=1e-4)
+    assert m.results_.info["Standard errors"] == "cluster-robust (100 groups)"
+    # a column of the frame names the groups just as well
+    framed = OrdinalRegression(levels=UCLA_LEVELS).fit(X.assign(g=g), y, cov_groups="g")
+    np.testing.assert_allclose(framed.bse_, m.bse_, rtol=1e-12)
+
+
+def test_probability_weights_give_a_sandwich_that_ignores_their_scale(ucla):
+    """weights='probability': the estimate of the weighted likelihood with the sandwich
+    H^-1 (sum w^2 s s') H^-1 N / (N - k), here rebuilt from numerical derivatives of the
+    likelihood written out, and unchanged when the weights are multiplied by 7."""
+    from scipy.special import expit
+
+    from fedgrain.exceptions import DataError
+
+    X, y = ucla
+    w = np.random.default_rng(0).uniform(0.5, 3.0, len(y))
+    m = OrdinalRegression(levels=UCLA_LEVELS, weights="probability").fit(X, y,
+                                                                         sample_weight=w)
+    m7 = OrdinalRegression(levels=UCLA_LEVELS, weights="probability").fit(X, y,
+                                                                          sample_weight=7 * w)
+    np.testing.assert_allclose(m7.bse_, m.bse_, rtol=1e-8)
+    freq = OrdinalRegression(levels=UCLA_LEVELS).fit(X, y, sample_weight=w)
+    np.testing.assert_allclose(freq.coef_, m.coef_, atol=1e-10)  # the same estimate
+    Xn = X.to_numpy(float)
+    codes = pd.Categorical(y, categories=UCLA_LEVELS).codes.astype(int)
+    n, p = Xn.shape
+
+    def rows(par):
+        t = np.r_[-np.inf, par[p:], np.inf]
+        eta = Xn @ par[:p]
+        return np.log(expit(t[codes + 1] - eta) - expit(t[codes] - eta))
+
+    x0 = np.r_[m.coef_, m.thresholds_]
+    d = x0.size
+
+    def scores(x, h=1e-6):  # per-row scores, (n, d)
+        E = np.eye(d) * h
+        return np.column_stack([(rows(x + E[i]) - rows(x - E[i])) / (2 * h) for i in range(d)])
+
+    S = scores(x0)
+    E = np.eye(d) * 1e-4
+    H = np.column_stack([(scores(x0 + E[j]).T @ w - scores(x0 - E[j]).T @ w) / 2e-4
+                         for j in range(d)])
+    Hinv = np.linalg.inv(-0.5 * (H + H.T))
+    V = Hinv @ ((S * (w * w)[:, None]).T @ S) @ Hinv * n / (n - d)
+    np.testing.assert_allclose(m.bse_, np.sqrt(np.diag(V)), rtol=1e-4)
+    with pytest.raises(DataError, match="pseudo-likelihood"):
+        m.lr_test(OrdinalRegression(levels=UCLA_LEVELS, weights="probability").fit(
+            X[["pared"]], y, sample_weight=w))
+    with pytest.raises(DataError, match="none was given"):
+        OrdinalRegression(weights="probability").fit(X, y)
+    with pytest.raises(DataError, match="one group only"):
+        OrdinalRegression(levels=UCLA_LEVELS).fit(X, y, cov_groups=np.zeros(len(y)))

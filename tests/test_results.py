@@ -161,3 +161,16 @@ def test_wald_tests_written_as_text_equal_the_matrix_form():
             r.wald_test(bad)
     with pytest.raises(ValueError, match="q goes with a matrix"):
         r.wald_test("age = 0", q=[1.0])
+
+
+def test_labelled_results_are_the_arrays_with_names(fitted):
+    model, _ = fitted
+    r = model.results_
+    lab = r.labelled
+    assert list(lab.params.index) == r.param_names
+    np.testing.assert_array_equal(lab.params.to_numpy(), r.params)
+    np.testing.assert_array_equal(lab.bse.to_numpy(), r.bse)
+    np.testing.assert_array_equal(lab.pvalues.to_numpy(), r.pvalues)
+    np.testing.assert_array_equal(lab.zvalues.to_numpy(), r.zvalues)
+    np.testing.assert_array_equal(lab.conf_int(0.1).to_numpy(), r.conf_int(0.1))
+    assert lab.params["age"] == model.coef_[0]

@@ -8,11 +8,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._warnings import warn
 from ..core.blocks import block_rows
-from ..core.likelihood import Pass, exact_pass, initial_thresholds
+from ..core.likelihood import Pass, exact_pass, exact_row_terms, initial_thresholds
 from ..core.linalg import NotIdentifiedError, chi2_sf, inverse, unidentified_directions
 from ..core.solvers import newton, runaway, warm_start
 from ..core.standardize import Standardizer, column_moments
 from ..data import prepare_fit
+from ..data.groups import check_groups, kept_groups, split_groups_column
 from ..exceptions import DataError, SeparationError
 from ..inference import local
 from ..inference.results import LRTest, OrdinalResults, parameter_names
@@ -38,6 +39,10 @@ class OrdinalRegression(OrdinalModel):
     variance : {"model", "sandwich"}
         Model-based standard errors (inverse observed information, as R and statsmodels
         report) or the robust sandwich.
+    weights : {"frequency", "probability"}
+        What ``sample_weight`` means: counts of identical rows (the default), or survey /
+        inverse-probability weights, with robust standard errors that do not depend on the
+        weights' scale (the log-likelihood is then a pseudo-likelihood: no ``lr_test``).
     levels : sequence, optional
         The ordered levels of the target, lowest first; needed when they are strings.
     categorical : sequence of str, optional
@@ -79,10 +84,11 @@ class OrdinalRegression(OrdinalModel):
     array([ 1.1, -0.5])
     """
 
-    def __init__(self, *, alpha=0.0, variance="model", levels=None, categorical=None,
-                 max_iter=100, tol=1e-8):
+    def __init__(self, *, alpha=0.0, variance="model", weights="frequency", levels=None,
+                 categorical=None, max_iter=100, tol=1e-8):
         self.alpha = alpha
         self.variance = variance
+        self.weights = weights
         self.levels = levels
         self.categorical = categorical
         self.max_iter = max_iter
@@ -94,14 +100,37 @@ class OrdinalRegression(OrdinalModel):
             raise param_error(owner, "alpha", "a float >= 0", self.alpha)
         if self.variance not in ("model", "sandwich"):
             raise param_error(owner, "variance", "'model' or 'sandwich'", self.variance)
+        if self.weights not in ("frequency", "probability"):
+            raise param_error(owner, "weights", "'frequency' or 'probability'", self.weights)
         self._validate_solver(owner)
 
-    def fit(self, X, y, sample_weight=None):
-        """Fit by exact maximum likelihood. ``y`` may name a column when ``X`` is a frame."""
+    def fit(self, X, y, sample_weight=None, cov_groups=None):
+        """Fit by exact maximum likelihood. ``y`` may name a column when ``X`` is a frame.
+
+        ``sample_weight`` are frequency weights (a row of weight 3 is three rows) or, with
+        ``weights="probability"``, survey / inverse-probability weights (the standard errors
+        are then the robust sandwich's, and do not change when the weights are multiplied by a
+        constant). ``cov_groups`` (labels, or a column of the DataFrame ``X``) makes the
+        standard errors cluster-robust: rows of one group (a respondent answering several
+        times, a school) may be correlated, groups are independent.
+        """
         self._validate()
+        owner = type(self).__name__
+        if cov_groups is not None:
+            X, cov_groups = split_groups_column(X, cov_groups)
+            cov_groups = kept_groups(cov_groups, sample_weight)
+        if self.weights == "probability" and sample_weight is None:
+            raise DataError("weights='probability' describes sample_weight, and none was given.")
         data = prepare_fit(X, y, levels=self.levels, categorical=self.categorical,
-                           sample_weight=sample_weight, estimator_name=type(self).__name__)
+                           sample_weight=sample_weight, estimator_name=owner)
         Xm, codes, w = data.X, data.codes, data.weights
+        clusters = None
+        if cov_groups is not None:
+            _, clusters = np.unique(check_groups(cov_groups, codes.shape[0]),
+                                    return_inverse=True)
+            if clusters.max() < 1:
+                raise DataError("cov_groups has one group only: a cluster-robust variance "
+                                "needs many groups (at least 20 or so to be trusted).")
         n_eff = float(codes.shape[0] if w is None else w.sum())
         p, K = Xm.shape[1], data.target.n_classes
         means, scales = column_moments(Xm, w)
@@ -130,7 +159,12 @@ class OrdinalRegression(OrdinalModel):
                             feasible=increasing)
             res = newton(oracle, x0, n_eff, max_iter=self.max_iter, tol=self.tol,
                          feasible=increasing)
-            J = oracle(res.x, order=0, meat=True).meat if self.variance == "sandwich" else None
+            J = None
+            robust = self.variance == "sandwich" or self.weights == "probability" or \
+                clusters is not None
+            if robust:
+                J = _meat(Xm, codes, w, res.x, means, clusters,
+                          squared=self.weights == "probability")
         names = data.schema.output_names
         labels = parameter_names(names, data.target.classes)
         unit = np.where(scales > 0, scales, 1.0)
@@ -148,7 +182,7 @@ class OrdinalRegression(OrdinalModel):
         counts = np.bincount(codes, weights=w, minlength=K)
         seen = counts > 0
         self.llnull_ = float(counts[seen] @ np.log(counts[seen] / n_eff))
-        self.nobs_ = n_eff
+        self.nobs_ = n_eff if self.weights == "frequency" else float(codes.shape[0])
         self.df_model_ = p
         self.n_iter_ = res.n_iter
         self.converged_ = bool(res.converged)
@@ -162,7 +196,7 @@ class OrdinalRegression(OrdinalModel):
                 "Null log-likelihood": f"{self.llnull_:.4f}",
                 "AIC": f"{self.aic_:.4f}", "BIC": f"{self.bic_:.4f}",
                 "McFadden pseudo-R^2": f"{self.pseudo_r2_:.4f}",
-                "Standard errors": "model-based" if self.variance == "model" else "sandwich",
+                "Standard errors": _variance_label(robust, clusters, self.weights),
                 "Ridge alpha": self.alpha,
                 "Newton iterations": f"{res.n_iter} "
                                      f"({'converged' if res.converged else 'NOT converged'})",
@@ -202,6 +236,10 @@ class OrdinalRegression(OrdinalModel):
                 not np.isclose(big.llnull_, small.llnull_, rtol=1e-10, atol=1e-8):
             raise DataError("lr_test needs both models fitted on the same rows (their row "
                             "counts, levels or class counts differ).")
+        if "probability" in (big.weights, small.weights):
+            raise DataError("lr_test compares likelihoods; with probability weights the "
+                            "weighted log-likelihood is a pseudo-likelihood (use a Wald test, "
+                            "results_.wald_test).")
         if big.alpha or small.alpha:
             raise DataError("lr_test compares maximum likelihood fits; a ridge fit (alpha > 0) "
                             "maximises a penalised likelihood.")
@@ -266,6 +304,42 @@ class OrdinalRegression(OrdinalModel):
         self.converged_ = bool(meta.get("converged", True))
         self.df_model_ = self.coef_.shape[0]
         self._set_statistics(self.thresholds_.shape[0])
+
+
+def _variance_label(robust: bool, clusters, weights: str) -> str:
+    if clusters is not None:
+        return f"cluster-robust ({int(clusters.max()) + 1:,} groups)"
+    if weights == "probability":
+        return "robust sandwich (probability weights)"
+    return "sandwich" if robust else "model-based"
+
+
+def _meat(X, codes, w, x, means, clusters, squared: bool) -> np.ndarray:
+    """The sandwich meat at ``x`` (centred coordinates): sums over clusters (each row its own
+    without ``clusters``) of the outer products of their weighted scores. Frequency weights
+    count rows (``w s s'`` per row), probability weights scale scores (``w^2 s s'``). With
+    ``G`` clusters of ``N`` rows and ``k`` parameters the meat is scaled by ``G / (G - 1) (N
+    - 1) / (N - k)`` (Stata's and statsmodels' small-sample factor) when clustered, and by
+    ``N / (N - k)`` for probability weights without clusters."""
+    n, p = X.shape
+    d = x.shape[0]
+    meat = np.zeros((d, d))
+    n_groups = n if clusters is None else int(clusters.max()) + 1
+    sums = np.zeros((n_groups, d)) if clusters is not None else None
+    for a in range(0, n, block_rows(d)):
+        b = min(n, a + block_rows(d))
+        t = exact_row_terms((X[a:b] - means) @ x[:p], codes[a:b], x[p:])
+        S = np.concatenate([(X[a:b] - means) * t.s[:, None], t.grad_theta], axis=1)
+        wb = np.ones(b - a) if w is None else w[a:b]
+        if clusters is None:
+            f = wb * wb if squared else wb
+            meat += (S * f[:, None]).T @ S
+        else:
+            np.add.at(sums, clusters[a:b], S * wb[:, None])
+    if clusters is not None:  # a cluster's score: its rows' weighted scores, summed
+        meat = sums.T @ sums
+        return meat * n_groups / (n_groups - 1) * (n - 1) / max(n - d, 1)
+    return meat * (n / max(n - d, 1) if squared else 1.0)
 
 
 def _collinear_columns(X: np.ndarray, w: np.ndarray | None, means: np.ndarray,

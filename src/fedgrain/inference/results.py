@@ -154,6 +154,46 @@ class Summary:
         return self.as_html()
 
 
+class LabelledResults:
+    """:class:`OrdinalResults`' estimates as pandas objects indexed by parameter name.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = OrdinalResults(np.array([0.5, -1.0, 1.0]), np.diag([0.01, 0.04, 0.04]),
+    ...                    ["x"], ["low", "mid", "high"])
+    >>> r.labelled.params["x"], list(r.labelled.conf_int().columns)
+    (np.float64(0.5), ['lower', 'upper'])
+    """
+
+    def __init__(self, results: OrdinalResults):
+        self._r = results
+        self._index = pd.Index(results.param_names, name="parameter")
+
+    def _series(self, values, name: str) -> pd.Series:
+        return pd.Series(np.asarray(values, dtype=float), index=self._index, name=name)
+
+    @property
+    def params(self) -> pd.Series:
+        return self._series(self._r.params, "coef")
+
+    @property
+    def bse(self) -> pd.Series:
+        return self._series(self._r.bse, "std err")
+
+    @property
+    def zvalues(self) -> pd.Series:
+        return self._series(self._r.zvalues, "z")
+
+    @property
+    def pvalues(self) -> pd.Series:
+        return self._series(self._r.pvalues, "P>|z|")
+
+    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
+        ci = self._r.conf_int(alpha)
+        return pd.DataFrame({"lower": ci[:, 0], "upper": ci[:, 1]}, index=self._index)
+
+
 class OrdinalResults:
     """Estimates and their covariance, with the inference that follows.
 
@@ -236,6 +276,13 @@ class OrdinalResults:
         _check_alpha(alpha)
         z = stats.norm.isf(alpha / 2)
         return np.column_stack([self.params - z * self.bse, self.params + z * self.bse])
+
+    @property
+    def labelled(self) -> LabelledResults:
+        """The same quantities as pandas objects indexed by parameter name: ``params``,
+        ``bse``, ``zvalues``, ``pvalues`` (Series) and ``conf_int(alpha)`` (a DataFrame with
+        ``lower`` and ``upper``), as statsmodels returns them for pandas input."""
+        return LabelledResults(self)
 
     # ---- joint inference -------------------------------------------------------------------
     def _index(self, names) -> np.ndarray:
