@@ -172,6 +172,9 @@ def _check_fit_options(args) -> None:
                      if getattr(args, n) is not None]
     if args.estimator is None:
         args.estimator = "adaptive" if adaptive_only else "dc"
+    if args.link is not None and args.estimator != "mle":
+        raise DataError("--link applies to --estimator mle (the federated estimators fit the "
+                        "logit model).")
     mixed_only = [f"--{n}" for n in ("random", "covariance") if getattr(args, n) is not None]
     if args.estimator != "mixed" and mixed_only:
         raise DataError(f"{', '.join(mixed_only)} apply to --estimator mixed only.")
@@ -311,8 +314,9 @@ def _estimator(args, levels, categorical):
             raise DataError(f"--alpha {ridge} applies to --estimator dc; with --estimator mle "
                             "--alpha is a ridge penalty (a number).")
         model = OrdinalRegression(alpha=ridge, levels=levels, categorical=categorical,
+                                  link=args.link or "logit",
                                   **({} if args.variance is None else {"variance": args.variance}))
-        return model, "exact maximum likelihood"
+        return model, f"exact maximum likelihood, {args.link or 'logit'} link"
     options = {k: v for k, v in (("alpha", args.alpha), ("variance", args.variance),
                                  ("refine_rounds", args.refine_rounds)) if v is not None}
     backend = args.backend or "processes"
@@ -597,6 +601,8 @@ def _add_fit(command) -> None:
                    help="adaptive: the column naming each row's site; every site is a client "
                         "with a leaf of its own, its rows never mixed with another's; mixed: "
                         "the groups of the random effects")
+    p.add_argument("--link", choices=("logit", "probit", "cloglog", "loglog", "cauchit"),
+                   default=None, help="mle: the link function (default logit)")
     p.add_argument("--random", default=None, metavar="EFFECTS",
                    help="mixed: the random effects by group: slopes (an intercept and every "
                         "feature's slope; default), intercept, or the features with random "

@@ -53,13 +53,16 @@ class Pass:
 
 
 def initial_thresholds(codes: np.ndarray, weights: np.ndarray | None, n_classes: int,
-                       floor: float = 1e-6) -> np.ndarray:
-    """Thresholds at the logits of the cumulative class shares: the fit with all slopes zero.
+                       floor: float = 1e-6, link=None) -> np.ndarray:
+    """Thresholds at the logits (or the link's quantiles) of the cumulative class shares: the
+    fit with all slopes zero.
 
     Shares are clipped to ``[floor, 1 - floor]`` so that an absent class gives a finite start.
     """
     counts = np.bincount(codes, weights=weights, minlength=n_classes)
     cum = np.clip(np.cumsum(counts)[:-1] / counts.sum(), floor, 1.0 - floor)
+    if link is not None and link.name != "logit":
+        return link.ppf(cum)
     return np.log(cum / (1.0 - cum))
 
 
@@ -259,6 +262,38 @@ def _cut_parts(eta: np.ndarray, yb: np.ndarray, theta: np.ndarray):
     return logpi, g1, g0, F1, F0
 
 
+def _cut_parts_link(eta: np.ndarray, yb: np.ndarray, theta: np.ndarray, link):
+    """:func:`_cut_parts` for any link (:mod:`fedgrain.core.links`): log pi, g1 = f1 / pi,
+    g0 = f0 / pi and ``r = f'/f`` at both cuts (``1 - 2F`` for the logit).
+
+    ``pi = F(a1) - F(a0)`` is taken from the lower tails where the row's cuts lie below zero
+    on average and from the upper tails otherwise, each in logs, so no difference cancels.
+    """
+    if link is None or link.name == "logit":
+        logpi, g1, g0, F1, F0 = _cut_parts(eta, yb, theta)
+        return logpi, g1, g0, 1.0 - 2.0 * F1, 1.0 - 2.0 * F0
+    from .links import _log1mexp
+
+    t_ext = np.concatenate(([-np.inf], theta, [np.inf]))
+    a1 = t_ext[yb + 1] - eta
+    a0 = t_ext[yb] - eta
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        lower = (a1 + a0) <= 0.0
+        lower = np.where(np.isneginf(a0), True, np.where(np.isposinf(a1), False, lower))
+        lf1, lf0 = link.logcdf(a1), link.logcdf(a0)
+        ls1, ls0 = link.logsf(a1), link.logsf(a0)
+        logpi = np.where(lower, lf1 + _log1mexp(np.minimum(lf0 - np.where(
+            np.isneginf(lf1), 0.0, lf1), 0.0)), ls0 + _log1mexp(np.minimum(ls1 - np.where(
+                np.isneginf(ls0), 0.0, ls0), 0.0)))
+        g1 = np.exp(link.logpdf(a1) - logpi)
+        g0 = np.exp(link.logpdf(a0) - logpi)
+        r1 = np.where(np.isfinite(a1), link.ratio(a1), 0.0)
+        r0 = np.where(np.isfinite(a0), link.ratio(a0), 0.0)
+    g1 = np.where(np.isfinite(a1), g1, 0.0)
+    g0 = np.where(np.isfinite(a0), g0, 0.0)
+    return logpi, g1, g0, r1, r0
+
+
 def exact_pass(
     X: np.ndarray,
     y: np.ndarray,
@@ -270,6 +305,7 @@ def exact_pass(
     meat: bool = False,
     shift: np.ndarray | None = None,
     block: int | None = None,
+    link=None,
 ) -> Pass:
     """One pass of the exact proportional-odds likelihood.
 
@@ -297,7 +333,7 @@ def exact_pass(
         yb = y[start:stop]
         wb = np.ones(stop - start) if w is None else w[start:stop]
         eta = Xb @ beta
-        logpi, g1, g0, F1, F0 = _cut_parts(eta, yb, theta)
+        logpi, g1, g0, r1, r0 = _cut_parts_link(eta, yb, theta, link)
         total -= float(wb @ logpi)
         if order == 0 and not meat:
             continue
@@ -316,13 +352,19 @@ def exact_pass(
             mt[p:, p:] += (S * wb[:, None]).T @ S
         if order >= 2:
             # Second derivatives of log pi in (a1, a0); a1 = theta_y - eta, a0 = theta_{y-1} - eta.
-            h11 = g1 * (1.0 - 2.0 * F1) - g1 * g1
-            h00 = -g0 * (1.0 - 2.0 * F0) - g0 * g0
+            h11 = g1 * r1 - g1 * g1
+            h00 = -g0 * r0 - g0 * g0
             h10 = g1 * g0
-            # -d2 log pi / d eta2 >= 0 by log-concavity (clipped against rounding)
-            c_eta = np.maximum(-(h11 + 2.0 * h10 + h00), 0.0)
-            Z = Xb * np.sqrt(wb * c_eta)[:, None]
-            hess[:p, :p] += Z.T @ Z
+            # -d2 log pi / d eta2 >= 0 by log-concavity (clipped against rounding; the
+            # cauchit is not log-concave, and its curvature is kept as it is)
+            c_eta = -(h11 + 2.0 * h10 + h00)
+            if link is None or link.name != "cauchit":
+                c_eta = np.maximum(c_eta, 0.0)
+            if np.all(c_eta >= 0):
+                Z = Xb * np.sqrt(wb * c_eta)[:, None]
+                hess[:p, :p] += Z.T @ Z
+            else:
+                hess[:p, :p] += Xb.T @ (Xb * (wb * c_eta)[:, None])
             # -d2 log pi / (d eta d theta_y) = h11 + h10; for theta_{y-1}: h10 + h00
             C = up * (wb * (h11 + h10))[:, None] + lo * (wb * (h10 + h00))[:, None]
             hess[:p, p:] += Xb.T @ C
@@ -369,41 +411,49 @@ class RowTerms:
         return H
 
 
-def exact_row_terms(eta: np.ndarray, y: np.ndarray, theta: np.ndarray) -> RowTerms:
+def exact_row_terms(eta: np.ndarray, y: np.ndarray, theta: np.ndarray,
+                    link=None) -> RowTerms:
     """The exact likelihood's per-row loss and derivatives at linear predictors ``eta``.
 
     The same formulas as :func:`exact_pass`, kept per row for models whose linear predictor is
     not ``X @ beta`` alone (the random effects of
-    :class:`fedgrain.estimators.mixed.MixedOrdinalRegression`). Requires increasing ``theta``.
+    :class:`fedgrain.estimators.mixed.MixedOrdinalRegression`) and for per-row scores.
+    Requires increasing ``theta``.
     """
-    logpi, g1, g0, F1, F0 = _cut_parts(eta, y, theta)
+    logpi, g1, g0, r1, r0 = _cut_parts_link(eta, y, theta, link)
     levels = np.arange(theta.shape[0])
     up = (y[:, None] == levels[None, :]).astype(float)
     lo = (y[:, None] == levels[None, :] + 1).astype(float)
-    h11 = g1 * (1.0 - 2.0 * F1) - g1 * g1
-    h00 = -g0 * (1.0 - 2.0 * F0) - g0 * g0
+    h11 = g1 * r1 - g1 * g1
+    h00 = -g0 * r0 - g0 * g0
     h10 = g1 * g0
-    c = np.maximum(-(h11 + 2.0 * h10 + h00), 0.0)
+    c = -(h11 + 2.0 * h10 + h00)
+    if link is None or link.name != "cauchit":
+        c = np.maximum(c, 0.0)
     grad_theta = lo * g0[:, None] - up * g1[:, None]
     cross = up * (h11 + h10)[:, None] + lo * (h10 + h00)[:, None]
     return RowTerms(-logpi, g1 - g0, c, grad_theta, cross, (up, lo, h11, h00, h10))
 
 
-def cumulative_proba(eta: np.ndarray, theta: np.ndarray) -> np.ndarray:
+def cumulative_proba(eta: np.ndarray, theta: np.ndarray, link=None) -> np.ndarray:
     """``P(Y <= k | x)`` for ``k = 0 .. K-2``: shape ``(n, K-1)``, accurate in both tails.
 
-    ``theta`` is ``(K-1,)``, or ``(n, K-1)`` for thresholds that differ by row.
+    ``theta`` is ``(K-1,)``, or ``(n, K-1)`` for thresholds that differ by row; ``link`` a
+    :class:`fedgrain.core.links.Link` (the logit when None).
     """
-    return expit(np.atleast_2d(theta) - eta[:, None])
+    a = np.atleast_2d(theta) - eta[:, None]
+    return expit(a) if link is None or link.name == "logit" else link.cdf(a)
 
 
-def class_proba(eta: np.ndarray, theta: np.ndarray) -> np.ndarray:
+def class_proba(eta: np.ndarray, theta: np.ndarray, link=None) -> np.ndarray:
     """Class probabilities ``pi_k = F_k - F_{k-1}``: shape ``(n, K)``, rows sum to one.
 
     Each difference is computed as ``F(a) (1 - F(b)) (1 - exp(b - a))``, so probabilities far in
     the tails keep their relative precision instead of cancelling to zero. ``theta`` must be
     non-decreasing: ``(K-1,)``, or ``(n, K-1)`` for thresholds that differ by row.
     """
+    if link is not None and link.name != "logit":
+        return _class_proba_link(eta, theta, link)
     a = np.atleast_2d(theta) - eta[:, None]  # (n, K-1)
     n = eta.shape[0]
     out = np.empty((n, a.shape[1] + 1))
@@ -413,6 +463,20 @@ def class_proba(eta: np.ndarray, theta: np.ndarray) -> np.ndarray:
         hi, lo = a[:, 1:], a[:, :-1]
         out[:, 1:-1] = expit(hi) * expit(-lo) * -np.expm1(np.minimum(lo - hi, 0.0))
     return out
+
+
+def _class_proba_link(eta: np.ndarray, theta: np.ndarray, link) -> np.ndarray:
+    """:func:`class_proba` for another link: each class's probability from the cuts around
+    it, by the lower tails below zero and the upper tails above (no cancellation)."""
+    a = np.atleast_2d(theta) - eta[:, None]
+    n = eta.shape[0]
+    lo = np.concatenate([np.full((n, 1), -np.inf), a], axis=1)
+    hi = np.concatenate([a, np.full((n, 1), np.inf)], axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        lower = (lo + hi) <= 0
+        lower = np.where(np.isneginf(lo), True, np.where(np.isposinf(hi), False, lower))
+        out = np.where(lower, link.cdf(hi) - link.cdf(lo), link.sf(lo) - link.sf(hi))
+    return np.clip(out, 0.0, 1.0)
 
 
 #: Probabilities are floored here before their logarithm: a true class predicted with

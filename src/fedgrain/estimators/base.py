@@ -73,11 +73,18 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities, shape ``(n, K)``, columns in the order of ``classes_``."""
-        return class_proba(self.predict_linear(X), self.thresholds_)
+        return class_proba(self.predict_linear(X), self.thresholds_, self._link())
 
     def predict_cumulative_proba(self, X) -> np.ndarray:
         """``P(Y <= k | x)`` for the first ``K - 1`` levels, shape ``(n, K - 1)``."""
-        return cumulative_proba(self.predict_linear(X), self.thresholds_)
+        return cumulative_proba(self.predict_linear(X), self.thresholds_, self._link())
+
+    def _link(self):
+        """The model's link (:mod:`fedgrain.core.links`); the logit for estimators without
+        the parameter."""
+        from ..core.links import get_link
+
+        return get_link(getattr(self, "link", "logit"))
 
     def predict(self, X) -> np.ndarray:
         """The most probable level of each row."""
@@ -171,14 +178,19 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
                             "test compares the slopes at every cut and needs rows of every "
                             "level.")
         names = list(self.schema_.output_names)
+        link = getattr(self, "link", "logit")
+        if method == "brant" and link != "logit":
+            raise DataError(f"Brant's test compares binary logits: it tests the logit model. "
+                            f"For link={link!r} use method='score'.")
         if method == "brant":
             test = po_tests.brant(Xe, codes, w, K, names, self.results_.param_names[len(names):])
         else:
             from .centralized import OrdinalRegression
 
-            ref = OrdinalRegression(levels=list(range(K)), tol=1e-12).fit(Xe, codes,
-                                                                         sample_weight=w)
-            test = po_tests.score(Xe, codes, w, ref.coef_, ref.thresholds_, names)
+            ref = OrdinalRegression(levels=list(range(K)), tol=1e-12, link=link).fit(
+                Xe, codes, sample_weight=w)
+            test = po_tests.score(Xe, codes, w, ref.coef_, ref.thresholds_, names,
+                                  self._link())
         self.po_test_ = test
         return test
 

@@ -10,6 +10,7 @@ from .._warnings import warn
 from ..core.blocks import block_rows
 from ..core.likelihood import Pass, exact_pass, exact_row_terms, initial_thresholds
 from ..core.linalg import NotIdentifiedError, chi2_sf, inverse, unidentified_directions
+from ..core.links import LINKS, get_link
 from ..core.solvers import newton, runaway, warm_start
 from ..core.standardize import Standardizer, column_moments
 from ..data import prepare_fit
@@ -31,6 +32,11 @@ class OrdinalRegression(OrdinalModel):
 
     Parameters
     ----------
+    link : {"logit", "probit", "cloglog", "loglog", "cauchit"}
+        ``F`` in ``P(Y <= k | x) = F(threshold_k - x @ coef)``: the logistic (proportional
+        odds, the default), the standard normal, the Gumbel minimum (``1 - exp(-exp(a))``,
+        proportional hazards), the Gumbel maximum, or the Cauchy (heavy tails). As R's
+        ``clm(link=...)`` and statsmodels' ``OrderedModel(distr=...)``.
     alpha : float
         Optional ridge penalty on the standardised slopes: the fit minimises
         ``-loglik / n + alpha / 2 * sum_j (sd_j * coef_j)^2``. 0 (the default) is the exact
@@ -84,8 +90,9 @@ class OrdinalRegression(OrdinalModel):
     array([ 1.1, -0.5])
     """
 
-    def __init__(self, *, alpha=0.0, variance="model", weights="frequency", levels=None,
-                 categorical=None, max_iter=100, tol=1e-8):
+    def __init__(self, *, link="logit", alpha=0.0, variance="model", weights="frequency",
+                 levels=None, categorical=None, max_iter=100, tol=1e-8):
+        self.link = link
         self.alpha = alpha
         self.variance = variance
         self.weights = weights
@@ -100,6 +107,8 @@ class OrdinalRegression(OrdinalModel):
             raise param_error(owner, "alpha", "a float >= 0", self.alpha)
         if self.variance not in ("model", "sandwich"):
             raise param_error(owner, "variance", "'model' or 'sandwich'", self.variance)
+        if self.link not in LINKS:
+            raise param_error(owner, "link", f"one of {LINKS}", self.link)
         if self.weights not in ("frequency", "probability"):
             raise param_error(owner, "weights", "'frequency' or 'probability'", self.weights)
         self._validate_solver(owner)
@@ -134,7 +143,9 @@ class OrdinalRegression(OrdinalModel):
         n_eff = float(codes.shape[0] if w is None else w.sum())
         p, K = Xm.shape[1], data.target.n_classes
         means, scales = column_moments(Xm, w)
-        x0 = np.concatenate([np.zeros(p), initial_thresholds(codes, w, K, floor=1e-10)])
+        link = get_link(self.link)
+        x0 = np.concatenate([np.zeros(p), initial_thresholds(codes, w, K, floor=1e-10,
+                                                             link=link)])
         # ridge per row on the standardised slopes: alpha/2 sum_j (sd_j coef_j)^2
         ridge = float(self.alpha) * np.concatenate([scales**2, np.zeros(K - 1)])
 
@@ -149,9 +160,9 @@ class OrdinalRegression(OrdinalModel):
             if np.count_nonzero(np.bincount(ys, weights=ws, minlength=K)) < K:
                 return None  # a level is missing from the subsample
             n_sub = float(rows.size if ws is None else ws.sum())
-            return _exact_oracle(Xm[rows], ys, ws, ridge * n_sub, means), n_sub
+            return _exact_oracle(Xm[rows], ys, ws, ridge * n_sub, means, link), n_sub
 
-        oracle = _exact_oracle(Xm, codes, w, ridge * n_eff, means)
+        oracle = _exact_oracle(Xm, codes, w, ridge * n_eff, means, link)
         # One BLAS thread: the per-block products are too small to gain from threads, and
         # threads that wait for a busy core slow every block down.
         with local.one_blas_thread():
@@ -164,7 +175,7 @@ class OrdinalRegression(OrdinalModel):
                 clusters is not None
             if robust:
                 J = _meat(Xm, codes, w, res.x, means, clusters,
-                          squared=self.weights == "probability")
+                          squared=self.weights == "probability", link=link)
         names = data.schema.output_names
         labels = parameter_names(names, data.target.classes)
         unit = np.where(scales > 0, scales, 1.0)
@@ -189,9 +200,9 @@ class OrdinalRegression(OrdinalModel):
         self._set_statistics(K - 1)
         results = OrdinalResults(
             params, cov, names, data.target.classes,
-            title="Ordinal regression: exact maximum likelihood",
+            title="Ordinal regression: exact maximum likelihood", link=self.link,
             info={
-                "Rows": f"{codes.shape[0]:,}", "Classes": K,
+                "Rows": f"{codes.shape[0]:,}", "Classes": K, "Link": self.link,
                 "Log-likelihood": f"{self.loglik_:.4f}",
                 "Null log-likelihood": f"{self.llnull_:.4f}",
                 "AIC": f"{self.aic_:.4f}", "BIC": f"{self.bic_:.4f}",
@@ -304,6 +315,7 @@ class OrdinalRegression(OrdinalModel):
         self.converged_ = bool(meta.get("converged", True))
         self.df_model_ = self.coef_.shape[0]
         self._set_statistics(self.thresholds_.shape[0])
+        self.results_.link = self.link
 
 
 def _variance_label(robust: bool, clusters, weights: str) -> str:
@@ -314,7 +326,7 @@ def _variance_label(robust: bool, clusters, weights: str) -> str:
     return "sandwich" if robust else "model-based"
 
 
-def _meat(X, codes, w, x, means, clusters, squared: bool) -> np.ndarray:
+def _meat(X, codes, w, x, means, clusters, squared: bool, link=None) -> np.ndarray:
     """The sandwich meat at ``x`` (centred coordinates): sums over clusters (each row its own
     without ``clusters``) of the outer products of their weighted scores. Frequency weights
     count rows (``w s s'`` per row), probability weights scale scores (``w^2 s s'``). With
@@ -328,7 +340,7 @@ def _meat(X, codes, w, x, means, clusters, squared: bool) -> np.ndarray:
     sums = np.zeros((n_groups, d)) if clusters is not None else None
     for a in range(0, n, block_rows(d)):
         b = min(n, a + block_rows(d))
-        t = exact_row_terms((X[a:b] - means) @ x[:p], codes[a:b], x[p:])
+        t = exact_row_terms((X[a:b] - means) @ x[:p], codes[a:b], x[p:], link)
         S = np.concatenate([(X[a:b] - means) * t.s[:, None], t.grad_theta], axis=1)
         wb = np.ones(b - a) if w is None else w[a:b]
         if clusters is None:
@@ -367,7 +379,7 @@ def _collinear_error(labels: list[str], indices) -> DataError:
     )
 
 
-def _exact_oracle(X, y, w, ridge, shift=None):
+def _exact_oracle(X, y, w, ridge, shift=None, link=None):
     """Oracle of the exact likelihood plus ``1/2 sum_j ridge_j x_j^2`` (no penalty when zero).
 
     With ``shift``, the features are centred at it (see
@@ -377,7 +389,7 @@ def _exact_oracle(X, y, w, ridge, shift=None):
     penalised = bool(np.any(ridge))
 
     def oracle(x, loss=True, order=2, meat=False):
-        P = exact_pass(X, y, w, x[:p], x[p:], order=order, meat=meat, shift=shift)
+        P = exact_pass(X, y, w, x[:p], x[p:], order=order, meat=meat, shift=shift, link=link)
         if not penalised:
             return P
         return Pass(P.loss + 0.5 * float(ridge @ (x * x)),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..core.likelihood import _cut_parts
+from ..core.likelihood import _cut_parts_link
 from ..core.linalg import chi2_sf
 from ..exceptions import DataError, SeparationError
 
@@ -174,9 +174,11 @@ def _frame(method, stats, p, K1, names):
 
 
 def score(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, coef: np.ndarray,
-          thresholds: np.ndarray, names: list[str]) -> ProportionalOddsTest:
+          thresholds: np.ndarray, names: list[str], link=None) -> ProportionalOddsTest:
     """The score test at the proportional-odds maximum likelihood fit ``(coef, thresholds)``
-    of these rows (see the module docstring)."""
+    of these rows (see the module docstring); ``link`` the model's
+    (:mod:`fedgrain.core.links`; the logit when None): the test is then of equal slopes in
+    that cumulative model."""
     n, p = X.shape
     K1 = thresholds.shape[0]
     if K1 < 2:
@@ -193,9 +195,9 @@ def score(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, coef: np.ndarr
     beta = coef * sd
     theta = thresholds - mean @ coef
     eta = Z @ beta
-    _, g1, g0, F1, F0 = _cut_parts(eta, codes, theta)
-    h11 = g1 * (1.0 - 2.0 * F1) - g1 * g1
-    h00 = -g0 * (1.0 - 2.0 * F0) - g0 * g0
+    _, g1, g0, r1, r0 = _cut_parts_link(eta, codes, theta, link)
+    h11 = g1 * r1 - g1 * g1
+    h00 = -g0 * r0 - g0 * g0
     h10 = g1 * g0
     # d loglik / d a_k per row, a_k = theta_k - z'beta_k: the row's upper cut (k = y) and lower
     # cut (k = y - 1)

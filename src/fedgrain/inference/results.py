@@ -20,6 +20,7 @@ from scipy.special import expit
 
 from ..core.likelihood import class_proba
 from ..core.linalg import chi2_sf, wald
+from ..core.links import get_link
 
 #: Draws used for the max-|Z| simultaneous critical value (fixed seed: deterministic).
 MAXZ_DRAWS = 200_000
@@ -232,7 +233,9 @@ class OrdinalResults:
         title: str = "Ordinal regression (cumulative logit)",
         info: dict | None = None,
         heterogeneity: dict | None = None,
+        link: str = "logit",
     ):
+        self.link = link
         self.params = np.asarray(params, dtype=float)
         self.cov = np.asarray(cov, dtype=float)
         self.feature_names = [str(f) for f in feature_names]
@@ -489,9 +492,10 @@ class OrdinalResults:
         X = np.asarray(X, dtype=float)
         p, n = self.n_features, X.shape[0]
         eta = X @ self.coef
-        proba = class_proba(eta, self.thresholds)
+        link = get_link(self.link)
+        proba = class_proba(eta, self.thresholds, link)
         a = self.thresholds[None, :] - eta[:, None]
-        f = expit(a) * expit(-a)  # F (1 - F) at each cut, (n, K-1)
+        f = link.pdf(a)  # the density at each cut, (n, K-1)
         fpad = np.concatenate([np.zeros((n, 1)), f, np.zeros((n, 1))], axis=1)
         K1 = f.shape[1]
         z = stats.norm.isf(alpha / 2)
@@ -537,9 +541,9 @@ class OrdinalResults:
         beta, theta = self.coef, self.thresholds
         K1 = theta.shape[0]
         a = theta[None, :] - (X @ beta)[:, None]
-        F = expit(a)
-        f = F * (1.0 - F)
-        fp = f * (1.0 - 2.0 * F)  # f'
+        link = get_link(self.link)
+        f = link.pdf(a)
+        fp = f * link.ratio(a)  # f'
 
         def diff(v):  # per class: v at its upper cut minus v at its lower cut
             pad = np.concatenate([np.zeros((n, 1)), v, np.zeros((n, 1))], axis=1)
@@ -590,8 +594,12 @@ class OrdinalResults:
             table["I2"] = self.heterogeneity["i2_param"]
             table["n_subsets"] = self.heterogeneity["n_contrib"]
         info = tuple((k, str(v)) for k, v in self.info.items())
+        F = {"logit": "sigmoid", "probit": "Phi (standard normal)",
+             "cloglog": "F(a) = 1 - exp(-exp(a))", "loglog": "F(a) = exp(-exp(-a))",
+             "cauchit": "F (Cauchy)"}.get(self.link, self.link)
         notes = (
-            "Thresholds: P(Y <= k | x) = sigmoid(threshold_k - x'coef).",
+            "Thresholds: P(Y <= k | x) = sigmoid(threshold_k - x'coef)." if self.link == "logit"
+            else f"Thresholds: P(Y <= k | x) = F(threshold_k - x'coef), {F}.",
         )
         return Summary(self.title, info, table, notes)
 
