@@ -105,3 +105,32 @@ def test_every_estimator_has_them():
     assert me.shape == (7 * 4, 6) and np.all(me["std err"] > 0)
     with pytest.raises(ValueError, match="alpha"):
         dc.marginal_effects(X, alpha=2)
+
+
+def test_composite_criteria_from_the_expanded_rows():
+    """cl, tr(J H^-1), CLAIC and CLBIC of a divide-and-conquer fit, against the same
+    quantities summed over the explicitly expanded binary rows."""
+    from scipy.special import expit
+
+    df = load_randhie().sample(2000, random_state=5)
+    X, y = df.drop(columns="health"), df["health"]
+    dc = DivideConquerOrdinal(n_subsets=2, backend="serial").fit(X, y)
+    crit = dc.composite_criteria(X, y)
+    Xn, codes = X.to_numpy(float), y.cat.codes.to_numpy()
+    n, p = Xn.shape
+    K1 = dc.thresholds_.size
+    cl, H, J = 0.0, 0.0, 0.0
+    S = np.zeros((n, p + K1))
+    for k in range(K1):
+        Z = np.column_stack([Xn, -np.eye(K1)[k][None, :].repeat(n, axis=0)])
+        u = (codes > k).astype(float)
+        q = expit(Z @ np.r_[dc.coef_, dc.thresholds_])
+        cl += np.sum(u * np.log(q) + (1 - u) * np.log1p(-q))
+        H = H + (Z * (q * (1 - q))[:, None]).T @ Z
+        S += Z * (u - q)[:, None]  # each person's score over the cuts: the cluster
+    J = S.T @ S
+    eff = np.trace(np.linalg.solve(H, J))
+    assert crit["composite loglik"] == pytest.approx(cl, rel=1e-10)
+    assert crit["effective parameters"] == pytest.approx(eff, rel=1e-8)
+    assert crit["CLAIC"] == pytest.approx(-2 * cl + 2 * eff, rel=1e-10)
+    assert crit["CLBIC"] == pytest.approx(-2 * cl + np.log(n) * eff, rel=1e-10)

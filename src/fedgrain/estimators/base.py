@@ -120,6 +120,45 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
                              "proba": proba.reshape(-1), "std err": se.reshape(-1),
                              "lower": lower.reshape(-1), "upper": upper.reshape(-1)})
 
+    def composite_criteria(self, X, y, sample_weight=None) -> pd.Series:
+        """Composite-likelihood information criteria of this model on labelled rows (the
+        fit's rows).
+
+        The federated estimators maximise the composite likelihood of the ``K - 1`` binary
+        splits ``Y > k``, not the likelihood, so AIC and BIC do not apply to them; their
+        analogues (Varin and Vidoni 2005) charge the *effective* number of parameters
+        ``tr(J H^-1)`` (``H`` the composite information, ``J`` the variance of its score by
+        row) instead of ``d``: ``CLAIC = -2 cl + 2 tr(J H^-1)`` and ``CLBIC = -2 cl + log(n)
+        tr(J H^-1)``, smaller is better, for comparing models fitted on the same rows. For an
+        adaptive model they are the global model's. Returns a Series: ``composite loglik``,
+        ``effective parameters``, ``CLAIC``, ``CLBIC``, ``rows``.
+        """
+        from ..core.likelihood import composite_pass
+        from ..core.standardize import Standardizer
+
+        check_is_fitted(self, "coef_")
+        if getattr(self, "link", "logit") != "logit":
+            raise DataError("The composite likelihood is one of binary logits; this model's "
+                            f"link is {self.link!r}: use its aic_ and bic_.")
+        Xe = self.encode(X)
+        codes = self.target_.encode(y, what="y")
+        if Xe.shape[0] != codes.shape[0]:
+            raise DataError(f"X has {Xe.shape[0]:,} rows but y has {codes.shape[0]:,} labels.")
+        w = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        std = Standardizer.fit(Xe, w)
+        beta = self.coef_ * std.scale
+        theta = self.thresholds_ - std.mean @ self.coef_
+        P = composite_pass(std.transform(np.array(Xe, dtype=float)), codes, w, beta, theta,
+                           order=2, meat="cluster")
+        from ..core.linalg import solve_psd
+
+        eff = float(np.trace(solve_psd(P.hess, P.meat)))
+        n = float(codes.shape[0] if w is None else w.sum())
+        cl = -float(P.loss)
+        return pd.Series({"composite loglik": cl, "effective parameters": eff,
+                          "CLAIC": -2.0 * cl + 2.0 * eff, "CLBIC": -2.0 * cl + np.log(n) * eff,
+                          "rows": n})
+
     def marginal_effects(self, X, alpha: float = 0.05):
         """Average marginal effects of each feature on each level's probability over the rows
         of ``X`` (the fit's rows, or a population of interest), with delta-method standard
