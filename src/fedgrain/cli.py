@@ -150,7 +150,10 @@ def _write_table_atomic(frame: pd.DataFrame, out: Path) -> None:
 
 
 def _features_for(model, frame: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Select the model's input columns from a file's columns by name (others are ignored)."""
+    """Select the model's input columns from a file's columns by name (others are ignored);
+    a model fitted from a formula takes the frame as it is (the formula picks its columns)."""
+    if getattr(model, "formula_", None) is not None:
+        return frame
     cols = list(model.schema_.input_columns)
     missing = [c for c in cols if c not in frame.columns]
     if missing:
@@ -214,6 +217,10 @@ def _cmd_fit(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it.")
+    if args.formula is not None:
+        return _fit_formula(args, out)
+    if args.target is None:
+        raise DataError("fit needs --target COLUMN (or --formula 'target ~ features').")
     streamed = is_parquet_path(args.data) and args.estimator != "mle" and not args.weights \
         and not args.groups
     if args.groups and args.stability is not None:
@@ -248,6 +255,47 @@ def _cmd_fit(args) -> int:
     if args.stability is not None:
         _log(args, f"growing the partition on {args.stability} random parts of the rows ...")
         model.stability(X, y, weights, n_resamples=args.stability)
+    _print_fit(args, model)
+    path = model.save(out, overwrite=args.force)
+    print(f"\nModel saved to {path}")
+    return 0
+
+
+def _fit_formula(args, out: Path) -> int:
+    """``fit --formula``: the formula names the target and builds the features."""
+    from .data import read_table
+    from .data.formula import check_formula
+
+    target, _ = check_formula(args.formula)
+    if args.target is not None and args.target != target:
+        raise DataError(f"--target {args.target} and the formula's target {target!r} differ; "
+                        "give one of them.")
+    given = [f"--{n}" for n in ("features", "drop", "categorical", "stability")
+             if getattr(args, n)]
+    if given:
+        raise DataError(f"{', '.join(given)} do not combine with --formula: the formula names "
+                        "the features (C(x) for a categorical one).")
+    _log(args, f"reading {args.data} ...")
+    frame = read_table(args.data)
+    weights = None
+    if args.weights:
+        weights = frame[_columns(frame, [args.weights], "--weights", args.data)[0]].to_numpy()
+    fit_kw = {}
+    if args.groups:
+        fit_kw["groups"] = frame[_columns(frame, [args.groups], "--groups", args.data)[0]]\
+            .to_numpy()
+    y = frame[target] if target in frame.columns else None
+    levels = _typed_levels(_csv_list(args.levels), y) if y is not None else None
+    args.target = target
+    model, what = _estimator(args, levels, None)
+    _log(args, f"fitting {args.formula!r} on {frame.shape[0]:,} rows ({what}) ...")
+    t0 = time.perf_counter()
+    try:
+        model.fit_formula(args.formula, frame, sample_weight=weights, **fit_kw)
+    finally:
+        if args.scheduler is not None:
+            model.backend.close()
+    _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
     _print_fit(args, model)
     path = model.save(out, overwrite=args.force)
     print(f"\nModel saved to {path}")
@@ -578,7 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_fit(command) -> None:
     p = command("fit", "fit a model on a CSV or Parquet file and save it")
     p.add_argument("data", help="CSV or Parquet file")
-    p.add_argument("--target", required=True, help="the ordinal target column")
+    p.add_argument("--target", default=None, help="the ordinal target column")
+    p.add_argument("--formula", default=None,
+                   help="a model formula instead of --target and the feature options: "
+                        "'rating ~ age + C(region) + np.log(income)'")
     p.add_argument("--levels", help="ordered levels, lowest first: a,b,c")
     p.add_argument("--categorical", help="feature columns to one-hot encode: c1,c2")
     p.add_argument("--features", help="use only these feature columns: f1,f2")

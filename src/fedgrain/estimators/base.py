@@ -63,9 +63,45 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
     # ---- prediction ------------------------------------------------------------------------
     def encode(self, X) -> np.ndarray:
         """The numeric feature matrix the model sees for ``X`` (checked like the data at
-        fit, categorical columns one-hot encoded, columns in the order of ``coef_``)."""
+        fit, categorical columns one-hot encoded, columns in the order of ``coef_``; for a
+        model fitted from a formula, ``X`` is first transformed by it)."""
         check_is_fitted(self, "coef_")
+        if getattr(self, "formula_", None) is not None:
+            X = self.formula_.design(X)
         return prepare_predict(X, self.schema_, estimator_name=type(self).__name__)
+
+    @classmethod
+    def from_formula(cls, formula: str, data, sample_weight=None, **kwargs):
+        """Fit from a model formula, ``"rating ~ age + C(region) + np.log(income)"``.
+
+        The right-hand side is built by formulaic (``C(x)``: a categorical feature with its
+        first level as reference; ``I(x ** 2)``, ``np.log(x)``, ``center(x)``, ``poly(x,
+        2)``, interactions ``a:b`` and ``a*b``); the thresholds are the intercept. The
+        transformation is kept: ``predict(new_data)`` takes a DataFrame with the columns the
+        formula names, and a saved model keeps its formula. ``kwargs`` are the estimator's
+        parameters, and ``groups=`` / ``cov_groups=`` (labels or a column of ``data``) for
+        the fits that take them. Returns the fitted estimator.
+
+        Examples
+        --------
+        ``OrdinalRegression.from_formula("health ~ physlm + disea + C(idp)", df)``
+        """
+        fit_kw = {k: kwargs.pop(k) for k in ("groups", "cov_groups") if k in kwargs}
+        return cls(**kwargs).fit_formula(formula, data, sample_weight=sample_weight, **fit_kw)
+
+    def fit_formula(self, formula: str, data, sample_weight=None, **fit_kw):
+        """:meth:`from_formula` for an estimator already made (its parameters set)."""
+        from ..data.formula import FormulaDesign
+
+        for k, v in fit_kw.items():
+            if isinstance(v, str):
+                if not isinstance(data, pd.DataFrame) or v not in data.columns:
+                    raise DataError(f"{k}={v!r} is not a column of the data.")
+                fit_kw[k] = data[v].to_numpy()
+        design, features, target = FormulaDesign.fit(formula, data)
+        self.fit(features, data[target], sample_weight=sample_weight, **fit_kw)
+        self.formula_ = design
+        return self
 
     def predict_linear(self, X) -> np.ndarray:
         """The latent linear predictor ``x @ coef_`` (higher means higher classes)."""
@@ -361,6 +397,8 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         }
         if getattr(self, "po_test_", None) is not None:
             meta["po_test"] = self.po_test_.to_dict()
+        if getattr(self, "formula_", None) is not None:
+            meta["formula"] = self.formula_.to_dict()
         arrays = {"coef": self.coef_, "thresholds": self.thresholds_, "cov": self.cov_,
                   **extra_arrays}
         if r.heterogeneity is not None:
@@ -410,6 +448,10 @@ def load(path: str | os.PathLike) -> OrdinalModel:
             from ..inference.po_tests import ProportionalOddsTest
 
             est.po_test_ = ProportionalOddsTest.from_dict(meta["po_test"])
+        if "formula" in meta:
+            from ..data.formula import FormulaDesign
+
+            est.formula_ = FormulaDesign.from_dict(meta["formula"])
         ok = (arrays["coef"].shape == (p,) and arrays["cov"].shape == (params.size,) * 2
               and arrays["thresholds"].shape == (target.n_classes - 1,))
     except (KeyError, TypeError, ValueError) as exc:
