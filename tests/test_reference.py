@@ -205,3 +205,25 @@ def test_probability_weights_give_a_sandwich_that_ignores_their_scale(ucla):
         OrdinalRegression(weights="probability").fit(X, y)
     with pytest.raises(DataError, match="one group only"):
         OrdinalRegression(levels=UCLA_LEVELS).fit(X, y, cov_groups=np.zeros(len(y)))
+
+
+def test_the_command_line_takes_clusters_and_probability_weights(ucla, tmp_path, capsys):
+    from fedgrain import load
+    from fedgrain.cli import main
+
+    X, y = ucla
+    w = np.random.default_rng(1).uniform(0.5, 3.0, len(y))
+    frame = X.assign(apply=y, school=np.arange(len(y)) // 4, w=w)
+    data = str(tmp_path / "d.csv")
+    frame.to_csv(data, index=False)
+    levels = ",".join(UCLA_LEVELS)
+    assert main(["--quiet", "fit", data, "--target", "apply", "--levels", levels,
+                 "--estimator", "mle", "--cov-groups", "school", "--weights", "w",
+                 "--weights-type", "probability", "--out", str(tmp_path / "m")]) == 0
+    assert "cluster-robust (100 groups)" in capsys.readouterr().out
+    ref = OrdinalRegression(levels=UCLA_LEVELS, weights="probability").fit(
+        X, y, sample_weight=w, cov_groups=np.arange(len(y)) // 4)
+    np.testing.assert_allclose(load(tmp_path / "m").bse_, ref.bse_, rtol=1e-8)
+    code = main(["--quiet", "fit", data, "--target", "apply", "--levels", levels,
+                 "--cov-groups", "school", "--out", str(tmp_path / "x")])
+    assert code == 2 and "--cov-groups apply to --estimator mle only" in capsys.readouterr().err

@@ -178,6 +178,12 @@ def _check_fit_options(args) -> None:
     if args.link is not None and args.estimator != "mle":
         raise DataError("--link applies to --estimator mle (the federated estimators fit the "
                         "logit model).")
+    mle_only = [f"--{n.replace('_', '-')}" for n in ("cov_groups", "weights_type")
+                if getattr(args, n) is not None]
+    if mle_only and args.estimator != "mle":
+        raise DataError(f"{', '.join(mle_only)} apply to --estimator mle only.")
+    if args.weights_type is not None and not args.weights:
+        raise DataError("--weights-type describes --weights COLUMN, and none was given.")
     mixed_only = [f"--{n}" for n in ("random", "covariance") if getattr(args, n) is not None]
     if args.estimator != "mixed" and mixed_only:
         raise DataError(f"{', '.join(mixed_only)} apply to --estimator mixed only.")
@@ -237,17 +243,21 @@ def _cmd_fit(args) -> int:
     else:
         X, y, weights = _read_frame(args)
         size = X.shape
-    groups = None
+    fit_kw = {}
     if args.groups:  # one client per group: the column is a label, not a feature
-        groups = X.pop(_columns(X, [args.groups], "--groups", args.data)[0]).to_numpy()
+        fit_kw["groups"] = X.pop(_columns(X, [args.groups], "--groups", args.data)[0])\
+            .to_numpy()
+        size = X.shape
+    if args.cov_groups:  # the clusters of the standard errors: a label, not a feature
+        fit_kw["cov_groups"] = X.pop(_columns(X, [args.cov_groups], "--cov-groups",
+                                              args.data)[0]).to_numpy()
         size = X.shape
     levels = _typed_levels(_csv_list(args.levels), y)
     model, what = _estimator(args, levels, _csv_list(args.categorical))
     _log(args, f"fitting {size[0]:,} rows x {size[1]} columns ({what}) ...")
     t0 = time.perf_counter()
     try:
-        model.fit(X, args.target if streamed else y, sample_weight=weights,
-                  **({} if groups is None else {"groups": groups}))
+        model.fit(X, args.target if streamed else y, sample_weight=weights, **fit_kw)
     finally:
         if args.scheduler is not None:
             model.backend.close()  # the client only: the cluster keeps running
@@ -363,6 +373,7 @@ def _estimator(args, levels, categorical):
                             "--alpha is a ridge penalty (a number).")
         model = OrdinalRegression(alpha=ridge, levels=levels, categorical=categorical,
                                   link=args.link or "logit",
+                                  weights=args.weights_type or "frequency",
                                   **({} if args.variance is None else {"variance": args.variance}))
         return model, f"exact maximum likelihood, {args.link or 'logit'} link"
     options = {k: v for k, v in (("alpha", args.alpha), ("variance", args.variance),
@@ -654,6 +665,12 @@ def _add_fit(command) -> None:
                         "the groups of the random effects")
     p.add_argument("--link", choices=("logit", "probit", "cloglog", "loglog", "cauchit"),
                    default=None, help="mle: the link function (default logit)")
+    p.add_argument("--weights-type", choices=("frequency", "probability"), default=None,
+                   help="mle: --weights are frequency weights (default) or survey / "
+                        "inverse-probability weights (robust standard errors)")
+    p.add_argument("--cov-groups", default=None, metavar="COLUMN",
+                   help="mle: cluster-robust standard errors by this column (a respondent "
+                        "answering several times, a school); not a feature")
     p.add_argument("--random", default=None, metavar="EFFECTS",
                    help="mixed: the random effects by group: slopes (an intercept and every "
                         "feature's slope; default), intercept, or the features with random "
