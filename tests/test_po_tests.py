@@ -165,3 +165,22 @@ def test_bad_input():
     Xc[:, 1] = 1.0
     with pytest.raises(DataError, match="constant"):
         m.proportional_odds_test(Xc, y)
+
+
+def test_the_command_line_runs_the_test_after_the_fit(tmp_path, capsys):
+    from fedgrain.cli import main
+
+    df = load_randhie().sample(2000, random_state=7)
+    data = str(tmp_path / "d.csv")
+    df.to_csv(data, index=False)
+    assert main(["--quiet", "fit", data, "--target", "health", "--levels",
+                 "poor,fair,good,excellent", "--estimator", "mle", "--po-test", "score",
+                 "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "Proportional odds: Score test" in out and "omnibus" in out
+    model = load(tmp_path / "m")
+    ref = OrdinalRegression().fit(df.drop(columns="health"), df["health"])
+    np.testing.assert_allclose(
+        model.po_test_.table["chi2"].to_numpy(),
+        ref.proportional_odds_test(df.drop(columns="health"), df["health"],
+                                   method="score").table["chi2"].to_numpy(), rtol=1e-8)

@@ -237,6 +237,10 @@ def _cmd_fit(args) -> int:
                         "needs them in memory, and Parquet data are streamed batch by batch. "
                         "Fit from a CSV file, or measure it on a sample in Python "
                         "(AdaptiveFederatedOrdinal.stability).")
+    if streamed and args.po_test is not None:
+        raise DataError("--po-test needs the rows in memory, and Parquet data are streamed "
+                        "batch by batch. Fit from a CSV file, or run proportional_odds_test "
+                        "in Python on a sample.")
     if streamed:  # the estimator reads it batch by batch, never whole
         X, y, size = _parquet_source(args)
         weights = None
@@ -262,6 +266,8 @@ def _cmd_fit(args) -> int:
         if args.scheduler is not None:
             model.backend.close()  # the client only: the cluster keeps running
     _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
+    if args.po_test is not None:
+        model.proportional_odds_test(X, y, method=args.po_test, sample_weight=weights)
     if args.stability is not None:
         _log(args, f"growing the partition on {args.stability} random parts of the rows ...")
         model.stability(X, y, weights, n_resamples=args.stability)
@@ -306,6 +312,9 @@ def _fit_formula(args, out: Path) -> int:
         if args.scheduler is not None:
             model.backend.close()
     _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
+    if args.po_test is not None:
+        model.proportional_odds_test(frame, frame[target], method=args.po_test,
+                                     sample_weight=weights)
     _print_fit(args, model)
     path = model.save(out, overwrite=args.force)
     print(f"\nModel saved to {path}")
@@ -665,6 +674,9 @@ def _add_fit(command) -> None:
                         "the groups of the random effects")
     p.add_argument("--link", choices=("logit", "probit", "cloglog", "loglog", "cauchit"),
                    default=None, help="mle: the link function (default logit)")
+    p.add_argument("--po-test", choices=("brant", "score"), default=None,
+                   help="test the proportional-odds assumption on the fitted rows (shown "
+                        "below the coefficients, saved with the model, in its report)")
     p.add_argument("--weights-type", choices=("frequency", "probability"), default=None,
                    help="mle: --weights are frequency weights (default) or survey / "
                         "inverse-probability weights (robust standard errors)")
