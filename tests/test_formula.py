@@ -71,9 +71,16 @@ def test_formulas_that_must_not_run_and_damaged_saved_formulas(hie, tmp_path):
     for bad in ("health ~ __import__('os').system('echo hi')", "health ~ os.system(1)",
                 "health ~ eval(physlm)", "health ~ physlm[0]", "health ~ np.random.rand(1)",
                 "health ~ {physlm}", "health + disea ~ physlm", "physlm + disea",
-                "health ~ nope", "missing ~ physlm"):
+                "health ~ nope", "missing ~ physlm",
+                # calls hidden in parentheses, strings built from numbers, lambdas
+                "health ~ I((eval)((chr)(49)))", "health ~ I(physlm + (len)((dir)()))",
+                "health ~ (open)(1)", "health ~ I((lambda: 1)())", "health ~ np.log.__call__(1)",
+                "health ~ C(physlm, contr=(print))", "health ~ I(physlm if 1 else 2)",
+                "health ~ .", "health ~ physlm - 1", "health ~ 0 + physlm"):
         with pytest.raises(FormulaError):
             OrdinalRegression.from_formula(bad, hie)
+    with pytest.raises(FormulaError, match="at or below zero"):
+        OrdinalRegression.from_formula("health ~ np.log(physlm - 5)", hie)
     gaps = hie.copy()
     gaps.loc[3, "disea"] = np.nan
     with pytest.raises(FormulaError, match="null values"):
@@ -83,10 +90,12 @@ def test_formulas_that_must_not_run_and_damaged_saved_formulas(hie, tmp_path):
         m.predict(hie[["physlm"]].to_numpy())
     path = m.save(tmp_path / "m")
     meta, arrays = read_model_dir(path)
-    meta["formula"]["formula"] = "health ~ __import__('os').getcwd()"
-    write_model_dir(tmp_path / "bad", meta, arrays)  # valid checksums
-    with pytest.raises(ModelFileError, match="incomplete or inconsistent"):
-        load(tmp_path / "bad")
+    for i, text in enumerate(("health ~ __import__('os').getcwd()",
+                              "health ~ I(physlm + 0*(len)((str)((exec)((chr)(49)))))")):
+        meta["formula"]["formula"] = text
+        write_model_dir(tmp_path / f"bad{i}", meta, arrays)  # valid checksums
+        with pytest.raises(ModelFileError, match="incomplete or inconsistent"):
+            load(tmp_path / f"bad{i}")
 
 
 def test_the_command_line_fits_and_predicts_with_a_formula(hie, tmp_path, capsys):
@@ -108,7 +117,7 @@ def test_the_command_line_fits_and_predicts_with_a_formula(hie, tmp_path, capsys
     pred = pd.read_csv(tmp_path / "p.csv")
     np.testing.assert_allclose(pred.filter(like="proba_").to_numpy(),
                                ref.predict_proba(pd.read_csv(data)), atol=1e-9)
-    for bad, msg in ((["--formula", "health ~ eval(physlm)"], "calls 'eval'"),
+    for bad, msg in ((["--formula", "health ~ eval(physlm)"], "'eval(physlm)' is not allowed"),
                      (["--formula", "health ~ physlm", "--drop", "idp"], "do not combine"),
                      (["--formula", "health ~ physlm", "--target", "idp"], "differ")):
         code = main(["--quiet", "fit", str(data), "--estimator", "mle", *bad, "--out",

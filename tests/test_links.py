@@ -78,8 +78,9 @@ def test_link_functions_are_accurate_in_both_tails(name):
     eta = np.array([-40.0, 0.0, 40.0])
     P = class_proba(eta, theta, link)
     np.testing.assert_allclose(P.sum(axis=1), 1.0, atol=1e-12)
-    np.testing.assert_allclose(P[:, 1], dist.cdf(0.5 - eta) - dist.cdf(-1.0 - eta),
-                               atol=1e-15)
+    ref = np.where(eta < 0, dist.sf(-1.0 - eta) - dist.sf(0.5 - eta),
+                   dist.cdf(0.5 - eta) - dist.cdf(-1.0 - eta))
+    np.testing.assert_allclose(P[:, 1], ref, rtol=1e-9, atol=1e-300)
     codes = np.array([0, 1, 2])
     loss = exact_pass(np.zeros((3, 1)), codes, None, np.zeros(1), theta, order=0,
                       shift=-eta[:, None], link=link).loss
@@ -110,3 +111,35 @@ def test_score_test_effects_and_saving_under_another_link(tmp_path):
                                m.predict_proba_ci(X.head())[1])
     with pytest.raises(ParameterError, match="link"):
         OrdinalRegression(link="identity").fit(X, y)
+
+
+@pytest.mark.parametrize("name", LINKS)
+def test_the_likelihood_derivatives_hold_far_in_the_tails(name):
+    """The top level's row far below its cut has d log pi / d a0 = -f/(1 - F) (the hazard),
+    the bottom level's row far above its cut f/F: against their closed forms (cloglog and
+    loglog exp(|a|), where a subtraction would lose every digit), with no warning."""
+    import warnings
+
+    from fedgrain.core.likelihood import _cut_parts_link
+
+    link = get_link(name)
+    dist = {"logit": stats.logistic, "probit": stats.norm, "cloglog": stats.gumbel_l,
+            "loglog": stats.gumbel_r, "cauchit": stats.cauchy}[name]
+    theta = np.array([-1.0, 0.5])
+    for a in (5.0, 37.0, 100.0, 600.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _, _, g0, _, _ = _cut_parts_link(np.array([theta[-1] - a]), np.array([2]), theta,
+                                             link)
+            _, g1, _, _, _ = _cut_parts_link(np.array([theta[0] + a]), np.array([0]), theta,
+                                             link)
+        hazard = {"cloglog": np.exp(a), "loglog": 1.0}.get(
+            name, np.exp(dist.logpdf(a) - dist.logsf(a)))
+        rhazard = {"cloglog": 1.0, "loglog": np.exp(a)}.get(
+            name, np.exp(dist.logpdf(-a) - dist.logcdf(-a)))
+        if name == "loglog":
+            hazard = np.exp(dist.logpdf(a) - dist.logsf(a))
+        if name == "cloglog":
+            rhazard = np.exp(dist.logpdf(-a) - dist.logcdf(-a))
+        assert g0[0] == pytest.approx(hazard, rel=1e-9), (a, "hazard")
+        assert g1[0] == pytest.approx(rhazard, rel=1e-9), (a, "reversed hazard")

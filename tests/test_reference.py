@@ -227,3 +227,27 @@ def test_the_command_line_takes_clusters_and_probability_weights(ucla, tmp_path,
     code = main(["--quiet", "fit", data, "--target", "apply", "--levels", levels,
                  "--cov-groups", "school", "--out", str(tmp_path / "x")])
     assert code == 2 and "--cov-groups apply to --estimator mle only" in capsys.readouterr().err
+
+
+def test_weights_and_links_where_likelihood_statistics_do_not_apply(ucla):
+    """Probability weights: no AIC/BIC, no LR, proportional-odds or composite criteria (they
+    would change with the weights' scale); models with different links are not nested;
+    frequency weights in clusters count as rows (equal to the expanded data)."""
+    from fedgrain.exceptions import DataError
+
+    X, y = ucla
+    w = np.random.default_rng(2).integers(1, 4, len(y)).astype(float)
+    pw = OrdinalRegression(levels=UCLA_LEVELS, weights="probability").fit(X, y, sample_weight=w)
+    assert np.isnan(pw.aic_) and "AIC" not in pw.results_.info
+    for call in (lambda: pw.proportional_odds_test(X, y),
+                 lambda: pw.composite_criteria(X, y)):
+        with pytest.raises(DataError, match="probability weights"):
+            call()
+    with pytest.raises(DataError, match="different links"):
+        OrdinalRegression(levels=UCLA_LEVELS).fit(X, y).lr_test(
+            OrdinalRegression(levels=UCLA_LEVELS, link="cauchit").fit(X[["gpa"]], y))
+    g = np.arange(len(y)) // 4
+    fw = OrdinalRegression(levels=UCLA_LEVELS).fit(X, y, sample_weight=w, cov_groups=g)
+    rep = np.repeat(np.arange(len(y)), w.astype(int))
+    ex = OrdinalRegression(levels=UCLA_LEVELS).fit(X.iloc[rep], y.iloc[rep], cov_groups=g[rep])
+    np.testing.assert_allclose(fw.bse_, ex.bse_, rtol=1e-8)

@@ -161,6 +161,12 @@ def test_wald_tests_written_as_text_equal_the_matrix_form():
             r.wald_test(bad)
     with pytest.raises(ValueError, match="q goes with a matrix"):
         r.wald_test("age = 0", q=[1.0])
+    with pytest.raises(ValueError, match="side of '=' is empty"):
+        r.wald_test("age = ")
+    with pytest.raises(ValueError, match="every restriction of a list"):
+        r.wald_test(["age = in-come", "age"])
+    assert r.wald_test("age*-2 = 1").statistic == pytest.approx(
+        matrix([-2, 0, 0, 0], [1]).statistic)
 
 
 def test_labelled_results_are_the_arrays_with_names(fitted):

@@ -297,9 +297,11 @@ def _fit_formula(args, out: Path) -> int:
     if args.weights:
         weights = frame[_columns(frame, [args.weights], "--weights", args.data)[0]].to_numpy()
     fit_kw = {}
-    if args.groups:
-        fit_kw["groups"] = frame[_columns(frame, [args.groups], "--groups", args.data)[0]]\
-            .to_numpy()
+    for option, key in (("groups", "groups"), ("cov_groups", "cov_groups")):
+        col = getattr(args, option)
+        if col:
+            fit_kw[key] = frame[_columns(frame, [col], f"--{option.replace('_', '-')}",
+                                         args.data)[0]].to_numpy()
     y = frame[target] if target in frame.columns else None
     levels = _typed_levels(_csv_list(args.levels), y) if y is not None else None
     args.target = target

@@ -280,13 +280,20 @@ def _cut_parts_link(eta: np.ndarray, yb: np.ndarray, theta: np.ndarray, link):
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         lower = (a1 + a0) <= 0.0
         lower = np.where(np.isneginf(a0), True, np.where(np.isposinf(a1), False, lower))
+        # lower tails: pi = F1 (1 - F0/F1); g1 = (f1/F1) / (1 - F0/F1), g0 = (f0/F0) (F0/F1)
+        # / (1 - F0/F1); upper tails the same with survival functions. The links' hazards
+        # (f/F and f/(1-F)) are exact in their tails, so no ratio cancels.
         lf1, lf0 = link.logcdf(a1), link.logcdf(a0)
         ls1, ls0 = link.logsf(a1), link.logsf(a0)
-        logpi = np.where(lower, lf1 + _log1mexp(np.minimum(lf0 - np.where(
-            np.isneginf(lf1), 0.0, lf1), 0.0)), ls0 + _log1mexp(np.minimum(ls1 - np.where(
-                np.isneginf(ls0), 0.0, ls0), 0.0)))
-        g1 = np.exp(link.logpdf(a1) - logpi)
-        g0 = np.exp(link.logpdf(a0) - logpi)
+        dF = np.where(np.isneginf(lf0), -np.inf, lf0 - np.where(np.isneginf(lf1), 0.0, lf1))
+        dS = np.where(np.isneginf(ls1), -np.inf, ls1 - np.where(np.isneginf(ls0), 0.0, ls0))
+        L = _log1mexp(np.minimum(dF, 0.0))
+        U = _log1mexp(np.minimum(dS, 0.0))
+        logpi = np.where(lower, lf1 + L, ls0 + U)
+        g1 = np.where(lower, np.exp(link.log_rhazard(a1) - L),
+                      np.exp(link.log_hazard(a1) + dS - U))
+        g0 = np.where(lower, np.exp(link.log_rhazard(a0) + dF - L),
+                      np.exp(link.log_hazard(a0) - U))
         r1 = np.where(np.isfinite(a1), link.ratio(a1), 0.0)
         r0 = np.where(np.isfinite(a0), link.ratio(a0), 0.0)
     g1 = np.where(np.isfinite(a1), g1, 0.0)

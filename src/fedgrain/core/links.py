@@ -57,6 +57,14 @@ class Link:
         """``f'(a) / f(a)``."""
         return expit(-np.asarray(a, dtype=float)) - expit(a)
 
+    def log_rhazard(self, a):
+        """``log(f(a) / F(a))``, accurate where ``F`` is small and where it is near 1."""
+        return self.logsf(a)
+
+    def log_hazard(self, a):
+        """``log(f(a) / (1 - F(a)))``, accurate in both tails."""
+        return self.logcdf(a)
+
     def ppf(self, q):
         q = np.asarray(q, dtype=float)
         return np.log(q) - np.log1p(-q)
@@ -87,6 +95,12 @@ class Probit(Link):
     def ratio(self, a):
         return -np.asarray(a, dtype=float)
 
+    def log_rhazard(self, a):
+        return self.logpdf(a) - self.logcdf(a)
+
+    def log_hazard(self, a):
+        return self.logpdf(a) - self.logsf(a)
+
     def ppf(self, q):
         return ndtri(q)
 
@@ -95,16 +109,20 @@ class CLogLog(Link):
     name = "cloglog"
 
     def cdf(self, a):
-        return -np.expm1(-np.exp(a))
+        with np.errstate(over="ignore"):
+            return -np.expm1(-np.exp(a))
 
     def sf(self, a):
-        return np.exp(-np.exp(a))
+        with np.errstate(over="ignore"):
+            return np.exp(-np.exp(a))
 
     def logcdf(self, a):
-        return _log1mexp(-np.exp(a))
+        with np.errstate(over="ignore"):
+            return _log1mexp(-np.exp(a))
 
     def logsf(self, a):
-        return -np.exp(a)
+        with np.errstate(over="ignore"):
+            return -np.exp(a)
 
     def logpdf(self, a):
         a = np.asarray(a, dtype=float)
@@ -116,7 +134,16 @@ class CLogLog(Link):
         return np.exp(self.logpdf(a))
 
     def ratio(self, a):
-        return 1.0 - np.exp(a)
+        with np.errstate(over="ignore"):
+            return 1.0 - np.exp(a)
+
+    def log_rhazard(self, a):
+        a = np.asarray(a, dtype=float)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return a - np.exp(a) - self.logcdf(a)
+
+    def log_hazard(self, a):
+        return np.asarray(a, dtype=float)  # f / (1 - F) = exp(a) exactly
 
     def ppf(self, q):
         return np.log(-np.log1p(-np.asarray(q, dtype=float)))
@@ -126,16 +153,20 @@ class LogLog(Link):
     name = "loglog"
 
     def cdf(self, a):
-        return np.exp(-np.exp(-np.asarray(a, dtype=float)))
+        with np.errstate(over="ignore"):
+            return np.exp(-np.exp(-np.asarray(a, dtype=float)))
 
     def sf(self, a):
-        return -np.expm1(-np.exp(-np.asarray(a, dtype=float)))
+        with np.errstate(over="ignore"):
+            return -np.expm1(-np.exp(-np.asarray(a, dtype=float)))
 
     def logcdf(self, a):
-        return -np.exp(-np.asarray(a, dtype=float))
+        with np.errstate(over="ignore"):
+            return -np.exp(-np.asarray(a, dtype=float))
 
     def logsf(self, a):
-        return _log1mexp(-np.exp(-np.asarray(a, dtype=float)))
+        with np.errstate(over="ignore"):
+            return _log1mexp(-np.exp(-np.asarray(a, dtype=float)))
 
     def logpdf(self, a):
         a = np.asarray(a, dtype=float)
@@ -147,7 +178,16 @@ class LogLog(Link):
         return np.exp(self.logpdf(a))
 
     def ratio(self, a):
-        return np.exp(-np.asarray(a, dtype=float)) - 1.0
+        with np.errstate(over="ignore"):
+            return np.exp(-np.asarray(a, dtype=float)) - 1.0
+
+    def log_rhazard(self, a):
+        return -np.asarray(a, dtype=float)  # f / F = exp(-a) exactly
+
+    def log_hazard(self, a):
+        a = np.asarray(a, dtype=float)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return -a - np.exp(-a) - self.logsf(a)
 
     def ppf(self, q):
         return -np.log(-np.log(np.asarray(q, dtype=float)))
@@ -181,6 +221,12 @@ class Cauchit(Link):
     def ratio(self, a):
         a = np.asarray(a, dtype=float)
         return -2.0 * a / (1.0 + a * a)
+
+    def log_rhazard(self, a):
+        return self.logpdf(a) - self.logcdf(a)
+
+    def log_hazard(self, a):
+        return self.logpdf(a) - self.logsf(a)
 
     def ppf(self, q):
         # tan(pi (q - 1/2)) = -1 / tan(pi q): no rounding of q - 1/2 in the tails

@@ -26,10 +26,11 @@ import pandas as pd
 from ..exceptions import DataError
 
 #: Functions a formula may call: formulaic's categorical, identity and stateful transforms.
-FUNCTIONS = frozenset({"C", "I", "center", "scale", "poly", "bs", "log", "exp", "sqrt"})
+FUNCTIONS = frozenset({"C", "I", "center", "scale", "poly", "bs", "log", "exp"})
 #: numpy functions a formula may call as ``np.f`` or ``numpy.f``.
 NUMPY = frozenset({"log", "log1p", "log2", "log10", "exp", "expm1", "sqrt", "abs", "square"})
-_FORBIDDEN = ("__", "lambda", "import", "{", "}", "[", "]", ";", "\\", "'", '"')
+_ALLOWED = (f"column names, numbers, + - * / ** : ( ) and the functions {sorted(FUNCTIONS)} "
+            f"and np.{{{', '.join(sorted(NUMPY))}}}")
 
 
 class FormulaError(DataError):
@@ -37,8 +38,10 @@ class FormulaError(DataError):
 
 
 def check_formula(formula: str) -> tuple[str, str]:
-    """``(target, right-hand side)`` of ``"target ~ rhs"``, after checking that the right-hand
-    side calls only allowed functions (see the module docstring)."""
+    """``(target, right-hand side)`` of ``"target ~ rhs"``, after checking the right-hand side
+    as a Python expression tree: names, numbers, arithmetic, and calls whose function is a
+    name in :data:`FUNCTIONS` or ``np.f`` for ``f`` in :data:`NUMPY`; nothing else (no other
+    attribute, subscript, string, lambda or call), so no formula can reach other code."""
     if not isinstance(formula, str) or formula.count("~") != 1:
         raise FormulaError(f"A formula is 'target ~ feature + feature ...' with one '~'; got "
                            f"{formula!r}.")
@@ -48,27 +51,58 @@ def check_formula(formula: str) -> tuple[str, str]:
     if not re.fullmatch(r"`[^`]+`|[A-Za-z_][A-Za-z0-9_.]*", lhs):
         raise FormulaError(f"The target of {formula!r} must be one column name (quote a name "
                            "with spaces in backticks); transform the target before the fit.")
-    bad = [t for t in _FORBIDDEN if t in rhs.replace("``", "")]
-    if bad:
-        raise FormulaError(f"{formula!r} contains {bad[0]!r}, which a formula here may not "
-                           "(only column names, numbers, + - * : / ** ( ) and the functions "
-                           f"{sorted(FUNCTIONS)} and np.{{{', '.join(sorted(NUMPY))}}}).")
-    stripped = re.sub(r"`[^`]*`", "x", rhs)  # backquoted column names are names
-    for m in re.finditer(r"([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*(\()?",
-                         stripped):
-        name, call = m.group(1), m.group(2)
-        parts = name.split(".")
-        if len(parts) > 1:
-            if parts[0] not in ("np", "numpy") or len(parts) != 2 or parts[1] not in NUMPY or \
-                    not call:
-                raise FormulaError(f"{formula!r} uses {name!r}; a formula may call "
-                                   f"np.{{{', '.join(sorted(NUMPY))}}} and "
-                                   f"{sorted(FUNCTIONS)} only.")
-        elif call and name not in FUNCTIONS:
-            raise FormulaError(f"{formula!r} calls {name!r}; a formula may call "
-                               f"{sorted(FUNCTIONS)} and np.{{{', '.join(sorted(NUMPY))}}} "
-                               "only.")
+    _check_tree(rhs, formula)
     return lhs.strip("`"), rhs
+
+
+def _check_tree(rhs: str, formula: str) -> None:
+    import ast
+
+    # backquoted column names are names; ':' (interaction) is a product for this check
+    code = re.sub(r"`[^`]*`", "col", rhs).replace(":", "*")
+    if re.search(r"(^|[\s+\-*(~])\.($|[\s+\-*)])", code):
+        raise FormulaError(f"{formula!r}: '.' (every other column) is not supported; list the "
+                           "features.")
+    try:
+        tree = ast.parse(code, mode="eval")
+    except SyntaxError:
+        raise FormulaError(f"{formula!r} is not a formula fedgrain can read: it may hold "
+                           f"{_ALLOWED}.") from None
+
+    bad = []
+
+    def ok(node) -> bool:
+        good = _node_ok(node)
+        if not good and not bad:
+            bad.append(ast.get_source_segment(code, node) or type(node).__name__)
+        return good
+
+    def _node_ok(node) -> bool:
+        if isinstance(node, ast.Expression):
+            return ok(node.body)
+        if isinstance(node, ast.Name):
+            return "__" not in node.id
+        if isinstance(node, ast.Constant):
+            return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+        if isinstance(node, ast.BinOp):
+            return isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)) and \
+                ok(node.left) and ok(node.right)
+        if isinstance(node, ast.UnaryOp):
+            return isinstance(node.op, (ast.USub, ast.UAdd)) and ok(node.operand)
+        if isinstance(node, ast.Call):
+            f = node.func
+            named = isinstance(f, ast.Name) and f.id in FUNCTIONS
+            numpy = (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
+                     and f.value.id in ("np", "numpy") and f.attr in NUMPY)
+            return (named or numpy) and all(ok(a) for a in node.args) and \
+                all(k.arg is not None and "__" not in k.arg and ok(k.value)
+                    for k in node.keywords)
+        return False
+
+    if not ok(tree):
+        what = bad[-1] if bad else "?"
+        raise FormulaError(f"{formula!r}: {what!r} is not allowed in a formula here; a formula "
+                           f"may hold {_ALLOWED} only.")
 
 
 @dataclass
@@ -90,7 +124,12 @@ class FormulaDesign:
         if target not in data.columns:
             raise FormulaError(f"The target {target!r} of {formula!r} is not a column; the "
                                f"columns are {list(map(str, data.columns))[:20]}.")
-        mm = _build(lambda: model_matrix(rhs, data, na_action="raise"), formula)
+        with np.errstate(all="ignore"):  # a log of a negative value: reported below
+            mm = _build(lambda: model_matrix(rhs, data, na_action="raise"), formula)
+        if "Intercept" not in mm.columns:
+            raise FormulaError(f"{formula!r} removes the intercept ('- 1' or '+ 0'): the "
+                               "thresholds are the intercepts of an ordinal model, so write "
+                               "the formula without it.")
         design = cls(formula, mm.model_spec)
         return design, _drop_intercept(mm), target
 
@@ -99,6 +138,7 @@ class FormulaDesign:
         if not isinstance(data, pd.DataFrame):
             raise FormulaError("This model was fitted from a formula: give new rows as a "
                                "pandas DataFrame with the columns the formula names.")
+        check_formula(self.formula)  # again, whatever set it
         return _drop_intercept(_build(lambda: self.spec.get_model_matrix(data), self.formula))
 
     # ---- persistence: plain JSON, rebuilt only into the types below ---------------------------
@@ -130,6 +170,10 @@ def _build(make, formula: str):
         raise
     except Exception as exc:  # formulaic's own errors: name, what went wrong
         msg = str(exc).split("\n")[0]
+        if "null values" in msg and ("log(" in formula or "sqrt(" in formula):
+            raise FormulaError(f"{formula!r}: {msg} A log or a square root of a value at or "
+                               "below zero gives no number: shift or drop those rows.") \
+                from None
         if "null values" in msg:
             raise FormulaError(f"{formula!r}: {msg} Drop or fill the missing values first.") \
                 from None

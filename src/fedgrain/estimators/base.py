@@ -173,6 +173,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         from ..core.standardize import Standardizer
 
         check_is_fitted(self, "coef_")
+        self._likelihood_only("composite_criteria")
         if getattr(self, "link", "logit") != "logit":
             raise DataError("The composite likelihood is one of binary logits; this model's "
                             f"link is {self.link!r}: use its aic_ and bic_.")
@@ -194,6 +195,16 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         return pd.Series({"composite loglik": cl, "effective parameters": eff,
                           "CLAIC": -2.0 * cl + 2.0 * eff, "CLBIC": -2.0 * cl + np.log(n) * eff,
                           "rows": n})
+
+    def _likelihood_only(self, what: str) -> None:
+        """A DataError for ``what`` on a model fitted with probability weights: its weighted
+        log-likelihood is a pseudo-likelihood, and model-based tests and criteria computed
+        from it would change with the weights' scale."""
+        if getattr(self, "weights", "frequency") == "probability":
+            raise DataError(f"{what} treats weights as frequencies; this model was fitted with "
+                            "probability weights (a pseudo-likelihood), where its statistics "
+                            "would change with the weights' scale. Use Wald tests "
+                            "(results_.wald_test), whose errors are the robust sandwich's.")
 
     def marginal_effects(self, X, alpha: float = 0.05):
         """Average marginal effects of each feature on each level's probability over the rows
@@ -232,6 +243,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         from ..inference import po_tests
 
         check_is_fitted(self, "coef_")
+        self._likelihood_only("proportional_odds_test")
         if method not in po_tests.METHODS:
             raise param_error("proportional_odds_test", "method", "'brant' or 'score'", method)
         Xe = self.encode(X)

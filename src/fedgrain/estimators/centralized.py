@@ -198,15 +198,17 @@ class OrdinalRegression(OrdinalModel):
         self.n_iter_ = res.n_iter
         self.converged_ = bool(res.converged)
         self._set_statistics(K - 1)
+        pseudo = self.weights == "probability"
+        stats = ({"Log-likelihood (pseudo)": f"{self.loglik_:.4f}"} if pseudo else
+                 {"Log-likelihood": f"{self.loglik_:.4f}",
+                  "Null log-likelihood": f"{self.llnull_:.4f}",
+                  "AIC": f"{self.aic_:.4f}", "BIC": f"{self.bic_:.4f}",
+                  "McFadden pseudo-R^2": f"{self.pseudo_r2_:.4f}"})
         results = OrdinalResults(
             params, cov, names, data.target.classes,
             title="Ordinal regression: exact maximum likelihood", link=self.link,
             info={
-                "Rows": f"{codes.shape[0]:,}", "Classes": K, "Link": self.link,
-                "Log-likelihood": f"{self.loglik_:.4f}",
-                "Null log-likelihood": f"{self.llnull_:.4f}",
-                "AIC": f"{self.aic_:.4f}", "BIC": f"{self.bic_:.4f}",
-                "McFadden pseudo-R^2": f"{self.pseudo_r2_:.4f}",
+                "Rows": f"{codes.shape[0]:,}", "Classes": K, "Link": self.link, **stats,
                 "Standard errors": _variance_label(robust, clusters, self.weights),
                 "Ridge alpha": self.alpha,
                 "Newton iterations": f"{res.n_iter} "
@@ -217,7 +219,12 @@ class OrdinalRegression(OrdinalModel):
         return self
 
     def _set_statistics(self, n_thresholds: int) -> None:
-        """AIC, BIC and McFadden's R^2 from the log-likelihoods and counts."""
+        """AIC, BIC and McFadden's R^2 from the log-likelihoods and counts (NaN with
+        probability weights: the weighted log-likelihood is a pseudo-likelihood, and these
+        would change with the weights' scale)."""
+        if self.weights == "probability":
+            self.aic_ = self.bic_ = self.pseudo_r2_ = float("nan")
+            return
         k = self.df_model_ + n_thresholds
         self.aic_ = 2.0 * k - 2.0 * self.loglik_
         self.bic_ = np.log(self.nobs_) * k - 2.0 * self.loglik_
@@ -247,6 +254,9 @@ class OrdinalRegression(OrdinalModel):
                 not np.isclose(big.llnull_, small.llnull_, rtol=1e-10, atol=1e-8):
             raise DataError("lr_test needs both models fitted on the same rows (their row "
                             "counts, levels or class counts differ).")
+        if big.link != small.link:
+            raise DataError(f"The models have different links ({big.link!r} and "
+                            f"{small.link!r}): they are not nested.")
         if "probability" in (big.weights, small.weights):
             raise DataError("lr_test compares likelihoods; with probability weights the "
                             "weighted log-likelihood is a pseudo-likelihood (use a Wald test, "
@@ -348,10 +358,12 @@ def _meat(X, codes, w, x, means, clusters, squared: bool, link=None) -> np.ndarr
             meat += (S * f[:, None]).T @ S
         else:
             np.add.at(sums, clusters[a:b], S * wb[:, None])
+    # N: rows, counted with their frequency weights (a row of weight 3 is three rows)
+    N = float(n if w is None or squared else w.sum())
     if clusters is not None:  # a cluster's score: its rows' weighted scores, summed
         meat = sums.T @ sums
-        return meat * n_groups / (n_groups - 1) * (n - 1) / max(n - d, 1)
-    return meat * (n / max(n - d, 1) if squared else 1.0)
+        return meat * n_groups / (n_groups - 1) * (N - 1) / max(N - d, 1)
+    return meat * (N / max(N - d, 1) if squared else 1.0)
 
 
 def _collinear_columns(X: np.ndarray, w: np.ndarray | None, means: np.ndarray,

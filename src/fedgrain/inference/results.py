@@ -318,6 +318,10 @@ class OrdinalResults:
         d = self.params.shape[0]
         if R is None:
             R = list(range(self.n_features))
+        if isinstance(R, (list, tuple)) and any(isinstance(r, str) and "=" in r for r in R) \
+                and not all(isinstance(r, str) and "=" in r for r in R):
+            raise ValueError("write every restriction of a list as text with '=' ('x = 0'), "
+                             "or give parameter names only")
         if isinstance(R, str) or (isinstance(R, (list, tuple)) and R
                                   and all(isinstance(r, str) and "=" in r for r in R)):
             if q is not None:
@@ -372,6 +376,8 @@ class OrdinalResults:
         row = np.zeros(len(names))
         const = 0.0
         for side, sign in ((sides[0], 1.0), (sides[1], -1.0)):
+            if not side.strip():
+                raise ValueError(f"{text!r}: a side of '=' is empty")
             r, c = self._parse_linear(side, names, order, text)
             row += sign * r
             const -= sign * c
@@ -415,14 +421,16 @@ class OrdinalResults:
                 j = i
                 while j < n and side[j].isspace():
                     j += 1
-                if j < n and side[j] == "*":  # name * number
+                if j < n and side[j] == "*":  # name * number (signed)
                     j += 1
                     while j < n and side[j].isspace():
                         j += 1
-                    m2 = number.match(side, j)
+                    neg = j < n and side[j] in "+-"
+                    sgn = -1.0 if neg and side[j] == "-" else 1.0
+                    m2 = number.match(side, j + 1 if neg else j)
                     if m2 is None:
                         raise ValueError(f"{text!r}: expected a number after '*'")
-                    coef, i = float(m2.group(0)), m2.end()
+                    coef, i = sgn * float(m2.group(0)), m2.end()
             elif m is not None:
                 coef, i = float(m.group(0)), m.end()
                 j = i
@@ -567,7 +575,7 @@ class OrdinalResults:
         est = ame.reshape(-1)
         z = stats.norm.isf(alpha / 2)
         with np.errstate(divide="ignore", invalid="ignore"):
-            zval = est / se
+            zval = np.where(se > 0, est / se, np.nan)  # an effect rounded to 0: no test
         index = pd.MultiIndex.from_product([self.feature_names, [str(c) for c in self.classes]],
                                            names=["feature", "level"])
         return pd.DataFrame({"dy/dx": est, "std err": se, "z": zval,
