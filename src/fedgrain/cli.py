@@ -178,7 +178,7 @@ def _check_fit_options(args) -> None:
     if args.link is not None and args.estimator != "mle":
         raise DataError("--link applies to --estimator mle (the federated estimators fit the "
                         "logit model).")
-    mle_only = [f"--{n.replace('_', '-')}" for n in ("cov_groups", "weights_type")
+    mle_only = [f"--{n.replace('_', '-')}" for n in ("cov_groups", "weights_type", "nominal")
                 if getattr(args, n) is not None]
     if mle_only and args.estimator != "mle":
         raise DataError(f"{', '.join(mle_only)} apply to --estimator mle only.")
@@ -383,7 +383,7 @@ def _estimator(args, levels, categorical):
             raise DataError(f"--alpha {ridge} applies to --estimator dc; with --estimator mle "
                             "--alpha is a ridge penalty (a number).")
         model = OrdinalRegression(alpha=ridge, levels=levels, categorical=categorical,
-                                  link=args.link or "logit",
+                                  link=args.link or "logit", nominal=_csv_list(args.nominal),
                                   weights=args.weights_type or "frequency",
                                   **({} if args.variance is None else {"variance": args.variance}))
         return model, f"exact maximum likelihood, {args.link or 'logit'} link"
@@ -676,6 +676,9 @@ def _add_fit(command) -> None:
                         "the groups of the random effects")
     p.add_argument("--link", choices=("logit", "probit", "cloglog", "loglog", "cauchit"),
                    default=None, help="mle: the link function (default logit)")
+    p.add_argument("--nominal", default=None, metavar="FEATURES",
+                   help="mle: features whose slope may differ at every cut (partial "
+                        "proportional odds): f1,f2")
     p.add_argument("--po-test", choices=("brant", "score"), default=None,
                    help="test the proportional-odds assumption on the fitted rows (shown "
                         "below the coefficients, saved with the model, in its report)")

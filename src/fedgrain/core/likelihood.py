@@ -248,8 +248,11 @@ def _cut_parts(eta: np.ndarray, yb: np.ndarray, theta: np.ndarray):
     formulas below give the right limits there without special cases.
     """
     t_ext = np.concatenate(([-np.inf], theta, [np.inf]))
-    a1 = t_ext[yb + 1] - eta
-    a0 = t_ext[yb] - eta
+    return _logit_cut_parts(t_ext[yb + 1] - eta, t_ext[yb] - eta)
+
+
+def _logit_cut_parts(a1: np.ndarray, a0: np.ndarray):
+    """:func:`_cut_parts` from the row's two cuts ``a1 > a0`` (``+-inf`` at the ends)."""
     F1, _, logF1, logQ1 = _sigmoid_logs(a1)
     F0, _, logF0, logQ0 = _sigmoid_logs(a0)
     # pi = F(a1) - F(a0) = F(a1) (1 - F(a0)) (1 - exp(a0 - a1)), every factor kept in logs.
@@ -269,14 +272,18 @@ def _cut_parts_link(eta: np.ndarray, yb: np.ndarray, theta: np.ndarray, link):
     ``pi = F(a1) - F(a0)`` is taken from the lower tails where the row's cuts lie below zero
     on average and from the upper tails otherwise, each in logs, so no difference cancels.
     """
+    t_ext = np.concatenate(([-np.inf], theta, [np.inf]))
+    return cut_parts_at(t_ext[yb + 1] - eta, t_ext[yb] - eta, link)
+
+
+def cut_parts_at(a1: np.ndarray, a0: np.ndarray, link=None):
+    """:func:`_cut_parts_link` from each row's two cuts ``a1 > a0`` directly (``+inf`` /
+    ``-inf`` for the end levels): for models whose cuts differ by row."""
     if link is None or link.name == "logit":
-        logpi, g1, g0, F1, F0 = _cut_parts(eta, yb, theta)
+        logpi, g1, g0, F1, F0 = _logit_cut_parts(a1, a0)
         return logpi, g1, g0, 1.0 - 2.0 * F1, 1.0 - 2.0 * F0
     from .links import _log1mexp
 
-    t_ext = np.concatenate(([-np.inf], theta, [np.inf]))
-    a1 = t_ext[yb + 1] - eta
-    a0 = t_ext[yb] - eta
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         lower = (a1 + a0) <= 0.0
         lower = np.where(np.isneginf(a0), True, np.where(np.isposinf(a1), False, lower))

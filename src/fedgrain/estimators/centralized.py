@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from .._warnings import warn
 from ..core.blocks import block_rows
-from ..core.likelihood import Pass, exact_pass, exact_row_terms, initial_thresholds
+from ..core.likelihood import Pass, class_proba, exact_pass, exact_row_terms, initial_thresholds
 from ..core.linalg import NotIdentifiedError, chi2_sf, inverse, unidentified_directions
 from ..core.links import LINKS, get_link
 from ..core.solvers import newton, runaway, warm_start
@@ -18,7 +19,7 @@ from ..data.groups import check_groups, kept_groups, split_groups_column
 from ..exceptions import DataError, SeparationError
 from ..inference import local
 from ..inference.results import LRTest, OrdinalResults, parameter_names
-from .base import OrdinalModel, is_real, param_error, register
+from .base import OrdinalModel, is_int, is_real, param_error, register
 
 
 @register
@@ -37,6 +38,13 @@ class OrdinalRegression(OrdinalModel):
         odds, the default), the standard normal, the Gumbel minimum (``1 - exp(-exp(a))``,
         proportional hazards), the Gumbel maximum, or the Cauchy (heavy tails). As R's
         ``clm(link=...)`` and statsmodels' ``OrderedModel(distr=...)``.
+    nominal : list, optional
+        Features (output names or positions) whose slope may differ at every cut of the scale:
+        the partial proportional-odds model ``P(Y <= k | x) = F(threshold_k - x @ coef -
+        x_nominal @ delta_k)`` with ``delta_0 = 0`` (``gologit2``, R's ``clm(nominal=)``).
+        ``coef_`` then holds these features' slopes at the first cut and ``slopes_by_cut_``
+        their slope at every cut. Fitted by the same Newton method on the exact likelihood;
+        frequency weights only, no ridge.
     alpha : float
         Optional ridge penalty on the standardised slopes: the fit minimises
         ``-loglik / n + alpha / 2 * sum_j (sd_j * coef_j)^2``. 0 (the default) is the exact
@@ -90,9 +98,10 @@ class OrdinalRegression(OrdinalModel):
     array([ 1.1, -0.5])
     """
 
-    def __init__(self, *, link="logit", alpha=0.0, variance="model", weights="frequency",
-                 levels=None, categorical=None, max_iter=100, tol=1e-8):
+    def __init__(self, *, link="logit", nominal=None, alpha=0.0, variance="model",
+                 weights="frequency", levels=None, categorical=None, max_iter=100, tol=1e-8):
         self.link = link
+        self.nominal = nominal
         self.alpha = alpha
         self.variance = variance
         self.weights = weights
@@ -133,6 +142,13 @@ class OrdinalRegression(OrdinalModel):
         data = prepare_fit(X, y, levels=self.levels, categorical=self.categorical,
                            sample_weight=sample_weight, estimator_name=owner)
         Xm, codes, w = data.X, data.codes, data.weights
+        self._nominal_idx = None
+        if self.nominal:
+            if cov_groups is not None or self.weights == "probability" or self.alpha:
+                raise DataError("nominal= (partial proportional odds) is fitted with frequency "
+                                "weights and model-based or sandwich errors only: drop "
+                                "cov_groups, weights='probability' and alpha.")
+            return self._fit_nominal(data)
         clusters = None
         if cov_groups is not None:
             _, clusters = np.unique(check_groups(cov_groups, codes.shape[0]),
@@ -218,6 +234,193 @@ class OrdinalRegression(OrdinalModel):
         self._set_fitted(data.schema, data.target, params, cov, results)
         return self
 
+    # ---- partial proportional odds ---------------------------------------------------------
+    def _nominal_columns(self, names: list[str]) -> list[int]:
+        out = []
+        for v in self.nominal:
+            if is_int(v) and 0 <= v < len(names):
+                out.append(int(v))
+            elif isinstance(v, str) and v in names:
+                out.append(names.index(v))
+            else:
+                raise DataError(f"nominal= names {v!r}, which is not a feature; the features "
+                                f"are {names[:20]}.")
+        if len(set(out)) != len(out):
+            raise DataError(f"nominal= names a feature twice: {list(self.nominal)}.")
+        return sorted(out)
+
+    def _fit_nominal(self, data):
+        from ..core.nominal import nominal_pass
+
+        Xm, codes, w = data.X, data.codes, data.weights
+        names = data.schema.output_names
+        p, K = Xm.shape[1], data.target.n_classes
+        if K < 3:
+            raise DataError("nominal= gives the features a slope at every cut of the scale; "
+                            "with two levels there is one cut (a binary logit).")
+        R = self._nominal_columns(names)
+        r = len(R)
+        link = get_link(self.link)
+        n_eff = float(codes.shape[0] if w is None else w.sum())
+        means, scales = column_moments(Xm, w)
+        Xc = Xm - means
+        unit = np.where(scales > 0, scales, 1.0)
+        dependent = _collinear_columns(Xm, w, means, unit)
+        labels = parameter_names(names, data.target.classes)
+        if dependent.size:
+            raise _collinear_error(labels, dependent)
+        po = OrdinalRegression(link=self.link, levels=list(range(K)), max_iter=self.max_iter,
+                               tol=self.tol).fit(Xc, codes, sample_weight=w)
+        x0 = np.concatenate([po.coef_, po.thresholds_, np.zeros((K - 2) * r)])
+        Wc = Xc[:, R]
+
+        def oracle(x, loss=True, order=2, meat=False):
+            return nominal_pass(Xc, Wc, codes, w, x, K, link, order=order, meat=meat)
+
+        with local.one_blas_thread():
+            res = newton(oracle, x0, n_eff, max_iter=self.max_iter, tol=self.tol)
+            J = oracle(res.x, order=0, meat=True).meat if self.variance == "sandwich" else None
+        step = np.abs(res.step[:p]) * unit
+        if res.diverged or not np.all(np.isfinite(res.x)) or (
+                res.converged and np.any(step > 1e-3)):
+            raise SeparationError("The partial proportional-odds fit does not settle: the "
+                                  "cut-specific slopes separate some levels (a level with few "
+                                  "rows, say). Make fewer features nominal, or merge levels.")
+        if not res.converged:
+            warn(f"OrdinalRegression(nominal=...) did not converge in max_iter="
+                 f"{self.max_iter} Newton iterations; increase max_iter.", ConvergenceWarning)
+        try:
+            cov = inverse(res.hess)
+        except NotIdentifiedError:
+            raise DataError("The partial proportional-odds model is not identified on these "
+                            "rows (a cut with too few rows on one side for the nominal "
+                            "slopes); make fewer features nominal.") from None
+        if J is not None:
+            cov = cov @ J @ cov
+        # back from centred features: theta_k = theta_c_k + m'beta + m_R'delta_k
+        d = res.x.size
+        T = np.eye(d)
+        T[p:p + K - 1, :p] += means[None, :]
+        for k in range(1, K - 1):
+            T[p + k, p + K - 1 + (k - 1) * r:p + K - 1 + k * r] += means[R]
+        params = T @ res.x
+        cov = T @ (0.5 * (cov + cov.T)) @ T.T
+        self._nominal_idx = R
+        self.nominal_cov_ = cov
+        self.nominal_delta_ = params[p + K - 1:].reshape(K - 2, r)
+        self.loglik_ = -float(res.objective * n_eff)
+        counts = np.bincount(codes, weights=w, minlength=K)
+        self.llnull_ = float(counts[counts > 0] @ np.log(counts[counts > 0] / n_eff))
+        self.nobs_ = n_eff
+        self.df_model_ = p + r * (K - 2)
+        self.n_iter_ = res.n_iter
+        self.converged_ = bool(res.converged)
+        self._set_statistics(K - 1)
+        nominal_names = [names[j] for j in R]
+        info = {"Rows": f"{codes.shape[0]:,}", "Classes": K, "Link": self.link,
+                "Nominal (slope per cut)": ", ".join(nominal_names),
+                "Log-likelihood": f"{self.loglik_:.4f}", "AIC": f"{self.aic_:.4f}",
+                "BIC": f"{self.bic_:.4f}",
+                "Standard errors": "model-based" if J is None else "sandwich",
+                "Newton iterations": f"{res.n_iter} "
+                                     f"({'converged' if res.converged else 'NOT converged'})"}
+        q = p + K - 1
+        results = OrdinalResults(params[:q], cov[:q, :q], names, data.target.classes,
+                                 title="Ordinal regression: partial proportional odds "
+                                       "(exact maximum likelihood)", info=info,
+                                 link=self.link)
+        self._set_fitted(data.schema, data.target, params[:q], cov[:q, :q], results)
+        return self
+
+    @property
+    def slopes_by_cut_(self) -> np.ndarray | None:
+        """With ``nominal``: each nominal feature's slope at every cut, ``(K - 1, r)`` (rows:
+        the cuts ``"a|b"`` in order); None without."""
+        if getattr(self, "_nominal_idx", None) is None:
+            return None
+        R = self._nominal_idx
+        return self.coef_[R][None, :] + np.vstack([np.zeros((1, len(R))), self.nominal_delta_])
+
+    def _slopes_table(self, alpha: float) -> pd.DataFrame:
+        """The nominal features' slope at every cut with standard errors and intervals."""
+        from scipy import stats
+
+        R = self._nominal_idx
+        p, K1, r = self.coef_.size, self.thresholds_.size, len(R)
+        names = self.schema_.output_names
+        cuts = self.results_.param_names[p:]
+        rows, est, se = [], [], []
+        for k in range(K1):
+            for i, j in enumerate(R):
+                g = np.zeros(self.nominal_cov_.shape[0])
+                g[j] = 1.0
+                if k:
+                    g[p + K1 + (k - 1) * r + i] = 1.0
+                rows.append(f"{names[j]} @ {cuts[k]}")
+                est.append(float(g @ np.r_[self.coef_, self.thresholds_,
+                                           self.nominal_delta_.reshape(-1)]))
+                se.append(float(np.sqrt(max(g @ self.nominal_cov_ @ g, 0.0))))
+        est, se = np.array(est), np.array(se)
+        z = stats.norm.isf(alpha / 2)
+        return pd.DataFrame({"coef": est, "std err": se, "z": est / se,
+                             "P>|z|": 2 * stats.norm.sf(np.abs(est / se)),
+                             f"[{alpha / 2:.3g}": est - z * se,
+                             f"{1 - alpha / 2:.3g}]": est + z * se},
+                            index=pd.Index(rows, name="slope at cut"))
+
+    def summary(self, alpha: float = 0.05):
+        out = super().summary(alpha)
+        if getattr(self, "_nominal_idx", None) is None:
+            return out
+        from dataclasses import replace
+
+        from ..inference.results import Summary
+
+        section = Summary("Slopes of the nominal features at every cut", (),
+                          self._slopes_table(alpha))
+        return replace(out, sections=(section, *out.sections))
+
+    def predict_proba(self, X) -> np.ndarray:
+        if getattr(self, "_nominal_idx", None) is None:
+            return super().predict_proba(X)
+        from ..core.nominal import row_thresholds
+
+        Xe = self.encode(X)
+        t = row_thresholds(self.thresholds_, Xe[:, self._nominal_idx], self.nominal_delta_)
+        crossed = np.any(np.diff(t, axis=1) <= 0, axis=1)
+        P = class_proba(Xe @ self.coef_, np.maximum.accumulate(t, axis=1), self._link())
+        if crossed.any():
+            warn(f"{int(crossed.sum()):,} row(s) lie where the nominal features' cut-specific "
+                 "lines cross (outside the fitted rows' range): their cumulative "
+                 "probabilities were made non-decreasing.", UserWarning)
+        return P
+
+    def predict_cumulative_proba(self, X) -> np.ndarray:
+        if getattr(self, "_nominal_idx", None) is None:
+            return super().predict_cumulative_proba(X)
+        return np.cumsum(self.predict_proba(X), axis=1)[:, :-1]
+
+    def _po_only(self, what: str) -> None:
+        if getattr(self, "_nominal_idx", None) is not None:
+            raise DataError(f"{what} is for the proportional-odds model; this one has nominal "
+                            "features (use predict_proba, summary and lr_test).")
+
+    def predict_proba_ci(self, X, alpha: float = 0.05):
+        self._po_only("predict_proba_ci")
+        return super().predict_proba_ci(X, alpha)
+
+    def marginal_effects(self, X, alpha: float = 0.05):
+        self._po_only("marginal_effects")
+        return super().marginal_effects(X, alpha)
+
+    def proportional_odds_test(self, X, y, method: str = "brant", sample_weight=None):
+        self._po_only("proportional_odds_test")
+        return super().proportional_odds_test(X, y, method, sample_weight)
+
+    def composite_criteria(self, X, y, sample_weight=None):
+        self._po_only("composite_criteria")
+        return super().composite_criteria(X, y, sample_weight)
+
     def _set_statistics(self, n_thresholds: int) -> None:
         """AIC, BIC and McFadden's R^2 from the log-likelihoods and counts (NaN with
         probability weights: the weighted log-likelihood is a pseudo-likelihood, and these
@@ -268,7 +471,10 @@ class OrdinalRegression(OrdinalModel):
         if df == 0:
             raise DataError("The models have the same number of slopes: nothing to test.")
         stat = max(2.0 * (big.loglik_ - small.loglik_), 0.0)
-        if not (big.schema_.has_names and small.schema_.has_names):
+        extra = [f for f in big._nominal_names() if f not in small._nominal_names()]
+        same_features = big.coef_.size == small.coef_.size
+        if not (big.schema_.has_names and small.schema_.has_names) and not (
+                extra and same_features):
             # array columns are named by position: nesting cannot be checked by name
             return LRTest(stat, df, chi2_sf(stat, df),
                           f"the {df} slope(s) only the larger model has = 0")
@@ -279,7 +485,15 @@ class OrdinalRegression(OrdinalModel):
                             "model only. Fit the smaller model on a subset of the larger's "
                             "features.")
         dropped = [f for f in names_big if f not in small.results_.feature_names]
-        return LRTest(stat, df, chi2_sf(stat, df), " = ".join(dropped) + " = 0")
+        label = " = ".join(dropped) + " = 0" if dropped else ""
+        if extra:
+            label += (", and " if label else "") + \
+                f"the same slope at every cut for {', '.join(extra)}"
+        return LRTest(stat, df, chi2_sf(stat, df), label)
+
+    def _nominal_names(self) -> list[str]:
+        R = getattr(self, "_nominal_idx", None)
+        return [] if R is None else [self.schema_.output_names[j] for j in R]
 
     def _check(self, res, scales: np.ndarray, labels: list[str], collinear) -> None:
         """Collinear columns and separation are errors; running out of iterations a warning.
@@ -313,8 +527,13 @@ class OrdinalRegression(OrdinalModel):
                  "iterations; increase max_iter.", ConvergenceWarning)
 
     def _extra_state(self):
-        return {"loglik": self.loglik_, "n_iter": self.n_iter_, "llnull": self.llnull_,
-                "nobs": self.nobs_, "converged": self.converged_}, {}
+        meta = {"loglik": self.loglik_, "n_iter": self.n_iter_, "llnull": self.llnull_,
+                "nobs": self.nobs_, "converged": self.converged_}
+        arrays = {}
+        if getattr(self, "_nominal_idx", None) is not None:
+            meta["nominal_idx"] = list(self._nominal_idx)
+            arrays = {"nominal_delta": self.nominal_delta_, "nominal_cov": self.nominal_cov_}
+        return meta, arrays
 
     def _restore_extra(self, meta, arrays):
         self.loglik_ = float(meta["loglik"])
@@ -323,7 +542,18 @@ class OrdinalRegression(OrdinalModel):
         self.llnull_ = float(meta.get("llnull", np.nan))
         self.nobs_ = float(meta.get("nobs", np.nan))
         self.converged_ = bool(meta.get("converged", True))
+        self._nominal_idx = None
         self.df_model_ = self.coef_.shape[0]
+        if "nominal_idx" in meta:
+            R = [int(j) for j in meta["nominal_idx"]]
+            p, K1 = self.coef_.shape[0], self.thresholds_.shape[0]
+            delta, cov = arrays["nominal_delta"], arrays["nominal_cov"]
+            d = p + K1 + (K1 - 1) * len(R)
+            if any(not 0 <= j < p for j in R) or delta.shape != (K1 - 1, len(R)) or \
+                    cov.shape != (d, d) or not np.all(np.isfinite(delta)):
+                raise ValueError("the nominal features' parameters do not match the model")
+            self._nominal_idx, self.nominal_delta_, self.nominal_cov_ = R, delta, cov
+            self.df_model_ = p + len(R) * (K1 - 1)
         self._set_statistics(self.thresholds_.shape[0])
         self.results_.link = self.link
 
