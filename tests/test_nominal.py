@@ -112,3 +112,62 @@ def test_the_command_line_fits_nominal_features(hie, tmp_path, capsys):
     ref = OrdinalRegression(nominal=["physlm"]).fit(X, y)
     np.testing.assert_allclose(load(tmp_path / "m").slopes_by_cut_, ref.slopes_by_cut_,
                                atol=1e-10)
+
+
+def test_review_cases_crossings_runaway_nesting_input_and_tampering(tmp_path):
+    """The cuts never cross at a fitted row (whatever its level); a delta that runs off is
+    separation, not convergence; lr_test refuses models that are not nested; nominal= takes
+    one name, an array, or a categorical's name; a tampered nominal_idx is refused."""
+    import pandas as pd
+
+    from fedgrain.exceptions import ModelFileError, SeparationError
+    from fedgrain.persist import read_model_dir, write_model_dir
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    x = rng.standard_normal(n)
+    # the two cuts' lines cross at large |x|: slopes 1.0 and -0.2
+    F0 = expit(-0.5 - x)
+    F1 = np.maximum(expit(0.5 + 0.2 * x), F0)
+    u = rng.random(n)
+    y = (u > F0).astype(int) + (u > F1)
+    X = np.column_stack([np.r_[x, -6.0, -6.5, -7.0], rng.standard_normal(n + 3)])
+    y = np.r_[y, 0, 0, 0]  # three rows of the bottom level far left
+    with pytest.warns(UserWarning, match="fitted rows the nominal features' cut-specific "
+                                         "lines cross"):
+        m = OrdinalRegression(nominal=[0]).fit(X, y)
+    from fedgrain.core.nominal import row_thresholds
+
+    t = row_thresholds(m.thresholds_, X[:, [0]], m.nominal_delta_)
+    crossed = np.any(np.diff(t, axis=1) <= 0, axis=1)
+    assert crossed.any()
+    with pytest.warns(UserWarning, match="made non-decreasing"):
+        P = m.predict_proba(X)
+    assert np.allclose(P.sum(axis=1), 1.0) and np.all(P >= 0)
+    from fedgrain.core.likelihood import class_proba
+
+    ok = ~crossed  # elsewhere the predictions are the model's own
+    np.testing.assert_allclose(P[ok], class_proba(X[ok] @ m.coef_, t[ok]), atol=1e-15)
+    # the top level of five holds the two largest x only: its delta runs off
+    Xs = rng.standard_normal((800, 1))
+    ys = np.digitize(Xs[:, 0] + rng.logistic(size=800), [-1.5, -0.5, 0.5])
+    ys[np.argsort(Xs[:, 0])[-2:]] = 4
+    with pytest.raises(SeparationError):
+        OrdinalRegression(nominal=[0]).fit(Xs, ys)
+    frame = pd.DataFrame(X, columns=["a", "b"]).assign(c=rng.standard_normal(len(y)))
+    small = OrdinalRegression(nominal="a").fit(frame[["a", "b"]], y)
+    big = OrdinalRegression(nominal=["b"]).fit(frame, y)
+    with pytest.raises(DataError, match="not nested"):
+        big.lr_test(small)
+    same = OrdinalRegression(nominal=np.array([0])).fit(frame[["a", "b"]], y)
+    np.testing.assert_allclose(same.slopes_by_cut_, small.slopes_by_cut_)
+    cat = frame.assign(color=rng.choice(["red", "green", "blue"], len(y)))
+    mc = OrdinalRegression(nominal=["color"], categorical=["color"]).fit(cat, y)
+    assert mc.slopes_by_cut_.shape == (2, 2)
+    path = small.save(tmp_path / "m")
+    for i, idx in enumerate(([1], [0, 0], [True], [])):
+        meta, arrays = read_model_dir(path)
+        meta["nominal_idx"] = idx
+        write_model_dir(tmp_path / f"bad{i}", meta, arrays)
+        with pytest.raises(ModelFileError):
+            load(tmp_path / f"bad{i}")

@@ -182,6 +182,9 @@ def _check_fit_options(args) -> None:
                 if getattr(args, n) is not None]
     if mle_only and args.estimator != "mle":
         raise DataError(f"{', '.join(mle_only)} apply to --estimator mle only.")
+    if args.nominal is not None and args.po_test is not None:
+        raise DataError("--po-test tests the proportional-odds model; with --nominal compare "
+                        "the two fits with lr_test in Python instead.")
     if args.weights_type is not None and not args.weights:
         raise DataError("--weights-type describes --weights COLUMN, and none was given.")
     mixed_only = [f"--{n}" for n in ("random", "covariance") if getattr(args, n) is not None]

@@ -4,10 +4,14 @@
 of the columns of ``x``) and ``delta_0 = 0``: feature ``j`` of ``w`` has the slope ``beta_j +
 delta_kj`` at cut ``k``, as in ``gologit2`` (``pl``/``npl``) and R's ``clm(nominal = ~ w)``.
 Parameters are ordered ``(beta, theta, delta_1, ..., delta_{K-2})`` (each ``delta_k`` over the
-nominal features). A row's probability ``pi = F(a1) - F(a0)`` needs ``a1 > a0``: where the
-cut-specific lines cross at a row, its probability is not positive and the loss is infinite,
-which keeps Newton's line search inside the region where the model is a distribution for every
-row of the fit.
+nominal features). The model is a distribution at a row only where its cuts ``theta_k -
+w'delta_k`` increase in ``k``. The likelihood needs that only around each row's own level (a
+row whose two cuts cross has an infinite loss, which Newton's line search avoids); requiring it
+at every cut of every fitted row would put the maximum on that boundary whenever the true
+lines cross somewhere in the range of the data (they do, for any non-zero ``delta``, far
+enough out), and Newton would not converge there. Rows where the lines cross, fitted or new,
+are reported (see ``OrdinalRegression.predict_proba``), as ``gologit2`` reports negative
+predicted probabilities.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def nominal_pass(X: np.ndarray, W: np.ndarray, y: np.ndarray, w: np.ndarray | No
         rows = np.arange(m)
         hi, lo = t_ext[rows, yb + 1], t_ext[rows, yb]
         if np.any(hi <= lo):
-            return Pass(np.inf, None, None, None)  # crossing lines: no distribution here
+            return Pass(np.inf, None, None, None)  # a row's own level has no probability
         logpi, g1, g0, r1, r0 = cut_parts_at(hi - eta, lo - eta, link)
         total -= float(wb @ logpi)
         if order == 0 and not meat:

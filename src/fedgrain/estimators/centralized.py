@@ -143,7 +143,10 @@ class OrdinalRegression(OrdinalModel):
                            sample_weight=sample_weight, estimator_name=owner)
         Xm, codes, w = data.X, data.codes, data.weights
         self._nominal_idx = None
-        if self.nominal:
+        for stale in ("nominal_delta_", "nominal_cov_"):
+            if hasattr(self, stale):
+                delattr(self, stale)
+        if _nominal_list(self.nominal):
             if cov_groups is not None or self.weights == "probability" or self.alpha:
                 raise DataError("nominal= (partial proportional odds) is fitted with frequency "
                                 "weights and model-based or sandwich errors only: drop "
@@ -236,17 +239,21 @@ class OrdinalRegression(OrdinalModel):
 
     # ---- partial proportional odds ---------------------------------------------------------
     def _nominal_columns(self, names: list[str]) -> list[int]:
+        """Positions of the nominal features among the encoded ones; a categorical feature's
+        name stands for all its one-hot columns (``color`` for ``color[green]``, ...)."""
         out = []
-        for v in self.nominal:
+        for v in _nominal_list(self.nominal):
             if is_int(v) and 0 <= v < len(names):
                 out.append(int(v))
             elif isinstance(v, str) and v in names:
                 out.append(names.index(v))
+            elif isinstance(v, str) and any(n.startswith(f"{v}[") for n in names):
+                out.extend(i for i, n in enumerate(names) if n.startswith(f"{v}["))
             else:
                 raise DataError(f"nominal= names {v!r}, which is not a feature; the features "
                                 f"are {names[:20]}.")
         if len(set(out)) != len(out):
-            raise DataError(f"nominal= names a feature twice: {list(self.nominal)}.")
+            raise DataError(f"nominal= names a feature twice: {list(_nominal_list(self.nominal))}.")
         return sorted(out)
 
     def _fit_nominal(self, data):
@@ -269,8 +276,18 @@ class OrdinalRegression(OrdinalModel):
         labels = parameter_names(names, data.target.classes)
         if dependent.size:
             raise _collinear_error(labels, dependent)
-        po = OrdinalRegression(link=self.link, levels=list(range(K)), max_iter=self.max_iter,
-                               tol=self.tol).fit(Xc, codes, sample_weight=w)
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # only a starting point
+                po = OrdinalRegression(link=self.link, levels=list(range(K)),
+                                       max_iter=self.max_iter, tol=self.tol).fit(
+                    pd.DataFrame(Xc, columns=names), codes, sample_weight=w)
+        except SeparationError as exc:
+            raise SeparationError(f"{exc}".split(" Remove or merge")[0] + " Remove or merge "
+                                  "the separating feature, or merge sparse levels (nominal= "
+                                  "fits take no ridge penalty).") from None
         x0 = np.concatenate([po.coef_, po.thresholds_, np.zeros((K - 2) * r)])
         Wc = Xc[:, R]
 
@@ -280,9 +297,10 @@ class OrdinalRegression(OrdinalModel):
         with local.one_blas_thread():
             res = newton(oracle, x0, n_eff, max_iter=self.max_iter, tol=self.tol)
             J = oracle(res.x, order=0, meat=True).meat if self.variance == "sandwich" else None
-        step = np.abs(res.step[:p]) * unit
-        if res.diverged or not np.all(np.isfinite(res.x)) or (
-                res.converged and np.any(step > 1e-3)):
+        # the last step in standardised units: slopes and deltas times the features' sds
+        scaled = res.step * np.concatenate([unit, np.ones(K - 1), np.tile(unit[R], K - 2)])
+        if res.diverged or not np.all(np.isfinite(res.x)) or \
+                np.any(runaway(scaled) | ~np.isfinite(scaled)):
             raise SeparationError("The partial proportional-odds fit does not settle: the "
                                   "cut-specific slopes separate some levels (a level with few "
                                   "rows, say). Make fewer features nominal, or merge levels.")
@@ -317,6 +335,16 @@ class OrdinalRegression(OrdinalModel):
         self.converged_ = bool(res.converged)
         self._set_statistics(K - 1)
         nominal_names = [names[j] for j in R]
+        from ..core.nominal import row_thresholds
+
+        t_fit = row_thresholds(params[p:p + K - 1], Xm[:, R], self.nominal_delta_)
+        crossed = int(np.count_nonzero(np.any(np.diff(t_fit, axis=1) <= 0, axis=1)))
+        if crossed:
+            warn(f"At {crossed:,} of the fitted rows the nominal features' cut-specific lines "
+                 "cross: the model gives them no proper distribution (their likelihood terms "
+                 "use their own level's cuts only; predict_proba makes their cumulative "
+                 "probabilities non-decreasing). Make fewer features nominal, or look at "
+                 "those rows.", UserWarning)
         info = {"Rows": f"{codes.shape[0]:,}", "Classes": K, "Link": self.link,
                 "Nominal (slope per cut)": ", ".join(nominal_names),
                 "Log-likelihood": f"{self.loglik_:.4f}", "AIC": f"{self.aic_:.4f}",
@@ -362,8 +390,10 @@ class OrdinalRegression(OrdinalModel):
                 se.append(float(np.sqrt(max(g @ self.nominal_cov_ @ g, 0.0))))
         est, se = np.array(est), np.array(se)
         z = stats.norm.isf(alpha / 2)
-        return pd.DataFrame({"coef": est, "std err": se, "z": est / se,
-                             "P>|z|": 2 * stats.norm.sf(np.abs(est / se)),
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zv = np.where(se > 0, est / se, np.nan)
+        return pd.DataFrame({"coef": est, "std err": se, "z": zv,
+                             "P>|z|": 2 * stats.norm.sf(np.abs(zv)),
                              f"[{alpha / 2:.3g}": est - z * se,
                              f"{1 - alpha / 2:.3g}]": est + z * se},
                             index=pd.Index(rows, name="slope at cut"))
@@ -391,8 +421,8 @@ class OrdinalRegression(OrdinalModel):
         P = class_proba(Xe @ self.coef_, np.maximum.accumulate(t, axis=1), self._link())
         if crossed.any():
             warn(f"{int(crossed.sum()):,} row(s) lie where the nominal features' cut-specific "
-                 "lines cross (outside the fitted rows' range): their cumulative "
-                 "probabilities were made non-decreasing.", UserWarning)
+                 "lines cross: their cumulative probabilities were made non-decreasing.",
+                 UserWarning)
         return P
 
     def predict_cumulative_proba(self, X) -> np.ndarray:
@@ -473,6 +503,10 @@ class OrdinalRegression(OrdinalModel):
         stat = max(2.0 * (big.loglik_ - small.loglik_), 0.0)
         extra = [f for f in big._nominal_names() if f not in small._nominal_names()]
         same_features = big.coef_.size == small.coef_.size
+        if (extra or small._nominal_names()) and not (
+                big.schema_.has_names and small.schema_.has_names) and not same_features:
+            raise DataError("Comparing models with nominal features needs named columns (a "
+                            "DataFrame), so that the nesting can be checked.")
         if not (big.schema_.has_names and small.schema_.has_names) and not (
                 extra and same_features):
             # array columns are named by position: nesting cannot be checked by name
@@ -485,6 +519,10 @@ class OrdinalRegression(OrdinalModel):
                             "model only. Fit the smaller model on a subset of the larger's "
                             "features.")
         dropped = [f for f in names_big if f not in small.results_.feature_names]
+        lost = [f for f in small._nominal_names() if f not in big._nominal_names()]
+        if lost:
+            raise DataError(f"The models are not nested: {lost} have a slope per cut in the "
+                            "smaller model only.")
         label = " = ".join(dropped) + " = 0" if dropped else ""
         if extra:
             label += (", and " if label else "") + \
@@ -544,18 +582,32 @@ class OrdinalRegression(OrdinalModel):
         self.converged_ = bool(meta.get("converged", True))
         self._nominal_idx = None
         self.df_model_ = self.coef_.shape[0]
+        if bool(_nominal_list(self.nominal)) != bool(meta.get("nominal_idx")):
+            raise ValueError("the nominal features do not match the model's parameters")
         if "nominal_idx" in meta:
-            R = [int(j) for j in meta["nominal_idx"]]
+            R = self._nominal_columns(self.schema_.output_names)  # from the saved parameter
             p, K1 = self.coef_.shape[0], self.thresholds_.shape[0]
             delta, cov = arrays["nominal_delta"], arrays["nominal_cov"]
             d = p + K1 + (K1 - 1) * len(R)
-            if any(not 0 <= j < p for j in R) or delta.shape != (K1 - 1, len(R)) or \
-                    cov.shape != (d, d) or not np.all(np.isfinite(delta)):
+            if list(meta["nominal_idx"]) != R or any(isinstance(j, bool) for j in
+                                                      meta["nominal_idx"]) or \
+                    delta.shape != (K1 - 1, len(R)) or cov.shape != (d, d) or \
+                    delta.dtype.kind != "f" or cov.dtype.kind != "f" or \
+                    not (np.all(np.isfinite(delta)) and np.all(np.isfinite(cov))):
                 raise ValueError("the nominal features' parameters do not match the model")
             self._nominal_idx, self.nominal_delta_, self.nominal_cov_ = R, delta, cov
             self.df_model_ = p + len(R) * (K1 - 1)
         self._set_statistics(self.thresholds_.shape[0])
         self.results_.link = self.link
+
+
+def _nominal_list(nominal) -> list:
+    """``nominal=`` as a list: None or empty for none, one name for one feature."""
+    if nominal is None:
+        return []
+    if isinstance(nominal, (str, int, np.integer)):
+        return [nominal]
+    return list(nominal)
 
 
 def _variance_label(robust: bool, clusters, weights: str) -> str:
