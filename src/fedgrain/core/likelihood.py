@@ -265,6 +265,12 @@ def _logit_cut_parts(a1: np.ndarray, a0: np.ndarray):
     return logpi, g1, g0, F1, F0
 
 
+def second_derivatives(g1, g0, r1, r0):
+    """``d2 log pi`` in the row's two cuts ``(a1, a0)``: ``(h11, h00, h10)`` from the parts of
+    :func:`cut_parts_at` (``f'/pi = r f/pi``)."""
+    return g1 * r1 - g1 * g1, -g0 * r0 - g0 * g0, g1 * g0
+
+
 def _cut_parts_link(eta: np.ndarray, yb: np.ndarray, theta: np.ndarray, link):
     """:func:`_cut_parts` for any link (:mod:`fedgrain.core.links`): log pi, g1 = f1 / pi,
     g0 = f0 / pi and ``r = f'/f`` at both cuts (``1 - 2F`` for the logit).
@@ -366,9 +372,7 @@ def exact_pass(
             mt[p:, p:] += (S * wb[:, None]).T @ S
         if order >= 2:
             # Second derivatives of log pi in (a1, a0); a1 = theta_y - eta, a0 = theta_{y-1} - eta.
-            h11 = g1 * r1 - g1 * g1
-            h00 = -g0 * r0 - g0 * g0
-            h10 = g1 * g0
+            h11, h00, h10 = second_derivatives(g1, g0, r1, r0)
             # -d2 log pi / d eta2 >= 0 by log-concavity (clipped against rounding; the
             # cauchit is not log-concave, and its curvature is kept as it is)
             c_eta = -(h11 + 2.0 * h10 + h00)
@@ -438,9 +442,7 @@ def exact_row_terms(eta: np.ndarray, y: np.ndarray, theta: np.ndarray,
     levels = np.arange(theta.shape[0])
     up = (y[:, None] == levels[None, :]).astype(float)
     lo = (y[:, None] == levels[None, :] + 1).astype(float)
-    h11 = g1 * r1 - g1 * g1
-    h00 = -g0 * r0 - g0 * g0
-    h10 = g1 * g0
+    h11, h00, h10 = second_derivatives(g1, g0, r1, r0)
     c = -(h11 + 2.0 * h10 + h00)
     if link is None or link.name != "cauchit":
         c = np.maximum(c, 0.0)

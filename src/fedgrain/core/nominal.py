@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .blocks import block_rows
-from .likelihood import Pass, cut_parts_at
+from .likelihood import Pass, cut_parts_at, second_derivatives
 
 
 def row_thresholds(theta: np.ndarray, W: np.ndarray, delta: np.ndarray) -> np.ndarray:
@@ -71,9 +71,7 @@ def nominal_pass(X: np.ndarray, W: np.ndarray, y: np.ndarray, w: np.ndarray | No
         if meat:
             mt += (score * wb[:, None]).T @ score
         if order >= 2:
-            h11 = g1 * r1 - g1 * g1
-            h00 = -g0 * r0 - g0 * g0
-            h10 = g1 * g0
+            h11, h00, h10 = second_derivatives(g1, g0, r1, r0)
             # -d2 log pi = -(h11 D1 D1' + h00 D0 D0' + h10 (D1 D0' + D0 D1'))
             hess -= (D1 * (wb * h11)[:, None]).T @ D1 + (D0 * (wb * h00)[:, None]).T @ D0
             cross = (D1 * (wb * h10)[:, None]).T @ D0

@@ -424,3 +424,27 @@ class FeatureSchema:
                 "Not a saved FeatureSchema: expected a dict with 'input_columns', 'has_names', "
                 f"'categorical' and 'output_names'; got {d!r}."
             ) from None
+
+
+def resolve_columns(given, names: list[str], option: str) -> list[int]:
+    """Positions among the encoded feature ``names`` of the features an option lists by
+    output name or position; a categorical feature's own name stands for all its one-hot
+    columns (``color`` for ``color[green]``, ...). Sorted; a :class:`DataError` for an unknown
+    feature or one listed twice."""
+    out: list[int] = []
+    for v in given:
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            if not 0 <= v < len(names):
+                raise DataError(f"{option} names feature position {v}, but the model has "
+                                f"{len(names)} features (0 to {len(names) - 1}).")
+            out.append(int(v))
+        elif isinstance(v, str) and v in names:
+            out.append(names.index(v))
+        elif isinstance(v, str) and any(n.startswith(f"{v}[") for n in names):
+            out.extend(i for i, n in enumerate(names) if n.startswith(f"{v}["))
+        else:
+            raise DataError(f"{option} names {v!r}, which is not a feature; the features are "
+                            f"{names[:20]}.")
+    if len(set(out)) != len(out):
+        raise DataError(f"{option} names a feature twice: {list(given)}.")
+    return sorted(out)

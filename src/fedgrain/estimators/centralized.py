@@ -15,11 +15,12 @@ from ..core.links import LINKS, get_link
 from ..core.solvers import newton, runaway, warm_start
 from ..core.standardize import Standardizer, column_moments
 from ..data import prepare_fit
+from ..data.features import resolve_columns
 from ..data.groups import check_groups, kept_groups, split_groups_column
 from ..exceptions import DataError, SeparationError
 from ..inference import local
 from ..inference.results import LRTest, OrdinalResults, parameter_names
-from .base import OrdinalModel, is_int, is_real, param_error, register
+from .base import OrdinalModel, is_real, param_error, register
 
 
 @register
@@ -241,20 +242,7 @@ class OrdinalRegression(OrdinalModel):
     def _nominal_columns(self, names: list[str]) -> list[int]:
         """Positions of the nominal features among the encoded ones; a categorical feature's
         name stands for all its one-hot columns (``color`` for ``color[green]``, ...)."""
-        out = []
-        for v in _nominal_list(self.nominal):
-            if is_int(v) and 0 <= v < len(names):
-                out.append(int(v))
-            elif isinstance(v, str) and v in names:
-                out.append(names.index(v))
-            elif isinstance(v, str) and any(n.startswith(f"{v}[") for n in names):
-                out.extend(i for i, n in enumerate(names) if n.startswith(f"{v}["))
-            else:
-                raise DataError(f"nominal= names {v!r}, which is not a feature; the features "
-                                f"are {names[:20]}.")
-        if len(set(out)) != len(out):
-            raise DataError(f"nominal= names a feature twice: {list(_nominal_list(self.nominal))}.")
-        return sorted(out)
+        return resolve_columns(_nominal_list(self.nominal), names, "nominal=")
 
     def _fit_nominal(self, data):
         from ..core.nominal import nominal_pass

@@ -47,6 +47,7 @@ from .._warnings import warn
 from ..core.likelihood import class_proba, exact_row_terms, initial_thresholds
 from ..core.standardize import Standardizer
 from ..data import prepare_fit
+from ..data.features import resolve_columns
 from ..data.groups import check_groups, kept_groups, split_groups_column
 from ..exceptions import DataError, SeparationError
 from ..inference.results import OrdinalResults
@@ -159,21 +160,7 @@ class MixedOrdinalRegression(OrdinalModel):
             return list(range(len(names)))
         if r == "intercept":
             return []
-        out = []
-        for v in r:
-            if is_int(v):
-                if not 0 <= v < len(names):
-                    raise DataError(f"random= names feature position {v}, but the model has "
-                                    f"{len(names)} features (0 to {len(names) - 1}).")
-                out.append(int(v))
-            elif v in names:
-                out.append(names.index(v))
-            else:
-                raise DataError(f"random= names {v!r}, which is not a feature; the features "
-                                f"are {names[:20]}.")
-        if len(set(out)) != len(out):
-            raise DataError(f"random= names a feature twice: {list(r)}.")
-        return sorted(out)
+        return resolve_columns(r, names, "random=")
 
     def fit(self, X, y, sample_weight=None, *, groups=None):
         """Fit by Laplace-approximate REML.

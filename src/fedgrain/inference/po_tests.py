@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..core.likelihood import _cut_parts_link
+from ..core.likelihood import _cut_parts_link, second_derivatives
 from ..core.linalg import chi2_sf
 from ..exceptions import DataError, SeparationError
 
@@ -196,9 +196,7 @@ def score(X: np.ndarray, codes: np.ndarray, w: np.ndarray | None, coef: np.ndarr
     theta = thresholds - mean @ coef
     eta = Z @ beta
     _, g1, g0, r1, r0 = _cut_parts_link(eta, codes, theta, link)
-    h11 = g1 * r1 - g1 * g1
-    h00 = -g0 * r0 - g0 * g0
-    h10 = g1 * g0
+    h11, h00, h10 = second_derivatives(g1, g0, r1, r0)
     # d loglik / d a_k per row, a_k = theta_k - z'beta_k: the row's upper cut (k = y) and lower
     # cut (k = y - 1)
     levels = np.arange(K1)
