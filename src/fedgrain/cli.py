@@ -250,30 +250,48 @@ def _cmd_fit(args) -> int:
     else:
         X, y, weights = _read_frame(args)
         size = X.shape
-    fit_kw = {}
-    if args.groups:  # one client per group: the column is a label, not a feature
-        fit_kw["groups"] = X.pop(_columns(X, [args.groups], "--groups", args.data)[0])\
-            .to_numpy()
-        size = X.shape
-    if args.cov_groups:  # the clusters of the standard errors: a label, not a feature
-        fit_kw["cov_groups"] = X.pop(_columns(X, [args.cov_groups], "--cov-groups",
-                                              args.data)[0]).to_numpy()
+    fit_kw = _label_columns(args, X, pop=True)
+    if fit_kw:
         size = X.shape
     levels = _typed_levels(_csv_list(args.levels), y)
     model, what = _estimator(args, levels, _csv_list(args.categorical))
     _log(args, f"fitting {size[0]:,} rows x {size[1]} columns ({what}) ...")
-    t0 = time.perf_counter()
-    try:
-        model.fit(X, args.target if streamed else y, sample_weight=weights, **fit_kw)
-    finally:
-        if args.scheduler is not None:
-            model.backend.close()  # the client only: the cluster keeps running
-    _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
+    _timed_fit(args, model, lambda: model.fit(X, args.target if streamed else y,
+                                              sample_weight=weights, **fit_kw))
     if args.po_test is not None:
         model.proportional_odds_test(X, y, method=args.po_test, sample_weight=weights)
     if args.stability is not None:
         _log(args, f"growing the partition on {args.stability} random parts of the rows ...")
         model.stability(X, y, weights, n_resamples=args.stability)
+    return _print_and_save(args, model, out)
+
+
+def _label_columns(args, frame: pd.DataFrame, pop: bool) -> dict:
+    """The fit's label columns by option (``--groups``: the sites; ``--cov-groups``: the
+    clusters of the standard errors), as keyword arguments of ``fit``: labels, not features
+    (taken out of ``frame`` with ``pop``)."""
+    out = {}
+    for option in ("groups", "cov_groups"):
+        col = getattr(args, option, None)
+        if col:
+            name = _columns(frame, [col], f"--{option.replace('_', '-')}", args.data)[0]
+            out[option] = (frame.pop(name) if pop else frame[name]).to_numpy()
+    return out
+
+
+def _timed_fit(args, model, fit) -> None:
+    """Run ``fit()``, logging its time; a Dask client made for ``--scheduler`` is closed after
+    (the client only: the cluster keeps running)."""
+    t0 = time.perf_counter()
+    try:
+        fit()
+    finally:
+        if args.scheduler is not None:
+            model.backend.close()
+    _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
+
+
+def _print_and_save(args, model, out: Path) -> int:
     _print_fit(args, model)
     path = model.save(out, overwrite=args.force)
     print(f"\nModel saved to {path}")
@@ -299,31 +317,18 @@ def _fit_formula(args, out: Path) -> int:
     weights = None
     if args.weights:
         weights = frame[_columns(frame, [args.weights], "--weights", args.data)[0]].to_numpy()
-    fit_kw = {}
-    for option, key in (("groups", "groups"), ("cov_groups", "cov_groups")):
-        col = getattr(args, option)
-        if col:
-            fit_kw[key] = frame[_columns(frame, [col], f"--{option.replace('_', '-')}",
-                                         args.data)[0]].to_numpy()
+    fit_kw = _label_columns(args, frame, pop=False)
     y = frame[target] if target in frame.columns else None
     levels = _typed_levels(_csv_list(args.levels), y) if y is not None else None
     args.target = target
     model, what = _estimator(args, levels, None)
     _log(args, f"fitting {args.formula!r} on {frame.shape[0]:,} rows ({what}) ...")
-    t0 = time.perf_counter()
-    try:
-        model.fit_formula(args.formula, frame, sample_weight=weights, **fit_kw)
-    finally:
-        if args.scheduler is not None:
-            model.backend.close()
-    _log(args, f"fitted in {time.perf_counter() - t0:.2f} s")
+    _timed_fit(args, model, lambda: model.fit_formula(args.formula, frame,
+                                                      sample_weight=weights, **fit_kw))
     if args.po_test is not None:
         model.proportional_odds_test(frame, frame[target], method=args.po_test,
                                      sample_weight=weights)
-    _print_fit(args, model)
-    path = model.save(out, overwrite=args.force)
-    print(f"\nModel saved to {path}")
-    return 0
+    return _print_and_save(args, model, out)
 
 
 def _parquet_source(args):

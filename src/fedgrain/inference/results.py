@@ -33,7 +33,23 @@ def parameter_names(feature_names: Sequence[str], classes: Sequence) -> list[str
 
 
 @dataclass(frozen=True)
-class WaldTest:
+class ChiSquareTest:
+    """A test statistic referred to chi-square: statistic, degrees of freedom, p-value and the
+    hypothesis in words; :class:`WaldTest` and :class:`LRTest` say which test it was."""
+
+    statistic: float
+    df: int
+    pvalue: float
+    hypothesis: str
+
+    kind = "Chi-square test"
+
+    def __str__(self) -> str:
+        return (f"{self.kind} of {self.hypothesis}: chi2({self.df}) = {self.statistic:.4g}, "
+                f"p = {self.pvalue:.4g}")
+
+
+class WaldTest(ChiSquareTest):
     """A joint Wald test of ``R params = q``: chi-square statistic, degrees of freedom, p.
 
     Examples
@@ -46,18 +62,10 @@ class WaldTest:
     (2, True)
     """
 
-    statistic: float
-    df: int
-    pvalue: float
-    hypothesis: str
-
-    def __str__(self) -> str:
-        return (f"Wald test of {self.hypothesis}: chi2({self.df}) = {self.statistic:.4g}, "
-                f"p = {self.pvalue:.4g}")
+    kind = "Wald test"
 
 
-@dataclass(frozen=True)
-class LRTest:
+class LRTest(ChiSquareTest):
     """A likelihood-ratio test: ``2 (loglik_full - loglik_restricted)`` against chi-square.
 
     Examples
@@ -71,14 +79,7 @@ class LRTest:
     (1, True)
     """
 
-    statistic: float
-    df: int
-    pvalue: float
-    hypothesis: str
-
-    def __str__(self) -> str:
-        return (f"Likelihood-ratio test of {self.hypothesis}: chi2({self.df}) = "
-                f"{self.statistic:.4g}, p = {self.pvalue:.4g}")
+    kind = "Likelihood-ratio test"
 
 
 @dataclass(frozen=True)
