@@ -290,3 +290,21 @@ def test_a_bug_exits_1_and_an_open_progress_bar_is_ended_first(capsys, monkeypat
     err = capsys.readouterr().err
     assert code == 1
     assert "\nfedgrain: error: an internal inconsistency" in err
+
+
+def test_divide_and_conquer_with_another_link_is_fitted_saved_and_refused_for_adaptive(
+        files, capsys, tmp_path):
+    d, df = files
+    code, out, _ = fit(capsys, d, "m_probit", "--estimator", "dc", "--link", "probit")
+    assert code == 0
+    m = load(d / "m_probit")
+    assert m.link == "probit" and m.results_.link == "probit"
+    assert "cumulative probit" in m.summary().as_text()
+    X = df[["a", "b", "c"]]
+    F = m._link().cdf(m.thresholds_[None, :] - (X.to_numpy() @ m.coef_)[:, None])
+    np.testing.assert_allclose(m.predict_proba(X), np.diff(F, prepend=0, append=1), atol=1e-12)
+    code, _, err = run(capsys, "fit", str(d / "train.csv"), "--target", "grade", "--levels",
+                       ",".join(LEVELS), "--granularity", "0.5", "--link", "probit",
+                       "--out", str(tmp_path / "m"))
+    assert code == 2 and "--link applies to --estimator mle and dc" in err
+    assert not (tmp_path / "m").exists()

@@ -175,9 +175,9 @@ def _check_fit_options(args) -> None:
                      if getattr(args, n) is not None]
     if args.estimator is None:
         args.estimator = "adaptive" if adaptive_only else "dc"
-    if args.link is not None and args.estimator != "mle":
-        raise DataError("--link applies to --estimator mle (the federated estimators fit the "
-                        "logit model).")
+    if args.link is not None and args.estimator not in ("mle", "dc"):
+        raise DataError("--link applies to --estimator mle and dc (the adaptive estimator's "
+                        "meta-learner and stream updates are those of the logit model).")
     mle_only = [f"--{n.replace('_', '-')}" for n in ("cov_groups", "weights_type", "nominal")
                 if getattr(args, n) is not None]
     if mle_only and args.estimator != "mle":
@@ -413,8 +413,9 @@ def _estimator(args, levels, categorical):
                                          min_subset_size=args.min_subset_size, **common)
         return model, (f"adaptive partition, granularity {g}, meta-learner "
                        f"{args.meta or 'none'}, backend {args.backend or 'processes'}")
-    model = DivideConquerOrdinal(n_subsets=args.n_subsets, **common)
-    return model, f"divide and conquer, backend {args.backend or 'processes'}"
+    model = DivideConquerOrdinal(n_subsets=args.n_subsets, link=args.link or "logit", **common)
+    return model, (f"divide and conquer, {args.link or 'logit'} link, backend "
+                   f"{args.backend or 'processes'}")
 
 
 def _print_fit(args, model) -> None:
@@ -683,7 +684,7 @@ def _add_fit(command) -> None:
                         "with a leaf of its own, its rows never mixed with another's; mixed: "
                         "the groups of the random effects")
     p.add_argument("--link", choices=("logit", "probit", "cloglog", "loglog", "cauchit"),
-                   default=None, help="mle: the link function (default logit)")
+                   default=None, help="mle, dc: the link function (default logit)")
     p.add_argument("--nominal", default=None, metavar="FEATURES",
                    help="mle: features whose slope may differ at every cut (partial "
                         "proportional odds): f1,f2")

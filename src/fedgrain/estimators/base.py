@@ -161,7 +161,8 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         fit's rows).
 
         The federated estimators maximise the composite likelihood of the ``K - 1`` binary
-        splits ``Y > k``, not the likelihood, so AIC and BIC do not apply to them; their
+        splits ``Y > k`` (with the model's link), not the likelihood, so AIC and BIC do not
+        apply to them; their
         analogues (Varin and Vidoni 2005) charge the *effective* number of parameters
         ``tr(J H^-1)`` (``H`` the composite information, ``J`` the variance of its score by
         row) instead of ``d``: ``CLAIC = -2 cl + 2 tr(J H^-1)`` and ``CLBIC = -2 cl + log(n)
@@ -174,9 +175,6 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
 
         check_is_fitted(self, "coef_")
         self._likelihood_only("composite_criteria")
-        if getattr(self, "link", "logit") != "logit":
-            raise DataError("The composite likelihood is one of binary logits; this model's "
-                            f"link is {self.link!r}: use its aic_ and bic_.")
         Xe = self.encode(X)
         codes = self.target_.encode(y, what="y")
         if Xe.shape[0] != codes.shape[0]:
@@ -186,7 +184,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         beta = self.coef_ * std.scale
         theta = self.thresholds_ - std.mean @ self.coef_
         P = composite_pass(std.transform(np.array(Xe, dtype=float)), codes, w, beta, theta,
-                           order=2, meat="cluster")
+                           order=2, meat="cluster", link=self._link())
         from ..core.linalg import solve_psd
 
         eff = float(np.trace(solve_psd(P.hess, P.meat)))
@@ -355,7 +353,8 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
             LocalSettings(n_classes=n_classes, alpha=self.alpha, variance=self.variance,
                           debias=self.debias, ridge=float(self.ridge),
                           penalize_thresholds=bool(self.penalize_thresholds),
-                          cv_folds=self.cv_folds, max_iter=self.max_iter, tol=float(self.tol)),
+                          cv_folds=self.cv_folds, max_iter=self.max_iter, tol=float(self.tol),
+                          link=getattr(self, "link", "logit")),
             refine_rounds=int(self.refine_rounds), alpha=self.alpha)
 
     def _n_workers(self, backend: Backend) -> int:
@@ -444,6 +443,10 @@ def load(path: str | os.PathLike) -> OrdinalModel:
     try:
         cls = ESTIMATORS[meta["estimator"]]
         est = cls(**meta["params"])
+        if hasattr(est, "link"):
+            from ..core.links import get_link
+
+            get_link(est.link)  # an unknown link is a damaged file (ValueError)
         schema = FeatureSchema.from_dict(meta["schema"])
         target = TargetEncoding.from_dict(meta["target"])
         het = None
@@ -453,7 +456,7 @@ def load(path: str | os.PathLike) -> OrdinalModel:
         params = np.concatenate([arrays["coef"], arrays["thresholds"]])
         results = OrdinalResults(params, arrays["cov"], schema.output_names, target.classes,
                                  title=meta["results"]["title"], info=meta["results"]["info"],
-                                 heterogeneity=het)
+                                 heterogeneity=het, link=getattr(est, "link", "logit"))
         est._set_fitted(schema, target, params, arrays["cov"], results)
         est._restore_extra(meta, arrays)
         if "po_test" in meta:

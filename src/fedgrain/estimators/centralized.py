@@ -586,7 +586,6 @@ class OrdinalRegression(OrdinalModel):
             self._nominal_idx, self.nominal_delta_, self.nominal_cov_ = R, delta, cov
             self.df_model_ = p + len(R) * (K1 - 1)
         self._set_statistics(self.thresholds_.shape[0])
-        self.results_.link = self.link
 
 
 def _nominal_list(nominal) -> list:

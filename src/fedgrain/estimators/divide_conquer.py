@@ -9,6 +9,7 @@ from sklearn.utils import check_random_state
 from .. import progress
 from .._warnings import warn
 from ..backends import get_backend
+from ..core.links import LINKS
 from ..core.standardize import fit_standardizer
 from ..data import prepare_data
 from ..federation.engine import (
@@ -68,6 +69,10 @@ class DivideConquerOrdinal(PooledModel):
         Ridge stabiliser ``H + ridge * n_m * I`` for ``debias="inverse"``.
     penalize_thresholds : bool
         Penalise the thresholds too (the patent claim's literal text); off by default.
+    link : {"logit", "probit", "cloglog", "loglog", "cauchit"}
+        The cumulative link, as in :class:`OrdinalRegression`: every subset fits the
+        composite likelihood with this link (the binary rows ``P(Y > k | x) =
+        1 - F(theta_k - x'beta)``) and the pooled model predicts with it.
     levels, categorical : see :class:`OrdinalRegression`
     cv_folds : int
         Folds for ``alpha="cv"``.
@@ -106,8 +111,9 @@ class DivideConquerOrdinal(PooledModel):
     def __init__(self, n_subsets=None, alpha="rate", variance="cluster", backend="processes",
                  n_jobs=None, random_state=0, *, refine_rounds=1, debias="auto", ridge=0.0,
                  penalize_thresholds=False, levels=None, categorical=None, cv_folds=5,
-                 max_iter=100, tol=1e-8, callback=None):
+                 max_iter=100, tol=1e-8, callback=None, link="logit"):
         self.n_subsets = n_subsets
+        self.link = link
         self.alpha = alpha
         self.variance = variance
         self.backend = backend
@@ -128,6 +134,8 @@ class DivideConquerOrdinal(PooledModel):
         ns = self.n_subsets
         if ns is not None and (not is_int(ns) or ns < 1):
             raise param_error(type(self).__name__, "n_subsets", "an int >= 1 or None", ns)
+        if self.link not in LINKS:
+            raise param_error(type(self).__name__, "link", f"one of {LINKS}", self.link)
         self._validate_engine()
 
     def fit(self, X, y, sample_weight=None):
@@ -180,7 +188,7 @@ class DivideConquerOrdinal(PooledModel):
         self._set_pooled(data.schema, data.target, summarise(
             run, tree.standardizer, tree.sizes, settings,
             feature_names=data.schema.output_names, classes=data.target.classes,
-            title="Divide-and-conquer ordinal regression (cumulative logit)",
+            title=f"Divide-and-conquer ordinal regression (cumulative {self.link})",
             stratified=M > 1))  # split_random deals every class out evenly
         return self
 

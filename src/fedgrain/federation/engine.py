@@ -228,7 +228,7 @@ def refine_groups(backend: Backend, refs, sched: Schedule, groups: Mapping[int, 
         # the loss only judges a step against the one before: not needed with one round
         tasks = [{"shard": refs[i], "params": out[owner[int(i)]].estimate,
                   "meat": meat[owner[int(i)]], "rows": None if rows is None else rows[i],
-                  "loss": most > 1} for i in members]
+                  "loss": most > 1, "link": settings.local.link} for i in members]
         sub_sizes = np.asarray(sizes)[members]
         whole = np.array_equal(members, np.arange(len(sizes)))
         outcomes = backend.map_bundles(local.evaluate_task, tasks, bundles,
@@ -455,7 +455,7 @@ class PooledFit:
         """The same record with another refined model (a streaming update of the leaves)."""
         r = self.results
         results = OrdinalResults(params, cov, r.feature_names, r.classes, title=title,
-                                 info=dict(r.info))
+                                 info=dict(r.info), link=r.link)
         return PooledFit(results, self.oneshot, self.subset_sizes, self.subset_estimates,
                          self.subset_lasso_estimates, self.subset_alphas, self.n_iter, self.q,
                          self.q_df, self.q_pvalue, self.i2)
@@ -474,7 +474,8 @@ class PooledFit:
     def from_state(cls, meta: dict, arrays: dict, results: OrdinalResults) -> PooledFit:
         oneshot = OrdinalResults(arrays["oneshot_params"], arrays["oneshot_cov"],
                                  results.feature_names, results.classes, title=cls.ONESHOT_TITLE,
-                                 info=results.info, heterogeneity=results.heterogeneity)
+                                 info=results.info, heterogeneity=results.heterogeneity,
+                                 link=results.link)
         q_pvalue = np.nan if meta["q_pvalue"] is None else meta["q_pvalue"]
         return cls(results, oneshot, arrays["subset_sizes"], arrays["subset_estimates"],
                    arrays["subset_lasso_estimates"], arrays["subset_alphas"], arrays["n_iter"],
@@ -501,10 +502,12 @@ def summarise(run: PartitionRun, std: Standardizer, sizes, settings: EngineSetti
         het_raw, _, het_var, _ = _subsets_on_raw_scale(pooling.within_class(fits), std)
     het = pooling.marginal_heterogeneity(het_raw, het_var, resolved)
     info = _info(sizes, len(classes), pooled, fits, settings, run.rounds, run.converged)
+    link = settings.local.link
     results = OrdinalResults(params, cov, feature_names, classes, title=title, info=info,
-                             heterogeneity=het)
+                             heterogeneity=het, link=link)
     oneshot = OrdinalResults(one_params, one_cov, feature_names, classes,
-                             title=PooledFit.ONESHOT_TITLE, info=info, heterogeneity=het)
+                             title=PooledFit.ONESHOT_TITLE, info=info, heterogeneity=het,
+                             link=link)
     return PooledFit(results, oneshot, np.asarray(sizes),
                      np.where(resolved, raw, np.nan), np.where(resolved, raw_lasso, np.nan),
                      np.array([f.alpha for f in fits]), np.array([f.n_iter for f in fits]),

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import linalg, optimize
-from scipy.special import expit
 from threadpoolctl import ThreadpoolController
 
 from ..core.likelihood import Pass, composite_pass, initial_thresholds
 from ..core.linalg import solve_psd
+from ..core.links import get_link
 from ..core.solvers import proximal_newton, runaway, warm_start
 from ..core.standardize import column_moments
 
@@ -69,6 +69,9 @@ class LocalSettings:
     polish_tol: float = 0.01
     #: Compute the within-class view for Q (a class-stratified division: two more passes).
     within_class: bool = False
+    #: The link of the binary rows (:mod:`fedgrain.core.links`): the composite likelihood of
+    #: the cumulative-link model with this link.
+    link: str = "logit"
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ class Problem:
     n_thresholds: int
     features: np.ndarray  # identified feature indices
     thresholds: np.ndarray  # identified threshold indices
+    link: str = "logit"
 
     @property
     def size(self) -> int:
@@ -195,11 +199,13 @@ class Problem:
         )
         subset_features = self.features.shape[0] < self.n_features
 
+        link = get_link(self.link)
+
         def call(xr, *, loss=True, order=2, meat=None, by_class=False):
             beta, theta = self.expand(xr)
             P = composite_pass(
                 self.X, self.y, weights, beta, theta, thresholds=self.thresholds,
-                loss=loss, order=order, meat=meat, by_class=by_class,
+                loss=loss, order=order, meat=meat, by_class=by_class, link=link,
             )
             if not subset_features:
                 return P
@@ -270,7 +276,8 @@ def two_sided(y: np.ndarray, w: np.ndarray | None, n_classes: int) -> np.ndarray
     return (below > 0) & (below < counts.sum())
 
 
-def identified_problem(X, y, w, n_classes: int) -> tuple[Problem, np.ndarray, np.ndarray, list]:
+def identified_problem(X, y, w, n_classes: int,
+                       link: str = "logit") -> tuple[Problem, np.ndarray, np.ndarray, list]:
     """The rows' problem over the coordinates they identify: ``(problem, means, scales, notes)``.
 
     A feature is identified when it varies in the rows (scale above ``1e-10``), a threshold
@@ -284,13 +291,15 @@ def identified_problem(X, y, w, n_classes: int) -> tuple[Problem, np.ndarray, np
     means, scales = column_moments(X, w)
     f_ok = scales > 1e-10
     notes += [f"feature:{j}" for j in np.flatnonzero(~f_ok)]
-    prob = Problem(X, y, w, p, n_classes - 1, np.flatnonzero(f_ok), np.flatnonzero(th_ok))
+    prob = Problem(X, y, w, p, n_classes - 1, np.flatnonzero(f_ok), np.flatnonzero(th_ok),
+                   link)
     return prob, means, scales, notes
 
 
 def _start(prob: Problem) -> np.ndarray:
-    """Slopes zero and thresholds at the logits of the cumulative class shares."""
-    theta = initial_thresholds(prob.y, prob.w, prob.n_thresholds + 1)
+    """Slopes zero and thresholds at the logits (the link's quantiles) of the cumulative class
+    shares."""
+    theta = initial_thresholds(prob.y, prob.w, prob.n_thresholds + 1, link=get_link(prob.link))
     return np.concatenate([np.zeros(prob.features.shape[0]), theta[prob.thresholds]])
 
 
@@ -301,7 +310,7 @@ def _subsample(prob: Problem, rows: np.ndarray):
     if not two_sided(ys, ws, prob.n_thresholds + 1)[prob.thresholds].all():
         return None
     sub = Problem(np.ascontiguousarray(prob.X[rows]), ys, ws, prob.n_features,
-                   prob.n_thresholds, prob.features, prob.thresholds)
+                   prob.n_thresholds, prob.features, prob.thresholds, prob.link)
     return sub.oracle(), float(rows.size if ws is None else ws.sum())
 
 
@@ -439,7 +448,7 @@ def fit_local(
     -------
     LocalFit
     """
-    prob, means, scales, notes = identified_problem(X, y, w, settings.n_classes)
+    prob, means, scales, notes = identified_problem(X, y, w, settings.n_classes, settings.link)
     n_eff = float(y.shape[0] if w is None else w.sum())
     pen = np.concatenate(
         [scales[prob.features],
@@ -664,6 +673,7 @@ def _gaps(prob: Problem, est: np.ndarray) -> np.ndarray | None:
     eta = prob.X[:, prob.features] @ est[:nf] if nf else np.zeros(prob.y.shape[0])
     w = np.ones_like(eta) if prob.w is None else prob.w
     where = {int(k): nf + i for i, k in enumerate(prob.thresholds)}
+    F = get_link(prob.link).cdf
     out = np.full(K1, np.nan)
     runs: list[list[int]] = []
     for c in absent:
@@ -678,7 +688,7 @@ def _gaps(prob: Problem, est: np.ndarray) -> np.ndarray | None:
         t = float(np.mean(est[[where[k] for k in ks]]))
 
         def mass(G, t=t):
-            return float(w @ (expit(t + 0.5 * G - eta) - expit(t - 0.5 * G - eta))) - 0.5
+            return float(w @ (F(t + 0.5 * G - eta) - F(t - 0.5 * G - eta))) - 0.5
 
         hi = 1.0
         while mass(hi) < 0 and hi < 1e4:
@@ -711,15 +721,16 @@ def _edges(prob: Problem, est: np.ndarray) -> np.ndarray | None:
     top, bottom = int(present.max()), int(present.min()) - 1
     # threshold ``top`` is the first with no row above it, ``bottom`` the last with none at or
     # below it: the missing thresholds next to the classes the subset has
+    link = get_link(prob.link)
     for k in {top, bottom}:
         if not 0 <= k < K1:
             continue
         if k == top:  # nothing above threshold k: P(Y > k) sums to 1/2
             def target(t):
-                return w @ expit(eta - t) - 0.5
+                return w @ link.sf(t - eta) - 0.5
         else:  # nothing at or below threshold k: P(Y <= k) sums to 1/2
             def target(t):
-                return w @ expit(t - eta) - 0.5
+                return w @ link.cdf(t - eta) - 0.5
         lo, hi = eta.min() - 50.0, eta.max() + 50.0
         if target(lo) * target(hi) < 0:
             out[k] = optimize.brentq(target, lo, hi, xtol=1e-8)
@@ -728,7 +739,7 @@ def _edges(prob: Problem, est: np.ndarray) -> np.ndarray | None:
 
 def evaluate_local(
     X: np.ndarray, y: np.ndarray, w: np.ndarray | None, params: np.ndarray, meat: str | None,
-    loss: bool = True,
+    loss: bool = True, link: str = "logit",
 ) -> Evaluation:
     """Score (of the log-likelihood), Hessian and meat of the composite loss at ``params``.
 
@@ -736,7 +747,8 @@ def evaluate_local(
     ``d + 2 d^2`` numbers.
     """
     p = X.shape[1]
-    P = composite_pass(X, y, w, params[:p], params[p:], loss=loss, order=2, meat=meat)
+    P = composite_pass(X, y, w, params[:p], params[p:], loss=loss, order=2, meat=meat,
+                       link=get_link(link))
     return Evaluation(-P.grad, P.hess, P.meat, float(P.loss) if loss else None)
 
 
@@ -771,7 +783,8 @@ def evaluate_task(task: dict) -> Evaluation:
     shard = task["shard"].load()
     with one_blas_thread():
         return evaluate_local(shard.X, shard.y, task_weights(shard, task), task["params"],
-                              task["meat"], loss=task.get("loss", True))
+                              task["meat"], loss=task.get("loss", True),
+                              link=task.get("link", "logit"))
 
 
 def pack_rows(mask: np.ndarray) -> np.ndarray:
