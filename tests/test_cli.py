@@ -62,7 +62,7 @@ def test_fit_summary_predict_evaluate(files, capsys):
     pred = pd.read_parquet(d / "pred.parquet")
     assert list(pred.columns) == ["id", "predicted"] + [f"proba_{v}" for v in LEVELS]
     np.testing.assert_allclose(pred.filter(like="proba_").sum(axis=1), 1.0)
-    expected = model.predict_proba(df[["a", "b", "c"]])
+    expected = model.predict_proba(df[["a", "b", "c"]], order="levels")
     np.testing.assert_allclose(pred.filter(like="proba_").to_numpy(), expected)
 
     code, out, _ = run(capsys, "evaluate", str(d / "m_ok"), str(d / "train.csv"),
@@ -302,7 +302,8 @@ def test_divide_and_conquer_with_another_link_is_fitted_saved_and_refused_for_ad
     assert "cumulative probit" in m.summary().as_text()
     X = df[["a", "b", "c"]]
     F = m._link().cdf(m.thresholds_[None, :] - (X.to_numpy() @ m.coef_)[:, None])
-    np.testing.assert_allclose(m.predict_proba(X), np.diff(F, prepend=0, append=1), atol=1e-12)
+    np.testing.assert_allclose(m.predict_proba(X, order="levels"),
+                               np.diff(F, prepend=0, append=1), atol=1e-12)
     code, _, err = run(capsys, "fit", str(d / "train.csv"), "--target", "grade", "--levels",
                        ",".join(LEVELS), "--granularity", "0.5", "--link", "probit",
                        "--out", str(tmp_path / "m"))

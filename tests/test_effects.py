@@ -82,7 +82,7 @@ def test_predicted_probabilities_at_chosen_values(hie):
     frame = m.predicted_probabilities(at)
     assert list(frame.columns) == ["row", "level", "proba", "std err", "lower", "upper"]
     assert frame.shape[0] == 3 * 4
-    proba, lo, hi = m.predict_proba_ci(at)
+    proba, lo, hi = m.predict_proba_ci(at, order="levels")
     np.testing.assert_allclose(frame["proba"], proba.reshape(-1))
     np.testing.assert_allclose(frame["lower"], lo.reshape(-1))
     # the standard error is the delta method's on the probability scale

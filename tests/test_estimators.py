@@ -174,7 +174,7 @@ def test_frames_with_categorical_features_and_ordered_target():
     names = est.results_.param_names
     assert names[:3] == ["age", "city[nice]", "city[paris]"]
     assert names[3:] == ["low|mid", "mid|high", "high|top"]
-    assert list(est.classes_) == levels
+    assert list(est.levels_) == levels
     assert list(est.feature_names_in_) == ["age", "city"]
     np.testing.assert_allclose(est.coef_, [0.05, 0.8, -0.5], atol=0.2)
     assert set(est.predict(df.drop(columns="rating").head(20))) <= set(levels)

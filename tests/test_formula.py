@@ -116,7 +116,7 @@ def test_the_command_line_fits_and_predicts_with_a_formula(hie, tmp_path, capsys
                  str(tmp_path / "p.csv")]) == 0
     pred = pd.read_csv(tmp_path / "p.csv")
     np.testing.assert_allclose(pred.filter(like="proba_").to_numpy(),
-                               ref.predict_proba(pd.read_csv(data)), atol=1e-9)
+                               ref.predict_proba(pd.read_csv(data), order="levels"), atol=1e-9)
     for bad, msg in ((["--formula", "health ~ eval(physlm)"], "'eval(physlm)' is not allowed"),
                      (["--formula", "health ~ physlm", "--drop", "idp"], "do not combine"),
                      (["--formula", "health ~ physlm", "--target", "idp"], "differ")):

@@ -40,8 +40,8 @@ def test_every_link_matches_statsmodels_on_ucla(link):
     np.testing.assert_allclose(np.r_[m.coef_, m.thresholds_], params, atol=1e-5)
     np.testing.assert_allclose(m.bse_[:3], np.asarray(res.bse)[:3], rtol=1e-5)
     assert m.loglik_ == pytest.approx(res.llf, abs=1e-6)
-    np.testing.assert_allclose(m.predict_proba(X.head(20)), np.asarray(res.predict(X.head(20))),
-                               atol=1e-5)
+    np.testing.assert_allclose(m.predict_proba(X.head(20), order="levels"),
+                               np.asarray(res.predict(X.head(20))), atol=1e-5)
     assert m.summary().notes[0].startswith("Thresholds: P(Y <= k | x) =")
 
 
@@ -101,8 +101,9 @@ def test_score_test_effects_and_saving_under_another_link(tmp_path):
     Xp, Xm = Xn.copy(), Xn.copy()
     Xp[:, 4] += h
     Xm[:, 4] -= h
-    fd = (m.predict_proba(pd.DataFrame(Xp, columns=X.columns)).mean(0)
-          - m.predict_proba(pd.DataFrame(Xm, columns=X.columns)).mean(0)) / (2 * h)
+    up = m.predict_proba(pd.DataFrame(Xp, columns=X.columns), order="levels")
+    down = m.predict_proba(pd.DataFrame(Xm, columns=X.columns), order="levels")
+    fd = (up.mean(0) - down.mean(0)) / (2 * h)
     np.testing.assert_allclose(me.loc["physlm", "dy/dx"].to_numpy(), fd, atol=1e-7)
     back = load(m.save(tmp_path / "m"))
     assert back.link == "probit" and back.results_.link == "probit"
@@ -197,7 +198,8 @@ def test_divide_and_conquer_matches_its_centralised_composite_fit_for_every_link
     # the model predicts with its link: its probabilities are those of the link's cdf
     eta = Xv[:5] @ dc.coef_
     F = get_link(link).cdf(dc.thresholds_[None, :] - eta[:, None])
-    np.testing.assert_allclose(dc.predict_proba(Xv[:5]), np.diff(F, prepend=0, append=1),
+    np.testing.assert_allclose(dc.predict_proba(Xv[:5], order="levels"),
+                               np.diff(F, prepend=0, append=1),
                                atol=1e-12)
     assert f"cumulative {link}" in dc.summary().as_text()
 
@@ -264,3 +266,57 @@ def test_composite_pass_of_every_link_matches_finite_differences(name):
                                thresholds=[0, 2])
             for f in ("loss", "grad", "hess", "meat", "class_grad"):
                 np.testing.assert_allclose(getattr(a, f), getattr(b, f), atol=1e-10)
+
+
+def test_separation_is_found_for_every_link_in_the_composite_fit():
+    """A feature positive only in (half of) the top class: the composite likelihood has no
+    finite optimum along it, whatever the link (the probit's and cloglog's de-biasing steps
+    are shorter than the logit's, the cauchit's Newton steps shrink as it runs off)."""
+    from fedgrain.exceptions import SeparationError
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    X = rng.standard_normal((n, 3))
+    y = np.digitize(X[:, :2] @ [0.8, -0.5] + rng.logistic(size=n), [-1, 0, 1, 2.5])
+    X[:, 2] = 0.0
+    top = np.flatnonzero(y == 4)[::2]
+    X[top, 2] = rng.uniform(0.5, 2.0, top.size)
+    for link in LINKS:
+        with pytest.raises(SeparationError, match="separated"):
+            DivideConquerOrdinal(n_subsets=4, backend="serial", link=link).fit(X, y)
+
+
+def test_composite_curvature_is_exact_far_in_the_tails_and_zero_weights_add_nothing():
+    from fedgrain.core.likelihood import composite_pass
+
+    one = np.zeros((1, 1))
+    # cloglog, a row above a cut at a = 40: V = h = exp(40) (not 0 from 1 - e^a + e^a)
+    P = composite_pass(one, np.array([1]), None, np.zeros(1), np.array([40.0]),
+                       link=get_link("cloglog"))
+    assert P.hess[1, 1] == pytest.approx(np.exp(40.0), rel=1e-12)
+    P = composite_pass(one, np.array([0]), None, np.zeros(1), np.array([-40.0]),
+                       link=get_link("loglog"))
+    assert P.hess[1, 1] == pytest.approx(np.exp(40.0), rel=1e-12)
+    # a row of weight zero far in a tail adds nothing (no 0 * inf)
+    X, y = np.array([[1.0], [0.2]]), np.array([0, 1])
+    for name in LINKS[1:]:
+        P = composite_pass(X, y, np.array([0.0, 1.0]), np.array([-900.0]), np.array([0.0]),
+                           link=get_link(name), meat="cluster", by_class=True)
+        Q = composite_pass(X[1:], y[1:], None, np.array([-900.0]), np.array([0.0]),
+                           link=get_link(name), meat="cluster", by_class=True)
+        for f in ("loss", "grad", "hess", "meat", "class_grad"):
+            np.testing.assert_array_equal(getattr(P, f), getattr(Q, f))
+
+
+def test_an_undeclared_link_attribute_changes_nothing_in_the_adaptive_estimator():
+    from fedgrain import AdaptiveFederatedOrdinal
+    from fedgrain.datasets import make_regions
+
+    X, y, *_ = make_regions(3000, n_regions=2, random_state=0)
+    a = AdaptiveFederatedOrdinal(backend="serial").fit(X, y)
+    b = AdaptiveFederatedOrdinal(backend="serial")
+    b.link = "probit"
+    b.fit(X, y)
+    np.testing.assert_array_equal(a.global_model_.results_.params,
+                                  b.global_model_.results_.params)
+    assert b.global_model_.results_.link == "logit"

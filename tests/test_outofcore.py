@@ -256,7 +256,7 @@ def test_an_ordered_target_whose_files_hold_different_levels(tmp_path):
     b = DivideConquerOrdinal(n_subsets=2, backend="serial", categorical=["colour"],
                              levels=["low", "mid", "high"]).fit(
         both[["x", "colour"]], names[both.grade])
-    assert list(a.classes_) == ["low", "mid", "high"]
+    assert list(a.levels_) == ["low", "mid", "high"]
     np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-10)
 
 

@@ -464,7 +464,7 @@ def _cmd_predict(args) -> int:
     model = load(args.model)
     frame = read_table(args.data)
     X = _features_for(model, frame, args.data)
-    proba = model.predict_proba(X, **_group_labels(model, frame, args))
+    proba = model.predict_proba(X, order="levels", **_group_labels(model, frame, args))
     classes = list(model.target_.classes)
     out = pd.DataFrame({"predicted": [classes[i] for i in np.argmax(proba, axis=1)]})
     for k, c in enumerate(classes):
@@ -488,7 +488,7 @@ def _cmd_evaluate(args) -> int:
     X, y = split_target(frame, args.target)
     codes = model.target_.encode(y, what=f"column '{args.target}'")
     by_group = _group_labels(model, frame, args)
-    proba = model.predict_proba(_features_for(model, X, args.data), **by_group)
+    proba = model.predict_proba(_features_for(model, X, args.data), order="levels", **by_group)
     scores = ordinal_scores(codes, proba)
     width = max(len(k) for k in scores)
     for k, v in scores.items():

@@ -59,9 +59,9 @@ def run_demo(out: Path, n_jobs: int | None = None, log: Callable[[str], None] = 
     codes = af.target_.encode(yte)
     print("\nHeld-out people:")
     print(_scores_table({
-        "centralized (exact)": ordinal_scores(codes, mle.predict_proba(Xte)),
-        "divide and conquer": ordinal_scores(codes, dc.predict_proba(Xte)),
-        "adaptive + FO-MAML": ordinal_scores(codes, af.predict_proba(Xte)),
+        "centralized (exact)": ordinal_scores(codes, mle.predict_proba(Xte, order="levels")),
+        "divide and conquer": ordinal_scores(codes, dc.predict_proba(Xte, order="levels")),
+        "adaptive + FO-MAML": ordinal_scores(codes, af.predict_proba(Xte, order="levels")),
     }))
     _stream_with_a_change(af, X.iloc[pool], y.iloc[pool], levels, rng)
     model_dir = _report_save_reload(af, frame, Xte, yte, levels, out)
@@ -157,8 +157,8 @@ def _stream_with_a_change(af: AdaptiveFederatedOrdinal, Xp: pd.DataFrame, yp: pd
           f"leaf {', '.join(str(n) for n in refitted) or 'none'}.")
     last = np.flatnonzero(turn)[-2_000:]
     lc = af.target_.encode(ys.iloc[last])
-    was = ordinal_scores(lc, before.predict_proba(Xs.iloc[last]))["log_loss"]
-    now = ordinal_scores(lc, af.predict_proba(Xs.iloc[last]))["log_loss"]
+    was = ordinal_scores(lc, before.predict_proba(Xs.iloc[last], order="levels"))["log_loss"]
+    now = ordinal_scores(lc, af.predict_proba(Xs.iloc[last], order="levels"))["log_loss"]
     print(f"Log-loss on the changed leaf's last 2,000 rows: {was:.3f} for the model before "
           f"the stream, {now:.3f} after it adapted.")
 
@@ -172,9 +172,9 @@ def _report_save_reload(af: AdaptiveFederatedOrdinal, frame: pd.DataFrame, Xte: 
     report = af.report(out / "report.html", Xte, yte)
     model_dir = af.save(out / "model", overwrite=True)
     again = load(model_dir)
-    proba = again.predict_proba(Xte)
-    assert np.array_equal(proba, af.predict_proba(Xte))
-    pred = pd.DataFrame(proba, columns=[f"proba_{c}" for c in again.classes_])
+    proba = again.predict_proba(Xte, order="levels")
+    assert np.array_equal(proba, af.predict_proba(Xte, order="levels"))
+    pred = pd.DataFrame(proba, columns=[f"proba_{c}" for c in again.levels_])
     pred.insert(0, "predicted", again.predict(Xte))
     pred.to_csv(out / "predictions.csv", index=False)
     print(f"Saved the adaptive model to {model_dir}, loaded it back and predicted the held-out "

@@ -37,3 +37,77 @@ def ordinal_scores(codes: np.ndarray, proba: np.ndarray) -> dict[str, float | in
         "log_loss": float(np.mean(row_log_loss(proba, codes))),
         "rps": float(np.mean(np.sum((cum - obs) ** 2, axis=1) / max(K - 1, 1))),
     }
+
+
+class OrdinalScorer:
+    """A scikit-learn scorer (``scoring=`` of ``cross_val_score``, ``GridSearchCV``, ...) from
+    one of :func:`ordinal_scores`' figures, negated so that greater is better.
+
+    It reads the probabilities in the levels' ordinal order (``predict_proba(X,
+    order="levels")`` of a fedgrain model; for another classifier, its ``classes_`` order,
+    which must then be the ordinal one, as for integer codes) and codes the true labels by the
+    model's own levels, so string labels, ordered categoricals and integer codes give the same
+    score. Called as ``scorer(estimator, X, y, sample_weight=None)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.model_selection import cross_val_score
+    >>> from fedgrain import OrdinalRegression
+    >>> from fedgrain.metrics import ranked_probability_scorer
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((300, 2))
+    >>> y = np.array(["low", "mid", "high"])[np.digitize(X[:, 0] + rng.logistic(size=300),
+    ...                                                  [-1, 1])]
+    >>> model = OrdinalRegression(levels=["low", "mid", "high"])
+    >>> bool(cross_val_score(model, X, y, scoring=ranked_probability_scorer).mean() < 0)
+    True
+    """
+
+    def __init__(self, key: str, name: str):
+        self.key = key
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"OrdinalScorer({self.name!r})"
+
+    def __call__(self, estimator, X, y, sample_weight=None) -> float:
+        if hasattr(estimator, "levels_"):
+            proba = estimator.predict_proba(X, order="levels")
+            codes = estimator.target_.encode(y, what="y")
+        else:
+            proba = estimator.predict_proba(X)
+            levels = list(estimator.classes_)
+            where = {c: i for i, c in enumerate(levels)}
+            try:
+                codes = np.array([where[v] for v in np.asarray(y).tolist()], dtype=np.intp)
+            except KeyError as exc:
+                raise ValueError(f"y holds the label {exc.args[0]!r}, which the model's "
+                                 f"classes_ {levels} do not.") from None
+        if sample_weight is None:
+            return -float(ordinal_scores(codes, proba)[self.key])
+        w = np.asarray(sample_weight, dtype=float)
+        per_row = _row_scores(codes, proba)[self.key]
+        return -float(np.sum(w * per_row) / np.sum(w))
+
+
+def _row_scores(codes: np.ndarray, proba: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`ordinal_scores`' figures row by row (for weighted means)."""
+    n, K = proba.shape
+    pred = np.argmax(proba, axis=1)
+    cum = np.cumsum(proba, axis=1)[:, :-1]
+    obs = (codes[:, None] <= np.arange(K - 1)[None, :]).astype(float)
+    return {"mae": np.abs(pred - codes).astype(float), "log_loss": row_log_loss(proba, codes),
+            "rps": np.sum((cum - obs) ** 2, axis=1) / max(K - 1, 1)}
+
+
+#: Ranked probability score (negated): ``scoring=ranked_probability_scorer``.
+ranked_probability_scorer = OrdinalScorer("rps", "neg_ranked_probability_score")
+#: Mean absolute error in levels of the most probable level (negated).
+mean_absolute_class_error_scorer = OrdinalScorer("mae", "neg_mean_absolute_class_error")
+#: Log-loss of the true level, read in the ordinal order whatever the labels (negated).
+ordinal_log_loss_scorer = OrdinalScorer("log_loss", "neg_ordinal_log_loss")
+#: The scorers by name, for ``scoring=SCORERS["neg_ranked_probability_score"]`` or a dict of
+#: several in ``cross_validate(scoring=SCORERS)``.
+SCORERS = {s.name: s for s in (ranked_probability_scorer, mean_absolute_class_error_scorer,
+                               ordinal_log_loss_scorer)}

@@ -99,7 +99,9 @@ def forest_plot(results, leaf_params: np.ndarray | None, leaf_labels: list[str],
                 ms=5, capsize=3, label=f"global, {100 * (1 - alpha):.0f}% CI", zorder=3)
     ax.axvline(0.0, color="grey", lw=0.8, ls="--")
     ax.set_yticks(ypos, names)
-    ax.set_xlabel("coefficient (log cumulative odds of a higher class per unit)")
+    scale = ("log cumulative odds" if getattr(results, "link", "logit") == "logit" else
+             f"{results.link} scale")
+    ax.set_xlabel(f"coefficient ({scale} of a higher class per unit)")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="best", ncol=2 if leaf_params is not None and
               leaf_params.shape[0] > 6 else 1)
@@ -362,7 +364,7 @@ def _given_rows(model, X, y, adaptive: bool, groups=None):
         Xe = model.encode(X)
         if y is not None:
             codes = model.target_.encode(y)
-            proba = model.predict_proba(X, **by_group)
+            proba = model.predict_proba(X, order="levels", **by_group)
         if adaptive:
             leaf = model.apply(X, **by_group)
     return Xe, codes, proba, leaf

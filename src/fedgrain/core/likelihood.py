@@ -243,7 +243,9 @@ def _composite_pass_link(X, y, w, beta, theta, link, *, thresholds=None, loss=Tr
     ``-(u log S(a) + (1 - u) log F(a))``; its derivative in ``a`` is
     ``E = u h(a) - (1 - u) g(a)`` with the hazard ``h = f / S`` and the reversed hazard
     ``g = f / F``, and its second derivative ``V = u h (r + h) - (1 - u) g (r - g)`` with
-    ``r = f' / f`` (the observed information; for the logit ``E = u - mu`` and
+    ``r = f' / f`` (``r + h`` and ``r - g`` are the hazards' log-slopes, exact where they
+    are constant: 1 for the cloglog's hazard, -1 for the loglog's reversed one; the observed
+    information; for the logit ``E = u - mu`` and
     ``V = mu (1 - mu)``, as in the logit pass). Hazards come from the links' tail-exact
     logarithms, so rows far in the tails give finite derivatives. ``V`` is not negative for a
     log-concave ``F`` (probit, cloglog, loglog); the cauchit's can be, and is kept as it is.
@@ -269,6 +271,10 @@ def _composite_pass_link(X, y, w, beta, theta, link, *, thresholds=None, loss=Tr
         yb = y[start:stop]
         nb = stop - start
         ob = np.ones(nb) if w is None else w[start:stop]
+        if w is not None and not np.all(ob > 0):  # rows of weight zero: not part of the sum
+            keep = ob > 0  # (their terms can be infinite far in a tail; 0 * inf is NaN)
+            Xb, yb, ob = Xb[keep], yb[keep], ob[keep]
+            nb = yb.shape[0]
         A = th[None, :] - (Xb @ beta)[:, None]
         U = above[yb]
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
@@ -290,8 +296,7 @@ def _composite_pass_link(X, y, w, beta, theta, link, *, thresholds=None, loss=Tr
             grad[:p] -= Xb.T @ (ob * r)
             grad[p:] += ob @ E
         if order >= 2:
-            rf = link.ratio(A)
-            V = np.where(U, h * (rf + h), -g * (rf - g))
+            V = np.where(U, h * link.hazard_slope(A), -g * link.rhazard_slope(A))
             V = np.where(np.isfinite(V), V, 0.0)
             vs = V.sum(axis=1)
             if link.name != "cauchit":

@@ -65,6 +65,21 @@ class Link:
         """``log(f(a) / (1 - F(a)))``, accurate in both tails."""
         return self.logcdf(a)
 
+    def hazard_slope(self, a):
+        """``d log h / da = f'/f + h`` for the hazard ``h = f / (1 - F)``: the composite
+        likelihood's curvature for a binary row above its cut is ``h * hazard_slope``."""
+        return expit(-np.asarray(a, dtype=float))
+
+    def rhazard_slope(self, a):
+        """``d log g / da = f'/f - g`` for the reversed hazard ``g = f / F``."""
+        return -expit(a)
+
+    def _hazard_slope(self, a):
+        return self.ratio(a) + np.exp(self.log_hazard(a))
+
+    def _rhazard_slope(self, a):
+        return self.ratio(a) - np.exp(self.log_rhazard(a))
+
     def ppf(self, q):
         q = np.asarray(q, dtype=float)
         return np.log(q) - np.log1p(-q)
@@ -72,6 +87,12 @@ class Link:
 
 class Probit(Link):
     name = "probit"
+
+    def hazard_slope(self, a):
+        return self._hazard_slope(a)
+
+    def rhazard_slope(self, a):
+        return self._rhazard_slope(a)
 
     def cdf(self, a):
         return ndtr(a)
@@ -145,6 +166,12 @@ class CLogLog(Link):
     def log_hazard(self, a):
         return np.asarray(a, dtype=float)  # f / (1 - F) = exp(a) exactly
 
+    def hazard_slope(self, a):
+        return np.ones_like(np.asarray(a, dtype=float))  # the hazard exp(a) is its own slope
+
+    def rhazard_slope(self, a):
+        return self._rhazard_slope(a)
+
     def ppf(self, q):
         return np.log(-np.log1p(-np.asarray(q, dtype=float)))
 
@@ -184,6 +211,12 @@ class LogLog(Link):
     def log_rhazard(self, a):
         return -np.asarray(a, dtype=float)  # f / F = exp(-a) exactly
 
+    def rhazard_slope(self, a):
+        return -np.ones_like(np.asarray(a, dtype=float))
+
+    def hazard_slope(self, a):
+        return self._hazard_slope(a)
+
     def log_hazard(self, a):
         a = np.asarray(a, dtype=float)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -195,6 +228,12 @@ class LogLog(Link):
 
 class Cauchit(Link):
     name = "cauchit"
+
+    def hazard_slope(self, a):
+        return self._hazard_slope(a)
+
+    def rhazard_slope(self, a):
+        return self._rhazard_slope(a)
 
     def cdf(self, a):
         return np.arctan2(1.0, -np.asarray(a, dtype=float)) / np.pi

@@ -879,18 +879,19 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         when there is a meta-learner, and for rows of no known group)."""
         return self._routed(X, groups)[0]
 
-    def predict_proba(self, X, groups=None) -> np.ndarray:
+    def predict_proba(self, X, groups=None, *, order: str = "classes") -> np.ndarray:
         """Class probabilities from each row's leaf model, shape ``(n, K)``; with ``groups``
-        (a model fitted on groups), each row's group's model."""
-        return class_proba(*self._routed(X, groups))
+        (a model fitted on groups), each row's group's model. Columns in the order of
+        ``classes_``, or of ``levels_`` with ``order="levels"``."""
+        return self._ordered(class_proba(*self._routed(X, groups)), order)
 
     def predict_cumulative_proba(self, X, groups=None) -> np.ndarray:
         return cumulative_proba(*self._routed(X, groups))
 
     def predict(self, X, groups=None) -> np.ndarray:
         """The most probable level of each row (its leaf's, or its group's, model)."""
-        proba = self.predict_proba(X, groups)  # first: raises if not fitted
-        return self.classes_[np.argmax(proba, axis=1)]
+        proba = self.predict_proba(X, groups, order="levels")  # first: raises if not fitted
+        return self.levels_[np.argmax(proba, axis=1)]
 
     def score(self, X, y, sample_weight=None, groups=None) -> float:
         """Accuracy of :meth:`predict` (with ``groups``: each row by its group's model)."""
@@ -898,10 +899,11 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
 
         return float(accuracy_score(y, self.predict(X, groups), sample_weight=sample_weight))
 
-    def predict_proba_ci(self, X, alpha: float = 0.05, groups=None):
+    def predict_proba_ci(self, X, alpha: float = 0.05, groups=None, *,
+                         order: str = "classes"):
         """Class probabilities with delta-method intervals, each row from its leaf model (the
         global model for unseen rows when there is a meta-learner, and rows of no known
-        group)."""
+        group); columns ordered as :meth:`predict_proba`'s."""
         X, groups = self._groups_of(X, groups)
         Xe = self.encode(X)
         leaf = self._route(Xe, groups)
@@ -914,7 +916,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
             model = self.meta_model_ if pos < 0 else self.local_models_[pos]
             for o, v in zip(out, model.results_.predict_proba_ci(Xe[rows], alpha), strict=True):
                 o[rows] = v
-        return tuple(out)
+        return self._ordered(tuple(out), order)
 
     # ---- personalisation to new subsets -----------------------------------------------------
     def adapt(self, X, y, sample_weight=None) -> LeafModel:

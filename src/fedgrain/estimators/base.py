@@ -1,11 +1,12 @@
 """What the ordinal estimators share: parameter checks, prediction, inference, persistence.
 
-Every estimator is a scikit-learn classifier with the same fitted attributes: ``classes_``,
-``coef_`` (p), ``thresholds_`` (K-1, increasing; ``P(Y <= k | x) = sigmoid(thresholds_[k] - x @
-coef_)``), ``cov_`` over ``(coef_, thresholds_)`` in that order, ``bse_`` and ``results_`` (an
+Every estimator is a scikit-learn classifier with the same fitted attributes: ``levels_`` (the
+levels in their ordinal order), ``classes_`` (the same labels sorted, scikit-learn's contract:
+``predict_proba``'s columns follow it), ``coef_`` (p), ``thresholds_`` (K-1, increasing;
+``P(Y <= k | x) = sigmoid(thresholds_[k] - x @ coef_)``), ``cov_`` over
+``(coef_, thresholds_)`` in that order, ``bse_`` and ``results_`` (an
 :class:`fedgrain.inference.results.OrdinalResults` with the coefficient table). :func:`load`
-restores any of
-them from a saved directory.
+restores any of them from a saved directory.
 """
 
 from __future__ import annotations
@@ -35,6 +36,21 @@ def param_error(owner: str, name: str, allowed: str, value) -> ValueError:
     return ParameterError(
         f"The '{name}' parameter of {owner} must be {allowed}. Got {value!r} instead."
     )
+
+
+def class_order(levels: np.ndarray) -> np.ndarray:
+    """The positions of the levels in sorted order: ``levels[class_order(levels)]`` is
+    ``classes_``, the labels as scikit-learn sorts them (``np.unique``), which its scorers
+    assume for the columns of ``predict_proba``. Labels that cannot be compared keep their
+    ordinal order.
+
+    >>> class_order(np.array(["low", "mid", "high"]))
+    array([2, 0, 1])
+    """
+    try:
+        return np.argsort(np.asarray(levels), kind="stable")
+    except TypeError:
+        return np.arange(len(levels))
 
 
 def _plain(value):
@@ -107,9 +123,28 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         """The latent linear predictor ``x @ coef_`` (higher means higher classes)."""
         return self.encode(X) @ self.coef_
 
-    def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities, shape ``(n, K)``, columns in the order of ``classes_``."""
+    def predict_proba(self, X, *, order: str = "classes") -> np.ndarray:
+        """Class probabilities, shape ``(n, K)``: columns in the order of ``classes_`` (sorted,
+        as scikit-learn's scorers expect), or with ``order="levels"`` in the ordinal order of
+        ``levels_``."""
+        return self._ordered(self._level_proba(X), order)
+
+    def _level_proba(self, X) -> np.ndarray:
+        """Class probabilities with columns in the order of ``levels_``."""
         return class_proba(self.predict_linear(X), self.thresholds_, self._link())
+
+    def _ordered(self, proba, order: str):
+        """Columns in the order of ``levels_`` (``order="levels"``) to those of ``classes_``
+        (``"classes"``); a tuple of arrays column by column alike."""
+        if order not in ("classes", "levels"):
+            raise ParameterError(f"order must be 'classes' (the order of classes_) or 'levels' "
+                                 f"(the ordinal order of levels_); got {order!r}.")
+        perm = self._class_order
+        if order == "levels" or np.array_equal(perm, np.arange(perm.shape[0])):
+            return proba
+        if isinstance(proba, tuple):
+            return tuple(a[:, perm] for a in proba)
+        return proba[:, perm]
 
     def predict_cumulative_proba(self, X) -> np.ndarray:
         """``P(Y <= k | x)`` for the first ``K - 1`` levels, shape ``(n, K - 1)``."""
@@ -120,18 +155,23 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         the parameter."""
         from ..core.links import get_link
 
-        return get_link(getattr(self, "link", "logit"))
+        # a declared parameter only: an attribute set on another estimator changes nothing
+        return get_link(self.get_params(deep=False).get("link", "logit"))
 
     def predict(self, X) -> np.ndarray:
         """The most probable level of each row."""
-        proba = self.predict_proba(X)
-        return self.classes_[np.argmax(proba, axis=1)]
+        proba = self._level_proba(X)  # first: raises if not fitted
+        return self.levels_[np.argmax(proba, axis=1)]
 
-    def predict_proba_ci(self, X, alpha: float = 0.05):
+    def predict_proba_ci(self, X, alpha: float = 0.05, *, order: str = "classes"):
         """Class probabilities with delta-method ``1 - alpha`` intervals.
 
-        Returns ``(proba, lower, upper)``, each of shape ``(n, K)``.
+        Returns ``(proba, lower, upper)``, each of shape ``(n, K)``, columns ordered as
+        :meth:`predict_proba`'s.
         """
+        return self._ordered(self._level_proba_ci(X, alpha), order)
+
+    def _level_proba_ci(self, X, alpha: float):
         return self.results_.predict_proba_ci(self.encode(X), alpha)
 
     def predicted_probabilities(self, X, alpha: float = 0.05, **kwargs) -> pd.DataFrame:
@@ -145,14 +185,14 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         from scipy import stats
         from scipy.special import logit
 
-        proba, lower, upper = self.predict_proba_ci(X, alpha, **kwargs)
+        proba, lower, upper = self.predict_proba_ci(X, alpha, order="levels", **kwargs)
         z = stats.norm.isf(alpha / 2)
         with np.errstate(divide="ignore", invalid="ignore"):
             se = (logit(upper) - logit(lower)) / (2 * z) * proba * (1 - proba)
         se = np.where(np.isfinite(se), se, 0.0)
         n, K = proba.shape
         return pd.DataFrame({"row": np.repeat(np.arange(n), K),
-                             "level": np.tile(np.array(self.classes_, dtype=object), n),
+                             "level": np.tile(np.array(self.levels_, dtype=object), n),
                              "proba": proba.reshape(-1), "std err": se.reshape(-1),
                              "lower": lower.reshape(-1), "upper": upper.reshape(-1)})
 
@@ -259,7 +299,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         K = len(self.classes_)
         present = np.bincount(codes, minlength=K) > 0
         if not present.all():
-            raise DataError(f"Level(s) {list(self.classes_[~present])} have no rows here; the "
+            raise DataError(f"Level(s) {list(self.levels_[~present])} have no rows here; the "
                             "test compares the slopes at every cut and needs rows of every "
                             "level.")
         names = list(self.schema_.output_names)
@@ -300,7 +340,9 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         p = schema.n_features
         self.schema_ = schema
         self.target_ = target
-        self.classes_ = target.classes_array()
+        self.levels_ = target.classes_array()
+        self._class_order = class_order(self.levels_)
+        self.classes_ = self.levels_[self._class_order]
         self.n_features_in_ = schema.n_features_in
         if schema.has_names:
             self.feature_names_in_ = np.asarray(schema.input_columns, dtype=object)
@@ -354,7 +396,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
                           debias=self.debias, ridge=float(self.ridge),
                           penalize_thresholds=bool(self.penalize_thresholds),
                           cv_folds=self.cv_folds, max_iter=self.max_iter, tol=float(self.tol),
-                          link=getattr(self, "link", "logit")),
+                          link=self._link().name),
             refine_rounds=int(self.refine_rounds), alpha=self.alpha)
 
     def _n_workers(self, backend: Backend) -> int:

@@ -398,9 +398,9 @@ class OrdinalRegression(OrdinalModel):
                           self._slopes_table(alpha))
         return replace(out, sections=(section, *out.sections))
 
-    def predict_proba(self, X) -> np.ndarray:
+    def _level_proba(self, X) -> np.ndarray:
         if getattr(self, "_nominal_idx", None) is None:
-            return super().predict_proba(X)
+            return super()._level_proba(X)
         from ..core.nominal import row_thresholds
 
         Xe = self.encode(X)
@@ -416,16 +416,16 @@ class OrdinalRegression(OrdinalModel):
     def predict_cumulative_proba(self, X) -> np.ndarray:
         if getattr(self, "_nominal_idx", None) is None:
             return super().predict_cumulative_proba(X)
-        return np.cumsum(self.predict_proba(X), axis=1)[:, :-1]
+        return np.cumsum(self._level_proba(X), axis=1)[:, :-1]
 
     def _po_only(self, what: str) -> None:
         if getattr(self, "_nominal_idx", None) is not None:
             raise DataError(f"{what} is for the proportional-odds model; this one has nominal "
                             "features (use predict_proba, summary and lr_test).")
 
-    def predict_proba_ci(self, X, alpha: float = 0.05):
+    def _level_proba_ci(self, X, alpha: float):
         self._po_only("predict_proba_ci")
-        return super().predict_proba_ci(X, alpha)
+        return super()._level_proba_ci(X, alpha)
 
     def marginal_effects(self, X, alpha: float = 0.05):
         self._po_only("marginal_effects")

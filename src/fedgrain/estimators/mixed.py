@@ -278,8 +278,9 @@ class MixedOrdinalRegression(OrdinalModel):
                  UserWarning)
         return idx
 
-    def predict_proba(self, X, groups=None) -> np.ndarray:
-        """Class probabilities, ``(n, K)``.
+    def predict_proba(self, X, groups=None, *, order: str = "classes") -> np.ndarray:
+        """Class probabilities, ``(n, K)``, columns in the order of ``classes_`` (of
+        ``levels_`` with ``order="levels"``).
 
         A row of a known group (``groups=``: labels, or a column of the DataFrame ``X``) gets
         its group's model (fixed effects plus the group's conditional mode); any other row the
@@ -298,7 +299,7 @@ class MixedOrdinalRegression(OrdinalModel):
             Zu = Z[~known]
             sd = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", Zu, self.random_cov_, Zu), 0.0))
             out[~known] = _averaged_proba(eta[~known], sd, self.thresholds_)
-        return out
+        return self._ordered(out, order)
 
     def _linear(self, X, groups):
         """Encoded rows, the known groups' positions (-1: none) and ``z`` of each row."""
@@ -323,7 +324,7 @@ class MixedOrdinalRegression(OrdinalModel):
     def predict_cumulative_proba(self, X, groups=None) -> np.ndarray:
         """``P(Y <= k)`` for the first ``K - 1`` levels, as :meth:`predict_proba` gives them
         (a known group's model, else the population average)."""
-        return np.cumsum(self.predict_proba(X, groups), axis=1)[:, :-1]
+        return np.cumsum(self.predict_proba(X, groups, order="levels"), axis=1)[:, :-1]
 
     def predict_proba_ci(self, X, alpha: float = 0.05, groups=None):
         """Not available: a group's probabilities rest on its predicted random effects and a
@@ -337,7 +338,7 @@ class MixedOrdinalRegression(OrdinalModel):
 
     def predict(self, X, groups=None) -> np.ndarray:
         """The most probable level of each row (see :meth:`predict_proba`)."""
-        return self.classes_[np.argmax(self.predict_proba(X, groups), axis=1)]
+        return self.levels_[np.argmax(self.predict_proba(X, groups, order="levels"), axis=1)]
 
     def score(self, X, y, sample_weight=None, *, groups=None) -> float:
         """Accuracy of :meth:`predict` (with the groups' own models when ``groups`` is given)."""
