@@ -6,6 +6,8 @@ nothing behind.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -237,6 +239,17 @@ def test_fit_with_granularity_uses_the_adaptive_estimator(files, capsys, tmp_pat
     code, _, _ = run(capsys, "predict", str(tmp_path / "af"), str(tmp_path / "regions.csv"),
                      "--out", str(tmp_path / "p.csv"))
     assert code == 0 and len(pd.read_csv(tmp_path / "p.csv")) == 6000
+    # one leaf's table by the node id that evaluate, describe() and the report show
+    leaves = [int(n) for n in model.partition_.leaves]
+    code, out, _ = run(capsys, "summary", str(tmp_path / "af"), "--leaf", str(leaves[-1]))
+    assert code == 0 and out.strip() == str(model.local_models_[-1].summary()).strip()
+    code, _, err = run(capsys, "summary", str(tmp_path / "af"), "--leaf", "999")
+    assert code == 2 and f"no such leaf; the leaves are {leaves}" in err
+    code, out, _ = run(capsys, "evaluate", str(tmp_path / "af"), str(tmp_path / "regions.csv"),
+                       "--target", "grade", "--json")
+    doc = json.loads(out)
+    assert [r["leaf"] for r in doc["per_leaf"]] == leaves
+    assert sum(r["rows"] for r in doc["per_leaf"]) == doc["scores"]["rows"] == 6000
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -309,3 +322,82 @@ def test_divide_and_conquer_with_another_link_is_fitted_saved_and_refused_for_ad
                        "--out", str(tmp_path / "m"))
     assert code == 2 and "--link applies to --estimator mle and dc" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_version_bare_command_and_a_help_that_loads_nothing_heavy(capsys):
+    from fedgrain import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"fedgrain {__version__}"
+    code, out, _ = run(capsys)
+    assert code == 0 and "usage: fedgrain" in out and "COMMAND" in out
+    # --help answers without importing numpy's heavy users (what made it take seconds)
+    probe = ("import sys; from fedgrain.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('sklearn', 'scipy', 'pandas', 'fedgrain.estimators') "
+             "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_outputs_follow_the_umask_and_gz_is_compressed(files, capsys, tmp_path):
+    d, _ = files
+    code, _, _ = fit(capsys, d, "m_mask")
+    assert code == 0
+    old = os.umask(0o027)
+    try:
+        for name in ("p.csv.gz", "p.parquet"):
+            code, _, _ = run(capsys, "predict", str(d / "m_mask"), str(d / "train.csv"),
+                             "--out", str(tmp_path / name))
+            assert code == 0 and (tmp_path / name).stat().st_mode & 0o777 == 0o640
+        code, _, _ = run(capsys, "summary", str(d / "m_mask"), "--html", str(tmp_path / "s.html"))
+        assert code == 0 and (tmp_path / "s.html").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    assert (tmp_path / "p.csv.gz").read_bytes()[:2] == b"\x1f\x8b"  # gzip, as the name says
+    assert len(pd.read_csv(tmp_path / "p.csv.gz")) == 2000
+
+
+def test_evaluate_json_has_the_null_model_baseline(files, capsys):
+    d, df = files
+    code, _, _ = fit(capsys, d, "m_eval")
+    assert code == 0
+    code, out, _ = run(capsys, "evaluate", str(d / "m_eval"), str(d / "train.csv"),
+                       "--target", "grade", "--json")
+    doc = json.loads(out)
+    shares = df["grade"].value_counts(normalize=True)
+    entropy = -float(np.sum(shares * np.log(shares)))
+    assert doc["baseline"]["log_loss"] == pytest.approx(entropy, rel=1e-12)
+    assert doc["baseline"]["accuracy"] == pytest.approx(shares.max())
+    assert doc["skill"]["log_loss"] == pytest.approx(
+        1 - doc["scores"]["log_loss"] / doc["baseline"]["log_loss"])
+    assert doc["scores"]["log_loss"] < doc["baseline"]["log_loss"] and doc["per_leaf"] is None
+    code, out, _ = run(capsys, "evaluate", str(d / "m_eval"), str(d / "train.csv"),
+                       "--target", "grade")
+    assert code == 0 and "baseline" in out and "a model with no features" in out
+
+
+@pytest.mark.parametrize("make, option", [
+    (lambda p: p.mkdir(), "is a folder"),
+    (lambda p: p.symlink_to(p.parent / "elsewhere.csv"), "is a symbolic link"),
+])
+def test_output_paths_are_checked_before_any_work(files, capsys, tmp_path, make, option):
+    d, _ = files
+    if not (d / "m_paths").exists():
+        assert fit(capsys, d, "m_paths")[0] == 0
+    target = tmp_path / "pred.csv"
+    make(target)
+    code, _, err = run(capsys, "predict", str(d / "m_paths"), str(d / "train.csv"), "--out",
+                       str(target))
+    assert code == 2 and f"--out {target} {option}" in err and ".tmp" not in err
+    code, _, err = run(capsys, "summary", str(d / "m_paths"), "--html", str(target))
+    assert code == 2 and f"--html {target} {option}" in err
+    code, _, err = run(capsys, "predict", str(d / "m_paths"), str(d / "train.csv"), "--out",
+                       str(tmp_path / "pred.xlsx"))
+    assert code == 2 and "use a .csv, .csv.gz, .tsv or .parquet file name" in err
+    # a model folder where a file is: refused before the fit
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "fit", str(d / "train.csv"), "--target", "grade", "--levels",
+                       ",".join(LEVELS), "--out", str(tmp_path / "file"), "--force")
+    assert code == 2 and "is a file; a model is saved as a folder" in err

@@ -938,3 +938,22 @@ def test_wrong_target_name_for_a_file(table, tmp_path):
         DataError, match="target column 'ratings' is not in the data; did you mean 'rating'"
     ):
         prepare_fit(tmp_path / "d.parquet", "ratings")
+
+
+def test_identifier_like_columns_are_named_in_a_warning():
+    import warnings
+
+    from fedgrain import OrdinalRegression
+
+    rng = np.random.default_rng(0)
+    n = 400
+    X = pd.DataFrame({"a": rng.standard_normal(n), "id": rng.permutation(n) + 1000,
+                      "count": rng.poisson(3, n)})
+    y = rng.integers(0, 3, n)
+    with pytest.warns(UserWarning, match=r"Column 'id' of X holds a different value in every "
+                                         r"row, like a row identifier"):
+        OrdinalRegression().fit(X, y)
+    with warnings.catch_warnings():  # repeated counts, continuous values, few rows: no word
+        warnings.simplefilter("error")
+        OrdinalRegression().fit(X[["a", "count"]], y)
+        OrdinalRegression().fit(X.head(40), y[:40])

@@ -233,6 +233,13 @@ def test_stream_command_reads_a_file_in_batches_and_writes_the_model_and_the_log
     assert [e["kind"] for e in log] == [e["kind"] for e in load(tmp_path / "m2").events_]
     code = main(["stream", str(tmp_path / "m"), str(tmp_path / "s.parquet"), "--target", "nope"])
     assert code != 0
+    # an unusable --events path is refused before any row changes the model in place
+    before = (tmp_path / "m" / "model.json").read_bytes()
+    (tmp_path / "events").mkdir()
+    code = main(["--quiet", "stream", str(tmp_path / "m"), str(tmp_path / "s.parquet"),
+                 "--target", "grade", "--events", str(tmp_path / "events")])
+    assert code == 2 and "--events" in capsys.readouterr().err
+    assert (tmp_path / "m" / "model.json").read_bytes() == before
 
 
 def test_a_leaf_whose_change_splits_it_in_two_is_split(world):

@@ -16,11 +16,13 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-
+from ._version import __version__
 from .exceptions import DataError, DataTypeError, FedgrainError, ModelFileError, ParameterError
+
+if TYPE_CHECKING:  # numpy, pandas and the estimators are imported where a command needs them,
+    import pandas as pd  # so that --help and --version answer at once
 
 
 def _log(args, msg: str) -> None:
@@ -131,6 +133,9 @@ def _write_atomic(out: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        from .persist import public_mode
+
+        os.chmod(tmp, public_mode())  # mkstemp's file is private; an output follows the umask
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -138,15 +143,62 @@ def _write_atomic(out: Path, write) -> None:
 
 
 def _write_table_atomic(frame: pd.DataFrame, out: Path) -> None:
-    """Write CSV or Parquet, chosen by the file name's extension."""
+    """Write CSV (gzip-compressed for ``.gz``) or Parquet, chosen by the file name's
+    extension (the temporary file's name does not say, so the compression is explicit)."""
+    check_table_path(out)
     suffix = "".join(out.suffixes[-2:]).lower()
     if suffix.endswith((".parquet", ".pq")):
         _write_atomic(out, lambda tmp: frame.to_parquet(tmp, index=False))
-    elif suffix.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
-        sep = "\t" if suffix.endswith(".tsv") else ","
-        _write_atomic(out, lambda tmp: frame.to_csv(tmp, index=False, sep=sep))
     else:
-        raise DataError(f"--out {out}: use a .csv or .parquet file name")
+        sep = "\t" if ".tsv" in suffix else ","
+        gz = "gzip" if suffix.endswith(".gz") else None
+        _write_atomic(out, lambda tmp: frame.to_csv(tmp, index=False, sep=sep,
+                                                    compression=gz))
+
+
+TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")
+
+
+def check_table_path(out: Path) -> None:
+    """An output table's name and place, checked before any work: a known extension, not a
+    folder, not a link."""
+    suffix = "".join(out.suffixes[-2:]).lower()
+    if not suffix.endswith(TABLE_SUFFIXES):
+        raise DataError(f"--out {out}: use a .csv, .csv.gz, .tsv or .parquet file name")
+    check_output_path(out, "--out")
+
+
+def check_model_path(out: Path, option: str) -> None:
+    """A model folder's path, checked before any work: not a symbolic link, not a file, and
+    its parent writable."""
+    if out.is_symlink():
+        raise DataError(f"{option} {out} is a symbolic link; give the path of a folder "
+                        "(fedgrain replaces the folder it saves).")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{option} {out} is a file; a model is saved as a folder: give a new "
+                        "name.")
+    _check_parent(out, option)
+
+
+def _check_parent(out: Path, option: str) -> None:
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataError(f"{option} {out}: {parent} is not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {out}: cannot write in {parent}.")
+
+
+def check_output_path(out: Path, option: str) -> None:
+    """An output file's path, checked before any work: not a folder and not a symbolic link
+    (replacing either would surprise), and its folder writable if it exists."""
+    if out.is_symlink():
+        raise DataError(f"{option} {out} is a symbolic link; give the path of a regular file "
+                        "(fedgrain replaces the file it writes).")
+    if out.is_dir():
+        raise DataError(f"{option} {out} is a folder; give a file name.")
+    _check_parent(out, option)
 
 
 def _features_for(model, frame: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -224,6 +276,7 @@ def _cmd_fit(args) -> int:
 
     _check_fit_options(args)
     out = Path(args.out)
+    check_model_path(out, "--out")
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it.")
     if args.formula is not None:
@@ -334,6 +387,8 @@ def _fit_formula(args, out: Path) -> int:
 def _parquet_source(args):
     """The Parquet data to stream: its source of the chosen columns, the first batch's target
     (which gives ``--levels`` their type) and the (rows, features) size."""
+    import pandas as pd
+
     from .data import split_target
     from .data.streamed import ParquetSource
 
@@ -458,9 +513,13 @@ def _group_labels(model, frame: pd.DataFrame, args):
 
 
 def _cmd_predict(args) -> int:
+    import numpy as np
+    import pandas as pd
+
     from .data import read_table
     from .estimators import load
 
+    check_table_path(Path(args.out))
     model = load(args.model)
     frame = read_table(args.data)
     X = _features_for(model, frame, args.data)
@@ -479,6 +538,8 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    import pandas as pd
+
     from .data import read_table, split_target
     from .estimators import load
     from .metrics import ordinal_scores
@@ -490,9 +551,8 @@ def _cmd_evaluate(args) -> int:
     by_group = _group_labels(model, frame, args)
     proba = model.predict_proba(_features_for(model, X, args.data), order="levels", **by_group)
     scores = ordinal_scores(codes, proba)
-    width = max(len(k) for k in scores)
-    for k, v in scores.items():
-        print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v:.4f}")
+    base = baseline_scores(codes, len(model.levels_))
+    table = None
     if hasattr(model, "partition_"):  # adaptive: the same scores leaf by leaf
         leaf = model.apply(_features_for(model, X, args.data), **by_group)
         rows = []
@@ -504,15 +564,53 @@ def _cmd_evaluate(args) -> int:
                              sc["mae"]])
         table = pd.DataFrame(rows, columns=["leaf", "rows", "log_loss", "rps", "accuracy",
                                             "mae"])
+    if args.json:
+        import json
+
+        doc = {"model": str(args.model), "data": str(args.data), "scores": scores,
+               "baseline": base, "skill": _skill(scores, base),
+               "per_leaf": None if table is None else table.to_dict(orient="records")}
+        print(json.dumps(doc, indent=2))
+        return 0
+    width = max(len(k) for k in scores)
+    print(f"{'':<{width}}  {'model':>8}  {'baseline':>8}")
+    for k, v in scores.items():
+        if isinstance(v, int):
+            print(f"{k:<{width}}  {v:>8,}")
+        else:
+            print(f"{k:<{width}}  {v:>8.4f}  {base[k]:>8.4f}")
+    print("baseline: the levels' shares in these rows, for every row (a model with no "
+          "features);\nlower log_loss, rps and mae and higher accuracy are better.")
+    if table is not None:
         print("\nPer leaf:")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print("(leaf: the node id of the report, describe() and summary --leaf)")
     return 0
+
+
+def baseline_scores(codes, n_levels: int) -> dict:
+    """:func:`fedgrain.metrics.ordinal_scores` of the null model on these rows: every row
+    gets the levels' shares in them (the best prediction without features)."""
+    import numpy as np
+
+    from .metrics import ordinal_scores
+
+    shares = np.bincount(codes, minlength=n_levels) / max(codes.shape[0], 1)
+    return ordinal_scores(codes, np.tile(shares, (codes.shape[0], 1)))
+
+
+def _skill(scores: dict, base: dict) -> dict:
+    """``1 - model / baseline`` for the losses (log-loss, rps, mae): the share of the null
+    model's loss the model removes (None where the baseline's is zero)."""
+    return {k: (None if base[k] == 0 else 1.0 - scores[k] / base[k])
+            for k in ("log_loss", "rps", "mae")}
 
 
 def _cmd_report(args) -> int:
     from .data import read_table, split_target
     from .estimators import load
 
+    check_output_path(Path(args.out), "--out")
     model = load(args.model)
     X = y = None
     by_group = {}
@@ -536,14 +634,28 @@ def _cmd_report(args) -> int:
 def _cmd_summary(args) -> int:
     from .estimators import load
 
+    if args.html:
+        check_output_path(Path(args.html), "--html")
     model = load(args.model)
-    summary = model.summary(args.ci_alpha)
+    summary = (model.summary(args.ci_alpha) if args.leaf is None else
+               _leaf_model(model, args.leaf).summary(args.ci_alpha))
     print(summary)
     if args.html:
         html = summary.as_html()
         _write_atomic(Path(args.html), lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))
         print(f"HTML written to {args.html}")
     return 0
+
+
+def _leaf_model(model, leaf: int):
+    """The model of the leaf with node id ``leaf`` of an adaptive model."""
+    if not hasattr(model, "partition_"):
+        raise DataError(f"--leaf: the model is a {type(model).__name__}, which has no leaves "
+                        "(fit with --granularity for an adaptive model).")
+    leaves = [int(n) for n in model.partition_.leaves]
+    if leaf not in leaves:
+        raise DataError(f"--leaf {leaf}: no such leaf; the leaves are {leaves}.")
+    return model.local_models_[leaves.index(leaf)]
 
 
 def _cmd_stream(args) -> int:
@@ -561,6 +673,8 @@ def _cmd_stream(args) -> int:
         raise DataError(f"--batch-size must be at least 1; got {args.batch_size}.")
     out = Path(args.out or args.model)
     events_path = Path(args.events or f"{out}.events.jsonl")
+    check_model_path(out, "--out")
+    check_output_path(events_path, "--events")  # before any row changes the model
     from . import progress
 
     seen = len(model.events_)
@@ -632,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'fedgrain COMMAND --help' for a command's options and examples. Exit "
                "status: 0 done, 2 usage or data error, 1 otherwise.",
     )
+    parser.add_argument("--version", action="version", version=f"fedgrain {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     # The same options after the command name; SUPPRESS keeps a value given before it.
@@ -640,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show tracebacks on errors")
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress messages")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text,
@@ -760,6 +875,8 @@ def _add_evaluate(command) -> None:
     p.add_argument("--target", required=True)
     p.add_argument("--groups", metavar="COLUMN",
                    help="the column naming each row's site (a model fitted with --groups)")
+    p.add_argument("--json", action="store_true",
+                   help="print the scores, the baseline and the per-leaf scores as JSON")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -783,6 +900,9 @@ def _add_summary(command) -> None:
     p.add_argument("model")
     _add_ci_alpha(p)
     p.add_argument("--html", help="also write the table as HTML to this file")
+    p.add_argument("--leaf", type=int, metavar="ID",
+                   help="an adaptive model: the table of this leaf's model (the node id that "
+                        "evaluate, the report and describe() show)")
     p.set_defaults(func=_cmd_summary)
 
 
@@ -837,6 +957,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare ``fedgrain``: what it can do
+        parser.print_help()
+        return 0
     saved = warnings.formatwarning
     if not args.debug:  # warnings as one line each, like errors (with --debug: Python's own)
         warnings.formatwarning = _one_line_warning

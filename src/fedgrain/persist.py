@@ -66,6 +66,14 @@ _ARCHIVE_ERRORS = (
 )
 
 
+
+def public_mode() -> int:
+    """The mode a new file gets from the umask, ``0o666 & ~umask``: for files written under a
+    private temporary name (``mkstemp`` makes them 0600) before they are renamed into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
 def write_model_dir(
     path: str | os.PathLike[str],
     meta: dict[str, Any],

@@ -639,7 +639,9 @@ def _write_page(path: Path, heading: str, parts: list[str]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(page)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
+        from .persist import public_mode
+
+        os.chmod(tmp, public_mode())  # mkstemp makes it private; the umask decides
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

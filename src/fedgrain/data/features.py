@@ -234,6 +234,36 @@ def check_constant(out: np.ndarray, names: tuple[str, ...]) -> None:
         )
 
 
+#: Below this many rows a column of distinct whole numbers is not remarked on (a few rows of
+#: counts can all differ).
+IDENTIFIER_MIN_ROWS = 50
+
+
+def warn_identifiers(out: np.ndarray, schema: FeatureSchema) -> None:
+    """Warn about numeric features that look like row identifiers: a different whole number in
+    every row (a customer number, a row index). Used as a feature, such a column fits noise
+    or a trend in the order of the rows. Categorical features with a level per row are named
+    too. Columns that are not whole numbers in the first 1,024 rows are not scanned further."""
+    n = out.shape[0]
+    if n < IDENTIFIER_MIN_ROWS:
+        return
+    head = out[:1024]
+    numeric = [j for j, name in enumerate(schema.output_names)
+               if name in schema.input_columns and name not in schema.categorical]
+    suspects = [j for j in numeric
+                if np.all(head[:, j] == np.round(head[:, j]))
+                and np.unique(head[:, j]).shape[0] == head.shape[0]]
+    ids = [schema.output_names[j] for j in suspects
+           if np.all(out[:, j] == np.round(out[:, j])) and np.unique(out[:, j]).shape[0] == n]
+    ids += [name for name, levels in schema.categorical.items() if len(levels) == n]
+    if ids:
+        warn(f"Column{'s' if len(ids) > 1 else ''} {quote(ids)} of X "
+             f"{'hold' if len(ids) > 1 else 'holds'} a different value in every row, like a row "
+             "identifier, and "
+             f"{'are' if len(ids) > 1 else 'is'} used as a feature; drop "
+             f"{'them' if len(ids) > 1 else 'it'} if so (command line: --drop).", UserWarning)
+
+
 def fit_schema(
     table: np.ndarray | pd.DataFrame, names: tuple[str, ...], has_names: bool, categorical: Any
 ) -> FeatureSchema:

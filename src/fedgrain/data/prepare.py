@@ -21,6 +21,7 @@ from .features import (
     column_names,
     encode_features,
     fit_schema,
+    warn_identifiers,
 )
 from .files import coerce_X, split_target
 from .fitdata import FitData
@@ -144,6 +145,7 @@ def prepare_fit(
     schema = fit_schema(table, names, has_names, categorical)
     matrix = encode_features(table, schema)
     check_constant(matrix, schema.output_names)
+    warn_identifiers(matrix, schema)
     return FitData(matrix, codes, weights, schema, target)
 
 
