@@ -68,8 +68,35 @@ def test_progress_bar_draws_and_ends_each_step_with_a_newline():
     bar(ProgressEvent("fitting leaves", 2, 4, "leaves", 0.5))
     bar(ProgressEvent("fitting leaves", 4, 4, "leaves", 1.0, finished=True))
     text = out.getvalue()
-    assert "[#####-----] 2/4 leaves" in text and "[##########] 4/4 leaves" in text
+    assert "|#####     | 2/4 leaves" in text and "|##########| 4/4 leaves" in text
+    assert "<" in text.split("2/4 leaves")[1].split("\r")[0]  # elapsed<remaining: an ETA
     assert text.endswith("\n") and text.count("\n") == 1
+
+
+def test_a_step_stopped_early_ends_its_bar_full_and_nested_bars_go_away():
+    out = io.StringIO()
+    bar = ProgressBar(out, width=10, min_interval=0.0)
+    bar(ProgressEvent("meta-learning", 0, 20, "rounds", 0.0))
+    bar(ProgressEvent("fitting leaves", 0, 4, "leaves", 0.0, depth=1))
+    bar(ProgressEvent("fitting leaves", 4, 4, "leaves", 0.2, finished=True, depth=1))
+    assert 1 not in bar._bars  # the nested bar is gone, its parent stays
+    bar(ProgressEvent("meta-learning", 2, 20, "rounds", 0.3))
+    bar(ProgressEvent("meta-learning", 2, 20, "rounds", 0.4, finished=True))
+    last = out.getvalue().rstrip("\n").split("\r")[-1]
+    assert "|##########| 2/2 rounds" in last and "stopped early" in last
+    assert not bar._bars
+
+
+def test_events_are_written_above_an_open_bar(capsys):
+    import sys
+
+    bar = ProgressBar(sys.stderr, min_interval=0.0)
+    bar(ProgressEvent("streaming", 10, None, "rows", 0.1))
+    bar.write("row 10: leaf 3: drift")
+    bar.close()
+    captured = capsys.readouterr()
+    assert captured.out == "row 10: leaf 3: drift\n"
+    assert "streaming" in captured.err and "10 rows" in captured.err
 
 
 def test_cli_bars_only_on_a_terminal_and_never_with_quiet(tmp_path, capsys, monkeypatch):

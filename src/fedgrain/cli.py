@@ -680,15 +680,16 @@ def _cmd_stream(args) -> int:
     seen = len(model.events_)
     rows = 0
     t0 = time.perf_counter()
-    with progress.reporting(_bar(args)), progress.step("streaming", None, "rows"):
+    bar = _bar(args)
+    say = print if bar is None else bar.write  # event lines above the bar, not through it
+    with progress.reporting(bar), progress.step("streaming", None, "rows"):
         for batch in iter_table(args.data, args.batch_size):
             X, y = split_target(batch, args.target)
             model.partial_fit(X, y)
             rows += len(batch)
             progress.advance(len(batch))
             for e in model.events_[seen:]:
-                print(f"row {e['rows_seen']:,}: leaf {e['leaf']}: {e['kind']} "
-                      f"({e['detail']})")
+                say(f"row {e['rows_seen']:,}: leaf {e['leaf']}: {e['kind']} ({e['detail']})")
             seen = len(model.events_)
     _log(args, f"streamed {rows:,} rows in {time.perf_counter() - t0:.2f} s")
     path = model.save(out, overwrite=True)

@@ -55,6 +55,8 @@ class ProgressEvent:
     unit: str
     seconds: float
     finished: bool = False
+    #: How deep the step is nested in others (0: a step of the fit itself).
+    depth: int = 0
 
 
 class _Reporter:
@@ -64,7 +66,8 @@ class _Reporter:
 
     def _emit(self, finished: bool = False) -> None:
         stage, done, total, unit, start, _ = self.stack[-1]
-        event = ProgressEvent(stage, done, total, unit, time.perf_counter() - start, finished)
+        event = ProgressEvent(stage, done, total, unit, time.perf_counter() - start, finished,
+                              len(self.stack) - 1)
         if finished:
             if total is None and not done:
                 logger.info("%s: done in %.2f s", stage, event.seconds)
@@ -136,47 +139,74 @@ def tick(n: int = 1) -> None:
 
 
 class ProgressBar:
-    """A callback drawing one bar per step on a terminal (stderr by default).
+    """A callback drawing one bar per step on a terminal (stderr by default), with tqdm.
+
+    Each step gets a bar with its count, elapsed time and, when its total is known, an
+    estimate of the time left; a nested step gets a bar below its parent's that goes away
+    when it ends. A step that ends before its total (early stopping) ends its bar at what was
+    done, marked "stopped early". :meth:`write` prints a line above the bars (events as they
+    happen) without breaking them.
 
     Examples
     --------
     >>> import io
     >>> out = io.StringIO()
-    >>> bar = ProgressBar(out, width=10, min_interval=0)
+    >>> bar = ProgressBar(out, min_interval=0)
     >>> bar(ProgressEvent("placing subsets", 5, 10, "rows", 0.2))
-    >>> out.getvalue().strip()
-    'placing subsets              [#####-----] 5/10 rows    0.2 s'
+    >>> bar(ProgressEvent("placing subsets", 10, 10, "rows", 0.4, finished=True))
+    >>> "10/10 rows" in out.getvalue()
+    True
 
     Give it to an estimator as ``callback=ProgressBar()`` for bars in a script.
     """
 
-    def __init__(self, stream=None, width: int = 28, min_interval: float = 0.1):
+    def __init__(self, stream=None, width: int = 24, min_interval: float = 0.1):
         self.stream = stream or sys.stderr
         self.width, self.min_interval = width, min_interval
-        self._last = 0.0
-        self._open = False  # a bar is drawn on the current line, without its newline
+        self._bars: dict[int, tuple[str, object]] = {}  # depth -> (stage, tqdm bar)
+
+    def _open_bar(self, e: ProgressEvent):
+        from tqdm import tqdm
+
+        unit = f" {e.unit}" if e.unit else ""
+        fmt = (f"{{desc:<28}} |{{bar:{self.width}}}| {{n_fmt}}/{{total_fmt}}{unit} "
+               "[{elapsed}<{remaining}]{postfix}" if e.total else
+               f"{{desc:<28}} {{n_fmt}}{unit} [{{elapsed}}]{{postfix}}")
+        import shutil
+
+        # the terminal's width; a terminal that does not say (0) gets 100 columns, not none
+        size = shutil.get_terminal_size(fallback=(100, 24))
+        return tqdm(total=e.total, desc=e.stage[:28], file=self.stream, position=e.depth,
+                    leave=e.depth == 0, mininterval=self.min_interval, bar_format=fmt,
+                    ascii=True, ncols=size.columns if size.columns >= 40 else 100,
+                    nrows=size.lines if size.lines >= 5 else 24)
 
     def __call__(self, e: ProgressEvent) -> None:
-        now = time.perf_counter()
-        if not e.finished and e.done and now - self._last < self.min_interval:
-            return
-        self._last = now
-        if e.total:
-            frac = min(1.0, e.done / e.total)
-            filled = int(round(frac * self.width))
-            bar = "#" * filled + "-" * (self.width - filled)
-            count = f"{e.done:,}/{e.total:,} {e.unit}".rstrip()
-        else:
-            bar = ("." * (int(e.seconds * 4) % (self.width + 1))).ljust(self.width)
-            count = f"{e.done:,} {e.unit}".rstrip() if e.done else ""
-        line = f"\r{e.stage[:28]:<28} [{bar}] {count} {e.seconds:6.1f} s"
-        self.stream.write(line + ("\n" if e.finished else ""))
-        self.stream.flush()
-        self._open = not e.finished
+        held = self._bars.get(e.depth)
+        if held is None or held[0] != e.stage:
+            for depth in sorted((d for d in self._bars if d >= e.depth), reverse=True):
+                self._bars.pop(depth)[1].close()  # a new step at this depth ends the old
+            held = (e.stage, self._open_bar(e))
+            self._bars[e.depth] = held
+        bar = held[1]
+        if e.done > bar.n:
+            bar.update(e.done - bar.n)
+        if e.finished:
+            if e.total is not None and e.done < e.total:
+                bar.total = e.done  # ended early: the bar ends full at what was done
+                bar.set_postfix_str("stopped early", refresh=False)
+            bar.refresh()
+            bar.close()
+            del self._bars[e.depth]
+
+    def write(self, text: str, file=None) -> None:
+        """Print ``text`` to ``file`` (standard output by default) above the bars: they are
+        cleared first and drawn again below it."""
+        from tqdm import tqdm
+
+        tqdm.write(text, file=file or sys.stdout)
 
     def close(self) -> None:
-        """End a bar left open by a step that failed, so what follows starts a new line."""
-        if self._open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._open = False
+        """End the bars left open by a step that failed, so what follows starts a new line."""
+        for depth in sorted(self._bars, reverse=True):
+            self._bars.pop(depth)[1].close()
