@@ -458,3 +458,34 @@ def test_refresh_profile_from_new_labelled_rows(regions, fitted):
         assert prof[nid].importance_source == "screening"
     with pytest.raises(ValueError, match="y"):
         af.refresh_profile(Xt[:10], np.full(10, 9))
+
+
+def test_a_saved_tree_with_a_cycle_or_a_foreign_profile_is_refused_not_looped(fitted, tmp_path):
+    from fedgrain.persist import read_model_dir, write_model_dir
+
+    path = fitted.save(tmp_path / "model")
+    meta, arrays = read_model_dir(path)
+    nodes = meta["tree"]["nodes"]
+    root = next(n for n in nodes if n["id"] == 0)
+    leaf = next(n for n in nodes if n["kind"] == "leaf")
+    # a root with two leaves, and apart from it two random nodes that are each other's child
+    # (with a leaf each, parents agreeing): every local check passes, the counts too; only the
+    # walk from the root finds the cycle
+    big = 10**6
+    root = {**root, "kind": "hyperplane", "children": [big, big + 3]}
+    a = {**leaf, "id": big + 10, "kind": "random", "children": [big + 11, big + 1],
+         "parent": big + 11}
+    b = {**leaf, "id": big + 11, "kind": "random", "children": [big + 10, big + 2],
+         "parent": big + 10}
+    meta["tree"]["nodes"] = [root, a, b] + [
+        {**leaf, "id": big + i, "kind": "leaf", "children": [], "parent": par}
+        for i, par in ((0, 0), (1, a["id"]), (2, b["id"]), (3, 0))]
+    write_model_dir(tmp_path / "cycle", meta, arrays)  # valid checksums
+    with pytest.raises(ModelFileError, match="form a cycle"):
+        load(tmp_path / "cycle")
+    meta, arrays = read_model_dir(path)
+    key = next(k for k in meta if "profile" in k)
+    meta[key] = [1, 2, 3]  # a profile of a type the model does not know
+    write_model_dir(tmp_path / "profile", meta, arrays)
+    with pytest.raises(ModelFileError, match="incomplete or inconsistent"):
+        load(tmp_path / "profile")

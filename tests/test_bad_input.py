@@ -120,3 +120,54 @@ def test_failed_save_leaves_nothing_and_failed_load_is_clear(tmp_path, data):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
     with pytest.raises(ModelFileError, match="does not exist|no model|not exist"):
         load(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("make", ESTIMATORS)
+@pytest.mark.parametrize("columns, message", [
+    ([0, "b", "c"], r"mix types \(int, str"),
+    (pd.MultiIndex.from_tuples([("a", 1), ("a", 2), ("b", 1)]), "a MultiIndex"),
+])
+def test_column_names_that_cannot_be_matched_are_refused(data, make, columns, message):
+    X, y = data
+    X = X.copy()
+    X.columns = columns
+    with pytest.raises(DataError, match=message):
+        make().fit(X, y)
+
+
+@pytest.mark.parametrize("make", ESTIMATORS)
+@pytest.mark.parametrize("scale, message", [(1e300, "holds values as large as"),
+                                            (1e154, "holds values as large as"),
+                                            (1e-200, "varies by only")])
+def test_columns_beyond_double_precision_are_refused(data, make, scale, message, tmp_path):
+    X, y = data
+    X = X.copy()
+    X["b"] *= scale
+    with pytest.raises(DataError, match=f"Column 'b' of X {message}"):
+        make().fit(X, y)
+    X.assign(g=y).to_parquet(tmp_path / "d.parquet")  # the streamed path says the same
+    with pytest.raises(DataError, match=f"Column 'b' of X {message}"):
+        DivideConquerOrdinal(n_subsets=2, backend="serial").fit(tmp_path / "d.parquet", "g")
+
+
+def test_exact_fit_is_the_same_on_any_scale_within_double_precision(data):
+    """A column around 1e120 next to others around 1 is neither 'collinear' nor NaN: the
+    covariance is inverted on the features' standard scale."""
+    X, y = data
+    ref = OrdinalRegression().fit(X, y)
+    for e in (120, -120):
+        Xs = X.assign(b=X["b"] * 10.0**e)
+        m = OrdinalRegression().fit(Xs, y)
+        assert m.coef_[1] * 10.0**e == pytest.approx(ref.coef_[1], rel=1e-9)
+        assert m.bse_[1] * 10.0**e == pytest.approx(ref.bse_[1], rel=1e-9)
+
+
+def test_a_level_only_in_rows_of_weight_zero_is_named_and_scored_as_unknown(data):
+    X, y = data
+    w = np.where(y == 2, 0.0, 1.0)
+    with pytest.warns(UserWarning, match=r"Level\(s\) 2 of y occur only in rows of "
+                                         r"sample_weight zero"):
+        m = OrdinalRegression().fit(X, y, sample_weight=w)
+    assert list(m.classes_) == [0, 1]
+    with pytest.warns(UserWarning, match=r"label\(s\) \[2\] that the model was not fitted on"):
+        m.score(X, y)

@@ -203,6 +203,11 @@ def test_non_finite_features(value, match, X, y):
 def test_huge_finite_values_are_not_mistaken_for_inf(y):
     X = np.column_stack([np.full(8, 1e308), np.arange(8.0)])
     X[0, 0] = 1e307
+    # not called infinite: called too large to square, with the fix
+    with pytest.raises(DataError, match=r"Column 'x0' of X holds values as large as 1e\+308.*"
+                                        r"rescale it"):
+        prepare_fit(X, y)
+    X[:, 0] /= 1e200
     assert prepare_fit(X, y).X is X
 
 

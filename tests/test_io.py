@@ -340,7 +340,8 @@ def _npz_with_pickled_object(model: Path, marker: Path) -> None:
     ("declared", "match"),
     [
         ("|O", r"declares array 'coef' with object dtype"),
-        ("<f8", r"Array 'coef' in .* cannot be read safely \(Object arrays cannot be loaded"),
+        # refused from its header, before numpy is asked to read it
+        ("<f8", r"Array 'coef' in .* does not match its dtype, shape or size"),
     ],
 )
 def test_read_refuses_object_array_without_unpickling(
@@ -525,3 +526,46 @@ def test_undeletable_old_model_only_warns(model: Path, monkeypatch: pytest.Monke
     with pytest.warns(UserWarning, match=r"previous one could not be deleted"):
         write_model_dir(model, {"new": True}, {}, overwrite=True)
     assert read_model_dir(model)[0] == {"new": True}
+
+
+def _huge_header(model: Path) -> None:
+    """Rewrite coef.npy with a header that declares 1e12 elements over the same few bytes,
+    and forge every checksum: the reader must refuse it before allocating anything."""
+    import io
+    import zipfile
+
+    src = zipfile.ZipFile(model / "arrays.npz")
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "coef.npy":
+                head = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    head, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+                data = head.getvalue() + data[len(head.getvalue()):]
+            dst.writestr(info, data)
+    (model / "arrays.npz").write_bytes(out.getvalue())
+    _forge(model, lambda h: h["arrays"]["coef"].__setitem__("shape", [10**12]))
+
+
+def _deep_json(model: Path) -> None:
+    (model / "model.json").write_text("[" * 200_000 + "]" * 200_000, encoding="utf-8")
+
+
+@pytest.mark.parametrize(("damage", "match"), [
+    (_huge_header, r"'coef' .* does not match its dtype, shape or size"),
+    (_deep_json, r"nests its values deeper than Python can read"),
+])
+def test_load_has_bounded_time_and_memory_whatever_the_file_holds(model, damage, match):
+    damage(model)
+    with pytest.raises(ModelFileError, match=match):
+        read_model_dir(model)
+
+
+def test_an_oversized_description_is_refused_unread(model, monkeypatch):
+    import fedgrain.persist as persist
+
+    monkeypatch.setattr(persist, "MAX_JSON_BYTES", 100)
+    with pytest.raises(ModelFileError, match="more than a model description can be"):
+        read_model_dir(model)

@@ -53,6 +53,8 @@ _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _ARRAY_KINDS = frozenset("biufcSUmM")
 # A fixed timestamp for the zip members, so equal arrays give byte-identical files.
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+#: model.json holds the description and small parameters; the arrays live in arrays.npz.
+MAX_JSON_BYTES = 64 * 1024 * 1024
 # What zipfile and numpy raise on a damaged or crafted archive.
 _ARCHIVE_ERRORS = (
     zipfile.BadZipFile,
@@ -369,6 +371,12 @@ def _read_header(root: Path) -> Any:
             f"{root} is not a fedgrain model: it has no {MODEL_JSON}; pass the directory that "
             f"was written by save()."
         )
+    if file.stat().st_size > MAX_JSON_BYTES:
+        raise ModelFileError(
+            f"{file} is {file.stat().st_size:,} bytes, more than a model description can be "
+            f"({MAX_JSON_BYTES:,}); it is not a file fedgrain wrote: restore it or save the "
+            "model again."
+        )
     raw = file.read_bytes()
     if not raw.strip():
         raise ModelFileError(
@@ -377,6 +385,11 @@ def _read_header(root: Path) -> Any:
         )
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ModelFileError(
+            f"{file} nests its values deeper than Python can read, so it is not a file fedgrain "
+            "wrote; restore it or save the model again."
+        ) from None
     except ValueError as exc:
         raise ModelFileError(
             f"{file} is not valid JSON ({exc}), so it was truncated or edited by hand; restore "
@@ -475,8 +488,11 @@ def _read_npz(
         arrays = {}
         for name, entry in manifest.items():
             try:
+                _check_member(archive.getinfo(f"{name}.npy"), archive, name, entry, npz_file)
                 with archive.open(f"{name}.npy") as member:
                     array = np.lib.format.read_array(member, allow_pickle=False)
+            except ModelFileError:
+                raise
             except _ARCHIVE_ERRORS as exc:
                 raise ModelFileError(
                     f"Array {name!r} in {npz_file} cannot be read safely ({exc}); restore the "
@@ -494,6 +510,30 @@ def _read_npz(
                 )
             arrays[name] = array
     return arrays
+
+
+def _check_member(info: zipfile.ZipInfo, archive: zipfile.ZipFile, name: str,
+                  entry: dict[str, Any], npz_file: Path) -> None:
+    """Before an array is read: its member is stored uncompressed (as fedgrain writes them)
+    and its header declares the dtype and shape of the manifest, in exactly the member's bytes.
+    So no header can make the reader allocate more than the file holds."""
+    bad = info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size
+    if not bad:
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                    np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(member, max_header_size=10_000)
+            start = member.tell()
+        count = int(np.prod(shape, dtype=object)) if shape else 1
+        bad = (dtype.hasobject or dtype.str != entry["dtype"] or list(shape) != entry["shape"]
+               or start + count * dtype.itemsize != info.file_size)
+    if bad:
+        raise ModelFileError(
+            f"Array {name!r} in {npz_file} does not match its dtype, shape or size in "
+            f"{MODEL_JSON}, so a file was modified after saving; restore the original files or "
+            "save the model again."
+        )
 
 
 def _describe(array: np.ndarray) -> dict[str, Any]:

@@ -43,6 +43,19 @@ def column_names(table: np.ndarray | pd.DataFrame) -> tuple[tuple[str, ...], boo
     """Input column names and whether they are real names (all strings, from a frame)."""
     if isinstance(table, pd.DataFrame):
         labels = list(table.columns)
+        if isinstance(table.columns, pd.MultiIndex):
+            raise DataError(
+                f"X has column names on {table.columns.nlevels} levels (a MultiIndex, e.g. "
+                f"{labels[0]!r}); flatten them to strings first, e.g. X.columns = "
+                "['_'.join(map(str, c)) for c in X.columns]."
+            )
+        kinds = {type(c).__name__ for c in labels}
+        if any(isinstance(c, str) for c in labels) and len(kinds) > 1:
+            raise DataError(
+                f"The column names of X mix types ({', '.join(sorted(kinds))}: "
+                f"{quote(labels, 6)}), so columns could be matched neither by name nor safely "
+                "by position; make them all strings: X.columns = X.columns.astype(str)."
+            )
         if labels and all(isinstance(c, str) for c in labels):
             duplicated = [c for c, count in Counter(labels).items() if count > 1]
             if duplicated:
@@ -217,6 +230,33 @@ def _check_finite(out: np.ndarray, names: tuple[str, ...]) -> None:
                 f"Column {names[j]!r} of X has infinite values (inf) in {describe_rows(infinite)}; "
                 "replace them with finite numbers or drop those rows."
             )
+
+
+#: Features must lie within this magnitude (their squares, summed over rows, must stay finite
+#: in double precision) and vary by more than its inverse.
+MAGNITUDE_LIMIT = 1e150
+
+
+def check_magnitude(out: np.ndarray, names: tuple[str, ...]) -> None:
+    """Name a column whose values are too large to square in double precision, or whose
+    spread is too small to tell from rounding: every fit would end in NaN or infinite
+    standard errors there. Rescaling (a power of ten) is the fix."""
+    if out.shape[0] == 0:
+        return
+    top, bottom = out.max(axis=0), out.min(axis=0)  # column reductions: no n x p temporary
+    big = np.maximum(np.abs(top), np.abs(bottom))
+    for j in np.flatnonzero(big > MAGNITUDE_LIMIT):
+        raise DataError(
+            f"Column {names[j]!r} of X holds values as large as {big[j]:.3g}, beyond what "
+            f"double precision can square and sum ({MAGNITUDE_LIMIT:.0e}); rescale it, for "
+            "example divide it by a power of ten (its coefficient scales with it)."
+        )
+    spread = top - bottom
+    for j in np.flatnonzero((spread > 0) & (spread < 1.0 / MAGNITUDE_LIMIT)):
+        raise DataError(
+            f"Column {names[j]!r} of X varies by only {spread[j]:.3g}, too little to tell from "
+            "rounding; rescale it, for example multiply it by a power of ten."
+        )
 
 
 def check_constant(out: np.ndarray, names: tuple[str, ...]) -> None:

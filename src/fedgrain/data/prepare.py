@@ -13,10 +13,11 @@ import pandas as pd
 
 from fedgrain.exceptions import DataError
 
-from ._common import as_array, complex_error, describe_rows
+from ._common import as_array, complex_error, describe_rows, quote
 from .features import (
     FeatureSchema,
     check_constant,
+    check_magnitude,
     check_shape,
     column_names,
     encode_features,
@@ -137,16 +138,35 @@ def prepare_fit(
         # lets every later check (levels, categories, constant columns, subset sizes) count
         # only real rows.
         keep = weights > 0
+        dropped = values.iloc[~keep] if isinstance(values, pd.Series) else values[~keep]
         table, values, weights = (
             a.iloc[keep] if isinstance(a, (pd.DataFrame, pd.Series)) else a[keep]
             for a in (table, values, weights)
         )
-    target, codes = resolve_target(values, levels, weights)
+        target, codes = resolve_target(values, levels, weights)
+        if levels is None:
+            _warn_weightless_levels(dropped, target)
+    else:
+        target, codes = resolve_target(values, levels, weights)
     schema = fit_schema(table, names, has_names, categorical)
     matrix = encode_features(table, schema)
     check_constant(matrix, schema.output_names)
+    check_magnitude(matrix, schema.output_names)
     warn_identifiers(matrix, schema)
     return FitData(matrix, codes, weights, schema, target)
+
+
+def _warn_weightless_levels(dropped, target) -> None:
+    """Name the labels that occur only in rows of weight zero: they are left out of the
+    model's levels (rows of weight zero are not there), which a user may not expect."""
+    known = set(target.classes)
+    lost = [v for v in pd.unique(np.asarray(dropped, dtype=object)) if v not in known]
+    if lost:
+        from .._warnings import warn
+
+        warn(f"Level(s) {quote(lost)} of y occur only in rows of sample_weight zero, so the model "
+             f"leaves them out (its levels are {quote(target.classes)}) and never predicts "
+             "them: their thresholds need rows of positive weight.", UserWarning)
 
 
 def prepare_data(X: Any, y: Any, **kwargs) -> FitData:

@@ -28,7 +28,9 @@ from fedgrain.exceptions import DataError
 
 from ._common import did_you_mean, quote
 from .features import (
+    MAGNITUDE_LIMIT,
     FeatureSchema,
+    check_magnitude,
     check_no_missing_category,
     encode_features,
     fit_categories,
@@ -437,6 +439,8 @@ def _scan_values(source: ParquetSource, y: str, features: list[str], target,
         except DataError as exc:
             raise DataError(f"{exc} {source.where(start, k)}") from None
         Xb = rows._encode(frame[features], start)
+        if np.abs(Xb).max(initial=0.0) > MAGNITUDE_LIMIT:  # before any square overflows
+            check_magnitude(Xb, schema.output_names)
         if shift is None:
             shift = Xb[0].copy()
         Xb = Xb - shift
@@ -446,6 +450,7 @@ def _scan_values(source: ParquetSource, y: str, features: list[str], target,
         np.maximum(hi, Xb.max(axis=0), out=hi)
         progress.advance(k)
     rows.passes = 2
+    check_magnitude(np.vstack([lo, hi]), schema.output_names)  # the spread: hi - lo
     constant = [schema.output_names[j] for j in np.flatnonzero(lo == hi)]
     if constant:
         raise DataError(

@@ -897,7 +897,9 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         """Accuracy of :meth:`predict` (with ``groups``: each row by its group's model)."""
         from sklearn.metrics import accuracy_score
 
-        return float(accuracy_score(y, self.predict(X, groups), sample_weight=sample_weight))
+        pred = self.predict(X, groups)
+        self._warn_unknown_labels(y)
+        return float(accuracy_score(y, pred, sample_weight=sample_weight))
 
     def predict_proba_ci(self, X, alpha: float = 0.05, groups=None, *,
                          order: str = "classes"):

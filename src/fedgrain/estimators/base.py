@@ -163,6 +163,26 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         proba = self._level_proba(X)  # first: raises if not fitted
         return self.levels_[np.argmax(proba, axis=1)]
 
+    def score(self, X, y, sample_weight=None) -> float:
+        """Accuracy of :meth:`predict`; labels the model does not know count as wrong, with a
+        warning naming them."""
+        from sklearn.metrics import accuracy_score
+
+        pred = self.predict(X)
+        self._warn_unknown_labels(y)
+        return float(accuracy_score(y, pred, sample_weight=sample_weight))
+
+    def _warn_unknown_labels(self, y) -> None:
+        known = set(self.levels_.tolist())
+        values = y.to_numpy() if isinstance(y, (pd.Series, pd.Index)) else np.asarray(y)
+        unknown = [v for v in pd.unique(values.astype(object).ravel()) if v not in known]
+        if unknown:
+            from .._warnings import warn
+
+            warn(f"y holds label(s) {unknown[:10]!r} that the model was not fitted on (its "
+                 f"levels are {self.levels_.tolist()!r}); their rows count as wrong.",
+                 UserWarning)
+
     def predict_proba_ci(self, X, alpha: float = 0.05, *, order: str = "classes"):
         """Class probabilities with delta-method ``1 - alpha`` intervals.
 
@@ -511,7 +531,8 @@ def load(path: str | os.PathLike) -> OrdinalModel:
             est.formula_ = FormulaDesign.from_dict(meta["formula"])
         ok = (arrays["coef"].shape == (p,) and arrays["cov"].shape == (params.size,) * 2
               and arrays["thresholds"].shape == (target.n_classes - 1,))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError,
+            OverflowError) as exc:  # whatever a damaged description makes the restore meet
         raise ModelFileError(
             f"{path}: the model description is incomplete or inconsistent ({exc!r}); "
             "save the model again."

@@ -200,8 +200,11 @@ class OrdinalRegression(OrdinalModel):
         labels = parameter_names(names, data.target.classes)
         unit = np.where(scales > 0, scales, 1.0)
         self._check(res, unit, labels, lambda: _collinear_columns(Xm, w, means, unit))
+        # inverted on the features' standard scale (then scaled back): a column of values
+        # around 1e80 next to others around 1 must not look like a dependence
+        D = np.concatenate([unit, np.ones(K - 1)])
         try:
-            cov = inverse(res.hess)
+            cov = inverse(res.hess / np.outer(D, D)) / np.outer(D, D)
         except NotIdentifiedError as exc:
             raise _collinear_error(labels, exc.indices) from None
         if J is not None:

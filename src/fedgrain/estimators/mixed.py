@@ -346,7 +346,9 @@ class MixedOrdinalRegression(OrdinalModel):
 
         if isinstance(groups, str):
             X, groups = split_groups_column(X, groups)
-        return float(accuracy_score(y, self.predict(X, groups), sample_weight=sample_weight))
+        pred = self.predict(X, groups)
+        self._warn_unknown_labels(y)
+        return float(accuracy_score(y, pred, sample_weight=sample_weight))
 
     def group_params(self) -> np.ndarray:
         """Each group's own ``(coef, thresholds)``: the fixed effects plus its conditional

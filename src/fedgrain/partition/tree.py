@@ -516,6 +516,15 @@ class PartitionTree:
                 raise ValueError(f"node {node.id} does not name one group per child")
         if seen != len(self.nodes) - 1:
             raise ValueError("the nodes do not form one tree")
+        reached, stack = {0}, [0]  # every node once from the root: no cycle, nothing apart
+        while stack:
+            for c in self.nodes[stack.pop()].children:
+                if c in reached:
+                    raise ValueError(f"node {c} is reached twice: the nodes form a cycle")
+                reached.add(c)
+                stack.append(c)
+        if len(reached) != len(self.nodes):
+            raise ValueError("some nodes are not reached from the root: the nodes form a cycle")
 
     def describe(self) -> list[str]:
         """One line per node, indented by depth: what it splits on and its training rows."""
