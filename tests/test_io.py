@@ -471,6 +471,9 @@ def _final_move(source: Path, destination: Path) -> bool:
 def test_crash_while_replacing_keeps_old_model(
     model: Path, monkeypatch: pytest.MonkeyPatch, fails
 ) -> None:
+    import fedgrain.persist as persist
+
+    monkeypatch.setattr(persist, "_exchange", lambda a, b: False)  # the two-rename path
     _failing_rename(monkeypatch, fails)
     with pytest.raises(OSError, match="simulated crash"):
         write_model_dir(model, {"new": True}, {}, overwrite=True)
@@ -506,6 +509,9 @@ def test_crash_while_writing_files_keeps_old_model(
 def test_failed_restore_says_where_the_old_model_is(
     model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import fedgrain.persist as persist
+
+    monkeypatch.setattr(persist, "_exchange", lambda a, b: False)  # the two-rename path
     _failing_rename(monkeypatch, lambda source, destination: destination.name == "model")
     with pytest.raises(ModelFileError, match=r"it is intact in .*\.model\.old-"):
         write_model_dir(model, {"new": True}, {}, overwrite=True)
@@ -515,6 +521,9 @@ def test_failed_restore_says_where_the_old_model_is(
 
 
 def test_undeletable_old_model_only_warns(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedgrain.persist as persist
+
+    monkeypatch.setattr(persist, "_exchange", lambda a, b: False)  # the two-rename path
     real = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):
@@ -569,3 +578,101 @@ def test_an_oversized_description_is_refused_unread(model, monkeypatch):
     monkeypatch.setattr(persist, "MAX_JSON_BYTES", 100)
     with pytest.raises(ModelFileError, match="more than a model description can be"):
         read_model_dir(model)
+
+
+def test_a_failed_exchange_keeps_the_old_model_and_leaves_nothing(model, monkeypatch):
+    import fedgrain.persist as persist
+
+    def broken(a, b):
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(persist, "_exchange", broken)
+    with pytest.raises(OSError, match="simulated crash"):
+        write_model_dir(model, {"new": True}, {}, overwrite=True)
+    assert read_model_dir(model)[0] == META
+    assert os.listdir(model.parent) == ["model"]
+
+
+def test_leftovers_of_killed_saves_are_cleaned_by_the_next_save(model, tmp_path):
+    """A staging folder of a dead process goes; a live process's stays; an old version left by
+    a replace killed between its two renames goes back into place when no model is there."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f".model.tmp-{dead}-00ff"
+    stale.mkdir()
+    (stale / "arrays.npz").write_bytes(b"partial")
+    mine = tmp_path / f".model.tmp-{os.getpid()}-0aff"
+    mine.mkdir()
+    write_model_dir(model, {"new": True}, {}, overwrite=True)
+    assert not stale.exists() and mine.exists()
+    mine.rmdir()
+    # a replace killed after moving the old model aside: only the old copy is left
+    os.rename(model, tmp_path / f".model.old-{dead}-0b0b")
+    write_model_dir(tmp_path / "other", META, _arrays())  # another path: not touched
+    assert not model.exists()
+    write_model_dir(tmp_path / "model2", META, _arrays())
+    with pytest.raises(FileExistsError):  # the next save to it finds the model restored
+        write_model_dir(model, META, _arrays())
+    assert read_model_dir(model)[0] == {"new": True}
+    assert sorted(os.listdir(tmp_path)) == ["model", "model2", "other"]
+
+
+def test_loads_never_fail_while_another_process_replaces_the_model(model, tmp_path):
+    """A process saving the same path again and again with overwrite=True: every load in
+    this process meanwhile gets one complete version, never an error."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import numpy as np, time
+        from fedgrain.persist import write_model_dir
+        end = time.time() + 4.0
+        i = 0
+        while time.time() < end:
+            write_model_dir({str(model)!r}, {{"version": i}}, {{"coef": np.full(500, i * 1.0)}},
+                            overwrite=True)
+            i += 1
+        print(i)
+    """)
+    saver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    loads, seen = 0, set()
+    try:
+        while saver.poll() is None:
+            meta, arrays = read_model_dir(model)
+            if "version" in meta:
+                assert np.all(arrays["coef"] == meta["version"])
+                seen.add(meta["version"])
+            loads += 1
+    finally:
+        saves = int(saver.communicate()[0])
+    assert loads > 200 and saves > 20 and len(seen) > 5
+
+
+def test_a_signing_key_refuses_any_model_not_signed_with_it(model, tmp_path, monkeypatch):
+    signed = write_model_dir(tmp_path / "signed", META, _arrays(), key="s3cret")
+    meta, arrays = read_model_dir(signed, key="s3cret")
+    assert meta == META
+    _assert_arrays_identical(arrays, _arrays())
+    with pytest.raises(ModelFileError, match="was not signed with this key"):
+        read_model_dir(signed, key="other")
+    with pytest.raises(ModelFileError, match="is not signed, and a signing key was given"):
+        read_model_dir(model, key="s3cret")  # an unsigned model
+    read_model_dir(signed)  # without a key: the checksums only
+    # a determined edit with every checksum recomputed: refused with the key
+    _forge(signed, lambda h: h["meta"].__setitem__("n_features", 42))
+    assert read_model_dir(signed)[0]["n_features"] == 42  # what checksums cannot tell
+    with pytest.raises(ModelFileError, match="changed after signing"):
+        read_model_dir(signed, key="s3cret")
+    # the key from the environment, for saving and loading alike
+    monkeypatch.setenv("FEDGRAIN_MODEL_KEY", "from-env")
+    write_model_dir(tmp_path / "env", META, _arrays())
+    assert read_model_dir(tmp_path / "env")[0] == META
+    with pytest.raises(ModelFileError, match="is not signed"):
+        read_model_dir(model)
+    monkeypatch.delenv("FEDGRAIN_MODEL_KEY")
+    with pytest.raises(ModelFileError, match="was not signed with this key"):
+        read_model_dir(tmp_path / "env", key="s3cret")

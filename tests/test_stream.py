@@ -444,3 +444,18 @@ def test_discrete_and_leaf_constant_features_raise_no_covariate_alarm():
     for a in range(0, 24_000, 2_000):
         model.partial_fit(X.iloc[draw[a : a + 2_000]], y.iloc[draw[a : a + 2_000]])
     assert [e for e in model.events_ if e["kind"] == "covariate shift"] == []
+
+
+def test_a_model_can_be_saved_without_the_streams_raw_rows(world, tmp_path):
+    from fedgrain.persist import read_model_dir
+
+    af, X, _, region, coef, thr = world
+    model = _stream(af, X[:30_000], _labels(X[:30_000], region[:30_000], coef, thr, 9))
+    full = read_model_dir(model.save(tmp_path / "full"))[1]
+    lean = read_model_dir(model.save(tmp_path / "lean", stream_rows=False))[1]
+    raw = [k for k in full if k.startswith("stream_") and k.endswith(("_X", "_y", "_rows"))]
+    assert raw and not any(k in lean for k in raw)
+    back = load(tmp_path / "lean")
+    np.testing.assert_array_equal(back.predict_proba(X[:50]), model.predict_proba(X[:50]))
+    back.partial_fit(X[30_000:35_000], _labels(X[30_000:35_000], region[30_000:35_000], coef,
+                                               thr, 10))  # it follows the stream on

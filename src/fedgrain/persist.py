@@ -82,6 +82,7 @@ def write_model_dir(
     arrays: Mapping[str, np.ndarray],
     *,
     overwrite: bool = False,
+    key: str | bytes | None = None,
 ) -> Path:
     """Write a model directory holding ``model.json`` and ``arrays.npz``, atomically.
 
@@ -99,6 +100,11 @@ def write_model_dir(
     overwrite : bool, default=False
         Replace ``path`` if it is an existing fedgrain model directory or an empty directory.
         Any other directory is never replaced.
+    key : str or bytes, optional
+        Sign the model with this secret (HMAC-SHA256 over the whole header, whose checksums
+        cover every byte of the arrays); by default the environment variable
+        ``FEDGRAIN_MODEL_KEY`` when it is set. :func:`read_model_dir` with the same key then
+        refuses any model that was not signed with it.
 
     Returns
     -------
@@ -127,13 +133,14 @@ def write_model_dir(
     """
     target = Path(os.path.abspath(path))
     _check_contents(meta, arrays)
+    _sweep(target)  # first: a killed replace's only copy goes back before target is judged
     _check_target(target, overwrite)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(8)}"
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}"
     staging.mkdir()
     try:
-        _write_files(staging, meta, arrays)
+        _write_files(staging, meta, arrays, _key(key))
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -141,13 +148,60 @@ def write_model_dir(
     return target
 
 
-def read_model_dir(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+#: The signature of a signed model: HMAC-SHA256 of the canonical JSON of its header.
+SIGNATURE = "HMAC-SHA256"
+KEY_VARIABLE = "FEDGRAIN_MODEL_KEY"
+
+
+def _key(key: str | bytes | None) -> bytes | None:
+    """The signing key: the one given, else ``$FEDGRAIN_MODEL_KEY``, else None."""
+    if key is None:
+        key = os.environ.get(KEY_VARIABLE) or None
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if not isinstance(key, bytes) or not key:
+        raise TypeError("key must be a non-empty str or bytes.")
+    return key
+
+
+def _sign(header: dict[str, Any], key: bytes) -> str:
+    import hmac
+
+    body = {k: v for k, v in header.items() if k != "signature"}
+    return hmac.new(key, _canonical_json(body), hashlib.sha256).hexdigest()
+
+
+def _check_signature(root: Path, header: dict[str, Any], key: bytes) -> None:
+    import hmac
+
+    sig = header.get("signature")
+    if not isinstance(sig, dict) or sig.get("algorithm") != SIGNATURE or \
+            not isinstance(sig.get("value"), str):
+        raise ModelFileError(
+            f"{root} is not signed, and a signing key was given (key= or ${KEY_VARIABLE}): "
+            "only models saved with that key are loaded. Save the model again with the key."
+        )
+    if not hmac.compare_digest(sig["value"], _sign(header, key)):
+        raise ModelFileError(
+            f"{root} was not signed with this key, or was changed after signing: refusing to "
+            "load it. Check the key, or save the model again with it."
+        )
+
+
+def read_model_dir(path: str | os.PathLike[str], *,
+                   key: str | bytes | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Read and verify a model directory written by :func:`write_model_dir`.
 
     Parameters
     ----------
     path : str or path-like
         The model directory.
+    key : str or bytes, optional
+        Refuse the model unless it was signed with this secret (by default
+        ``$FEDGRAIN_MODEL_KEY`` when set); see :func:`write_model_dir`. Without a key, the
+        checksums detect damage but not a deliberate edit whose author recomputed them.
 
     Returns
     -------
@@ -163,14 +217,11 @@ def read_model_dir(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
         a fedgrain model or written in a newer format. Nothing in the files is ever unpickled.
     """
     root = Path(path)
-    if not root.exists():
-        raise ModelFileError(f"No saved model at {root}: the path does not exist; check the path.")
-    if not root.is_dir():
-        raise ModelFileError(
-            f"{root} is not a directory; pass the model directory, which holds "
-            f"{MODEL_JSON} and {ARRAYS_NPZ}."
-        )
-    header = _read_header(root)
+    raw_json, data = _snapshot(root)
+    header = _read_header(root, raw_json)
+    secret = _key(key)
+    if secret is not None:
+        _check_signature(root, header, secret)
     meta, manifest, checksums = _check_header(root / MODEL_JSON, header)
     if hashlib.sha256(_canonical_json(meta)).hexdigest() != checksums["meta_sha256"]:
         raise ModelFileError(
@@ -178,12 +229,11 @@ def read_model_dir(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
             f"does not match); undo the edit or save the model again."
         )
     npz_file = root / ARRAYS_NPZ
-    if not npz_file.is_file():
+    if data is None:
         raise ModelFileError(
             f"{npz_file} is missing, so the model is incomplete; restore the file or save the "
             f"model again."
         )
-    data = npz_file.read_bytes()
     if hashlib.sha256(data).hexdigest() != checksums["arrays_npz_sha256"]:
         raise ModelFileError(
             f"{npz_file} was modified or truncated after saving (its checksum does not match "
@@ -296,12 +346,22 @@ def _is_model_dir(directory: Path) -> bool:
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename the complete ``staging`` directory to ``target``, replacing any old model."""
+    """Rename the complete ``staging`` directory to ``target``, replacing any old model.
+
+    An old model is replaced by an atomic exchange of the two directories where the system
+    offers one (Linux ``renameat2(RENAME_EXCHANGE)``), so a reader always finds a complete
+    model at ``target``; elsewhere by two renames, between which ``target`` is briefly absent
+    (readers wait for it, :func:`_snapshot`).
+    """
     if not os.path.lexists(target):
         os.rename(staging, target)
         _fsync_dir(target.parent)
         return
-    old = target.parent / f".{target.name}.old-{secrets.token_hex(8)}"
+    if _exchange(staging, target):  # staging now holds the old model
+        _fsync_dir(target.parent)
+        _remove_old(staging, target)
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(8)}"
     os.rename(target, old)
     try:
         os.rename(staging, target)
@@ -315,6 +375,10 @@ def _move_into_place(staging: Path, target: Path) -> None:
             ) from exc
         raise
     _fsync_dir(target.parent)
+    _remove_old(old, target)
+
+
+def _remove_old(old: Path, target: Path) -> None:
     try:
         shutil.rmtree(old)
     except OSError as exc:
@@ -324,7 +388,97 @@ def _move_into_place(staging: Path, target: Path) -> None:
         )
 
 
-def _write_files(staging: Path, meta: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2 = None  # resolved on first use; False where the C library has none
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False
+    where the system or the file system does not offer it."""
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        if os.name == "posix":
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = libc.renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                               ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _renameat2 = fn
+            except (OSError, AttributeError):
+                pass
+    if not _renameat2:
+        return False
+    import ctypes
+    import errno
+
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # not offered here: two renames instead
+    raise OSError(code, os.strerror(code), str(b))
+
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]+")
+#: A staging directory with no process id in its name (an older fedgrain) is left alone for
+#: this long before a later save removes it.
+STALE_SECONDS = 3600.0
+
+
+def _sweep(target: Path) -> None:
+    """Clean what saves to ``target`` that were killed left behind: staging directories of
+    dead processes are removed; an old version left by a killed replace is removed when a
+    complete model is at ``target``, and moved back to ``target`` when none is (it is then the
+    only copy)."""
+    import time
+
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return
+    for name in names:
+        m = _LEFTOVER.fullmatch(name)
+        if m is None or m["name"] != target.name:
+            continue
+        path = target.parent / name
+        pid = m["pid"]
+        if pid is None:
+            try:
+                stale = time.time() - path.stat().st_mtime > STALE_SECONDS
+            except OSError:
+                continue
+            if not (stale and m["kind"] == "tmp"):
+                continue
+        elif _alive(int(pid)):
+            continue
+        if m["kind"] == "old" and not _is_model_dir(target):
+            try:
+                os.rename(path, target)  # the killed replace's only copy goes back
+            except OSError:
+                pass
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or cannot tell: leave it
+    return True
+
+
+def _write_files(staging: Path, meta: dict[str, Any], arrays: Mapping[str, np.ndarray],
+                 key: bytes | None = None) -> None:
     """Write ``arrays.npz`` and then ``model.json`` into ``staging``, both flushed to disk."""
     npz_file = staging / ARRAYS_NPZ
     with open(npz_file, "wb") as stream:
@@ -332,6 +486,8 @@ def _write_files(staging: Path, meta: dict[str, Any], arrays: Mapping[str, np.nd
         stream.flush()
         os.fsync(stream.fileno())
     header = _header(meta, arrays, npz_file)
+    if key is not None:
+        header["signature"] = {"algorithm": SIGNATURE, "value": _sign(header, key)}
     text = json.dumps(header, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     _write_synced(staging / MODEL_JSON, text.encode("utf-8"))
     _fsync_dir(staging)
@@ -363,21 +519,118 @@ def _write_npz(stream: Any, arrays: Mapping[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, array, allow_pickle=False)
 
 
-def _read_header(root: Path) -> Any:
+#: How often a read starts again when the directory is replaced under it (a save with
+#: overwrite=True by another process), and how long it waits between tries.
+READ_ATTEMPTS = 50
+READ_PAUSE = 0.02
+
+
+def _snapshot(root: Path) -> tuple[bytes | None, bytes | None]:
+    """The bytes of ``model.json`` and ``arrays.npz`` (None: absent) of one version of the
+    model directory.
+
+    Both files are opened through one descriptor of the directory, so a save that replaces
+    the directory meanwhile (an atomic exchange) cannot give one file of each version. If the
+    directory was replaced while files were missing from the one read (the saver removes the
+    old version), or the path is briefly absent while a save without an atomic exchange moves
+    versions, the read starts again, up to :data:`READ_ATTEMPTS` times.
+    """
+    import time
+
+    for _ in range(READ_ATTEMPTS):
+        try:
+            got = _snapshot_once(root)
+        except FileNotFoundError:
+            got = None
+        if got is not None:
+            raw_json, raw_npz, ident = got
+            if (raw_json is not None and raw_npz is not None) or _identity(root) == ident:
+                return raw_json, raw_npz
+        elif not _being_replaced(root):
+            break
+        time.sleep(READ_PAUSE)
+    if not os.path.lexists(root):
+        raise ModelFileError(f"No saved model at {root}: the path does not exist; check the path.")
+    if not root.is_dir():
+        raise ModelFileError(
+            f"{root} is not a directory; pass the model directory, which holds "
+            f"{MODEL_JSON} and {ARRAYS_NPZ}."
+        )
+    raise ModelFileError(f"{root} was replaced {READ_ATTEMPTS} times while being read; try again.")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _snapshot_once(root: Path):
+    if not root.is_dir():
+        return None
+    if os.open not in os.supports_dir_fd:  # no descriptor-relative opens: plain paths
+        files = [root / MODEL_JSON, root / ARRAYS_NPZ]
+        out = [_read_limited(lambda f=f: os.open(f, os.O_RDONLY), f.name) for f in files]
+        return out[0], out[1], _identity(root)
+    dfd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        st = os.fstat(dfd)
+        raw_json = _read_limited(lambda: os.open(MODEL_JSON, os.O_RDONLY, dir_fd=dfd),
+                                 MODEL_JSON, root)
+        raw_npz = _read_limited(lambda: os.open(ARRAYS_NPZ, os.O_RDONLY, dir_fd=dfd),
+                                ARRAYS_NPZ, root)
+    finally:
+        os.close(dfd)
+    return raw_json, raw_npz, (st.st_dev, st.st_ino)
+
+
+def _read_limited(opener, name: str, root: Path | None = None) -> bytes | None:
+    """A file's bytes, or None when it is absent (or a folder); ``model.json`` no larger than
+    :data:`MAX_JSON_BYTES`."""
+    try:
+        fd = opener()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    with os.fdopen(fd, "rb") as stream:
+        st = os.fstat(stream.fileno())
+        if not _stat_is_file(st):
+            return None
+        if name == MODEL_JSON and st.st_size > MAX_JSON_BYTES:
+            where = name if root is None else root / name
+            raise ModelFileError(
+                f"{where} is {st.st_size:,} bytes, more than a model description can be "
+                f"({MAX_JSON_BYTES:,}); it is not a file fedgrain wrote: restore it or save the "
+                "model again."
+            )
+        return stream.read()
+
+
+def _stat_is_file(st) -> bool:
+    import stat
+
+    return stat.S_ISREG(st.st_mode)
+
+
+def _being_replaced(root: Path) -> bool:
+    """Whether a save to ``root`` is under way (its staging or old-version sibling exists)."""
+    try:
+        names = os.listdir(root.parent)
+    except OSError:
+        return False
+    prefix = (f".{root.name}.tmp-", f".{root.name}.old-")
+    return any(n.startswith(prefix) for n in names)
+
+
+def _read_header(root: Path, raw: bytes | None) -> Any:
     """Parse ``model.json``, raising ModelFileError unless it is a JSON object of our format."""
     file = root / MODEL_JSON
-    if not file.is_file():
+    if raw is None:
         raise ModelFileError(
             f"{root} is not a fedgrain model: it has no {MODEL_JSON}; pass the directory that "
             f"was written by save()."
         )
-    if file.stat().st_size > MAX_JSON_BYTES:
-        raise ModelFileError(
-            f"{file} is {file.stat().st_size:,} bytes, more than a model description can be "
-            f"({MAX_JSON_BYTES:,}); it is not a file fedgrain wrote: restore it or save the "
-            "model again."
-        )
-    raw = file.read_bytes()
     if not raw.strip():
         raise ModelFileError(
             f"{file} is empty, so saving was interrupted or the file was truncated; save the "

@@ -11,8 +11,10 @@ leaf (:mod:`fedgrain.federation.leaves` routes rows to them) and, on streams, th
 from __future__ import annotations
 
 import copy
+import re
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -61,6 +63,9 @@ from ..partition.profile import DataProfile
 from ..partition.tree import PartitionTree
 from .base import OrdinalModel, is_int, is_real, param_error, register
 from .models import GlobalModel, LeafModel
+
+#: The arrays of a saved model that hold a stream's raw rows (features, labels, row numbers).
+_RAW_ROWS = re.compile(r"stream_\d+_(X|y|rows)")
 
 META = ("none", *meta.METHODS)
 #: An honest tree is grown on half the rows, at most this many (the growth sample); the other
@@ -1105,6 +1110,19 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         return float(np.clip(np.log(regions) / scale, 0.0, 1.0))
 
     # ---- persistence ------------------------------------------------------------------------
+    def save(self, path, *, overwrite: bool = False, key: str | bytes | None = None,
+             stream_rows: bool = True) -> Path:
+        """Save the model (see :meth:`OrdinalModel.save`). A model that has followed a stream
+        keeps each leaf's most recent raw rows (up to 20,000 per leaf: features and labels) to
+        refit from after a change; ``stream_rows=False`` saves without them (the loaded model
+        monitors as before, and a refit then waits for new rows)."""
+        from ..persist import write_model_dir
+
+        meta, arrays = self._save_state()
+        if not stream_rows:
+            arrays = {k: v for k, v in arrays.items() if not _RAW_ROWS.fullmatch(k)}
+        return write_model_dir(path, meta, arrays, overwrite=overwrite, key=key)
+
     def _extra_state(self):
         g_meta, g_arrays = self.global_model_._extra_state()
         m_meta, m_arrays = self.meta_state_.to_dict()

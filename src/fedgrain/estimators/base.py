@@ -441,12 +441,19 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
     def _restore_extra(self, meta: dict, arrays: dict) -> None:
         """Restore estimator-specific state saved by :meth:`_extra_state`."""
 
-    def save(self, path, *, overwrite: bool = False) -> Path:
+    def save(self, path, *, overwrite: bool = False, key: str | bytes | None = None) -> Path:
         """Save the fitted model as a directory of JSON and ``.npz`` (no pickle).
 
-        Written atomically: a crash never leaves a half-written model that loads.
-        Load it with :func:`fedgrain.load`.
+        Written atomically: a crash never leaves a half-written model that loads, and a
+        model replaced with ``overwrite=True`` is swapped whole under readers. Load it with
+        :func:`fedgrain.load`. ``key`` (or ``$FEDGRAIN_MODEL_KEY``) signs the model
+        (HMAC-SHA256): ``load`` with the same key refuses models not signed with it.
         """
+        meta, arrays = self._save_state()
+        return write_model_dir(path, meta, arrays, overwrite=overwrite, key=key)
+
+    def _save_state(self) -> tuple[dict, dict]:
+        """What :meth:`save` writes: the description and the arrays."""
         check_is_fitted(self, "coef_")
         given = self.get_params()
         if given.get("callback") is not None:
@@ -476,7 +483,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
                   **extra_arrays}
         if r.heterogeneity is not None:
             arrays.update({f"het_{k}": np.asarray(v) for k, v in r.heterogeneity.items()})
-        return write_model_dir(path, meta, arrays, overwrite=overwrite)
+        return meta, arrays
 
 
 
@@ -491,17 +498,19 @@ def register(cls: type[OrdinalModel]) -> type[OrdinalModel]:
     return cls
 
 
-def load(path: str | os.PathLike) -> OrdinalModel:
+def load(path: str | os.PathLike, *, key: str | bytes | None = None) -> OrdinalModel:
     """Load a model saved with ``save()``; verifies format version and checksums.
 
-    Loading never executes code: the directory holds JSON and ``.npz`` arrays only.
+    Loading never executes code: the directory holds JSON and ``.npz`` arrays only. With
+    ``key`` (or ``$FEDGRAIN_MODEL_KEY``), only a model signed with that key loads: the
+    checksums alone detect damage, not an edit whose author recomputed them.
 
     Raises
     ------
     fedgrain.exceptions.ModelFileError
         When the directory is missing, truncated, tampered with or of an unknown version.
     """
-    meta, arrays = read_model_dir(path)
+    meta, arrays = read_model_dir(path, key=key)
     try:
         cls = ESTIMATORS[meta["estimator"]]
         est = cls(**meta["params"])
