@@ -78,6 +78,42 @@ def test_an_unreachable_scheduler_is_a_clear_error_not_a_hang():
         DaskBackend(scheduler="tcp://127.0.0.1:9", timeout=2)
 
 
+def test_a_server_that_is_not_a_scheduler_is_refused_quickly_not_hung_on():
+    """An HTTP server (which waits for a request) and a server that answers at once with
+    other bytes (read by a Dask client as an exabyte frame length): both a clear error."""
+    import socket
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from fedgrain.exceptions import DataError
+
+    web = HTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    chatty = socket.socket()
+    chatty.bind(("127.0.0.1", 0))
+    chatty.listen()
+
+    def answer():
+        conn, _ = chatty.accept()
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        time.sleep(1)
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DataError, match="sent nothing within 2 s"):
+            DaskBackend(scheduler=f"tcp://127.0.0.1:{web.server_port}", timeout=2)
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(DataError, match=r"does not answer as a Dask scheduler \(it sent "
+                                            r"'HTTP/1.1'\)"):
+            DaskBackend(scheduler=f"127.0.0.1:{chatty.getsockname()[1]}", timeout=2)
+    finally:
+        web.shutdown()
+        chatty.close()
+
+
 def test_missing_extra_names_it(monkeypatch):
     import builtins
 

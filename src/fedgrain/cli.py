@@ -961,6 +961,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # bare ``fedgrain``: what it can do
         parser.print_help()
         return 0
+    restore = _exit_cleanly_on_sigterm()
     saved = warnings.formatwarning
     if not args.debug:  # warnings as one line each, like errors (with --debug: Python's own)
         warnings.formatwarning = _one_line_warning
@@ -969,6 +970,25 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         warnings.formatwarning = saved
         _end_bars()
+        restore()
+
+
+def _exit_cleanly_on_sigterm():
+    """SIGTERM (``kill``, a job scheduler's stop) ends the command as an exception would: the
+    fit's clean-up runs (worker processes, temporary and shared-memory folders) before the exit
+    with status 143. Python's default would stop at once and leave them behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops at once
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args) -> int:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ._process import pid_alive
 from ._version import __version__
 from ._warnings import warn
 from .exceptions import ModelFileError
@@ -454,7 +455,7 @@ def _sweep(target: Path) -> None:
                 continue
             if not (stale and m["kind"] == "tmp"):
                 continue
-        elif _alive(int(pid)):
+        elif pid_alive(int(pid)):
             continue
         if m["kind"] == "old" and not _is_model_dir(target):
             try:
@@ -464,17 +465,6 @@ def _sweep(target: Path) -> None:
             continue
         shutil.rmtree(path, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # someone else's process, or cannot tell: leave it
-    return True
 
 
 def _write_files(staging: Path, meta: dict[str, Any], arrays: Mapping[str, np.ndarray],

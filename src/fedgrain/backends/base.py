@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import re
 import shutil
 import tempfile
 import traceback
@@ -44,10 +45,65 @@ from typing import Any
 
 import numpy as np
 
+from .._process import pid_alive
 from ..exceptions import ResourceError
 
 #: Spill folders of this process, removed at exit if a backend was never closed.
 _SPILLED: set[Path] = set()
+
+#: Temporary folders are named ``fedgrain-PID-...`` / ``fedgrain-spill-PID-...``: a later run
+#: removes those of processes that no longer run (killed with SIGKILL, or a lost machine).
+_OURS = re.compile(r"fedgrain-(?:spill-)?(?P<pid>\d+)-\w+")
+
+
+def private_folder(kind: str, base: str | os.PathLike | None = None) -> Path:
+    """A new private temporary folder ``fedgrain-[spill-]PID-...`` in ``base`` (the system's
+    temporary folder by default), after removing what dead fedgrain processes left there."""
+    base = Path(base) if base is not None else Path(tempfile.gettempdir())
+    sweep_dead(base)
+    prefix = "fedgrain-" + (f"{kind}-" if kind else "") + f"{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+def sweep_dead(base: Path) -> None:
+    """Remove the temporary folders of fedgrain processes that no longer run from ``base``."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        m = _OURS.fullmatch(name)
+        if m is not None and not pid_alive(int(m["pid"])):
+            shutil.rmtree(base / name, ignore_errors=True)
+
+
+_WATCHING = False
+
+
+def watch_parent(parent: int) -> None:
+    """In a worker process: exit as soon as ``parent`` is gone (checked every half second),
+    so workers of a killed fit do not live on. Started once per worker; nothing when called in
+    ``parent`` itself."""
+    global _WATCHING
+    if _WATCHING or os.getpid() == parent:
+        return
+    _WATCHING = True
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent and not pid_alive(parent):
+                os._exit(1)
+
+    threading.Thread(target=watch, name="fedgrain-parent-watch", daemon=True).start()
+
+
+def run_worker_task(fn: Callable[[Any], Any], index: int, task: Any, parent: int) -> Outcome:
+    """:func:`run_task` in a worker process that exits when ``parent`` dies."""
+    watch_parent(parent)
+    return run_task(fn, index, task)
 
 
 @atexit.register
@@ -211,7 +267,7 @@ class Backend(ABC):
         folder = getattr(self, "_spill", None)
         if folder is None:
             base = getattr(self, "_temp_folder", None) or getattr(self, "shared_folder", None)
-            folder = Path(tempfile.mkdtemp(prefix="fedgrain-spill-", dir=base))
+            folder = private_folder("spill", base)
             _SPILLED.add(folder)
             self._spill = folder
         return folder

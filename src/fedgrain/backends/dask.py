@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import FedgrainError
+from ..exceptions import DataError, FedgrainError
 from ..progress import tick
 from .base import (
     Backend,
@@ -80,6 +80,53 @@ class DaskShardRef(ShardRef):
 
     def load(self) -> Shard:  # on a worker the future has become the shard itself
         raise RuntimeError("a Dask shard is resolved by Dask on the worker that holds it")
+
+
+#: A Dask scheduler's first message (its handshake) is far below this many bytes.
+HANDSHAKE_MAX = 1 << 24
+
+
+def _probe_scheduler(address: str, timeout: float) -> None:
+    """Check that ``address`` answers as a Dask scheduler before a client talks to it.
+
+    A Dask scheduler sends its handshake as soon as a connection opens: eight bytes of message
+    length first. A server of another kind sends nothing (an HTTP server waits for a request;
+    a Dask client would then wait for ever) or other bytes (which a Dask client reads as a
+    frame length, and tries to allocate: exabytes). Either is refused here, within
+    ``timeout``, with a message that says so. Addresses other than TCP are not probed.
+    """
+    import socket
+    import struct
+
+    text = address.strip()
+    if "://" in text and not text.startswith("tcp://"):
+        return
+    host, _, port = text.removeprefix("tcp://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # let Dask word its own complaint about the address
+    host = host.strip("[]")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        head = b""
+        try:
+            while len(head) < 8:
+                chunk = sock.recv(8 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except TimeoutError:
+            raise DataError(
+                f"{address} accepted a connection but sent nothing within {timeout:g} s, as a "
+                "Dask scheduler does at once: it is another kind of server (an HTTP server, "
+                "the dashboard?). Give the scheduler's address (tcp://HOST:8786 by default)."
+            ) from None
+    length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    if not 0 < length < HANDSHAKE_MAX:
+        shown = head[:8].decode("latin-1").encode("unicode_escape").decode()
+        raise DataError(
+            f"{address} does not answer as a Dask scheduler (it sent {shown!r}): it is another "
+            "kind of server. Give the scheduler's address (tcp://HOST:8786 by default)."
+        )
 
 
 class DaskBackend(Backend):
@@ -140,6 +187,7 @@ class DaskBackend(Backend):
                         processes=True, host="127.0.0.1", dashboard_address=None)
                 self.client = dd.Client(self._cluster, timeout=timeout)
             else:
+                _probe_scheduler(scheduler, self.timeout)
                 self.client = dd.Client(scheduler, timeout=timeout)
         except OSError as exc:
             self.close()

@@ -31,7 +31,9 @@ from .base import (
     Shard,
     ShardRef,
     ShardWriter,
+    private_folder,
     run_task,
+    run_worker_task,
     unlink_files,
 )
 
@@ -85,7 +87,7 @@ def shard_folder(nbytes: int, temp_folder: str | None = None) -> Path:
         candidates = ([SHM] if shm_ok else []) + [Path(tempfile.gettempdir())]
     for base in candidates:
         if _free_bytes(base) >= need:
-            folder = Path(tempfile.mkdtemp(prefix="fedgrain-", dir=base))
+            folder = private_folder("", base)
             _LIVE.add(folder)
             return folder
     room = ", ".join(f"{b} has {_free_bytes(b) / 2**20:,.0f} MB free" for b in candidates)
@@ -197,8 +199,9 @@ class ProcessesBackend(Backend):
             for i, t in enumerate(tasks):
                 yield run_task(fn, i, t)
             return
+        me = os.getpid()
         yield from Parallel(n_jobs=n_jobs, backend="loky", return_as="generator")(
-            delayed(run_task)(fn, i, t) for i, t in enumerate(tasks)
+            delayed(run_worker_task)(fn, i, t, me) for i, t in enumerate(tasks)
         )
 
     def release(self, refs: Sequence[ShardRef]) -> None:
