@@ -962,3 +962,21 @@ def test_identifier_like_columns_are_named_in_a_warning():
         warnings.simplefilter("error")
         OrdinalRegression().fit(X[["a", "count"]], y)
         OrdinalRegression().fit(X.head(40), y[:40])
+
+
+def test_rounded_measurements_and_masked_labels_get_no_false_warning():
+    import warnings
+
+    from fedgrain import OrdinalRegression
+
+    rng = np.random.default_rng(1)
+    n = 300
+    income = np.round(rng.lognormal(10.5, 0.6, n))  # whole numbers that never repeat
+    X = pd.DataFrame({"income": income, "a": rng.normal(size=n)})
+    y = pd.Series(pd.Categorical(rng.integers(0, 3, n).astype(str), categories=["0", "1", "2"],
+                                 ordered=True))
+    y[:20] = np.nan  # unlabelled rows, masked out by weight zero
+    w = np.r_[np.zeros(20), np.ones(n - 20)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OrdinalRegression().fit(X, y, sample_weight=w)

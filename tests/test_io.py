@@ -594,30 +594,49 @@ def test_a_failed_exchange_keeps_the_old_model_and_leaves_nothing(model, monkeyp
 
 
 def test_leftovers_of_killed_saves_are_cleaned_by_the_next_save(model, tmp_path):
-    """A staging folder of a dead process goes; a live process's stays; an old version left by
-    a replace killed between its two renames goes back into place when no model is there."""
+    """A staging folder of a dead process of this machine goes (once older than a save can
+    take); a live process's stays, and so do young ones, other machines' and names that only
+    look alike; an old version left by a replace killed between its two renames goes back into
+    place when no model is there."""
     import subprocess
     import sys
+    import time
+
+    from fedgrain._process import host_tag
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    stale = tmp_path / f".model.tmp-{dead}-00ff"
-    stale.mkdir()
-    (stale / "arrays.npz").write_bytes(b"partial")
-    mine = tmp_path / f".model.tmp-{os.getpid()}-0aff"
-    mine.mkdir()
+    host, hexes = host_tag(), "0123456789abcdef"
+    past = time.time() - 3 * 3600
+
+    def leftover(name, old=True):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "arrays.npz").write_bytes(b"partial")
+        if old:
+            os.utime(path, (past, past))
+        return path
+
+    stale = leftover(f".model.tmp-{host}-{dead}-{hexes}")
+    keep = [leftover(f".model.tmp-{host}-{os.getpid()}-{hexes}"),  # a live process
+            leftover(f".model.tmp-{host}-{dead}-{hexes[::-1]}", old=False),  # young
+            leftover(f".model.tmp-abcdef-{dead}-{hexes}"),  # another machine's
+            leftover(".model.old-2024-06"),  # a user's backup that looks alike
+            leftover(f".model.tmp-{host}-99999999999999999999-{hexes}")]  # no such pid
     write_model_dir(model, {"new": True}, {}, overwrite=True)
-    assert not stale.exists() and mine.exists()
-    mine.rmdir()
+    assert not stale.exists() and all(k.exists() for k in keep)
+    for k in keep:
+        shutil.rmtree(k)
     # a replace killed after moving the old model aside: only the old copy is left
-    os.rename(model, tmp_path / f".model.old-{dead}-0b0b")
+    aside = tmp_path / f".model.old-{host}-{dead}-{hexes}"
+    os.rename(model, aside)
+    os.utime(aside, (past, past))
     write_model_dir(tmp_path / "other", META, _arrays())  # another path: not touched
     assert not model.exists()
-    write_model_dir(tmp_path / "model2", META, _arrays())
     with pytest.raises(FileExistsError):  # the next save to it finds the model restored
         write_model_dir(model, META, _arrays())
     assert read_model_dir(model)[0] == {"new": True}
-    assert sorted(os.listdir(tmp_path)) == ["model", "model2", "other"]
+    assert sorted(os.listdir(tmp_path)) == ["model", "other"]
 
 
 def test_loads_never_fail_while_another_process_replaces_the_model(model, tmp_path):
@@ -676,3 +695,8 @@ def test_a_signing_key_refuses_any_model_not_signed_with_it(model, tmp_path, mon
     monkeypatch.delenv("FEDGRAIN_MODEL_KEY")
     with pytest.raises(ModelFileError, match="was not signed with this key"):
         read_model_dir(tmp_path / "env", key="s3cret")
+    # a signature that is not hexadecimal (crafted) is refused as unsigned, not a TypeError
+    _forge(tmp_path / "env", lambda h: h.__setitem__(
+        "signature", {"algorithm": "HMAC-SHA256", "value": "\u00e9" * 64}))
+    with pytest.raises(ModelFileError, match="is not signed"):
+        read_model_dir(tmp_path / "env", key="from-env")

@@ -148,6 +148,8 @@ def test_predictions_for_known_and_new_groups():
                        np.cumsum(class_proba(eta, m.thresholds_), axis=1)[:, :-1])
     with pytest.raises(DataError, match="no intervals"):
         m.predict_proba_ci(X[rows])
+    with pytest.raises(DataError, match="no intervals"):  # through the shared table, too
+        m.predicted_probabilities(X[rows][:2])
     # a new group: the probabilities integrated over the random effects
     x = X[:3]
     P = m.predict_proba(x)

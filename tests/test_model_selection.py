@@ -113,3 +113,31 @@ def test_scorers_score_a_foreign_classifier_by_its_classes():
     assert pd.Series(SCORERS).index.tolist() == ["neg_ranked_probability_score",
                                                  "neg_mean_absolute_class_error",
                                                  "neg_ordinal_log_loss"]
+
+
+def test_scorers_read_a_pipeline_by_its_models_levels(health):
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, ys = health
+    y, kw = ys["strings"]
+    bare = OrdinalRegression(**kw).fit(X, y)
+    pipe = make_pipeline(StandardScaler(), OrdinalRegression(**kw)).fit(X, y)
+    for name, scorer in SCORERS.items():
+        assert scorer(pipe, X, y) == pytest.approx(scorer(bare, X, y), rel=1e-6), name
+
+
+def test_lr_test_and_partial_fit_compare_levels_in_their_order(health):
+    from fedgrain import AdaptiveFederatedOrdinal
+    from fedgrain.exceptions import DataError
+
+    X, ys = health
+    y, kw = ys["strings"]
+    levels = kw["levels"]
+    a = OrdinalRegression(levels=levels).fit(X, y)
+    b = OrdinalRegression(levels=[levels[1], levels[0], *levels[2:]]).fit(X[["physlm"]], y)
+    with pytest.raises(DataError, match="same rows"):
+        a.lr_test(b)
+    af = AdaptiveFederatedOrdinal(levels=levels, backend="serial")
+    af.partial_fit(X, y, classes=levels)  # the levels' own order is what classes= means
+    assert list(af.levels_) == levels

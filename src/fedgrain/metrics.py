@@ -72,9 +72,13 @@ class OrdinalScorer:
         return f"OrdinalScorer({self.name!r})"
 
     def __call__(self, estimator, X, y, sample_weight=None) -> float:
-        if hasattr(estimator, "levels_"):
-            proba = estimator.predict_proba(X, order="levels")
-            codes = estimator.target_.encode(y, what="y")
+        model = _final(estimator)  # a Pipeline's (or search's) fitted fedgrain model
+        if hasattr(model, "levels_"):
+            # columns of classes_ (what every wrapper passes on) put in the levels' order
+            proba = estimator.predict_proba(X)
+            where = {c: j for j, c in enumerate(np.asarray(estimator.classes_).tolist())}
+            proba = proba[:, [where[v] for v in model.levels_.tolist()]]
+            codes = model.target_.encode(y, what="y")
         else:
             proba = estimator.predict_proba(X)
             levels = list(estimator.classes_)
@@ -89,6 +93,18 @@ class OrdinalScorer:
         w = np.asarray(sample_weight, dtype=float)
         per_row = _row_scores(codes, proba)[self.key]
         return -float(np.sum(w * per_row) / np.sum(w))
+
+
+def _final(estimator):
+    """The fitted model at the end of a Pipeline or inside a fitted search, else itself."""
+    for _ in range(10):
+        inner = getattr(estimator, "_final_estimator", None)
+        if inner is None:
+            inner = getattr(estimator, "best_estimator_", None)
+        if inner is None or inner is estimator:
+            return estimator
+        estimator = inner
+    return estimator
 
 
 def _row_scores(codes: np.ndarray, proba: np.ndarray) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ._process import pid_alive
+from ._process import left_by_dead, owner_tag
 from ._version import __version__
 from ._warnings import warn
 from .exceptions import ModelFileError
@@ -72,8 +72,17 @@ _ARCHIVE_ERRORS = (
 
 def public_mode() -> int:
     """The mode a new file gets from the umask, ``0o666 & ~umask``: for files written under a
-    private temporary name (``mkstemp`` makes them 0600) before they are renamed into place."""
-    mask = os.umask(0)
+    private temporary name (``mkstemp`` makes them 0600) before they are renamed into place.
+    The umask is read from ``/proc`` where it can be (setting it to read it would change it
+    for every thread of the process for a moment)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
     os.umask(mask)
     return 0o666 & ~mask
 
@@ -138,7 +147,7 @@ def write_model_dir(
     _check_target(target, overwrite)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}"
+    staging = target.parent / f".{target.name}.tmp-{owner_tag()}-{secrets.token_hex(8)}"
     staging.mkdir()
     try:
         _write_files(staging, meta, arrays, _key(key))
@@ -179,7 +188,8 @@ def _check_signature(root: Path, header: dict[str, Any], key: bytes) -> None:
 
     sig = header.get("signature")
     if not isinstance(sig, dict) or sig.get("algorithm") != SIGNATURE or \
-            not isinstance(sig.get("value"), str):
+            not isinstance(sig.get("value"), str) or \
+            not re.fullmatch(r"[0-9a-f]{64}", sig["value"]):
         raise ModelFileError(
             f"{root} is not signed, and a signing key was given (key= or ${KEY_VARIABLE}): "
             "only models saved with that key are loaded. Save the model again with the key."
@@ -362,7 +372,7 @@ def _move_into_place(staging: Path, target: Path) -> None:
         _fsync_dir(target.parent)
         _remove_old(staging, target)
         return
-    old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(8)}"
+    old = target.parent / f".{target.name}.old-{owner_tag()}-{secrets.token_hex(8)}"
     os.rename(target, old)
     try:
         os.rename(staging, target)
@@ -425,10 +435,13 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]+")
-#: A staging directory with no process id in its name (an older fedgrain) is left alone for
-#: this long before a later save removes it.
-STALE_SECONDS = 3600.0
+_LEFTOVER = re.compile(
+    r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-)?[0-9a-f]{16}")
+#: A leftover is touched only when older than this: a save under way elsewhere (another
+#: process namespace on this machine) is never disturbed; a staging folder of an older
+#: fedgrain (no owner in its name) waits an hour.
+STALE_SECONDS = 600.0
+STALE_UNOWNED_SECONDS = 3600.0
 
 
 def _sweep(target: Path) -> None:
@@ -447,15 +460,16 @@ def _sweep(target: Path) -> None:
         if m is None or m["name"] != target.name:
             continue
         path = target.parent / name
-        pid = m["pid"]
-        if pid is None:
-            try:
-                stale = time.time() - path.stat().st_mtime > STALE_SECONDS
-            except OSError:
+        try:
+            age = time.time() - path.lstat().st_mtime
+        except OSError:
+            continue
+        if path.is_symlink() or not path.is_dir():
+            continue
+        if m["pid"] is None:
+            if not (m["kind"] == "tmp" and age > STALE_UNOWNED_SECONDS):
                 continue
-            if not (stale and m["kind"] == "tmp"):
-                continue
-        elif pid_alive(int(pid)):
+        elif age < STALE_SECONDS or not left_by_dead(m["host"], m["pid"]):
             continue
         if m["kind"] == "old" and not _is_model_dir(target):
             try:

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .._process import pid_alive
+from .._process import left_by_dead, owner_tag, pid_alive
 from ..exceptions import ResourceError
 
 #: Spill folders of this process, removed at exit if a backend was never closed.
@@ -53,7 +53,7 @@ _SPILLED: set[Path] = set()
 
 #: Temporary folders are named ``fedgrain-PID-...`` / ``fedgrain-spill-PID-...``: a later run
 #: removes those of processes that no longer run (killed with SIGKILL, or a lost machine).
-_OURS = re.compile(r"fedgrain-(?:spill-)?(?P<pid>\d+)-\w+")
+_OURS = re.compile(r"fedgrain-(?:spill-)?(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-\w{8}")
 
 
 def private_folder(kind: str, base: str | os.PathLike | None = None) -> Path:
@@ -61,7 +61,7 @@ def private_folder(kind: str, base: str | os.PathLike | None = None) -> Path:
     temporary folder by default), after removing what dead fedgrain processes left there."""
     base = Path(base) if base is not None else Path(tempfile.gettempdir())
     sweep_dead(base)
-    prefix = "fedgrain-" + (f"{kind}-" if kind else "") + f"{os.getpid()}-"
+    prefix = "fedgrain-" + (f"{kind}-" if kind else "") + f"{owner_tag()}-"
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
@@ -73,7 +73,7 @@ def sweep_dead(base: Path) -> None:
         return
     for name in names:
         m = _OURS.fullmatch(name)
-        if m is not None and not pid_alive(int(m["pid"])):
+        if m is not None and left_by_dead(m["host"], m["pid"]):
             shutil.rmtree(base / name, ignore_errors=True)
 
 

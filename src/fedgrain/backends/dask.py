@@ -105,8 +105,20 @@ def _probe_scheduler(address: str, timeout: float) -> None:
     if not host or not port.isdigit():
         return  # let Dask word its own complaint about the address
     host = host.strip("[]")
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        sock.settimeout(timeout)
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:  # a scheduler still starting refuses connections for a moment, as Dask allows
+        try:
+            sock = socket.create_connection((host, int(port)),
+                                            timeout=max(deadline - time.monotonic(), 0.1))
+            break
+        except (ConnectionRefusedError, ConnectionResetError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+    with sock:
+        sock.settimeout(max(deadline - time.monotonic(), 0.5))
         head = b""
         try:
             while len(head) < 8:

@@ -244,7 +244,14 @@ def check_magnitude(out: np.ndarray, names: tuple[str, ...]) -> None:
     if out.shape[0] == 0:
         return
     top, bottom = out.max(axis=0), out.min(axis=0)  # column reductions: no n x p temporary
-    big = np.maximum(np.abs(top), np.abs(bottom))
+    check_range(top, bottom, names)
+
+
+def check_range(top: np.ndarray, bottom: np.ndarray, names: tuple[str, ...],
+                spread_only: bool = False) -> None:
+    """:func:`check_magnitude` from the columns' largest and smallest values (for data seen
+    batch by batch); ``spread_only`` for values shifted by a reference row."""
+    big = np.maximum(np.abs(top), np.abs(bottom)) if not spread_only else np.zeros(len(top))
     for j in np.flatnonzero(big > MAGNITUDE_LIMIT):
         raise DataError(
             f"Column {names[j]!r} of X holds values as large as {big[j]:.3g}, beyond what "
@@ -293,8 +300,7 @@ def warn_identifiers(out: np.ndarray, schema: FeatureSchema) -> None:
     suspects = [j for j in numeric
                 if np.all(head[:, j] == np.round(head[:, j]))
                 and np.unique(head[:, j]).shape[0] == head.shape[0]]
-    ids = [schema.output_names[j] for j in suspects
-           if np.all(out[:, j] == np.round(out[:, j])) and np.unique(out[:, j]).shape[0] == n]
+    ids = [schema.output_names[j] for j in suspects if _looks_like_ids(out[:, j])]
     ids += [name for name, levels in schema.categorical.items() if len(levels) == n]
     if ids:
         warn(f"Column{'s' if len(ids) > 1 else ''} {quote(ids)} of X "
@@ -302,6 +308,20 @@ def warn_identifiers(out: np.ndarray, schema: FeatureSchema) -> None:
              "identifier, and "
              f"{'are' if len(ids) > 1 else 'is'} used as a feature; drop "
              f"{'them' if len(ids) > 1 else 'it'} if so (command line: --drop).", UserWarning)
+
+
+def _looks_like_ids(column: np.ndarray) -> bool:
+    """Distinct whole numbers that run in the rows' order or fill a range about as long as
+    the rows (a row number, a shuffled index, consecutive customer numbers); rounded
+    measurements (incomes, weights) that merely never repeat do not count."""
+    n = column.shape[0]
+    if not np.all(column == np.round(column)):
+        return False
+    values = np.unique(column)
+    if values.shape[0] != n:
+        return False
+    d = np.diff(column)
+    return bool(np.all(d > 0) or np.all(d < 0) or values[-1] - values[0] < 2 * n)
 
 
 def fit_schema(

@@ -160,7 +160,8 @@ def _warn_weightless_levels(dropped, target) -> None:
     """Name the labels that occur only in rows of weight zero: they are left out of the
     model's levels (rows of weight zero are not there), which a user may not expect."""
     known = set(target.classes)
-    lost = [v for v in pd.unique(np.asarray(dropped, dtype=object)) if v not in known]
+    lost = [v for v in pd.unique(np.asarray(dropped, dtype=object))
+            if not pd.isna(v) and v not in known]  # unlabelled rows masked out: not levels
     if lost:
         from .._warnings import warn
 

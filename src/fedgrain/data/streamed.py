@@ -32,6 +32,7 @@ from .features import (
     FeatureSchema,
     check_magnitude,
     check_no_missing_category,
+    check_range,
     encode_features,
     fit_categories,
     is_numeric,
@@ -450,7 +451,7 @@ def _scan_values(source: ParquetSource, y: str, features: list[str], target,
         np.maximum(hi, Xb.max(axis=0), out=hi)
         progress.advance(k)
     rows.passes = 2
-    check_magnitude(np.vstack([lo, hi]), schema.output_names)  # the spread: hi - lo
+    check_range(hi, lo, schema.output_names, spread_only=True)  # lo, hi: shifted values
     constant = [schema.output_names[j] for j in np.flatnonzero(lo == hi)]
     if constant:
         raise DataError(

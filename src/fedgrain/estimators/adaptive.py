@@ -1011,9 +1011,9 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         if not hasattr(self, "coef_"):
             self.fit(X, y, sample_weight=sample_weight)
             if classes is not None and not np.array_equal(np.asarray(classes),
-                                                          self.classes_):
+                                                          self.levels_):
                 raise DataError(f"classes={list(classes)} differs from the levels of the labels "
-                                f"{list(self.classes_)}; give levels=[...] for their order.")
+                                f"{list(self.levels_)}; give levels=[...] for their order.")
             return self
         self._no_groups("partial_fit", "fit again on all the groups' rows")
         Xe = self.encode(X)

@@ -473,7 +473,7 @@ class OrdinalRegression(OrdinalModel):
         big, small = self, restricted
         if small.df_model_ > big.df_model_:
             big, small = small, big
-        if list(big.classes_) != list(small.classes_) or \
+        if list(big.levels_) != list(small.levels_) or \
                 not np.isclose(big.nobs_, small.nobs_) or \
                 not np.isclose(big.llnull_, small.llnull_, rtol=1e-10, atol=1e-8):
             raise DataError("lr_test needs both models fitted on the same rows (their row "

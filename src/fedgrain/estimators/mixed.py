@@ -326,7 +326,7 @@ class MixedOrdinalRegression(OrdinalModel):
         (a known group's model, else the population average)."""
         return np.cumsum(self.predict_proba(X, groups, order="levels"), axis=1)[:, :-1]
 
-    def predict_proba_ci(self, X, alpha: float = 0.05, groups=None):
+    def predict_proba_ci(self, X, alpha: float = 0.05, groups=None, *, order="classes"):
         """Not available: a group's probabilities rest on its predicted random effects and a
         new group's on the estimated spread, whose uncertainty a delta-method interval of the
         fixed effects leaves out. Raises a :class:`DataError` that says what to use."""

@@ -1,0 +1,60 @@
+"""The passes on a device (PyTorch): equal to the CPU passes; ``device="cuda"`` where a GPU is
+present, and the same tensor code on the CPU where PyTorch is installed without one. Skipped
+cleanly where PyTorch is missing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedgrain.core.likelihood import composite_pass, exact_pass
+from fedgrain.exceptions import ParameterError
+
+torch = pytest.importorskip("torch")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _data(n=3000, p=4, K=4, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, p)) * [1.0, 3.0, 0.5, 10.0][:p]
+    y = rng.integers(0, K, n)
+    w = rng.uniform(0.2, 2.0, n)
+    beta = 0.2 * rng.standard_normal(p)
+    theta = np.sort(rng.standard_normal(K - 1))
+    return X, y, w, beta, theta
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_device_passes_equal_the_cpu_passes(device, weighted):
+    from fedgrain.core.gpu import DeviceRows
+
+    X, y, w, beta, theta = _data()
+    w = w if weighted else None
+    rows = DeviceRows(X, y, w, device)
+    shift = X.mean(axis=0)
+    for meat in (False, True):
+        a = exact_pass(X, y, w, beta, theta, meat=meat, shift=shift)
+        b = rows.exact_pass(beta, theta, meat=meat, shift=shift)
+        for f in ("loss", "grad", "hess", "meat"):
+            if getattr(a, f) is not None:
+                np.testing.assert_allclose(getattr(b, f), getattr(a, f), rtol=1e-10,
+                                           atol=1e-9, err_msg=f)
+    for meat in (None, "cluster", "row"):
+        a = composite_pass(X, y, w, beta, theta, thresholds=[0, 2], meat=meat)
+        b = rows.composite_pass(beta, theta, thresholds=[0, 2], meat=meat)
+        for f in ("loss", "grad", "hess", "meat"):
+            if getattr(a, f) is not None:
+                np.testing.assert_allclose(getattr(b, f), getattr(a, f), rtol=1e-10,
+                                           atol=1e-9, err_msg=f)
+
+
+def test_asking_for_a_device_that_is_not_there_is_a_clear_error():
+    from fedgrain.core.gpu import torch_device
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ParameterError, match="needs a CUDA GPU, and PyTorch sees none"):
+            torch_device("cuda")
+    with pytest.raises(ParameterError, match="device must be"):
+        torch_device("tpu")
