@@ -58,3 +58,52 @@ def test_asking_for_a_device_that_is_not_there_is_a_clear_error():
             torch_device("cuda")
     with pytest.raises(ParameterError, match="device must be"):
         torch_device("tpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_exact_fit_on_a_device_equals_the_cpu_fit(device):
+    from fedgrain import OrdinalRegression
+    from fedgrain.datasets import load_randhie
+
+    df = load_randhie().sample(5000, random_state=0)
+    X, y = df.drop(columns="health"), df["health"]
+    w = np.random.default_rng(0).uniform(0.5, 2.0, len(y))
+    for kw, fit_kw in (({}, {}), ({"alpha": 0.01}, {"sample_weight": w}),
+                       ({"variance": "sandwich"}, {})):
+        cpu = OrdinalRegression(**kw).fit(X, y, **fit_kw)
+        dev = OrdinalRegression(device=device, **kw).fit(X, y, **fit_kw)
+        np.testing.assert_allclose(dev.results_.params, cpu.results_.params, rtol=1e-8,
+                                   atol=1e-10)
+        np.testing.assert_allclose(dev.bse_, cpu.bse_, rtol=1e-8)
+        assert dev.loglik_ == pytest.approx(cpu.loglik_, rel=1e-12)
+
+
+def test_input_on_a_gpu_is_fitted_there_and_other_links_are_refused():
+    from fedgrain import OrdinalRegression
+
+    X, y, *_ = _data(n=2000, p=3)
+    with pytest.raises(ParameterError, match="runs the logit model's passes"):
+        OrdinalRegression(device="cpu", link="probit").fit(X, y)
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU here: a CUDA tensor cannot be made")
+    Xt = torch.as_tensor(X, device="cuda")
+    m = OrdinalRegression().fit(Xt, torch.as_tensor(y, device="cuda"))
+    ref = OrdinalRegression().fit(X, y)
+    np.testing.assert_allclose(m.coef_, ref.coef_, rtol=1e-8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_divide_and_conquer_on_a_device_equals_the_cpu_fit(device):
+    from fedgrain import DivideConquerOrdinal
+    from fedgrain.datasets import load_randhie
+
+    df = load_randhie().sample(8000, random_state=1)
+    X, y = df.drop(columns="health"), df["health"]
+    for kw in ({}, {"alpha": "cv", "refine_rounds": 3}):
+        cpu = DivideConquerOrdinal(n_subsets=4, backend="serial", **kw).fit(X, y)
+        dev = DivideConquerOrdinal(n_subsets=4, backend="serial", device=device, **kw).fit(X, y)
+        np.testing.assert_allclose(dev.results_.params, cpu.results_.params, rtol=1e-8,
+                                   atol=1e-10)
+        np.testing.assert_allclose(dev.bse_, cpu.bse_, rtol=1e-7)
+    with pytest.raises(ParameterError, match="backend='serial'"):
+        DivideConquerOrdinal(backend="processes", device=device).fit(X, y)

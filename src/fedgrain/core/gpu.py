@@ -61,6 +61,17 @@ def device_of(X: Any) -> str | None:
     return None
 
 
+def on_host(a: Any) -> Any:
+    """A GPU array (torch tensor, CuPy array) as a numpy array on the host; anything else as
+    it is. The checks of the input run on the host; the passes then use the device."""
+    mod = type(a).__module__
+    if mod.startswith("torch") and hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    if mod.startswith("cupy") and hasattr(a, "get"):
+        return a.get()
+    return a
+
+
 class DeviceRows:
     """Rows on a device: features ``X`` (float64), class codes ``y``, weights ``w`` (or None)."""
 
@@ -84,6 +95,16 @@ class DeviceRows:
             yield (self.X[a:b], self.y[a:b],
                    self.torch.ones(b - a, dtype=self.X.dtype, device=self.device)
                    if self.w is None else self.w[a:b])
+
+    def exact_oracle(self, shift: np.ndarray | None = None):
+        """An oracle ``(x, loss, order, meat) -> Pass`` of the exact likelihood on the device,
+        as the CPU one of :class:`fedgrain.OrdinalRegression`."""
+        p = self.p
+
+        def oracle(x, loss=True, order=2, meat=False):
+            return self.exact_pass(x[:p], x[p:], order=order, meat=meat, shift=shift)
+
+        return oracle
 
     # ---- the exact likelihood ---------------------------------------------------------------
     def exact_pass(self, beta, theta, *, order: int = 2, meat: bool = False,

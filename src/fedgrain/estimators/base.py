@@ -416,7 +416,8 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
                           debias=self.debias, ridge=float(self.ridge),
                           penalize_thresholds=bool(self.penalize_thresholds),
                           cv_folds=self.cv_folds, max_iter=self.max_iter, tol=float(self.tol),
-                          link=self._link().name),
+                          link=self._link().name,
+                          device=self.get_params(deep=False).get("device")),
             refine_rounds=int(self.refine_rounds), alpha=self.alpha)
 
     def _n_workers(self, backend: Backend) -> int:

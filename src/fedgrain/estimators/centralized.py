@@ -17,7 +17,7 @@ from ..core.standardize import Standardizer, column_moments
 from ..data import prepare_fit
 from ..data.features import resolve_columns
 from ..data.groups import check_groups, kept_groups, split_groups_column
-from ..exceptions import DataError, SeparationError
+from ..exceptions import DataError, ParameterError, SeparationError
 from ..inference import local
 from ..inference.results import LRTest, OrdinalResults, parameter_names
 from .base import OrdinalModel, is_real, param_error, register
@@ -66,6 +66,11 @@ class OrdinalRegression(OrdinalModel):
     tol : float
         Newton stops when it promises less than ``tol`` gain in log-likelihood (the estimate is
         then within about ``sqrt(2 tol)`` standard errors of the optimum).
+    device : {None, "cuda", "cuda:N", "cpu"}
+        Run the passes over the rows with PyTorch on this device (the rows are moved there
+        once, in float64; the Newton algebra stays on the CPU); by default the CPU's own passes,
+        or the GPU the input is on when ``X`` is a CUDA tensor or a CuPy array. Logit link,
+        without nominal features. The fit equals the CPU fit to 1e-8.
 
     Attributes
     ----------
@@ -100,7 +105,9 @@ class OrdinalRegression(OrdinalModel):
     """
 
     def __init__(self, *, link="logit", nominal=None, alpha=0.0, variance="model",
-                 weights="frequency", levels=None, categorical=None, max_iter=100, tol=1e-8):
+                 weights="frequency", levels=None, categorical=None, max_iter=100, tol=1e-8,
+                 device=None):
+        self.device = device
         self.link = link
         self.nominal = nominal
         self.alpha = alpha
@@ -121,6 +128,10 @@ class OrdinalRegression(OrdinalModel):
             raise param_error(owner, "link", f"one of {LINKS}", self.link)
         if self.weights not in ("frequency", "probability"):
             raise param_error(owner, "weights", "'frequency' or 'probability'", self.weights)
+        if self.device is not None:
+            from ..core.gpu import torch_device
+
+            torch_device(self.device)  # PyTorch and the device are there, or a clear error
         self._validate_solver(owner)
 
     def fit(self, X, y, sample_weight=None, cov_groups=None):
@@ -135,6 +146,14 @@ class OrdinalRegression(OrdinalModel):
         """
         self._validate()
         owner = type(self).__name__
+        from ..core.gpu import device_of, on_host
+
+        device = self.device if self.device is not None else device_of(X)
+        X, y, sample_weight = on_host(X), on_host(y), on_host(sample_weight)
+        if device is not None and (self.link != "logit" or _nominal_list(self.nominal)):
+            raise ParameterError(f"device={device!r} runs the logit model's passes; fit "
+                                 f"link={self.link!r} or nominal features on the CPU "
+                                 "(device=None).")
         if cov_groups is not None:
             X, cov_groups = split_groups_column(X, cov_groups)
             cov_groups = kept_groups(cov_groups, sample_weight)
@@ -182,7 +201,13 @@ class OrdinalRegression(OrdinalModel):
             n_sub = float(rows.size if ws is None else ws.sum())
             return _exact_oracle(Xm[rows], ys, ws, ridge * n_sub, means, link), n_sub
 
-        oracle = _exact_oracle(Xm, codes, w, ridge * n_eff, means, link)
+        if device is None:
+            oracle = _exact_oracle(Xm, codes, w, ridge * n_eff, means, link)
+        else:  # the passes on the device; the Newton algebra (d x d) stays here
+            from ..core.gpu import DeviceRows
+
+            oracle = _ridged(DeviceRows(Xm, codes, w, device).exact_oracle(means),
+                             ridge * n_eff)
         # One BLAS thread: the per-block products are too small to gain from threads, and
         # threads that wait for a busy core slow every block down.
         with local.one_blas_thread():
@@ -670,16 +695,25 @@ def _exact_oracle(X, y, w, ridge, shift=None, link=None):
     :func:`fedgrain.core.likelihood.exact_pass`).
     """
     p = X.shape[1]
-    penalised = bool(np.any(ridge))
 
     def oracle(x, loss=True, order=2, meat=False):
-        P = exact_pass(X, y, w, x[:p], x[p:], order=order, meat=meat, shift=shift, link=link)
-        if not penalised:
-            return P
+        return exact_pass(X, y, w, x[:p], x[p:], order=order, meat=meat, shift=shift,
+                          link=link)
+
+    return _ridged(oracle, ridge)
+
+
+def _ridged(oracle, ridge):
+    """``oracle`` plus ``1/2 sum_j ridge_j x_j^2`` (itself when the ridge is zero)."""
+    if not np.any(ridge):
+        return oracle
+
+    def call(x, loss=True, order=2, meat=False):
+        P = oracle(x, loss=loss, order=order, meat=meat)
         return Pass(P.loss + 0.5 * float(ridge @ (x * x)),
                     None if P.grad is None else P.grad + ridge * x,
                     None if P.hess is None else P.hess + np.diag(ridge), P.meat)
 
-    return oracle
+    return call
 
 

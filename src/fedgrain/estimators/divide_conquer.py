@@ -69,6 +69,10 @@ class DivideConquerOrdinal(PooledModel):
         Ridge stabiliser ``H + ridge * n_m * I`` for ``debias="inverse"``.
     penalize_thresholds : bool
         Penalise the thresholds too (the patent claim's literal text); off by default.
+    device : {None, "cuda", "cuda:N", "cpu"}
+        Run each subset's composite passes with PyTorch on this device (with
+        ``backend="serial"``, logit link): the subsets take turns on it, and the model equals
+        the CPU one to 1e-8.
     link : {"logit", "probit", "cloglog", "loglog", "cauchit"}
         The cumulative link, as in :class:`OrdinalRegression`: every subset fits the
         composite likelihood with this link (the binary rows ``P(Y > k | x) =
@@ -111,9 +115,10 @@ class DivideConquerOrdinal(PooledModel):
     def __init__(self, n_subsets=None, alpha="rate", variance="cluster", backend="processes",
                  n_jobs=None, random_state=0, *, refine_rounds=1, debias="auto", ridge=0.0,
                  penalize_thresholds=False, levels=None, categorical=None, cv_folds=5,
-                 max_iter=100, tol=1e-8, callback=None, link="logit"):
+                 max_iter=100, tol=1e-8, callback=None, link="logit", device=None):
         self.n_subsets = n_subsets
         self.link = link
+        self.device = device
         self.alpha = alpha
         self.variance = variance
         self.backend = backend
@@ -136,6 +141,15 @@ class DivideConquerOrdinal(PooledModel):
             raise param_error(type(self).__name__, "n_subsets", "an int >= 1 or None", ns)
         if self.link not in LINKS:
             raise param_error(type(self).__name__, "link", f"one of {LINKS}", self.link)
+        if self.device is not None:
+            from ..core.gpu import torch_device
+
+            torch_device(self.device)
+            name = getattr(self.backend, "name", self.backend)
+            if name != "serial" or self.link != "logit":
+                raise param_error(type(self).__name__, "device",
+                                  "None unless backend='serial' and link='logit' (the subsets "
+                                  "take turns on the one device)", self.device)
         self._validate_engine()
 
     def fit(self, X, y, sample_weight=None):
@@ -147,6 +161,9 @@ class DivideConquerOrdinal(PooledModel):
         """
         # One BLAS thread here too: the server side only does d x d algebra, which threads slow
         # down, and the workers set their own limit.
+        from ..core.gpu import on_host
+
+        X, y, sample_weight = on_host(X), on_host(y), on_host(sample_weight)
         with local.one_blas_thread(), progress.reporting(self.callback):
             return self._fit(X, y, sample_weight)
 

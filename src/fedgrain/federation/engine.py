@@ -228,7 +228,8 @@ def refine_groups(backend: Backend, refs, sched: Schedule, groups: Mapping[int, 
         # the loss only judges a step against the one before: not needed with one round
         tasks = [{"shard": refs[i], "params": out[owner[int(i)]].estimate,
                   "meat": meat[owner[int(i)]], "rows": None if rows is None else rows[i],
-                  "loss": most > 1, "link": settings.local.link} for i in members]
+                  "loss": most > 1, "link": settings.local.link,
+                  "device": settings.local.device} for i in members]
         sub_sizes = np.asarray(sizes)[members]
         whole = np.array_equal(members, np.arange(len(sizes)))
         outcomes = backend.map_bundles(local.evaluate_task, tasks, bundles,

@@ -72,6 +72,8 @@ class LocalSettings:
     #: The link of the binary rows (:mod:`fedgrain.core.links`): the composite likelihood of
     #: the cumulative-link model with this link.
     link: str = "logit"
+    #: Run the composite passes with PyTorch on this device (:mod:`fedgrain.core.gpu`).
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ class Problem:
     features: np.ndarray  # identified feature indices
     thresholds: np.ndarray  # identified threshold indices
     link: str = "logit"
+    device: str | None = None
 
     @property
     def size(self) -> int:
@@ -200,13 +203,22 @@ class Problem:
         subset_features = self.features.shape[0] < self.n_features
 
         link = get_link(self.link)
+        rows = None
+        if self.device is not None:  # the subset's rows on the device, once per oracle
+            from ..core.gpu import DeviceRows
+
+            rows = DeviceRows(self.X, self.y, weights, self.device)
 
         def call(xr, *, loss=True, order=2, meat=None, by_class=False):
             beta, theta = self.expand(xr)
-            P = composite_pass(
-                self.X, self.y, weights, beta, theta, thresholds=self.thresholds,
-                loss=loss, order=order, meat=meat, by_class=by_class, link=link,
-            )
+            if rows is not None and not by_class:
+                P = rows.composite_pass(beta, theta, thresholds=self.thresholds, loss=loss,
+                                        order=order, meat=meat)
+            else:
+                P = composite_pass(
+                    self.X, self.y, weights, beta, theta, thresholds=self.thresholds,
+                    loss=loss, order=order, meat=meat, by_class=by_class, link=link,
+                )
             if not subset_features:
                 return P
             return Pass(
@@ -276,8 +288,8 @@ def two_sided(y: np.ndarray, w: np.ndarray | None, n_classes: int) -> np.ndarray
     return (below > 0) & (below < counts.sum())
 
 
-def identified_problem(X, y, w, n_classes: int,
-                       link: str = "logit") -> tuple[Problem, np.ndarray, np.ndarray, list]:
+def identified_problem(X, y, w, n_classes: int, link: str = "logit",
+                       device: str | None = None) -> tuple[Problem, np.ndarray, np.ndarray, list]:
     """The rows' problem over the coordinates they identify: ``(problem, means, scales, notes)``.
 
     A feature is identified when it varies in the rows (scale above ``1e-10``), a threshold
@@ -292,7 +304,7 @@ def identified_problem(X, y, w, n_classes: int,
     f_ok = scales > 1e-10
     notes += [f"feature:{j}" for j in np.flatnonzero(~f_ok)]
     prob = Problem(X, y, w, p, n_classes - 1, np.flatnonzero(f_ok), np.flatnonzero(th_ok),
-                   link)
+                   link, device)
     return prob, means, scales, notes
 
 
@@ -310,7 +322,7 @@ def _subsample(prob: Problem, rows: np.ndarray):
     if not two_sided(ys, ws, prob.n_thresholds + 1)[prob.thresholds].all():
         return None
     sub = Problem(np.ascontiguousarray(prob.X[rows]), ys, ws, prob.n_features,
-                   prob.n_thresholds, prob.features, prob.thresholds, prob.link)
+                   prob.n_thresholds, prob.features, prob.thresholds, prob.link, prob.device)
     return sub.oracle(), float(rows.size if ws is None else ws.sum())
 
 
@@ -448,7 +460,8 @@ def fit_local(
     -------
     LocalFit
     """
-    prob, means, scales, notes = identified_problem(X, y, w, settings.n_classes, settings.link)
+    prob, means, scales, notes = identified_problem(X, y, w, settings.n_classes, settings.link,
+                                                    settings.device)
     n_eff = float(y.shape[0] if w is None else w.sum())
     pen = np.concatenate(
         [scales[prob.features],
@@ -749,7 +762,7 @@ def _edges(prob: Problem, est: np.ndarray) -> np.ndarray | None:
 
 def evaluate_local(
     X: np.ndarray, y: np.ndarray, w: np.ndarray | None, params: np.ndarray, meat: str | None,
-    loss: bool = True, link: str = "logit",
+    loss: bool = True, link: str = "logit", device: str | None = None,
 ) -> Evaluation:
     """Score (of the log-likelihood), Hessian and meat of the composite loss at ``params``.
 
@@ -757,8 +770,14 @@ def evaluate_local(
     ``d + 2 d^2`` numbers.
     """
     p = X.shape[1]
-    P = composite_pass(X, y, w, params[:p], params[p:], loss=loss, order=2, meat=meat,
-                       link=get_link(link))
+    if device is not None:
+        from ..core.gpu import DeviceRows
+
+        P = DeviceRows(X, y, w, device).composite_pass(params[:p], params[p:], loss=loss,
+                                                       order=2, meat=meat)
+    else:
+        P = composite_pass(X, y, w, params[:p], params[p:], loss=loss, order=2, meat=meat,
+                           link=get_link(link))
     return Evaluation(-P.grad, P.hess, P.meat, float(P.loss) if loss else None)
 
 
@@ -794,7 +813,7 @@ def evaluate_task(task: dict) -> Evaluation:
     with one_blas_thread():
         return evaluate_local(shard.X, shard.y, task_weights(shard, task), task["params"],
                               task["meat"], loss=task.get("loss", True),
-                              link=task.get("link", "logit"))
+                              link=task.get("link", "logit"), device=task.get("device"))
 
 
 def pack_rows(mask: np.ndarray) -> np.ndarray:

@@ -115,7 +115,7 @@ def quick_fit(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, n_classes: int
         # does not hinge on where a cut fell among the feature's rare values.
         dropped += prob.features[off].tolist()
         prob = Problem(prob.X, prob.y, prob.w, p, n_classes - 1, prob.features[~off],
-                       prob.thresholds, prob.link)
+                       prob.thresholds, prob.link, prob.device)
     else:
         return None
     Hinv = solve_psd(res.hess, np.eye(prob.size))
