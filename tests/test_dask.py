@@ -388,3 +388,39 @@ def test_a_scheduler_that_stops_answering_is_a_clear_error_not_a_hang(monkeypatc
             proc.kill()
             proc.wait(timeout=10)
     backend.close()
+
+
+def test_a_dask_dataframe_is_read_one_partition_at_a_time_never_collected(dask_backend,
+                                                                         monkeypatch):
+    """On the LocalCluster of the fixture (its client is the default one): the dask frame's
+    partitions are computed one at a time, the whole frame never, and the model equals the
+    one fitted on the same rows in memory; estimators that hold rows in memory refuse it."""
+    import dask.dataframe as dd
+    import pandas as pd
+
+    from fedgrain import OrdinalRegression
+    from fedgrain.exceptions import DataError
+
+    X, y, *_ = make_regions(12_000, n_regions=2, random_state=3)
+    df = pd.DataFrame(X, columns=[f"x{j}" for j in range(X.shape[1])]).assign(grade=y)
+    ddf = dd.from_pandas(df, npartitions=6)
+    computed = []
+    real = type(ddf).compute
+
+    def spy(self, *args, **kwargs):
+        computed.append(self.npartitions)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(ddf), "compute", spy)
+    a = DivideConquerOrdinal(n_subsets=2, backend="serial").fit(ddf, "grade")
+    assert computed and set(computed) == {1}  # partitions only, never the whole frame
+    b = DivideConquerOrdinal(n_subsets=2, backend="serial").fit(df, "grade")
+    np.testing.assert_allclose(a.results_.params, b.results_.params, atol=1e-10)
+    c = AdaptiveFederatedOrdinal(backend="serial").fit(ddf, "grade")
+    d = AdaptiveFederatedOrdinal(backend="serial").fit(df, "grade")
+    np.testing.assert_allclose(c.global_model_.results_.params,
+                               d.global_model_.results_.params, atol=1e-10)
+    with pytest.raises(DataError, match="does not collect by itself"):
+        OrdinalRegression().fit(ddf, "grade")
+    with pytest.raises(DataError, match="does not collect by itself"):
+        a.predict_proba(ddf)

@@ -980,3 +980,13 @@ def test_rounded_measurements_and_masked_labels_get_no_false_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         OrdinalRegression().fit(X, y, sample_weight=w)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/ratings.parquet", "gs://b/folder/",
+                                 "https://example.org/data.csv"])
+def test_a_remote_address_is_not_looked_for_as_a_local_file(url):
+    from fedgrain import DivideConquerOrdinal, OrdinalRegression
+
+    for model in (OrdinalRegression(), DivideConquerOrdinal(backend="serial")):
+        with pytest.raises(DataError, match=r"dask\.dataframe\.read_parquet"):
+            model.fit(url, "stars")

@@ -56,6 +56,19 @@ def _as_frame(X: Any) -> pd.DataFrame | None:
     return None
 
 
+def refuse_remote(path: Any) -> None:
+    """A URL (``s3://``, ``gs://``, ``hdfs://``, ``https://``...) is not a local path: say how to
+    read it instead of looking for a local file of that name."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if isinstance(text, str) and "://" in text and not text.startswith("file://"):
+        scheme = text.split("://", 1)[0]
+        raise DataError(
+            f"'{text}' is a {scheme}:// address; fedgrain reads local files by path. Read it "
+            f"as a dask DataFrame, dask.dataframe.read_parquet('{text}') (or read_csv), and fit "
+            "DivideConquerOrdinal or AdaptiveFederatedOrdinal on (frame, 'target column'): "
+            "they read it one partition at a time.")
+
+
 def coerce_X(X: Any) -> np.ndarray | pd.DataFrame:
     """A numeric 2-D ndarray (the fast path) or a pandas DataFrame holding the features."""
     if isinstance(X, (str, os.PathLike)):
@@ -159,6 +172,7 @@ def read_table(path: str | os.PathLike, *, columns: Any = None) -> pd.DataFrame:
     """
     if not isinstance(path, (str, os.PathLike)):
         raise DataTypeError(f"path must be a str or a path, not {type(path).__name__}.")
+    refuse_remote(path)
     path = Path(path)
     shown = os.path.abspath(path)
     if not path.exists():

@@ -111,6 +111,7 @@ def prepare_fit(
     DataTypeError
         For unusable types (sparse matrices, complex numbers, ...).
     """
+    refuse_dask_frame(X, estimator_name)
     table = coerce_X(X)
     if y is None:
         raise DataError(
@@ -180,6 +181,19 @@ def prepare_data(X: Any, y: Any, **kwargs) -> FitData:
     return prepare_fit(X, y, **kwargs)
 
 
+def refuse_dask_frame(X: Any, owner: str) -> None:
+    """A dask DataFrame given to an estimator that holds its rows in memory: refused, never
+    collected behind the user's back."""
+    from .streamed import is_dask_frame
+
+    if is_dask_frame(X):
+        raise DataError(
+            f"{owner} holds its rows in memory, and X is a dask DataFrame, which fedgrain does "
+            "not collect by itself: fit DivideConquerOrdinal or AdaptiveFederatedOrdinal with "
+            "(frame, 'target column'), which read it one partition at a time, or call "
+            ".compute() yourself.")
+
+
 def prepare_predict(
     X: Any, schema: FeatureSchema, *, estimator_name: str = "estimator"
 ) -> np.ndarray:
@@ -199,4 +213,11 @@ def prepare_predict(
     numpy.ndarray
         ``(n, schema.n_features)`` float64, C-contiguous.
     """
+    from .streamed import is_dask_frame
+
+    if is_dask_frame(X):
+        raise DataError(
+            "X is a dask DataFrame, which fedgrain does not collect by itself: predict each "
+            "partition, X.map_partitions(model.predict_proba, ...), or call .compute() "
+            "yourself.")
     return schema.transform(X, estimator_name=estimator_name)

@@ -39,7 +39,7 @@ from .features import (
     not_numeric_error,
     resolve_categorical,
 )
-from .files import PARQUET_SUFFIXES, error_reason
+from .files import PARQUET_SUFFIXES, error_reason, refuse_remote
 from .fitdata import FitData
 from .target import TargetEncoding, as_levels, check_missing, resolve_target, target_array
 
@@ -49,13 +49,21 @@ __all__ = ["BATCH_ROWS", "ParquetSource", "StreamedRows", "is_parquet_path", "pr
 BATCH_ROWS = 65_536
 
 
+def is_dask_frame(X: Any) -> bool:
+    """Whether ``X`` is a ``dask.dataframe`` DataFrame (checked without importing dask)."""
+    mod = type(X).__module__
+    return mod.startswith(("dask.dataframe", "dask_expr")) and hasattr(X, "npartitions") \
+        and hasattr(X, "columns")
+
+
 def is_parquet_path(X: Any) -> bool:
-    """Whether ``X`` is the path of a Parquet file or of a folder (of Parquet files), or a
-    :class:`ParquetSource`."""
-    if isinstance(X, ParquetSource):
+    """Whether ``X`` is the path of a Parquet file or of a folder (of Parquet files), a
+    :class:`ParquetSource`, or another source read batch by batch (a dask DataFrame)."""
+    if isinstance(X, (ParquetSource, DaskFrameSource)) or is_dask_frame(X):
         return True
     if not isinstance(X, (str, os.PathLike)):
         return False
+    refuse_remote(X)
     path = Path(X)
     return path.is_dir() or path.name.lower().endswith(PARQUET_SUFFIXES)
 
@@ -89,6 +97,7 @@ class ParquetSource:
 
     def __init__(self, path: str | os.PathLike, batch_rows: int = BATCH_ROWS,
                  columns: list[str] | None = None):
+        refuse_remote(path)
         self.path = Path(path)
         self.shown = os.path.abspath(self.path)
         self.batch_rows = int(batch_rows)
@@ -208,6 +217,43 @@ class ParquetSource:
         return f"(in '{self.shown}')"
 
 
+class DaskFrameSource:
+    """A ``dask.dataframe`` DataFrame as batches of rows, one partition at a time: the frame is
+    never collected whole (each partition is computed, by the frame's own scheduler, when its
+    rows are read). The same interface as :class:`ParquetSource`.
+    """
+
+    def __init__(self, frame, batch_rows: int = BATCH_ROWS, columns: list[str] | None = None):
+        self.frame = frame
+        self.batch_rows = int(batch_rows)
+        self.columns = [str(c) for c in frame.columns] if columns is None else list(columns)
+        if any(not isinstance(c, str) for c in frame.columns):
+            raise DataError("The dask DataFrame's column names must be strings; rename them.")
+        self.shown = f"the dask DataFrame ({frame.npartitions} partitions)"
+        self.rows = [int(n) for n in frame.map_partitions(len).compute()]
+        self.n_rows = int(sum(self.rows))
+        if self.n_rows == 0:
+            raise DataError(f"{self.shown} has no rows.")
+
+    def frames(self, columns: list[str] | None = None):
+        columns = self.columns if columns is None else columns
+        start = 0
+        for i in range(self.frame.npartitions):
+            part = self.frame.partitions[i][list(columns)].compute()
+            for a in range(0, len(part), self.batch_rows):
+                batch = part.iloc[a : a + self.batch_rows].reset_index(drop=True)
+                yield start, batch
+                start += len(batch)
+
+    def where(self, start: int, k: int) -> str:
+        for i, n in enumerate(self.rows):
+            if start < n:
+                return (f"(row numbers count within the batch of rows {start:,} to "
+                        f"{start + k - 1:,} of partition {i} of the dask DataFrame)")
+            start -= n
+        return f"(in {self.shown})"
+
+
 class StreamedRows:
     """The encoded feature rows of a :class:`ParquetSource`, read again on every pass.
 
@@ -263,7 +309,8 @@ def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any 
     and whose ``codes`` are compact (one byte a row for up to 127 classes).
     """
     if not isinstance(y, str):
-        shown = path.shown if isinstance(path, ParquetSource) else os.path.abspath(path)
+        shown = (path.shown if isinstance(path, (ParquetSource, DaskFrameSource)) else
+                 "the dask DataFrame" if is_dask_frame(path) else os.path.abspath(path))
         raise DataError(
             f"{estimator_name} reads '{shown}' batch by batch, so y must name its target "
             f"column (a str), not {type(y).__name__}.")
@@ -271,7 +318,12 @@ def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any 
         raise DataError(
             "sample_weight is not available when fitting from a Parquet path (the rows are "
             "streamed); fit on a frame read into memory, or drop the weights.")
-    source = path if isinstance(path, ParquetSource) else ParquetSource(path, batch_rows)
+    if isinstance(path, (ParquetSource, DaskFrameSource)):
+        source = path
+    elif is_dask_frame(path):
+        source = DaskFrameSource(path, batch_rows)
+    else:
+        source = ParquetSource(path, batch_rows)
     if y not in source.columns:
         raise DataError(f"The target column {y!r} is not in '{source.shown}'; "
                         f"{did_you_mean(y, source.columns)}")
