@@ -262,6 +262,14 @@ def retrained(base, X, y, bounds, rows_for, seed):
     return losses
 
 
+def leaf_positions(model, X) -> np.ndarray:
+    """Each row's leaf as its position in ``model.leaf_ids_`` (``apply`` gives the ids)."""
+    ids = model.leaf_ids_
+    lut = np.full(int(ids.max()) + 2, -1)
+    lut[ids] = np.arange(ids.shape[0])
+    return lut[model.apply(X)]
+
+
 def sliding(base, X, y, leaf, bounds, window, k):
     """Per-leaf ``OrdinalRegression`` on the last ``window`` rows, refitted before every batch."""
     n_leaves = int(leaf.max()) + 1
@@ -389,7 +397,7 @@ def synthetic(scenario, seed, n_stream, river_rows):
     X = w["X"]
     base = AdaptiveFederatedOrdinal(granularity=0.5, n_jobs=2, random_state=seed).fit(
         X[:TRAIN], y[:TRAIN])
-    leaf = base.apply(X)
+    leaf = leaf_positions(base, X)
     bounds = [(a, min(a + BATCH, TRAIN + n_stream)) for a in range(TRAIN, TRAIN + n_stream,
                                                                    BATCH)]
 
@@ -432,7 +440,7 @@ def real_stream():
               for yr in years]
     base = AdaptiveFederatedOrdinal(granularity=0.5, n_jobs=2, random_state=0).fit(
         X[:n_train], y[:n_train])
-    leaf = base.apply(X)
+    leaf = leaf_positions(base, X)
 
     def rows_for(lo):
         return slice(0, lo) if lo > n_train else None

@@ -66,9 +66,9 @@ def leaf_coverage(reps: int, n: int = 4000, with_grown: bool = True) -> dict:
             warnings.simplefilter("ignore")
             af = AdaptiveFederatedOrdinal(backend="serial", n_jobs=1,
                                           random_state=r).fit(X, y, partition=tree)
-            leaf = af.apply(X)
-            for pos, m in enumerate(af.local_models_):
-                reg = np.bincount(region[leaf == pos]).argmax()
+            leaf = af.apply(X)  # leaf ids, as each leaf model's .leaf
+            for m in af.local_models_:
+                reg = np.bincount(region[leaf == m.leaf]).argmax()
                 given.append(_covers(m, truth[reg]))
             if not with_grown:
                 continue
@@ -77,13 +77,13 @@ def leaf_coverage(reps: int, n: int = 4000, with_grown: bool = True) -> dict:
         leaf = af.apply(X)
         if af.n_leaves_ != 2:
             continue
-        purity = [np.bincount(region[leaf == pos], minlength=2).max() / np.sum(leaf == pos)
-                  for pos in range(2)]
+        purity = [np.bincount(region[leaf == nid], minlength=2).max() / np.sum(leaf == nid)
+                  for nid in af.leaf_ids_]
         if min(purity) < 0.99:
             continue
         found += 1
-        for pos, m in enumerate(af.local_models_):
-            grown.append(_covers(m, truth[np.bincount(region[leaf == pos]).argmax()]))
+        for m in af.local_models_:
+            grown.append(_covers(m, truth[np.bincount(region[leaf == m.leaf]).argmax()]))
     given, grown = np.array(given), np.array(grown)
     return {"reps": reps, "given": given.mean(0), "grown": grown.mean(0) if found else None,
             "found": found}

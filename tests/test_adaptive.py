@@ -64,11 +64,14 @@ def test_leaves_recover_the_regions_and_beat_the_global_model(regions, fitted):
 def test_leaf_models_estimate_their_regions(regions, fitted):
     (X, _, region), _, (coef, _) = regions
     af = fitted
-    leaf = af.apply(X)
-    for pos, model in enumerate(af.local_models_):
-        r = np.bincount(region[leaf == pos]).argmax()
+    leaf = af.apply(X)  # leaf ids, as the leaves' models carry them
+    for model in af.local_models_:
+        r = np.bincount(region[leaf == model.leaf]).argmax()
         z = np.abs(model.coef_ - coef[r]) / model.bse_[: coef.shape[1]]
-        assert z.max() < 4.5, (pos, z)
+        assert z.max() < 4.5, (model.leaf, z)
+    assert af.leaf_model(af.leaf_ids_[-1]) is af.local_models_[-1]
+    with pytest.raises(DataError, match="No leaf"):
+        af.leaf_model(-7)
 
 
 def test_prediction_routes_each_row_to_its_leaf_model(regions, fitted):
@@ -77,14 +80,14 @@ def test_prediction_routes_each_row_to_its_leaf_model(regions, fitted):
     leaf = af.apply(Xt)
     assert af.unseen(Xt).mean() < 0.01  # held-out rows of the same regions are nearly all seen
     proba = af.predict_proba(Xt)
-    for pos, model in enumerate(af.local_models_):
-        rows = leaf == pos
+    for model in af.local_models_:
+        rows = leaf == model.leaf
         np.testing.assert_allclose(proba[rows], model.predict_proba(Xt[rows]), rtol=1e-12)
     far = Xt[:5] + 50.0  # far outside every region: reported, but with meta="none" every
     assert af.unseen(far).all()  # row keeps its leaf's fit (the meta-learner falls back)
     leaf_far = af.apply(far)
     np.testing.assert_allclose(af.predict_proba(far)[0],
-                               af.local_models_[leaf_far[0]].predict_proba(far[:1])[0])
+                               af.leaf_model(leaf_far[0]).predict_proba(far[:1])[0])
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
     cum = af.predict_cumulative_proba(Xt)
     np.testing.assert_allclose(cum[:, 0], proba[:, 0])
@@ -140,7 +143,7 @@ def test_more_workers_than_regions_deals_regions_out_into_pieces(regions):
             np.testing.assert_array_equal(af.local_models_[m].coef_,
                                           af.local_models_[members[0]].coef_)
     # new rows reach the region's pieces, whose model is the same whichever piece
-    assert set(np.unique(af.apply(Xt))) == set(range(5))
+    assert set(np.unique(af.apply(Xt))) == set(af.leaf_ids_.tolist())
 
 
 def test_serial_and_processes_give_bit_identical_results(regions, monkeypatch):
@@ -216,7 +219,7 @@ def test_a_given_partition_is_used_as_it_is(regions):
     before = tree.to_dict()
     af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y, partition=tree)
     assert af.n_leaves_ == 2
-    np.testing.assert_array_equal(af.apply(X), (X[:, 0] > 3.0).astype(int))
+    np.testing.assert_array_equal(af.apply(X), af.leaf_ids_[(X[:, 0] > 3.0).astype(int)])
     # the model owns a copy: the caller's tree is left as it was
     assert af.partition_ is not tree and tree.to_dict() == before
     # changing the fitted partition afterwards is caught, not silently mispredicted
@@ -415,8 +418,8 @@ def test_no_leaf_holds_a_single_class():
     # a side of class 1 plus a few stragglers (no finite fit) is not a cut either
     af = AdaptiveFederatedOrdinal(granularity=1.0, backend="serial").fit(X, y)
     leaf = af.apply(X)
-    for pos in range(af.n_leaves_):
-        counts = np.bincount(y[leaf == pos], minlength=4)
+    for nid in af.leaf_ids_:
+        counts = np.bincount(y[leaf == nid], minlength=4)
         assert counts.sum() - counts.max() >= 20
     tree = PartitionTree(2, 4, Standardizer.fit(X))
     tree.split(tree.root, np.array([1.0, 0.0]), 0.0)
@@ -451,10 +454,10 @@ def test_refresh_profile_from_new_labelled_rows(regions, fitted):
     before = {k: v.n_rows for k, v in af.profile_.leaves.items()}
     prof = af.refresh_profile(Xt[:3000], yt[:3000])
     leaf = af.apply(Xt[:3000])
-    for pos, nid in enumerate(af.partition_.leaves):
-        assert prof[nid].n_rows == int((leaf == pos).sum()) != before[nid]
+    for nid in af.partition_.leaves:
+        assert prof[nid].n_rows == int((leaf == nid).sum()) != before[nid]
         np.testing.assert_array_equal(prof[nid].class_counts,
-                                      np.bincount(yt[:3000][leaf == pos], minlength=4))
+                                      np.bincount(yt[:3000][leaf == nid], minlength=4))
         assert prof[nid].importance_source == "screening"
     with pytest.raises(ValueError, match="y"):
         af.refresh_profile(Xt[:10], np.full(10, 9))

@@ -31,7 +31,7 @@ def test_each_group_is_one_leaf_holding_exactly_its_rows():
     assert af.n_leaves_ == 8 and af.groups_ == [f"site{s}" for s in range(8)]
     leaf = af.apply(X, groups=g)
     for s, label in enumerate(af.groups_):
-        assert set(leaf[g == label]) == {s}  # the group's rows, all in its own leaf
+        assert set(leaf[g == label]) == {af.leaf_ids_[s]}  # the group's rows, in its own leaf
     assert af.partition_.sizes.tolist() == [300] * 8
     # a group's model is its own: the leaves' slopes differ as the sites' do
     slopes = np.array([m.coef_ for m in af.local_models_])

@@ -96,8 +96,8 @@ def test_a_leaf_model_is_converged_not_the_one_step_estimate():
     af = AdaptiveFederatedOrdinal(backend="serial", n_jobs=1).fit(
         X, y, partition=_true_partition(X))  # given: every row estimates its leaf
     leaf = af.apply(X)
-    for pos, m in enumerate(af.local_models_):
-        rows = leaf == pos
+    for m in af.local_models_:
+        rows = leaf == m.leaf
         ref = DivideConquerOrdinal(n_subsets=1, alpha=0, backend="serial").fit(X[rows], y[rows])
         assert np.max(np.abs(m.results_.params - ref.results_.params) / ref.bse_) < 0.02
         np.testing.assert_allclose(m.bse_, ref.bse_, rtol=0.01)
@@ -145,7 +145,8 @@ def test_after_a_leaf_is_refitted_the_global_model_is_pooled_from_the_current_le
     af = AdaptiveFederatedOrdinal(backend="serial", n_jobs=1).fit(X[train], y[train],
                                                                   partition=tree)
     leaf = af.apply(X)
-    keep, new = train & (leaf == 0), ~train & (leaf == 1) & (np.arange(X.shape[0]) < 9000)
+    first, second = af.leaf_ids_[:2]
+    keep, new = train & (leaf == first), ~train & (leaf == second) & (np.arange(X.shape[0]) < 9000)
     nid = af.partition_.leaves[1]
     before = af.results_.params.copy()
     af._replace_leaves({nid: af._fit_rows(X[new], y[new], seed=1)}, int(new.sum()))

@@ -95,7 +95,8 @@ def _stream(af, X, y):
 
 
 def _leaf_of_region(af, X, region, r):
-    return af.partition_.leaves[np.bincount(af.apply(X[region == r])).argmax()]
+    ids, counts = np.unique(af.apply(X[region == r]), return_counts=True)
+    return int(ids[counts.argmax()])
 
 
 def test_a_stationary_stream_raises_no_alarm(world):

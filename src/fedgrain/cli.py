@@ -556,8 +556,8 @@ def _cmd_evaluate(args) -> int:
     if hasattr(model, "partition_"):  # adaptive: the same scores leaf by leaf
         leaf = model.apply(_features_for(model, X, args.data), **by_group)
         rows = []
-        for pos, nid in enumerate(model.partition_.leaves):
-            m = leaf == pos
+        for nid in model.leaf_ids_.tolist():
+            m = leaf == nid
             if m.any():
                 sc = ordinal_scores(codes[m], proba[m])
                 rows.append([nid, sc["rows"], sc["log_loss"], sc["rps"], sc["accuracy"],
@@ -584,7 +584,8 @@ def _cmd_evaluate(args) -> int:
     if table is not None:
         print("\nPer leaf:")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        print("(leaf: the node id of the report, describe() and summary --leaf)")
+        print("(leaf: the leaf's id, as apply(), the report, describe() and summary --leaf "
+              "give it)")
     return 0
 
 
@@ -652,10 +653,10 @@ def _leaf_model(model, leaf: int):
     if not hasattr(model, "partition_"):
         raise DataError(f"--leaf: the model is a {type(model).__name__}, which has no leaves "
                         "(fit with --granularity for an adaptive model).")
-    leaves = [int(n) for n in model.partition_.leaves]
+    leaves = model.leaf_ids_.tolist()
     if leaf not in leaves:
         raise DataError(f"--leaf {leaf}: no such leaf; the leaves are {leaves}.")
-    return model.local_models_[leaves.index(leaf)]
+    return model.leaf_model(leaf)
 
 
 def _cmd_stream(args) -> int:
@@ -902,8 +903,8 @@ def _add_summary(command) -> None:
     _add_ci_alpha(p)
     p.add_argument("--html", help="also write the table as HTML to this file")
     p.add_argument("--leaf", type=int, metavar="ID",
-                   help="an adaptive model: the table of this leaf's model (the node id that "
-                        "evaluate, the report and describe() show)")
+                   help="an adaptive model: the table of this leaf's model (its id, as "
+                        "apply(), evaluate, the report and describe() show it)")
     p.set_defaults(func=_cmd_summary)
 
 

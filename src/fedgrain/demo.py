@@ -133,15 +133,16 @@ def _stream_with_a_change(af: AdaptiveFederatedOrdinal, Xp: pd.DataFrame, yp: pd
     draw = rng.integers(0, len(Xp), STREAM_ROWS)
     Xs = Xp.iloc[draw].reset_index(drop=True)
     ys = yp.iloc[draw].reset_index(drop=True)
-    leaf_of = af.apply(Xs)
-    changed_leaf = int(np.bincount(leaf_of).argmax())
+    leaf_of = af.apply(Xs)  # leaf ids
+    ids, counts = np.unique(leaf_of, return_counts=True)
+    changed_leaf = int(ids[counts.argmax()])
     half = STREAM_ROWS // 2
     turn = (np.arange(STREAM_ROWS) >= half) & (leaf_of == changed_leaf)
     flipped = pd.Categorical.from_codes(len(levels) - 1 - ys.cat.codes.to_numpy(),
                                         categories=levels, ordered=True)
     ys = pd.Series(np.where(turn, flipped, ys), dtype=ys.dtype)
     print(f"{STREAM_ROWS:,} rows drawn from the stream pool, in batches of {STREAM_BATCH:,}; "
-          f"from row {half:,} on, the people of leaf {af.partition_.leaves[changed_leaf]} answer "
+          f"from row {half:,} on, the people of leaf {changed_leaf} answer "
           "the other way round (excellent <-> poor, good <-> fair).")
     before = copy.deepcopy(af)
     seen = len(af.events_)

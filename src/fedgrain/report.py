@@ -366,7 +366,7 @@ def _given_rows(model, X, y, adaptive: bool, groups=None):
             codes = model.target_.encode(y)
             proba = model.predict_proba(X, order="levels", **by_group)
         if adaptive:
-            leaf = model.apply(X, **by_group)
+            leaf = model._leaf_positions(X, **by_group)  # positions, for the tables below
     return Xe, codes, proba, leaf
 
 

@@ -794,7 +794,10 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
 
     # ---- prediction: each row by its leaf's model ---------------------------------------------
     def apply(self, X, groups=None) -> np.ndarray:
-        """The leaf (position in ``partition_.leaves`` and ``local_models_``) of each row.
+        """The leaf of each row, by its id: the node id that ``partition_.describe()``, the
+        leaves' models (``leaf_model(id)``, ``LeafModel.leaf``), ``evaluate``, the report,
+        warnings and stream events use (``leaf_ids_`` lists them in the order of
+        ``local_models_``).
 
         Rows of a region dealt out into random pieces go to a piece by a fixed pseudo-random
         function of the row, not by the class-stratified deal of the training rows (use
@@ -804,8 +807,27 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         a row of a group the fit did not see, or every row without ``groups``, to none: -1
         (the global model predicts it).
         """
+        pos = self._leaf_positions(X, groups)
+        ids = self.leaf_ids_
+        return np.where(pos >= 0, ids[np.maximum(pos, 0)], -1)
+
+    def _leaf_positions(self, X, groups=None) -> np.ndarray:
+        """Each row's position in ``local_models_`` (-1: none)."""
         X, groups = self._groups_of(X, groups)
         return self._route(self.encode(X), groups)
+
+    @property
+    def leaf_ids_(self) -> np.ndarray:
+        """The leaves' ids (node ids), in the order of ``local_models_``."""
+        check_is_fitted(self, "partition_")
+        return np.asarray(self.partition_.leaves, dtype=np.int64)
+
+    def leaf_model(self, leaf: int) -> LeafModel:
+        """The model of the leaf with this id (as :meth:`apply` gives it)."""
+        ids = self.leaf_ids_.tolist()
+        if leaf not in ids:
+            raise DataError(f"No leaf {leaf!r}; the leaves are {ids}.")
+        return self.local_models_[ids.index(leaf)]
 
     def _no_groups(self, what: str, instead: str) -> None:
         """A :class:`DataError` for ``what`` on a model fitted with groups."""
