@@ -401,3 +401,26 @@ def test_output_paths_are_checked_before_any_work(files, capsys, tmp_path, make,
     code, _, err = run(capsys, "fit", str(d / "train.csv"), "--target", "grade", "--levels",
                        ",".join(LEVELS), "--out", str(tmp_path / "file"), "--force")
     assert code == 2 and "is a file; a model is saved as a folder" in err
+
+
+def test_main_called_from_python_leaves_the_applications_signal_handling_alone(capsys):
+    import signal
+
+    seen = []
+    mine = signal.signal(signal.SIGTERM, lambda *a: seen.append(a))
+    try:
+        def probe(args):
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            assert signal.getsignal(signal.SIGTERM).__name__ == "<lambda>"
+            return 0
+
+        import fedgrain.cli as cli
+
+        real = cli._cmd_summary
+        cli._cmd_summary = probe
+        try:
+            assert cli.main(["summary", "whatever"]) == 0
+        finally:
+            cli._cmd_summary = real
+    finally:
+        signal.signal(signal.SIGTERM, mine)

@@ -83,28 +83,35 @@ def test_sigkill_leaves_no_worker_and_the_next_run_removes_its_folders(big):
     proc, kids = _fit_until_working(big, "m_kill")
     time.sleep(1.5)  # the workers are busy with their first tasks (they watch from then on)
     kids = psutil.Process(proc.pid).children(recursive=True)
-    proc.kill()
-    proc.wait(timeout=10)
+    proc.kill()  # not reaped yet: a zombie parent must not keep its workers alive
     end = time.time() + 10  # workers notice their parent is gone
     while time.time() < end and _alive(kids):
         time.sleep(0.2)
     assert _alive(kids) == [], [(k.pid, k.cmdline()[-2:]) for k in kids if k.pid in _alive(kids)]
+    proc.wait(timeout=10)
     # SIGKILL cannot be caught: the folders stay until the next run, which removes them (one
     # made here in the dead process's name too, in case the fit had ended its spilling)
     from fedgrain._process import host_tag
 
     made = Path(tempfile.gettempdir()) / f"fedgrain-spill-{host_tag()}-{proc.pid}-abcdefgh"
     made.mkdir()
+    past = time.time() - 120  # a later run: a dead process's folders go once a minute old
+    for f in _ours(proc.pid):
+        os.utime(f, (past, past))
     for base in {str(Path(f).parent) for f in _ours(proc.pid)}:
         private_folder("spill", base).rmdir()  # what a new run does first
     assert _ours(proc.pid) == []
     assert not (big / "m_kill").exists()
     # a live process's folders are never swept: this one's survive a sweep
     base = Path(tempfile.gettempdir())
-    own = base / f"fedgrain-spill-{os.getpid()}-selftest"
+    own = base / f"fedgrain-spill-{host_tag()}-{os.getpid()}-selftest"
+    young = base / f"fedgrain-spill-{host_tag()}-{proc.pid}-youngone"  # dead, but just made
     own.mkdir()
+    young.mkdir()
+    os.utime(own, (past, past))
     try:
         private_folder("spill", base).rmdir()
-        assert own.is_dir()
+        assert own.is_dir() and young.is_dir()
     finally:
         own.rmdir()
+        young.rmdir()

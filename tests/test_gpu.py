@@ -107,3 +107,33 @@ def test_divide_and_conquer_on_a_device_equals_the_cpu_fit(device):
         np.testing.assert_allclose(dev.bse_, cpu.bse_, rtol=1e-7)
     with pytest.raises(ParameterError, match="backend='serial'"):
         DivideConquerOrdinal(backend="processes", device=device).fit(X, y)
+
+
+def test_device_settings_save_and_blocks_shrink_with_the_levels(tmp_path):
+    from fedgrain import OrdinalRegression, load
+    from fedgrain.core.gpu import DeviceRows
+
+    X, y, *_ = _data(n=2000, p=3)
+    m = OrdinalRegression(device=torch.device("cpu")).fit(X, y)
+    back = load(m.save(tmp_path / "m"))
+    assert back.device == "cpu"
+    np.testing.assert_array_equal(back.predict_proba(X), m.predict_proba(X))
+    rows = DeviceRows(X, y, None, "cpu")
+    assert rows._block(99) * (3 + 4 * 99) <= 1 << 25 and rows._block(3) == 1 << 20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+def test_rows_on_a_gpu_pick_it_where_the_model_can_and_the_cpu_otherwise():
+    from fedgrain import DivideConquerOrdinal, OrdinalRegression
+
+    X, y, *_ = _data(n=4000, p=3)
+    Xt = torch.as_tensor(X, device="cuda")
+    probit = OrdinalRegression(link="probit").fit(Xt, y)  # on the CPU: no error
+    np.testing.assert_allclose(probit.coef_, OrdinalRegression(link="probit").fit(X, y).coef_)
+    dc = DivideConquerOrdinal(n_subsets=2, backend="serial")
+    dc.fit(Xt, y)
+    assert dc._input_device.startswith("cuda")
+    ref = DivideConquerOrdinal(n_subsets=2, backend="serial").fit(X, y)
+    np.testing.assert_allclose(dc.results_.params, ref.results_.params, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ParameterError, match="GPU\\(s\\) here"):
+        OrdinalRegression(device=f"cuda:{torch.cuda.device_count()}").fit(X, y)

@@ -20,13 +20,18 @@ def pid_alive(pid: int) -> bool:
 
 
 def host_tag() -> str:
-    """Six hex digits of this machine's name: temporary names carry it with the process id,
-    so that only this machine's dead processes' leftovers are ever removed (a folder shared
-    with other machines or containers holds theirs too, whose process ids mean nothing here)."""
+    """Six hex digits of this machine's name and of this process's PID namespace: temporary
+    names carry them with the process id, so that only leftovers whose process ids mean
+    something here are ever removed (a folder shared with other machines, or with containers
+    of this machine in other PID namespaces, holds theirs too)."""
     import hashlib
     import socket
 
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        ns = ""
+    return hashlib.sha256(f"{socket.gethostname()}/{ns}".encode()).hexdigest()[:6]
 
 
 def owner_tag() -> str:

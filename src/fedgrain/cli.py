@@ -962,7 +962,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # bare ``fedgrain``: what it can do
         parser.print_help()
         return 0
-    restore = _exit_cleanly_on_sigterm()
+    # as the program (argv from the command line): SIGTERM cleans up before exiting; called
+    # from Python with its own argv, the application's signal handling is left alone
+    restore = _exit_cleanly_on_sigterm() if argv is None else (lambda: None)
     saved = warnings.formatwarning
     if not args.debug:  # warnings as one line each, like errors (with --debug: Python's own)
         warnings.formatwarning = _one_line_warning
@@ -981,8 +983,9 @@ def _exit_cleanly_on_sigterm():
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None  # a handler of the application's own stays in charge
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops at once

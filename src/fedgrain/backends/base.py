@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .._process import left_by_dead, owner_tag, pid_alive
+from .._process import left_by_dead, owner_tag
 from ..exceptions import ResourceError
 
 #: Spill folders of this process, removed at exit if a backend was never closed.
@@ -65,16 +65,29 @@ def private_folder(kind: str, base: str | os.PathLike | None = None) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
+#: A dead process's temporary folder is removed once it is this old (seconds): a folder just
+#: made by a process this one cannot see is never at risk.
+SWEEP_AGE = 60.0
+
+
 def sweep_dead(base: Path) -> None:
     """Remove the temporary folders of fedgrain processes that no longer run from ``base``."""
+    import time
+
     try:
         names = os.listdir(base)
     except OSError:
         return
     for name in names:
         m = _OURS.fullmatch(name)
-        if m is not None and left_by_dead(m["host"], m["pid"]):
-            shutil.rmtree(base / name, ignore_errors=True)
+        if m is None or not left_by_dead(m["host"], m["pid"]):
+            continue
+        try:
+            if time.time() - (base / name).lstat().st_mtime < SWEEP_AGE:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(base / name, ignore_errors=True)
 
 
 _WATCHING = False
@@ -94,7 +107,7 @@ def watch_parent(parent: int) -> None:
     def watch() -> None:
         while True:
             time.sleep(0.5)
-            if os.getppid() != parent and not pid_alive(parent):
+            if os.getppid() != parent:  # re-parented: the parent died (a zombie counts)
                 os._exit(1)
 
     threading.Thread(target=watch, name="fedgrain-parent-watch", daemon=True).start()

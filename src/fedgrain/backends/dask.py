@@ -113,9 +113,9 @@ def _probe_scheduler(address: str, timeout: float) -> None:
             sock = socket.create_connection((host, int(port)),
                                             timeout=max(deadline - time.monotonic(), 0.1))
             break
-        except (ConnectionRefusedError, ConnectionResetError):
-            if time.monotonic() >= deadline:
-                raise
+        except (ConnectionRefusedError, ConnectionResetError, socket.gaierror):
+            if time.monotonic() >= deadline:  # a name not resolved yet is retried too, as
+                raise  # Dask's own connect does
             time.sleep(0.1)
     with sock:
         sock.settimeout(max(deadline - time.monotonic(), 0.5))

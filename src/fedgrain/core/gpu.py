@@ -21,7 +21,9 @@ import numpy as np
 from ..exceptions import ParameterError
 from .likelihood import MEATS, Pass
 
-#: Rows per block on the device: temporaries stay ``block x (p + K)`` whatever ``n`` is.
+#: Elements per block temporary on the device: a block has ``2**25 / (p + 4 (K - 1))`` rows
+#: (at most ``2**20``), so its temporaries stay near 256 MB whatever ``n`` and ``K`` are.
+BLOCK_ELEMENTS = 1 << 25
 DEVICE_BLOCK = 1 << 20
 
 
@@ -47,6 +49,9 @@ def torch_device(device: Any):
         )
     if dev.type not in ("cuda", "cpu"):
         raise ParameterError(f"device must be None, 'cuda', 'cuda:N' or 'cpu'; got {device!r}.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ParameterError(f"device={device!r}: PyTorch sees {torch.cuda.device_count()} "
+                             "GPU(s) here, numbered from 0.")
     return dev
 
 
@@ -76,22 +81,32 @@ class DeviceRows:
     """Rows on a device: features ``X`` (float64), class codes ``y``, weights ``w`` (or None)."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, w: np.ndarray | None, device):
+        import warnings
+
         import torch
 
         self.torch = torch
         self.device = torch_device(device)
-        self.X = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float64), device=self.device)
-        self.y = torch.as_tensor(np.asarray(y, dtype=np.int64), device=self.device)
-        self.w = None if w is None else torch.as_tensor(np.asarray(w, dtype=np.float64),
-                                                        device=self.device)
+        with warnings.catch_warnings():  # read-only inputs (memory-mapped shards) are only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.X = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float64),
+                                     device=self.device)
+            self.y = torch.as_tensor(np.asarray(y, dtype=np.int64), device=self.device)
+            self.w = None if w is None else torch.as_tensor(np.asarray(w, dtype=np.float64),
+                                                            device=self.device)
         self.n, self.p = X.shape
+        self.block = DEVICE_BLOCK
 
     def _t(self, a: np.ndarray):
         return self.torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device)
 
-    def blocks(self):
-        for a in range(0, self.n, DEVICE_BLOCK):
-            b = min(a + DEVICE_BLOCK, self.n)
+    def _block(self, n_thresholds: int) -> int:
+        return int(max(1024, min(DEVICE_BLOCK, BLOCK_ELEMENTS // (self.p + 4 * n_thresholds))))
+
+    def blocks(self, n_thresholds: int = 1):
+        step = self._block(n_thresholds)
+        for a in range(0, self.n, step):
+            b = min(a + step, self.n)
             yield (self.X[a:b], self.y[a:b],
                    self.torch.ones(b - a, dtype=self.X.dtype, device=self.device)
                    if self.w is None else self.w[a:b])
@@ -123,7 +138,7 @@ class DeviceRows:
         hess = torch.zeros((d, d), dtype=t.dtype, device=self.device)
         mt = torch.zeros((d, d), dtype=t.dtype, device=self.device) if meat else None
         ls = torch.nn.functional.logsigmoid
-        for Xb, yb, wb in self.blocks():
+        for Xb, yb, wb in self.blocks(K1):
             if s is not None:
                 Xb = Xb - s
             eta = Xb @ b
@@ -192,8 +207,9 @@ class DeviceRows:
         hess = torch.zeros((d, d), dtype=th.dtype, device=self.device)
         mt = torch.zeros((d, d), dtype=th.dtype, device=self.device) if meat else None
         weights = self.w if w is None else self._t(w)
-        for a in range(0, self.n, DEVICE_BLOCK):
-            z = min(a + DEVICE_BLOCK, self.n)
+        step = self._block(kk)
+        for a in range(0, self.n, step):
+            z = min(a + step, self.n)
             Xb, yb = self.X[a:z], self.y[a:z]
             wb = (torch.ones(z - a, dtype=th.dtype, device=self.device) if weights is None
                   else weights[a:z])

@@ -60,6 +60,8 @@ def _plain(value):
     """
     if isinstance(value, np.generic):
         return value.item()
+    if type(value).__module__.startswith("torch"):  # a torch.device: its name
+        return str(value)
     if isinstance(value, (list, tuple, np.ndarray)):
         return [_plain(v) for v in value]
     return value
@@ -417,7 +419,8 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
                           penalize_thresholds=bool(self.penalize_thresholds),
                           cv_folds=self.cv_folds, max_iter=self.max_iter, tol=float(self.tol),
                           link=self._link().name,
-                          device=self.get_params(deep=False).get("device")),
+                          device=self.get_params(deep=False).get("device")
+                          or getattr(self, "_input_device", None)),
             refine_rounds=int(self.refine_rounds), alpha=self.alpha)
 
     def _n_workers(self, backend: Backend) -> int:

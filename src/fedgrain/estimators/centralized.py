@@ -148,9 +148,12 @@ class OrdinalRegression(OrdinalModel):
         owner = type(self).__name__
         from ..core.gpu import device_of, on_host
 
-        device = self.device if self.device is not None else device_of(X)
+        logit_only = self.link == "logit" and not _nominal_list(self.nominal)
+        device = self.device
+        if device is None and logit_only:
+            device = device_of(X)  # rows on a GPU: fitted there (other models on the CPU)
         X, y, sample_weight = on_host(X), on_host(y), on_host(sample_weight)
-        if device is not None and (self.link != "logit" or _nominal_list(self.nominal)):
+        if device is not None and not logit_only:
             raise ParameterError(f"device={device!r} runs the logit model's passes; fit "
                                  f"link={self.link!r} or nominal features on the CPU "
                                  "(device=None).")

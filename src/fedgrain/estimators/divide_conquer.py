@@ -161,8 +161,11 @@ class DivideConquerOrdinal(PooledModel):
         """
         # One BLAS thread here too: the server side only does d x d algebra, which threads slow
         # down, and the workers set their own limit.
-        from ..core.gpu import on_host
+        from ..core.gpu import device_of, on_host
 
+        # rows on a GPU: the subsets' passes run there when they can (serial, logit)
+        self._input_device = device_of(X) if self.device is None and self.link == "logit" \
+            and getattr(self.backend, "name", self.backend) == "serial" else None
         X, y, sample_weight = on_host(X), on_host(y), on_host(sample_weight)
         with local.one_blas_thread(), progress.reporting(self.callback):
             return self._fit(X, y, sample_weight)
