@@ -125,19 +125,10 @@ def composite_pass(
                                     block=block)
     n, p = X.shape
     block = block or block_rows(p)
-    ks = np.arange(theta.shape[0]) if thresholds is None else np.asarray(thresholds, dtype=np.intp)
+    ks, th, grad, hess, mt, cg = _composite_sums(p, theta, thresholds, order, meat, by_class)
     kk = ks.shape[0]
-    th = theta[ks]
-    d = p + kk
-    if meat is not None and meat not in MEATS:
-        raise ValueError(f"meat must be one of {MEATS} or None; got {meat!r}.")
-
-    total = 0.0
-    grad = np.zeros(d) if order >= 1 else None
-    hess = np.zeros((d, d)) if order >= 2 else None
-    mt = np.zeros((d, d)) if meat is not None else None
     n_cls = theta.shape[0] + 1
-    cg = np.zeros((n_cls, d)) if by_class else None
+    total = 0.0
     ones_k = np.ones(kk)
     ones_b = np.ones(min(block, n))
     # sum_k u_ik a_ik = c(y_i) eta_i - s(y_i), with c(y) = #{k in ks: k < y} and s(y) the sum of
@@ -235,6 +226,19 @@ def composite_pass(
     return Pass(total if loss else None, grad, hess, mt, cg)
 
 
+def _composite_sums(p: int, theta: np.ndarray, thresholds, order: int, meat, by_class: bool):
+    """What a composite pass starts from: the thresholds taking part (``ks``) and their values,
+    and the zeroed sums asked for (gradient, Hessian, meat, per-class gradients; None if not)."""
+    ks = np.arange(theta.shape[0]) if thresholds is None else np.asarray(thresholds, dtype=np.intp)
+    d = p + ks.shape[0]
+    if meat is not None and meat not in MEATS:
+        raise ValueError(f"meat must be one of {MEATS} or None; got {meat!r}.")
+    return (ks, theta[ks], np.zeros(d) if order >= 1 else None,
+            np.zeros((d, d)) if order >= 2 else None,
+            np.zeros((d, d)) if meat is not None else None,
+            np.zeros((theta.shape[0] + 1, d)) if by_class else None)
+
+
 def _composite_pass_link(X, y, w, beta, theta, link, *, thresholds=None, loss=True, order=2,
                          meat=None, by_class=False, block=None) -> Pass:
     """:func:`composite_pass` for a link other than the logit.
@@ -252,18 +256,9 @@ def _composite_pass_link(X, y, w, beta, theta, link, *, thresholds=None, loss=Tr
     """
     n, p = X.shape
     block = block or block_rows(p)
-    ks = np.arange(theta.shape[0]) if thresholds is None else np.asarray(thresholds, dtype=np.intp)
-    kk = ks.shape[0]
-    th = theta[ks]
-    d = p + kk
-    if meat is not None and meat not in MEATS:
-        raise ValueError(f"meat must be one of {MEATS} or None; got {meat!r}.")
-    total = 0.0
-    grad = np.zeros(d) if order >= 1 else None
-    hess = np.zeros((d, d)) if order >= 2 else None
-    mt = np.zeros((d, d)) if meat is not None else None
+    ks, th, grad, hess, mt, cg = _composite_sums(p, theta, thresholds, order, meat, by_class)
     n_cls = theta.shape[0] + 1
-    cg = np.zeros((n_cls, d)) if by_class else None
+    total = 0.0
     above = ks[None, :] < np.arange(n_cls)[:, None]  # per class: u_ik
     for start in range(0, n, block):
         stop = min(start + block, n)
