@@ -74,25 +74,24 @@ class Link:
         """``d log g / da = f'/f - g`` for the reversed hazard ``g = f / F``."""
         return -expit(a)
 
-    def _hazard_slope(self, a):
-        return self.ratio(a) + np.exp(self.log_hazard(a))
-
-    def _rhazard_slope(self, a):
-        return self.ratio(a) - np.exp(self.log_rhazard(a))
-
     def ppf(self, q):
         q = np.asarray(q, dtype=float)
         return np.log(q) - np.log1p(-q)
 
 
-class Probit(Link):
-    name = "probit"
+class _Slopes:
+    """The hazards' log-slopes from their definitions, ``r + h`` and ``r - g`` (the logit's
+    are in closed form on :class:`Link`; a link overrides those it has exactly)."""
 
     def hazard_slope(self, a):
-        return self._hazard_slope(a)
+        return self.ratio(a) + np.exp(self.log_hazard(a))
 
     def rhazard_slope(self, a):
-        return self._rhazard_slope(a)
+        return self.ratio(a) - np.exp(self.log_rhazard(a))
+
+
+class Probit(_Slopes, Link):
+    name = "probit"
 
     def cdf(self, a):
         return ndtr(a)
@@ -126,7 +125,7 @@ class Probit(Link):
         return ndtri(q)
 
 
-class CLogLog(Link):
+class CLogLog(_Slopes, Link):
     name = "cloglog"
 
     def cdf(self, a):
@@ -169,14 +168,11 @@ class CLogLog(Link):
     def hazard_slope(self, a):
         return np.ones_like(np.asarray(a, dtype=float))  # the hazard exp(a) is its own slope
 
-    def rhazard_slope(self, a):
-        return self._rhazard_slope(a)
-
     def ppf(self, q):
         return np.log(-np.log1p(-np.asarray(q, dtype=float)))
 
 
-class LogLog(Link):
+class LogLog(_Slopes, Link):
     name = "loglog"
 
     def cdf(self, a):
@@ -214,9 +210,6 @@ class LogLog(Link):
     def rhazard_slope(self, a):
         return -np.ones_like(np.asarray(a, dtype=float))
 
-    def hazard_slope(self, a):
-        return self._hazard_slope(a)
-
     def log_hazard(self, a):
         a = np.asarray(a, dtype=float)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -226,14 +219,8 @@ class LogLog(Link):
         return -np.log(-np.log(np.asarray(q, dtype=float)))
 
 
-class Cauchit(Link):
+class Cauchit(_Slopes, Link):
     name = "cauchit"
-
-    def hazard_slope(self, a):
-        return self._hazard_slope(a)
-
-    def rhazard_slope(self, a):
-        return self._rhazard_slope(a)
 
     def cdf(self, a):
         return np.arctan2(1.0, -np.asarray(a, dtype=float)) / np.pi
