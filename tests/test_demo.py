@@ -21,7 +21,7 @@ def test_demo_runs_the_whole_pipeline_and_says_where_the_report_is(tmp_path, cap
     assert f"The report (partition, coefficients, leaves, meta-learning, drift): " \
            f"{report.resolve()}" in out
     page = report.read_text()
-    assert "Drift timeline" in page and "concept drift" in page
+    assert '<section id="drift">' in page and "concept drift" in page
     model = load(tmp_path / "d" / "model")
     assert isinstance(model, AdaptiveFederatedOrdinal)
     assert any(e["kind"] == "concept drift" for e in model.events_)

@@ -146,9 +146,9 @@ def test_the_report_names_the_sites_and_scores_them(tmp_path):
     X, y, g, _ = _sites(n_sites=4)
     af = AdaptiveFederatedOrdinal(backend="serial", random_state=0).fit(X, y, groups=g)
     page = af.report(tmp_path / "r.html", X, y, groups=g).read_text()
-    assert "<td>site2</td>" in page and "<th>Site</th>" in page
+    assert "<td>site site2 (leaf " in page
     bare = af.report(tmp_path / "r2.html").read_text()  # no rows: no projection of sites
-    assert "The leaves are sites, not regions of feature space" in bare
+    assert "The leaves are the 4 sites (groups), not regions of feature space" in bare
 
 
 def test_the_report_shows_the_learned_pull_per_parameter_and_the_gain_per_site(tmp_path):
@@ -158,7 +158,7 @@ def test_the_report_shows_the_learned_pull_per_parameter_and_the_gain_per_site(t
     assert np.isfinite(af.meta_state_.rho)
     page = af.report(tmp_path / "r.html").read_text()
     assert "How far a leaf may differ" in page and "Prior sd" in page
-    assert "Gain per leaf" in page and "(site site3)" in page
+    assert "Gain per leaf" in page and "<td>site site3 (leaf " in page
     last = af.history_[-1]
     assert set(last["leaf_global_loss"]) == set(last["leaf_val_loss"])
 

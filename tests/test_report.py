@@ -59,31 +59,178 @@ def _chromium(args: list[str], timeout: float = 90) -> subprocess.CompletedProce
          *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
+SECTIONS = ("overview", "coefficients", "leaves", "forest", "partition", "evaluation",
+            "meta-learning", "drift")
+
+
 def test_report_sections_and_plots(streamed_model, tmp_path):
     model, X, y = streamed_model
     assert any(e.get("kind") == "concept drift" for e in model.events_)
-    path = model.report(tmp_path / "r.html", X, y)
+    path = model.report(tmp_path / "r.html", X, y, source="held-out.csv")
     page = path.read_text()
-    for heading in ("Coefficients", "Heterogeneity between the subsets", "Partition",
-                    "Leaves", "Meta-learning", "Drift timeline"):
-        assert f"<h2>{heading}" in page
-    assert "concept drift" in page and "I^2" in page and "Log-loss" in page
+    for sid in SECTIONS:  # each section, and its entry in the table of contents
+        assert f'<section id="{sid}">' in page and f'href="#{sid}"' in page, sid
+    from fedgrain._version import __version__
+
+    assert f"fedgrain {__version__}" in page and "UTC" in page
+    assert "held-out.csv: 2,000 rows, labelled" in page
+    assert "Random-effects summary" in page and "pred low" in page  # per-parameter I^2
+    assert "Wald chi2" in page and "Holm p" in page and "(null)" in page
+    assert "Refit windows" in page and "concept drift" in page and "PSI" in page
+    assert "leaf -1" not in page and ".0000<" not in page
     images = _images(page)
-    assert len(images) == 5  # forest, projection, tree, meta curve, drift timeline
+    # forest, partition on its splits, tree, confusion, calibration, meta curve, loss over the
+    # stream, detectors
+    assert len(images) == 8
     assert all(_not_blank(img) for img in images)
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
-def test_report_of_a_divide_and_conquer_model_and_without_data(tmp_path):
+def test_the_report_uses_one_leaf_numbering_and_one_row_count(streamed_model, tmp_path):
+    model, X, y = streamed_model
+    page = model.report(tmp_path / "r.html", X, y).read_text()
+    ids = model.leaf_ids_.tolist()
+    routed = model.apply(X)
+    for nid in ids:
+        assert f"<td>leaf {nid}</td>" in page
+        # the evaluation table's given rows per leaf are apply()'s counts
+        pos = ids.index(nid)
+        row = (f"<td>leaf {nid}</td><td>{int(model.partition_.sizes[pos]):,}</td>"
+               f"<td>{int((routed == nid).sum()):,}</td>")
+        assert row in page
+    fitted = int(model.partition_.sizes.sum())
+    assert f"{fitted:,}" in page
+    lines = model.partition_.describe()
+    assert str(lines) == "\n".join(lines) and repr(lines) == str(lines)  # prints as a tree
+    assert lines[0].endswith(f"{fitted:,} rows")
+
+
+def test_report_of_a_divide_and_conquer_model_uses_the_given_rows(tmp_path):
     X, y, *_ = make_regions(8_000, n_regions=2, random_state=1)
-    dc = DivideConquerOrdinal(n_subsets=3, backend="serial").fit(X, y)
-    page = dc.report(tmp_path / "dc.html").read_text()
-    assert "and the subsets'" in page and "<h2>Partition" not in page
+    dc = DivideConquerOrdinal(n_subsets=3, backend="serial").fit(X[:6000], y[:6000])
+    page = dc.report(tmp_path / "dc.html", X[6000:], y[6000:]).read_text()
+    assert '<section id="forest">' in page and '<section id="partition">' not in page
+    assert "from the given rows" in page and "(null)" in page
+    assert len(_images(page)) == 3  # forest, confusion, calibration
+    page = dc.report(tmp_path / "dc0.html").read_text()
+    assert "the original scale" in page and "No labelled rows given" in page
     assert len(_images(page)) == 1
     af = AdaptiveFederatedOrdinal(backend="serial").fit(X, y)
     page = af.report(tmp_path / "af.html").read_text()
     assert "stored feature distributions" in page and "No stream yet" in page
     assert all(_not_blank(img) for img in _images(page))
+    with pytest.raises(ValueError, match="y was given without X"):
+        dc.report(tmp_path / "x.html", None, y)
+    with pytest.raises(Exception, match="one label per row"):
+        dc.report(tmp_path / "x.html", X[:10], y[:11])
+    assert not (tmp_path / "x.html").exists()
+
+
+def _simpson(n: int, slopes=(-1.0, -1.0), seed: int = 0):
+    """Two regions far apart on x1, each with slope ``slopes[r]`` on x1, the level rising with
+    the region: the slope pooled over both is positive while each region's is negative
+    (Simpson's paradox). x0 is noise."""
+    rng = np.random.default_rng(seed)
+    region = rng.integers(0, 2, n)
+    x1 = rng.normal(0, 1, n) + 6.0 * region
+    eta = np.array(slopes)[region] * (x1 - 6.0 * region) + 4.0 * region
+    y = np.digitize(eta + rng.logistic(size=n), [-1.0, 1.0, 3.0, 5.0])
+    return np.column_stack([rng.normal(0, 1, n), x1]), y, region
+
+
+def test_the_banner_says_when_the_global_model_lies_outside_its_leaves(tmp_path):
+    X, y, region = _simpson(12_000)
+    af = AdaptiveFederatedOrdinal(backend="serial", random_state=0).fit(X, y)
+    assert af.n_leaves_ == 2 and af.coef_[1] > 0  # the global slope has the wrong sign
+    leaves = [af.leaf_model(i).coef_[1] for i in af.leaf_ids_]
+    assert all(b < 0 for b in leaves)
+    page = af.report(tmp_path / "r.html").read_text()
+    assert "The global model lies outside its leaves</b> (beyond every leaf's interval) on "\
+           "&#x27;x1&#x27;" in page
+    # both leaves have the same slope on x1: the test against the others does not flag it
+    assert "No leaf differs from the others" in page or "x1 (z =" not in page
+
+
+def test_the_leaf_against_the_others_test_is_the_closed_form():
+    """Two leaves: d' (V1 + V2)^-1 d; three: each against the inverse-variance pool of the
+    other two, with their covariances added; Holm's adjustment over the leaves."""
+    from scipy import stats
+
+    from fedgrain.report import Units, _differences
+
+    rng = np.random.default_rng(0)
+    covs = []
+    for _ in range(3):
+        A = rng.normal(size=(3, 3))
+        covs.append(A @ A.T / 10 + 0.05 * np.eye(3))
+    params = rng.normal(size=(3, 3))
+    two = _differences(Units("leaf", ["a", "b"], [1, 2], params[:2], np.array(covs[:2]),
+                             None), 2)
+    d = params[0, :2] - params[1, :2]
+    V = covs[0][:2, :2] + covs[1][:2, :2]
+    assert two[0]["chi2"] == pytest.approx(float(d @ np.linalg.solve(V, d)), rel=1e-10)
+    assert two[1]["chi2"] == pytest.approx(two[0]["chi2"], rel=1e-10)
+    assert two[0]["p"] == pytest.approx(stats.chi2.sf(two[0]["chi2"], 2), rel=1e-10)
+    three = _differences(Units("leaf", list("abc"), [1, 2, 3], params, np.array(covs), None), 2)
+    W = [np.linalg.inv(c[:2, :2]) for c in covs[1:]]
+    V_rest = np.linalg.inv(W[0] + W[1])
+    b_rest = V_rest @ (W[0] @ params[1, :2] + W[1] @ params[2, :2])
+    d = params[0, :2] - b_rest
+    V = covs[0][:2, :2] + V_rest
+    assert three[0]["chi2"] == pytest.approx(float(d @ np.linalg.solve(V, d)), rel=1e-10)
+    np.testing.assert_allclose(three[0]["z"], d / np.sqrt(np.diag(V)), rtol=1e-10)
+    p = np.array([t["p"] for t in three])
+    order = np.argsort(p)
+    holm = np.maximum.accumulate(np.minimum(1, (3 - np.arange(3)) * p[order]))
+    np.testing.assert_allclose([three[i]["p_holm"] for i in order], holm, rtol=1e-12)
+
+
+def test_the_report_finds_the_leaf_that_differs_and_on_what(tmp_path):
+    """Known truth: region 1's slope on x1 is -2.5, region 0's -1 (x0 is noise): every leaf
+    flagged is flagged on x1 first, and the leaves of region 0 are not flagged."""
+    from fedgrain.report import _differences, _units
+
+    X, y, region = _simpson(16_000, slopes=(-1.0, -2.5), seed=3)
+    af = AdaptiveFederatedOrdinal(backend="serial", random_state=0).fit(X, y)
+    units = _units(af, adaptive=True)
+    diffs = _differences(units, 2)
+    flagged = [i for i, d in enumerate(diffs) if d["p_holm"] < 0.05]
+    assert flagged
+    for i in flagged:
+        assert abs(diffs[i]["z"][1]) > max(3.0, abs(diffs[i]["z"][0]))
+    page = af.report(tmp_path / "r.html").read_text()
+    assert "differ from the others</b>" in page and "on x1 (z =" in page
+
+
+def test_leaves_that_agree_are_rarely_flagged():
+    """Under the null (every region the same model, split at random by the tree's growth on
+    noise), the Holm-adjusted joint test flags a leaf in at most a few of the seeds."""
+    from fedgrain.report import _differences, _units
+
+    flagged = 0
+    for seed in range(6):
+        X, y, _ = _simpson(6_000, slopes=(-1.0, -1.0), seed=10 + seed)
+        af = AdaptiveFederatedOrdinal(backend="serial", random_state=seed).fit(X, y)
+        diffs = _differences(_units(af, adaptive=True), 2)
+        flagged += any(dd["p_holm"] < 0.05 for dd in diffs)
+    assert flagged <= 2
+
+
+def test_the_stream_trace_is_saved_and_drawn(streamed_model, tmp_path):
+    from fedgrain import load
+
+    model, X, y = streamed_model
+    trace = model.stream_.trace
+    assert [e["rows_seen"] for e in trace] == list(range(2_000, 16_000, 2_000))
+    drift = next(e for e in model.events_ if e["kind"] == "concept drift")
+    batch = next(e for e in trace if e["rows_seen"] > drift["rows_seen"])
+    v = batch["leaf"][str(drift["leaf"])]
+    assert max(v[2] / v[3] if v[3] else 0, v[4] / v[5] if v[5] else 0) > 1  # crossed its bound
+    model.save(tmp_path / "m")
+    back = load(tmp_path / "m")
+    assert back.stream_.trace == trace
+    page = back.report(tmp_path / "r.html").read_text()
+    assert 'alt="loss over the stream"' in page and 'alt="detectors"' in page
 
 
 def test_report_needs_a_fitted_model(tmp_path):
@@ -99,7 +246,9 @@ def test_report_renders_in_headless_chromium(streamed_model, tmp_path):
     url = path.resolve().as_uri()
     dom = _chromium(["--virtual-time-budget=5000", "--dump-dom", url])
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'data-images="5"' in dom.stdout and 'data-images-bad="0"' in dom.stdout
+    assert 'data-images="8"' in dom.stdout and 'data-images-bad="0"' in dom.stdout
+    for sid in SECTIONS:
+        assert f'<section id="{sid}">' in dom.stdout, sid
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     assert console == [], console
     shot = tmp_path / "shot.png"
@@ -124,7 +273,8 @@ def test_cli_report_and_evaluate_per_leaf(streamed_model, tmp_path, capsys):
                  "--data", str(tmp_path / "test.csv"), "--target", "grade"])
     out = capsys.readouterr().out
     assert code == 0 and "Report written to" in out
-    assert "Drift timeline" in (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text()
+    assert '<section id="drift">' in page and f"{tmp_path / 'test.csv'}: 2,000 rows" in page
     code = main(["evaluate", str(tmp_path / "m"), str(tmp_path / "test.csv"), "--target",
                  "grade"])
     out = capsys.readouterr().out

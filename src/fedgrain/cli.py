@@ -542,7 +542,7 @@ def _cmd_evaluate(args) -> int:
 
     from .data import read_table, split_target
     from .estimators import load
-    from .metrics import ordinal_scores
+    from .metrics import baseline_scores, ordinal_scores, skill_scores
 
     model = load(args.model)
     frame = read_table(args.data)
@@ -568,7 +568,7 @@ def _cmd_evaluate(args) -> int:
         import json
 
         doc = {"model": str(args.model), "data": str(args.data), "scores": scores,
-               "baseline": base, "skill": _skill(scores, base),
+               "baseline": base, "skill": skill_scores(scores, base),
                "per_leaf": None if table is None else table.to_dict(orient="records")}
         print(json.dumps(doc, indent=2))
         return 0
@@ -587,24 +587,6 @@ def _cmd_evaluate(args) -> int:
         print("(leaf: the leaf's id, as apply(), the report, describe() and summary --leaf "
               "give it)")
     return 0
-
-
-def baseline_scores(codes, n_levels: int) -> dict:
-    """:func:`fedgrain.metrics.ordinal_scores` of the null model on these rows: every row
-    gets the levels' shares in them (the best prediction without features)."""
-    import numpy as np
-
-    from .metrics import ordinal_scores
-
-    shares = np.bincount(codes, minlength=n_levels) / max(codes.shape[0], 1)
-    return ordinal_scores(codes, np.tile(shares, (codes.shape[0], 1)))
-
-
-def _skill(scores: dict, base: dict) -> dict:
-    """``1 - model / baseline`` for the losses (log-loss, rps, mae): the share of the null
-    model's loss the model removes (None where the baseline's is zero)."""
-    return {k: (None if base[k] == 0 else 1.0 - scores[k] / base[k])
-            for k in ("log_loss", "rps", "mae")}
 
 
 def _cmd_report(args) -> int:
@@ -627,7 +609,7 @@ def _cmd_report(args) -> int:
         raise DataError(f"{'--target' if args.target else '--groups'} applies with --data "
                         "(labelled rows to score the leaves on).")
     _log(args, f"writing the report of {args.model} ...")
-    path = model.report(args.out, X, y, alpha=args.ci_alpha, **by_group)
+    path = model.report(args.out, X, y, alpha=args.ci_alpha, source=args.data, **by_group)
     print(f"Report written to {path}")
     return 0
 

@@ -39,6 +39,21 @@ def ordinal_scores(codes: np.ndarray, proba: np.ndarray) -> dict[str, float | in
     }
 
 
+def baseline_scores(codes: np.ndarray, n_levels: int) -> dict[str, float | int]:
+    """:func:`ordinal_scores` of the null model on these rows: every row gets the levels'
+    shares in them (the best prediction without features)."""
+    codes = np.asarray(codes)
+    shares = np.bincount(codes, minlength=n_levels) / max(codes.shape[0], 1)
+    return ordinal_scores(codes, np.tile(shares, (codes.shape[0], 1)))
+
+
+def skill_scores(scores: dict, baseline: dict) -> dict[str, float | None]:
+    """``1 - model / baseline`` for the losses (log-loss, rps, mae): the share of the null
+    model's loss that the model removes (None where the baseline's is zero)."""
+    return {k: (None if baseline[k] == 0 else 1.0 - scores[k] / baseline[k])
+            for k in ("log_loss", "rps", "mae")}
+
+
 class OrdinalScorer:
     """A scikit-learn scorer (``scoring=`` of ``cross_val_score``, ``GridSearchCV``, ...) from
     one of :func:`ordinal_scores`' figures, negated so that greater is better.

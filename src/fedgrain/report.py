@@ -1,31 +1,44 @@
-"""The HTML report of a fitted model: one self-contained file, plots embedded.
+"""The HTML report of a fitted model: one self-contained file that answers "which leaf
+differs, and on what".
 
 :func:`write_report` (also ``model.report(path)`` and ``fedgrain report MODEL --out FILE``)
-shows what the fit did:
+writes, with a table of contents:
 
-- the coefficient table with confidence intervals, and heterogeneity between the subsets
-  (Cochran's Q, its p-value and I^2);
-- a forest plot of the global coefficients and their intervals beside each leaf's (or each
-  subset's) coefficients;
-- for an adaptive model: the partition (a 2-D projection of a sample coloured by leaf, and the
-  tree with the size of every node), a table of leaves with their sizes and metrics, the
-  meta-learning curve per round and the drift timeline of a stream, with every event listed.
+- **Overview**: the fedgrain version, the date, the data source, the rows (one count of the
+  training rows used everywhere), and a banner when the global model lies outside its leaves
+  or the leaves differ beyond chance (I^2);
+- **Coefficients**: the global model's table, the random-effects summary of the leaves
+  (per-parameter mean, tau, I^2 and prediction interval) or the subsets' per-parameter I^2,
+  and Cochran's Q;
+- **Leaves against the others** (adaptive models): each leaf's coefficients with intervals and
+  a Wald test of the leaf against the other leaves pooled, per coefficient and jointly (Holm's
+  adjustment over the leaves);
+- **Forest plots**: small multiples, one panel per parameter, on a standardised scale (a slope
+  per standard deviation of its feature, a threshold at the features' means), every leaf or
+  subset with its interval beside the global model and the leaves' prediction interval;
+- **Partition**: the rows drawn on the directions the tree splits on, with the split lines,
+  the tree with each node's rows, and its description;
+- **Evaluation** (with labelled rows ``X, y``): scores per leaf beside the null model's
+  (every row given the levels' shares), confusion matrices and calibration curves per leaf;
+  without data, the meta-learner's held-out losses;
+- **Meta-learning**: the curve per round and the learned pull;
+- **Drift**: each leaf's loss over the stream, each detector's statistic against its bound,
+  the refit windows, every event, and per-feature Kolmogorov-Smirnov and PSI against each
+  leaf's training profile.
 
-With labelled data (``X`` and ``y``) the leaf table gives each leaf's held-out metrics (log-loss,
-ranked probability score, accuracy, mean absolute class error) and the projection shows those
-rows; without data it uses the meta-learner's validation losses, and the projection draws a
-sample from each leaf's stored feature distributions (kept only where the tree routes it back
-to that leaf), as the caption says. Plots are PNG images drawn with matplotlib (Agg) and
-embedded as base64, so the file opens anywhere, offline.
+Plots are PNG images drawn with matplotlib (Agg) and embedded as base64; the tables sort when
+their header is clicked (a few lines of script in the page). The file opens anywhere, offline.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as _dt
 import html
 import io
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +52,18 @@ __all__ = ["write_report"]
 _COLOURS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3",
             "#8C8C8C", "#CCB974", "#64B5CD"]
 _SAMPLE = 3_000
+#: Units (leaves, subsets, groups) drawn with their names in a forest panel; beyond, unnamed.
+_NAMED_UNITS = 40
+#: Leaves given their own confusion matrix and calibration panel (the rest: "all rows").
+_PANEL_LEAVES = 12
+#: I^2 above this is called large in the banner (as the random-effects summary does).
+_LARGE_I2 = 0.5
+#: PSI at and above this marks a feature's shift as practically relevant.
+_PSI_LARGE = 0.1
+
+
+def _colour(i: int) -> str:
+    return _COLOURS[i % len(_COLOURS)]
 
 
 def _plt():
@@ -52,7 +77,7 @@ def _plt():
 
 def _png(fig) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     _plt().close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -63,83 +88,329 @@ def _figure(title: str, png: str, caption: str) -> str:
             "</figcaption></figure>")
 
 
-def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>"
-                   for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+def _table(header: list[str] | None, rows: list[list[Any]], cls: str = "",
+           marks: list[list[bool]] | None = None) -> str:
+    """A sortable table; ``marks[i][j]`` highlights a cell."""
+    head = "" if header is None else \
+        "<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + \
+        "</tr></thead>"
+    body = []
+    for i, r in enumerate(rows):
+        cells = []
+        for j, c in enumerate(r):
+            mark = marks is not None and j < len(marks[i]) and marks[i][j]
+            cls_ = (["mark"] if mark else []) + (["text"] if isinstance(c, str) and j > 0
+                                                 and len(c) > 30 else [])
+            attr = f' class="{" ".join(cls_)}"' if cls_ else ""
+            cells.append(f"<td{attr}>{html.escape(_fmt(c))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<div class="wide"><table class="sortable {cls}">{head}'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, (float, np.floating)):
-        if not np.isfinite(v):
-            return "n/a"
-        return f"{v:,.4f}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
     if isinstance(v, (int, np.integer)):
         return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        if not np.isfinite(v):
+            return "n/a"
+        if v == 0:
+            return "0"
+        if abs(v) >= 1e4 and v == round(v):
+            return f"{v:,.0f}"
+        if abs(v) < 1e-3 or abs(v) >= 1e6:
+            return f"{v:.3g}"
+        return f"{v:.4g}" if abs(v) >= 1 else f"{v:.4f}"
     return "" if v is None else str(v)
 
 
+def _pvalue(p: float) -> str:
+    if p is None or not np.isfinite(p):
+        return "n/a"
+    return "< 1e-16" if p < 1e-16 else f"{p:.3g}"
+
+
+# ---- what the report compares: the global model and its units ---------------------------------
+@dataclass
+class Units:
+    """The models beside the global one: leaves (one per region: random pieces share it),
+    subsets or groups. ``params`` on the original scale, NaN where a unit does not identify
+    the parameter; ``covs`` their covariances (None where not kept); ``rows`` their training
+    rows."""
+
+    kind: str
+    labels: list[str]
+    ids: list[int]
+    params: np.ndarray
+    covs: np.ndarray | None
+    rows: np.ndarray | None
+
+    @property
+    def plural(self) -> str:
+        return {"leaf": "leaves", "subset": "subsets", "group": "groups"}[self.kind]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _units(model, adaptive: bool) -> Units | None:
+    if adaptive:
+        tree = model.partition_
+        region = tree.region_of()
+        _, first, counts = np.unique(region, return_index=True, return_counts=True)
+        order = np.argsort(first)
+        first, counts = first[order], counts[order]
+        labels = leaf_labels(model)
+        names = list(model.results_.param_names)
+        est = model._leaves.params[first].copy()
+        for row, pos in enumerate(first):  # filled in from the global model: not the leaf's
+            est[row, [names.index(n) for n in model._leaves.notes[pos] if n in names]] = np.nan
+        lab = [labels[pos] + (f" (+{c - 1} random pieces)" if c > 1 else "")
+               for pos, c in zip(first, counts, strict=True)]
+        rows = np.array([int(tree.sizes[region == region[pos]].sum()) for pos in first])
+        return Units("leaf", lab, [int(tree.leaves[pos]) for pos in first], est,
+                     model._leaves.covs[first], rows)
+    if hasattr(model, "subset_estimates_") and model.subset_estimates_.shape[0] > 1:
+        k = model.subset_estimates_.shape[0]
+        return Units("subset", [f"subset {i + 1}" for i in range(k)], list(range(1, k + 1)),
+                     model.subset_estimates_, None, np.asarray(model.subset_sizes_))
+    if hasattr(model, "random_effects_") and hasattr(model, "group_params"):
+        return Units("group", [f"group {g}" for g in model.groups_],
+                     list(range(len(model.groups_))), model.group_params(), None, None)
+    return None
+
+
+def leaf_labels(model) -> list[str]:
+    """"leaf N" for each leaf, or "site G (leaf N)" for the leaves of groups."""
+    sites = model.partition_.group_of_leaf()
+    return [f"leaf {nid}" if g is None else f"site {g} (leaf {nid})"
+            for nid, g in zip(model.partition_.leaves, sites, strict=True)]
+
+
+@dataclass
+class Scale:
+    """The standardised scale of the forest plots: a slope per standard deviation of its
+    feature, a threshold at the features' means (``mean``, ``sd`` of the features; None: the
+    original scale)."""
+
+    mean: np.ndarray | None
+    sd: np.ndarray | None
+    source: str
+
+    def params(self, params: np.ndarray, p: int) -> np.ndarray:
+        if self.sd is None:
+            return params
+        out = np.array(params, dtype=float)
+        beta = out[..., :p]
+        out[..., p:] = out[..., p:] - (np.nan_to_num(beta) @ self.mean)[..., None]
+        out[..., :p] = beta * self.sd
+        return out
+
+    def cov(self, cov: np.ndarray, p: int) -> np.ndarray:
+        if self.sd is None:
+            return cov
+        d = cov.shape[-1]
+        A = np.eye(d)
+        A[:p, :p] = np.diag(self.sd)
+        A[p:, :p] = -self.mean[None, :]
+        return A @ cov @ A.T
+
+
+def _scale(model, Xe: np.ndarray | None, adaptive: bool) -> Scale:
+    if adaptive:
+        std = model.partition_.standardizer
+        return Scale(std.mean, std.scale, "the training rows")
+    if Xe is not None and Xe.shape[0] > 1:
+        sd = Xe.std(axis=0)
+        return Scale(Xe.mean(axis=0), np.where(sd > 0, sd, 1.0), "the given rows")
+    return Scale(None, None, "")
+
+
+def _differences(units: Units, p: int) -> list[dict]:
+    """Each leaf against the others pooled: per coefficient a z and its p-value, and the
+    joint Wald test over the coefficients it identifies (the leaves' rows are disjoint, so
+    the covariances of the leaf and of the others' inverse-variance pool add)."""
+    from scipy import stats
+
+    k = len(units)
+    out = []
+    for i in range(k):
+        free = np.isfinite(units.params[i, :p])
+        others = [m for m in range(k) if m != i and np.all(np.isfinite(units.params[m, :p])
+                                                           [free])]
+        if not others or not free.any():
+            out.append({"z": np.full(p, np.nan), "chi2": np.nan, "df": 0, "p": np.nan})
+            continue
+        idx = np.flatnonzero(free)
+        infos = [np.linalg.pinv(units.covs[m][np.ix_(idx, idx)]) for m in others]
+        V_rest = np.linalg.pinv(sum(infos))
+        b_rest = V_rest @ sum(W @ units.params[m, idx] for W, m in zip(infos, others,
+                                                                        strict=True))
+        V = units.covs[i][np.ix_(idx, idx)] + V_rest
+        diff = units.params[i, idx] - b_rest
+        z = np.full(p, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z[idx] = diff / np.sqrt(np.diag(V))
+        chi2 = float(diff @ np.linalg.pinv(V) @ diff)
+        out.append({"z": z, "chi2": chi2, "df": int(idx.size),
+                    "p": float(stats.chi2.sf(chi2, idx.size))})
+    ps = np.array([d["p"] for d in out])
+    holm = _holm(ps)
+    for d, h in zip(out, holm, strict=True):
+        d["p_holm"] = h
+    return out
+
+
+def _holm(p: np.ndarray) -> np.ndarray:
+    """Holm's adjusted p-values (NaN stays NaN)."""
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok])]
+    m, run = order.size, 0.0
+    for rank, i in enumerate(order):
+        run = max(run, min(1.0, (m - rank) * p[i]))
+        out[i] = run
+    return out
+
+
 # ---- plots ------------------------------------------------------------------------------------
-def forest_plot(results, leaf_params: np.ndarray | None, leaf_labels: list[str], alpha: float):
-    """Global coefficients with intervals; each leaf's (or subset's) coefficients beside them."""
+def forest_grid(names: list[str], p: int, est: np.ndarray, ci: np.ndarray,
+                unit_est: np.ndarray | None, unit_ci: np.ndarray | None, labels: list[str],
+                pred: np.ndarray | None, i2: np.ndarray | None, level: str, scale: str):
+    """Small multiples, one panel per parameter: each unit's estimate (with its interval where
+    known), the global model (black diamond, bottom row) and the units' prediction interval
+    (grey band). Each panel has its own axis, so no parameter flattens the others."""
     plt = _plt()
-    p = results.n_features
-    names = results.param_names[:p]
-    est = results.params[:p]
-    ci = results.conf_int(alpha)[:p]
-    fig, ax = plt.subplots(figsize=(7.5, 0.42 * p + 1.4))
-    ypos = np.arange(p)[::-1]
-    if leaf_params is not None and leaf_params.shape[0] > 1:
-        offsets = np.linspace(-0.28, 0.28, leaf_params.shape[0])
-        for i, (row, lab) in enumerate(zip(leaf_params, leaf_labels, strict=True)):
-            ax.scatter(row[:p], ypos + offsets[i], s=14, color=_COLOURS[i % len(_COLOURS)],
-                       alpha=0.75, label=lab, zorder=2)
-    ax.errorbar(est, ypos, xerr=[est - ci[:, 0], ci[:, 1] - est], fmt="D", color="black",
-                ms=5, capsize=3, label=f"global, {100 * (1 - alpha):.0f}% CI", zorder=3)
-    ax.axvline(0.0, color="grey", lw=0.8, ls="--")
-    ax.set_yticks(ypos, names)
-    scale = ("log cumulative odds" if getattr(results, "link", "logit") == "logit" else
-             f"{results.link} scale")
-    ax.set_xlabel(f"coefficient ({scale} of a higher class per unit)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="best", ncol=2 if leaf_params is not None and
-              leaf_params.shape[0] > 6 else 1)
+    n_par = len(names)
+    ncol = min(4, n_par)
+    nrow = -(-n_par // ncol)
+    k = 0 if unit_est is None else unit_est.shape[0]
+    named = k <= _NAMED_UNITS
+    height = 0.18 * min(k, _NAMED_UNITS) + 1.5
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol, height * nrow), squeeze=False)
+    ypos = np.arange(k, 0, -1, dtype=float)
+    for j, ax in enumerate(axes.flat):
+        if j >= n_par:
+            ax.axis("off")
+            continue
+        span = [est[j], ci[j, 0], ci[j, 1]] + ([0.0] if j < p else [])
+        if unit_est is not None:
+            span += list(unit_est[:, j])
+            if unit_ci is not None:
+                span += list(unit_ci[:, j].ravel())
+        span = np.asarray(span, dtype=float)
+        span = span[np.isfinite(span)]
+        lo, hi = float(span.min()), float(span.max())
+        pad = 0.08 * (hi - lo) if hi > lo else max(abs(lo), 1.0) * 0.1
+        if pred is not None and np.all(np.isfinite(pred[j])):  # never widens the axis
+            ax.axvspan(max(pred[j, 0], lo - pad), min(pred[j, 1], hi + pad), color="#999999",
+                       alpha=0.18, lw=0)
+        for i in range(k):
+            e = unit_est[i, j]
+            if not np.isfinite(e):
+                continue
+            colour = _colour(i) if k <= len(_COLOURS) else "#4C72B0"
+            if unit_ci is not None and np.all(np.isfinite(unit_ci[i, j])):
+                ax.errorbar([e], [ypos[i]], xerr=[[e - unit_ci[i, j, 0]], [unit_ci[i, j, 1] - e]],
+                            fmt="o", ms=3.5, color=colour, capsize=2, lw=1)
+            else:
+                ax.plot([e], [ypos[i]], "o", ms=3.5, color=colour)
+        ax.errorbar([est[j]], [0.0], xerr=[[est[j] - ci[j, 0]], [ci[j, 1] - est[j]]], fmt="D",
+                    color="black", ms=5, capsize=3)
+        if j < p:
+            ax.axvline(0.0, color="grey", lw=0.7, ls="--")
+        title = names[j] if len(names[j]) <= 28 else names[j][:26] + "..."
+        if i2 is not None and np.isfinite(i2[j]):
+            title += f"  (I²={i2[j]:.2f})"
+        ax.set_title(title, fontsize=8.5, color="#C44E52" if i2 is not None and
+                     np.isfinite(i2[j]) and i2[j] > _LARGE_I2 else "black")
+        ax.set_ylim(-0.8, k + 0.8)
+        ax.set_xlim(lo - pad, hi + pad)
+        if j % ncol == 0:
+            ticks = [0.0] + (list(ypos) if named else [])
+            ax.set_yticks(ticks, ["global"] + (labels if named else []), fontsize=7)
+        else:
+            ax.set_yticks([])
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{scale}; black: global model with {level} interval; grey band: "
+                 "where a new unit's parameter is expected", fontsize=8.5, y=1.0)
+    fig.tight_layout()
     return fig
 
 
-def projection_plot(Xs: np.ndarray, leaf: np.ndarray, leaf_ids: list[int]):
-    """The first two principal components of standardised rows, coloured by leaf."""
+def _split_nodes(tree) -> list:
+    """The tree's hyperplane splits, the ones with the most rows first."""
+    nodes = [n for n in tree.nodes.values() if n.kind == "hyperplane" and n.a is not None]
+    rows = tree.node_rows()
+    return sorted(nodes, key=lambda n: (-rows[n.id], n.id))
+
+
+def split_label(a: np.ndarray, names: list[str]) -> str:
+    """A split direction for people: the feature, or its three largest terms."""
+    a = np.asarray(a, dtype=float)
+    nz = np.flatnonzero(a)
+    if nz.size == 1:
+        return names[nz[0]] + ("" if a[nz[0]] == 1 else f" (x {a[nz[0]]:.3g})")
+    top = nz[np.argsort(-np.abs(a[nz]))][:3]
+    text = " ".join(f"{'+' if a[j] >= 0 else '-'} {abs(a[j]):.2g}·{names[j]}" for j in top)
+    return text.lstrip("+ ") + (" ..." if nz.size > 3 else "")
+
+
+def _side(tree, ancestor: int, nid: int) -> int | None:
+    """0 or 1: which child of ``ancestor`` ``nid`` lies under (None: not under it)."""
+    while nid >= 0:
+        parent = tree.nodes[nid].parent
+        if parent == ancestor:
+            return tree.nodes[ancestor].children.index(nid)
+        nid = parent
+    return None
+
+
+def partition_plot(X: np.ndarray, leaf: np.ndarray, tree, names: list[str]):
+    """The rows on the directions of the tree's two largest splits (a feature where the split
+    is on one), coloured by leaf, with both split lines. None without a split."""
+    splits = _split_nodes(tree)
+    if not splits:
+        return None
     plt = _plt()
-    Z = Xs - Xs.mean(axis=0)
-    if Z.shape[1] >= 2:
-        _, _, Vt = np.linalg.svd(Z, full_matrices=False)
-        P2 = Z @ Vt[:2].T
+    first = splits[0]
+    second = next((s for s in splits[1:] if abs(np.dot(s.a, first.a)) <
+                   0.99 * np.linalg.norm(s.a) * np.linalg.norm(first.a)), None)
+    sx = X @ first.a
+    rng = np.random.default_rng(0)
+    if second is not None:
+        sy = X @ second.a
+        ylabel = split_label(second.a, names)
     else:
-        P2 = np.column_stack([Z[:, 0], np.zeros(Z.shape[0])])
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    for pos, nid in enumerate(leaf_ids):
+        sy = rng.uniform(-1, 1, X.shape[0])
+        ylabel = "(spread at random: one split direction)"
+    fig, ax = plt.subplots(figsize=(6.8, 5.2))
+    for pos, nid in enumerate(tree.leaves):
         m = leaf == pos
         if m.any():
-            ax.scatter(P2[m, 0], P2[m, 1], s=6, alpha=0.6, color=_COLOURS[pos % len(_COLOURS)],
+            ax.scatter(sx[m], sy[m], s=6, alpha=0.55, color=_colour(pos),
                        label=f"leaf {nid} ({int(m.sum()):,})")
-    ax.set_xlabel("principal component 1")
-    ax.set_ylabel("principal component 2")
-    ax.legend(fontsize=7, markerscale=2.5, loc="best")
+    ax.axvline(first.b, color="black", lw=1.5)
+    if second is not None:
+        side = _side(tree, first.id, second.id)
+        lo, hi = ax.get_xlim()
+        x0, x1 = (lo, first.b) if side == 0 else (first.b, hi) if side == 1 else (lo, hi)
+        ax.plot([x0, x1], [second.b, second.b], color="black", lw=1.5, ls="--")
+        ax.set_xlim(lo, hi)
+    ax.set_xlabel(split_label(first.a, names) + f"  (split at {first.b:.4g})")
+    ax.set_ylabel(ylabel + (f"  (split at {second.b:.4g})" if second is not None else ""))
+    ax.legend(fontsize=7, markerscale=2.5, loc="best", framealpha=0.85)
     return fig
 
 
 def tree_plot(tree):
-    """The partition tree: every node with its rows; splits labelled by their rule."""
+    """The partition tree: every node with its training rows; splits labelled by their rule."""
     plt = _plt()
     nodes = tree.nodes
-    sizes = dict(zip(tree.leaves, tree.sizes, strict=True))
-
-    def rows(nid: int) -> int:
-        node = nodes[nid]
-        return int(sizes.get(nid, 0)) if not node.children else sum(rows(c)
-                                                                     for c in node.children)
-
     xs: dict[int, float] = {}
     depth: dict[int, int] = {}
     order = [0]
@@ -158,22 +429,23 @@ def tree_plot(tree):
     place(0, 0)
     max_depth = max(depth.values())
     n_leaves = max(1, len(order) - 1)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.25 * n_leaves), 1.3 * max_depth + 1.6))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * n_leaves), 1.3 * max_depth + 1.6))
     for nid, node in nodes.items():
         for c in node.children:
             ax.plot([xs[nid], xs[c]], [-depth[nid], -depth[c]], color="grey", lw=1, zorder=1)
     leaf_pos = {nid: i for i, nid in enumerate(tree.leaves)}
+    n_rows = tree.node_rows()
     for nid, node in nodes.items():
         if node.kind == "leaf":
-            colour = _COLOURS[leaf_pos[nid] % len(_COLOURS)]
-            text = f"leaf {nid}\n{rows(nid):,}"
+            colour = _colour(leaf_pos[nid])
+            text = f"leaf {nid}\n{n_rows[nid]:,} rows"
         elif node.kind == "random":
             colour = "#eeeeee"
-            text = f"{len(node.children)} random pieces\n{rows(nid):,}"
+            text = f"{len(node.children)} random pieces\n{n_rows[nid]:,} rows"
         else:
             colour = "#f5f5f5"
             rule = (node.evidence or {}).get("candidate", "split")
-            text = f"{rule}\n{rows(nid):,}"
+            text = f"[{nid}] {rule}\n{n_rows[nid]:,} rows"
         ax.text(xs[nid], -depth[nid], text, ha="center", va="center", fontsize=7,
                 bbox={"boxstyle": "round,pad=0.35", "fc": colour, "ec": "#555555",
                       "alpha": 0.9}, zorder=2,
@@ -184,6 +456,73 @@ def tree_plot(tree):
     return fig
 
 
+def confusion_grid(panels: list[tuple[str, np.ndarray, np.ndarray]], levels: list[str]):
+    """One confusion matrix per panel (rows: the true level, shares of the row; counts
+    written in the cells)."""
+    plt = _plt()
+    K = len(levels)
+    ncol = min(4, len(panels))
+    nrow = -(-len(panels) // ncol)
+    size = 0.42 * K + 1.3
+    fig, axes = plt.subplots(nrow, ncol, figsize=(size * ncol, size * nrow), squeeze=False)
+    for ax, (title, codes, pred) in zip(axes.flat, panels, strict=False):
+        M = np.zeros((K, K))
+        np.add.at(M, (codes, pred), 1)
+        share = M / np.maximum(M.sum(axis=1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        if K <= 8:
+            for r in range(K):
+                for c in range(K):
+                    ax.text(c, r, f"{int(M[r, c]):,}", ha="center", va="center", fontsize=6.5,
+                            color="white" if share[r, c] > 0.6 else "black")
+        ax.set_xticks(range(K), levels, fontsize=6.5, rotation=45 if K > 5 else 0)
+        ax.set_yticks(range(K), levels, fontsize=6.5)
+        ax.set_title(title, fontsize=8.5)
+        ax.set_xlabel("predicted", fontsize=7)
+        ax.set_ylabel("true", fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def calibration_grid(panels: list[tuple[str, np.ndarray, np.ndarray]], levels: list[str]):
+    """Per panel and cut point k: the predicted P(y above level k) against the observed share,
+    in up to ten bins of equal rows."""
+    plt = _plt()
+    K = len(levels)
+    ncol = min(4, len(panels))
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.1 * ncol, 3.0 * nrow), squeeze=False)
+    for ax, (title, codes, proba) in zip(axes.flat, panels, strict=False):
+        above = 1.0 - np.cumsum(proba, axis=1)[:, :-1]
+        for k in range(K - 1):
+            pr, ob = _binned(above[:, k], (codes > k).astype(float))
+            ax.plot(pr, ob, "o-", ms=3, lw=1, color=_colour(k), label=f"> {levels[k]}")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=8.5)
+        ax.set_xlabel("predicted", fontsize=7)
+        ax.set_ylabel("observed", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="upper left")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _binned(pred: np.ndarray, obs: np.ndarray, bins: int = 10, min_rows: int = 20):
+    """Mean prediction and observed share in bins of equal rows (at least ``min_rows``)."""
+    n = pred.shape[0]
+    b = max(1, min(bins, n // min_rows))
+    order = np.argsort(pred, kind="stable")
+    parts = np.array_split(order, b)
+    return (np.array([pred[i].mean() for i in parts if i.size]),
+            np.array([obs[i].mean() for i in parts if i.size]))
+
+
 def meta_curve(history: list[dict]):
     """Validation log-loss per round: the global model and each leaf."""
     plt = _plt()
@@ -192,7 +531,8 @@ def meta_curve(history: list[dict]):
     leaves = sorted({k for h in history for k in h.get("leaf_val_loss", {})}, key=int)
     for i, leaf in enumerate(leaves):
         ax.plot(rounds, [h.get("leaf_val_loss", {}).get(leaf, np.nan) for h in history],
-                lw=1, alpha=0.6, color=_COLOURS[i % len(_COLOURS)], label=f"leaf {leaf}")
+                lw=1, alpha=0.6, color=_colour(i), label=f"leaf {leaf}" if len(leaves) <= 12
+                else None)
     ax.plot(rounds, [h["val_loss"] for h in history], "o-", color="black", lw=2,
             label="all leaves (personalised)")
     ax.plot(rounds, [h.get("no_adaptation_loss", np.nan) for h in history], "s--",
@@ -213,55 +553,484 @@ _EVENT_MARKERS = {"concept drift": ("X", "#C44E52"), "covariate shift": ("D", "#
                   "profile refreshed": ("P", "#937860"), "granularity": ("*", "#DA8BC3")}
 
 
-def drift_timeline(events: list[dict], leaf_ids: list[int], rows_seen: int = 0):
-    """Every stream event: rows seen (x) against the leaf (y), marked by kind; events at the
-    same place are spread a little so that none hides another."""
+def _trace_series(trace: list[dict], nid: int, column: int) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for e in trace:
+        v = e["leaf"].get(str(nid))
+        if v is not None:
+            xs.append(e["rows_seen"])
+            ys.append(np.nan if v[column] is None else v[column])
+    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+
+
+def refit_windows(events: list[dict]) -> list[tuple[int, int, int]]:
+    """``(leaf, from, to)``: from each concept drift to the leaf's next refit (the rows the
+    leaf waited for before it was refitted on its new regime)."""
+    out, open_ = [], {}
+    for e in sorted(events, key=lambda e: e.get("rows_seen", 0)):
+        leaf, kind = e.get("leaf"), e.get("kind")
+        if kind == "concept drift" and leaf not in open_:
+            open_[leaf] = int(e["rows_seen"])
+        elif kind == "refit" and leaf in open_:
+            out.append((int(leaf), open_.pop(leaf), int(e["rows_seen"])))
+    return out
+
+
+def stream_loss_plot(trace: list[dict], leaves: list[int], events: list[dict]):
+    """Each leaf's mean log-loss per batch over the stream; its refit windows shaded; the
+    events marked along the top."""
     plt = _plt()
-    rows = ["whole model"] + [f"leaf {nid}" for nid in leaf_ids]
-    at = {-1: 0, **{int(nid): i + 1 for i, nid in enumerate(leaf_ids)}}
-    fig, ax = plt.subplots(figsize=(7.5, 0.38 * len(rows) + 1.6))
-    kinds: list[str] = []
-    placed: dict[tuple, int] = {}
+    fig, ax = plt.subplots(figsize=(8.0, 4.0))
+    at = {nid: i for i, nid in enumerate(leaves)}
+    seen = sorted({int(k) for e in trace for k in e["leaf"]})
+    for nid in seen:
+        x, y = _trace_series(trace, nid, 1)
+        i = at.get(nid, len(at) + seen.index(nid))
+        ax.plot(x, y, lw=1.2, color=_colour(i),
+                label=f"leaf {nid}" + ("" if nid in at else " (since replaced)"))
+    for leaf, a, b in refit_windows(events):
+        ax.axvspan(a, b, color=_colour(at.get(leaf, 0)), alpha=0.12, lw=0)
+    top = ax.get_ylim()[1]
+    kinds = set()
     for e in events:
+        marker, colour = _EVENT_MARKERS.get(str(e.get("kind")), ("o", "#8C8C8C"))
         kind = str(e.get("kind"))
-        marker, colour = _EVENT_MARKERS.get(kind, ("o", "#8C8C8C"))
-        leaf = e.get("leaf", -1)
-        yv = at.get(-1 if leaf is None else int(leaf), 0)
-        x = float(e.get("rows_seen", 0))
-        k = placed.get((x, yv), 0)
-        placed[(x, yv)] = k + 1
-        ax.scatter([x], [yv + 0.18 * k], marker=marker, s=60, color=colour,
-                   label=None if kind in kinds else kind, zorder=2)
-        kinds.append(kind)
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set_ylim(-0.6, len(rows) - 0.4)
-    ax.set_xlim(0, max([rows_seen] + [float(e.get("rows_seen", 0)) for e in events]) * 1.03
-                + 1)
+        ax.scatter([e.get("rows_seen", 0)], [top], marker=marker, color=colour, s=40,
+                   clip_on=False, zorder=3, label=None if kind in kinds else kind)
+        kinds.add(kind)
     ax.set_xlabel("rows seen on the stream")
+    ax.set_ylabel("mean log-loss of the batch")
     ax.grid(alpha=0.3)
-    if kinds:
-        ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              frameon=False)
+    return fig
+
+
+def detector_grid(trace: list[dict], leaves: list[int], events: list[dict]):
+    """Per leaf: each detector's statistic over its bound after every batch (an alarm at 1)."""
+    plt = _plt()
+    seen = [nid for nid in leaves if any(str(nid) in e["leaf"] for e in trace)]
+    seen = seen[:_PANEL_LEAVES]
+    ncol = min(3, max(1, len(seen)))
+    nrow = -(-max(1, len(seen)) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.6 * nrow), squeeze=False)
+    for ax, nid in zip(axes.flat, seen, strict=False):
+        for col, name, colour in ((2, "loss detector", "#4C72B0"),
+                                  (4, "reference CUSUM", "#DD8452")):
+            x, s = _trace_series(trace, nid, col)
+            _, b = _trace_series(trace, nid, col + 1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = np.where(b > 0, s / b, np.nan)
+            ax.plot(x, ratio, lw=1.1, color=colour, label=name)
+        for e in events:
+            if e.get("kind") == "concept drift" and e.get("leaf") == nid:
+                ax.axvline(e["rows_seen"], color="#C44E52", lw=1, ls=":")
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_title(f"leaf {nid}", fontsize=8.5)
+        ax.tick_params(labelsize=7)
+        ax.set_ylabel("statistic / bound", fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(seen):]:
+        ax.axis("off")
+    if seen:
+        axes.flat[0].legend(fontsize=6.5, loc="upper left")
+    fig.tight_layout()
     return fig
 
 
 # ---- the page ---------------------------------------------------------------------------------
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
-max-width:1100px;color:#222;line-height:1.45;padding:0 1em}
+max-width:1150px;color:#222;line-height:1.45;padding:0 1em}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
-margin-top:1.8em}.sub{color:#666}table{border-collapse:collapse;margin:.8em 0;font-size:.88em}
-td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}figure.plot{margin:1em 0}
-figure.plot img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.88em}
+margin-top:1.8em}.sub{color:#666}table{border-collapse:collapse;margin:.8em 0;font-size:.86em}
+td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right;white-space:nowrap}
+th{background:#f3f3f3;cursor:pointer}td:first-child,th:first-child{text-align:left}
+td.mark{background:#fde2e1;font-weight:600}
+td.text{text-align:left;white-space:normal;min-width:14em}div.wide{overflow-x:auto}
+figure.plot{margin:1em 0}figure.plot img{max-width:100%;border:1px solid #eee}
+figcaption{color:#555;font-size:.88em}
 pre{background:#f7f7f7;padding:.7em;overflow-x:auto;font-size:.85em}
 .grid{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
+.banner{border-left:5px solid #C44E52;background:#fdf1f0;padding:.6em 1em;margin:1em 0}
+.note{border-left:5px solid #4C72B0;background:#f0f4fa;padding:.6em 1em;margin:1em 0}
+nav.toc{background:#fafafa;border:1px solid #eee;padding:.4em 1.2em;display:inline-block}
+nav.toc ol{margin:.3em 0;padding-left:1.2em}
 """
 
+#: Sorts a table by the column whose header is clicked (numbers as numbers), and marks the
+#: page once loaded with how many of its images failed to decode (for checks).
+_SCRIPT = """<script>
+(function(){
+function key(td){const t=td.textContent.replace(/,/g,'').replace(/^< /,'');
+const v=parseFloat(t);return isNaN(v)?t:v;}
+document.querySelectorAll('table.sortable th').forEach(function(th,i){
+th.addEventListener('click',function(){const tb=th.closest('table').tBodies[0];
+const rows=Array.from(tb.rows);const asc=th.dataset.dir!=='asc';th.dataset.dir=asc?'asc':'desc';
+rows.sort(function(a,b){const x=key(a.cells[i]),y=key(b.cells[i]);
+if(typeof x===typeof y){return (x<y?-1:x>y?1:0)*(asc?1:-1);}
+return (typeof x==='number'?-1:1)*(asc?1:-1);});rows.forEach(function(r){tb.appendChild(r);});});});
+window.addEventListener('load',function(){const imgs=Array.from(document.images);
+document.body.dataset.images=String(imgs.length);document.body.dataset.imagesBad=
+String(imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0);}).length);});
+})();
+</script>"""
 
-#: Marks the page once loaded with how many of its images failed to decode (for checks).
-_CHECK = ("<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
-          "document.body.dataset.images=String(imgs.length);document.body.dataset.imagesBad="
-          "String(imgs.filter(i=>!(i.complete&&i.naturalWidth>0)).length);});</script>")
+
+@dataclass
+class Given:
+    """The rows given to the report: encoded features, class codes and the model's
+    probabilities (with ``y``), each row's leaf position (adaptive; -1: none)."""
+
+    Xe: np.ndarray | None = None
+    codes: np.ndarray | None = None
+    proba: np.ndarray | None = None
+    leaf: np.ndarray | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return self.codes is not None
+
+
+def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float = 0.05,
+                 title: str | None = None, groups=None, source: str | None = None) -> Path:
+    """Write the HTML report of a fitted fedgrain model to ``path``; returns the path.
+
+    Parameters
+    ----------
+    model : fitted DivideConquerOrdinal, AdaptiveFederatedOrdinal, OrdinalRegression or
+        MixedOrdinalRegression
+    path : str or path-like
+        The ``.html`` file to write (replaced atomically: never half-written).
+    X, y : optional
+        Rows (for example held-out data): the partition plot draws them, the forest plots of a
+        model without a partition are standardised by them, and with labels ``y`` the report
+        scores the model on them (per leaf, beside the null model), with confusion matrices
+        and calibration curves, and compares their features with each leaf's training profile.
+    alpha : float
+        1 - the confidence level of the intervals and the level of the tests.
+    title : str, optional
+    groups : optional
+        The group of each row of ``X`` (a model fitted with groups): each row goes to its
+        group's leaf (without them, every row is the global model's).
+    source : str, optional
+        Where ``X`` and ``y`` come from, for the report's header (the command line gives the
+        file's path).
+
+    Examples
+    --------
+    >>> from fedgrain import AdaptiveFederatedOrdinal
+    >>> from fedgrain.datasets import make_regions
+    >>> X, y, *_ = make_regions(4000, n_regions=2, random_state=0)
+    >>> model = AdaptiveFederatedOrdinal(backend="serial").fit(X, y)
+    >>> import tempfile, os
+    >>> out = write_report(model, os.path.join(tempfile.mkdtemp(), "report.html"))
+    >>> out.read_text().startswith("<!DOCTYPE html>")
+    True
+    """
+    if not hasattr(model, "results_"):
+        raise ValueError("The model is not fitted; fit it (or load a saved one) first.")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha!r} must lie strictly between 0 and 1 (0.05 gives 95% "
+                         "intervals).")
+    path = Path(path)
+    adaptive = hasattr(model, "partition_")
+    heading = title or f"fedgrain report: {type(model).__name__}"
+    given = _given_rows(model, X, y, adaptive, groups)
+    units = _units(model, adaptive)
+    scale = _scale(model, given.Xe, adaptive)
+    diffs = (_differences(units, model.schema_.n_features)
+             if units is not None and units.covs is not None and len(units) > 1 else None)
+    sections = [("overview", "Overview",
+                 _overview(model, adaptive, units, diffs, given, source, X is not None, alpha)),
+                ("coefficients", "Coefficients", _coefficients(model, alpha, adaptive))]
+    if diffs is not None:
+        sections.append(("leaves", "Leaves against the others",
+                         _comparison(model, units, diffs, alpha)))
+    sections.append(("forest", "Forest plots", _forest(model, units, scale, alpha)))
+    if hasattr(model, "random_effects_") and not adaptive:
+        sections.append(("random-effects", "Random effects", _random_effects(model)))
+    if adaptive:
+        sections.append(("partition", "Partition", _partition(model, given)))
+    sections.append(("evaluation", "Evaluation", _evaluation(model, given, adaptive)))
+    if adaptive:
+        sections.append(("meta-learning", "Meta-learning", _meta_learning(model)))
+        sections.append(("drift", "Drift", _drift(model, given)))
+    _write_page(path, heading, sections)
+    return path
+
+
+def _given_rows(model, X, y, adaptive: bool, groups=None) -> Given:
+    """The given rows encoded, with their codes, probabilities and leaves where given."""
+    out = Given()
+    if X is None:
+        if y is not None:
+            raise ValueError("y was given without X; give the rows' features too.")
+        return out
+    by_group = {}
+    if groups is not None:
+        if adaptive:
+            X, groups = model._groups_of(X, groups)
+        else:  # a mixed model: its groups' own random effects
+            X, groups = split_groups_column(X, groups)
+        by_group = {"groups": groups}
+    out.Xe = model.encode(X)
+    if y is not None:
+        out.codes = model.target_.encode(y)
+        if out.codes.shape[0] != out.Xe.shape[0]:
+            from .exceptions import DataError
+
+            raise DataError(f"X has {out.Xe.shape[0]:,} rows and y {out.codes.shape[0]:,}; "
+                            "give one label per row.")
+        out.proba = model.predict_proba(X, order="levels", **by_group)
+    if adaptive:
+        out.leaf = model._leaf_positions(X, **by_group)
+    return out
+
+
+def _version() -> str:
+    from ._version import __version__
+
+    return __version__
+
+
+def _overview(model, adaptive: bool, units: Units | None, diffs, given: Given,
+              source: str | None, has_rows: bool, alpha: float) -> list[str]:
+    """When, what and on which rows; the banners that say what to read first."""
+    res = model.results_
+    info = res.info or {}
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    link = getattr(res, "link", "logit")
+    names = list(res.feature_names)
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    if has_rows:
+        data = (source or "rows given in memory") + f": {given.Xe.shape[0]:,} rows" + (
+            ", labelled" if given.labelled else ", without labels")
+    else:
+        data = "none: the report shows the fitted model alone (pass data and labels to score it)"
+    rows = [["fedgrain", _version()], ["Written", now],
+            ["Model", f"{type(model).__name__} (cumulative {link})"],
+            ["Training rows", info.get("Rows", "n/a")], ["Features", shown],
+            ["Levels", " < ".join(str(c) for c in res.classes)]]
+    stream = getattr(model, "stream_", None)
+    if stream is not None and stream.rows_seen:
+        rows.append(["Rows since, on the stream", f"{int(stream.rows_seen):,}"])
+    if adaptive:
+        fitted = int(model.partition_.sizes.sum())
+        rows.append(["Rows fitted (the leaves' models)", f"{fitted:,}" + (
+            "" if str(fitted) == str(_rows_number(model)) else
+            " (a leaf refitted on a stream counts the recent rows it was refitted on)")])
+    if units is not None:
+        rows.append([units.plural.capitalize(), f"{len(units):,}" + (
+            f" regions in {model.n_leaves_:,} leaves" if adaptive and
+            len(units) != model.n_leaves_ else "")])
+    rows.append(["Data in this report", data])
+    parts = [f'<p class="sub">fedgrain {html.escape(_version())} · {now} · '
+             f"{html.escape(type(model).__name__)}</p>",
+             _table(None, rows, cls="about")]
+    parts += _banners(model, adaptive, units, diffs, alpha)
+    return parts
+
+
+def _banners(model, adaptive: bool, units: Units | None, diffs, alpha: float) -> list[str]:
+    out = []
+    p = model.schema_.n_features
+    names = list(model.results_.param_names)
+    if units is not None and len(units) > 1 and units.covs is not None:
+        # beyond every unit's interval on the same side: not a chance of estimation
+        est, zc = model.results_.params, _z(alpha)
+        outside = []
+        for j in range(p):
+            ok = np.isfinite(units.params[:, j])
+            col = units.params[ok, j]
+            se = np.sqrt(np.maximum(units.covs[ok, j, j], 0.0))
+            if col.size >= 2 and (est[j] < (col - zc * se).min() or
+                                  est[j] > (col + zc * se).max()):
+                outside.append(f"'{names[j]}' ({est[j]:+.3g}; the {units.plural} "
+                               f"{col.min():+.3g} to {col.max():+.3g})")
+        if outside:
+            out.append(
+                '<div class="banner"><b>The global model lies outside its '
+                f"{units.plural}</b> (beyond every {units.kind}'s interval) on "
+                f"{html.escape('; '.join(outside[:6]))}"
+                + (f" and {len(outside) - 6} more" if len(outside) > 6 else "") + ". "
+                "The global model is fitted on every row: where the features' distributions "
+                f"differ between the {units.plural}, it also absorbs those differences, so it "
+                f"is not the model of any of them. Read each {units.kind}'s coefficients "
+                "(the sections below) before the global ones.</div>")
+    het = _large_i2(model, adaptive)
+    if het:
+        out.append(f'<div class="banner">{html.escape(het)}</div>')
+    if diffs is not None:
+        found = [(units.labels[i], d) for i, d in enumerate(diffs)
+                 if np.isfinite(d["p_holm"]) and d["p_holm"] < alpha]
+        if found:
+            items = []
+            for label, d in found:
+                z = d["z"]
+                top = [j for j in np.argsort(-np.nan_to_num(np.abs(z))) if np.isfinite(z[j])
+                       and abs(z[j]) > _z(alpha)][:4]
+                on = ", ".join(f"{names[j]} (z = {z[j]:+.1f})" for j in top) or \
+                    "the coefficients jointly"
+                items.append(f"<li><b>{html.escape(label)}</b> on {html.escape(on)}</li>")
+            out.append(f'<div class="note"><b>{len(found)} of {len(units)} {units.plural} '
+                       "differ from the others</b> (joint Wald test, Holm-adjusted p &lt; "
+                       f"{alpha:g}):<ul>{''.join(items)}</ul></div>")
+        else:
+            out.append(f'<div class="note">No {units.kind} differs from the others at level '
+                       f"{alpha:g} (joint Wald tests, Holm-adjusted).</div>")
+    return out
+
+
+def _z(alpha: float) -> float:
+    from scipy import stats
+
+    return float(stats.norm.ppf(1 - alpha / 2))
+
+
+def _large_i2(model, adaptive: bool) -> str:
+    """The sentence on large heterogeneity, or ''."""
+    p = model.schema_.n_features
+    if adaptive:
+        re = model.random_effects_
+        return re.statement() if re.differ else ""
+    het = getattr(model.results_, "heterogeneity", None)
+    if het is None:
+        return ""
+    i2 = np.asarray(het["i2_param"], dtype=float)[:p]
+    if i2.size and np.nanmax(i2, initial=0.0) > _LARGE_I2:
+        j = int(np.nanargmax(i2))
+        return (f"The random subsets differ more than chance allows (I^2 up to {i2[j]:.2f}, on "
+                f"'{model.results_.param_names[j]}'). Random subsets of exchangeable rows "
+                "agree: rows ordered by time or site, or a misspecified model, can cause it.")
+    return ""
+
+
+def _coefficients(model, alpha: float, adaptive: bool) -> list[str]:
+    """The coefficient table (with the random-effects summary of the regions for an adaptive
+    model, per-parameter I^2 for pooled ones) and Cochran's Q between the subsets."""
+    parts = [model.summary(alpha).as_html()]
+    het_model = model.global_model_ if adaptive else model
+    if hasattr(het_model, "q_"):
+        parts.append("<h3>Heterogeneity between the subsets of the global fit</h3>")
+        parts.append(_table(
+            ["Cochran's Q", "df", "p-value", "I^2"],
+            [[het_model.q_, het_model.q_df_, _pvalue(het_model.q_pvalue_), het_model.i2_]]))
+        parts.append("<p>Q tests whether the subsets' de-biased estimates differ by more than "
+                     "their standard errors allow; I^2 is the share of their spread that is "
+                     "not chance.</p>")
+    return parts
+
+
+def _comparison(model, units: Units, diffs: list[dict], alpha: float) -> list[str]:
+    """Each leaf's coefficients with intervals, marked where they differ from the others."""
+    from scipy import stats
+
+    p = model.schema_.n_features
+    names = list(model.results_.param_names)[:p]
+    zc = float(stats.norm.ppf(1 - alpha / 2))
+    header = [units.kind.capitalize(), "Rows fitted"] + names + ["Wald chi2", "df", "p",
+                                                                   "Holm p"]
+    rows, marks = [], []
+    glob = model.results_
+    gci = glob.conf_int(alpha)
+    rows.append(["global (all rows)", _rows_number(model)] +
+                [f"{glob.params[j]:.3g} [{gci[j, 0]:.3g}, {gci[j, 1]:.3g}]" for j in range(p)]
+                + ["", "", "", ""])
+    marks.append([False] * len(header))
+    for i, d in enumerate(diffs):
+        cells, mk = [], [False, False]
+        for j in range(p):
+            e = units.params[i, j]
+            if not np.isfinite(e):
+                cells.append("not identified")
+                mk.append(False)
+                continue
+            se = float(np.sqrt(max(units.covs[i][j, j], 0.0)))
+            cells.append(f"{e:.3g} [{e - zc * se:.3g}, {e + zc * se:.3g}]")
+            mk.append(bool(np.isfinite(d["z"][j]) and abs(d["z"][j]) > zc))
+        rows.append([units.labels[i], int(units.rows[i])] + cells +
+                    [d["chi2"], d["df"], _pvalue(d["p"]), _pvalue(d["p_holm"])])
+        marks.append(mk + [False, False, False,
+                           bool(np.isfinite(d["p_holm"]) and d["p_holm"] < alpha)])
+    level = f"{100 * (1 - alpha):.0f}%"
+    return [f"<p>Each {units.kind}'s coefficients (original scale) with {level} intervals. A "
+            f"{units.kind} is tested against the other {units.plural} pooled (inverse-variance "
+            f"weights): the {units.plural} are fitted on disjoint rows, so the two covariances "
+            "add. Shaded: a coefficient whose difference is significant on its own (|z| &gt; "
+            f"{zc:.2f}), and a Holm-adjusted joint p-value below {alpha:g}. The global model "
+            f"is fitted on every row, this {units.kind}'s included, so it is shown for "
+            f"reference; a {units.kind} that differs from the others differs from it in the "
+            "same direction.</p>",
+            _table(header, rows, marks=marks)]
+
+
+def _rows_number(model) -> int | str:
+    text = str((model.results_.info or {}).get("Rows", "")).replace(",", "")
+    return int(text) if text.isdigit() else ""
+
+
+def _forest(model, units: Units | None, scale: Scale, alpha: float) -> list[str]:
+    """Small multiples on the standardised scale."""
+    from .inference.random_effects import random_effects
+
+    res = model.results_
+    p = res.n_features
+    names = list(res.param_names)
+    zc = _z(alpha)
+    est = scale.params(res.params, p)
+    se = np.sqrt(np.maximum(np.diag(scale.cov(res.cov, p)), 0.0))
+    ci = np.column_stack([est - zc * se, est + zc * se])
+    unit_est = unit_ci = pred = i2 = None
+    labels: list[str] = []
+    if units is not None:
+        unit_est = scale.params(units.params, p)
+        unit_est[:, :p][~np.isfinite(units.params[:, :p])] = np.nan
+        labels = units.labels
+        if units.covs is not None:
+            covs = np.array([scale.cov(c, p) for c in units.covs])
+            use = np.sqrt(np.maximum(np.einsum("kii->ki", covs), 0.0))
+            unit_ci = np.stack([unit_est - zc * use, unit_est + zc * use], axis=-1)
+            re = random_effects(unit_est, covs, names, p)
+            pred, i2 = np.column_stack([re.pred_low, re.pred_high]), re.i2
+        elif getattr(res, "heterogeneity", None) is not None:
+            i2 = np.asarray(res.heterogeneity["i2_param"], dtype=float)
+    level = f"{100 * (1 - alpha):.0f}%"
+    where = ("a slope per standard deviation of its feature, a threshold at the features' "
+             f"means (both from {scale.source})" if scale.sd is not None else
+             "the original scale (pass rows to standardise it)")
+    shown = len(names) if len(names) <= 60 else 60
+    fig = forest_grid(names[:shown], p, est[:shown], ci[:shown],
+                      None if unit_est is None else unit_est[:, :shown],
+                      None if unit_ci is None else unit_ci[:, :shown], labels,
+                      None if pred is None else pred[:shown],
+                      None if i2 is None else i2[:shown], level, where.capitalize())
+    unit = units.kind if units is not None else ""
+    caption = (f"One panel per parameter, each on its own axis: {where}. Black diamond: the "
+               f"global model with its {level} interval."
+               + (f" Dots: each {unit}'s estimate" + (f" with its {level} interval" if
+                  unit_ci is not None else " (its interval is not kept)") + "." if units else "")
+               + (" Grey band: the prediction interval of the random-effects summary, where a "
+                  f"new {unit}'s parameter is expected." if pred is not None else "")
+               + (" Titles in red: I^2 above 0.5." if i2 is not None else "")
+               + (f" The first {shown} of {len(names)} parameters." if shown < len(names)
+                  else ""))
+    return [_figure("forest plots", _png(fig), caption)]
+
+
+def _random_effects(model) -> list[str]:
+    """A mixed model's random effects: their standard deviations and correlations."""
+    sd = model.random_sd_
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = model.random_cov_ / np.outer(sd, sd)
+    names = model.random_names_
+    rows = [[n, sd[i], *[corr[i, j] if sd[i] > 0 and sd[j] > 0 else float("nan")
+                         for j in range(i)]] for i, n in enumerate(names)]
+    return [_table(["effect", "sd", *[f"corr. with {n}" for n in names[:-1]]],
+                   [r + [""] * (len(names) + 1 - len(r)) for r in rows]),
+            f"<p>{model.n_groups_:,} groups. Each group's model is the fixed effects plus its "
+            "conditional modes (empirical Bayes); a group the model was not fitted on gets "
+            "the probabilities averaged over this normal distribution.</p>"]
 
 
 def _leaf_sample(model, rng: np.random.Generator):
@@ -288,247 +1057,126 @@ def _leaf_sample(model, rng: np.random.Generator):
     return np.vstack(rows), np.concatenate(labels)
 
 
-def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float = 0.05,
-                 title: str | None = None, groups=None) -> Path:
-    """Write the HTML report of a fitted fedgrain model to ``path``; returns the path.
-
-    Parameters
-    ----------
-    model : fitted DivideConquerOrdinal, AdaptiveFederatedOrdinal or OrdinalRegression
-    path : str or path-like
-        The ``.html`` file to write (replaced atomically: never half-written).
-    X, y : optional
-        Labelled rows (for example held-out data): the leaf table then shows each leaf's
-        metrics on them, and the partition plot shows a sample of them.
-    alpha : float
-        1 - the confidence level of the intervals.
-    title : str, optional
-    groups : optional
-        The group of each row of ``X`` (a model fitted with groups): each row goes to its
-        group's leaf (without them, every row is the global model's).
-
-    Examples
-    --------
-    >>> from fedgrain import AdaptiveFederatedOrdinal
-    >>> from fedgrain.datasets import make_regions
-    >>> X, y, *_ = make_regions(4000, n_regions=2, random_state=0)
-    >>> model = AdaptiveFederatedOrdinal(backend="serial").fit(X, y)
-    >>> import tempfile, os
-    >>> out = write_report(model, os.path.join(tempfile.mkdtemp(), "report.html"))
-    >>> out.read_text().startswith("<!DOCTYPE html>")
-    True
-    """
-    if not hasattr(model, "results_"):
-        raise ValueError("The model is not fitted; fit it (or load a saved one) first.")
-    path = Path(path)
-    adaptive = hasattr(model, "partition_")
-    heading = title or f"fedgrain report: {type(model).__name__}"
-    parts = _title(model, heading, adaptive)
-    Xe, codes, proba, leaf = _given_rows(model, X, y, adaptive, groups)
-    parts += _coefficients(model, alpha, adaptive)
-    parts += _forest(model, alpha, adaptive)
-    if hasattr(model, "random_effects_") and not adaptive:
-        parts += _random_effects(model)
-    if adaptive:
-        parts += _partition(model, Xe, leaf)
-        parts += _leaves(model, codes, proba, leaf)
-        parts += _meta_learning(model)
-        parts += _drift(model)
-    _write_page(path, heading, parts)
-    return path
-
-
-def _title(model, heading: str, adaptive: bool) -> list[str]:
-    """The heading, and a line with the features, classes, leaves and rows."""
-    res = model.results_
-    info = res.info or {}
-    return [f"<h1>{html.escape(heading)}</h1>",
-            f'<p class="sub">{len(res.feature_names)} features, classes '
-            f"{html.escape(' < '.join(str(c) for c in res.classes))}"
-            + (f", {model.n_leaves_} leaves" if adaptive else "")
-            + (f", {info.get('Rows')} rows" if info.get("Rows") else "") + "</p>"]
-
-
-def _given_rows(model, X, y, adaptive: bool, groups=None):
-    """The encoded rows, the class codes and predicted probabilities (with ``y``), and the
-    leaf of each row (adaptive); None for what is not given."""
-    Xe = codes = proba = leaf = None
-    if X is not None:
-        by_group = {}
-        if groups is not None:
-            if adaptive:
-                X, groups = model._groups_of(X, groups)
-            else:  # a mixed model: its groups' own random effects
-                X, groups = split_groups_column(X, groups)
-            by_group = {"groups": groups}
-        Xe = model.encode(X)
-        if y is not None:
-            codes = model.target_.encode(y)
-            proba = model.predict_proba(X, order="levels", **by_group)
-        if adaptive:
-            leaf = model._leaf_positions(X, **by_group)  # positions, for the tables below
-    return Xe, codes, proba, leaf
-
-
-def _coefficients(model, alpha: float, adaptive: bool) -> list[str]:
-    """The coefficient table, and Cochran's Q and I^2 between the subsets where pooled."""
-    parts = ["<h2>Coefficients</h2>"]
-    if adaptive and model.random_effects_.differ:  # say it before the table, plainly
-        parts.append(f"<p class='warning'><b>{html.escape(model.random_effects_.statement())}"
-                     "</b></p>")
-    # an adaptive model's summary adds the random-effects summary of its regions
-    parts.append(model.summary(alpha).as_html())
-    het_model = model.global_model_ if adaptive else model
-    if hasattr(het_model, "q_"):
-        parts.append("<h2>Heterogeneity between the subsets</h2>")
-        parts.append(_table(
-            ["Cochran's Q", "df", "p-value", "I^2"],
-            [[het_model.q_, het_model.q_df_, het_model.q_pvalue_, het_model.i2_]]))
-        parts.append("<p>Q tests whether the subsets' de-biased estimates differ by more than "
-                     "their standard errors allow; I^2 is the share of their spread that is "
-                     "not chance.</p>")
-    return parts
-
-
-def _forest(model, alpha: float, adaptive: bool) -> list[str]:
-    """The forest plot: global coefficients beside each leaf's or subset's."""
-    if adaptive:
-        leaf_params = np.array([m.results_.params for m in model.local_models_])
-        labels = leaf_labels(model)
-    elif hasattr(model, "subset_estimates_"):
-        leaf_params = model.subset_estimates_
-        labels = [f"subset {i + 1}" for i in range(leaf_params.shape[0])]
-    elif hasattr(model, "random_effects_"):
-        leaf_params = model.group_params()
-        labels = [f"group {g}" for g in model.groups_]
-    else:
-        leaf_params, labels = None, []
-    unit = "leaf" if adaptive else "group" if hasattr(model, "random_effects_") else "subset"
-    plural = {"leaf": "leaves", "group": "groups", "subset": "subsets"}[unit]
-    return [f"<h2>Global coefficients and the {plural}'</h2>",
-            _figure("forest plot", _png(forest_plot(model.results_, leaf_params, labels, alpha)),
-                    f"Black: the global coefficients with {100 * (1 - alpha):.0f}%"
-                    f" confidence intervals. Dots: each {unit}'s own coefficients"
-                    + (" (fixed effects plus its random effects)." if unit == "group" else "."))]
-
-
-def _random_effects(model) -> list[str]:
-    """A mixed model's random effects: their standard deviations and correlations."""
-    sd = model.random_sd_
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corr = model.random_cov_ / np.outer(sd, sd)
-    names = model.random_names_
-    rows = [[n, sd[i], *[corr[i, j] if sd[i] > 0 and sd[j] > 0 else float("nan")
-                         for j in range(i)]] for i, n in enumerate(names)]
-    return ["<h2>Random effects</h2>",
-            _table(["effect", "sd", *[f"corr. with {n}" for n in names[:-1]]],
-                   [r + [""] * (len(names) + 1 - len(r)) for r in rows]),
-            f"<p>{model.n_groups_:,} groups. Each group's model is the fixed effects plus its "
-            "conditional modes (empirical Bayes); a group the model was not fitted on gets "
-            "the probabilities averaged over this normal distribution.</p>"]
-
-
-def leaf_labels(model) -> list[str]:
-    """"leaf N" for each leaf, or "site G" for the leaves of groups."""
-    sites = model.partition_.group_of_leaf()
-    return [f"leaf {nid}" if g is None else f"site {g}"
-            for nid, g in zip(model.partition_.leaves, sites, strict=True)]
-
-
-def _partition(model, Xe: np.ndarray | None, leaf: np.ndarray | None) -> list[str]:
-    """The projection of rows coloured by leaf, the tree plot and the tree's description."""
+def _partition(model, given: Given) -> list[str]:
+    """The rows on the split directions, the tree plot and the tree's description."""
     tree = model.partition_
-    proj, caption = _projection(model, Xe, leaf)
-    figs = [] if tree.group_labels is not None else [  # sites: the table of leaves says it
-        _figure("partition tree", _png(tree_plot(tree)),
-                "The partition tree: each split's rule, and the training rows of every node.")]
-    if proj is not None:
-        figs.insert(0, _figure("partition projection", proj, caption))
-    elif tree.group_labels is not None:
-        figs.append(f"<p>{html.escape(caption)}</p>")
+    names = list(model.schema_.output_names)
+    figs = []
+    if tree.group_labels is None:
+        rng = np.random.default_rng(0)
+        Xe, leaf = given.Xe, given.leaf
+        if Xe is not None and Xe.shape[0]:
+            take = rng.choice(Xe.shape[0], min(_SAMPLE, Xe.shape[0]), replace=False)
+            Xe, leaf = Xe[take], leaf[take]
+            caption = (f"A sample of {Xe.shape[0]:,} of the given rows on the directions of "
+                       "the tree's two largest splits (the feature itself where a split is on "
+                       "one), coloured by their leaf; solid line: the first split, dashed: the "
+                       "second (drawn on its side of the first).")
+        else:
+            Xe, leaf = _leaf_sample(model, rng)
+            caption = ("Rows drawn from each leaf's stored feature distributions (the model "
+                       "keeps no training rows), kept where the tree routes them back to that "
+                       "leaf, on the directions of the tree's two largest splits. Pass data "
+                       "(--data) to show real rows.")
+        fig = None if Xe is None else partition_plot(Xe, leaf, tree, names)
+        if fig is not None:
+            figs.append(_figure("partition on its splits", _png(fig), caption))
+        figs.append(_figure("partition tree", _png(tree_plot(tree)),
+                            "The partition tree: each split's rule and the training rows of "
+                            "every node (a node's rows are the sum of its leaves')."))
+    else:
+        figs.append(f"<p>The leaves are the {len(tree.leaves):,} sites (groups), not regions "
+                    "of feature space.</p>")
     st = getattr(tree, "stability_", None)
     stable = ("Stability: " + st.describe() + "." if st is not None else
               "Stability not measured: <code>model.stability(X, y)</code> grows the partition "
-              "again on resamples and "
-              "reports the adjusted Rand index between them.")
-    return ["<h2>Partition</h2>", '<div class="grid">' + "".join(figs) + "</div>",
-            "<pre>" + html.escape("\n".join(tree.describe())) + "</pre>",
-            f"<p>{stable}</p>"]
+              "again on resamples and reports the adjusted Rand index between them.")
+    return ['<div class="grid">' + "".join(figs) + "</div>",
+            "<pre>" + html.escape(str(tree.describe())) + "</pre>", f"<p>{stable}</p>"]
 
 
-def _projection(model, Xe: np.ndarray | None, leaf: np.ndarray | None) -> tuple[str | None, str]:
-    """The projection plot (None without a sample to draw) and its caption: a sample of the
-    given rows, or else of rows drawn from the leaves' stored feature distributions."""
-    tree = model.partition_
-    rng = np.random.default_rng(0)
-    grouped = tree.group_labels is not None
-    if Xe is not None and grouped:  # only the rows of known sites have a leaf
-        Xe, leaf = Xe[leaf >= 0], leaf[leaf >= 0]
-    if Xe is not None and Xe.shape[0]:
-        take = rng.choice(Xe.shape[0], min(_SAMPLE, Xe.shape[0]), replace=False)
-        Xs = tree.standardizer.transform(Xe[take])
-        caption = (f"A sample of {take.shape[0]:,} of the given rows, projected on their "
-                   "first two principal components, coloured by the leaf they route to.")
-        return _png(projection_plot(Xs, leaf[take], tree.leaves)), caption
-    if grouped:
-        return None, ("The leaves are sites, not regions of feature space: pass rows with "
-                      "their sites (--data, --groups) to show where they lie.")
-    sample, lab = _leaf_sample(model, rng)
-    if sample is None:
-        proj = None
-    else:
-        proj = _png(projection_plot(tree.standardizer.transform(sample), lab, tree.leaves))
-    caption = ("Rows drawn from each leaf's stored feature distributions (the model "
-               "keeps no training rows) and kept where the tree routes them back to that "
-               "leaf, projected on their first two principal components. Pass data "
-               "(--data) to show real rows.")
-    return proj, caption
+def _evaluation(model, given: Given, adaptive: bool) -> list[str]:
+    """Scores on the given labelled rows beside the null model, per leaf; confusion matrices
+    and calibration curves. Without labels: the meta-learner's held-out losses."""
+    from .metrics import baseline_scores, ordinal_scores
 
+    levels = [str(c) for c in model.results_.classes]
+    K = len(levels)
+    if not given.labelled:
+        parts = []
+        if adaptive:
+            parts += _held_out_losses(model)
+        parts.append("<p>No labelled rows given: pass data with labels (<code>report(path, X, "
+                     "y)</code>, or <code>--data FILE --target COLUMN</code>) to score the "
+                     "model beside the null model, with confusion matrices and calibration "
+                     "curves.</p>")
+        return parts
+    codes, proba = given.codes, given.proba
+    header = ["Leaf" if adaptive else "Rows", "Rows fitted", "Given rows", "Log-loss",
+              "(null)", "RPS", "(null)", "Accuracy", "(null)", "Mean abs. class error",
+              "(null)", "Log-loss skill"]
 
-def _leaves(model, codes: np.ndarray | None, proba: np.ndarray | None,
-            leaf: np.ndarray | None) -> list[str]:
-    """The table of leaves: sizes, the last meta round's validation loss, and scores on the
-    given labelled rows."""
-    from .metrics import ordinal_scores
+    def row(name, training, m):
+        s, b = ordinal_scores(codes[m], proba[m]), baseline_scores(codes[m], K)
+        skill = 1 - s["log_loss"] / b["log_loss"] if b["log_loss"] > 0 else float("nan")
+        return [name, training, s["rows"], s["log_loss"], b["log_loss"], s["rps"], b["rps"],
+                s["accuracy"], b["accuracy"], s["mae"], b["mae"], f"{100 * skill:+.1f}%"]
 
-    tree = model.partition_
-    last = model.history_[-1] if getattr(model, "history_", None) else None
-    sites = tree.group_of_leaf() if tree.group_labels is not None else None
-    header = ["Leaf", "Training rows", "Region"] if sites is None else \
-        ["Leaf", "Training rows", "Site"]
-    rows = []
-    region = tree.region_of()
-    for pos, nid in enumerate(tree.leaves):
-        row = [nid, int(tree.sizes[pos]), int(region[pos]) if sites is None else sites[pos]]
-        if last is not None:
-            row.append(last.get("leaf_val_loss", {}).get(str(nid)))
-        if codes is not None:
-            m = leaf == pos
+    rows, panels = [], []
+    everything = np.ones(codes.shape[0], dtype=bool)
+    if adaptive:
+        tree = model.partition_
+        order = np.argsort(-np.bincount(given.leaf[given.leaf >= 0], minlength=tree.n_leaves))
+        for pos, nid in enumerate(tree.leaves):
+            m = given.leaf == pos
             if m.any():
-                s = ordinal_scores(codes[m], proba[m])
-                row += [int(m.sum()), s["log_loss"], s["rps"], s["accuracy"], s["mae"]]
-            else:
-                row += [0, None, None, None, None]
-        rows.append(row)
-    if last is not None:
-        header.append("Selection rows' log-loss (last meta round)")
-    if codes is not None:
-        header += ["Given rows", "Log-loss", "RPS", "Accuracy", "Mean abs. class error"]
-        allm = ordinal_scores(codes, proba)
-        rows.append(["all", int(tree.sizes.sum()), ""] + ([None] if last is not None else [])
-                    + [allm["rows"], allm["log_loss"], allm["rps"], allm["accuracy"],
-                       allm["mae"]])
-    parts = ["<h2>Leaves</h2>", _table(header, rows)]
-    if last is None and codes is None:
-        parts.append("<p>No validation metrics: the model was fitted without a "
-                     "meta-learner and no labelled data were given (pass --data and "
-                     "--target to score the leaves).</p>")
+                rows.append(row(f"leaf {nid}", int(tree.sizes[pos]), m))
+        panels = [(f"leaf {tree.leaves[pos]} ({int((given.leaf == pos).sum()):,} rows)",
+                   given.leaf == pos) for pos in order[:_PANEL_LEAVES]
+                  if (given.leaf == pos).any()]
+        unrouted = int((given.leaf < 0).sum())
+    else:
+        unrouted = 0
+    rows.append(row("all", _rows_number(model), everything))
+    parts = [_table(header, rows),
+             "<p>(null): the null model, every row given the levels' shares in the same rows "
+             "(the best prediction without features). Lower log-loss, RPS and mean absolute "
+             "class error and higher accuracy are better; skill is the share of the null "
+             "model's log-loss the model removes."
+             + (f" {unrouted:,} rows of unknown sites have no leaf." if unrouted else "")
+             + "</p>"]
+    panels = [("all rows", everything)] + panels
+    pred = np.argmax(proba, axis=1)
+    parts.append(_figure("confusion matrices", _png(confusion_grid(
+        [(t, codes[m], pred[m]) for t, m in panels], levels)),
+        "Confusion matrices: rows are the true levels (shaded by the share of the row, "
+        "counts written), columns the most probable level."
+        + (f" The {len(panels) - 1} largest leaves." if len(panels) > 1 else "")))
+    if K > 1:
+        parts.append(_figure("calibration", _png(calibration_grid(
+            [(t, codes[m], proba[m]) for t, m in panels], levels)),
+            "Calibration: for each cut point, the predicted probability of a level above it "
+            "against the observed share, in up to ten bins of equal rows; on the diagonal "
+            "the probabilities mean what they say."))
     return parts
+
+
+def _held_out_losses(model) -> list[str]:
+    last = model.history_[-1] if getattr(model, "history_", None) else None
+    if last is None:
+        return ["<p>No held-out scores: the model was fitted without a meta-learner.</p>"]
+    rows = [[f"leaf {nid}", int(model.partition_.sizes[pos]),
+             last.get("leaf_val_loss", {}).get(str(nid))]
+            for pos, nid in enumerate(model.partition_.leaves)]
+    return [_table(["Leaf", "Rows fitted", "Selection rows' log-loss (last meta round)"],
+                   rows),
+            "<p>The log-loss on each leaf's selection rows (held out from its fit) in the "
+            "last meta round.</p>"]
 
 
 def _meta_learning(model) -> list[str]:
     """The meta-learning curve and the table of rounds."""
-    parts = ["<h2>Meta-learning</h2>"]
+    parts = []
     if getattr(model, "history_", None):
         parts.append(_figure("meta-learning curve", _png(meta_curve(model.history_)),
                              f"Validation log-loss per round ({model.meta}). Grey: the "
@@ -591,49 +1239,128 @@ def _site_gain(model) -> list[str]:
         a, b = own.get(str(nid)), glob.get(str(nid))
         if a is None or b is None:
             continue
-        rows.append([f"{nid} ({label})", a, b,
-                     f"{100 * (b - a) / b:+.1f}%" if b > 0 else ""])
+        rows.append([label, a, b, f"{100 * (b - a) / b:+.1f}%" if b > 0 else ""])
     return ["<h3>Gain per leaf</h3>",
             "<p>Log-loss on each leaf's selection rows (held out from the fits and the outer "
             "step) in the last round: its personalised model against the global one.</p>",
             _table(["Leaf", "Personalised", "Global model", "Gain"], rows)]
 
 
-def _drift(model) -> list[str]:
-    """The drift timeline and table of the stream's events, and the failed leaf tasks."""
-    parts = ["<h2>Drift timeline</h2>"]
+def _drift(model, given: Given) -> list[str]:
+    """The stream: losses, detectors against their bounds, refit windows, events; each
+    leaf's features against its training profile; failed leaf tasks."""
+    parts = []
     events = [e for e in getattr(model, "events_", []) if "rows_seen" in e]
     stream = getattr(model, "stream_", None)
     seen = 0 if stream is None else int(stream.rows_seen)
-    if events:
-        parts.append(_figure("drift timeline",
-                             _png(drift_timeline(events, model.partition_.leaves, seen)),
-                             "Every event of the stream, at the rows seen when it happened."))
-        parts.append(_table(
-            ["Rows seen", "Leaf", "Event", "Statistic", "Threshold"],
-            [[e.get("rows_seen"), e.get("leaf"), e.get("kind"), e.get("statistic"),
-              e.get("threshold")] for e in events]))
-    if seen:
-        parts.append(f"<p>{seen:,} rows seen on the stream; {len(events)} event(s).</p>")
-    elif not events:
+    trace = [] if stream is None else list(getattr(stream, "trace", []))
+    leaves = list(model.partition_.leaves)
+    if seen or events:
+        parts.append(f"<p>{seen:,} rows seen on the stream in {len(trace):,} batches (the "
+                     f"trace keeps the latest); {len(events)} event(s).</p>")
+    else:
         parts.append("<p>No stream yet: <code>partial_fit</code> or <code>fedgrain "
-                     "stream</code> records drift detections, refits, splits and merges "
-                     "here.</p>")
+                     "stream</code> records each leaf's loss, its drift detectors, refits, "
+                     "splits and merges here.</p>")
+    if trace:
+        parts.append(_figure("loss over the stream", _png(stream_loss_plot(trace, leaves,
+                                                                            events)),
+                             "Each leaf's mean log-loss per batch. Shaded: a refit window, "
+                             "from the drift found in a leaf to its refit on the rows since. "
+                             "Marks along the top: the events, by kind."))
+        parts.append(_figure("detectors", _png(detector_grid(trace, leaves, events)),
+                             "Each leaf's two detectors after every batch: the loss detector "
+                             "(the leaf's loss against its own past) and the reference CUSUM "
+                             "(its loss against what its model expects), as the statistic "
+                             "over its bound; an alarm is raised above 1 (dashed). Dotted: "
+                             "concept drift found."))
+    windows = refit_windows(events)
+    if windows:
+        parts.append("<h3>Refit windows</h3>")
+        parts.append(_table(["Leaf", "Drift found at row", "Refitted at row",
+                             "Rows waited"], [[leaf, a, b, b - a] for leaf, a, b in windows]))
+    if events:
+        parts.append("<h3>Events</h3>")
+        parts.append(_table(
+            ["Rows seen", "Leaf", "Event", "Statistic", "Bound", "Detail"],
+            [[e.get("rows_seen"), _leaf_name(e.get("leaf")), e.get("kind"),
+              e.get("statistic"), e.get("threshold") or None, e.get("detail", "")]
+             for e in events]))
+    parts += _feature_shift(model, given)
     failures = [e for e in getattr(model, "events_", [])
                 if "rows_seen" not in e and e.get("kind") != "no meta-learning rounds"]
     if failures:
         parts.append("<h3>Failed leaf tasks during meta-learning</h3>")
         parts.append(_table(["Round", "Leaf", "Error"],
-                            [[e.get("round"), e.get("leaf"), e.get("error")]
+                            [[e.get("round"), _leaf_name(e.get("leaf")), e.get("error")]
                              for e in failures]))
     return parts
 
 
-def _write_page(path: Path, heading: str, parts: list[str]) -> None:
+def _leaf_name(leaf) -> str:
+    return "whole model" if leaf is None or leaf == -1 else f"leaf {leaf}"
+
+
+def _feature_shift(model, given: Given) -> list[str]:
+    """Per leaf and feature: KS and PSI of the given rows (or else the stream's recent rows)
+    against the leaf's training profile."""
+    from .monitor.features import profile_shift, rows_below
+
+    tree, prof = model.partition_, model.profile_
+    names = list(model.schema_.output_names)
+    stream = getattr(model, "stream_", None)
+    if given.Xe is not None:
+        what = "the given rows"
+        chunks = {nid: given.Xe[given.leaf == pos] for pos, nid in enumerate(tree.leaves)}
+    elif stream is not None and stream.rows_seen:
+        what = "the stream's recent rows kept with the model"
+        chunks = {nid: stream.windows[nid].since(np.iinfo(np.int64).min).X
+                  for nid in tree.leaves if nid in stream.windows}
+    else:
+        return []
+    tests = []
+    for nid, X in chunks.items():
+        lp = prof.leaves.get(nid) if hasattr(prof, "leaves") else None
+        if lp is None or lp.edges is None or X.shape[0] < 50:
+            continue
+        for t in profile_shift(lp, rows_below(lp, X), X.shape[0], names):
+            tests.append(dict(t, leaf=nid, rows=int(X.shape[0])))
+    if not tests:
+        return []
+    holm = _holm(np.array([t["p_value"] for t in tests]))
+    rows, marks = [], []
+    order = sorted(range(len(tests)), key=lambda i: -tests[i]["psi"])
+    shown = order[:40]
+    for i in shown:
+        t = tests[i]
+        shifted = bool(holm[i] < 1e-3 and t["psi"] >= _PSI_LARGE)
+        rows.append([f"leaf {t['leaf']}", t["feature"], t["rows"], t["ks"], _pvalue(holm[i]),
+                     t["psi"], shifted])
+        marks.append([False] * 6 + [shifted])
+    n_shift = sum(r[-1] for r in rows)
+    return ["<h3>Features against each leaf's training profile</h3>",
+            f"<p>{what.capitalize()} per leaf against the leaf's training distribution, per "
+            "feature: the Kolmogorov-Smirnov statistic (at the profile's quantiles), its "
+            "Holm-adjusted p-value over all the tests, and the population stability index. "
+            f"Shifted: p below 0.001 and PSI at least {_PSI_LARGE:g} (as the stream monitor "
+            f"decides). {n_shift} shifted; the {len(shown)} largest PSI of {len(tests)} "
+            "tests.</p>",
+            _table(["Leaf", "Feature", "Rows", "KS", "Holm p", "PSI", "Shifted"], rows,
+                   marks=marks)]
+
+
+def _write_page(path: Path, heading: str, sections: list[tuple[str, str, list[str]]]) -> None:
     """Write the page atomically: a temporary file beside ``path``, renamed into place."""
+    toc = "".join(f'<li><a href="#{sid}">{html.escape(name)}</a></li>'
+                  for sid, name, _ in sections)
+    body = [f"<h1>{html.escape(heading)}</h1>",
+            f'<nav class="toc"><b>Contents</b><ol>{toc}</ol></nav>']
+    for sid, name, parts in sections:
+        body.append(f'<section id="{sid}"><h2>{html.escape(name)}</h2>' + "\n".join(parts)
+                    + "</section>")
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(heading)}</title><style>{_STYLE}</style></head><body>"
-            + "\n".join(parts) + _CHECK + "</body></html>\n")
+            + "\n".join(body) + _SCRIPT + "</body></html>\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=path.parent)
     try:

@@ -341,12 +341,14 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         self.po_test_ = test
         return test
 
-    def report(self, path, X=None, y=None, *, alpha: float = 0.05, groups=None):
+    def report(self, path, X=None, y=None, *, alpha: float = 0.05, groups=None,
+               source: str | None = None):
         """Write the HTML report of this model (see :func:`fedgrain.report.write_report`).
 
-        ``X`` and ``y`` (labelled rows, held out say) add each leaf's metrics and a projection
-        of real rows; ``groups`` their groups (a model fitted with groups). Returns the path
-        written.
+        ``X`` and ``y`` (labelled rows, held out say) add the scores per leaf beside the null
+        model, confusion matrices, calibration and real rows on the partition's splits;
+        ``groups`` their groups (a model fitted with groups); ``source`` says where they come
+        from in the report's header. Returns the path written.
         """
         from ..report import write_report
 
@@ -354,7 +356,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         if groups is not None and getattr(self, "groups_", None) is None:
             raise DataError(f"groups= applies to a model fitted with groups; this "
                             f"{type(self).__name__} has none.")
-        return write_report(self, path, X, y, alpha=alpha, groups=groups)
+        return write_report(self, path, X, y, alpha=alpha, groups=groups, source=source)
 
     # ---- fitted state shared by both estimators ---------------------------------------------
     def _set_fitted(self, schema: FeatureSchema, target: TargetEncoding, params, cov,

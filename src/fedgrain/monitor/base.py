@@ -66,6 +66,11 @@ class Detector(ABC):
     def _update(self, x: np.ndarray) -> int | None:
         """Take the batch; return the position within it where a drift is detected, if any."""
 
+    def statistic(self) -> tuple[float, float]:
+        """The detector's statistic now and the bound it alarms above (NaN where a detector
+        does not say): what a report draws over the stream."""
+        return float("nan"), float("nan")
+
     def copy(self) -> Detector:
         """A copy that the original's updates leave alone (a stream's snapshot)."""
         return copy.deepcopy(self)

@@ -77,6 +77,9 @@ class PageHinkley(Detector):
             x, offset = x[hit + 1 :], offset + hit + 1  # go on from the change
         return first
 
+    def statistic(self) -> tuple[float, float]:
+        return float(self._m - self._min), float(self.threshold)
+
     def state(self):
         return {"n": self._n, "sum": self._sum, "m": self._m, "min": self._min,
                 "n_seen": self.n_seen}
@@ -147,32 +150,50 @@ class ADWIN(Detector):
                     first = pos - 1  # the rest of the batch goes on after the cut
         return first
 
-    def _cut(self) -> bool:
+    def _gaps(self):
+        """Per split of the window into older and newer buckets: the newer part's mean minus
+        the older part's, and the bound it must exceed (None before the test can run)."""
         m = self._m
         if m < 2:
-            return False
+            return None
         B = self._B[:m]
         n, s, q = B[:, 0], B[:, 1], B[:, 2]
         cn, cs = np.cumsum(n), np.cumsum(s)
         N, S = cn[-1], cs[-1]
         if N < self.min_window:
-            return False
+            return None
         var = max(q.sum() / N - (S / N) ** 2, 1e-12)
         n0, s0 = cn[:-1], cs[:-1]  # older part: buckets up to the split
         n1, s1 = N - n0, S - s0
         inv = 1.0 / n0 + 1.0 / n1  # 1 / m, m the harmonic size of the two parts
         dd = np.log(2.0 * np.log(N) / self.delta) if N > 1 else np.log(2.0 / self.delta)
         eps = np.sqrt(2.0 * inv * var * dd) + 2.0 / 3.0 * inv * dd
-        gap = s1 / n1 - s0 / n0  # newer minus older
+        return s1 / n1 - s0 / n0, eps  # newer minus older
+
+    def _cut(self) -> bool:
+        found = self._gaps()
+        if found is None:
+            return False
+        gap, eps = found
         cut = np.flatnonzero(gap > eps)
         if cut.size == 0:
             return False
         i = int(cut[-1])
         self.last_gap, self.last_bound = float(gap[i]), float(eps[i])
-        keep = m - (i + 1)  # keep the part after the change
-        self._B[:keep] = self._B[i + 1 : m]
+        keep = self._m - (i + 1)  # keep the part after the change
+        self._B[:keep] = self._B[i + 1 : self._m]
         self._m = keep
         return True
+
+    def statistic(self) -> tuple[float, float]:
+        """The split of the window nearest to a cut: its gap between the means and its
+        bound (NaN while the window is too short to test)."""
+        found = self._gaps()
+        if found is None:
+            return float("nan"), float("nan")
+        gap, eps = found
+        i = int(np.argmax(gap / eps))
+        return float(gap[i]), float(eps[i])
 
     @property
     def width(self) -> int:
@@ -247,6 +268,9 @@ class ReferenceCUSUM(Detector):
             self._s = 0.0
             x, offset = x[hit + 1 :], offset + hit + 1
         return first
+
+    def statistic(self) -> tuple[float, float]:
+        return float(self._s), float(self.threshold)
 
     def state(self):
         return {"s": self._s, "n_seen": self.n_seen}

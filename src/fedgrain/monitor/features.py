@@ -83,20 +83,8 @@ class FeatureMonitor:
         return self.shifts
 
     def _test(self, nid: int, lp) -> list[dict]:
-        n_new, n_ref = self._n[nid], max(lp.n_ref or lp.n_rows, 1)
-        n_eff = n_ref * n_new / (n_ref + n_new)
-        out = []
-        for j, (e, F) in enumerate(zip(lp.edges, lp.cdf, strict=True)):
-            Fn = self._below[nid][j] / n_new
-            D = float(np.max(np.abs(Fn - F))) if e.size else 0.0
-            p = float(special.kolmogorov(np.sqrt(n_eff) * D)) if D > 0 else 1.0
-            ref = np.diff(np.concatenate([[0.0], F, [1.0]]))
-            new = np.diff(np.concatenate([[0.0], Fn, [1.0]]))
-            ref, new = np.clip(ref, 1e-4, None), np.clip(new, 1e-4, None)
-            psi = float(np.sum((new - ref) * np.log(new / ref)))
-            out.append({"leaf": nid, "feature": self.feature_names[j], "ks": D,
-                        "p_value": p, "psi": psi, "since": self._since[nid]})
-        return out
+        return [dict(t, leaf=nid, since=self._since[nid])
+                for t in profile_shift(lp, self._below[nid], self._n[nid], self.feature_names)]
 
     def _holm(self, tests: list[dict]) -> list[dict]:
         """Holm's step-down over the tests; significant and practically large ones."""
@@ -120,3 +108,29 @@ class FeatureMonitor:
             n = int(key)
             self._below[n] = [np.asarray(b, dtype=float) for b in v["below"]]
             self._n[n], self._since[n] = int(v["n"]), int(v["since"])
+
+
+def rows_below(lp, X: np.ndarray) -> list[np.ndarray]:
+    """Per feature, the rows of ``X`` at or below each of the profile's points."""
+    Xs = np.sort(X, axis=0)
+    return [np.searchsorted(Xs[:, j], e, side="right").astype(float)
+            for j, e in enumerate(lp.edges)]
+
+
+def profile_shift(lp, below: list[np.ndarray], n_new: int, feature_names: list[str]) -> list[dict]:
+    """Per feature: the Kolmogorov-Smirnov statistic of ``n_new`` rows (``below``: their
+    counts at or below the profile's points) against the leaf profile ``lp``, its asymptotic
+    p-value and the PSI (see the module's docstring)."""
+    n_ref = max(lp.n_ref or lp.n_rows, 1)
+    n_eff = n_ref * n_new / (n_ref + n_new)
+    out = []
+    for j, (e, F) in enumerate(zip(lp.edges, lp.cdf, strict=True)):
+        Fn = below[j] / n_new
+        D = float(np.max(np.abs(Fn - F))) if e.size else 0.0
+        p = float(special.kolmogorov(np.sqrt(n_eff) * D)) if D > 0 else 1.0
+        ref = np.diff(np.concatenate([[0.0], F, [1.0]]))
+        new = np.diff(np.concatenate([[0.0], Fn, [1.0]]))
+        ref, new = np.clip(ref, 1e-4, None), np.clip(new, 1e-4, None)
+        psi = float(np.sum((new - ref) * np.log(new / ref)))
+        out.append({"feature": feature_names[j], "ks": D, "p_value": p, "psi": psi})
+    return out

@@ -23,6 +23,8 @@ from .online import LeafFollower
 
 #: Rows of each leaf kept for refits (the most recent).
 WINDOW_ROWS = 20_000
+#: Batches kept in the stream's trace (the most recent): what the report draws.
+TRACE_BATCHES = 2_000
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,14 @@ class StreamState:
     references: dict[int, Detector] = field(default_factory=dict)
     followers: dict[int, LeafFollower] = field(default_factory=dict)
     granularity: float | None = None  # the working granularity factor (None: the model's)
+    #: per batch: the rows seen after it and, per leaf with rows in it, ``[rows, mean
+    #: log-loss, detector statistic, its bound, reference CUSUM, its bound]`` (None: NaN)
+    trace: list[dict] = field(default_factory=list)
+
+    def record(self, entry: dict) -> None:
+        """Add a batch to the trace, forgetting the oldest beyond :data:`TRACE_BATCHES`."""
+        self.trace.append(entry)
+        del self.trace[: max(0, len(self.trace) - TRACE_BATCHES)]
 
     @classmethod
     def start(cls, leaves: list[int], profiles: dict, feature_names: list[str],
@@ -119,7 +129,8 @@ class StreamState:
             {n: RecentRows(w.n_features, list(w.chunks)) for n, w in self.windows.items()},
             dict(self.pending), dict(self.followup),
             {n: d.copy() for n, d in self.references.items()},
-            {r: f.copy() for r, f in self.followers.items()}, self.granularity)
+            {r: f.copy() for r, f in self.followers.items()}, self.granularity,
+            list(self.trace))
 
     def add_leaves(self, leaves: list[int], new_detector: Callable[[], Detector]) -> None:
         """State for leaves new to the stream (after a split or merge)."""
@@ -146,7 +157,7 @@ class StreamState:
                 "detectors": {str(k): d.state() for k, d in self.detectors.items()},
                 "references": {str(k): d.state() for k, d in self.references.items()},
                 "features": self.features.state(), "followers": {},
-                "granularity": self.granularity}
+                "granularity": self.granularity, "trace": self.trace}
         arrays = {}
         for rid, follower in self.followers.items():
             f_meta, f_arrays = follower.to_dict(f"follow_{rid}")
@@ -173,6 +184,7 @@ class StreamState:
             self.references.setdefault(int(k), ReferenceCUSUM()).load_state(v)
         g = meta.get("granularity")
         self.granularity = None if g is None else float(g)
+        self.trace = [_trace_entry(e) for e in meta.get("trace", [])]  # absent from older files
         if "followers" in meta:
             self.followers = {int(k): LeafFollower.from_dict(v, arrays, f"follow_{k}")
                               for k, v in meta["followers"].items()}
@@ -181,3 +193,15 @@ class StreamState:
             if f"stream_{nid}_X" in arrays:
                 window.chunks = [Window(arrays[f"stream_{nid}_X"], arrays[f"stream_{nid}_y"],
                                         arrays[f"stream_{nid}_rows"])]
+
+
+def _trace_entry(entry) -> dict:
+    """A saved trace entry, checked: the rows seen and six numbers (or None) per leaf."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("leaf"), dict):
+        raise ValueError("a stream trace entry is not a mapping of leaves")
+    leaves = {}
+    for k, v in entry["leaf"].items():
+        if not isinstance(v, list) or len(v) != 6:
+            raise ValueError("a stream trace entry does not hold six numbers per leaf")
+        leaves[str(int(k))] = [None if x is None else float(x) for x in v]
+    return {"rows_seen": int(entry["rows_seen"]), "leaf": leaves}

@@ -93,6 +93,7 @@ class DriftMonitor:
         start = st.rows_seen
         st.rows_seen = start + Xe.shape[0]
         drifted = self._detect_concept_drift(Xe, codes, leaf, loss, excess, start)
+        self._record(leaf, loss)
         self._react_to_covariate_shift(Xe, leaf, start, drifted)
         self._follow(Xe, codes, leaf)
         self._refit_pending()
@@ -131,6 +132,23 @@ class DriftMonitor:
                        detail=f"{why} ({type(first).__name__}: its statistic crossed its "
                               "bound)")
         return drifted
+
+    def _record(self, leaf: np.ndarray, loss: np.ndarray) -> None:
+        """The batch in the stream's trace: each leaf's rows, mean loss and its detectors'
+        statistics against their bounds (after the batch, or where a detector alarmed in
+        it, the statistic that crossed)."""
+        st = self.state
+        out = {}
+        for pos, nid in enumerate(self.model.partition_.leaves):
+            rows = leaf == pos
+            if not rows.any():
+                continue
+            values = [float(rows.sum()), float(np.mean(loss[rows]))]
+            for det in (st.detectors[nid], st.references[nid]):  # at its alarm, if it rang
+                values += ([det.last_gap, det.last_bound] if det.drift_detected
+                           else list(det.statistic()))
+            out[str(nid)] = [round(v, 6) if np.isfinite(v) else None for v in values]
+        st.record({"rows_seen": int(st.rows_seen), "leaf": out})
 
     def _follow(self, Xe, codes, leaf) -> None:
         """Every batch updates the model: each region's follower learns from the region's rows

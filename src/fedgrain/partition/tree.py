@@ -64,6 +64,15 @@ def stratified_split(codes: np.ndarray, n_subsets: int, rng: np.random.Generator
     return labels
 
 
+class TreeDescription(list):
+    """The lines of :meth:`PartitionTree.describe`: a list that prints as the tree."""
+
+    def __str__(self) -> str:
+        return "\n".join(self)
+
+    __repr__ = __str__
+
+
 @dataclass
 class Node:
     """One node of the tree.
@@ -526,9 +535,11 @@ class PartitionTree:
         if len(reached) != len(self.nodes):
             raise ValueError("some nodes are not reached from the root: the nodes form a cycle")
 
-    def describe(self) -> list[str]:
-        """One line per node, indented by depth: what it splits on and its training rows."""
-        lines = []
+    def describe(self) -> TreeDescription:
+        """One line per node, indented by depth: what it splits on and the rows behind it
+        (:meth:`node_rows`). A list of the lines that prints as the tree."""
+        lines = TreeDescription()
+        rows = self.node_rows()
 
         def walk(nid: int) -> None:
             node = self.nodes[nid]
@@ -538,12 +549,26 @@ class PartitionTree:
             parent = self.nodes.get(node.parent)
             if parent is not None and parent.kind == "groups":
                 what += f" (group {parent.evidence['groups'][parent.children.index(nid)]})"
-            lines.append(f"{'  ' * node.depth}[{nid}] {what}: {node.n_rows:,} rows")
+            lines.append(f"{'  ' * node.depth}[{nid}] {what}: {rows[nid]:,} rows")
             for c in node.children:
                 walk(c)
 
         walk(0)
         return lines
+
+    def node_rows(self) -> dict[int, int]:
+        """The rows behind every node: a leaf's :attr:`sizes` (the rows its model was fitted
+        on: after a refit on a stream, its recent rows), a split's the sum over its leaves."""
+        out: dict[int, int] = {}
+
+        def walk(nid: int) -> int:
+            node = self.nodes[nid]
+            out[nid] = (int(node.n_rows) if not node.children
+                        else sum(walk(c) for c in node.children))
+            return out[nid]
+
+        walk(0)
+        return out
 
 
 @dataclass(frozen=True)
