@@ -63,8 +63,16 @@ def run_demo(out: Path, n_jobs: int | None = None, log: Callable[[str], None] = 
         "divide and conquer": ordinal_scores(codes, dc.predict_proba(Xte, order="levels")),
         "adaptive + FO-MAML": ordinal_scores(codes, af.predict_proba(Xte, order="levels")),
     }))
-    _stream_with_a_change(af, X.iloc[pool], y.iloc[pool], levels, rng)
-    model_dir = _report_save_reload(af, frame, Xte, yte, levels, out)
+    turned = _stream_with_a_change(af, X.iloc[pool], y.iloc[pool], levels, rng)
+    # the held-out people of the changed leaf now answer the other way round too: the report
+    # scores the model on the world as the stream left it
+    turn = turned(Xte)
+    yte_now = pd.Series(np.where(turn, _reversed(yte, levels), yte), index=yte.index,
+                        dtype=yte.dtype)
+    model_dir = _report_save_reload(af, frame, Xte, yte_now, levels, out,
+                                    source=f"the {N_TEST:,} held-out people, those of the "
+                                           f"changed leaf ({int(turn.sum()):,}) answering the "
+                                           "other way round as the stream does now")
     log(f"demo finished in {time.perf_counter() - t_start:.0f} s")
     return model_dir
 
@@ -126,9 +134,16 @@ def _adaptive_partition(Xtr: pd.DataFrame, ytr: pd.Series, n_jobs: int | None,
     return af
 
 
+def _reversed(y: pd.Series, levels: list) -> pd.Categorical:
+    """The answers the other way round (the first level for the last, and so on)."""
+    return pd.Categorical.from_codes(len(levels) - 1 - y.cat.codes.to_numpy(),
+                                     categories=levels, ordered=True)
+
+
 def _stream_with_a_change(af: AdaptiveFederatedOrdinal, Xp: pd.DataFrame, yp: pd.Series,
-                          levels: list, rng: np.random.Generator) -> None:
-    """Part 3: rows drawn from the pool in batches; half way, one leaf's answers turn around."""
+                          levels: list, rng: np.random.Generator):
+    """Part 3: rows drawn from the pool in batches; half way, one leaf's answers turn around.
+    Returns the rule that says which rows turned (the changed leaf of the model before)."""
     print("\n== 3. A stream with a change ==\n")
     draw = rng.integers(0, len(Xp), STREAM_ROWS)
     Xs = Xp.iloc[draw].reset_index(drop=True)
@@ -138,9 +153,7 @@ def _stream_with_a_change(af: AdaptiveFederatedOrdinal, Xp: pd.DataFrame, yp: pd
     changed_leaf = int(ids[counts.argmax()])
     half = STREAM_ROWS // 2
     turn = (np.arange(STREAM_ROWS) >= half) & (leaf_of == changed_leaf)
-    flipped = pd.Categorical.from_codes(len(levels) - 1 - ys.cat.codes.to_numpy(),
-                                        categories=levels, ordered=True)
-    ys = pd.Series(np.where(turn, flipped, ys), dtype=ys.dtype)
+    ys = pd.Series(np.where(turn, _reversed(ys, levels), ys), dtype=ys.dtype)
     print(f"{STREAM_ROWS:,} rows drawn from the stream pool, in batches of {STREAM_BATCH:,}; "
           f"from row {half:,} on, the people of leaf {changed_leaf} answer "
           "the other way round (excellent <-> poor, good <-> fair).")
@@ -162,15 +175,16 @@ def _stream_with_a_change(af: AdaptiveFederatedOrdinal, Xp: pd.DataFrame, yp: pd
     now = ordinal_scores(lc, af.predict_proba(Xs.iloc[last], order="levels"))["log_loss"]
     print(f"Log-loss on the changed leaf's last 2,000 rows: {was:.3f} for the model before "
           f"the stream, {now:.3f} after it adapted.")
+    return lambda X: before.apply(X) == changed_leaf
 
 
 def _report_save_reload(af: AdaptiveFederatedOrdinal, frame: pd.DataFrame, Xte: pd.DataFrame,
-                        yte: pd.Series, levels: list, out: Path) -> Path:
+                        yte: pd.Series, levels: list, out: Path, source: str) -> Path:
     """Part 4: the report, the saved model, a reload and predictions, and what to try next."""
     print("\n== 4. Report, save, reload, predict ==\n")
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "randhie.csv", index=False)
-    report = af.report(out / "report.html", Xte, yte)
+    report = af.report(out / "report.html", Xte, yte, source=source)
     model_dir = af.save(out / "model", overwrite=True)
     again = load(model_dir)
     proba = again.predict_proba(Xte, order="levels")
