@@ -41,7 +41,8 @@ def _images(page: str) -> list[np.ndarray]:
     import matplotlib.image as mpimg
 
     out = []
-    for b64 in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page):
+    for b64 in re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"',
+                          page):
         out.append(mpimg.imread(io.BytesIO(base64.b64decode(b64)), format="png"))
     return out
 
@@ -83,7 +84,26 @@ def test_report_sections_and_plots(streamed_model, tmp_path):
     # stream, detectors
     assert len(images) == 8
     assert all(_not_blank(img) for img in images)
-    assert "http://" not in page and "https://" not in page  # self-contained
+    _self_contained(page)
+    assert 'id="plot-forest"' in page and 'id="plot-stream"' in page  # interactive (plotly)
+
+
+def _self_contained(page: str) -> None:
+    """Nothing is fetched: no external scripts, styles, images or frames."""
+    assert not re.search(r"<(script|img|iframe)[^>]*\ssrc=[\"']?(https?:)?//", page)
+    assert not re.search(r"<link[^>]*href=", page)
+
+
+def test_without_plotly_the_report_keeps_its_images_and_needs_no_script_library(
+        streamed_model, tmp_path, monkeypatch):
+    import sys
+
+    model, X, y = streamed_model
+    for name in ("plotly", "plotly.graph_objects", "plotly.offline"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails: not installed
+    page = model.report(tmp_path / "r.html", X, y).read_text()
+    assert "plot interactive" not in page and len(page) < 2_000_000
+    assert len(_images(page)) == 8 and '<section id="drift">' in page
 
 
 def test_the_report_uses_one_leaf_numbering_and_one_row_count(streamed_model, tmp_path):
@@ -247,6 +267,10 @@ def test_report_renders_in_headless_chromium(streamed_model, tmp_path):
     dom = _chromium(["--virtual-time-budget=5000", "--dump-dom", url])
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'data-images="8"' in dom.stdout and 'data-images-bad="0"' in dom.stdout
+    # the interactive plots were drawn by the embedded library, offline
+    for name in ("forest", "stream"):
+        div = dom.stdout.split(f'id="plot-{name}"', 1)[1][:200_000]
+        assert "main-svg" in div, name
     for sid in SECTIONS:
         assert f'<section id="{sid}">' in dom.stdout, sid
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]

@@ -26,8 +26,10 @@ writes, with a table of contents:
   the refit windows, every event, and per-feature Kolmogorov-Smirnov and PSI against each
   leaf's training profile.
 
-Plots are PNG images drawn with matplotlib (Agg) and embedded as base64; the tables sort when
-their header is clicked (a few lines of script in the page). The file opens anywhere, offline.
+Plots are PNG images drawn with matplotlib (Agg) and embedded as base64; with plotly installed
+(``fedgrain[report]``) the forest plot and the stream also come as interactive plots (choose a
+parameter, hover for a leaf's numbers, zoom), its library embedded in the page. The tables sort
+when their header is clicked. The file opens anywhere, offline.
 """
 
 from __future__ import annotations
@@ -86,6 +88,23 @@ def _figure(title: str, png: str, caption: str) -> str:
     return (f'<figure class="plot"><img alt="{html.escape(title)}" '
             f'src="data:image/png;base64,{png}"><figcaption>{html.escape(caption)}'
             "</figcaption></figure>")
+
+
+def _plotly():
+    """plotly's graph objects, or None where it is not installed (``fedgrain[report]``)."""
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        return None
+    return go
+
+
+def _interactive(fig, caption: str, name: str) -> str:
+    """A plotly figure as a ``<div>`` (its library is embedded once, by :func:`_write_page`)."""
+    div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{name}",
+                      config={"displaylogo": False, "responsive": True})
+    return (f'<figure class="plot interactive" data-name="{html.escape(name)}">{div}'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def _table(header: list[str] | None, rows: list[list[Any]], cls: str = "",
@@ -1015,7 +1034,103 @@ def _forest(model, units: Units | None, scale: Scale, alpha: float) -> list[str]
                + (" Titles in red: I^2 above 0.5." if i2 is not None else "")
                + (f" The first {shown} of {len(names)} parameters." if shown < len(names)
                   else ""))
-    return [_figure("forest plots", _png(fig), caption)]
+    parts = [_figure("forest plots", _png(fig), caption)]
+    go = _plotly()
+    if go is not None and units is not None:
+        parts.append(_interactive(
+            forest_explorer(go, names, est, ci, unit_est, unit_ci, units, level),
+            f"The same, one parameter at a time (choose it above the plot): hover over a "
+            f"{unit} for its estimate, interval and rows; drag to zoom, double-click to "
+            "reset.", "forest"))
+    return parts
+
+
+def forest_explorer(go, names, est, ci, unit_est, unit_ci, units: Units, level: str):
+    """An interactive forest plot: every unit with its interval, one parameter at a time."""
+    k = len(units)
+    labels = list(units.labels)
+    rows = ["" if units.rows is None else f"<br>{int(r):,} rows fitted" for r in
+            (units.rows if units.rows is not None else [None] * k)]
+    fig = go.Figure()
+    for j, name in enumerate(names):
+        e = unit_est[:, j]
+        text = []
+        for i in range(k):
+            interval = (f" [{unit_ci[i, j, 0]:.4g}, {unit_ci[i, j, 1]:.4g}]"
+                        if unit_ci is not None and np.isfinite(e[i]) else "")
+            text.append(f"{labels[i]}<br>{name}: {e[i]:.4g}{interval}{rows[i]}"
+                        if np.isfinite(e[i]) else f"{labels[i]}: not identified")
+        err = None
+        if unit_ci is not None:
+            err = {"type": "data", "symmetric": False, "array": unit_ci[:, j, 1] - e,
+                   "arrayminus": e - unit_ci[:, j, 0], "thickness": 1.2, "width": 3}
+        fig.add_trace(go.Scatter(x=e, y=labels, mode="markers", error_x=err, text=text,
+                                 hoverinfo="text", name=units.plural, visible=j == 0,
+                                 marker={"size": 7, "color": "#4C72B0"}))
+        fig.add_trace(go.Scatter(
+            x=[est[j]], y=["global"], mode="markers", name="global model", visible=j == 0,
+            error_x={"type": "data", "symmetric": False, "array": [ci[j, 1] - est[j]],
+                     "arrayminus": [est[j] - ci[j, 0]], "thickness": 2, "width": 5},
+            marker={"size": 11, "symbol": "diamond", "color": "black"},
+            text=[f"global<br>{name}: {est[j]:.4g} [{ci[j, 0]:.4g}, {ci[j, 1]:.4g}]"],
+            hoverinfo="text"))
+    buttons = [{"label": name, "method": "update",
+                "args": [{"visible": [t // 2 == j for t in range(2 * len(names))]},
+                         {"xaxis.title.text": f"{name} ({level} intervals)"}]}
+               for j, name in enumerate(names)]
+    fig.update_layout(
+        updatemenus=[{"buttons": buttons, "direction": "down", "x": 0, "xanchor": "left",
+                      "y": 1.12, "yanchor": "bottom", "showactive": True}],
+        height=int(min(1400, max(360, 22 * (k + 1) + 150))), template="plotly_white",
+        margin={"l": 10, "r": 10, "t": 60, "b": 40}, showlegend=False,
+        xaxis={"title": {"text": f"{names[0]} ({level} intervals)"}, "zeroline": True},
+        yaxis={"categoryorder": "array", "categoryarray": ["global"] + labels[::-1],
+               "automargin": True})
+    return fig
+
+
+def stream_explorer(go, trace: list[dict], leaves: list[int], events: list[dict]):
+    """An interactive view of the stream: each leaf's mean loss per batch (hover: its rows
+    and its detectors' statistics over their bounds), refit windows, and the events."""
+    fig = go.Figure()
+    at = {nid: i for i, nid in enumerate(leaves)}
+    seen = sorted({int(k) for e in trace for k in e["leaf"]})
+    for nid in seen:
+        xs, ys, text = [], [], []
+        for e in trace:
+            v = e["leaf"].get(str(nid))
+            if v is None or v[1] is None:
+                continue
+            ratios = [("n/a" if v[c] is None or not v[c + 1] else f"{v[c] / v[c + 1]:.2f}")
+                      for c in (2, 4)]
+            xs.append(e["rows_seen"])
+            ys.append(v[1])
+            text.append(f"leaf {nid}, after row {e['rows_seen']:,}<br>{int(v[0]):,} rows, "
+                        f"mean log-loss {v[1]:.4f}<br>loss detector {ratios[0]} of its bound, "
+                        f"reference CUSUM {ratios[1]}")
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"leaf {nid}",
+                                 text=text, hoverinfo="text",
+                                 line={"color": _colour(at.get(nid, len(at) + seen.index(nid)))}))
+    for leaf, a, b in refit_windows(events):
+        fig.add_vrect(x0=a, x1=b, fillcolor=_colour(at.get(leaf, 0)), opacity=0.12,
+                      line_width=0)
+    if events:
+        fig.add_trace(go.Scatter(
+            x=[e.get("rows_seen", 0) for e in events], y=[1.02] * len(events), yaxis="y2",
+            mode="markers", name="events", hoverinfo="text",
+            marker={"symbol": "triangle-down", "size": 10,
+                    "color": [_EVENT_MARKERS.get(str(e.get("kind")), ("o", "#8C8C8C"))[1]
+                              for e in events]},
+            text=[f"row {e.get('rows_seen', 0):,}: {_leaf_name(e.get('leaf'))}, "
+                  f"{e.get('kind')}<br>{html.escape(str(e.get('detail', '')))[:160]}"
+                  for e in events]))
+    fig.update_layout(
+        template="plotly_white", height=420, margin={"l": 10, "r": 10, "t": 30, "b": 40},
+        xaxis={"title": {"text": "rows seen on the stream"}},
+        yaxis={"title": {"text": "mean log-loss of the batch"}, "automargin": True},
+        yaxis2={"overlaying": "y", "range": [0, 1.05], "visible": False},
+        legend={"orientation": "h", "y": -0.2})
+    return fig
 
 
 def _random_effects(model) -> list[str]:
@@ -1268,6 +1383,13 @@ def _drift(model, given: Given) -> list[str]:
                              "Each leaf's mean log-loss per batch. Shaded: a refit window, "
                              "from the drift found in a leaf to its refit on the rows since. "
                              "Marks along the top: the events, by kind."))
+        go = _plotly()
+        if go is not None:
+            parts.append(_interactive(stream_explorer(go, trace, leaves, events),
+                                      "The same, interactive: hover over a batch for the "
+                                      "leaf's rows, loss and detectors, over a triangle for "
+                                      "an event; drag to zoom, double-click to reset.",
+                                      "stream"))
         parts.append(_figure("detectors", _png(detector_grid(trace, leaves, events)),
                              "Each leaf's two detectors after every batch: the loss detector "
                              "(the leaf's loss against its own past) and the reference CUSUM "
@@ -1358,8 +1480,14 @@ def _write_page(path: Path, heading: str, sections: list[tuple[str, str, list[st
     for sid, name, parts in sections:
         body.append(f'<section id="{sid}"><h2>{html.escape(name)}</h2>' + "\n".join(parts)
                     + "</section>")
+    library = ""
+    if any('class="plot interactive"' in part for _, _, parts in sections for part in parts):
+        from plotly.offline import get_plotlyjs
+
+        library = f"<script>{get_plotlyjs()}</script>"  # embedded: the page stays offline
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(heading)}</title><style>{_STYLE}</style></head><body>"
+            f"<title>{html.escape(heading)}</title><style>{_STYLE}</style>{library}"
+            "</head><body>"
             + "\n".join(body) + _SCRIPT + "</body></html>\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=path.parent)
