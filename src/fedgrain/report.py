@@ -166,6 +166,13 @@ class Units:
     params: np.ndarray
     covs: np.ndarray | None
     rows: np.ndarray | None
+    #: the parameters as the units' models use them: where a unit does not identify one, the
+    #: value filled in (the global model's slope, a threshold placed by the leaf's rows)
+    filled: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.filled is None:
+            self.filled = self.params
 
     @property
     def plural(self) -> str:
@@ -191,7 +198,7 @@ def _units(model, adaptive: bool) -> Units | None:
                for pos, c in zip(first, counts, strict=True)]
         rows = np.array([int(tree.sizes[region == region[pos]].sum()) for pos in first])
         return Units("leaf", lab, [int(tree.leaves[pos]) for pos in first], est,
-                     model._leaves.covs[first], rows)
+                     model._leaves.covs[first], rows, model._leaves.params[first])
     if hasattr(model, "subset_estimates_") and model.subset_estimates_.shape[0] > 1:
         k = model.subset_estimates_.shape[0]
         return Units("subset", [f"subset {i + 1}" for i in range(k)], list(range(1, k + 1)),
@@ -274,8 +281,8 @@ def _differences(units: Units, p: int) -> list[dict]:
         with np.errstate(invalid="ignore", divide="ignore"):
             z[idx] = diff / np.sqrt(np.diag(V))
         chi2 = float(diff @ np.linalg.pinv(V) @ diff)
-        out.append({"z": z, "chi2": chi2, "df": int(idx.size),
-                    "p": float(stats.chi2.sf(chi2, idx.size))})
+        df = int(np.linalg.matrix_rank(V))
+        out.append({"z": z, "chi2": chi2, "df": df, "p": float(stats.chi2.sf(chi2, df))})
     ps = np.array([d["p"] for d in out])
     holm = _holm(ps)
     for d, h in zip(out, holm, strict=True):
@@ -311,6 +318,7 @@ def forest_grid(names: list[str], p: int, est: np.ndarray, ci: np.ndarray,
     height = 0.18 * min(k, _NAMED_UNITS) + 1.5
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol, height * nrow), squeeze=False)
     ypos = np.arange(k, 0, -1, dtype=float)
+    colours = np.array([_colour(i) if k <= len(_COLOURS) else "#4C72B0" for i in range(k)])
     for j, ax in enumerate(axes.flat):
         if j >= n_par:
             ax.axis("off")
@@ -327,16 +335,14 @@ def forest_grid(names: list[str], p: int, est: np.ndarray, ci: np.ndarray,
         if pred is not None and np.all(np.isfinite(pred[j])):  # never widens the axis
             ax.axvspan(max(pred[j, 0], lo - pad), min(pred[j, 1], hi + pad), color="#999999",
                        alpha=0.18, lw=0)
-        for i in range(k):
-            e = unit_est[i, j]
-            if not np.isfinite(e):
-                continue
-            colour = _colour(i) if k <= len(_COLOURS) else "#4C72B0"
-            if unit_ci is not None and np.all(np.isfinite(unit_ci[i, j])):
-                ax.errorbar([e], [ypos[i]], xerr=[[e - unit_ci[i, j, 0]], [unit_ci[i, j, 1] - e]],
-                            fmt="o", ms=3.5, color=colour, capsize=2, lw=1)
-            else:
-                ax.plot([e], [ypos[i]], "o", ms=3.5, color=colour)
+        if k:  # one call per panel, however many units
+            e = unit_est[:, j]
+            ok = np.isfinite(e)
+            if unit_ci is not None:
+                lo_, hi_ = unit_ci[:, j, 0], unit_ci[:, j, 1]
+                okc = ok & np.isfinite(lo_) & np.isfinite(hi_)
+                ax.hlines(ypos[okc], lo_[okc], hi_[okc], colors=colours[okc], lw=1.1)
+            ax.scatter(e[ok], ypos[ok], s=13, c=colours[ok], zorder=3)
         ax.errorbar([est[j]], [0.0], xerr=[[est[j] - ci[j, 0]], [ci[j, 1] - est[j]]], fmt="D",
                     color="black", ms=5, capsize=3)
         if j < p:
@@ -411,8 +417,7 @@ def partition_plot(X: np.ndarray, leaf: np.ndarray, tree, names: list[str]):
     for pos, nid in enumerate(tree.leaves):
         m = leaf == pos
         if m.any():
-            ax.scatter(sx[m], sy[m], s=6, alpha=0.55, color=_colour(pos),
-                       label=f"leaf {nid} ({int(m.sum()):,})")
+            ax.scatter(sx[m], sy[m], s=6, alpha=0.55, color=_colour(pos), label=f"leaf {nid}")
     ax.axvline(first.b, color="black", lw=1.5)
     if second is not None:
         side = _side(tree, first.id, second.id)
@@ -712,7 +717,7 @@ class Given:
 
 
 def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float = 0.05,
-                 title: str | None = None, groups=None, source: str | None = None) -> Path:
+                 title: str | None = None, groups=None, source=None) -> Path:
     """Write the HTML report of a fitted fedgrain model to ``path``; returns the path.
 
     Parameters
@@ -755,6 +760,14 @@ def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float
     path = Path(path)
     adaptive = hasattr(model, "partition_")
     heading = title or f"fedgrain report: {type(model).__name__}"
+    with _plt().rc_context({"text.parse_math": False}):  # "$" in a name is a dollar sign
+        sections = _sections(model, X, y, adaptive, groups, source, alpha)
+    _write_page(path, heading, sections)
+    return path
+
+
+def _sections(model, X, y, adaptive: bool, groups, source, alpha: float):
+    """The page's sections: ``(id, title, parts)``."""
     given = _given_rows(model, X, y, adaptive, groups)
     units = _units(model, adaptive)
     scale = _scale(model, given.Xe, adaptive)
@@ -775,8 +788,7 @@ def write_report(model, path: str | os.PathLike, X=None, y=None, *, alpha: float
     if adaptive:
         sections.append(("meta-learning", "Meta-learning", _meta_learning(model)))
         sections.append(("drift", "Drift", _drift(model, given)))
-    _write_page(path, heading, sections)
-    return path
+    return sections
 
 
 def _given_rows(model, X, y, adaptive: bool, groups=None) -> Given:
@@ -823,7 +835,8 @@ def _overview(model, adaptive: bool, units: Units | None, diffs, given: Given,
     names = list(res.feature_names)
     shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
     if has_rows:
-        data = (source or "rows given in memory") + f": {given.Xe.shape[0]:,} rows" + (
+        data = (str(source) if source is not None else "rows given in memory") + \
+            f": {given.Xe.shape[0]:,} rows" + (
             ", labelled" if given.labelled else ", without labels")
     else:
         data = "none: the report shows the fitted model alone (pass data and labels to score it)"
@@ -895,9 +908,15 @@ def _banners(model, adaptive: bool, units: Units | None, diffs, alpha: float) ->
             out.append(f'<div class="note"><b>{len(found)} of {len(units)} {units.plural} '
                        "differ from the others</b> (joint Wald test, Holm-adjusted p &lt; "
                        f"{alpha:g}):<ul>{''.join(items)}</ul></div>")
+        elif not any(np.isfinite(d["p_holm"]) for d in diffs):
+            out.append(f'<div class="note">The {units.plural} could not be tested against '
+                       "each other: none identifies a coefficient that the others do too "
+                       "(see the table of leaves).</div>")
         else:
+            tested = sum(np.isfinite(d["p_holm"]) for d in diffs)
             out.append(f'<div class="note">No {units.kind} differs from the others at level '
-                       f"{alpha:g} (joint Wald tests, Holm-adjusted).</div>")
+                       f"{alpha:g} (joint Wald tests of {tested} {units.plural}, "
+                       "Holm-adjusted).</div>")
     return out
 
 
@@ -978,10 +997,21 @@ def _comparison(model, units: Units, diffs: list[dict], alpha: float) -> list[st
             f"weights): the {units.plural} are fitted on disjoint rows, so the two covariances "
             "add. Shaded: a coefficient whose difference is significant on its own (|z| &gt; "
             f"{zc:.2f}), and a Holm-adjusted joint p-value below {alpha:g}. The global model "
-            f"is fitted on every row, this {units.kind}'s included, so it is shown for "
-            f"reference; a {units.kind} that differs from the others differs from it in the "
-            "same direction.</p>",
+            f"is fitted on every row, this {units.kind}'s included, and is shown for "
+            "reference only: where the features' distributions differ between the "
+            f"{units.plural}, it can lie on either side of them (see the banner above)."
+            + (" With a meta-learner the leaves' models are personalised: each is pulled "
+               "toward the global model by the same learned prior, so their differences are "
+               "shrunk and the test is conservative (it can miss a difference, not invent "
+               "one)." if _personalised(model) else "") + "</p>",
             _table(header, rows, marks=marks)]
+
+
+def _personalised(model) -> bool:
+    """Whether the leaves' models were pulled toward a meta-learned global model."""
+    state = getattr(model, "meta_state_", None)
+    return bool(getattr(model, "history_", None)) and state is not None and \
+        np.isfinite(getattr(state, "rho", np.inf))
 
 
 def _rows_number(model) -> int | str:
@@ -1003,15 +1033,18 @@ def _forest(model, units: Units | None, scale: Scale, alpha: float) -> list[str]
     unit_est = unit_ci = pred = i2 = None
     labels: list[str] = []
     if units is not None:
-        unit_est = scale.params(units.params, p)
-        unit_est[:, :p][~np.isfinite(units.params[:, :p])] = np.nan
+        # the models as used (filled-in values and all) on the scale, then what a unit does
+        # not identify left out
+        unit_est = scale.params(units.filled, p)
+        unit_est[~np.isfinite(units.params)] = np.nan
         labels = units.labels
         if units.covs is not None:
             covs = np.array([scale.cov(c, p) for c in units.covs])
             use = np.sqrt(np.maximum(np.einsum("kii->ki", covs), 0.0))
             unit_ci = np.stack([unit_est - zc * use, unit_est + zc * use], axis=-1)
-            re = random_effects(unit_est, covs, names, p)
-            pred, i2 = np.column_stack([re.pred_low, re.pred_high]), re.i2
+            re = random_effects(unit_est, covs, names, p, level=1 - alpha)  # the dots' scale
+            pred = np.column_stack([re.pred_low, re.pred_high])
+            i2 = random_effects(units.params, units.covs, names, p).i2  # as in the tables
         elif getattr(res, "heterogeneity", None) is not None:
             i2 = np.asarray(res.heterogeneity["i2_param"], dtype=float)
     level = f"{100 * (1 - alpha):.0f}%"
@@ -1048,7 +1081,8 @@ def _forest(model, units: Units | None, scale: Scale, alpha: float) -> list[str]
 def forest_explorer(go, names, est, ci, unit_est, unit_ci, units: Units, level: str):
     """An interactive forest plot: every unit with its interval, one parameter at a time."""
     k = len(units)
-    labels = list(units.labels)
+    labels = [html.escape(str(lab)) for lab in units.labels]  # plotly reads text as HTML
+    names = [html.escape(str(n)) for n in names]
     rows = ["" if units.rows is None else f"<br>{int(r):,} rows fitted" for r in
             (units.rows if units.rows is not None else [None] * k)]
     fig = go.Figure()
@@ -1099,7 +1133,7 @@ def stream_explorer(go, trace: list[dict], leaves: list[int], events: list[dict]
         xs, ys, text = [], [], []
         for e in trace:
             v = e["leaf"].get(str(nid))
-            if v is None or v[1] is None:
+            if v is None or v[0] is None or v[1] is None:
                 continue
             ratios = [("n/a" if v[c] is None or not v[c + 1] else f"{v[c] / v[c + 1]:.2f}")
                       for c in (2, 4)]
@@ -1122,7 +1156,8 @@ def stream_explorer(go, trace: list[dict], leaves: list[int], events: list[dict]
                     "color": [_EVENT_MARKERS.get(str(e.get("kind")), ("o", "#8C8C8C"))[1]
                               for e in events]},
             text=[f"row {e.get('rows_seen', 0):,}: {_leaf_name(e.get('leaf'))}, "
-                  f"{e.get('kind')}<br>{html.escape(str(e.get('detail', '')))[:160]}"
+                  f"{html.escape(str(e.get('kind')))}<br>"
+                  f"{html.escape(str(e.get('detail', ''))[:160])}"
                   for e in events]))
     fig.update_layout(
         template="plotly_white", height=420, margin={"l": 10, "r": 10, "t": 30, "b": 40},
@@ -1203,7 +1238,7 @@ def _partition(model, given: Given) -> list[str]:
         figs.append(f"<p>The leaves are the {len(tree.leaves):,} sites (groups), not regions "
                     "of feature space.</p>")
     st = getattr(tree, "stability_", None)
-    stable = ("Stability: " + st.describe() + "." if st is not None else
+    stable = ("Stability: " + html.escape(st.describe()) + "." if st is not None else
               "Stability not measured: <code>model.stability(X, y)</code> grows the partition "
               "again on resamples and reports the adjusted Rand index between them.")
     return ['<div class="grid">' + "".join(figs) + "</div>",
@@ -1235,7 +1270,8 @@ def _evaluation(model, given: Given, adaptive: bool) -> list[str]:
         s, b = ordinal_scores(codes[m], proba[m]), baseline_scores(codes[m], K)
         skill = 1 - s["log_loss"] / b["log_loss"] if b["log_loss"] > 0 else float("nan")
         return [name, training, s["rows"], s["log_loss"], b["log_loss"], s["rps"], b["rps"],
-                s["accuracy"], b["accuracy"], s["mae"], b["mae"], f"{100 * skill:+.1f}%"]
+                s["accuracy"], b["accuracy"], s["mae"], b["mae"],
+                f"{100 * skill:+.1f}%" if np.isfinite(skill) else "n/a"]
 
     rows, panels = [], []
     everything = np.ones(codes.shape[0], dtype=bool)
@@ -1258,7 +1294,8 @@ def _evaluation(model, given: Given, adaptive: bool) -> list[str]:
              "(the best prediction without features). Lower log-loss, RPS and mean absolute "
              "class error and higher accuracy are better; skill is the share of the null "
              "model's log-loss the model removes."
-             + (f" {unrouted:,} rows of unknown sites have no leaf." if unrouted else "")
+             + (f" {unrouted:,} given rows have no leaf (rows of sites the model was not "
+                f"fitted on, or rows given without their sites)." if unrouted else "")
              + "</p>"]
     panels = [("all rows", everything)] + panels
     pred = np.argmax(proba, axis=1)
@@ -1371,8 +1408,12 @@ def _drift(model, given: Given) -> list[str]:
     trace = [] if stream is None else list(getattr(stream, "trace", []))
     leaves = list(model.partition_.leaves)
     if seen or events:
-        parts.append(f"<p>{seen:,} rows seen on the stream in {len(trace):,} batches (the "
-                     f"trace keeps the latest); {len(events)} event(s).</p>")
+        from .monitor.state import TRACE_BATCHES
+
+        kept = (f"the plots show the latest {len(trace):,} batches" if len(trace) >=
+                TRACE_BATCHES else f"in {len(trace):,} batches")
+        parts.append(f"<p>{seen:,} rows seen on the stream ({kept}); {len(events)} "
+                     "event(s).</p>")
     else:
         parts.append("<p>No stream yet: <code>partial_fit</code> or <code>fedgrain "
                      "stream</code> records each leaf's loss, its drift detectors, refits, "
@@ -1459,7 +1500,7 @@ def _feature_shift(model, given: Given) -> list[str]:
         rows.append([f"leaf {t['leaf']}", t["feature"], t["rows"], t["ks"], _pvalue(holm[i]),
                      t["psi"], shifted])
         marks.append([False] * 6 + [shifted])
-    n_shift = sum(r[-1] for r in rows)
+    n_shift = sum(bool(holm[i] < 1e-3 and t["psi"] >= _PSI_LARGE) for i, t in enumerate(tests))
     return ["<h3>Features against each leaf's training profile</h3>",
             f"<p>{what.capitalize()} per leaf against the leaf's training distribution, per "
             "feature: the Kolmogorov-Smirnov statistic (at the profile's quantiles), its "

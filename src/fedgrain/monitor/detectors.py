@@ -78,6 +78,10 @@ class PageHinkley(Detector):
         return first
 
     def statistic(self) -> tuple[float, float]:
+        """``m_t - min m`` and the threshold (NaN before ``min_instances`` values: no alarm
+        can be raised yet)."""
+        if self._n < self.min_instances:
+            return float("nan"), float(self.threshold)
         return float(self._m - self._min), float(self.threshold)
 
     def state(self):

@@ -23,8 +23,10 @@ from .online import LeafFollower
 
 #: Rows of each leaf kept for refits (the most recent).
 WINDOW_ROWS = 20_000
-#: Batches kept in the stream's trace (the most recent): what the report draws.
+#: Batches kept in the stream's trace (the most recent): what the report draws; and at most
+#: this many leaf entries over them (a model of many leaves keeps fewer batches).
 TRACE_BATCHES = 2_000
+TRACE_CELLS = 100_000
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,12 @@ class StreamState:
         """Add a batch to the trace, forgetting the oldest beyond :data:`TRACE_BATCHES`."""
         self.trace.append(entry)
         del self.trace[: max(0, len(self.trace) - TRACE_BATCHES)]
+        cells = sum(len(e["leaf"]) for e in self.trace)
+        drop = 0
+        while cells > TRACE_CELLS and drop < len(self.trace) - 1:
+            cells -= len(self.trace[drop]["leaf"])
+            drop += 1
+        del self.trace[:drop]
 
     @classmethod
     def start(cls, leaves: list[int], profiles: dict, feature_names: list[str],
@@ -203,5 +211,11 @@ def _trace_entry(entry) -> dict:
     for k, v in entry["leaf"].items():
         if not isinstance(v, list) or len(v) != 6:
             raise ValueError("a stream trace entry does not hold six numbers per leaf")
-        leaves[str(int(k))] = [None if x is None else float(x) for x in v]
-    return {"rows_seen": int(entry["rows_seen"]), "leaf": leaves}
+        values = [None if x is None else float(x) for x in v]
+        if values[0] is None or not 0 <= values[0] < 2**62:
+            raise ValueError("a stream trace entry's row count is not a count")
+        leaves[str(int(k))] = values
+    rows = int(entry["rows_seen"])
+    if not 0 <= rows < 2**62:
+        raise ValueError("a stream trace entry's rows seen is not a count")
+    return {"rows_seen": rows, "leaf": leaves}
