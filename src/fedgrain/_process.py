@@ -43,3 +43,36 @@ def left_by_dead(host: str, pid: str) -> bool:
     """Whether a name tagged ``HOST-PID`` was left by a process of this machine that no longer
     runs."""
     return host == host_tag() and not pid_alive(int(pid))
+
+
+#: Python's ``-W`` option that silences the resource trackers' report of what a dead process
+#: left registered ("There appear to be N leaked semaphore objects ...").
+_TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
+
+
+def quiet_resource_trackers(loky: bool = False) -> None:
+    """Start multiprocessing's resource tracker (and loky's) if it does not run yet, without
+    its report of leaked resources.
+
+    Worker pools register their semaphores (and loky its memory-mapping folders) with a
+    tracker process, which removes whatever is still registered when every process using it
+    is gone: after a SIGKILL of the fitting process, it cleans up as it should, but then
+    prints a multi-line warning per kind of resource on the terminal the process was killed
+    from. The trackers read their warning filters from the command line they are started
+    with, copied from ``sys.warnoptions``; the filter is added there only while they start.
+    A tracker already running (started by the application) is left as it is.
+    """
+    import sys
+    from multiprocessing import resource_tracker
+
+    trackers = [resource_tracker]
+    if loky:
+        from joblib.externals.loky.backend import resource_tracker as loky_tracker
+
+        trackers.append(loky_tracker)
+    sys.warnoptions.append(_TRACKER_QUIET)
+    try:
+        for tracker in trackers:
+            tracker.ensure_running()
+    finally:
+        sys.warnoptions.remove(_TRACKER_QUIET)

@@ -971,6 +971,9 @@ def _exit_cleanly_on_sigterm():
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops at once
+        # an object the exit interrupts half-made (a zip file being opened) complains from
+        # its __del__ with a traceback; the exit is on purpose, so such reports are dropped
+        sys.unraisablehook = lambda unraisable: None
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stop)

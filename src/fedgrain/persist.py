@@ -111,8 +111,8 @@ def write_model_dir(
         Replace ``path`` if it is an existing fedgrain model directory or an empty directory.
         Any other directory is never replaced.
     key : str or bytes, optional
-        Sign the model with this secret (HMAC-SHA256 over the whole header, whose checksums
-        cover every byte of the arrays); by default the environment variable
+        Sign the model with this secret (HMAC-SHA256 over every byte of ``model.json``, whose
+        checksums cover every byte of the arrays); by default the environment variable
         ``FEDGRAIN_MODEL_KEY`` when it is set. :func:`read_model_dir` with the same key then
         refuses any model that was not signed with it.
 
@@ -148,8 +148,8 @@ def write_model_dir(
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{owner_tag()}-{secrets.token_hex(8)}"
-    staging.mkdir()
-    try:
+    try:  # made inside: an exit (SIGTERM) just after the mkdir still removes it
+        staging.mkdir()
         _write_files(staging, meta, arrays, _key(key))
         _move_into_place(staging, target)
     except BaseException:
@@ -158,7 +158,8 @@ def write_model_dir(
     return target
 
 
-#: The signature of a signed model: HMAC-SHA256 of the canonical JSON of its header.
+#: The signature of a signed model: HMAC-SHA256 of the bytes of its ``model.json`` (the
+#: signature's own value blanked), the header's last member.
 SIGNATURE = "HMAC-SHA256"
 KEY_VARIABLE = "FEDGRAIN_MODEL_KEY"
 
@@ -176,25 +177,44 @@ def _key(key: str | bytes | None) -> bytes | None:
     return key
 
 
-def _sign(header: dict[str, Any], key: bytes) -> str:
+#: How a signature ends ``model.json`` (``json.dumps(indent=2)`` of the header, whose last
+#: member it is): found in the raw bytes, so it is checked before anything is parsed.
+_SIGNED_TAIL = re.compile(
+    rb'\n  "signature": \{\n    "algorithm": "HMAC-SHA256",\n    "value": "([0-9a-f]{64})"\n'
+    rb"  \}\n\}\s*\Z")
+_BLANK = b"0" * 64
+
+
+def _signature(raw: bytes, key: bytes) -> tuple[re.Match | None, str]:
+    """The signature found at the end of the raw ``model.json`` (None: none), and the one
+    ``key`` gives: HMAC-SHA256 of the file's bytes with the signature's value blanked."""
     import hmac
 
-    body = {k: v for k, v in header.items() if k != "signature"}
-    return hmac.new(key, _canonical_json(body), hashlib.sha256).hexdigest()
+    m = _SIGNED_TAIL.search(raw)
+    blank = raw if m is None else raw[: m.start(1)] + _BLANK + raw[m.end(1):]
+    return m, hmac.new(key, blank, hashlib.sha256).hexdigest()
 
 
-def _check_signature(root: Path, header: dict[str, Any], key: bytes) -> None:
+def _sign(raw: bytes, key: bytes) -> bytes:
+    """``model.json``'s bytes, written with a blank signature, with its value filled in."""
+    m, value = _signature(raw, key)
+    return raw[: m.start(1)] + value.encode("ascii") + raw[m.end(1):]
+
+
+def _check_signature(root: Path, raw: bytes, key: bytes) -> None:
+    """Refuse ``model.json`` unless its bytes carry the signature ``key`` gives; runs on the
+    raw bytes, before any parser sees them (and the arrays are then checked against the
+    signed checksums before they are parsed), so with a key no hostile file reaches the JSON
+    or npz readers."""
     import hmac
 
-    sig = header.get("signature")
-    if not isinstance(sig, dict) or sig.get("algorithm") != SIGNATURE or \
-            not isinstance(sig.get("value"), str) or \
-            not re.fullmatch(r"[0-9a-f]{64}", sig["value"]):
+    m, expected = _signature(raw, key)
+    if m is None:
         raise ModelFileError(
             f"{root} is not signed, and a signing key was given (key= or ${KEY_VARIABLE}): "
             "only models saved with that key are loaded. Save the model again with the key."
         )
-    if not hmac.compare_digest(sig["value"], _sign(header, key)):
+    if not hmac.compare_digest(m[1], expected.encode("ascii")):
         raise ModelFileError(
             f"{root} was not signed with this key, or was changed after signing: refusing to "
             "load it. Check the key, or save the model again with it."
@@ -229,10 +249,10 @@ def read_model_dir(path: str | os.PathLike[str], *,
     """
     root = Path(path)
     raw_json, data = _snapshot(root)
-    header = _read_header(root, raw_json)
     secret = _key(key)
-    if secret is not None:
-        _check_signature(root, header, secret)
+    if secret is not None and raw_json is not None:
+        _check_signature(root, raw_json, secret)
+    header = _read_header(root, raw_json)
     meta, manifest, checksums = _check_header(root / MODEL_JSON, header)
     if hashlib.sha256(_canonical_json(meta)).hexdigest() != checksums["meta_sha256"]:
         raise ModelFileError(
@@ -490,10 +510,10 @@ def _write_files(staging: Path, meta: dict[str, Any], arrays: Mapping[str, np.nd
         stream.flush()
         os.fsync(stream.fileno())
     header = _header(meta, arrays, npz_file)
-    if key is not None:
-        header["signature"] = {"algorithm": SIGNATURE, "value": _sign(header, key)}
-    text = json.dumps(header, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    _write_synced(staging / MODEL_JSON, text.encode("utf-8"))
+    if key is not None:  # last: the signature ends the file (_SIGNED_TAIL)
+        header["signature"] = {"algorithm": SIGNATURE, "value": _BLANK.decode("ascii")}
+    raw = (json.dumps(header, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+    _write_synced(staging / MODEL_JSON, raw if key is None else _sign(raw, key))
     _fsync_dir(staging)
 
 

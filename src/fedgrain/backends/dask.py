@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .._process import quiet_resource_trackers
 from ..exceptions import DataError, FedgrainError
 from ..progress import tick
 from .base import (
@@ -141,6 +142,35 @@ def _probe_scheduler(address: str, timeout: float) -> None:
         )
 
 
+def _local_cluster(dd, n_workers: int, attempts: int = 3):
+    """A ``LocalCluster`` of ``n_workers`` one-thread worker processes on 127.0.0.1. A worker
+    that dies while the cluster starts (killed, out of memory) makes Dask give up on the whole
+    cluster ("Nanny failed to start"); it is started again, as a worker lost later is
+    replaced, and after ``attempts`` a :class:`~fedgrain.exceptions.ResourceError`."""
+    import dask
+
+    from ..exceptions import ResourceError
+
+    for attempt in range(attempts):
+        try:
+            # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers, which makes
+            # glibc hand every large temporary back to the system, so each pass of a
+            # solver touches fresh pages: fits were 1.45x slower than on local processes
+            # (docs/benchmarks.md). Our workers keep glibc's adaptive default.
+            with dask.config.set({TRIM_KEY: None}):
+                return dd.LocalCluster(n_workers=n_workers, threads_per_worker=1,
+                                       processes=True, host="127.0.0.1",
+                                       dashboard_address=None)
+        except RuntimeError as exc:
+            if "failed to start" not in str(exc):
+                raise
+            if attempt == attempts - 1:
+                raise ResourceError(
+                    f"The local Dask cluster could not start its {n_workers} workers "
+                    f"({attempts} tries; {exc}): killed, or out of memory? Use fewer workers "
+                    "(n_jobs, --workers) or free memory, and fit again.") from None
+
+
 class DaskBackend(Backend):
     """Runs tasks on a Dask cluster (a local one by default).
 
@@ -187,22 +217,16 @@ class DaskBackend(Backend):
         self._dir = None
         try:
             if scheduler is None:
-                import dask
-
-                # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers, which makes
-                # glibc hand every large temporary back to the system, so each pass of a
-                # solver touches fresh pages: fits were 1.45x slower than on local processes
-                # (docs/benchmarks.md). Our workers keep glibc's adaptive default.
-                with dask.config.set({TRIM_KEY: None}):
-                    self._cluster = dd.LocalCluster(
-                        n_workers=resolve_n_jobs(n_workers), threads_per_worker=1,
-                        processes=True, host="127.0.0.1", dashboard_address=None)
+                quiet_resource_trackers()  # the nannies' semaphores, after a SIGKILL
+                self._cluster = _local_cluster(dd, resolve_n_jobs(n_workers))
                 self.client = dd.Client(self._cluster, timeout=timeout)
             else:
                 _probe_scheduler(scheduler, self.timeout)
                 self.client = dd.Client(scheduler, timeout=timeout)
         except OSError as exc:
             self.close()
+            if isinstance(exc, FedgrainError):  # the local cluster did not start
+                raise
             raise FedgrainError(f"Could not reach the Dask scheduler at {scheduler}: {exc}. "
                                 "Start it (dask scheduler) or check the address.") from None
         self._placed = 0

@@ -12,8 +12,10 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import re
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 from joblib import Parallel, cpu_count, delayed
 
+from .._process import quiet_resource_trackers
 from ..exceptions import ResourceError
 from .base import (
     Backend,
@@ -114,6 +117,10 @@ class ProcessesBackend(Backend):
     temp_folder : str or None
         Where shard files go; by default ``/dev/shm`` when it has room for all of them, else
         the system's temporary folder.
+    retries : int
+        How many times the tasks of a worker process that died (killed, out of memory) are run
+        again on fresh workers; tasks are pure, so the result is the same. After that, a
+        :class:`~fedgrain.exceptions.ResourceError`.
 
     Examples
     --------
@@ -132,9 +139,12 @@ class ProcessesBackend(Backend):
 
     name = "processes"
 
-    def __init__(self, n_jobs: int | None = None, temp_folder: str | None = None):
+    def __init__(self, n_jobs: int | None = None, temp_folder: str | None = None,
+                 retries: int = 3):
         self._n = resolve_n_jobs(n_jobs)
         self._temp_folder = temp_folder
+        self.retries = int(retries)
+        self.resent_ = 0  # tasks run again after their worker died
         self._dir: Path | None = None
 
     @property
@@ -199,10 +209,28 @@ class ProcessesBackend(Backend):
             for i, t in enumerate(tasks):
                 yield run_task(fn, i, t)
             return
-        me = os.getpid()
-        yield from Parallel(n_jobs=n_jobs, backend="loky", return_as="generator")(
-            delayed(run_worker_task)(fn, i, t, me) for i, t in enumerate(tasks)
-        )
+        from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+        quiet_resource_trackers(loky=True)
+        me, done = os.getpid(), 0
+        for attempt in range(self.retries + 1):
+            try:  # outcomes already given stand; the others run again on fresh workers
+                for out in Parallel(n_jobs=n_jobs, backend="loky", return_as="generator")(
+                        delayed(run_worker_task)(fn, i, tasks[i], me)
+                        for i in range(done, len(tasks))):
+                    done += 1
+                    yield out
+                _stop_workers_at_exit()
+                return
+            except TerminatedWorkerError as exc:
+                if attempt == self.retries:
+                    codes = re.search(r"\{.*\}", str(exc))
+                    raise ResourceError(
+                        f"Worker processes died {attempt + 1} times during the fit (exit codes "
+                        f"{codes[0] if codes else 'unknown'}): killed, or out of memory? Use "
+                        "fewer workers (n_jobs, --workers) or free memory, and fit again."
+                    ) from None
+                self.resent_ += len(tasks) - done
 
     def release(self, refs: Sequence[ShardRef]) -> None:
         unlink_files(refs)
@@ -211,6 +239,32 @@ class ProcessesBackend(Backend):
         self.remove_spill()
         remove_folder(self._dir)
         self._dir = None
+
+
+_STOPPING = False
+
+
+def _stop_workers_at_exit() -> None:
+    """At the interpreter's exit, stop loky's worker processes instead of waiting for them.
+
+    loky waits for each worker to take its stop message from the shared task queue; a worker
+    killed while it held that queue's lock (idle workers wait on it) leaves the others unable
+    to read theirs, and the exit hangs until loky's idle timeout (300 s). Registered once,
+    after loky's own exit hook (its executor is started by then), so it runs first."""
+    global _STOPPING
+    register = getattr(threading, "_register_atexit", None)
+    if _STOPPING or register is None:
+        return
+    _STOPPING = True
+
+    def stop() -> None:
+        from joblib.externals.loky import reusable_executor
+
+        executor = getattr(reusable_executor, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False, kill_workers=True)
+
+    register(stop)
 
 
 def _claim(path: str) -> None:
