@@ -35,6 +35,7 @@ MARKED = {
     "qcal": ("Heterogeneity Q under the class-stratified division", "bench_q_calibration.py"),
     "drift": ("Streams that drift: gradual, recurring, wrong from the start, and a real one",
               "bench_drift.py"),
+    "sites": ("Many federated sites: the cost of a leaf, 100 to 1,000 sites", "bench_sites.py"),
 }
 
 

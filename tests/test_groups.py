@@ -197,3 +197,26 @@ def test_rows_of_weight_zero_leave_with_their_group_labels():
                                                                         sample_weight=w)
     assert af.groups_ == ["site0", "site1", "site2"]
     assert af.partition_.sizes.tolist() == [293, 300, 300]
+
+
+def test_two_hundred_sites_fit_save_and_load_exactly(tmp_path):
+    """Many small leaves: the fit, a save and a load give back every leaf's model, profile
+    and prediction exactly, and the leaves' profiles travel as arrays, not JSON."""
+    X, y, g, _ = _sites(n_sites=200, rows=60, spread=0.6, seed=3)
+    af = AdaptiveFederatedOrdinal(meta="reptile", max_rounds=2, backend="serial",
+                                  random_state=0)
+    af.fit(X, y, groups=g)
+    assert af.n_leaves_ == 200 and len(af.history_) >= 1
+    af.save(tmp_path / "m")
+    header = (tmp_path / "m" / "model.json").read_text()
+    assert len(header) < 400_000 and '"edges"' not in header  # 200 leaves' profiles: arrays
+    back = load(tmp_path / "m")
+    assert list(back.leaf_ids_) == list(af.leaf_ids_) and back.groups_ == af.groups_
+    np.testing.assert_array_equal(back._leaves.params, af._leaves.params)
+    np.testing.assert_array_equal(back._leaves.covs, af._leaves.covs)
+    assert back.profile_.to_dict() == af.profile_.to_dict()
+    assert back.partition_.describe() == af.partition_.describe()
+    assert [m.summary().as_text() for m in back.local_models_[:3]] == \
+        [m.summary().as_text() for m in af.local_models_[:3]]
+    np.testing.assert_array_equal(back.predict_proba(X, groups=g), af.predict_proba(X, groups=g))
+    np.testing.assert_array_equal(back.unseen(X * 3, groups=g), af.unseen(X * 3, groups=g))

@@ -466,3 +466,40 @@ def test_leaves_that_do_not_differ_keep_the_pooled_model_without_rounds():
         X, y, groups=g)
     assert af.history_ == [] and af.events_[0]["kind"] == "no meta-learning rounds"
     np.testing.assert_allclose(af.predict_proba(X, groups=g), af.global_model_.predict_proba(X))
+
+
+@pytest.mark.parametrize("weighted, fixed", [(False, None), (True, 2)])
+def test_adapting_at_many_pulls_at_once_equals_one_pull_at_a_time(weighted, fixed):
+    """A round's pulls share their passes over the rows (adapt_many); each pull's result is
+    the one its own Newton iterations give (adapt_params), to rounding, Hessian included."""
+    from fedgrain.core.likelihood import composite_pass
+    from fedgrain.federation.meta import _composite_many, adapt_many, adapt_params
+
+    rng = np.random.default_rng(5)
+    n, p, K = 700, 6, 4
+    X = rng.standard_normal((n, p))
+    y = np.digitize(X @ rng.normal(0, 1, p) + rng.logistic(size=n), [-1.0, 0.0, 1.5])
+    w = rng.random(n) * (rng.random(n) > 0.2) if weighted else None
+    d = p + K - 1
+    theta = np.r_[np.zeros(p), -1.0, 0.0, 1.0]
+    A = rng.standard_normal((d, d))
+    P = A @ A.T / d + 0.1 * np.eye(d)
+    free = np.ones(d, dtype=bool)
+    if fixed is not None:
+        free[fixed] = False
+    pulls = [1e-6, 0.5, 8.0, 200.0, np.inf]
+    for steps in (1, 3, 25):
+        for rho, (g, H) in zip(pulls, adapt_many(X, y, w, theta, pulls, P, steps, p, free),
+                               strict=True):
+            g1, H1 = adapt_params(X, y, w, theta, rho, P, steps, p, free)
+            np.testing.assert_allclose(g, g1, rtol=0, atol=1e-10)
+            np.testing.assert_allclose(H, H1, rtol=1e-12, atol=1e-10)
+            if np.isfinite(rho) and steps == 25:
+                assert np.abs(g - theta).max() > 1e-3  # the pulls did move the model
+    B, Th = rng.standard_normal((3, p)), np.sort(rng.standard_normal((3, K - 1)), axis=1)
+    loss, grad, hess = _composite_many(X, y, w, B, Th)
+    for m in range(3):
+        one = composite_pass(X, y, w, B[m], Th[m])
+        np.testing.assert_allclose([loss[m]], [one.loss], rtol=1e-13)
+        np.testing.assert_allclose(grad[m], one.grad, rtol=1e-12, atol=1e-10)
+        np.testing.assert_allclose(hess[m], one.hess, rtol=1e-12, atol=1e-10)

@@ -738,14 +738,17 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         """The leaves' models (``local_models_``) from a table in the tree's leaf order."""
         self._leaves = table
         self.local_models_ = [None] * len(table.ids)
+        sizes = self.partition_.sizes
         for pos in range(len(table.ids)):
-            self._leaf_model_at(pos)
+            self._leaf_model_at(pos, int(sizes[pos]))
 
-    def _leaf_model_at(self, pos: int) -> None:
-        """``local_models_[pos]`` from the table's row ``pos``."""
+    def _leaf_model_at(self, pos: int, rows: int | None = None) -> None:
+        """``local_models_[pos]`` from the table's row ``pos`` (``rows``: its training rows,
+        when the caller has them at hand)."""
         table = self._leaves
         nid = table.ids[pos]
-        info = {"Leaf": nid, "Rows": f"{int(self.partition_.sizes[pos]):,}"}
+        rows = int(self.partition_.sizes[pos]) if rows is None else rows
+        info = {"Leaf": nid, "Rows": f"{rows:,}"}
         honest = self._estimation_rows.get(nid)
         if honest is not None:
             info["Rows estimating it"] = f"{honest:,} (the others chose the splits)"
@@ -1148,16 +1151,17 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
     def _extra_state(self):
         g_meta, g_arrays = self.global_model_._extra_state()
         m_meta, m_arrays = self.meta_state_.to_dict()
+        p_meta, p_arrays = self.profile_.to_state()
         s_meta, s_arrays = (None, {}) if self.stream_ is None else self.stream_.to_dict()
         meta_ = {"estimation_rows": {str(k): v for k, v in self._estimation_rows.items()},
-                 "tree": self.partition_.to_dict(), "profile": self.profile_.to_dict(),
+                 "tree": self.partition_.to_dict(), "profile_state": p_meta,
                  "schedule": self.schedule_.to_dict(), "global": g_meta,
                  "leaf_notes": self._leaves.notes, "timings": dict(self.timings_),
                  "effective_granularity": float(self.effective_granularity_),
                  "reference_excess": {str(k): v for k, v in self.reference_excess_.items()},
                  "history": self.history_, "events": self.events_, **m_meta,
                  "stream": s_meta}
-        arrays = {**s_arrays, **m_arrays,
+        arrays = {**s_arrays, **m_arrays, **p_arrays,
                   "meta_params": self.meta_model_.results_.params,
                   "meta_cov": self.meta_model_.cov_,
                   "leaf_params": self._leaves.params, "leaf_cov": self._leaves.covs,
@@ -1183,7 +1187,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
 
     def _restore_extra(self, meta_, arrays):
         self.partition_ = PartitionTree.from_dict(meta_["tree"])
-        self.profile_ = DataProfile.from_dict(meta_["profile"])
+        self.profile_ = (DataProfile.from_dict(meta_["profile"]) if "profile" in meta_ else
+                         DataProfile.from_state(meta_["profile_state"], arrays))
         self.schedule_ = Schedule.from_dict(meta_["schedule"])
         self.n_leaves_ = self.partition_.n_leaves
         gm = GlobalModel()

@@ -340,4 +340,73 @@ class DataProfile:
         return cls({int(k): LeafProfile.from_dict(v) for k, v in d["leaves"].items()},
                    d["feature_names"])
 
+    def to_state(self) -> tuple[dict, dict]:
+        """The profile as a little JSON and one stacked array per field, every leaf a row
+        (``profile_*`` arrays of a saved model): a thousand leaves load in milliseconds,
+        where :meth:`to_dict`'s JSON took 9 KB and a third of a second per thousand. Missing
+        values are NaN (``None`` of a leaf: a row of NaN; quantile lists shorter than the
+        longest: NaN after their end)."""
+        lps = list(self.leaves.values())
+        L, p = len(lps), len(self.feature_names)
+        K = max((lp.class_counts.shape[0] for lp in lps), default=0)
+        C = max((lp.centres.shape[0] for lp in lps), default=0)
+        R = max((e.shape[0] for lp in lps for e in (lp.edges or ())), default=0)
+        a = {"ids": np.array(list(self.leaves), dtype=np.int64),
+             "n_rows": np.array([lp.n_rows for lp in lps], dtype=np.int64),
+             "class_counts": np.zeros((L, K)), "mean": np.full((L, p), np.nan),
+             "log_density": np.array([lp.log_density for lp in lps], dtype=float),
+             "importance": np.full((L, p), np.nan), "n_centres": np.zeros(L, dtype=np.int64),
+             "centres": np.full((L, C, p), np.nan),
+             "n_ref": np.array([-1 if lp.n_ref is None else lp.n_ref for lp in lps],
+                               dtype=np.int64),
+             "n_edges": np.full((L, p), -1, dtype=np.int64),
+             "edges": np.full((L, p, R), np.nan), "cdf": np.full((L, p, R), np.nan),
+             **{k: np.full((L, p), np.nan) for k in ("low", "high", "seen_low", "seen_high")}}
+        for i, lp in enumerate(lps):
+            a["class_counts"][i, : lp.class_counts.shape[0]] = lp.class_counts
+            a["mean"][i], a["importance"][i] = lp.mean, lp.importance
+            a["n_centres"][i] = lp.centres.shape[0]
+            a["centres"][i, : lp.centres.shape[0]] = lp.centres
+            for k in ("low", "high", "seen_low", "seen_high"):
+                if getattr(lp, k) is not None:
+                    a[k][i] = getattr(lp, k)
+            if lp.edges is not None:
+                for j, (e, c) in enumerate(zip(lp.edges, lp.cdf, strict=True)):
+                    a["n_edges"][i, j] = e.shape[0]
+                    a["edges"][i, j, : e.shape[0]], a["cdf"][i, j, : c.shape[0]] = e, c
+        meta = {"feature_names": self.feature_names, "n_classes": [int(lp.class_counts.shape[0])
+                                                                    for lp in lps],
+                "importance_source": [lp.importance_source for lp in lps]}
+        return meta, {f"profile_{k}": v for k, v in a.items()}
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict) -> DataProfile:
+        """The inverse of :meth:`to_state` (``arrays`` with their ``profile_`` names)."""
+        a = {k[len("profile_"):]: v for k, v in arrays.items() if k.startswith("profile_")}
+        L = a["ids"].shape[0]
+        p = len(meta["feature_names"])
+        if len(meta["n_classes"]) != L or len(meta["importance_source"]) != L or any(
+                v.shape[:1] != (L,) for v in a.values()) or a["mean"].shape != (L, p):
+            raise ValueError("the profile's arrays do not match one another")
+
+        def row(name, i):
+            v = a[name][i]
+            return None if np.isnan(v).all() else v.copy()
+
+        leaves = {}
+        for i in range(L):
+            k = a["n_edges"][i]
+            edges = cdf = None
+            if (k >= 0).all():
+                edges = [a["edges"][i, j, : k[j]].copy() for j in range(p)]
+                cdf = [a["cdf"][i, j, : k[j]].copy() for j in range(p)]
+            leaves[int(a["ids"][i])] = LeafProfile(
+                int(a["n_rows"][i]), a["class_counts"][i, : meta["n_classes"][i]].copy(),
+                a["mean"][i].copy(), float(a["log_density"][i]), a["importance"][i].copy(),
+                str(meta["importance_source"][i]),
+                a["centres"][i, : a["n_centres"][i]].copy(), row("low", i), row("high", i),
+                edges, cdf, None if a["n_ref"][i] < 0 else int(a["n_ref"][i]),
+                row("seen_low", i), row("seen_high", i))
+        return cls(leaves, meta["feature_names"])
+
 

@@ -165,6 +165,7 @@ class PartitionTree:
         self.seed = seed
         self.nodes: dict[int, Node] = {0: Node(0, -1, 0, 1)}
         self._next = 1
+        self._shape = 0  # counts splits and merges (see ``leaves``)
         self.growth: dict | None = None
         self.stability_ = None
 
@@ -175,14 +176,20 @@ class PartitionTree:
 
     @property
     def leaves(self) -> list[int]:
-        out, stack = [], [0]
-        while stack:
-            node = self.nodes[stack.pop()]
-            if node.kind == "leaf":
-                out.append(node.id)
-            else:
-                stack.extend(reversed(node.children))
-        return out
+        # Kept from the last walk while the structure is the same (the nodes dict, its size,
+        # the ids handed out and the splits and merges made): callers ask for it once per
+        # leaf, and a walk of a thousand sites' tree costs half a millisecond.
+        key = (id(self.nodes), len(self.nodes), self._next, self._shape)
+        if getattr(self, "_leaves", (None,))[0] != key:
+            out, stack = [], [0]
+            while stack:
+                node = self.nodes[stack.pop()]
+                if node.kind == "leaf":
+                    out.append(node.id)
+                else:
+                    stack.extend(reversed(node.children))
+            self._leaves = (key, out)
+        return list(self._leaves[1])
 
     @property
     def n_leaves(self) -> int:
@@ -223,6 +230,7 @@ class PartitionTree:
             raise ValueError(f"A split needs {self.n_features} finite coefficients and a finite "
                              f"offset; got {a.shape[0]} coefficients.")
         node.kind, node.a, node.b = "hyperplane", a, float(b)
+        self._shape += 1
         node.evidence = dict(evidence or {})
         node.children = (self._add(node, 2 * node.key), self._add(node, 2 * node.key + 1))
         return node.children  # type: ignore[return-value]
@@ -233,6 +241,7 @@ class PartitionTree:
         if n_pieces < 2:
             raise ValueError(f"A random split needs at least 2 pieces; got {n_pieces}.")
         node.kind, node.evidence = "random", {"pieces": n_pieces}
+        self._shape += 1
         node.children = tuple(self._add(node, node.key * 1000 + i) for i in range(n_pieces))
         return node.children
 
@@ -245,6 +254,7 @@ class PartitionTree:
             raise ValueError("A groups node needs distinct group labels, at least one.")
         self.stability_ = None
         node.kind, node.evidence = "groups", {"groups": labels}
+        self._shape += 1
         node.children = tuple(self._add(node, node.key * 1000 + i) for i in range(len(labels)))
         return node.children
 
@@ -283,6 +293,7 @@ class PartitionTree:
             rows += child.n_rows if child.kind == "leaf" else 0
             stack.extend(child.children)
         node.kind, node.children, node.a, node.b, node.evidence = "leaf", (), None, 0.0, {}
+        self._shape += 1
         node.n_rows = rows
         self.stability_ = None
         return node_id
