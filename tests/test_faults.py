@@ -573,3 +573,31 @@ def test_with_a_key_a_hostile_model_file_never_reaches_a_parser(tmp_path, monkey
     with pytest.raises(ModelFileError, match="modified or truncated"):
         persist.read_model_dir(signed, key="k1")
     assert "npz" not in parsed
+
+
+def test_an_interruption_while_a_member_closes_is_what_a_save_raises(tmp_path, monkeypatch):
+    """A signal's exception inside zipfile's member close (seen from the random kills: SIGTERM
+    during a stream's save) surfaces as itself, not as zipfile's "open writing handle"
+    ValueError, and leaves no model behind."""
+    import zipfile
+
+    from fedgrain.persist import write_model_dir
+
+    class Interrupted(BaseException):
+        """As the SIGTERM handler's exception would arrive."""
+
+    real = zipfile._ZipWriteFile.close
+    calls = {"n": 0}
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Interrupted
+        return real(self)
+
+    monkeypatch.setattr(zipfile._ZipWriteFile, "close", interrupted)
+    with pytest.raises(Interrupted):
+        write_model_dir(tmp_path / "m", {"kind": "x"},
+                        {"a": np.arange(3.0), "b": np.ones(2), "c": np.zeros(4)})
+    assert not (tmp_path / "m").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []

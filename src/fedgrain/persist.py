@@ -535,12 +535,22 @@ def _header(meta: dict[str, Any], arrays: Mapping[str, np.ndarray], npz_file: Pa
 
 
 def _write_npz(stream: Any, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``arrays`` as an uncompressed ``.npz`` archive, one ``.npy`` member each."""
-    with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    """Write ``arrays`` as an uncompressed ``.npz`` archive, one ``.npy`` member each.
+
+    An interruption (a signal's exception) while a member is being closed leaves zipfile's
+    writing handle open, so that closing the archive would raise its own ValueError instead:
+    on any failure the archive is abandoned unfinished (the caller discards the staged file)
+    and the failure itself is raised."""
+    archive = zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+    try:
         for name, array in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE_TIME)
             with archive.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
+    except BaseException:
+        archive.fp = None  # abandoned: nothing to finalise, and nothing to complain about
+        raise
+    archive.close()
 
 
 #: How often a read starts again when the directory is replaced under it (a save with
