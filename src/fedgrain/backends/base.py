@@ -134,6 +134,43 @@ class Shard:
     w: np.ndarray | None
 
 
+#: The alignment of the arrays the workers compute on: the vector kernels of BLAS handle the
+#: elements before the first aligned one apart, so the order of a sum (and its last bits) can
+#: depend on an array's address.
+ALIGNMENT = 64
+
+
+def aligned(a: np.ndarray | None) -> np.ndarray | None:
+    """``a`` at an address that is a multiple of :data:`ALIGNMENT` bytes: itself when it is,
+    else an aligned copy (as a shard arrives on a worker, once)."""
+    if a is None or (a.ctypes.data % ALIGNMENT == 0 and a.flags.c_contiguous):
+        return a
+    out = empty_aligned(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def empty_aligned(shape, dtype=np.float64) -> np.ndarray:
+    """An uninitialised array at an address that is a multiple of :data:`ALIGNMENT` bytes."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    start = (-buf.ctypes.data) % ALIGNMENT
+    return buf[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def allocate_shard(n_rows: int, n_features: int, weighted: bool) -> Shard:
+    """Writable aligned arrays for one shard held in this process (float64 X, intp y, float64
+    w or None), as the backends' ``allocate``."""
+    return Shard(empty_aligned((n_rows, n_features)), empty_aligned(n_rows, np.intp),
+                 empty_aligned(n_rows) if weighted else None)
+
+
+def aligned_shard(X: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> Shard:
+    """A shard whose arrays are aligned (what a shard sent over the network unpickles to)."""
+    return Shard(aligned(X), aligned(y), aligned(w))
+
+
 class ShardRef(ABC):
     """Picklable handle of a placed shard."""
 

@@ -41,6 +41,8 @@ from .base import (
     Outcome,
     Shard,
     ShardRef,
+    aligned_shard,
+    allocate_shard,
     run_bundle,
     unlink_files,
 )
@@ -298,8 +300,7 @@ class DaskBackend(Backend):
         return max(1, len(self.workers))
 
     def allocate(self, n_rows: int, n_features: int, weighted: bool) -> Shard:
-        return Shard(np.empty((n_rows, n_features)), np.empty(n_rows, dtype=np.intp),
-                     np.empty(n_rows) if weighted else None)
+        return allocate_shard(n_rows, n_features, weighted)
 
     def put(self, shard: Shard) -> ShardRef:
         ref = DaskShardRef(None, "", shard)
@@ -353,7 +354,8 @@ class DaskBackend(Backend):
             # Sending takes as long as the bytes need; the scheduler must answer meanwhile.
             deadline = self.timeout + shard.X.nbytes / MIN_BYTES_PER_SECOND
             future = self._ask(lambda: self.client.scatter(
-                shard, workers=[worker], direct=True, asynchronous=True), deadline=deadline)
+                _Sent(shard), workers=[worker], direct=True, asynchronous=True),
+                deadline=deadline)
         ref.future, ref.worker = future, worker
 
     def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *,
@@ -494,6 +496,18 @@ def _with_futures(task):
     if isinstance(task, dict) and isinstance(task.get("shard"), DaskShardRef):
         return {**task, "shard": task["shard"].future}
     return task
+
+
+class _Sent:
+    """A shard on its way to a worker: it arrives there as a :class:`Shard` whose arrays are
+    aligned as the other backends' are (the buffers Dask receives into are not), so that its
+    sums have the same last bits on every backend."""
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+
+    def __reduce__(self):
+        return aligned_shard, (self.shard.X, self.shard.y, self.shard.w)
 
 
 class _Resolved(ShardRef):

@@ -6,9 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from .base import Backend, Outcome, Shard, ShardRef, run_task
+from .base import Backend, Outcome, Shard, ShardRef, allocate_shard, run_task
 
 
 @dataclass(frozen=True)
@@ -42,11 +40,7 @@ class SerialBackend(Backend):
         return 1
 
     def allocate(self, n_rows: int, n_features: int, weighted: bool) -> Shard:
-        return Shard(
-            np.empty((n_rows, n_features)),
-            np.empty(n_rows, dtype=np.intp),
-            np.empty(n_rows) if weighted else None,
-        )
+        return allocate_shard(n_rows, n_features, weighted)
 
     def put(self, shard: Shard) -> ShardRef:
         return MemoryShardRef(shard)
