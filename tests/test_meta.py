@@ -503,3 +503,15 @@ def test_adapting_at_many_pulls_at_once_equals_one_pull_at_a_time(weighted, fixe
         np.testing.assert_allclose([loss[m]], [one.loss], rtol=1e-13)
         np.testing.assert_allclose(grad[m], one.grad, rtol=1e-12, atol=1e-10)
         np.testing.assert_allclose(hess[m], one.hess, rtol=1e-12, atol=1e-10)
+    # in blocks of rows (a leaf of many rows): the same sums, memory bounded by the block
+    import fedgrain.federation.meta as meta_module
+
+    whole = (loss, grad, hess)
+    old = meta_module.MANY_BLOCK_ELEMENTS
+    try:
+        meta_module.MANY_BLOCK_ELEMENTS = 3 * (K - 1) * 100  # 256-row blocks: 3 of them
+        blocked = _composite_many(X, y, w, B, Th)
+    finally:
+        meta_module.MANY_BLOCK_ELEMENTS = old
+    for a, b in zip(whole, blocked, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-10)

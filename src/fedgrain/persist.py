@@ -160,7 +160,10 @@ def write_model_dir(
 
 #: The signature of a signed model: HMAC-SHA256 of the bytes of its ``model.json`` (the
 #: signature's own value blanked), the header's last member.
-SIGNATURE = "HMAC-SHA256"
+SIGNATURE = "HMAC-SHA256-BYTES"
+#: The name of the signatures of fedgrain before 0.1.0 was released (over the parsed header):
+#: refused with the way to sign the model again, not as an edit.
+OLD_SIGNATURE = "HMAC-SHA256"
 KEY_VARIABLE = "FEDGRAIN_MODEL_KEY"
 
 
@@ -180,8 +183,8 @@ def _key(key: str | bytes | None) -> bytes | None:
 #: How a signature ends ``model.json`` (``json.dumps(indent=2)`` of the header, whose last
 #: member it is): found in the raw bytes, so it is checked before anything is parsed.
 _SIGNED_TAIL = re.compile(
-    rb'\n  "signature": \{\n    "algorithm": "HMAC-SHA256",\n    "value": "([0-9a-f]{64})"\n'
-    rb"  \}\n\}\s*\Z")
+    rb'\n  "signature": \{\n    "algorithm": "HMAC-SHA256-BYTES",\n'
+    rb'    "value": "([0-9a-f]{64})"\n  \}\n\}\s*\Z')
 _BLANK = b"0" * 64
 
 
@@ -209,10 +212,17 @@ def _check_signature(root: Path, raw: bytes, key: bytes) -> None:
     import hmac
 
     m, expected = _signature(raw, key)
+    if m is None and f'"algorithm": "{OLD_SIGNATURE}"'.encode("ascii") in raw[-400:]:
+        raise ModelFileError(
+            f"{root} was signed by an earlier fedgrain, whose signatures covered the parsed "
+            "header rather than the file's bytes: this version does not accept them. Load "
+            "it without the key, check it, and save it again with the key.")
     if m is None:
         raise ModelFileError(
-            f"{root} is not signed, and a signing key was given (key= or ${KEY_VARIABLE}): "
-            "only models saved with that key are loaded. Save the model again with the key."
+            f"{root} has no valid signature at the end of its model.json (it is unsigned, or "
+            f"was changed after signing), and a signing key was given (key= or "
+            f"${KEY_VARIABLE}): only models saved with that key are loaded. Save the model "
+            "again with the key."
         )
     if not hmac.compare_digest(m[1], expected.encode("ascii")):
         raise ModelFileError(

@@ -25,7 +25,7 @@ import numpy as np
 from joblib import Parallel, cpu_count, delayed
 
 from .._process import quiet_resource_trackers
-from ..exceptions import ResourceError
+from ..exceptions import ParameterError, ResourceError
 from .base import (
     Backend,
     FileShardRef,
@@ -143,6 +143,10 @@ class ProcessesBackend(Backend):
                  retries: int = 3):
         self._n = resolve_n_jobs(n_jobs)
         self._temp_folder = temp_folder
+        if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or \
+                retries < 0:
+            raise ParameterError(f"retries={retries!r}: give a whole number >= 0 (how often "
+                                 "the tasks of a dead worker are sent again).")
         self.retries = int(retries)
         self.resent_ = 0  # tasks run again after their worker died
         self._dir: Path | None = None
@@ -258,6 +262,14 @@ def _stop_workers_at_exit() -> None:
     _STOPPING = True
 
     def stop() -> None:
+        # Hooks of this kind run before the interpreter waits for its other threads: wait
+        # for them first, as it would, so that work they still do on the pool is not killed.
+        # (loky's own manager thread ends with the executor: not waited for)
+        me = threading.current_thread()
+        for thread in threading.enumerate():
+            if thread is not me and not thread.daemon and thread.is_alive() and \
+                    not type(thread).__module__.startswith("joblib.externals.loky"):
+                thread.join()
         from joblib.externals.loky import reusable_executor
 
         executor = getattr(reusable_executor, "_executor", None)

@@ -250,11 +250,32 @@ def adapt_many(X, y, w, theta, rhos, P, steps: int, p: int,
     return out
 
 
+#: Elements (points x rows x thresholds) of one block of :func:`_composite_many`: its
+#: temporaries stay near 8 MB each, whatever the leaf's rows.
+MANY_BLOCK_ELEMENTS = 1 << 20
+
+
 def _composite_many(X, y, w, B, Th) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The composite (logit) loss, gradient and Hessian at ``M`` points ``(B[m], Th[m])`` in
     one pass over the rows: :func:`fedgrain.core.likelihood.composite_pass` (every threshold
-    taking part) for each point, the same formulas with the points as one more axis. Returns
+    taking part) for each point, the same formulas with the points as one more axis, summed
+    over blocks of rows in order (memory bounded by :data:`MANY_BLOCK_ELEMENTS`). Returns
     ``(M,)``, ``(M, d)`` and ``(M, d, d)``."""
+    n = X.shape[0]
+    rows = max(256, MANY_BLOCK_ELEMENTS // max(1, B.shape[0] * Th.shape[1]))
+    if n <= rows:
+        return _composite_many_block(X, y, w, B, Th)
+    total = None
+    for a in range(0, n, rows):
+        part = _composite_many_block(X[a : a + rows], y[a : a + rows],
+                                     None if w is None else w[a : a + rows], B, Th)
+        total = part if total is None else tuple(t + q for t, q in zip(total, part,
+                                                                       strict=True))
+    return total
+
+
+def _composite_many_block(X, y, w, B, Th) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_composite_many` on one block of rows."""
     M, p = B.shape
     k1 = Th.shape[1]
     n = X.shape[0]
