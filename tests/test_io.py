@@ -719,3 +719,24 @@ def test_a_model_signed_by_an_earlier_fedgrain_is_refused_with_the_way_to_sign_i
     with pytest.raises(ModelFileError, match="signed by an earlier fedgrain.*save it again"):
         load(tmp_path / "m", key="k")
     load(tmp_path / "m")  # without a key: its checksums still hold
+
+
+@pytest.mark.parametrize("edit", ["narrow", "edges", "centres", "ids"])
+def test_a_saved_profile_that_does_not_fit_its_leaves_is_a_bad_model_file(tmp_path, edit):
+    """The leaves' profiles are stacked arrays: shapes, counts within them and the leaf ids
+    are checked on load (rewritten with valid checksums, as a determined editor would)."""
+    from fedgrain import AdaptiveFederatedOrdinal, load
+    from fedgrain.datasets import make_regions
+    from fedgrain.persist import read_model_dir, write_model_dir
+
+    X, y, *_ = make_regions(3_000, n_regions=2, random_state=0)
+    AdaptiveFederatedOrdinal(backend="serial", random_state=0).fit(X, y).save(tmp_path / "m")
+    meta, arrays = read_model_dir(tmp_path / "m")
+    change = {"narrow": ("profile_low", lambda a: a[:, :-1]),
+              "edges": ("profile_n_edges", lambda a: a + 100),
+              "centres": ("profile_n_centres", lambda a: a + 5),
+              "ids": ("profile_ids", lambda a: a + 1000)}[edit]
+    arrays[change[0]] = change[1](arrays[change[0]])
+    write_model_dir(tmp_path / "bad", meta, arrays)
+    with pytest.raises(ModelFileError, match="profile"):
+        load(tmp_path / "bad")

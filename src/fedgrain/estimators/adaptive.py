@@ -1189,6 +1189,8 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         self.partition_ = PartitionTree.from_dict(meta_["tree"])
         self.profile_ = (DataProfile.from_dict(meta_["profile"]) if "profile" in meta_ else
                          DataProfile.from_state(meta_["profile_state"], arrays))
+        if set(self.profile_.leaves) - set(self.partition_.leaves):
+            raise ValueError("the saved profile describes leaves the saved tree does not have")
         self.schedule_ = Schedule.from_dict(meta_["schedule"])
         self.n_leaves_ = self.partition_.n_leaves
         gm = GlobalModel()

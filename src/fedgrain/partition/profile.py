@@ -388,6 +388,19 @@ class DataProfile:
         if len(meta["n_classes"]) != L or len(meta["importance_source"]) != L or any(
                 v.shape[:1] != (L,) for v in a.values()) or a["mean"].shape != (L, p):
             raise ValueError("the profile's arrays do not match one another")
+        R = a["edges"].shape[2] if a["edges"].ndim == 3 else -1
+        C = a["centres"].shape[1] if a["centres"].ndim == 3 else -1
+        shapes = {"n_rows": (L,), "log_density": (L,), "n_ref": (L,), "n_centres": (L,),
+                  "importance": (L, p), "n_edges": (L, p), "edges": (L, p, R),
+                  "cdf": (L, p, R), "centres": (L, C, p),
+                  **{k: (L, p) for k in ("low", "high", "seen_low", "seen_high")}}
+        if any(a[k].shape != shape for k, shape in shapes.items()) or \
+                a["class_counts"].ndim != 2 or \
+                not all(0 <= c <= a["class_counts"].shape[1] for c in meta["n_classes"]) or \
+                not np.all((a["n_edges"] >= -1) & (a["n_edges"] <= R)) or \
+                not np.all((a["n_centres"] >= 0) & (a["n_centres"] <= C)) or \
+                np.unique(a["ids"]).shape[0] != L:
+            raise ValueError("the profile's arrays do not have the shapes its leaves need")
 
         def row(name, i):
             v = a[name][i]
