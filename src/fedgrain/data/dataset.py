@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pa_parquet
 
 from fedgrain.exceptions import DataError, DataTypeError
 
@@ -213,8 +214,6 @@ def parse_filter(filter: Any) -> pc.Expression | None:
     if filter is None or isinstance(filter, pc.Expression):
         return filter
     if isinstance(filter, (list, tuple)):
-        import pyarrow.parquet as pa_parquet
-
         try:
             return pa_parquet.filters_to_expression(filter)
         except (TypeError, ValueError) as exc:
@@ -269,8 +268,6 @@ class DatasetSource:
         it). Then CSV columns of whole numbers other than it are read as floats: a ``2.5``
         deep in a file would otherwise fail, since pyarrow fixes a CSV column's type from its
         first rows. The target's integer labels stay integers.
-    memory_pool : pyarrow.MemoryPool, optional
-        The pool the reads allocate from (its ``max_memory()`` then tells their peak).
 
     Examples
     --------
@@ -292,22 +289,20 @@ class DatasetSource:
     def __init__(self, path: str | os.PathLike, batch_rows: int = BATCH_ROWS,
                  columns: list[str] | None = None, *, filter: Any = None,
                  filesystem: Any = None, storage_options: dict | None = None,
-                 target: str | None = None, memory_pool: pa.MemoryPool | None = None):
+                 target: str | None = None):
         self._given = {"path": path, "batch_rows": batch_rows, "columns": columns,
                        "filter": filter, "filesystem": filesystem,
-                       "storage_options": storage_options, "memory_pool": memory_pool}
+                       "storage_options": storage_options}
         self.path = path
         self.batch_rows = int(batch_rows)
         if self.batch_rows < 1:
             raise DataError(f"batch_rows must be at least 1; got {batch_rows}.")
-        self.memory_pool = memory_pool
         self.target = target
         fs, where, self.shown = resolve_location(path, filesystem, storage_options)
         self.filesystem = fs
         self._prefix = (self.shown.split("://", 1)[0] + "://") if is_uri(self.shown) else ""
         folder, paths = self._find_files(where)
         self.format, fmt = self._file_format(paths)
-        self._fmt = fmt
         partitioning = ds.HivePartitioning.discover(infer_dictionary=False) if folder else None
         base = self._open(paths, fmt, partitioning, folder, None)
         self._partition_order = base.partitioning.schema.names if folder else []
@@ -315,7 +310,7 @@ class DatasetSource:
         self._dataset = self._open(paths, fmt, ds.partitioning(parts, flavor="hive")
                                    if len(parts) else None, folder,
                                    pa.schema([*schema, *parts]))
-        names = [n for n in self._dataset.schema.names]
+        names = list(self._dataset.schema.names)
         self.partition_columns = list(parts.names)
         self.filter = parse_filter(filter)
         self._check_filter(names)
@@ -513,8 +508,7 @@ class DatasetSource:
     def _scanner(self, frag, columns: list[str]) -> ds.Scanner:
         return ds.Scanner.from_fragment(
             frag, schema=self._dataset.schema, columns=list(columns), filter=self.filter,
-            batch_size=self.batch_rows, batch_readahead=1, use_threads=True,
-            memory_pool=self.memory_pool)
+            batch_size=self.batch_rows, batch_readahead=1, use_threads=True)
 
     def _failed(self, frag, exc: Exception) -> DataError:
         return DataError(f"Could not read '{self._shown_file(frag.path)}' as {self.format}: "
@@ -541,6 +535,36 @@ class DatasetSource:
             raise DataError(f"'{self.shown}' is empty: it has column names but no data rows.")
         return n
 
+    def _parquet_batches(self, frag, columns: list[str]):
+        """A Parquet file's batches of ``columns``, read through a small buffer: memory holds a
+        batch, not a row group (pyarrow's dataset scanner decodes whole row groups, which may
+        hold millions of rows). Row groups whose statistics rule the filter out are skipped;
+        partition columns are constants of the file; types are those of the whole data set."""
+        schema = self._dataset.schema
+        keys = ds.get_partition_keys(frag.partition_expression)
+        need = list(columns)
+        groups = None
+        if self.filter is not None:
+            text = str(self.filter)  # its columns are read too (a superset is harmless)
+            need += [n for n in schema.names if n in text and n not in need]
+            groups = [rg.id for rg in frag.subset(filter=self.filter, schema=schema).row_groups]
+            if not groups:
+                return
+        read = [c for c in need if c not in keys]
+        local = isinstance(self.filesystem, pafs.LocalFileSystem)
+        pf = pa_parquet.ParquetFile(frag.path, filesystem=self.filesystem, pre_buffer=not local,
+                                    buffer_size=1 << 20)
+        types = pa.schema([schema.field(c) for c in read])
+        for rb in pf.iter_batches(batch_size=self.batch_rows, row_groups=groups, columns=read):
+            table = pa.Table.from_batches([rb]).select(read).cast(types)
+            for k in need:
+                if k in keys:
+                    table = table.append_column(schema.field(k), pa.repeat(
+                        pa.scalar(keys[k], schema.field(k).type), table.num_rows))
+            if self.filter is not None:
+                table = table.filter(self.filter)
+            yield from table.select(columns).to_batches()
+
     def frames(self, columns: list[str] | None = None):
         """``(start, DataFrame)`` for every batch, in order: ``batch_rows`` rows each, a file's
         last batch shorter; ``columns`` (default: this source's) are read, nothing else."""
@@ -549,8 +573,10 @@ class DatasetSource:
         for frag in self._fragments:
             pending: list = []
             held = 0
+            batches = (self._parquet_batches(frag, columns) if self.format == "Parquet" else
+                       self._scanner(frag, columns).to_batches())
             try:
-                for rb in self._scanner(frag, columns).to_batches():
+                for rb in batches:
                     pending.append(rb)
                     held += rb.num_rows
                     while held >= self.batch_rows:
