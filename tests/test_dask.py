@@ -422,5 +422,53 @@ def test_a_dask_dataframe_is_read_one_partition_at_a_time_never_collected(dask_b
                                d.global_model_.results_.params, atol=1e-10)
     with pytest.raises(DataError, match="does not collect by itself"):
         OrdinalRegression().fit(ddf, "grade")
-    with pytest.raises(DataError, match="does not collect by itself"):
-        a.predict_proba(ddf)
+
+
+def test_predictions_on_a_dask_dataframe_are_lazy_and_equal_the_in_memory_ones(dask_backend,
+                                                                              monkeypatch):
+    """predict, predict_proba, predict_linear, predict_cumulative_proba and apply on a dask
+    DataFrame return dask arrays, one block a partition, computed by the LocalCluster of the
+    fixture: nothing is computed when they are called, and computed they equal the predictions
+    on the same rows in memory."""
+    import dask.array as da
+    import dask.dataframe as dd
+    import pandas as pd
+
+    from fedgrain.exceptions import DataError
+
+    X, y, *_ = make_regions(9_000, n_regions=2, random_state=5)
+    df = pd.DataFrame(X, columns=[f"x{j}" for j in range(X.shape[1])])
+    labels = np.array(["low", "mid", "high"])[np.minimum(y, 2)]
+    ddf = dd.from_pandas(df, npartitions=4)
+    dc = DivideConquerOrdinal(n_subsets=2, backend=dask_backend, levels=["low", "mid", "high"],
+                              random_state=0).fit(df, labels)
+    ad = AdaptiveFederatedOrdinal(backend="serial", levels=["low", "mid", "high"],
+                                  random_state=0).fit(df, labels)
+    computed = []
+    for cls in {type(ddf), type(dd.from_pandas(df, npartitions=1)["x0"])}:
+        real = cls.compute
+
+        def spy(self, *args, _real=real, **kwargs):
+            computed.append(type(self).__name__)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "compute", spy)
+    lazy = {(type(m).__name__, name): getattr(m, name)(ddf)
+            for m in (dc, ad) for name in ("predict", "predict_proba", "predict_linear",
+                                           "predict_cumulative_proba")}
+    lazy["AdaptiveFederatedOrdinal", "apply"] = ad.apply(ddf)
+    assert computed == []  # nothing read, let alone collected
+    assert all(isinstance(v, da.Array) and v.numblocks[0] == 4 for v in lazy.values())
+    for (owner, name), value in lazy.items():
+        model = dc if owner == "DivideConquerOrdinal" else ad
+        want = getattr(model, name)(df)
+        got = value.compute()  # on the cluster: its client is the default one
+        if want.dtype.kind in "OU":
+            assert got.tolist() == want.tolist(), (owner, name)
+        else:
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=f"{owner} {name}")
+    assert lazy["DivideConquerOrdinal", "predict_proba"].shape[1] == 3
+    with pytest.raises(DataError, match="feature names should match"):
+        dc.predict_proba(ddf.rename(columns={"x0": "z"}))
+    with pytest.raises(DataError, match="groups= must name a column"):
+        ad.predict(ddf, groups=np.zeros(9_000))

@@ -27,7 +27,7 @@ PUBLIC = [
     "fedgrain.backends.ProcessesBackend", "fedgrain.backends.dask.DaskBackend",
     "fedgrain.monitor.base.Detector", "fedgrain.monitor.ADWIN", "fedgrain.monitor.PageHinkley",
     "fedgrain.progress.ProgressEvent", "fedgrain.progress.ProgressBar",
-    "fedgrain.data.streamed.ParquetSource", "fedgrain.partition.tree.PartitionTree",
+    "fedgrain.data.DatasetSource", "fedgrain.partition.tree.PartitionTree",
     "fedgrain.partition.profile.DataProfile", "fedgrain.data.FeatureSchema",
     "fedgrain.data.TargetEncoding",
 ]

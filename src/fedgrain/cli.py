@@ -271,8 +271,15 @@ def _check_fit_options(args) -> None:
             raise DataError(f"{', '.join(given)} apply to --estimator dc or adaptive only.")
 
 
+def _read(args) -> pd.DataFrame:
+    """``args.data`` read whole through the shared reader, with ``--filter``."""
+    from .data import read_table
+
+    return read_table(args.data, filter=getattr(args, "filter", None))
+
+
 def _cmd_fit(args) -> int:
-    from .data.streamed import is_parquet_path
+    from .data.streamed import is_streamed
 
     _check_fit_options(args)
     out = Path(args.out)
@@ -283,20 +290,20 @@ def _cmd_fit(args) -> int:
         return _fit_formula(args, out)
     if args.target is None:
         raise DataError("fit needs --target COLUMN (or --formula 'target ~ features').")
-    streamed = is_parquet_path(args.data) and args.estimator != "mle" and not args.weights \
+    streamed = is_streamed(args.data) and args.estimator != "mle" and not args.weights \
         and not args.groups
     if args.groups and args.stability is not None:
         raise DataError("--stability grows the partition again, and with --groups the "
                         "partition is the groups (not grown); drop one of the two.")
     if streamed and args.stability is not None:
         raise DataError("--stability grows the partition again on parts of the rows, so it "
-                        "needs them in memory, and Parquet data are streamed batch by batch. "
-                        "Fit from a CSV file, or measure it on a sample in Python "
-                        "(AdaptiveFederatedOrdinal.stability).")
+                        "needs them in memory, and Parquet files, folders and addresses are "
+                        "streamed batch by batch. Fit from a CSV file, or measure it on a "
+                        "sample in Python (AdaptiveFederatedOrdinal.stability).")
     if streamed and args.po_test is not None:
-        raise DataError("--po-test needs the rows in memory, and Parquet data are streamed "
-                        "batch by batch. Fit from a CSV file, or run proportional_odds_test "
-                        "in Python on a sample.")
+        raise DataError("--po-test needs the rows in memory, and Parquet files, folders and "
+                        "addresses are streamed batch by batch. Fit from a CSV file, or run "
+                        "proportional_odds_test in Python on a sample.")
     if streamed:  # the estimator reads it batch by batch, never whole
         X, y, size = _parquet_source(args)
         weights = None
@@ -353,7 +360,6 @@ def _print_and_save(args, model, out: Path) -> int:
 
 def _fit_formula(args, out: Path) -> int:
     """``fit --formula``: the formula names the target and builds the features."""
-    from .data import read_table
     from .data.formula import check_formula
 
     target, _ = check_formula(args.formula)
@@ -366,7 +372,7 @@ def _fit_formula(args, out: Path) -> int:
         raise DataError(f"{', '.join(given)} do not combine with --formula: the formula names "
                         "the features (C(x) for a categorical one).")
     _log(args, f"reading {args.data} ...")
-    frame = read_table(args.data)
+    frame = _read(args)
     weights = None
     if args.weights:
         weights = frame[_columns(frame, [args.weights], "--weights", args.data)[0]].to_numpy()
@@ -385,14 +391,14 @@ def _fit_formula(args, out: Path) -> int:
 
 
 def _parquet_source(args):
-    """The Parquet data to stream: its source of the chosen columns, the first batch's target
-    (which gives ``--levels`` their type) and the (rows, features) size."""
+    """The data to stream (a Parquet file, a folder, an address): its source of the chosen
+    columns and rows (``--filter``), the first batch's target (which gives ``--levels`` their
+    type) and the (rows, features) size."""
     import pandas as pd
 
-    from .data import split_target
-    from .data.streamed import ParquetSource
+    from .data import DatasetSource, split_target
 
-    source = ParquetSource(args.data)
+    source = DatasetSource(args.data, filter=args.filter, target=args.target)
     keep = [c for c in source.columns if c != args.target]
     if args.drop:
         keep = [c for c in keep if c not in _columns(
@@ -402,7 +408,8 @@ def _parquet_source(args):
                         args.data)
     if args.target not in source.columns:
         split_target(pd.DataFrame(columns=source.columns), args.target)  # the message
-    source = ParquetSource(args.data, columns=[*keep, args.target])
+    source = DatasetSource(args.data, columns=[*keep, args.target], filter=args.filter,
+                           target=args.target)
     _log(args, f"streaming {args.data} ({source.n_rows:,} rows) ...")
     first = next(source.frames([args.target]))[1]
     return source, first[args.target], (source.n_rows, len(keep))
@@ -410,10 +417,10 @@ def _parquet_source(args):
 
 def _read_frame(args):
     """The data read whole: features, target and ``--weights`` (or None)."""
-    from .data import read_table, split_target
+    from .data import split_target
 
     _log(args, f"reading {args.data} ...")
-    frame = read_table(args.data)
+    frame = _read(args)
     X, y = split_target(frame, args.target)
     weights = None
     if args.weights:
@@ -516,12 +523,11 @@ def _cmd_predict(args) -> int:
     import numpy as np
     import pandas as pd
 
-    from .data import read_table
     from .estimators import load
 
     check_table_path(Path(args.out))
     model = load(args.model)
-    frame = read_table(args.data)
+    frame = _read(args)
     X = _features_for(model, frame, args.data)
     proba = model.predict_proba(X, order="levels", **_group_labels(model, frame, args))
     classes = list(model.target_.classes)
@@ -540,12 +546,12 @@ def _cmd_predict(args) -> int:
 def _cmd_evaluate(args) -> int:
     import pandas as pd
 
-    from .data import read_table, split_target
+    from .data import split_target
     from .estimators import load
     from .metrics import baseline_scores, ordinal_scores, skill_scores
 
     model = load(args.model)
-    frame = read_table(args.data)
+    frame = _read(args)
     X, y = split_target(frame, args.target)
     codes = model.target_.encode(y, what=f"column '{args.target}'")
     by_group = _group_labels(model, frame, args)
@@ -590,7 +596,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .data import read_table, split_target
+    from .data import split_target
     from .estimators import load
 
     check_output_path(Path(args.out), "--out")
@@ -598,7 +604,7 @@ def _cmd_report(args) -> int:
     X = y = None
     by_group = {}
     if args.data:
-        frame = read_table(args.data)
+        frame = _read(args)
         by_group = _group_labels(model, frame, args)
         if args.target:
             X, y = split_target(frame, args.target)
@@ -666,7 +672,8 @@ def _cmd_stream(args) -> int:
     bar = _bar(args)
     say = print if bar is None else bar.write  # event lines above the bar, not through it
     with progress.reporting(bar), progress.step("streaming", None, "rows"):
-        for batch in iter_table(args.data, args.batch_size):
+        for batch in iter_table(args.data, args.batch_size, filter=args.filter,
+                                target=args.target):
             X, y = split_target(batch, args.target)
             model.partial_fit(X, y)
             rows += len(batch)
@@ -696,11 +703,16 @@ EXAMPLES = {
   fedgrain fit ratings.parquet --target stars --granularity 0.5 --meta fomaml --out model/
   fedgrain fit big/ --target stars --backend dask --scheduler tcp://10.0.0.1:8786 --out model/
   fedgrain fit survey.csv --target grade --estimator mle --categorical region --out exact/
+  fedgrain fit by_region/ --target stars --filter "year >= 2020" --out model/
+  AWS_ENDPOINT_URL=http://127.0.0.1:9000 fedgrain fit s3://bucket/ratings/ --target stars \
+      --out model/
 
-A Parquet file or folder is streamed batch by batch (data larger than memory).""",
+A Parquet file, a folder (CSV or Parquet, Hive partitions as columns) or an address is streamed
+batch by batch (data larger than memory) by dc and adaptive; mle and mixed read it whole.""",
     "predict": """examples:
   fedgrain predict model/ new.csv --out predictions.csv
-  fedgrain predict model/ new.parquet --out predictions.parquet --keep id""",
+  fedgrain predict model/ new.parquet --out predictions.parquet --keep id
+  fedgrain predict model/ s3://bucket/new/ --filter "region == 'north'" --out north.csv""",
     "evaluate": """examples:
   fedgrain evaluate model/ test.csv --target stars
 
@@ -754,8 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_fit(command) -> None:
-    p = command("fit", "fit a model on a CSV or Parquet file and save it")
-    p.add_argument("data", help="CSV or Parquet file")
+    p = command("fit", "fit a model on CSV or Parquet data and save it")
+    _add_data(p, "CSV or Parquet data")
     p.add_argument("--target", default=None, help="the ordinal target column")
     p.add_argument("--formula", default=None,
                    help="a model formula instead of --target and the feature options: "
@@ -832,7 +844,7 @@ def _add_fit(command) -> None:
 def _add_stream(command) -> None:
     p = command("stream", "update an adaptive model batch by batch, watching for drift")
     p.add_argument("model", help="model directory (fitted with --granularity)")
-    p.add_argument("data", help="CSV or Parquet file of new labelled rows, in stream order")
+    _add_data(p, "CSV or Parquet data of new labelled rows, in stream order")
     p.add_argument("--target", required=True, help="the ordinal target column")
     p.add_argument("--batch-size", type=int, default=10_000, help="rows per update")
     p.add_argument("--out", help="model directory to write (default: update MODEL in place)")
@@ -843,7 +855,7 @@ def _add_stream(command) -> None:
 def _add_predict(command) -> None:
     p = command("predict", "predict classes and class probabilities")
     p.add_argument("model", help="model directory")
-    p.add_argument("data", help="CSV or Parquet file with the model's feature columns")
+    _add_data(p, "CSV or Parquet data with the model's feature columns")
     p.add_argument("--out", required=True, help="output .csv or .parquet")
     p.add_argument("--keep", help="input columns to copy into the output (an id, say): c1,c2")
     p.add_argument("--groups", metavar="COLUMN",
@@ -855,7 +867,7 @@ def _add_predict(command) -> None:
 def _add_evaluate(command) -> None:
     p = command("evaluate", "ordinal scores of a model on labelled data")
     p.add_argument("model")
-    p.add_argument("data")
+    _add_data(p, "labelled CSV or Parquet data")
     p.add_argument("--target", required=True)
     p.add_argument("--groups", metavar="COLUMN",
                    help="the column naming each row's site (a model fitted with --groups)")
@@ -869,8 +881,10 @@ def _add_report(command) -> None:
                           "leaves, meta-learning, drift")
     p.add_argument("model", help="model directory")
     p.add_argument("--out", required=True, help="the .html file to write")
-    p.add_argument("--data", help="labelled rows (CSV or Parquet) to score each leaf on and "
-                                  "to draw in the partition plot")
+    p.add_argument("--data", help="labelled rows (CSV or Parquet: a file, a folder or an "
+                                  "address) to score each leaf on and to draw in the "
+                                  "partition plot")
+    _add_filter(p)
     p.add_argument("--target", help="the target column of --data")
     p.add_argument("--groups", metavar="COLUMN",
                    help="the column of --data naming each row's site (a model fitted with "
@@ -896,6 +910,21 @@ def _add_demo(command) -> None:
     p.add_argument("--out", default="fedgrain_demo", help="folder for the demo's files")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=_cmd_demo)
+
+
+def _add_data(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("data", help=f"{what}: a file (.csv, .tsv, .txt, .parquet, .pq; .csv.gz), a "
+                                "folder of them (key=value folders become columns), or an "
+                                "address such as s3://bucket/path (endpoint and credentials "
+                                "from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)")
+    _add_filter(p)
+
+
+def _add_filter(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--filter", metavar="EXPR",
+                   help="read only the rows where EXPR holds: comparisons joined by and, or, "
+                        "not: \"year >= 2020 and region in ['north', 'south']\" (on partition "
+                        "columns, whole files are skipped)")
 
 
 def _add_ci_alpha(p: argparse.ArgumentParser) -> None:

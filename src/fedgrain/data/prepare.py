@@ -26,7 +26,7 @@ from .features import (
 )
 from .files import coerce_X, split_target
 from .fitdata import FitData
-from .streamed import is_parquet_path, prepare_streamed
+from .streamed import is_streamed, prepare_streamed
 from .target import resolve_target, target_array
 
 __all__ = ["FitData", "prepare_data", "prepare_fit", "prepare_predict"]
@@ -172,11 +172,13 @@ def _warn_weightless_levels(dropped, target) -> None:
 
 
 def prepare_data(X: Any, y: Any, **kwargs) -> FitData:
-    """:func:`prepare_fit`, or, when ``X`` is the path of a Parquet file or folder and ``y``
-    names its target column (without ``sample_weight``), the same checks without loading it
+    """:func:`prepare_fit`, or, when ``X`` is read in batches (a Parquet file, a folder, an
+    address, a :class:`~fedgrain.data.dataset.DatasetSource` or a dask DataFrame:
+    :func:`fedgrain.data.streamed.is_streamed`) and ``y`` names its target column (without
+    ``sample_weight``), the same checks without loading it
     (:func:`fedgrain.data.streamed.prepare_streamed`): the estimators that divide the data
-    then stream it from disk and never hold it whole."""
-    if is_parquet_path(X) and isinstance(y, str) and kwargs.get("sample_weight") is None:
+    then stream it and never hold it whole."""
+    if is_streamed(X) and isinstance(y, str) and kwargs.get("sample_weight") is None:
         return prepare_streamed(X, y, **kwargs)
     return prepare_fit(X, y, **kwargs)
 
@@ -217,7 +219,9 @@ def prepare_predict(
 
     if is_dask_frame(X):
         raise DataError(
-            "X is a dask DataFrame, which fedgrain does not collect by itself: predict each "
-            "partition, X.map_partitions(model.predict_proba, ...), or call .compute() "
+            f"X is a dask DataFrame, which fedgrain does not collect by itself, and this "
+            f"method of {estimator_name} does not take one: predict, predict_proba, "
+            "predict_linear, predict_cumulative_proba (and apply) return lazy dask arrays; "
+            "otherwise call it on each partition with X.map_partitions, or .compute() "
             "yourself.")
     return schema.transform(X, estimator_name=estimator_name)

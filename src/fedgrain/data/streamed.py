@@ -1,9 +1,12 @@
-"""Training data read from Parquet batch by batch, never whole: fitting beyond memory.
+"""Training data read batch by batch, never whole: fitting beyond memory.
 
-When ``fit`` is given the path of a Parquet file or of a folder of Parquet files, the rows are
-not loaded. :func:`prepare_streamed` reads the target (and any categorical) columns to fix the
-ordinal levels and the feature schema, then reads every column once, batch by batch, to check
-the values and take the column moments and the class codes (one byte a row). What it returns,
+When ``fit`` is given the path of a Parquet file, of a folder of CSV or Parquet files (Hive
+partitions included), an address such as ``s3://bucket/data/``, a
+:class:`~fedgrain.data.dataset.DatasetSource` (with a row filter, chosen columns, a file
+system) or a dask DataFrame, the rows are not loaded. :func:`prepare_streamed` reads the target
+(and any categorical) columns to fix the ordinal levels and the feature schema, then reads
+every column once, batch by batch, to check the values and take the column moments and the
+class codes (one byte a row). What it returns,
 :class:`StreamedRows`, stands where the feature matrix would: the estimators route, sample and
 copy its rows into shard files in further passes over the file (:meth:`StreamedRows.blocks`),
 so memory holds one batch, the class codes and a partition label per row, whatever the file's
@@ -21,12 +24,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pa_parquet
 
 from fedgrain.exceptions import DataError
 
 from ._common import did_you_mean, quote
+from .dataset import BATCH_ROWS, PARQUET_SUFFIXES, DatasetSource, is_uri
 from .features import (
     MAGNITUDE_LIMIT,
     FeatureSchema,
@@ -39,14 +41,11 @@ from .features import (
     not_numeric_error,
     resolve_categorical,
 )
-from .files import PARQUET_SUFFIXES, error_reason, refuse_remote
 from .fitdata import FitData
 from .target import TargetEncoding, as_levels, check_missing, resolve_target, target_array
 
-__all__ = ["BATCH_ROWS", "ParquetSource", "StreamedRows", "is_parquet_path", "prepare_streamed"]
-
-#: Rows read at a time (about 10 MB for 20 float columns).
-BATCH_ROWS = 65_536
+__all__ = ["BATCH_ROWS", "DatasetSource", "ParquetSource", "StreamedRows", "is_streamed",
+           "prepare_streamed"]
 
 
 def is_dask_frame(X: Any) -> bool:
@@ -56,171 +55,28 @@ def is_dask_frame(X: Any) -> bool:
         and hasattr(X, "columns")
 
 
-def is_parquet_path(X: Any) -> bool:
-    """Whether ``X`` is the path of a Parquet file or of a folder (of Parquet files), a
-    :class:`ParquetSource`, or another source read batch by batch (a dask DataFrame)."""
-    if isinstance(X, (ParquetSource, DaskFrameSource)) or is_dask_frame(X):
+def is_streamed(X: Any) -> bool:
+    """Whether ``X`` is read batch by batch by the estimators that divide the data: the path
+    of a Parquet file, of a folder (of CSV or Parquet files) or an address (``s3://...``), a
+    :class:`DatasetSource`, or a dask DataFrame. A local CSV file is read whole."""
+    if isinstance(X, (DatasetSource, DaskFrameSource)) or is_dask_frame(X):
         return True
     if not isinstance(X, (str, os.PathLike)):
         return False
-    refuse_remote(X)
+    if is_uri(X):
+        return True
     path = Path(X)
     return path.is_dir() or path.name.lower().endswith(PARQUET_SUFFIXES)
 
 
-class ParquetSource:
-    """A Parquet file, or a folder of them (read in name order), as batches of rows.
-
-    Parameters
-    ----------
-    path : str or path-like
-    batch_rows : int
-        Rows per batch.
-    columns : list of str, optional
-        Read only these columns (the features and the target): pass an instance to ``fit``
-        instead of the path to leave out ids, dates and the like.
-
-    Examples
-    --------
-    >>> import os, tempfile
-    >>> import pandas as pd
-    >>> folder = tempfile.mkdtemp()
-    >>> for i in range(3):
-    ...     pd.DataFrame({"x": [1.0 * i] * 4, "y": [0, 1, 2, 1]}).to_parquet(
-    ...         os.path.join(folder, f"part-{i}.parquet"))
-    >>> source = ParquetSource(folder, batch_rows=3)
-    >>> source.n_rows, source.columns
-    (12, ['x', 'y'])
-    >>> [(start, len(frame)) for start, frame in source.frames()]
-    [(0, 3), (3, 1), (4, 3), (7, 1), (8, 3), (11, 1)]
-    """
-
-    def __init__(self, path: str | os.PathLike, batch_rows: int = BATCH_ROWS,
-                 columns: list[str] | None = None):
-        refuse_remote(path)
-        self.path = Path(path)
-        self.shown = os.path.abspath(self.path)
-        self.batch_rows = int(batch_rows)
-        if not self.path.exists():
-            raise DataError(f"The file '{self.shown}' does not exist; check the path.")
-        if self.path.is_dir():
-            files = sorted(p for p in self.path.rglob("*")
-                           if p.is_file() and p.name.lower().endswith(PARQUET_SUFFIXES))
-            if not files:
-                raise DataError(f"The folder '{self.shown}' holds no Parquet files (*.parquet, "
-                                "*.pq); check the path.")
-        else:
-            files = [self.path]
-        self.files = files
-        self.rows: list[int] = []
-        names = None
-        for f in files:
-            if f.stat().st_size == 0:
-                raise DataError(f"The file '{os.path.abspath(f)}' is empty.")
-            try:
-                meta = pa_parquet.ParquetFile(str(f)).metadata
-            except (pa.ArrowException, OSError) as exc:
-                raise DataError(f"Could not read '{os.path.abspath(f)}' as Parquet: "
-                                f"{error_reason(exc)}.") from None
-            arrow = meta.schema.to_arrow_schema()
-            index = (arrow.pandas_metadata or {}).get("index_columns", [])
-            # a pandas index saved with the frame is not a column (as when read whole)
-            these = [c for c in arrow.names if c not in {i for i in index if isinstance(i, str)}]
-            if names is None:
-                names = these
-            elif these != names:
-                raise DataError(
-                    f"The Parquet files of '{self.shown}' do not have the same columns: "
-                    f"'{os.path.abspath(f)}' has {quote(these)}, the first file "
-                    f"{quote(names)}; give files of one table.")
-            self.rows.append(meta.num_rows)
-        self.partitions = self._hive(files, names or [])
-        self.columns: list[str] = list(names or []) + list(self.partitions[0] if files else [])
-        if columns is not None:
-            wanted = list(dict.fromkeys(columns))
-            missing = [c for c in wanted if c not in self.columns]
-            if missing:
-                raise DataError(f"'{self.shown}' has no column {missing[0]!r}; "
-                                f"{did_you_mean(missing[0], self.columns)}")
-            self.columns = wanted
-        self.n_rows = int(sum(self.rows))
-        if self.n_rows == 0:
-            raise DataError(f"'{self.shown}' is empty: it has column names but no data rows.")
-
-    def _hive(self, files: list[Path], names: list[str]) -> list[dict]:
-        """Each file's ``key=value`` folders below the source's folder (Hive-style
-        partitioning, as Spark and pyarrow write it): columns with one value per file, typed
-        int, float or str by what all their values parse as."""
-        if not self.path.is_dir():
-            return [{} for _ in files]
-        raw = []
-        for f in files:
-            parts = [p.split("=", 1) for p in f.relative_to(self.path).parent.parts if "=" in p]
-            raw.append({k: v for k, v in parts})
-        keys = list(raw[0]) if raw else []
-        for f, r in zip(files, raw, strict=True):
-            if list(r) != keys:
-                raise DataError(
-                    f"The Parquet files of '{self.shown}' are not partitioned alike: "
-                    f"'{os.path.abspath(f)}' sits under {quote(list(r))}, the first file under "
-                    f"{quote(keys)}.")
-        clash = [k for k in keys if k in names]
-        if clash:
-            raise DataError(f"The partition folder name {clash[0]!r} in '{self.shown}' is also "
-                            "a column of its files; rename one of them.")
-        for k in keys:
-            for cast in (int, float, str):
-                try:
-                    values = [cast(r[k]) for r in raw]
-                except ValueError:
-                    continue
-                for r, v in zip(raw, values, strict=True):
-                    r[k] = v
-                break
-        return raw
-
-    def frames(self, columns: list[str] | None = None):
-        """``(start, DataFrame)`` for every batch, in order (the last ones may be shorter);
-        ``columns`` (default: this source's) are read, nothing else."""
-        columns = self.columns if columns is None else columns
-        start = 0
-        for f, part in zip(self.files, self.partitions, strict=True):
-            read = [c for c in columns if c not in part]
-            try:
-                # no pre-buffering of whole row groups: pages are read through a small
-                # buffer, so memory does not grow with the file's row-group size
-                pf = pa_parquet.ParquetFile(str(f), pre_buffer=False, buffer_size=1 << 20)
-                for rb in pf.iter_batches(batch_size=self.batch_rows, columns=read):
-                    if rb.num_rows == 0:
-                        continue
-                    frame = pa.Table.from_batches([rb]).to_pandas(split_blocks=True)
-                    if part:
-                        if len(frame) != rb.num_rows:  # no file column asked for
-                            frame = pd.DataFrame(index=pd.RangeIndex(rb.num_rows))
-                        for k in columns:
-                            if k in part:
-                                frame[k] = part[k]
-                        frame = frame[list(columns)]
-                    yield start, frame
-                    start += rb.num_rows
-            except (pa.ArrowException, OSError) as exc:
-                raise DataError(f"Could not read '{os.path.abspath(f)}' as Parquet: "
-                                f"{error_reason(exc)}.") from None
-
-    def where(self, start: int, k: int) -> str:
-        """For messages: the batch of ``k`` rows from global row ``start``, by file and row."""
-        for f, n in zip(self.files, self.rows, strict=True):
-            if start < n:
-                return (f"(row numbers count within the batch of rows {start:,} to "
-                        f"{start + k - 1:,} of '{os.path.abspath(f)}')")
-            start -= n
-        return f"(in '{self.shown}')"
+#: The name this reader had when it read Parquet only.
+ParquetSource = DatasetSource
 
 
 class DaskFrameSource:
     """A ``dask.dataframe`` DataFrame as batches of rows, one partition at a time: the frame is
     never collected whole (each partition is computed, by the frame's own scheduler, when its
-    rows are read). The same interface as :class:`ParquetSource`.
+    rows are read). The same interface as :class:`~fedgrain.data.dataset.DatasetSource`.
     """
 
     def __init__(self, frame, batch_rows: int = BATCH_ROWS, columns: list[str] | None = None):
@@ -254,15 +110,19 @@ class DaskFrameSource:
         return f"(in {self.shown})"
 
 
+#: What the estimators read in batches.
+Source = DatasetSource | DaskFrameSource
+
+
 class StreamedRows:
-    """The encoded feature rows of a :class:`ParquetSource`, read again on every pass.
+    """The encoded feature rows of a source read in batches, read again on every pass.
 
     Stands for the feature matrix in a fit: ``shape``, ``blocks()`` (``(start, rows)`` float64
     blocks), ``take(index)`` (some rows, in one pass) and the ``standardizer`` measured when
     the data were checked.
     """
 
-    def __init__(self, source: ParquetSource, features: list[str], schema: FeatureSchema,
+    def __init__(self, source: Source, features: list[str], schema: FeatureSchema,
                  standardizer):
         self.source = source
         self.features = features
@@ -303,27 +163,30 @@ class StreamedRows:
 def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any = None,
                      sample_weight: Any = None, estimator_name: str = "estimator",
                      batch_rows: int = BATCH_ROWS) -> FitData:
-    """Check a Parquet data set and fix its encoding without loading it.
+    """Check a data set read in batches and fix its encoding without loading it.
 
     Returns a :class:`~fedgrain.data.FitData` whose ``X`` is a :class:`StreamedRows`
     and whose ``codes`` are compact (one byte a row for up to 127 classes).
     """
     if not isinstance(y, str):
-        shown = (path.shown if isinstance(path, (ParquetSource, DaskFrameSource)) else
-                 "the dask DataFrame" if is_dask_frame(path) else os.path.abspath(path))
+        shown = (path.shown if isinstance(path, (DatasetSource, DaskFrameSource)) else
+                 "the dask DataFrame" if is_dask_frame(path) else
+                 os.fspath(path) if is_uri(path) else os.path.abspath(path))
         raise DataError(
             f"{estimator_name} reads '{shown}' batch by batch, so y must name its target "
             f"column (a str), not {type(y).__name__}.")
     if sample_weight is not None:
         raise DataError(
-            "sample_weight is not available when fitting from a Parquet path (the rows are "
-            "streamed); fit on a frame read into memory, or drop the weights.")
-    if isinstance(path, (ParquetSource, DaskFrameSource)):
+            "sample_weight is not available when fitting from data read in batches (the rows "
+            "are streamed); fit on a frame read into memory, or drop the weights.")
+    if isinstance(path, DatasetSource):
+        source = path.with_target(y) if y in path.columns else path
+    elif isinstance(path, DaskFrameSource):
         source = path
     elif is_dask_frame(path):
         source = DaskFrameSource(path, batch_rows)
     else:
-        source = ParquetSource(path, batch_rows)
+        source = DatasetSource(path, batch_rows, target=y)
     if y not in source.columns:
         raise DataError(f"The target column {y!r} is not in '{source.shown}'; "
                         f"{did_you_mean(y, source.columns)}")
@@ -343,7 +206,7 @@ def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any 
 MAX_TARGET_VALUES = 100_000
 
 
-def _first_batch(source: ParquetSource) -> pd.DataFrame:
+def _first_batch(source: Source) -> pd.DataFrame:
     frames = source.frames()
     try:
         return next(frames)[1]
@@ -365,7 +228,7 @@ def _merge_order(acc: list, cats, ordered: bool, where: str) -> None:
     acc.extend(c for c in cats if c not in set(acc))
 
 
-def _scan_levels(source: ParquetSource, y: str, features: list[str], levels, categorical,
+def _scan_levels(source: Source, y: str, features: list[str], levels, categorical,
                  estimator_name: str):
     """First pass, over the target and the categorical columns only: levels and schema.
 
@@ -472,7 +335,7 @@ def _schema_of_levels(features: list[str], seen: dict, order: dict) -> FeatureSc
     return FeatureSchema(tuple(features), True, categories, tuple(output))
 
 
-def _scan_values(source: ParquetSource, y: str, features: list[str], target,
+def _scan_values(source: Source, y: str, features: list[str], target,
                  schema: FeatureSchema) -> FitData:
     """Second pass, over every column: checks, column moments and class codes."""
     from .. import progress

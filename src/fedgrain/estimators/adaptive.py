@@ -28,6 +28,7 @@ from ..backends import Backend, get_backend
 from ..core.blocks import take_rows
 from ..core.likelihood import class_proba, cumulative_proba
 from ..core.standardize import fit_standardizer
+from ..data import partitionwise as dask_parts
 from ..data import prepare_data
 from ..data.groups import check_groups, kept_groups, split_groups_column
 from ..exceptions import DataError, SeparationError
@@ -796,6 +797,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         return self.profile_
 
     # ---- prediction: each row by its leaf's model ---------------------------------------------
+    @dask_parts.partitionwise(dask_parts.leaves_meta)
     def apply(self, X, groups=None) -> np.ndarray:
         """The leaf of each row, by its id: the node id that ``partition_.describe()``, the
         leaves' models (``leaf_model(id)``, ``LeafModel.leaf``), ``evaluate``, the report,
@@ -904,20 +906,24 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         Xe = self.encode(X)
         return self._routed_encoded(Xe, self._route(Xe, groups))
 
+    @dask_parts.partitionwise(dask_parts.linear_meta)
     def predict_linear(self, X, groups=None) -> np.ndarray:
         """``x @ coef`` with each row's leaf coefficients (the global model's for unseen rows
         when there is a meta-learner, and for rows of no known group)."""
         return self._routed(X, groups)[0]
 
+    @dask_parts.partitionwise(dask_parts.proba_meta)
     def predict_proba(self, X, groups=None, *, order: str = "classes") -> np.ndarray:
         """Class probabilities from each row's leaf model, shape ``(n, K)``; with ``groups``
         (a model fitted on groups), each row's group's model. Columns in the order of
         ``classes_``, or of ``levels_`` with ``order="levels"``."""
         return self._ordered(class_proba(*self._routed(X, groups)), order)
 
+    @dask_parts.partitionwise(dask_parts.cumulative_meta)
     def predict_cumulative_proba(self, X, groups=None) -> np.ndarray:
         return cumulative_proba(*self._routed(X, groups))
 
+    @dask_parts.partitionwise(dask_parts.labels_meta)
     def predict(self, X, groups=None) -> np.ndarray:
         """The most probable level of each row (its leaf's, or its group's, model)."""
         proba = self.predict_proba(X, groups, order="levels")  # first: raises if not fitted

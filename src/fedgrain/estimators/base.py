@@ -25,6 +25,7 @@ from ..backends import BACKENDS, Backend
 from ..backends.processes import resolve_n_jobs
 from ..core.likelihood import class_proba, cumulative_proba
 from ..data import FeatureSchema, TargetEncoding, prepare_predict
+from ..data import partitionwise as dask_parts
 from ..exceptions import DataError, ModelFileError, ParameterError
 from ..federation.engine import EngineSettings
 from ..inference.local import DEBIAS, VARIANCES, LocalSettings
@@ -121,10 +122,12 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         self.formula_ = design
         return self
 
+    @dask_parts.partitionwise(dask_parts.linear_meta)
     def predict_linear(self, X) -> np.ndarray:
         """The latent linear predictor ``x @ coef_`` (higher means higher classes)."""
         return self.encode(X) @ self.coef_
 
+    @dask_parts.partitionwise(dask_parts.proba_meta)
     def predict_proba(self, X, *, order: str = "classes") -> np.ndarray:
         """Class probabilities, shape ``(n, K)``: columns in the order of ``classes_`` (sorted,
         as scikit-learn's scorers expect), or with ``order="levels"`` in the ordinal order of
@@ -148,6 +151,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
             return tuple(a[:, perm] for a in proba)
         return proba[:, perm]
 
+    @dask_parts.partitionwise(dask_parts.cumulative_meta)
     def predict_cumulative_proba(self, X) -> np.ndarray:
         """``P(Y <= k | x)`` for the first ``K - 1`` levels, shape ``(n, K - 1)``."""
         return cumulative_proba(self.predict_linear(X), self.thresholds_, self._link())
@@ -160,6 +164,7 @@ class OrdinalModel(ClassifierMixin, BaseEstimator):
         # a declared parameter only: an attribute set on another estimator changes nothing
         return get_link(self.get_params(deep=False).get("link", "logit"))
 
+    @dask_parts.partitionwise(dask_parts.labels_meta)
     def predict(self, X) -> np.ndarray:
         """The most probable level of each row."""
         proba = self._level_proba(X)  # first: raises if not fitted
