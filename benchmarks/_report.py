@@ -35,6 +35,7 @@ MARKED = {
     "qcal": ("Heterogeneity Q under the class-stratified division", "bench_q_calibration.py"),
     "drift": ("Streams that drift: gradual, recurring, wrong from the start, and a real one",
               "bench_drift.py"),
+    "passes": ("Speed: one pass against the Gram-matrix floor", "bench_passes.py"),
 }
 
 

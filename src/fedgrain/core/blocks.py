@@ -1,9 +1,16 @@
-"""Rows in blocks: the block size of the likelihood passes and iteration over an array or over
-rows streamed from disk, with progress."""
+"""Rows in blocks: the block size of the likelihood passes, the row threads that share a pass's
+chunks of blocks, and iteration over an array or over rows streamed from disk, with progress."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .. import progress
 
@@ -15,6 +22,77 @@ BLOCK_ELEMENTS = 200_000
 def block_rows(p: int) -> int:
     """Rows per block for ``p`` features: a power of two between 1024 and 16384."""
     return int(2 ** np.clip(np.round(np.log2(BLOCK_ELEMENTS / max(p, 1))), 10, 14))
+
+
+#: Blocks per chunk: a pass sums its blocks chunk by chunk, then the chunks' sums in row order.
+#: The chunks are the row threads' unit of work, so the sums (and every fit) are the same
+#: whatever the number of threads; 4 blocks (32,768 rows at p = 20) leave a 1e5-row fit
+#: three chunks to share.
+CHUNK_BLOCKS = 4
+
+_ROW_THREADS: ContextVar[int] = ContextVar("fedgrain_row_threads", default=1)
+_POOL: list = [None, None]  # the executor and (its size, the process it was made in)
+_CONTROLLER: list = [None]
+
+
+def blas_controller() -> ThreadpoolController:
+    """threadpoolctl's controller, built once per process (building it scans the loaded
+    libraries, milliseconds each time)."""
+    if _CONTROLLER[0] is None:
+        _CONTROLLER[0] = ThreadpoolController()
+    return _CONTROLLER[0]
+
+
+def allowed_threads() -> int:
+    """Threads a pass may use: the CPUs this process may run on, at most the BLAS libraries'
+    current thread limit (``threadpoolctl.threadpool_limits``, ``OMP_NUM_THREADS``,
+    ``OPENBLAS_NUM_THREADS``), so a caller that limits BLAS limits the passes too."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    limits = [lib["num_threads"] for lib in blas_controller().select(user_api="blas").info()]
+    return max(1, min([cpus or 1, *limits]))
+
+
+@contextmanager
+def row_threads(n: int | None = None):
+    """Passes over rows inside this context share their chunks of blocks among ``n`` threads
+    (None: :func:`allowed_threads`). numpy releases the GIL in its loops and BLAS calls, so
+    the threads run at once; outside, passes run on the calling thread only (a worker process
+    of a backend, one per core, never adds threads of its own)."""
+    token = _ROW_THREADS.set(max(1, int(allowed_threads() if n is None else n)))
+    try:
+        yield
+    finally:
+        _ROW_THREADS.reset(token)
+
+
+def chunk_sums(body: Callable[[int, int], list], n: int, block: int) -> list:
+    """``body(start, stop)`` over consecutive chunks of ``CHUNK_BLOCKS`` blocks of ``n`` rows,
+    its results (lists of arrays, floats or None) added element by element in chunk order.
+
+    Each chunk runs on one thread; with :func:`row_threads` the chunks are shared among
+    threads, and the sum is the same to the last bit whatever their number.
+    """
+    step = CHUNK_BLOCKS * block
+    bounds = [(a, min(a + step, n)) for a in range(0, n, step)] or [(0, 0)]
+    threads = min(_ROW_THREADS.get(), len(bounds))
+    if threads > 1:
+        if _POOL[1] != (threads, os.getpid()):  # a forked child has no threads of its pool
+            if _POOL[0] is not None and _POOL[1][1] == os.getpid():
+                _POOL[0].shutdown()
+            _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="fedgrain-rows"),
+                        (threads, os.getpid())]
+        parts = _POOL[0].map(lambda ab: body(*ab), bounds)
+    else:
+        parts = (body(a, b) for a, b in bounds)
+    total = None
+    for part in parts:
+        if total is None:
+            total = list(part)
+            continue
+        for i, v in enumerate(part):
+            if v is not None:
+                total[i] = total[i] + v
+    return total
 
 
 def row_blocks(X, block: int | None = None):

@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""One pass over the rows against the Gram-matrix floor, and the fits end to end, for one or
+two source trees in one run.
+
+For each size (``make_ordinal(N, p, 5, rho=0.5)``, standardised as the fits see it) a fresh
+child process per tree times, minimum of ``--repeats``:
+
+- the floor: one blocked weighted Gram matrix ``sum_b Z_b'Z_b`` with ``Z_b = X_b sqrt(w_b)``
+  (the row scaling by ``einsum``, a third faster than a broadcast multiply) over
+  ``block_rows(p)``-row blocks, with BLAS on one thread, with BLAS on every thread it
+  has, and split in two halves of rows on two Python threads (BLAS on one thread each);
+- one exact pass (``exact_pass``: loss, gradient, Hessian, centred at the means) as
+  ``OrdinalRegression`` runs it (one BLAS thread; a tree that has ``row_threads`` runs its
+  row chunks on the threads it allows);
+- one composite pass (``composite_pass``: loss, gradient, Hessian) as a worker of
+  ``DivideConquerOrdinal`` runs it (one thread), and on every core where the tree can;
+- ``OrdinalRegression().fit`` and ``DivideConquerOrdinal(n_subsets=2, backend="processes",
+  n_jobs=2).fit`` end to end (after one warm-up fit that starts the workers), at the sizes
+  named by ``--fit-sizes``.
+
+    python benchmarks/bench_passes.py --before /tmp/base/src --out docs/benchmarks.md
+    python benchmarks/bench_passes.py --sizes 2e4x5 --fit-sizes 2e4x5 --repeats 1   # quick
+
+``--before SRC`` names another tree's ``src`` folder (the code before a change, from
+``git archive``); it runs first at each size, this tree's ``src`` right after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from _config import RHO, K, parse_sizes  # noqa: E402
+
+START, END = "<!-- passes:start -->", "<!-- passes:end -->"
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def child(spec: dict) -> dict:
+    """Everything timed in one tree at one size (runs in the child process)."""
+    import threading
+
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    import fedgrain
+    from fedgrain.core import blocks
+    from fedgrain.core.likelihood import composite_pass, exact_pass
+    from fedgrain.datasets import make_ordinal
+    from fedgrain.inference.local import one_blas_thread
+
+    n, p, reps = spec["n"], spec["p"], spec["repeats"]
+    X, y, coef, th = make_ordinal(n, p, K, rho=RHO, random_state=0)[:4]
+    means, sd = X.mean(axis=0), X.std(axis=0)
+    Xs = (X - means) / sd
+    beta, theta = coef * sd, th - means @ coef
+    out: dict = {"fedgrain": fedgrain.__file__, "n": n, "p": p,
+                 "row_threads": hasattr(blocks, "row_threads")}
+    B = blocks.block_rows(p)
+    sw = np.sqrt(np.random.default_rng(0).uniform(0.05, 0.25, n))
+
+    def gram(a, b):
+        G = np.zeros((p, p))
+        Z = np.empty((B, p))
+        for s in range(a, b, B):
+            Xb = Xs[s:min(s + B, b)]
+            Zb = np.einsum("ij,i->ij", Xb, sw[s:s + Xb.shape[0]], out=Z[:Xb.shape[0]])
+            G += Zb.T @ Zb
+        return G
+
+    def gram_two_threads():
+        half = (n // 2) // B * B
+        res = [None, None]
+
+        def run(i, a, b):
+            res[i] = gram(a, b)
+
+        t = threading.Thread(target=run, args=(1, half, n))
+        t.start()
+        run(0, 0, half)
+        t.join()
+        return res[0] + res[1]
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        out["xwx_1"] = _best(lambda: gram(0, n), reps)
+        out["xwx_rows2"] = _best(gram_two_threads, reps)
+    out["xwx_blas"] = _best(lambda: gram(0, n), reps)  # BLAS with every thread it has
+    out["xwx"] = min(out["xwx_1"], out["xwx_blas"])
+
+    def fit_context():
+        """What OrdinalRegression.fit runs its passes under."""
+        if hasattr(blocks, "row_threads"):
+            import contextlib
+
+            stack = contextlib.ExitStack()
+            stack.enter_context(blocks.row_threads())
+            stack.enter_context(one_blas_thread())
+            return stack
+        return one_blas_thread()
+
+    with fit_context():
+        out["exact"] = _best(lambda: exact_pass(X, y, None, beta / sd, th - means @ coef,
+                                                shift=means), reps)
+        out["composite_threads"] = _best(lambda: composite_pass(Xs, y, None, beta, theta), reps)
+    with one_blas_thread():
+        out["exact_1"] = _best(lambda: exact_pass(X, y, None, beta / sd, th - means @ coef,
+                                                  shift=means), reps)
+        out["composite"] = _best(lambda: composite_pass(Xs, y, None, beta, theta), reps)
+    P = exact_pass(X, y, None, beta / sd, th - means @ coef, shift=means)
+    C = composite_pass(Xs, y, None, beta, theta)
+    out["exact_values"] = [P.loss, P.grad.tolist(), P.hess.ravel().tolist()]
+    out["composite_values"] = [C.loss, C.grad.tolist(), C.hess.ravel().tolist()]
+    if spec.get("fits"):
+        from fedgrain import DivideConquerOrdinal, OrdinalRegression
+
+        OrdinalRegression().fit(X[:20000], y[:20000])  # one-off costs (library scans)
+        est = OrdinalRegression()
+        out["ordinal_fit"] = _best(lambda: est.fit(X, y), spec["fit_repeats"])
+        out["ordinal_params"] = np.concatenate([est.coef_, est.thresholds_, est.bse_]).tolist()
+        out["ordinal_iter"] = int(est.n_iter_)
+        Xw, yw = make_ordinal(200_000, p, K, rho=RHO, random_state=1)[:2]
+        DivideConquerOrdinal(n_subsets=2, backend="processes", n_jobs=2).fit(Xw, yw)  # warm-up
+        dc = DivideConquerOrdinal(n_subsets=2, backend="processes", n_jobs=2)
+        out["dc_fit"] = _best(lambda: dc.fit(X, y), spec["fit_repeats"])
+        out["dc_params"] = np.concatenate([dc.coef_, dc.thresholds_, dc.bse_]).tolist()
+    return out
+
+
+def run_child(src: str, spec: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-passes-") as tmp:
+        path = Path(tmp) / "out.json"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [src] + [q for q in os.environ.get("PYTHONPATH", "").split(os.pathsep) if q]))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child",
+               json.dumps(dict(spec, out=str(path)))]
+        subprocess.run(cmd, env=env, check=True, cwd=str(ROOT))
+        rec = json.loads(path.read_text())
+    if not rec["fedgrain"].startswith(str(Path(src).resolve())):
+        raise SystemExit(f"the child imported {rec['fedgrain']}, not the tree in {src}")
+    return rec
+
+
+def _diff(a, b) -> float:
+    import numpy as np
+
+    def flat(v):
+        return np.concatenate([np.atleast_1d(np.asarray(x, float)).ravel() for x in v])
+
+    fa, fb = flat(a), flat(b)
+    return float(np.max(np.abs(fa - fb) / np.maximum(1.0, np.abs(fb))))
+
+
+def render(doc: dict) -> str:
+    recs = doc["records"]
+    trees = doc["trees"]
+    lines = [START, "",
+             f"Run {doc['started']} on {doc['machine']}, load average at start "
+             f"{doc['load'][0]:.2f}; command: `{doc['command']}`. Trees: "
+             + "; ".join(f"**{k}** `{v}`" for k, v in trees.items()) + ". Seconds, minimum of "
+             f"{doc['repeats']} (fits: of {doc['fit_repeats']}); ratios are to the floor, the "
+             "faster of the two blocked X'WX with BLAS threads (1 or all).", ""]
+    lines += ["| Size | Tree | X'WX blocked, BLAS 1 thread | BLAS all threads | rows on 2 threads "
+              "| exact pass (as fitted) | / floor | composite pass, 1 thread | / floor "
+              "| composite, row threads | / floor | exact, 1 thread |",
+              "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in recs:
+        f = r["xwx"]
+        lines.append(
+            f"| {r['n']:,} x {r['p']} | {r['tree']} | {r['xwx_1']:.4f} | {r['xwx_blas']:.4f} | "
+            f"{r['xwx_rows2']:.4f} | {r['exact']:.4f} | {r['exact'] / f:.2f}x | "
+            f"{r['composite']:.4f} | {r['composite'] / f:.2f}x | {r['composite_threads']:.4f} | "
+            f"{r['composite_threads'] / f:.2f}x | {r['exact_1']:.4f} |")
+    fits = [r for r in recs if "ordinal_fit" in r]
+    if fits:
+        lines += ["", "| Size | Tree | OrdinalRegression fit (s) | / floor | Newton iterations "
+                  "| DivideConquerOrdinal M = 2 fit (s) |", "|---|---|--:|--:|--:|--:|"]
+        for r in fits:
+            lines.append(f"| {r['n']:,} x {r['p']} | {r['tree']} | {r['ordinal_fit']:.3f} | "
+                         f"{r['ordinal_fit'] / r['xwx']:.1f}x | {r['ordinal_iter']} | "
+                         f"{r['dc_fit']:.3f} |")
+    if "before" in trees:
+        lines += ["", "| Size | exact pass: before / after | composite pass (1 thread) | "
+                  "composite (row threads) | OrdinalRegression fit | DivideConquerOrdinal fit "
+                  "| largest difference after vs before (relative): exact pass, composite pass, "
+                  "OrdinalRegression (coef, thresholds, bse), DivideConquerOrdinal |",
+                  "|---|--:|--:|--:|--:|--:|---|"]
+        by = {(r["n"], r["p"], r["tree"]): r for r in recs}
+        for r in recs:
+            if r["tree"] != "after" or (r["n"], r["p"], "before") not in by:
+                continue
+            b = by[(r["n"], r["p"], "before")]
+            diffs = [_diff(r["exact_values"], b["exact_values"]),
+                     _diff(r["composite_values"], b["composite_values"])]
+            cells = [f"{b['exact'] / r['exact']:.2f}x", f"{b['composite'] / r['composite']:.2f}x",
+                     f"{b['composite_threads'] / r['composite_threads']:.2f}x"]
+            if "ordinal_fit" in r and "ordinal_fit" in b:
+                cells += [f"{b['ordinal_fit'] / r['ordinal_fit']:.2f}x",
+                          f"{b['dc_fit'] / r['dc_fit']:.2f}x"]
+                diffs += [_diff(r["ordinal_params"], b["ordinal_params"]),
+                          _diff(r["dc_params"], b["dc_params"])]
+            else:
+                cells += ["", ""]
+            lines.append(f"| {r['n']:,} x {r['p']} | " + " | ".join(cells) + " | "
+                         + ", ".join(f"{d:.1e}" for d in diffs) + " |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_page(block: str, path: Path) -> None:
+    page = path.read_text()
+    if START in page:
+        head, rest = page.split(START, 1)
+        page = head + block + rest.split(END, 1)[1]
+    else:  # the section as bench_core.py renders the marked ones
+        from _report import marked_section
+
+        page = page.rstrip("\n") + "\n\n" + "\n".join(marked_section("passes", [block]))
+    path.write_text(page)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--before", default=None, help="src folder of the tree to compare with")
+    ap.add_argument("--sizes", default="1e6x20,1e6x100")
+    ap.add_argument("--fit-sizes", default="1e6x20")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--fit-repeats", type=int, default=3)
+    ap.add_argument("--out", default=None, help="markdown page to update between its markers")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        spec = json.loads(args.child)
+        Path(spec["out"]).write_text(json.dumps(child(spec)))
+        return 0
+    trees = {"after": str(ROOT / "src")}
+    if args.before:
+        trees = {"before": str(Path(args.before).resolve()), **trees}
+    fit_sizes = set(parse_sizes(args.fit_sizes))
+    doc = {"started": time.strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg(),
+           "machine": f"{platform.processor() or platform.machine()}, "
+                      f"{len(os.sched_getaffinity(0))} CPUs",
+           "command": "python benchmarks/bench_passes.py " + " ".join(
+               sys.argv[1:] if argv is None else argv),
+           "trees": trees, "repeats": args.repeats, "fit_repeats": args.fit_repeats,
+           "records": []}
+    for n, p in parse_sizes(args.sizes):
+        for name, src in trees.items():
+            spec = {"n": n, "p": p, "repeats": args.repeats, "fit_repeats": args.fit_repeats,
+                    "fits": (n, p) in fit_sizes}
+            print(f"[{time.strftime('%H:%M:%S')}] {name} at {n}x{p} ...", file=sys.stderr,
+                  flush=True)
+            rec = run_child(src, spec)
+            rec["tree"] = name
+            doc["records"].append(rec)
+    block = render(doc)
+    print(block)
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "bench_passes-latest.json").write_text(json.dumps(doc))
+    if args.out:
+        write_page(block, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
