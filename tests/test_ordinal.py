@@ -13,6 +13,7 @@ from threadpoolctl import threadpool_limits
 from fedgrain import OrdinalRegression
 from fedgrain.core.blocks import allowed_threads, row_threads
 from fedgrain.core.likelihood import class_proba, composite_pass, exact_pass, row_log_loss
+from fedgrain.core.links import get_link
 from fedgrain.datasets import make_ordinal
 from fedgrain.metrics import ordinal_scores
 
@@ -150,16 +151,19 @@ def test_row_log_loss_is_the_clipped_negative_log_probability_of_the_true_class(
 
 
 @pytest.mark.parametrize("kernel", ["composite", "exact"])
-def test_passes_are_bit_identical_whatever_the_number_of_row_threads(kernel):
+@pytest.mark.parametrize("link", ["logit", "probit"])
+def test_passes_are_bit_identical_whatever_the_number_of_row_threads(kernel, link):
     X, y, coef, thr = make_ordinal(7000, 5, 4, random_state=1)
     w = np.random.default_rng(1).uniform(0.0, 2.0, size=7000)
     X = X + 3.0  # away from zero: the exact pass's shift matters
+    lk = get_link(link)
 
-    def run():  # blocks of 200 rows: 9 chunks of 4 blocks, the last one short
+    def run(block=200):  # blocks of 200 rows: 9 chunks of 4 blocks, the last one short
         if kernel == "composite":
-            return composite_pass(X, y, w, coef, thr, meat="cluster", by_class=True, block=200)
+            return composite_pass(X, y, w, coef, thr - 3.0 * coef.sum(), meat="cluster",
+                                  by_class=True, block=block, link=lk)
         return exact_pass(X, y, w, coef, thr - 3.0 * coef.sum(), meat=True,
-                          shift=X.mean(axis=0), block=200)
+                          shift=X.mean(axis=0), block=block, link=lk)
 
     with row_threads(1):
         one = run()
@@ -171,11 +175,7 @@ def test_passes_are_bit_identical_whatever_the_number_of_row_threads(kernel):
             assert (a is None) == (b is None)
             if a is not None:
                 assert np.array_equal(a, b), field
-    # the chunks' sums are the one pass's sums, to rounding
-    ref = (composite_pass(X, y, w, coef, thr, meat="cluster", by_class=True, block=7000)
-           if kernel == "composite" else
-           exact_pass(X, y, w, coef, thr - 3.0 * coef.sum(), meat=True, shift=X.mean(axis=0),
-                      block=7000))
+    ref = run(block=7000)  # one block, one chunk: the chunks' sums are its sums, to rounding
     for field in ("grad", "hess", "meat"):
         np.testing.assert_allclose(getattr(one, field), getattr(ref, field), rtol=1e-12,
                                    atol=1e-12 * np.abs(getattr(ref, field)).max())

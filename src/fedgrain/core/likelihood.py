@@ -261,60 +261,67 @@ def _composite_pass_link(X, y, w, beta, theta, link, *, thresholds=None, loss=Tr
     """
     n, p = X.shape
     block = block or block_rows(p)
-    ks, th, grad, hess, mt, cg = _composite_sums(p, theta, thresholds, order, meat, by_class)
+    ks = _composite_sums(p, theta, thresholds, 0, meat, False)[0]
+    th = theta[ks]
     n_cls = theta.shape[0] + 1
-    total = 0.0
     above = ks[None, :] < np.arange(n_cls)[:, None]  # per class: u_ik
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        Xb = X[start:stop]
-        yb = y[start:stop]
-        nb = stop - start
-        ob = np.ones(nb) if w is None else w[start:stop]
-        if w is not None and not np.all(ob > 0):  # rows of weight zero: not part of the sum
-            keep = ob > 0  # (their terms can be infinite far in a tail; 0 * inf is NaN)
-            Xb, yb, ob = Xb[keep], yb[keep], ob[keep]
-            nb = yb.shape[0]
-        A = th[None, :] - (Xb @ beta)[:, None]
-        U = above[yb]
-        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            if loss:
-                rows = -np.where(U, link.logsf(A), link.logcdf(A)).sum(axis=1)
-                total += float(rows @ ob)
-            if order == 0 and meat is None and not by_class:
-                continue
-            h = np.exp(link.log_hazard(A))
-            g = np.exp(link.log_rhazard(A))
-            E = np.where(U, h, -g)
-        r = E.sum(axis=1)
-        if by_class:
-            C = np.zeros((nb, n_cls))
-            C[np.arange(nb), yb] = ob
-            cg[:, :p] -= (C * r[:, None]).T @ Xb
-            cg[:, p:] += C.T @ E
-        if order >= 1:
-            grad[:p] -= Xb.T @ (ob * r)
-            grad[p:] += ob @ E
-        if order >= 2:
-            V = np.where(U, h * link.hazard_slope(A), -g * link.rhazard_slope(A))
-            V = np.where(np.isfinite(V), V, 0.0)
-            vs = V.sum(axis=1)
-            if link.name != "cauchit":
-                V = np.maximum(V, 0.0)
-                vs = np.maximum(vs, 0.0)
-            hess[:p, :p] += Xb.T @ (Xb * (ob * vs)[:, None])
-            hess[:p, p:] -= Xb.T @ (V * ob[:, None])
-            hess[p:, p:] += np.diag(ob @ V)
-        if meat is not None:
-            if meat == "cluster":
-                m_row, m_cross = r * r, E * r[:, None]
-                mt[p:, p:] += (E * ob[:, None]).T @ E
-            else:
-                m_cross = E * E
-                m_row = m_cross.sum(axis=1)
-                mt[p:, p:] += np.diag(ob @ m_cross)
-            mt[:p, :p] += Xb.T @ (Xb * (ob * m_row)[:, None])
-            mt[:p, p:] -= Xb.T @ (m_cross * ob[:, None])
+
+    def body(a: int, b: int) -> list:
+        _, _, grad, hess, mt, cg = _composite_sums(p, theta, thresholds, order, meat, by_class)
+        total = 0.0
+        for start in range(a, b, block):
+            stop = min(start + block, b)
+            Xb = X[start:stop]
+            yb = y[start:stop]
+            nb = stop - start
+            ob = np.ones(nb) if w is None else w[start:stop]
+            if w is not None and not np.all(ob > 0):  # rows of weight zero: not part of the sum
+                keep = ob > 0  # (their terms can be infinite far in a tail; 0 * inf is NaN)
+                Xb, yb, ob = Xb[keep], yb[keep], ob[keep]
+                nb = yb.shape[0]
+            A = th[None, :] - (Xb @ beta)[:, None]
+            U = above[yb]
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                if loss:
+                    rows = -np.where(U, link.logsf(A), link.logcdf(A)).sum(axis=1)
+                    total += float(rows @ ob)
+                if order == 0 and meat is None and not by_class:
+                    continue
+                h = np.exp(link.log_hazard(A))
+                g = np.exp(link.log_rhazard(A))
+                E = np.where(U, h, -g)
+            r = E.sum(axis=1)
+            if by_class:
+                C = np.zeros((nb, n_cls))
+                C[np.arange(nb), yb] = ob
+                cg[:, :p] -= (C * r[:, None]).T @ Xb
+                cg[:, p:] += C.T @ E
+            if order >= 1:
+                grad[:p] -= Xb.T @ (ob * r)
+                grad[p:] += ob @ E
+            if order >= 2:
+                V = np.where(U, h * link.hazard_slope(A), -g * link.rhazard_slope(A))
+                V = np.where(np.isfinite(V), V, 0.0)
+                vs = V.sum(axis=1)
+                if link.name != "cauchit":
+                    V = np.maximum(V, 0.0)
+                    vs = np.maximum(vs, 0.0)
+                hess[:p, :p] += Xb.T @ (Xb * (ob * vs)[:, None])
+                hess[:p, p:] -= Xb.T @ (V * ob[:, None])
+                hess[p:, p:] += np.diag(ob @ V)
+            if meat is not None:
+                if meat == "cluster":
+                    m_row, m_cross = r * r, E * r[:, None]
+                    mt[p:, p:] += (E * ob[:, None]).T @ E
+                else:
+                    m_cross = E * E
+                    m_row = m_cross.sum(axis=1)
+                    mt[p:, p:] += np.diag(ob @ m_cross)
+                mt[:p, :p] += Xb.T @ (Xb * (ob * m_row)[:, None])
+                mt[:p, p:] -= Xb.T @ (m_cross * ob[:, None])
+        return [total, grad, hess, mt, cg]
+
+    total, grad, hess, mt, cg = chunk_sums(body, n, block)
     if hess is not None:
         hess[p:, :p] = hess[:p, p:].T
     if mt is not None:
