@@ -157,7 +157,7 @@ def composite_pass(
             wb = None if w is None else w[start:stop]
             eta = Xb @ beta
             # Everything from T = tanh(A / 2), A = eta - theta: sigmoid(A) = (1 + T) / 2,
-            # sigmoid(A) (1 - sigmoid(A)) = (1 - T^2) / 4, and
+            # sigmoid(A) (1 - sigmoid(A)) = 1/4 - (T / 2)^2, and
             # softplus(A) = max(A, 0) - log(sigmoid(|A|)) = 2 max(A / 2, 0) + log 2 - log1p(|T|).
             Tb, Eb = T[:, :nb], E[:, :nb]
             np.subtract(0.5 * eta, half_th, out=Tb)
@@ -171,13 +171,16 @@ def composite_pass(
                     float(rows.sum() if wb is None else rows @ wb)
             if order == 0 and meat is None and not by_class:
                 continue
+            Tb *= 0.5  # mu - 1/2
             np.take(u_half, yb, axis=1, out=Eb)
-            Eb -= 0.5 * Tb  # u_ik - mu_ik
+            Eb -= Tb  # u_ik - mu_ik
             r = Eb.sum(axis=0)
             if by_class:  # per class: slopes -sum w r x, thresholds sum w E
                 C = np.equal(yb, classes) * (1.0 if wb is None else wb)
                 cg[:, :p] -= (C * r) @ Xb
                 cg[:, p:] += C @ Eb.T
+            # The rows of S first, and their product with the block while it is in cache;
+            # then the weighted Gram matrices.
             if order >= 1:
                 if wb is None:
                     S[0, :nb] = r
@@ -186,9 +189,8 @@ def composite_pass(
                     np.multiply(r, wb, out=S[0, :nb])
                     grad[p:] += Eb @ wb
             if order >= 2:
-                V = np.multiply(Tb, Tb, out=S[at_v:at_m, :nb])  # V = mu (1 - mu)
-                V *= -0.25
-                V += 0.25
+                V = np.multiply(Tb, Tb, out=S[at_v:at_m, :nb])
+                np.subtract(0.25, V, out=V)  # mu (1 - mu)
                 vs = V.sum(axis=0)
                 if wb is None:
                     hess[p:, p:] += np.diag(V.sum(axis=1))
@@ -196,8 +198,6 @@ def composite_pass(
                     hess[p:, p:] += np.diag(V @ wb)
                     V *= wb
                     vs *= wb
-                Zb = np.einsum("ij,i->ij", Xb, np.sqrt(vs, out=vs), out=Z[:nb])
-                hess[:p, :p] += Zb.T @ Zb
             if meat is not None:
                 M = S[at_m:, :nb]
                 if meat == "cluster":
@@ -211,8 +211,6 @@ def composite_pass(
                 if wb is not None:
                     m_row *= wb
                     M *= wb
-                Zb = np.einsum("ij,i->ij", Xb, np.sqrt(m_row, out=m_row), out=Z[:nb])
-                mt[:p, :p] += Zb.T @ Zb
             if n_s:
                 G = S[:, :nb] @ Xb
                 if order >= 1:
@@ -221,6 +219,12 @@ def composite_pass(
                     hess[:p, p:] -= G[at_v:at_m].T
                 if meat is not None:
                     mt[:p, p:] -= G[at_m:].T
+            if order >= 2:
+                Zb = np.einsum("ij,i->ij", Xb, np.sqrt(vs, out=vs), out=Z[:nb])
+                hess[:p, :p] += Zb.T @ Zb
+            if meat is not None:
+                Zb = np.einsum("ij,i->ij", Xb, np.sqrt(m_row, out=m_row), out=Z[:nb])
+                mt[:p, :p] += Zb.T @ Zb
         return [total, grad, hess, mt, cg]
 
     total, grad, hess, mt, cg = chunk_sums(body, n, block)
@@ -501,11 +505,6 @@ def exact_pass(
                     np.maximum(c_eta, 0.0, out=c_eta)
                 if wb is not None:
                     c_eta *= wb
-                if np.all(c_eta >= 0):
-                    Zb = np.einsum("ij,i->ij", Xb, np.sqrt(c_eta, out=c_eta), out=Z[:nb])
-                    hess[:p, :p] += Zb.T @ Zb
-                else:
-                    hess[:p, :p] += Xb.T @ (Xb * c_eta[:, None])
                 # -d2 log pi / (d eta d theta_y) = h11 + h10; for theta_{y-1}: h10 + h00
                 C = S[1:, :nb]
                 np.multiply(H[:K1], h11 + h10, out=C)
@@ -517,11 +516,17 @@ def exact_pass(
                 off = by_cls[1:-1, 2]  # rows with both cuts: the pair (y - 1, y)
                 hess[p + idx[:-1], p + idx[:-1] + 1] -= off
                 hess[p + idx[:-1] + 1, p + idx[:-1]] -= off
-            if order >= 1:
+            if order >= 1:  # the thin product while the block is in cache, then the Gram
                 G = S[:rows, :nb] @ Xb
                 grad[:p] -= G[0]
                 if order >= 2:
                     hess[:p, p:] += G[1:].T
+            if order >= 2:
+                if np.all(c_eta >= 0):
+                    Zb = np.einsum("ij,i->ij", Xb, np.sqrt(c_eta, out=c_eta), out=Z[:nb])
+                    hess[:p, :p] += Zb.T @ Zb
+                else:
+                    hess[:p, :p] += Xb.T @ (Xb * c_eta[:, None])
         return [total, grad, hess, mt]
 
     total, grad, hess, mt = chunk_sums(body, n, block)
