@@ -18,7 +18,9 @@ child process per tree times, minimum of ``--repeats``:
   n_jobs=2).fit`` end to end (after one warm-up fit that starts the workers), at the sizes
   named by ``--fit-sizes``.
 
-    python benchmarks/bench_passes.py --before /tmp/base/src --out docs/benchmarks.md
+    git archive e058232 src | tar -x -C /tmp/base      # the tree before, from its commit
+    python benchmarks/bench_passes.py --before /tmp/base/src --before-label e058232 \
+        --out docs/benchmarks.md
     python benchmarks/bench_passes.py --sizes 2e4x5 --fit-sizes 2e4x5 --repeats 1   # quick
 
 ``--before SRC`` names another tree's ``src`` folder (the code before a change, from
@@ -184,7 +186,12 @@ def render(doc: dict) -> str:
              f"{doc['load'][0]:.2f}; command: `{doc['command']}`. Trees: "
              + "; ".join(f"**{k}** `{v}`" for k, v in trees.items()) + ". Seconds, minimum of "
              f"{doc['repeats']} (fits: of {doc['fit_repeats']}); ratios are to the floor, the "
-             "faster of the two blocked X'WX with BLAS threads (1 or all).", ""]
+             "faster of the two blocked X'WX with BLAS threads (1 or all). Whether the machine "
+             "had a second core free shows in the floor's own scaling: the blocked X'WX on two "
+             "threads (rows split in halves) took "
+             + ", ".join(f"{r['xwx_rows2'] / r['xwx_1']:.2f}x" for r in recs)
+             + " the time of one thread in this run's children (0.5x would be perfect scaling).",
+             ""]
     lines += ["| Size | Tree | X'WX blocked, BLAS 1 thread | BLAS all threads | rows on 2 threads "
               "| exact pass (as fitted) | / floor | composite pass, 1 thread | / floor "
               "| composite, row threads | / floor | exact, 1 thread |",
@@ -263,8 +270,12 @@ Single precision was measured and not used: a float32 Gram matrix at 1e6 x 20 mo
 Hessian by 2.3e-8 (relative) and the standard errors by 1.9e-8, beyond the 1e-8 allowed, and
 the Hessian is what the fits return for their covariances and what the subsets de-bias with;
 the Newton step at the truth moved by 1.3e-10 only, so the parameters alone would have
-passed. On a loaded machine (other processes on both cores) the row threads gain nothing and
-the floor with BLAS threads collapses; the load average at the start is printed above.
+passed. On a loaded machine (other processes on both cores; the floor's two-thread time
+above says so) the row threads gain nothing: at p = 20 the two threads then share one core's
+worth of time (measured: process CPU time / wall time 0.98 with two threads), their blocks
+evict each other from the cache, and the pass takes longer than on one thread; the floor with
+BLAS threads collapses the same way. The CPU-time table is the comparison that such a machine
+still supports.
 
 **`OrdinalRegression` end to end against 5x one X'WX.** A profile of the fit at 1e6 x 20
 (cProfile, load average 5.6, 1.07 s) shows what the floor of a whole fit is: four passes
@@ -322,6 +333,8 @@ def write_page(block: str, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", default=None, help="src folder of the tree to compare with")
+    ap.add_argument("--before-label", default=None,
+                    help="what the page calls that tree (say, the commit it was exported from)")
     ap.add_argument("--sizes", default="1e6x20,1e6x100")
     ap.add_argument("--fit-sizes", default="1e6x20")
     ap.add_argument("--repeats", type=int, default=5)
@@ -341,9 +354,13 @@ def main(argv=None) -> int:
         spec = json.loads(args.child)
         Path(spec["out"]).write_text(json.dumps(child(spec)))
         return 0
-    trees = {"after": str(ROOT / "src")}
+    from _report import git_rev
+
+    trees = {"after": f"this tree, {git_rev()}"}
+    srcs = {"after": str(ROOT / "src")}
     if args.before:
-        trees = {"before": str(Path(args.before).resolve()), **trees}
+        srcs = {"before": str(Path(args.before).resolve()), **srcs}
+        trees = {"before": args.before_label or srcs["before"], **trees}
     fit_sizes = set(parse_sizes(args.fit_sizes))
     doc = {"started": time.strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg(),
            "machine": f"{platform.processor() or platform.machine()}, "
@@ -353,7 +370,7 @@ def main(argv=None) -> int:
            "trees": trees, "repeats": args.repeats, "fit_repeats": args.fit_repeats,
            "records": []}
     for n, p in parse_sizes(args.sizes):
-        for name, src in trees.items():
+        for name, src in srcs.items():
             spec = {"n": n, "p": p, "repeats": args.repeats, "fit_repeats": args.fit_repeats,
                     "fits": (n, p) in fit_sizes}
             print(f"[{time.strftime('%H:%M:%S')}] {name} at {n}x{p} ...", file=sys.stderr,

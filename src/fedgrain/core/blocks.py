@@ -74,8 +74,8 @@ def chunk_sums(body: Callable[[int, int], list], n: int, block: int) -> list:
     """
     step = CHUNK_BLOCKS * block
     bounds = [(a, min(a + step, n)) for a in range(0, n, step)] or [(0, 0)]
-    threads = min(_ROW_THREADS.get(), len(bounds))
-    if threads > 1:
+    threads = _ROW_THREADS.get()
+    if threads > 1 and len(bounds) > 1:
         if _POOL[1] != (threads, os.getpid()):  # a forked child has no threads of its pool
             if _POOL[0] is not None and _POOL[1][1] == os.getpid():
                 _POOL[0].shutdown()
