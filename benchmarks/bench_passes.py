@@ -274,7 +274,10 @@ passed. On a loaded machine (other processes on both cores; the floor's two-thre
 above says so) the row threads gain nothing: at p = 20 the two threads then share one core's
 worth of time (measured: process CPU time / wall time 0.98 with two threads), their blocks
 evict each other from the cache, and the pass takes longer than on one thread; the floor with
-BLAS threads collapses the same way. The CPU-time table is the comparison that such a machine
+BLAS threads collapses the same way. So `OrdinalRegression` leaves the cores that other
+processes keep busy when its first large pass starts to them (`core/blocks.py`:
+`busy_elsewhere`, from `/proc/loadavg`), and "exact pass (as fitted)" above is on one thread
+when the run's machine was busy. The CPU-time table is the comparison that such a machine
 still supports.
 
 **`OrdinalRegression` end to end against 5x one X'WX.** A profile of the fit at 1e6 x 20

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from hypothesis import strategies as st
 from threadpoolctl import threadpool_limits
 
 from fedgrain import OrdinalRegression
-from fedgrain.core.blocks import allowed_threads, row_threads
+from fedgrain.core import blocks
+from fedgrain.core.blocks import allowed_threads, busy_elsewhere, row_threads
 from fedgrain.core.likelihood import class_proba, composite_pass, exact_pass, row_log_loss
 from fedgrain.core.links import get_link
 from fedgrain.datasets import make_ordinal
@@ -192,3 +195,24 @@ def test_row_threads_follow_the_blas_thread_limit():
         two = OrdinalRegression().fit(X, y)
     np.testing.assert_array_equal(one.coef_, two.coef_)
     np.testing.assert_array_equal(one.bse_, two.bse_)
+
+
+def test_automatic_row_threads_leave_busy_cores_to_other_processes():
+    cpus = len(os.sched_getaffinity(0))
+    spin = "import sys; print('ready', flush=True)\nwhile True: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE)
+             for _ in range(cpus)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == b"ready"
+        assert busy_elsewhere() >= cpus
+        X, y, coef, thr = make_ordinal(100_000, 3, 4, random_state=0)
+        with row_threads():
+            exact_pass(X, y, None, coef, thr)  # more than one chunk: the choice is made
+            assert blocks._threads() == 1
+        with row_threads(2):
+            assert blocks._threads() == 2  # asked for: as asked
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

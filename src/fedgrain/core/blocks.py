@@ -4,6 +4,7 @@ chunks of blocks, and iteration over an array or over rows streamed from disk, w
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ def block_rows(p: int) -> int:
 #: three chunks to share.
 CHUNK_BLOCKS = 4
 
-_ROW_THREADS: ContextVar[int] = ContextVar("fedgrain_row_threads", default=1)
+_ROW_THREADS: ContextVar[list | None] = ContextVar("fedgrain_row_threads", default=None)
 _POOL: list = [None, None]  # the executor and (its size, the process it was made in)
 _CONTROLLER: list = [None]
 
@@ -52,17 +53,50 @@ def allowed_threads() -> int:
     return max(1, min([cpus or 1, *limits]))
 
 
+def busy_elsewhere(reads: int = 3) -> int:
+    """Threads of other processes running at this moment (Linux: ``/proc/loadavg``; the
+    fewest over ``reads`` reads a millisecond apart, so a passing one does not count); 0
+    where not known."""
+    seen = []
+    for i in range(reads):
+        try:
+            with open("/proc/loadavg") as fh:
+                seen.append(max(0, int(fh.read().split()[3].split("/")[0]) - 1))
+        except (OSError, ValueError, IndexError):
+            return 0
+        if i + 1 < reads:
+            time.sleep(0.001)
+    return min(seen)
+
+
 @contextmanager
 def row_threads(n: int | None = None):
-    """Passes over rows inside this context share their chunks of blocks among ``n`` threads
-    (None: :func:`allowed_threads`). numpy releases the GIL in its loops and BLAS calls, so
-    the threads run at once; outside, passes run on the calling thread only (a worker process
-    of a backend, one per core, never adds threads of its own)."""
-    token = _ROW_THREADS.set(max(1, int(allowed_threads() if n is None else n)))
+    """Passes over rows inside this context share their chunks of blocks among ``n`` threads.
+
+    None: :func:`allowed_threads`, less the cores that other processes keep busy when the
+    first pass with more than one chunk starts: a second thread on a core that another
+    process keeps busy gains nothing and evicts the first one's blocks from the cache (a pass
+    at 1e6 x 20 took 1.7 times as long on two threads as on one with both cores busy,
+    ``docs/benchmarks.md``). The choice changes the time, never the result. numpy releases
+    the GIL in its loops and BLAS calls, so the threads run at once; outside this context
+    passes run on the calling thread only (a worker process of a backend, one per core, never
+    adds threads of its own).
+    """
+    token = _ROW_THREADS.set([None, allowed_threads()] if n is None else [max(1, int(n))])
     try:
         yield
     finally:
         _ROW_THREADS.reset(token)
+
+
+def _threads() -> int:
+    """The row threads of this context, the automatic choice made once, on first use."""
+    holder = _ROW_THREADS.get()
+    if holder is None:
+        return 1
+    if holder[0] is None:
+        holder[0] = max(1, holder[1] - busy_elsewhere())
+    return holder[0]
 
 
 def chunk_sums(body: Callable[[int, int], list], n: int, block: int) -> list:
@@ -74,8 +108,8 @@ def chunk_sums(body: Callable[[int, int], list], n: int, block: int) -> list:
     """
     step = CHUNK_BLOCKS * block
     bounds = [(a, min(a + step, n)) for a in range(0, n, step)] or [(0, 0)]
-    threads = _ROW_THREADS.get()
-    if threads > 1 and len(bounds) > 1:
+    threads = _threads() if len(bounds) > 1 else 1
+    if threads > 1:
         if _POOL[1] != (threads, os.getpid()):  # a forked child has no threads of its pool
             if _POOL[0] is not None and _POOL[1][1] == os.getpid():
                 _POOL[0].shutdown()

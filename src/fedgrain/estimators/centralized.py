@@ -73,7 +73,8 @@ class OrdinalRegression(OrdinalModel):
         without nominal features. The fit equals the CPU fit to 1e-8.
 
     On the CPU the passes over the rows share their chunks of rows among as many threads as
-    the process has CPUs, at most the BLAS libraries' thread limit: ``with
+    the process has CPUs that other processes do not keep busy, at most the BLAS libraries'
+    thread limit: ``with
     threadpoolctl.threadpool_limits(1):`` (or ``OMP_NUM_THREADS=1``) keeps a fit on one core.
     The model is the same to the last bit whatever the number of threads.
 
