@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -279,7 +280,9 @@ the Newton step at the truth moved by 1.3e-10 only, so the parameters alone woul
 passed. On a loaded machine (other processes on both cores; the floor's two-thread time
 above says so) the row threads gain nothing: at p = 20 the two threads then share one core's
 worth of time (measured: process CPU time / wall time 0.98 with two threads), their blocks
-evict each other from the cache, and the pass takes longer than on one thread; the floor with
+evict each other from the cache, and the pass takes longer than on one thread (a run at load
+3.5: the exact pass 0.214 s on two threads, 0.129 s on one; at p = 100, with a core free,
+0.50 s against 0.73 s); the floor with
 BLAS threads collapses the same way. So `OrdinalRegression` leaves the cores that other
 processes keep busy when its first large pass starts to them (`core/blocks.py`:
 `busy_elsewhere`, from `/proc/loadavg`), and "exact pass (as fitted)" above is on one thread
@@ -376,7 +379,7 @@ def main(argv=None) -> int:
     doc = {"started": time.strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg(),
            "machine": f"{platform.processor() or platform.machine()}, "
                       f"{len(os.sched_getaffinity(0))} CPUs",
-           "command": "python benchmarks/bench_passes.py " + " ".join(
+           "command": "python benchmarks/bench_passes.py " + shlex.join(
                sys.argv[1:] if argv is None else argv),
            "trees": trees, "repeats": args.repeats, "rounds": args.rounds,
            "fit_repeats": args.fit_repeats,
