@@ -36,6 +36,7 @@ MARKED = {
     "drift": ("Streams that drift: gradual, recurring, wrong from the start, and a real one",
               "bench_drift.py"),
     "sites": ("Many federated sites: the cost of a leaf, 100 to 1,000 sites", "bench_sites.py"),
+    "passes": ("Speed: one pass against the Gram-matrix floor", "bench_passes.py"),
 }
 
 

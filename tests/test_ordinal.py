@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from threadpoolctl import threadpool_limits
 
+from fedgrain import OrdinalRegression
+from fedgrain.core import blocks
+from fedgrain.core.blocks import allowed_threads, busy_elsewhere, row_threads
 from fedgrain.core.likelihood import class_proba, composite_pass, exact_pass, row_log_loss
+from fedgrain.core.links import get_link
 from fedgrain.datasets import make_ordinal
 from fedgrain.metrics import ordinal_scores
 
@@ -142,3 +151,68 @@ def test_row_log_loss_is_the_clipped_negative_log_probability_of_the_true_class(
     np.testing.assert_array_equal(loss, expected)
     assert loss[0] == pytest.approx(-np.log(1e-15))
     assert ordinal_scores(y, proba)["log_loss"] == float(np.mean(expected))
+
+
+@pytest.mark.parametrize("kernel", ["composite", "exact"])
+@pytest.mark.parametrize("link", ["logit", "probit"])
+def test_passes_are_bit_identical_whatever_the_number_of_row_threads(kernel, link):
+    X, y, coef, thr = make_ordinal(7000, 5, 4, random_state=1)
+    w = np.random.default_rng(1).uniform(0.0, 2.0, size=7000)
+    X = X + 3.0  # away from zero: the exact pass's shift matters
+    lk = get_link(link)
+
+    def run(block=200):  # blocks of 200 rows: 9 chunks of 4 blocks, the last one short
+        if kernel == "composite":
+            return composite_pass(X, y, w, coef, thr - 3.0 * coef.sum(), meat="cluster",
+                                  by_class=True, block=block, link=lk)
+        return exact_pass(X, y, w, coef, thr - 3.0 * coef.sum(), meat=True,
+                          shift=X.mean(axis=0), block=block, link=lk)
+
+    with row_threads(1):
+        one = run()
+    for n in (2, 3):
+        with row_threads(n):
+            many = run()
+        for field in ("loss", "grad", "hess", "meat", "class_grad"):
+            a, b = getattr(one, field), getattr(many, field)
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert np.array_equal(a, b), field
+    ref = run(block=7000)  # one block, one chunk: the chunks' sums are its sums, to rounding
+    for field in ("grad", "hess", "meat"):
+        np.testing.assert_allclose(getattr(one, field), getattr(ref, field), rtol=1e-12,
+                                   atol=1e-12 * np.abs(getattr(ref, field)).max())
+
+
+def test_row_threads_follow_the_blas_thread_limit():
+    cpus = len(os.sched_getaffinity(0))
+    assert 1 <= allowed_threads() <= cpus
+    with threadpool_limits(limits=1, user_api="blas"):
+        assert allowed_threads() == 1
+        X, y, *_ = make_ordinal(70_000, 3, 4, random_state=2)
+        one = OrdinalRegression().fit(X, y)
+    with row_threads(2):
+        two = OrdinalRegression().fit(X, y)
+    np.testing.assert_array_equal(one.coef_, two.coef_)
+    np.testing.assert_array_equal(one.bse_, two.bse_)
+
+
+def test_automatic_row_threads_leave_busy_cores_to_other_processes():
+    cpus = len(os.sched_getaffinity(0))
+    spin = "import sys; print('ready', flush=True)\nwhile True: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE)
+             for _ in range(cpus)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == b"ready"
+        assert busy_elsewhere() >= cpus
+        X, y, coef, thr = make_ordinal(100_000, 3, 4, random_state=0)
+        with row_threads():
+            exact_pass(X, y, None, coef, thr)  # more than one chunk: the choice is made
+            assert blocks._threads() == 1
+        with row_threads(2):
+            assert blocks._threads() == 2  # asked for: as asked
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

@@ -8,7 +8,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from .._warnings import warn
-from ..core.blocks import block_rows
+from ..core.blocks import block_rows, row_threads
 from ..core.likelihood import Pass, class_proba, exact_pass, exact_row_terms, initial_thresholds
 from ..core.linalg import NotIdentifiedError, chi2_sf, inverse, unidentified_directions
 from ..core.links import LINKS, get_link
@@ -71,6 +71,12 @@ class OrdinalRegression(OrdinalModel):
         once, in float64; the Newton algebra stays on the CPU); by default the CPU's own passes,
         or the GPU the input is on when ``X`` is a CUDA tensor or a CuPy array. Logit link,
         without nominal features. The fit equals the CPU fit to 1e-8.
+
+    On the CPU the passes over the rows share their chunks of rows among as many threads as
+    the process has CPUs that other processes do not keep busy, at most the BLAS libraries'
+    thread limit: ``with
+    threadpoolctl.threadpool_limits(1):`` (or ``OMP_NUM_THREADS=1``) keeps a fit on one core.
+    The model is the same to the last bit whatever the number of threads.
 
     Attributes
     ----------
@@ -211,9 +217,12 @@ class OrdinalRegression(OrdinalModel):
 
             oracle = _ridged(DeviceRows(Xm, codes, w, device).exact_oracle(means),
                              ridge * n_eff)
-        # One BLAS thread: the per-block products are too small to gain from threads, and
-        # threads that wait for a busy core slow every block down.
-        with local.one_blas_thread():
+        # The passes share their chunks of rows among the threads the BLAS thread limit allows
+        # (every core by default; threadpoolctl or OMP_NUM_THREADS=1 for one), each product on
+        # one BLAS thread: the per-block products are too small to gain from BLAS threads, and
+        # threads that wait for a busy core slow every block down. The sums are the same
+        # whatever the number of threads.
+        with row_threads(), local.one_blas_thread():
             x0 = warm_start(subsample, codes.shape[0], x0, max_iter=self.max_iter,
                             feasible=increasing)
             res = newton(oracle, x0, n_eff, max_iter=self.max_iter, tol=self.tol,

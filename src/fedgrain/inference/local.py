@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import linalg, optimize
-from threadpoolctl import ThreadpoolController
 
+from ..core.blocks import blas_controller
 from ..core.likelihood import Pass, composite_pass, initial_thresholds
 from ..core.linalg import solve_psd
 from ..core.links import get_link
@@ -781,19 +781,13 @@ def evaluate_local(
     return Evaluation(-P.grad, P.hess, P.meat, float(P.loss) if loss else None)
 
 
-_CONTROLLER: ThreadpoolController | None = None
-
-
 def one_blas_thread():
     """Context manager limiting BLAS to one thread (bit-identical results on every backend).
 
     The controller is built once per process: building it scans the loaded libraries, which
     costs milliseconds per task otherwise.
     """
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER.limit(limits=1, user_api="blas")
+    return blas_controller().limit(limits=1, user_api="blas")
 
 
 def fit_task(task: dict) -> LocalFit:
