@@ -70,6 +70,20 @@ def _rows_of(source: DatasetSource) -> pd.DataFrame:
     return pd.concat([f for _, f in source.frames()], ignore_index=True)
 
 
+def _expected(df: pd.DataFrame, mask=None) -> pd.DataFrame:
+    """The rows a reader of the Hive folder of ``df`` should give, from pandas alone: those
+    ``mask`` keeps, file by file in name order (region, year, rate; rows in their order
+    within a file), partition columns last."""
+    rows = df if mask is None else df[mask]
+    rows = rows.sort_values(["region", "year", "rate"], kind="stable")
+    return rows[["x", "z", "grade", "region", "year", "rate"]].reset_index(drop=True)
+
+
+def _same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(got.astype({"region": want["region"].dtype}), want,
+                                  check_exact=True)
+
+
 @pytest.fixture(scope="module")
 def hive(tmp_path_factory):
     df = _frame()
@@ -83,13 +97,16 @@ def test_hive_partitions_are_typed_columns_and_a_filter_skips_files(hive):
     source = DatasetSource(folder)
     assert source.columns == ["x", "z", "grade", "region", "year", "rate"]
     rows = _rows_of(source)
+    _same_rows(rows, _expected(df))
     assert rows["year"].dtype == np.int64 and rows["rate"].dtype == np.float64
     assert sorted(set(rows["region"])) == ["north", "south", "west"]
     assert len(source.files) == 18 and source.n_rows == len(df)
     kept = DatasetSource(folder, filter="year >= 2020 and region in ['north', 'south']")
     assert len(kept.files) == 8  # files of other partitions are never opened
-    want = df[(df.year >= 2020) & df.region.isin(["north", "south"])]
+    want = _expected(df, (df.year >= 2020) & df.region.isin(["north", "south"]))
     assert kept.n_rows == len(want)
+    _same_rows(_rows_of(kept), want)
+    _same_rows(kept.read(), want)
     both = DatasetSource(folder, filter="x > 0 and not rate == 0.5")
     assert both.n_rows == int(((df.x > 0) & (df.rate != 0.5)).sum())
     expr = DatasetSource(folder, filter=pads.field("z") < 0).n_rows
@@ -101,8 +118,8 @@ def test_a_fit_on_a_filtered_hive_folder_equals_the_in_memory_fit_of_those_rows(
     df, folder = hive
     text = "year >= 2020 and x > -2"
     source = DatasetSource(folder, filter=text)
-    rows = _rows_of(source)
-    assert len(rows) == int(((df.year >= 2020) & (df.x > -2)).sum())
+    rows = _expected(df, (df.year >= 2020) & (df.x > -2))  # from pandas, not the reader
+    _same_rows(_rows_of(source), rows)
     kw = {"categorical": ["region"]}
     a = _dc(**kw).fit(source, "grade")
     b = _in_memory(rows, **kw)
@@ -268,14 +285,18 @@ def test_pyarrow_and_fsspec_file_systems(hive, tmp_path):
     PyFileSystem(FSSpecHandler(...)): the same rows as the local folder."""
     fsspec = pytest.importorskip("fsspec")
     df, folder = hive
-    reference = _in_memory(_rows_of(DatasetSource(folder, filter="year >= 2020")), **CAT)
+    rows = _expected(df, df.year >= 2020)
+    reference = _in_memory(rows, **CAT)
     sub = pafs.SubTreeFileSystem(str(folder.parent), pafs.LocalFileSystem())
-    _fits_equal(DatasetSource("d", filesystem=sub, filter="year >= 2020"), reference, **CAT)
+    subtree = DatasetSource("d", filesystem=sub, filter="year >= 2020")
+    _same_rows(_rows_of(subtree), rows)
+    _fits_equal(subtree, reference, **CAT)
     memory = fsspec.filesystem("memory")
     _hive(df, "/fedgrain-test/d", fs=pafs.PyFileSystem(pafs.FSSpecHandler(memory)))
     try:
         source = DatasetSource("/fedgrain-test/d", filesystem=memory, filter="year >= 2020")
         assert "(on py::fsspec+" in source.shown
+        _same_rows(_rows_of(source), rows)
         _fits_equal(source, reference, **CAT)
     finally:
         memory.rm("/fedgrain-test", recursive=True)
@@ -321,14 +342,21 @@ def s3(hive):
 def test_an_s3_address_is_read_from_a_local_s3_server(hive, s3, monkeypatch):
     df, folder = hive
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
-    reference = _in_memory(_rows_of(DatasetSource(folder, filter="year >= 2020")), **CAT)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3)  # it comes first: one set outside must not
+    rows = _expected(df, df.year >= 2020)
+    reference = _in_memory(rows, **CAT)
     source = DatasetSource("s3://fedgrain-test/d/", filter="year >= 2020")
     assert source.files[0].startswith("s3://fedgrain-test/d/region=")
+    _same_rows(_rows_of(source), rows)
     _fits_equal(source, reference, **CAT)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the S3 one alone
+    assert DatasetSource("s3://fedgrain-test/d/", filter="year >= 2020").n_rows == len(rows)
+    keyed = DatasetSource("s3://testing:testing@fedgrain-test/d", filter="year >= 2020")
+    assert keyed.shown == "s3://***@fedgrain-test/d" and keyed.n_rows == len(rows)
     _fits_equal("s3://fedgrain-test/flat.csv", _in_memory(df.drop(columns=["region"])))
     back = read_table("s3://fedgrain-test/flat.csv", columns=["x", "grade"])
     np.testing.assert_allclose(back["x"], df["x"], rtol=0, atol=1e-15)
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     plain = DatasetSource("s3://fedgrain-test/d", storage_options={"endpoint_override": s3},
                           filter="year >= 2020")
     assert plain.n_rows == source.n_rows
@@ -340,7 +368,8 @@ def test_an_s3_address_is_read_from_a_local_s3_server(hive, s3, monkeypatch):
 def test_the_command_line_reads_folders_filters_and_s3(hive, s3, tmp_path, monkeypatch, capsys):
     df, folder = hive
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
-    rows = _rows_of(DatasetSource(folder, filter="year >= 2020"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3)
+    rows = _expected(df, df.year >= 2020)
     reference = _in_memory(rows, **CAT)
     for i, data in enumerate((str(folder), "s3://fedgrain-test/d")):
         code = main(["fit", data, "--target", "grade", "--filter", "year >= 2020",
@@ -365,6 +394,20 @@ def test_the_command_line_reads_folders_filters_and_s3(hive, s3, tmp_path, monke
                  "--filter", "yeer > 1"])
     err = capsys.readouterr().err
     assert code == 2 and "did you mean 'year'" in err and err.count("\n") == 1, err
+    keyed = "s3://testing:SECRETKEY@fedgrain-test/d"  # moto takes any secret
+    code = main(["evaluate", str(tmp_path / "m0"), keyed, "--target", "grade", "--filter",
+                 "year >= 2020", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "SECRETKEY" not in out + err, err
+    assert '"s3://***@fedgrain-test/d"' in out
+    code = main(["report", str(tmp_path / "m0"), "--data", keyed, "--target", "grade",
+                 "--filter", "year >= 2020", "--out", str(tmp_path / "r.html")])
+    out, err = capsys.readouterr()
+    assert code == 0 and "SECRETKEY" not in out + err, err
+    assert "SECRETKEY" not in (tmp_path / "r.html").read_text()
+    code = main(["fit", keyed + "?bogus=1", "--target", "grade", "--out", str(tmp_path / "m9")])
+    err = capsys.readouterr().err
+    assert code == 2 and "SECRETKEY" not in err and "***" in err, err
 
 
 # ----------------------------------------------------------------------------- review fixes
