@@ -503,6 +503,8 @@ def test_boolean_columns_and_null_tests_in_filters(tmp_path):
     assert read_table(path, filter="x != 3")["x"].tolist() == [1.0, 4.0]  # null x: dropped
     with pytest.raises(DataError, match="does not apply"):
         read_table(path, filter="grade")  # not a boolean column
+    with pytest.raises(DataError, match=r"is_null\(column\)"):
+        read_table(path, filter="x == None")
 
 
 @pytest.mark.parametrize("suffix, codec", [(".bz2", "bz2"), (".zstd", "zstd"), (".lz4", "lz4")])

@@ -221,6 +221,10 @@ def _literal(node: ast.AST, text: str):
         raise _bad_literal(text) from None
     kinds = (bool, int, float, str)
     values = value if isinstance(value, (list, tuple, set)) else [value]
+    if any(v is None for v in values):
+        raise DataError(f"filter {text!r}: None is no value to compare with (a comparison with a "
+                        "missing value holds nowhere); test for missing values with "
+                        "is_null(column) or is_not_null(column).")
     if not all(isinstance(v, kinds) for v in values):
         raise _bad_literal(text)
     return value
@@ -374,7 +378,9 @@ class DatasetSource:
     A file, a folder of files (searched recursively, read in name order; names starting with
     ``.`` or ``_`` are skipped) or a Hive-partitioned folder (``region=north/year=2020/...``:
     each ``key=value`` folder becomes a column, typed int, float or text by what all its values
-    parse as), on this machine or at an address such as ``s3://bucket/path``. The files must
+    parse as: strictly, as pyarrow writes numbers, so ``1_000`` or ``nan`` is text; a
+    ``__HIVE_DEFAULT_PARTITION__`` folder is a missing value; numbers lose leading zeros),
+    on this machine or at an address such as ``s3://bucket/path``. The files must
     hold one table: the same columns, with types that unify (an integer column in one file and
     a float column in another are read as floats).
 
@@ -400,9 +406,9 @@ class DatasetSource:
         (``{"endpoint_override": "http://127.0.0.1:9000", "access_key": ...}`` for S3).
     target : str, optional
         The target column, given when the rows are streamed for a fit (the estimators give
-        it). Then CSV columns of whole numbers other than it are read as floats: a ``2.5``
-        deep in a file would otherwise fail, since pyarrow fixes a CSV column's type from its
-        first rows. The target's integer labels stay integers.
+        it). Then CSV columns of whole numbers other than it are read as floats; the target's
+        integer labels stay integers. (Every CSV column is typed by all its values, as
+        ``pyarrow.csv.read_csv`` types it, streamed or not: see :meth:`read`, :meth:`frames`.)
 
     Examples
     --------
