@@ -436,6 +436,13 @@ def test_a_csv_column_whose_type_changes_late_reads_as_a_whole_read(tmp_path):
     assert whole["c"].iloc[-1] == "x" and whole["d"].iloc[-1] == "late"
     streamed = _rows_of(DatasetSource(path, batch_rows=50_000))
     pd.testing.assert_frame_equal(streamed, old)
+    late = "c == 'x' and d == 'late'"  # on columns typed as text by their last row only
+    assert read_table(path, filter=late)["a"].tolist() == [2.5]
+    assert _rows_of(DatasetSource(path, filter=late))["a"].tolist() == [2.5]
+    with pytest.raises(DataError, match="does not apply"):
+        DatasetSource(path, filter="b == 'x'").n_rows  # noqa: B018
+    with pytest.raises(DataError, match="does not apply"):
+        read_table(path, filter="b == 'x'")
     fit = DatasetSource(folder, batch_rows=50_000, columns=["a", "b", "grade"], target="grade")
     rows = _rows_of(fit)
     assert fit.n_rows == n and rows["a"].iloc[-1] == 2.5 and rows["grade"].dtype == np.int64

@@ -469,8 +469,12 @@ class DatasetSource:
                                 f"{did_you_mean(missing[0], names)}")
             names = wanted
         self.columns: list[str] = names
-        self._fragments = list(self._dataset.get_fragments(filter=self.filter)
-                               if self.filter is not None else self._dataset.get_fragments())
+        try:
+            self._fragments = list(self._dataset.get_fragments(filter=self.filter)
+                                   if self.filter is not None else
+                                   self._dataset.get_fragments())
+        except (pa.ArrowException, TypeError):  # CSV typed by their first rows: every file
+            self._fragments = list(self._dataset.get_fragments())
         self.files = [self._shown_file(f.path) for f in self._fragments]
 
     # ---- finding and checking the files -----------------------------------------------------
@@ -628,18 +632,24 @@ class DatasetSource:
         return DataError(f"The files of '{self.shown}' are not partitioned alike: '{shown}' "
                          f"sits {under(k)}, '{first}' {under(k0)}.")
 
-    def _check_filter(self, names: list[str]) -> None:
+    def _check_filter(self, names: list[str], schema: pa.Schema | None = None) -> None:
+        """The filter's columns exist and its comparisons fit their types (for CSV files, the
+        types of whole files, known once they are typed: ``schema``)."""
         if self.filter is None:
             return
         try:
-            self._dataset.scanner(filter=self.filter, columns=[])
-            self._dataset.schema.empty_table().filter(self.filter)  # a bool, of these types
+            if schema is None:
+                self._dataset.scanner(filter=self.filter, columns=[])
+            (self._dataset.schema if schema is None else schema).empty_table().filter(
+                self.filter)  # a bool, of these types
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
             absent = re.search(r"FieldRef\.Name\((.*?)\) in", str(exc))
             if absent:
                 raise DataError(
                     f"The filter {self.filter} names {absent.group(1)!r}, which is not a "
                     f"column of '{self.shown}'; {did_you_mean(absent.group(1), names)}") from None
+            if self.format == "CSV" and schema is None:
+                return  # typed by the first rows only: checked on the files' whole types
             raise DataError(f"The filter {self.filter} does not apply to '{self.shown}': "
                             f"{error_reason(exc)}; compare numbers with numbers and text with "
                             "'quoted' text.") from None
@@ -714,6 +724,7 @@ class DatasetSource:
         dataset = self._open(self._paths, fmt, ds.partitioning(self._parts, flavor="hive")
                              if len(self._parts) else None, self._folder,
                              pa.schema([*unified, *self._parts]))
+        self._check_filter(dataset.schema.names, dataset.schema)
         fragments = list(dataset.get_fragments(filter=self.filter)
                          if self.filter is not None else dataset.get_fragments())
         return dataset.schema, fragments
