@@ -70,6 +70,20 @@ def _rows_of(source: DatasetSource) -> pd.DataFrame:
     return pd.concat([f for _, f in source.frames()], ignore_index=True)
 
 
+def _expected(df: pd.DataFrame, mask=None) -> pd.DataFrame:
+    """The rows a reader of the Hive folder of ``df`` should give, from pandas alone: those
+    ``mask`` keeps, file by file in name order (region, year, rate; rows in their order
+    within a file), partition columns last."""
+    rows = df if mask is None else df[mask]
+    rows = rows.sort_values(["region", "year", "rate"], kind="stable")
+    return rows[["x", "z", "grade", "region", "year", "rate"]].reset_index(drop=True)
+
+
+def _same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(got.astype({"region": want["region"].dtype}), want,
+                                  check_exact=True)
+
+
 @pytest.fixture(scope="module")
 def hive(tmp_path_factory):
     df = _frame()
@@ -83,13 +97,16 @@ def test_hive_partitions_are_typed_columns_and_a_filter_skips_files(hive):
     source = DatasetSource(folder)
     assert source.columns == ["x", "z", "grade", "region", "year", "rate"]
     rows = _rows_of(source)
+    _same_rows(rows, _expected(df))
     assert rows["year"].dtype == np.int64 and rows["rate"].dtype == np.float64
     assert sorted(set(rows["region"])) == ["north", "south", "west"]
     assert len(source.files) == 18 and source.n_rows == len(df)
     kept = DatasetSource(folder, filter="year >= 2020 and region in ['north', 'south']")
     assert len(kept.files) == 8  # files of other partitions are never opened
-    want = df[(df.year >= 2020) & df.region.isin(["north", "south"])]
+    want = _expected(df, (df.year >= 2020) & df.region.isin(["north", "south"]))
     assert kept.n_rows == len(want)
+    _same_rows(_rows_of(kept), want)
+    _same_rows(kept.read(), want)
     both = DatasetSource(folder, filter="x > 0 and not rate == 0.5")
     assert both.n_rows == int(((df.x > 0) & (df.rate != 0.5)).sum())
     expr = DatasetSource(folder, filter=pads.field("z") < 0).n_rows
@@ -101,8 +118,8 @@ def test_a_fit_on_a_filtered_hive_folder_equals_the_in_memory_fit_of_those_rows(
     df, folder = hive
     text = "year >= 2020 and x > -2"
     source = DatasetSource(folder, filter=text)
-    rows = _rows_of(source)
-    assert len(rows) == int(((df.year >= 2020) & (df.x > -2)).sum())
+    rows = _expected(df, (df.year >= 2020) & (df.x > -2))  # from pandas, not the reader
+    _same_rows(_rows_of(source), rows)
     kw = {"categorical": ["region"]}
     a = _dc(**kw).fit(source, "grade")
     b = _in_memory(rows, **kw)
@@ -268,14 +285,18 @@ def test_pyarrow_and_fsspec_file_systems(hive, tmp_path):
     PyFileSystem(FSSpecHandler(...)): the same rows as the local folder."""
     fsspec = pytest.importorskip("fsspec")
     df, folder = hive
-    reference = _in_memory(_rows_of(DatasetSource(folder, filter="year >= 2020")), **CAT)
+    rows = _expected(df, df.year >= 2020)
+    reference = _in_memory(rows, **CAT)
     sub = pafs.SubTreeFileSystem(str(folder.parent), pafs.LocalFileSystem())
-    _fits_equal(DatasetSource("d", filesystem=sub, filter="year >= 2020"), reference, **CAT)
+    subtree = DatasetSource("d", filesystem=sub, filter="year >= 2020")
+    _same_rows(_rows_of(subtree), rows)
+    _fits_equal(subtree, reference, **CAT)
     memory = fsspec.filesystem("memory")
     _hive(df, "/fedgrain-test/d", fs=pafs.PyFileSystem(pafs.FSSpecHandler(memory)))
     try:
         source = DatasetSource("/fedgrain-test/d", filesystem=memory, filter="year >= 2020")
         assert "(on py::fsspec+" in source.shown
+        _same_rows(_rows_of(source), rows)
         _fits_equal(source, reference, **CAT)
     finally:
         memory.rm("/fedgrain-test", recursive=True)
@@ -321,14 +342,21 @@ def s3(hive):
 def test_an_s3_address_is_read_from_a_local_s3_server(hive, s3, monkeypatch):
     df, folder = hive
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
-    reference = _in_memory(_rows_of(DatasetSource(folder, filter="year >= 2020")), **CAT)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3)  # it comes first: one set outside must not
+    rows = _expected(df, df.year >= 2020)
+    reference = _in_memory(rows, **CAT)
     source = DatasetSource("s3://fedgrain-test/d/", filter="year >= 2020")
     assert source.files[0].startswith("s3://fedgrain-test/d/region=")
+    _same_rows(_rows_of(source), rows)
     _fits_equal(source, reference, **CAT)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the S3 one alone
+    assert DatasetSource("s3://fedgrain-test/d/", filter="year >= 2020").n_rows == len(rows)
+    keyed = DatasetSource("s3://testing:testing@fedgrain-test/d", filter="year >= 2020")
+    assert keyed.shown == "s3://***@fedgrain-test/d" and keyed.n_rows == len(rows)
     _fits_equal("s3://fedgrain-test/flat.csv", _in_memory(df.drop(columns=["region"])))
     back = read_table("s3://fedgrain-test/flat.csv", columns=["x", "grade"])
     np.testing.assert_allclose(back["x"], df["x"], rtol=0, atol=1e-15)
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     plain = DatasetSource("s3://fedgrain-test/d", storage_options={"endpoint_override": s3},
                           filter="year >= 2020")
     assert plain.n_rows == source.n_rows
@@ -340,7 +368,8 @@ def test_an_s3_address_is_read_from_a_local_s3_server(hive, s3, monkeypatch):
 def test_the_command_line_reads_folders_filters_and_s3(hive, s3, tmp_path, monkeypatch, capsys):
     df, folder = hive
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
-    rows = _rows_of(DatasetSource(folder, filter="year >= 2020"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3)
+    rows = _expected(df, df.year >= 2020)
     reference = _in_memory(rows, **CAT)
     for i, data in enumerate((str(folder), "s3://fedgrain-test/d")):
         code = main(["fit", data, "--target", "grade", "--filter", "year >= 2020",
@@ -365,3 +394,213 @@ def test_the_command_line_reads_folders_filters_and_s3(hive, s3, tmp_path, monke
                  "--filter", "yeer > 1"])
     err = capsys.readouterr().err
     assert code == 2 and "did you mean 'year'" in err and err.count("\n") == 1, err
+    keyed = "s3://testing:SECRETKEY@fedgrain-test/d"  # moto takes any secret
+    code = main(["evaluate", str(tmp_path / "m0"), keyed, "--target", "grade", "--filter",
+                 "year >= 2020", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "SECRETKEY" not in out + err, err
+    assert '"s3://***@fedgrain-test/d"' in out
+    code = main(["report", str(tmp_path / "m0"), "--data", keyed, "--target", "grade",
+                 "--filter", "year >= 2020", "--out", str(tmp_path / "r.html")])
+    out, err = capsys.readouterr()
+    assert code == 0 and "SECRETKEY" not in out + err, err
+    assert "SECRETKEY" not in (tmp_path / "r.html").read_text()
+    code = main(["fit", keyed + "?bogus=1", "--target", "grade", "--out", str(tmp_path / "m9")])
+    err = capsys.readouterr().err
+    assert code == 2 and "SECRETKEY" not in err and "***" in err, err
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def test_a_csv_column_whose_type_changes_late_reads_as_a_whole_read(tmp_path):
+    """pyarrow's streaming CSV reader fixes a column's type from the first block: an integer
+    column with 2.5 in its last row, text after numbers, a column empty at first. Read whole
+    (pyarrow.csv.read_csv, as before the reader) and streamed, the types agree and no read
+    fails."""
+    import pyarrow.csv as pa_csv
+
+    n = 120_000
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.integers(0, 100, n).astype(object), "b": rng.normal(size=n),
+                       "c": ["1"] * n, "d": [""] * n, "grade": rng.integers(0, 3, n)})
+    df.loc[n - 1, "a"], df.loc[n - 1, "c"], df.loc[n - 1, "d"] = 2.5, "x", "late"
+    folder = tmp_path / "f"
+    folder.mkdir()
+    path = folder / "late.csv"
+    df.to_csv(path, index=False)
+    old = pa_csv.read_csv(path).to_pandas()
+    whole = read_table(path)
+    pd.testing.assert_frame_equal(whole, old)
+    assert whole["a"].dtype == np.float64 and whole["a"].iloc[-1] == 2.5
+    assert whole["c"].iloc[-1] == "x" and whole["d"].iloc[-1] == "late"
+    streamed = _rows_of(DatasetSource(path, batch_rows=50_000))
+    pd.testing.assert_frame_equal(streamed, old)
+    late = "c == 'x' and d == 'late'"  # on columns typed as text by their last row only
+    assert read_table(path, filter=late)["a"].tolist() == [2.5]
+    assert _rows_of(DatasetSource(path, filter=late))["a"].tolist() == [2.5]
+    with pytest.raises(DataError, match="does not apply"):
+        DatasetSource(path, filter="b == 'x'").n_rows  # noqa: B018
+    with pytest.raises(DataError, match="does not apply"):
+        read_table(path, filter="b == 'x'")
+    fit = DatasetSource(folder, batch_rows=50_000, columns=["a", "b", "grade"], target="grade")
+    rows = _rows_of(fit)
+    assert fit.n_rows == n and rows["a"].iloc[-1] == 2.5 and rows["grade"].dtype == np.int64
+
+
+def _hive_values(tmp_path, name, values):
+    df = pd.DataFrame({"x": [1.0, 2.0], "y": [0, 1]})
+    root = tmp_path / name
+    for v in values:
+        (root / f"k={v}").mkdir(parents=True)
+        df.to_parquet(root / f"k={v}" / "p.parquet")
+    return root
+
+
+def test_partition_values_are_typed_strictly_and_null_folders_stay_null(tmp_path):
+    root = _hive_values(tmp_path, "num", ["2020", "2021", "__HIVE_DEFAULT_PARTITION__"])
+    k = read_table(root)["k"]
+    assert k.dtype == np.float64 and k.isna().sum() == 2  # numbers with missing values
+    assert sorted(k.dropna().tolist()) == [2020, 2020, 2021, 2021]
+    assert read_table(root, filter="k >= 2021")["k"].tolist() == [2021, 2021]
+    assert _rows_of(DatasetSource(root))["k"].isna().sum() == 2
+    for values in (["1_000", "2"], ["nan", "1"], ["inf", "1"], [" 1", "2"], ["+1", "2"]):
+        k = read_table(_hive_values(tmp_path, f"t{abs(hash(tuple(values)))}", values))["k"]
+        assert k.map(type).eq(str).all(), values  # pyarrow parses none of these as numbers
+    assert read_table(_hive_values(tmp_path, "zeros", ["007", "010"]))["k"].tolist() == \
+        [7, 7, 10, 10]
+    assert read_table(_hive_values(tmp_path, "f", ["1", "2.5e1"]))["k"].tolist() == \
+        [1.0, 1.0, 25.0, 25.0]
+    big = read_table(_hive_values(tmp_path, "big", ["99999999999999999999", "1"]))["k"]
+    assert big.dtype == np.float64  # beyond 64 bits: a decimal number
+
+
+def test_credentials_in_an_address_are_never_shown():
+    from fedgrain.data.dataset import redact
+
+    assert redact("s3://AKU:SECRETU@bucket/d?secret_key=SECRETQ&x=1") == "s3://***@bucket/d?***"
+    assert redact("/local/a?b.csv") == "/local/a?b.csv"
+    for address in ("s3://AKU:SECRETU@bucket/d?bogus=1",
+                    "s3://bucket/d?access_key=AKQ&secret_key=SECRETQ&bogus=1"):
+        with pytest.raises(DataError) as err:
+            DatasetSource(address)
+        assert "SECRET" not in str(err.value) and "***" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("text", [
+    "x == 99999999999999999999999", "x == 10**100", "x in [1, 'a']", "x == 1j",
+    "x == {1: 2}", "x == b'a'", "x in [[1], [2]]", "x == " + "[" * 5000 + "]" * 5000,
+    "x == None",
+])
+def test_filter_literals_of_no_arrow_type_are_clear_errors(hive, text):
+    _, folder = hive
+    with pytest.raises(DataError, match="filter"):
+        DatasetSource(folder, filter=text).n_rows  # noqa: B018
+
+
+def test_boolean_columns_and_null_tests_in_filters(tmp_path):
+    df = pd.DataFrame({"x": [1.0, np.nan, 3.0, 4.0], "b": [True, False, None, True],
+                       "grade": [0, 1, 2, 1]})
+    path = tmp_path / "f.parquet"
+    df.to_parquet(path)
+    assert read_table(path, filter="b")["x"].tolist() == [1.0, 4.0]
+    assert read_table(path, filter="not b")["x"].isna().tolist() == [True]  # null b: dropped
+    assert read_table(path, filter="is_null(x)")["grade"].tolist() == [1]
+    assert read_table(path, filter="is_not_null(x) and x != 3")["x"].tolist() == [1.0, 4.0]
+    assert read_table(path, filter="x != 3")["x"].tolist() == [1.0, 4.0]  # null x: dropped
+    with pytest.raises(DataError, match="does not apply"):
+        read_table(path, filter="grade")  # not a boolean column
+    with pytest.raises(DataError, match=r"is_null\(column\)"):
+        read_table(path, filter="x == None")
+
+
+@pytest.mark.parametrize("suffix, codec", [(".bz2", "bz2"), (".zstd", "zstd"), (".lz4", "lz4")])
+def test_compressed_csv_files_are_read_or_refused_never_skipped(tmp_path, suffix, codec):
+    if not pa.Codec.is_available(codec):
+        pytest.skip(f"pyarrow without {codec}")
+    df = pd.DataFrame({"x": [1.0, 2.0], "grade": [0, 1]})
+    folder = tmp_path / "f"
+    folder.mkdir()
+    df.to_csv(folder / "a.csv", index=False)
+    with pa.CompressedOutputStream(str(folder / f"b.csv{suffix}"), codec) as out:
+        out.write(df.to_csv(index=False).encode())
+    assert read_table(folder)["x"].tolist() == [1.0, 2.0, 1.0, 2.0]
+    assert DatasetSource(folder).n_rows == 4
+    (folder / "README.md").write_text("not data")  # not data: skipped
+    assert DatasetSource(folder).n_rows == 4
+    for name in ("c.csv.xz", "c.csv.zst", "c.csv.GZ"):  # pyarrow would read them as text
+        (folder / name).write_bytes(b"not read")
+        with pytest.raises(DataError, match=rf"{name}.*not a supported one.*Decompress"):
+            DatasetSource(folder)
+        (folder / name).unlink()
+
+
+def test_counting_filtered_rows_holds_a_batch_not_a_row_group(tmp_path):
+    rng = np.random.default_rng(6)
+    n = 400_000
+    df = pd.DataFrame(rng.normal(size=(n, 4)), columns=list("abcd"))
+    path = tmp_path / "big.parquet"
+    df.to_parquet(path, row_group_size=n)
+    with _measured() as pool:
+        count = DatasetSource(path, 10_000, filter="a > 0 and d < 1").n_rows
+    assert count == int(((df.a > 0) & (df.d < 1)).sum())
+    assert pool.max_memory() < n * 8, pool.max_memory()  # not the two columns whole
+
+
+def test_small_messages(tmp_path):
+    from fedgrain.data.dataset import error_reason
+
+    df = pd.DataFrame({"x": [1.0, 2.0], "y": [0, 1]})
+    path = tmp_path / "a.parquet"
+    df.to_parquet(path)
+    with pytest.raises(DataError, match=r"columns=\[\] reads no column"):
+        DatasetSource(path, columns=[])
+    root = _hive_values(tmp_path, "uneven", ["1"])
+    df.to_parquet(root / "top.parquet")
+    with pytest.raises(DataError, match="top.parquet' sits under no key=value folder"):
+        DatasetSource(root)
+    long = "could not connect " + "word " * 50 + "to http://127.0.0.1:9000 now"
+    reason = error_reason(ValueError(long))
+    assert reason.endswith("word ...") and len(reason) <= 204
+
+
+def test_lazy_predictions_of_nominal_and_mixed_models():
+    dd = pytest.importorskip("dask.dataframe")
+    import dask
+
+    from fedgrain import AdaptiveFederatedOrdinal, MixedOrdinalRegression
+
+    rng = np.random.default_rng(0)
+    n = 1_500
+    df = pd.DataFrame({"x": rng.normal(size=n), "z": rng.normal(size=n)})
+    g = rng.choice(["a", "b", "c", "d"], n)
+    y = np.digitize(df.x - df.z + rng.logistic(size=n), [-0.5, 1])
+    with dask.config.set(scheduler="synchronous"):
+        nominal = OrdinalRegression(nominal=["z"]).fit(df, y)
+        lazy = nominal.predict_cumulative_proba(dd.from_pandas(df, npartitions=3))
+        np.testing.assert_array_equal(lazy.compute(), nominal.predict_cumulative_proba(df))
+        mixed = MixedOrdinalRegression(random="intercept").fit(df, y, groups=g)
+        both = df.assign(g=g)
+        lazy_frame = dd.from_pandas(both, npartitions=3)
+        for name in ("predict_proba", "predict_linear", "predict_cumulative_proba", "predict"):
+            np.testing.assert_array_equal(getattr(mixed, name)(lazy_frame, groups="g").compute(),
+                                          getattr(mixed, name)(both, groups="g"))
+            np.testing.assert_array_equal(
+                getattr(mixed, name)(dd.from_pandas(df, npartitions=2)).compute(),
+                getattr(mixed, name)(df))
+        site = df.assign(site=np.where(df.x > 0, "s1", "s2"))
+        adaptive = AdaptiveFederatedOrdinal(backend="serial", random_state=0).fit(
+            site, y, groups="site")
+        lazy_unseen = adaptive.unseen(dd.from_pandas(site, npartitions=3), groups="site")
+        np.testing.assert_array_equal(lazy_unseen.compute(),
+                                      adaptive.unseen(site, groups="site"))
+
+
+def test_report_filter_without_data_is_an_error(tmp_path, capsys):
+    df = _frame(800)
+    model = OrdinalRegression(categorical=["region"]).fit(df.drop(columns="grade"), df["grade"])
+    model.save(tmp_path / "m")
+    code = main(["report", str(tmp_path / "m"), "--filter", "x > 0",
+                 "--out", str(tmp_path / "r.html")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--filter applies with --data" in err and err.count("\n") == 1, err

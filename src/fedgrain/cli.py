@@ -334,7 +334,7 @@ def _label_columns(args, frame: pd.DataFrame, pop: bool) -> dict:
     for option in ("groups", "cov_groups"):
         col = getattr(args, option, None)
         if col:
-            name = _columns(frame, [col], f"--{option.replace('_', '-')}", args.data)[0]
+            name = _columns(frame, [col], f"--{option.replace('_', '-')}", _shown(args))[0]
             out[option] = (frame.pop(name) if pop else frame[name]).to_numpy()
     return out
 
@@ -371,11 +371,11 @@ def _fit_formula(args, out: Path) -> int:
     if given:
         raise DataError(f"{', '.join(given)} do not combine with --formula: the formula names "
                         "the features (C(x) for a categorical one).")
-    _log(args, f"reading {args.data} ...")
+    _log(args, f"reading {_shown(args)} ...")
     frame = _read(args)
     weights = None
     if args.weights:
-        weights = frame[_columns(frame, [args.weights], "--weights", args.data)[0]].to_numpy()
+        weights = frame[_columns(frame, [args.weights], "--weights", _shown(args))[0]].to_numpy()
     fit_kw = _label_columns(args, frame, pop=False)
     y = frame[target] if target in frame.columns else None
     levels = _typed_levels(_csv_list(args.levels), y) if y is not None else None
@@ -399,18 +399,17 @@ def _parquet_source(args):
     from .data import DatasetSource, split_target
 
     source = DatasetSource(args.data, filter=args.filter, target=args.target)
+    if args.target not in source.columns:
+        split_target(pd.DataFrame(columns=source.columns), args.target)  # the message
     keep = [c for c in source.columns if c != args.target]
     if args.drop:
         keep = [c for c in keep if c not in _columns(
-            pd.DataFrame(columns=keep), _csv_list(args.drop), "--drop", args.data)]
+            pd.DataFrame(columns=keep), _csv_list(args.drop), "--drop", _shown(args))]
     if args.features:
         keep = _columns(pd.DataFrame(columns=keep), _csv_list(args.features), "--features",
-                        args.data)
-    if args.target not in source.columns:
-        split_target(pd.DataFrame(columns=source.columns), args.target)  # the message
-    source = DatasetSource(args.data, columns=[*keep, args.target], filter=args.filter,
-                           target=args.target)
-    _log(args, f"streaming {args.data} ({source.n_rows:,} rows) ...")
+                        _shown(args))
+    source.columns = [*keep, args.target]  # the files are listed and checked once
+    _log(args, f"streaming {_shown(args)} ({source.n_rows:,} rows) ...")
     first = next(source.frames([args.target]))[1]
     return source, first[args.target], (source.n_rows, len(keep))
 
@@ -419,16 +418,16 @@ def _read_frame(args):
     """The data read whole: features, target and ``--weights`` (or None)."""
     from .data import split_target
 
-    _log(args, f"reading {args.data} ...")
+    _log(args, f"reading {_shown(args)} ...")
     frame = _read(args)
     X, y = split_target(frame, args.target)
     weights = None
     if args.weights:
-        weights = X.pop(_columns(X, [args.weights], "--weights", args.data)[0]).to_numpy()
+        weights = X.pop(_columns(X, [args.weights], "--weights", _shown(args))[0]).to_numpy()
     if args.drop:
-        X = X.drop(columns=_columns(X, _csv_list(args.drop), "--drop", args.data))
+        X = X.drop(columns=_columns(X, _csv_list(args.drop), "--drop", _shown(args)))
     if args.features:
-        X = X.loc[:, _columns(X, _csv_list(args.features), "--features", args.data)]
+        X = X.loc[:, _columns(X, _csv_list(args.features), "--features", _shown(args))]
     return X, y, weights
 
 
@@ -498,6 +497,14 @@ def _print_fit(args, model) -> None:
         print(f"event: round {e['round']}, leaf {e['leaf']}: {e['kind']} ({e['error']})")
 
 
+def _shown(args) -> str:
+    """``--data`` as messages, ``--json`` output and reports show it: the credentials an
+    address may hold (``s3://KEY:SECRET@...``, ``?secret_key=...``) hidden."""
+    from .data.dataset import redact
+
+    return redact(str(args.data))
+
+
 def _columns(X: pd.DataFrame, names: list[str], option: str, source: str) -> list[str]:
     """Check that the columns an option names exist (the target is not among them)."""
     missing = [n for n in names if n not in X.columns]
@@ -514,7 +521,7 @@ def _group_labels(model, frame: pd.DataFrame, args):
     if getattr(model, "groups_", None) is None:
         raise DataError(f"--groups: the model in {args.model} was fitted without groups.")
     if args.groups not in frame.columns:
-        raise DataError(f"--groups {args.groups}: no such column in {args.data}; the columns "
+        raise DataError(f"--groups {args.groups}: no such column in {_shown(args)}; the columns "
                         f"are {list(frame.columns)}.")
     return {"groups": frame[args.groups].to_numpy()}
 
@@ -528,7 +535,7 @@ def _cmd_predict(args) -> int:
     check_table_path(Path(args.out))
     model = load(args.model)
     frame = _read(args)
-    X = _features_for(model, frame, args.data)
+    X = _features_for(model, frame, _shown(args))
     proba = model.predict_proba(X, order="levels", **_group_labels(model, frame, args))
     classes = list(model.target_.classes)
     out = pd.DataFrame({"predicted": [classes[i] for i in np.argmax(proba, axis=1)]})
@@ -536,7 +543,7 @@ def _cmd_predict(args) -> int:
         out[f"proba_{c}"] = proba[:, k]
     for i, col in enumerate(_csv_list(args.keep) or []):
         if col not in frame.columns:
-            raise DataError(f"--keep {col}: no such column in {args.data}.")
+            raise DataError(f"--keep {col}: no such column in {_shown(args)}.")
         out.insert(i, col, frame[col].to_numpy())
     _write_table_atomic(out, Path(args.out))
     print(f"Wrote {len(out):,} predictions to {args.out}")
@@ -555,12 +562,12 @@ def _cmd_evaluate(args) -> int:
     X, y = split_target(frame, args.target)
     codes = model.target_.encode(y, what=f"column '{args.target}'")
     by_group = _group_labels(model, frame, args)
-    proba = model.predict_proba(_features_for(model, X, args.data), order="levels", **by_group)
+    proba = model.predict_proba(_features_for(model, X, _shown(args)), order="levels", **by_group)
     scores = ordinal_scores(codes, proba)
     base = baseline_scores(codes, len(model.levels_))
     table = None
     if hasattr(model, "partition_"):  # adaptive: the same scores leaf by leaf
-        leaf = model.apply(_features_for(model, X, args.data), **by_group)
+        leaf = model.apply(_features_for(model, X, _shown(args)), **by_group)
         rows = []
         for nid in model.leaf_ids_.tolist():
             m = leaf == nid
@@ -573,7 +580,7 @@ def _cmd_evaluate(args) -> int:
     if args.json:
         import json
 
-        doc = {"model": str(args.model), "data": str(args.data), "scores": scores,
+        doc = {"model": str(args.model), "data": _shown(args), "scores": scores,
                "baseline": base, "skill": skill_scores(scores, base),
                "per_leaf": None if table is None else table.to_dict(orient="records")}
         print(json.dumps(doc, indent=2))
@@ -610,12 +617,12 @@ def _cmd_report(args) -> int:
             X, y = split_target(frame, args.target)
         else:
             X = frame
-        X = _features_for(model, X, args.data)
-    elif args.target or args.groups:
-        raise DataError(f"{'--target' if args.target else '--groups'} applies with --data "
-                        "(labelled rows to score the leaves on).")
+        X = _features_for(model, X, _shown(args))
+    elif args.target or args.groups or getattr(args, "filter", None):
+        option = "--target" if args.target else "--groups" if args.groups else "--filter"
+        raise DataError(f"{option} applies with --data (labelled rows to score the leaves on).")
     _log(args, f"writing the report of {args.model} ...")
-    path = model.report(args.out, X, y, alpha=args.ci_alpha, source=args.data, **by_group)
+    path = model.report(args.out, X, y, alpha=args.ci_alpha, source=_shown(args), **by_group)
     print(f"Report written to {path}")
     return 0
 
@@ -922,9 +929,10 @@ def _add_data(p: argparse.ArgumentParser, what: str) -> None:
 
 def _add_filter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", metavar="EXPR",
-                   help="read only the rows where EXPR holds: comparisons joined by and, or, "
-                        "not: \"year >= 2020 and region in ['north', 'south']\" (on partition "
-                        "columns, whole files are skipped)")
+                   help="read only the rows where EXPR holds: comparisons, boolean columns, "
+                        "is_null(col), joined by and, or, not: \"year >= 2020 and region in "
+                        "['north', 'south']\" (rows where a compared value is missing are "
+                        "dropped; on partition columns, whole files are skipped)")
 
 
 def _add_ci_alpha(p: argparse.ArgumentParser) -> None:

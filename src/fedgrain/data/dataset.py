@@ -16,6 +16,7 @@ import os
 import re
 from functools import cached_property
 from typing import Any
+from urllib.parse import unquote
 
 import pandas as pd
 import pyarrow as pa
@@ -29,14 +30,22 @@ from fedgrain.exceptions import DataError, DataTypeError
 
 from ._common import did_you_mean, quote
 
-__all__ = ["BATCH_ROWS", "DatasetSource", "is_uri", "parse_filter"]
+__all__ = ["BATCH_ROWS", "DatasetSource", "is_uri", "parse_filter", "redact"]
 
 #: Rows read at a time (about 10 MB for 20 float columns).
 BATCH_ROWS = 65_536
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": None}
 PARQUET_SUFFIXES = (".parquet", ".pq")
-SUPPORTED = ".csv, .tsv, .txt (each also gzipped, e.g. .csv.gz), .parquet, .pq"
+SUPPORTED = (".csv, .tsv, .txt (each also compressed: .gz, .bz2, .lz4, .zstd, e.g. .csv.gz), "
+             ".parquet, .pq")
+
+#: The compressions of CSV files read: those pyarrow's datasets detect by the extension
+#: (lower case; not ``.zst``, which they read as plain text).
+_CODECS = {".gz": "gzip", ".bz2": "bz2", ".lz4": "lz4", ".zstd": "zstd"}
+#: Other compressed or archive extensions: a data file in such a folder is refused, not skipped.
+_UNREAD = (".br", ".xz", ".lzma", ".zip", ".7z", ".z", ".snappy", ".tar", ".tgz", ".rar",
+           ".zst", ".lzo")
 
 #: pyarrow's file systems by URI scheme, for ``storage_options``.
 _FILESYSTEMS = {"s3": "S3FileSystem", "gs": "GcsFileSystem", "gcs": "GcsFileSystem",
@@ -48,8 +57,23 @@ def error_reason(exc: Exception) -> str:
     # pyarrow's prefixes name the file again (messages name it already) or say nothing
     text = re.sub(r"^(Error creating dataset\.\s*)?(Could not open \w+ input source "
                   r"'[^']*': )?(Invalid: )?", "", str(exc).strip())
-    first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
-    return first[:200].rstrip(".")
+    first = (text.splitlines()[0].split(". ")[0] if text else type(exc).__name__).rstrip(".")
+    if len(first) > 200:  # at a word boundary: an address or a port is never cut in two
+        cut = first[:200].rsplit(" ", 1)[0]
+        first = (cut if cut.strip() else first[:200]) + " ..."
+    return redact(first)
+
+
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s'\"@?#]*@")
+_QUERY = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"?#]*)\?[^\s'\"#]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of any address in it hidden, as messages, reports and
+    ``--json`` output show it: ``s3://KEY:SECRET@bucket/d?secret_key=...`` becomes
+    ``s3://***@bucket/d?***`` (the user part and the query string may hold keys)."""
+    text = _USERINFO.sub(r"\1***@", str(text))
+    return _QUERY.sub(r"\1?***", text)
 
 
 def is_uri(path: Any) -> bool:
@@ -58,17 +82,35 @@ def is_uri(path: Any) -> bool:
     return isinstance(text, str) and "://" in text and not text.startswith("file://")
 
 
+def _suffix(name: str) -> str:
+    return "." + name.rsplit(".", 1)[-1] if "." in name else ""
+
+
 def file_format(name: str, shown: str) -> tuple[str, str | None]:
     """``("CSV", delimiter)`` (None: sniffed) or ``("Parquet", None)`` from a file's name."""
-    name = name.rsplit("/", 1)[-1].lower()
-    gzipped = name.endswith(".gz")
-    stem = name[:-3] if gzipped else name
-    suffix = "." + stem.rsplit(".", 1)[-1] if "." in stem else ""
+    name = name.rsplit("/", 1)[-1]
+    codec = _CODECS.get(_suffix(name))  # as pyarrow detects it: in lower case
+    name = name.lower()
+    stem = name[:-len(_suffix(name))] if codec else name
+    suffix = _suffix(stem)
     if suffix in CSV_SUFFIXES:
+        if codec and not pa.Codec.is_available(codec):
+            raise DataError(f"Cannot read '{shown}': this pyarrow was built without {codec}; "
+                            "decompress the file or install a pyarrow that reads it.")
         return "CSV", CSV_SUFFIXES[suffix]
-    if suffix in PARQUET_SUFFIXES and not gzipped:
+    if suffix in PARQUET_SUFFIXES and not codec:
         return "Parquet", None
     raise DataError(f"Cannot read '{shown}': its extension is not a supported one ({SUPPORTED}).")
+
+
+def _compressed_data(name: str) -> bool:
+    """Whether a file's name is a data file's name compressed in a way fedgrain does not read
+    (``a.csv.xz``, ``b.parquet.gz``): in a folder it is refused, not skipped."""
+    name = name.rsplit("/", 1)[-1].lower()
+    suffix = _suffix(name)
+    stem = _suffix(name[:-len(suffix)]) if suffix else ""
+    return (suffix in _UNREAD or suffix in _CODECS) and \
+        (stem in CSV_SUFFIXES or stem in PARQUET_SUFFIXES)
 
 
 # ----------------------------------------------------------------------------- locations
@@ -112,8 +154,9 @@ def resolve_location(path: Any, filesystem: Any = None,
     text = os.fspath(path)
     if filesystem is not None:
         if is_uri(text):
-            raise DataError(f"'{text}' is an address, and filesystem= is given too: pass the "
-                            "path on that file system (bucket/key), without the scheme.")
+            raise DataError(f"'{redact(text)}' is an address, and filesystem= is given too: "
+                            "pass the path on that file system (bucket/key), without the "
+                            "scheme.")
         fs = _filesystem_of(filesystem)
         return fs, text.rstrip("/") or text, f"{text} (on {fs.type_name})"
     if not is_uri(text):
@@ -121,31 +164,38 @@ def resolve_location(path: Any, filesystem: Any = None,
             text = text[len("file://"):]
         shown = os.path.abspath(text)
         return pafs.LocalFileSystem(), shown, shown
+    shown = redact(text)
     scheme, rest = text.split("://", 1)
     scheme = scheme.lower()
     options = dict(storage_options or {})
     if scheme in ("s3", "s3a") and "?" not in rest:
         options = _s3_defaults(options)
+        user, at, after = rest.partition("@")
+        if options and at and "/" not in user:  # s3://KEY:SECRET@bucket/...: the keys
+            key, _, secret = user.partition(":")
+            options.setdefault("access_key", unquote(key))
+            options.setdefault("secret_key", unquote(secret))
+            rest = after
     try:
         if options:
             if "?" in rest:
-                raise DataError(f"'{text}' has settings in its query string and "
+                raise DataError(f"'{shown}' has settings in its query string and "
                                 "storage_options are given too; give them in one place.")
             kind = _FILESYSTEMS.get("s3" if scheme == "s3a" else scheme)
             if kind is None:
                 raise DataError(f"storage_options apply to {', '.join(sorted(_FILESYSTEMS))}:// "
                                 f"addresses, not {scheme}://; pass filesystem= instead.")
             fs = getattr(pafs, kind)(**options)
-            return fs, rest.rstrip("/"), text
+            return fs, rest.rstrip("/"), shown
         fs, inner = pafs.FileSystem.from_uri(text)
     except (pa.ArrowException, ValueError, OSError, TypeError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(
-            f"Cannot open '{text}': {error_reason(exc)}. fedgrain reads local paths and the "
+            f"Cannot open '{shown}': {error_reason(exc)}. fedgrain reads local paths and the "
             "addresses pyarrow knows (s3://, gs://, hdfs://, abfs://); for another, pass "
             "filesystem= (a pyarrow or fsspec file system) and the path on it.") from None
-    return fs, inner, text.split("?", 1)[0]
+    return fs, inner, redact(text.split("?", 1)[0])
 
 
 # ----------------------------------------------------------------------------- filters
@@ -154,13 +204,37 @@ _COMPARE = {ast.Eq: "__eq__", ast.NotEq: "__ne__", ast.Lt: "__lt__", ast.LtE: "_
             ast.Gt: "__gt__", ast.GtE: "__ge__"}
 
 
+#: What converting a filter's literal may raise (too deep, too large, of no Arrow type).
+_LITERAL_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, MemoryError,
+                   pa.ArrowException)
+
+
+def _bad_literal(text: str) -> DataError:
+    return DataError(f"filter {text!r}: compare columns with numbers (within 64 bits), 'quoted' "
+                     "text, True, False or [lists] of values of one kind.")
+
+
 def _literal(node: ast.AST, text: str):
     try:
         value = ast.literal_eval(node)
-    except ValueError:
-        raise DataError(f"filter {text!r}: compare columns with numbers, 'quoted' text, True, "
-                        "False or [lists] of them.") from None
+    except _LITERAL_ERRORS:
+        raise _bad_literal(text) from None
+    kinds = (bool, int, float, str)
+    values = value if isinstance(value, (list, tuple, set)) else [value]
+    if any(v is None for v in values):
+        raise DataError(f"filter {text!r}: None is no value to compare with (a comparison with a "
+                        "missing value holds nowhere); test for missing values with "
+                        "is_null(column) or is_not_null(column).")
+    if not all(isinstance(v, kinds) for v in values):
+        raise _bad_literal(text)
     return value
+
+
+def _scalar(value, text: str) -> pc.Expression:
+    try:
+        return pc.scalar(value)
+    except _LITERAL_ERRORS:
+        raise _bad_literal(text) from None
 
 
 def _operand(node: ast.AST, text: str):
@@ -169,10 +243,19 @@ def _operand(node: ast.AST, text: str):
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
             node.func.id == "field" and len(node.args) == 1 and not node.keywords:
         return pc.field(_literal(node.args[0], text))  # field('a name with spaces')
-    return pc.scalar(_literal(node, text))
+    return _scalar(_literal(node, text), text)
 
 
 def _expression(node: ast.AST, text: str) -> pc.Expression:
+    if isinstance(node, ast.Name):  # a boolean column, bare: "flagged", "not flagged"
+        return pc.field(node.id)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+            node.func.id in ("is_null", "is_not_null") and len(node.args) == 1 and \
+            not node.keywords and isinstance(node.args[0], (ast.Name, ast.Call)):
+        column = _operand(node.args[0], text)
+        if not isinstance(column, pc.Expression) or column.equals(pc.scalar(None)):
+            raise _bad_literal(text)
+        return column.is_null() if node.func.id == "is_null" else column.is_valid()
     if isinstance(node, ast.BoolOp):
         parts = [_expression(v, text) for v in node.values]
         out = parts[0]
@@ -189,7 +272,10 @@ def _expression(node: ast.AST, text: str) -> pc.Expression:
                 values = _literal(right, text)
                 if not isinstance(values, (list, tuple, set)):
                     raise DataError(f"filter {text!r}: 'in' takes a [list] of values.")
-                term = _operand(left, text).isin(list(values))
+                try:
+                    term = _operand(left, text).isin(pa.array(list(values)))
+                except _LITERAL_ERRORS:
+                    raise _bad_literal(text) from None
                 term = ~term if isinstance(op, ast.NotIn) else term
             elif type(op) in _COMPARE:
                 term = getattr(_operand(left, text), _COMPARE[type(op)])(_operand(right, text))
@@ -198,8 +284,9 @@ def _expression(node: ast.AST, text: str) -> pc.Expression:
             out = term if out is None else out & term
             left = right
         return out
-    raise DataError(f"filter {text!r}: write comparisons of columns with values joined by "
-                    "and, or, not (e.g. \"year >= 2020 and region in ['north', 'south']\").")
+    raise DataError(f"filter {text!r}: write comparisons of columns with values, boolean "
+                    "columns, is_null(column) or is_not_null(column), joined by and, or, not "
+                    "(e.g. \"year >= 2020 and region in ['north', 'south']\").")
 
 
 def parse_filter(filter: Any) -> pc.Expression | None:
@@ -224,10 +311,62 @@ def parse_filter(filter: Any) -> pc.Expression | None:
                             f"op, value) tuples, not {type(filter).__name__}.")
     try:
         tree = ast.parse(filter.strip(), mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise DataError(f"filter {filter!r} is not an expression; write e.g. \"year >= 2020 "
                         "and region == 'north'\".") from None
-    return _expression(tree.body, filter)
+    try:
+        return _expression(tree.body, filter)
+    except RecursionError:
+        raise DataError(f"filter {filter!r} is nested too deeply.") from None
+
+
+# ----------------------------------------------------------------------------- partitions
+
+# Partition values as pyarrow parses them (no ``1_000``, ``nan``, ``inf``, spaces, ``+``).
+_INT = re.compile(r"-?[0-9]+")
+_FLOAT = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+def _partition_type(values: list) -> pa.DataType:
+    """A partition column's type: int64 when every value (null folders,
+    ``__HIVE_DEFAULT_PARTITION__``, left out) is a whole number within 64 bits, float64 when
+    every one is a decimal number, else text. Numbers lose leading zeros (``zip=007`` reads
+    as 7): name such folders with a letter to keep them text."""
+    given = [str(v) for v in values if v is not None]
+    if not given:
+        return pa.string()
+    if all(_INT.fullmatch(v) for v in given) and \
+            all(-(2 ** 63) <= int(v) < 2 ** 63 for v in given):
+        return pa.int64()
+    if all(_FLOAT.fullmatch(v) for v in given):
+        return pa.float64()
+    return pa.string()
+
+
+# ----------------------------------------------------------------------------- CSV types
+
+#: The types a CSV column widens through as later values need (pyarrow's inference order).
+_WIDER = (pa.null(), pa.int64(), pa.float64(), pa.string())
+
+
+def _widen(column: pa.Array, kind: pa.DataType) -> pa.DataType:
+    """The narrowest type from ``kind`` on that reads every value of ``column`` (text)."""
+    if kind in _WIDER:
+        ladder = _WIDER[_WIDER.index(kind):]
+    else:  # booleans, dates, times: as they are, or text
+        ladder = (kind, pa.string())
+    for candidate in ladder:
+        if candidate == pa.null():
+            continue
+        if candidate == pa.string() or pa.types.is_string(candidate) or \
+                pa.types.is_large_string(candidate) or pa.types.is_binary(candidate):
+            return candidate
+        try:
+            pc.cast(column, candidate)
+        except (pa.ArrowException, ValueError, TypeError):
+            continue
+        return candidate
+    return pa.string()
 
 
 # ----------------------------------------------------------------------------- the source
@@ -239,7 +378,9 @@ class DatasetSource:
     A file, a folder of files (searched recursively, read in name order; names starting with
     ``.`` or ``_`` are skipped) or a Hive-partitioned folder (``region=north/year=2020/...``:
     each ``key=value`` folder becomes a column, typed int, float or text by what all its values
-    parse as), on this machine or at an address such as ``s3://bucket/path``. The files must
+    parse as: strictly, as pyarrow writes numbers, so ``1_000`` or ``nan`` is text; a
+    ``__HIVE_DEFAULT_PARTITION__`` folder is a missing value; numbers lose leading zeros),
+    on this machine or at an address such as ``s3://bucket/path``. The files must
     hold one table: the same columns, with types that unify (an integer column in one file and
     a float column in another are read as floats).
 
@@ -265,9 +406,9 @@ class DatasetSource:
         (``{"endpoint_override": "http://127.0.0.1:9000", "access_key": ...}`` for S3).
     target : str, optional
         The target column, given when the rows are streamed for a fit (the estimators give
-        it). Then CSV columns of whole numbers other than it are read as floats: a ``2.5``
-        deep in a file would otherwise fail, since pyarrow fixes a CSV column's type from its
-        first rows. The target's integer labels stay integers.
+        it). Then CSV columns of whole numbers other than it are read as floats; the target's
+        integer labels stay integers. (Every CSV column is typed by all its values, as
+        ``pyarrow.csv.read_csv`` types it, streamed or not: see :meth:`read`, :meth:`frames`.)
 
     Examples
     --------
@@ -307,6 +448,7 @@ class DatasetSource:
         base = self._open(paths, fmt, partitioning, folder, None)
         self._partition_order = base.partitioning.schema.names if folder else []
         schema, parts = self._schema(base)
+        self._paths, self._folder, self._parts = paths, folder, parts
         self._dataset = self._open(paths, fmt, ds.partitioning(parts, flavor="hive")
                                    if len(parts) else None, folder,
                                    pa.schema([*schema, *parts]))
@@ -318,14 +460,21 @@ class DatasetSource:
             wanted = list(dict.fromkeys([columns] if isinstance(columns, str) else columns))
             if not all(isinstance(c, str) for c in wanted):
                 raise DataTypeError(f"columns must be a list of column names; got {columns!r}.")
+            if not wanted:
+                raise DataError(f"columns=[] reads no column of '{self.shown}'; name at least "
+                                "one, or leave columns out to read them all.")
             missing = [c for c in wanted if c not in names]
             if missing:
                 raise DataError(f"'{self.shown}' has no column(s) {quote(missing)}; "
                                 f"{did_you_mean(missing[0], names)}")
             names = wanted
         self.columns: list[str] = names
-        self._fragments = list(self._dataset.get_fragments(filter=self.filter)
-                               if self.filter is not None else self._dataset.get_fragments())
+        try:
+            self._fragments = list(self._dataset.get_fragments(filter=self.filter)
+                                   if self.filter is not None else
+                                   self._dataset.get_fragments())
+        except (pa.ArrowException, TypeError):  # CSV typed by their first rows: every file
+            self._fragments = list(self._dataset.get_fragments())
         self.files = [self._shown_file(f.path) for f in self._fragments]
 
     # ---- finding and checking the files -----------------------------------------------------
@@ -355,8 +504,11 @@ class DatasetSource:
         data = []
         for f in found:
             try:
-                file_format(f.path, f.path)
-            except DataError:
+                file_format(f.path, self._shown_file(f.path))
+            except DataError as exc:
+                if _compressed_data(f.path):
+                    raise DataError(f"{exc} Decompress it, or move it out of the folder "
+                                    f"'{self.shown}'.") from None
                 continue
             if f.size == 0:
                 raise DataError(f"The file '{self._shown_file(f.path)}' is empty.")
@@ -383,12 +535,13 @@ class DatasetSource:
             return kind, ds.ParquetFileFormat(default_fragment_scan_options=options)
         if delimiter is None:
             delimiter = self._sniff(paths[0])
-        return kind, ds.CsvFileFormat(parse_options=pa_csv.ParseOptions(delimiter=delimiter))
+        self._parse_options = pa_csv.ParseOptions(delimiter=delimiter)
+        return kind, ds.CsvFileFormat(parse_options=self._parse_options)
 
     def _sniff(self, path: str) -> str:
         """A ``.txt`` file's delimiter: a tab when its first line holds one, else a comma."""
         try:
-            with self.filesystem.open_input_stream(path, compression="detect") as stream:
+            with self._csv_stream(path) as stream:
                 head = stream.read(65536).decode("utf-8", errors="replace")
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"Could not read '{self._shown_file(path)}' as CSV: "
@@ -440,10 +593,7 @@ class DatasetSource:
         if unified is None:
             self._type_clash(schemas)
         unified = pa.schema([unified.field(n) for n in names]).remove_metadata()
-        if self.format == "CSV" and self.target is not None:  # streamed: see ``target``
-            unified = pa.schema([f.with_type(pa.float64()) if pa.types.is_integer(f.type)
-                                 and f.name != self.target else f for f in unified])
-        return unified, self._partition_schema(keys, names)
+        return self._target_floats(unified), self._partition_schema(keys, names)
 
     def _type_clash(self, schemas) -> None:
         first_shown, first = schemas[0]
@@ -471,57 +621,161 @@ class DatasetSource:
         if clash:
             raise DataError(f"The partition folder name {clash[0]!r} in '{self.shown}' is also "
                             "a column of its files; rename one of them.")
-        fields = []
-        for k in order:
-            values = [str(v[k]) for _, v in keys]
-            for kind, cast in ((pa.int64(), int), (pa.float64(), float), (pa.string(), str)):
-                try:
-                    [cast(v) for v in values]
-                except ValueError:
-                    continue
-                fields.append(pa.field(k, kind))
-                break
-        return pa.schema(fields)
+        return pa.schema([pa.field(k, _partition_type([v[k] for _, v in keys])) for k in order])
 
     def _unlike(self, keys) -> DataError:
         first, k0 = keys[0]
         shown, k = next((s, k) for s, k in keys if sorted(k) != sorted(k0))
-        return DataError(f"The files of '{self.shown}' are not partitioned alike: '{shown}' "
-                         f"sits under {quote(list(k))}, '{first}' under {quote(list(k0))}.")
+        def under(k):
+            return f"under {quote(list(k))}" if k else "under no key=value folder"
 
-    def _check_filter(self, names: list[str]) -> None:
+        return DataError(f"The files of '{self.shown}' are not partitioned alike: '{shown}' "
+                         f"sits {under(k)}, '{first}' {under(k0)}.")
+
+    def _check_filter(self, names: list[str], schema: pa.Schema | None = None) -> None:
+        """The filter's columns exist and its comparisons fit their types (for CSV files, the
+        types of whole files, known once they are typed: ``schema``)."""
         if self.filter is None:
             return
         try:
-            self._dataset.scanner(filter=self.filter, columns=[])
-        except (pa.ArrowException, TypeError) as exc:
+            if schema is None:
+                self._dataset.scanner(filter=self.filter, columns=[])
+            (self._dataset.schema if schema is None else schema).empty_table().filter(
+                self.filter)  # a bool, of these types
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
             absent = re.search(r"FieldRef\.Name\((.*?)\) in", str(exc))
             if absent:
                 raise DataError(
                     f"The filter {self.filter} names {absent.group(1)!r}, which is not a "
                     f"column of '{self.shown}'; {did_you_mean(absent.group(1), names)}") from None
+            if self.format == "CSV" and schema is None:
+                return  # typed by the first rows only: checked on the files' whole types
             raise DataError(f"The filter {self.filter} does not apply to '{self.shown}': "
                             f"{error_reason(exc)}; compare numbers with numbers and text with "
                             "'quoted' text.") from None
 
     # ---- reading ------------------------------------------------------------------------------
-    def _scanner(self, frag, columns: list[str]) -> ds.Scanner:
+    def _scanner(self, frag, columns: list[str], schema: pa.Schema | None = None) -> ds.Scanner:
         return ds.Scanner.from_fragment(
-            frag, schema=self._dataset.schema, columns=list(columns), filter=self.filter,
-            batch_size=self.batch_rows, batch_readahead=1, use_threads=True)
+            frag, schema=self._dataset.schema if schema is None else schema,
+            columns=list(columns), filter=self.filter, batch_size=self.batch_rows,
+            batch_readahead=1, use_threads=True)
 
     def _failed(self, frag, exc: Exception) -> DataError:
         return DataError(f"Could not read '{self._shown_file(frag.path)}' as {self.format}: "
                          f"{error_reason(exc)}.")
 
+    def _filter_columns(self) -> list[str]:
+        """The columns the filter names (a superset is harmless: they are read, then dropped)."""
+        if self.filter is None:
+            return []
+        text = str(self.filter)
+        return [n for n in self._dataset.schema.names if n in text]
+
+    # ---- CSV: the types of whole files ----------------------------------------------------------
+    def _csv_stream(self, path: str):
+        return self.filesystem.open_input_stream(path, compression=_CODECS.get(_suffix(
+            path.rsplit("/", 1)[-1])))
+
+    def _csv_types(self, frag) -> pa.Schema:
+        """A CSV file's column types as ``pyarrow.csv.read_csv`` gives them for the whole file,
+        found in one pass that holds a block at a time: pyarrow's streaming reader fixes a
+        column's type from the file's first block, so a ``2.5`` or a word deep in a column of
+        whole numbers would fail to read. The file is read as text and each column widened
+        (null, int64, float64, text) as far as its values need."""
+        first = frag.physical_schema
+        text = {f.name: pa.string() for f in first}
+        options = pa_csv.ConvertOptions(column_types=text, strings_can_be_null=True)
+        kinds = {f.name: f.type for f in first}
+        with self._csv_stream(frag.path) as stream:
+            reader = pa_csv.open_csv(stream, parse_options=self._parse_options,
+                                     convert_options=options)
+            for rb in reader:
+                for name in first.names:
+                    column = rb.column(name)
+                    if column.null_count < len(column):
+                        kinds[name] = _widen(column, kinds[name])
+        return pa.schema([pa.field(n, kinds[n]) for n in first.names])
+
     @cached_property
-    def rows(self) -> list[int]:
-        """The rows each file gives (after the filter); Parquet files count from their
-        metadata, CSV files by reading them once."""
-        out = []
+    def _stream(self) -> tuple[pa.Schema, list]:
+        """``(schema, fragments)`` to stream: for Parquet this source's; for CSV with each
+        column typed as a whole read (:meth:`read`) types it, so that batch-by-batch reads
+        agree with whole ones and never fail on a late value."""
+        if self.format != "CSV":
+            return self._dataset.schema, self._fragments
+        schemas = []
         for frag in self._fragments:
             try:
-                out.append(int(self._scanner(frag, []).count_rows()))
+                schemas.append((self._shown_file(frag.path), self._csv_types(frag)))
+            except (pa.ArrowException, OSError) as exc:
+                raise self._failed(frag, exc) from None
+        if not schemas:
+            return self._dataset.schema, self._fragments
+        try:
+            unified = pa.unify_schemas([s for _, s in schemas], promote_options="permissive")
+        except (pa.ArrowException, TypeError):
+            self._type_clash(schemas)
+        names = [n for n in self._dataset.schema.names if n not in self._parts.names]
+        unified = self._target_floats(pa.schema([unified.field(n) for n in names]))
+        fmt = ds.CsvFileFormat(parse_options=self._parse_options,
+                               convert_options=pa_csv.ConvertOptions(
+                                   column_types={f.name: f.type for f in unified}))
+        dataset = self._open(self._paths, fmt, ds.partitioning(self._parts, flavor="hive")
+                             if len(self._parts) else None, self._folder,
+                             pa.schema([*unified, *self._parts]))
+        self._check_filter(dataset.schema.names, dataset.schema)
+        fragments = list(dataset.get_fragments(filter=self.filter)
+                         if self.filter is not None else dataset.get_fragments())
+        return dataset.schema, fragments
+
+    def _target_floats(self, schema: pa.Schema) -> pa.Schema:
+        if self.format != "CSV" or self.target is None:  # streamed for a fit: see ``target``
+            return schema
+        return pa.schema([f.with_type(pa.float64()) if pa.types.is_integer(f.type)
+                          and f.name != self.target else f for f in schema])
+
+    def _read_csv(self, frag, columns: list[str]) -> pa.Table:
+        """A CSV file read whole with ``pyarrow.csv.read_csv`` (which types each column by all
+        its values), its partition columns added and the filter applied."""
+        schema = self._dataset.schema
+        keys = ds.get_partition_keys(frag.partition_expression)
+        need = list(dict.fromkeys([*columns, *self._filter_columns()]))
+        read = [c for c in need if c not in keys] or schema.names[:1]
+        options = pa_csv.ConvertOptions(include_columns=read)
+        try:
+            with self._csv_stream(frag.path) as stream:
+                table = pa_csv.read_csv(stream, parse_options=self._parse_options,
+                                        convert_options=options)
+        except (pa.ArrowException, OSError) as exc:
+            raise self._failed(frag, exc) from None
+        for k in need:
+            if k in keys:
+                table = table.append_column(schema.field(k), pa.repeat(
+                    pa.scalar(keys[k], schema.field(k).type), table.num_rows))
+        if self.filter is not None:
+            try:
+                table = table.filter(self.filter)
+            except (pa.ArrowException, TypeError) as exc:
+                raise DataError(
+                    f"The filter {self.filter} does not apply to "
+                    f"'{self._shown_file(frag.path)}': {error_reason(exc)}; compare numbers "
+                    "with numbers and text with 'quoted' text.") from None
+        return table.select(columns)
+
+    @cached_property
+    def rows(self) -> list[int]:
+        """The rows each file gives (after the filter). Parquet files count from their
+        metadata, or with a filter by reading the filter's columns batch by batch; CSV files
+        by reading them once."""
+        schema, fragments = self._stream
+        out = []
+        for frag in fragments:
+            try:
+                if self.filter is None:
+                    out.append(int(self._scanner(frag, [], schema).count_rows()))
+                else:  # batch by batch: pyarrow's count decodes whole row groups
+                    out.append(sum(t.num_rows for t in self._batches(frag, [], schema)))
             except (pa.ArrowException, OSError) as exc:
                 raise self._failed(frag, exc) from None
         return out
@@ -535,6 +789,14 @@ class DatasetSource:
             raise DataError(f"'{self.shown}' is empty: it has column names but no data rows.")
         return n
 
+    def _batches(self, frag, columns: list[str], schema: pa.Schema):
+        """A file's batches (tables) of ``columns`` after the filter."""
+        if self.format == "Parquet":
+            yield from self._parquet_batches(frag, columns)
+            return
+        for rb in self._scanner(frag, columns, schema).to_batches():
+            yield pa.Table.from_batches([rb])
+
     def _parquet_batches(self, frag, columns: list[str]):
         """A Parquet file's batches of ``columns``, read through a small buffer: memory holds a
         batch, not a row group (pyarrow's dataset scanner decodes whole row groups, which may
@@ -542,11 +804,9 @@ class DatasetSource:
         partition columns are constants of the file; types are those of the whole data set."""
         schema = self._dataset.schema
         keys = ds.get_partition_keys(frag.partition_expression)
-        need = list(columns)
+        need = list(dict.fromkeys([*columns, *self._filter_columns()]))
         groups = None
         if self.filter is not None:
-            text = str(self.filter)  # its columns are read too (a superset is harmless)
-            need += [n for n in schema.names if n in text and n not in need]
             groups = [rg.id for rg in frag.subset(filter=self.filter, schema=schema).row_groups]
             if not groups:
                 return
@@ -555,6 +815,12 @@ class DatasetSource:
         pf = pa_parquet.ParquetFile(frag.path, filesystem=self.filesystem, pre_buffer=not local,
                                     buffer_size=1 << 20)
         types = pa.schema([schema.field(c) for c in read])
+        if not read:  # no column to read: the row counts of the row groups
+            meta = pf.metadata
+            for g in range(meta.num_row_groups) if groups is None else groups:
+                n = meta.row_group(g).num_rows
+                yield pa.table({"_": pa.nulls(n)}).select([])
+            return
         for rb in pf.iter_batches(batch_size=self.batch_rows, row_groups=groups, columns=read):
             table = pa.Table.from_batches([rb]).select(read).cast(types)
             for k in need:
@@ -563,30 +829,31 @@ class DatasetSource:
                         pa.scalar(keys[k], schema.field(k).type), table.num_rows))
             if self.filter is not None:
                 table = table.filter(self.filter)
-            yield from table.select(columns).to_batches()
+            yield table.select(columns)
 
     def frames(self, columns: list[str] | None = None):
         """``(start, DataFrame)`` for every batch, in order: ``batch_rows`` rows each, a file's
         last batch shorter; ``columns`` (default: this source's) are read, nothing else."""
         columns = self.columns if columns is None else list(columns)
+        schema, fragments = self._stream
         start = 0
-        for frag in self._fragments:
+        for frag in fragments:
             pending: list = []
             held = 0
-            batches = (self._parquet_batches(frag, columns) if self.format == "Parquet" else
-                       self._scanner(frag, columns).to_batches())
             try:
-                for rb in batches:
-                    pending.append(rb)
-                    held += rb.num_rows
+                for part in self._batches(frag, columns, schema):
+                    if part.num_rows == 0:
+                        continue
+                    pending.append(part)
+                    held += part.num_rows
                     while held >= self.batch_rows:
-                        table = pa.Table.from_batches(pending)
+                        table = pa.concat_tables(pending)
                         yield start, self._pandas(table.slice(0, self.batch_rows))
                         start += self.batch_rows
                         rest = table.slice(self.batch_rows)
-                        pending, held = rest.to_batches(), rest.num_rows
+                        pending, held = [rest], rest.num_rows
                 if held:
-                    yield start, self._pandas(pa.Table.from_batches(pending))
+                    yield start, self._pandas(pa.concat_tables(pending))
                     start += held
             except (pa.ArrowException, OSError) as exc:
                 raise self._failed(frag, exc) from None
@@ -600,18 +867,27 @@ class DatasetSource:
 
     def read(self, columns: list[str] | None = None) -> pd.DataFrame:
         """The whole table (the rows the filter keeps, ``columns`` or this source's) as one
-        pandas DataFrame; dictionary-encoded columns become categoricals."""
+        pandas DataFrame; dictionary-encoded columns become categoricals. CSV files are each
+        read with ``pyarrow.csv.read_csv``, which types a column by all its values."""
         columns = self.columns if columns is None else list(columns)
         tables = []
         for frag in self._fragments:
+            if self.format == "CSV":
+                tables.append(self._read_csv(frag, columns))
+                continue
             try:
                 tables.append(self._scanner(frag, columns).to_table())
             except (pa.ArrowException, OSError) as exc:
                 raise self._failed(frag, exc) from None
         if not tables:
             return self._pandas(self._dataset.schema.empty_table().select(columns))
-        return pa.concat_tables(tables, promote_options="permissive").to_pandas(
-            split_blocks=True)
+        try:
+            table = pa.concat_tables(tables, promote_options="permissive")
+        except (pa.ArrowException, TypeError):
+            self._type_clash([(self._shown_file(f.path), t.schema)
+                              for f, t in zip(self._fragments, tables, strict=True)])
+        table = table.cast(self._target_floats(table.schema))
+        return self._pandas(table)
 
     def with_target(self, target: str) -> DatasetSource:
         """This source with ``target`` read with its own type (see ``target``)."""

@@ -99,9 +99,9 @@ def read_table(path: str | os.PathLike, *, columns: Any = None, filter: Any = No
         A file, a folder of files or a Hive-partitioned folder (``key=value`` folders become
         columns), locally or at an address such as ``s3://bucket/data/``
         (:class:`~fedgrain.data.dataset.DatasetSource` says how each is read). Files are
-        ``.csv``, ``.tsv`` or ``.txt`` (each optionally gzipped, e.g. ``.csv.gz``; ``.txt`` is
-        tab-separated when its first line holds a tab, else comma-separated), or ``.parquet``
-        / ``.pq``.
+        ``.csv``, ``.tsv`` or ``.txt`` (each optionally compressed: ``.csv.gz``, ``.bz2``,
+        ``.lz4``, ``.zstd``; ``.txt`` is tab-separated when its first line holds a tab, else
+        comma-separated), or ``.parquet`` / ``.pq``.
     columns : sequence of str, optional
         Read only these columns.
     filter : str, pyarrow expression or list of tuples, optional

@@ -95,3 +95,7 @@ def labels_meta(model) -> np.ndarray:
 
 def leaves_meta(model) -> np.ndarray:
     return np.empty(0, dtype=np.int64)
+
+
+def flags_meta(model) -> np.ndarray:
+    return np.empty(0, dtype=bool)

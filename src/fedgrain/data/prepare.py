@@ -221,7 +221,7 @@ def prepare_predict(
         raise DataError(
             f"X is a dask DataFrame, which fedgrain does not collect by itself, and this "
             f"method of {estimator_name} does not take one: predict, predict_proba, "
-            "predict_linear, predict_cumulative_proba (and apply) return lazy dask arrays; "
-            "otherwise call it on each partition with X.map_partitions, or .compute() "
+            "predict_linear, predict_cumulative_proba (and apply, unseen) return lazy dask "
+            "arrays; otherwise call it on each partition with X.map_partitions, or .compute() "
             "yourself.")
     return schema.transform(X, estimator_name=estimator_name)

@@ -877,6 +877,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                  UserWarning)
         return leaf
 
+    @dask_parts.partitionwise(dask_parts.flags_meta)
     def unseen(self, X, groups=None) -> np.ndarray:
         """Which rows lie outside the region their leaf was trained on (predicted by the
         global model instead, with a meta-learner): some feature lies outside its leaf's range

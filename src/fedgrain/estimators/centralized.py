@@ -14,6 +14,7 @@ from ..core.linalg import NotIdentifiedError, chi2_sf, inverse, unidentified_dir
 from ..core.links import LINKS, get_link
 from ..core.solvers import newton, runaway, warm_start
 from ..core.standardize import Standardizer, column_moments
+from ..data import partitionwise as dask_parts
 from ..data import prepare_fit
 from ..data.features import resolve_columns
 from ..data.groups import check_groups, kept_groups, split_groups_column
@@ -453,6 +454,7 @@ class OrdinalRegression(OrdinalModel):
                  UserWarning)
         return P
 
+    @dask_parts.partitionwise(dask_parts.cumulative_meta)
     def predict_cumulative_proba(self, X) -> np.ndarray:
         if getattr(self, "_nominal_idx", None) is None:
             return super().predict_cumulative_proba(X)

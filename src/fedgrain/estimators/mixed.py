@@ -46,6 +46,7 @@ from sklearn.utils.validation import check_is_fitted
 from .._warnings import warn
 from ..core.likelihood import class_proba, exact_row_terms, initial_thresholds
 from ..core.standardize import Standardizer
+from ..data import partitionwise as dask_parts
 from ..data import prepare_fit
 from ..data.features import resolve_columns
 from ..data.groups import check_groups, kept_groups, split_groups_column
@@ -278,6 +279,7 @@ class MixedOrdinalRegression(OrdinalModel):
                  UserWarning)
         return idx
 
+    @dask_parts.partitionwise(dask_parts.proba_meta)
     def predict_proba(self, X, groups=None, *, order: str = "classes") -> np.ndarray:
         """Class probabilities, ``(n, K)``, columns in the order of ``classes_`` (of
         ``levels_`` with ``order="levels"``).
@@ -312,6 +314,7 @@ class MixedOrdinalRegression(OrdinalModel):
         idx = np.full(n, -1) if groups is None else self._group_index(groups, n)
         return Xe, idx, np.column_stack([np.ones(n), Xe[:, R]])
 
+    @dask_parts.partitionwise(dask_parts.linear_meta)
     def predict_linear(self, X, groups=None) -> np.ndarray:
         """``x @ coef_`` plus, for a row of a known group, ``z @ u_group``: the linear predictor
         of the row's group model (of a typical group, ``u = 0``, for the other rows)."""
@@ -321,6 +324,7 @@ class MixedOrdinalRegression(OrdinalModel):
         eta[known] += np.einsum("ij,ij->i", Z[known], self.random_effects_[idx[known]])
         return eta
 
+    @dask_parts.partitionwise(dask_parts.cumulative_meta)
     def predict_cumulative_proba(self, X, groups=None) -> np.ndarray:
         """``P(Y <= k)`` for the first ``K - 1`` levels, as :meth:`predict_proba` gives them
         (a known group's model, else the population average)."""
@@ -336,6 +340,7 @@ class MixedOrdinalRegression(OrdinalModel):
             "delta-method interval does not cover. For a typical group (random effects zero) "
             "use model.results_.predict_proba_ci(model.encode(X)).")
 
+    @dask_parts.partitionwise(dask_parts.labels_meta)
     def predict(self, X, groups=None) -> np.ndarray:
         """The most probable level of each row (see :meth:`predict_proba`)."""
         return self.levels_[np.argmax(self.predict_proba(X, groups, order="levels"), axis=1)]
