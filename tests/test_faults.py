@@ -616,8 +616,12 @@ def test_a_fit_still_running_in_another_thread_is_not_killed_at_exit():
     other threads: it waits for them first, so their work on the shared pool finishes."""
     script = (
         "import threading, time\n"
+        # a thread pool alive at exit, made first (as Dask's and fedgrain's row threads are):
+        # its workers end when concurrent.futures' exit hook runs, after fedgrain's
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "pool = ThreadPoolExecutor(2)\n"
+        "print('pool', pool.submit(abs, -6).result(), flush=True)\n"
         "from fedgrain.backends.processes import ProcessesBackend\n"
-        "from fedgrain.backends.base import run_task\n"
         "b = ProcessesBackend(n_jobs=2)\n"
         "print('first', [o.value for o in b.map(abs, [-1, -2], work=1e9)], flush=True)\n"
         "def job():\n"
@@ -627,6 +631,7 @@ def test_a_fit_still_running_in_another_thread_is_not_killed_at_exit():
         "threading.Thread(target=job).start()\n"
     )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=60)  # a hook that waits for the pool's workers never ends
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "second [3, 4, 5]" in res.stdout, (res.stdout, res.stderr[-2000:])
+    assert "second [3, 4, 5]" in res.stdout and "pool 6" in res.stdout, (res.stdout,
+                                                                          res.stderr[-2000:])

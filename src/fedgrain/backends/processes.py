@@ -264,12 +264,18 @@ def _stop_workers_at_exit() -> None:
     def stop() -> None:
         # Hooks of this kind run before the interpreter waits for its other threads: wait
         # for them first, as it would, so that work they still do on the pool is not killed.
-        # (loky's own manager thread ends with the executor: not waited for)
+        # Not waited for: loky's manager thread (it ends with the executor) and the workers
+        # of thread pools (they end when concurrent.futures' own exit hook runs, after this
+        # one: waiting for them here would never end).
+        from concurrent.futures import thread as pool_threads
+
         me = threading.current_thread()
         for thread in threading.enumerate():
-            if thread is not me and not thread.daemon and thread.is_alive() and \
-                    not type(thread).__module__.startswith("joblib.externals.loky"):
-                thread.join()
+            if thread is me or thread.daemon or not thread.is_alive() or \
+                    type(thread).__module__.startswith("joblib.externals.loky") or \
+                    getattr(thread, "_target", None) is pool_threads._worker:
+                continue
+            thread.join()
         from joblib.externals.loky import reusable_executor
 
         executor = getattr(reusable_executor, "_executor", None)
