@@ -224,3 +224,40 @@ def test_a_shard_sent_to_a_dask_cluster_gives_the_same_bits_as_here():
         cluster.close()
     assert np.array_equal(got.coef_, ref.coef_) and np.array_equal(got.cov_, ref.cov_)
     assert np.array_equal(got.subset_estimates_, ref.subset_estimates_, equal_nan=True)
+
+
+def _dies_once(task):
+    """Task ``i`` 3 kills its own worker the first time it runs (a marker file says it did)."""
+    i, folder = task
+    marker = Path(folder) / "killed"
+    if i == 3 and not marker.exists():
+        marker.touch()
+        os._exit(9)
+    return i * 10
+
+
+def _always_dies(task):
+    if task == 2:
+        os._exit(9)
+    return task
+
+
+def test_tasks_of_a_worker_that_died_run_again_and_a_worker_that_always_dies_is_an_error(
+        tmp_path):
+    """A worker killed mid-map: the outcomes already given stand, the others run again on
+    fresh workers, in order (``resent_`` counts them); a task that kills every worker it
+    runs on ends in a ResourceError after ``retries``; a task's own exception is a failed
+    outcome, not retried."""
+    from fedgrain.exceptions import ParameterError, ResourceError
+
+    with ProcessesBackend(2, retries=2) as backend:
+        out = backend.map(_dies_once, [(i, str(tmp_path)) for i in range(8)], work=1e9)
+        assert [o.value for o in out] == [10 * i for i in range(8)]
+        assert [o.index for o in out] == list(range(8)) and backend.resent_ > 0
+        with pytest.raises(ResourceError, match="died 3 times"):
+            backend.map(_always_dies, list(range(4)), work=1e9)
+        before = backend.resent_
+        out = backend.map(_fail_on_two, [1, 2, 3], work=1e9)
+        assert [o.ok for o in out] == [True, False, True] and backend.resent_ == before
+    with pytest.raises(ParameterError, match="retries"):
+        ProcessesBackend(2, retries=-1)

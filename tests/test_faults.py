@@ -635,3 +635,26 @@ def test_a_fit_still_running_in_another_thread_is_not_killed_at_exit():
     assert res.returncode == 0, res.stderr[-2000:]
     assert "second [3, 4, 5]" in res.stdout and "pool 6" in res.stdout, (res.stdout,
                                                                           res.stderr[-2000:])
+
+
+def test_a_killed_writes_temporary_output_is_removed_by_the_next_write(tmp_path):
+    """The command line writes an output through a temporary file tagged with its process;
+    one left by a process now dead (a SIGKILL) is removed by the next write of that output,
+    one of a live process is left alone."""
+    from fedgrain._process import host_tag
+    from fedgrain.cli import _write_atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    out = tmp_path / "pred.csv"
+    left = tmp_path / f".pred.csv.{host_tag()}-{dead_pid}-abc123.tmp"
+    live = tmp_path / f".pred.csv.{host_tag()}-{os.getpid()}-def456.tmp"
+    other = tmp_path / ".pred.csv.ffffff-1-0000.tmp"  # another machine's: not ours to judge
+    for f in (left, live, other):
+        f.write_text("partial")
+    _write_atomic(out, lambda tmp: Path(tmp).write_text("a,b\n"))
+    assert out.read_text() == "a,b\n"
+    assert not left.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name,
+                                                                  other.name])

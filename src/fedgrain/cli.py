@@ -9,6 +9,7 @@ failure never leaves a half-written file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -128,8 +129,12 @@ def _write_atomic(out: Path, write) -> None:
     The folder is created if needed; on any failure the temporary file is removed and ``out``
     is left as it was.
     """
+    from ._process import owner_tag
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    _sweep_temporaries(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{owner_tag()}-", suffix=".tmp",
+                               dir=out.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -140,6 +145,23 @@ def _write_atomic(out: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _sweep_temporaries(out: Path) -> None:
+    """Remove the temporary files that writes of ``out`` by processes now dead left beside it
+    (a SIGKILL gives no chance to clean up); those of live processes stay."""
+    from ._process import left_by_dead
+
+    pattern = re.compile(re.escape(f".{out.name}.") + r"([0-9a-f]{6})-(\d+)-[^/]*\.tmp\Z")
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.match(name)
+        if m and left_by_dead(m[1], m[2]):
+            with contextlib.suppress(OSError):
+                (out.parent / name).unlink()
 
 
 def _write_table_atomic(frame: pd.DataFrame, out: Path) -> None:
