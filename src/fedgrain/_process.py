@@ -39,6 +39,31 @@ def owner_tag() -> str:
     return f"{host_tag()}-{os.getpid()}"
 
 
+def leftovers(folder, pattern):
+    """The entries of ``folder`` whose names match ``pattern`` whole, as ``(path, match,
+    age)`` (seconds since last modified): what the sweeps of dead processes' leftovers look
+    at. An unreadable folder yields nothing; an entry gone meanwhile is skipped."""
+    import time
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None:
+            continue
+        path = folder / name
+        try:
+            age = now - path.lstat().st_mtime
+        except OSError:
+            continue
+        yield path, m, age
+
+
 def left_by_dead(host: str, pid: str) -> bool:
     """Whether a name tagged ``HOST-PID`` was left by a process of this machine that no longer
     runs."""

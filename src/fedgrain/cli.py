@@ -150,18 +150,14 @@ def _write_atomic(out: Path, write) -> None:
 def _sweep_temporaries(out: Path) -> None:
     """Remove the temporary files that writes of ``out`` by processes now dead left beside it
     (a SIGKILL gives no chance to clean up); those of live processes stay."""
-    from ._process import left_by_dead
+    from ._process import left_by_dead, leftovers
 
-    pattern = re.compile(re.escape(f".{out.name}.") + r"([0-9a-f]{6})-(\d+)-[^/]*\.tmp\Z")
-    try:
-        names = os.listdir(out.parent)
-    except OSError:
-        return
-    for name in names:
-        m = pattern.match(name)
-        if m and left_by_dead(m[1], m[2]):
+    pattern = re.compile(re.escape(f".{out.name}.")
+                         + r"(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[^/]*\.tmp")
+    for path, m, _ in leftovers(out.parent, pattern):
+        if left_by_dead(m["host"], m["pid"]):
             with contextlib.suppress(OSError):
-                (out.parent / name).unlink()
+                path.unlink()
 
 
 def _write_table_atomic(frame: pd.DataFrame, out: Path) -> None:

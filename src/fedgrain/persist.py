@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ._process import left_by_dead, owner_tag
+from ._process import left_by_dead, leftovers, owner_tag
 from ._version import __version__
 from ._warnings import warn
 from .exceptions import ModelFileError
@@ -479,20 +479,8 @@ def _sweep(target: Path) -> None:
     dead processes are removed; an old version left by a killed replace is removed when a
     complete model is at ``target``, and moved back to ``target`` when none is (it is then the
     only copy)."""
-    import time
-
-    try:
-        names = os.listdir(target.parent)
-    except OSError:
-        return
-    for name in names:
-        m = _LEFTOVER.fullmatch(name)
-        if m is None or m["name"] != target.name:
-            continue
-        path = target.parent / name
-        try:
-            age = time.time() - path.lstat().st_mtime
-        except OSError:
+    for path, m, age in leftovers(target.parent, _LEFTOVER):
+        if m["name"] != target.name:
             continue
         if path.is_symlink() or not path.is_dir():
             continue

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .._process import left_by_dead, owner_tag
+from .._process import left_by_dead, leftovers, owner_tag
 from ..exceptions import ResourceError
 
 #: Spill folders of this process, removed at exit if a backend was never closed.
@@ -72,22 +72,9 @@ SWEEP_AGE = 60.0
 
 def sweep_dead(base: Path) -> None:
     """Remove the temporary folders of fedgrain processes that no longer run from ``base``."""
-    import time
-
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return
-    for name in names:
-        m = _OURS.fullmatch(name)
-        if m is None or not left_by_dead(m["host"], m["pid"]):
-            continue
-        try:
-            if time.time() - (base / name).lstat().st_mtime < SWEEP_AGE:
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(base / name, ignore_errors=True)
+    for path, m, age in leftovers(base, _OURS):
+        if left_by_dead(m["host"], m["pid"]) and age >= SWEEP_AGE:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 _WATCHING = False
