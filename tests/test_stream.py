@@ -7,6 +7,8 @@ in a stated window after the change).
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -460,3 +462,58 @@ def test_a_model_can_be_saved_without_the_streams_raw_rows(world, tmp_path):
     np.testing.assert_array_equal(back.predict_proba(X[:50]), model.predict_proba(X[:50]))
     back.partial_fit(X[30_000:35_000], _labels(X[30_000:35_000], region[30_000:35_000], coef,
                                                thr, 10))  # it follows the stream on
+
+
+def test_stream_command_run_again_on_the_same_input_does_not_feed_it_twice(world, tmp_path,
+                                                                           capsys):
+    # A run stopped after the model was saved but before its event log was written is finished
+    # by running it again: the model records the input it took (its files unchanged, the same
+    # filter), so the rows are not fed twice and only the log is written.
+    af, X, _, region, coef, thr = world
+    cols = [f"x{j}" for j in range(X.shape[1])]
+    AdaptiveFederatedOrdinal(backend="serial").fit(
+        pd.DataFrame(X[:20_000], columns=cols),
+        _labels(X[:20_000], region[:20_000], coef, thr, 31)).save(tmp_path / "m")
+    data = tmp_path / "s.parquet"
+    pd.DataFrame(X[20_000:30_000], columns=cols).assign(
+        grade=_labels(X[20_000:30_000], region[20_000:30_000], coef, thr, 32)).to_parquet(data)
+    args = ["--quiet", "stream", str(tmp_path / "m"), str(data), "--target", "grade"]
+    log = tmp_path / "m.events.jsonl"
+    assert main(args) == 0
+    saved = (tmp_path / "m" / "model.json").read_bytes()
+    record = load(tmp_path / "m").stream_.inputs
+    assert [(r["rows"], r["rows_before"]) for r in record] == [(10_000, 0)]
+    first_log = log.read_text()
+    log.unlink()  # as if the run had been killed between the two writes
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "already holds the 10,000 rows" in out and "--again" in out
+    assert (tmp_path / "m" / "model.json").read_bytes() == saved  # not fed again
+    assert log.read_text() == first_log
+    # another filter is another input; --again feeds the same one once more
+    assert main([*args, "--filter", "x0 > 0"]) == 0
+    n_pos = int((X[20_000:30_000, 0] > 0).sum())
+    assert load(tmp_path / "m").stream_.rows_seen == 10_000 + n_pos
+    assert main([*args, "--again"]) == 0
+    back = load(tmp_path / "m")
+    assert back.stream_.rows_seen == 20_000 + n_pos
+    assert [r["rows_before"] for r in back.stream_.inputs] == [0, 10_000, 10_000 + n_pos]
+    # a file rewritten since (new content, new time) is new input
+    frame = pd.read_parquet(data)
+    frame.iloc[:100].to_parquet(data)
+    os.utime(data, ns=(time.time_ns() + 10**9,) * 2)
+    assert main(args) == 0
+    assert load(tmp_path / "m").stream_.rows_seen == 20_100 + n_pos
+
+
+def test_saved_records_of_streamed_inputs_are_checked():
+    from fedgrain.monitor.state import _input_entry
+
+    good = {"identity": "ab", "source": "s.parquet", "rows": 3, "rows_before": 0,
+            "at": "2026-12-05T00:00:00+00:00"}
+    assert _input_entry(good) == good
+    for bad in ({**good, "rows": -1}, {**good, "rows": "3"}, {**good, "extra": 1},
+                {k: v for k, v in good.items() if k != "at"}, ["ab"]):
+        with pytest.raises(ValueError, match="streamed input"):
+            _input_entry(bad)

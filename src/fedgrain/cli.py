@@ -673,11 +673,12 @@ def _leaf_model(model, leaf: int):
 
 
 def _cmd_stream(args) -> int:
-    import json
+    from datetime import datetime, timezone
 
     from .data import split_target
-    from .data.files import iter_table
+    from .data.dataset import DatasetSource
     from .estimators import AdaptiveFederatedOrdinal, load
+    from .monitor.stream import DriftMonitor
 
     model = load(args.model)
     if not isinstance(model, AdaptiveFederatedOrdinal):
@@ -691,14 +692,28 @@ def _cmd_stream(args) -> int:
     check_output_path(events_path, "--events")  # before any row changes the model
     from . import progress
 
+    source = DatasetSource(args.data, args.batch_size, filter=args.filter, target=args.target)
+    identity = source.identity()
+    fed = None if model.stream_ is None else model.stream_.input_fed(identity)
+    if fed is not None and not args.again:
+        # the model already holds these rows (a run whose event log was not written, or a
+        # second run by mistake): finish that run's work instead of feeding the rows twice
+        print(f"{args.model} already holds the {fed['rows']:,} rows of {source.shown} (streamed "
+              f"{fed['at']}, after row {fed['rows_before']:,}); not feeding them again (pass "
+              "--again to feed them once more).")
+        if out != Path(args.model):
+            model.save(out, overwrite=True)
+        _write_events(events_path, model.events_)
+        print(f"Model at {out}; {len(model.events_)} events in {events_path}")
+        return 0
     seen = len(model.events_)
+    before = 0 if model.stream_ is None else model.stream_.rows_seen
     rows = 0
     t0 = time.perf_counter()
     bar = _bar(args)
     say = print if bar is None else bar.write  # event lines above the bar, not through it
     with progress.reporting(bar), progress.step("streaming", None, "rows"):
-        for batch in iter_table(args.data, args.batch_size, filter=args.filter,
-                                target=args.target):
+        for _, batch in source.frames():
             X, y = split_target(batch, args.target)
             model.partial_fit(X, y)
             rows += len(batch)
@@ -707,11 +722,24 @@ def _cmd_stream(args) -> int:
                 say(f"row {e['rows_seen']:,}: leaf {e['leaf']}: {e['kind']} ({e['detail']})")
             seen = len(model.events_)
     _log(args, f"streamed {rows:,} rows in {time.perf_counter() - t0:.2f} s")
+    if model.stream_ is None:  # no rows at all: a state that records the input
+        model.stream_ = DriftMonitor.new_state(model)
+    model.stream_.add_input(identity, source.shown, rows, before,
+                            datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # the model and the record of its input are saved in one atomic step; the event log is
+    # derived from the model, so a run stopped between the two writes is finished by running
+    # it again (the input is recognised and only the log is written)
     path = model.save(out, overwrite=True)
-    text = "".join(json.dumps(e) + "\n" for e in model.events_)
-    _write_atomic(events_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    _write_events(events_path, model.events_)
     print(f"Model saved to {path}; {len(model.events_)} events in {events_path}")
     return 0
+
+
+def _write_events(path: Path, events: list) -> None:
+    import json
+
+    text = "".join(json.dumps(e) + "\n" for e in events)
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _cmd_demo(args) -> int:
@@ -874,6 +902,10 @@ def _add_stream(command) -> None:
     p.add_argument("--batch-size", type=int, default=10_000, help="rows per update")
     p.add_argument("--out", help="model directory to write (default: update MODEL in place)")
     p.add_argument("--events", help="event log to write, JSON lines (default OUT.events.jsonl)")
+    p.add_argument("--again", action="store_true",
+                   help="feed the rows even if the model already took this input (the same "
+                        "files, unchanged, under the same filter); without it such a run only "
+                        "rewrites the event log")
     p.set_defaults(func=_cmd_stream)
 
 

@@ -27,6 +27,9 @@ WINDOW_ROWS = 20_000
 #: this many leaf entries over them (a model of many leaves keeps fewer batches).
 TRACE_BATCHES = 2_000
 TRACE_CELLS = 100_000
+#: Records of streamed inputs kept (``StreamState.inputs``): enough to recognise an input run
+#: again after an interrupted command, a few kB in ``model.json``.
+INPUTS_KEPT = 100
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,22 @@ class StreamState:
     #: per batch: the rows seen after it and, per leaf with rows in it, ``[rows, mean
     #: log-loss, detector statistic, its bound, reference CUSUM, its bound]`` (None: NaN)
     trace: list[dict] = field(default_factory=list)
+    #: the inputs fed to the stream by name (``fedgrain stream``): per input its identity,
+    #: where it was read, its rows, the rows seen before it and when; the latest
+    #: :data:`INPUTS_KEPT`. A command run again on an input the model already holds does not
+    #: feed its rows twice.
+    inputs: list[dict] = field(default_factory=list)
+
+    def add_input(self, identity: str, shown: str, rows: int, before: int, at: str) -> None:
+        """Record that the input ``identity`` (read from ``shown``) was fed: ``rows`` rows after
+        ``before`` rows of the stream, at ``at`` (ISO time)."""
+        self.inputs.append({"identity": str(identity), "source": str(shown), "rows": int(rows),
+                            "rows_before": int(before), "at": str(at)})
+        del self.inputs[: max(0, len(self.inputs) - INPUTS_KEPT)]
+
+    def input_fed(self, identity: str) -> dict | None:
+        """The latest record of input ``identity``, or None if the stream never took it."""
+        return next((e for e in reversed(self.inputs) if e["identity"] == identity), None)
 
     def record(self, entry: dict) -> None:
         """Add a batch to the trace, forgetting the oldest beyond :data:`TRACE_BATCHES`."""
@@ -138,7 +157,7 @@ class StreamState:
             dict(self.pending), dict(self.followup),
             {n: d.copy() for n, d in self.references.items()},
             {r: f.copy() for r, f in self.followers.items()}, self.granularity,
-            list(self.trace))
+            list(self.trace), list(self.inputs))
 
     def add_leaves(self, leaves: list[int], new_detector: Callable[[], Detector]) -> None:
         """State for leaves new to the stream (after a split or merge)."""
@@ -165,7 +184,7 @@ class StreamState:
                 "detectors": {str(k): d.state() for k, d in self.detectors.items()},
                 "references": {str(k): d.state() for k, d in self.references.items()},
                 "features": self.features.state(), "followers": {},
-                "granularity": self.granularity, "trace": self.trace}
+                "granularity": self.granularity, "trace": self.trace, "inputs": self.inputs}
         arrays = {}
         for rid, follower in self.followers.items():
             f_meta, f_arrays = follower.to_dict(f"follow_{rid}")
@@ -193,6 +212,7 @@ class StreamState:
         g = meta.get("granularity")
         self.granularity = None if g is None else float(g)
         self.trace = [_trace_entry(e) for e in meta.get("trace", [])]  # absent from older files
+        self.inputs = [_input_entry(e) for e in meta.get("inputs", [])]  # absent from older
         if "followers" in meta:
             self.followers = {int(k): LeafFollower.from_dict(v, arrays, f"follow_{k}")
                               for k, v in meta["followers"].items()}
@@ -201,6 +221,18 @@ class StreamState:
             if f"stream_{nid}_X" in arrays:
                 window.chunks = [Window(arrays[f"stream_{nid}_X"], arrays[f"stream_{nid}_y"],
                                         arrays[f"stream_{nid}_rows"])]
+
+
+def _input_entry(entry) -> dict:
+    """A saved record of a streamed input, checked."""
+    keys = {"identity": str, "source": str, "rows": int, "rows_before": int, "at": str}
+    if not isinstance(entry, dict) or set(entry) != set(keys) or not all(
+            type(entry[k]) is t for k, t in keys.items()):
+        raise ValueError("a record of a streamed input does not hold its identity, source, "
+                         "rows, rows before and time")
+    if entry["rows"] < 0 or entry["rows_before"] < 0:
+        raise ValueError("a record of a streamed input has a negative row count")
+    return dict(entry)
 
 
 def _trace_entry(entry) -> dict:
