@@ -740,3 +740,46 @@ def test_a_saved_profile_that_does_not_fit_its_leaves_is_a_bad_model_file(tmp_pa
     write_model_dir(tmp_path / "bad", meta, arrays)
     with pytest.raises(ModelFileError, match="profile"):
         load(tmp_path / "bad")
+
+
+def test_loading_holds_the_arrays_not_the_file_beside_them(tmp_path):
+    # The checksum of arrays.npz is taken in blocks and each array is read straight into its
+    # own memory: loading needs about the arrays' size, not the file's bytes as well.
+    import tracemalloc
+
+    big = np.random.default_rng(0).standard_normal(5_000_000)  # 40 MB
+    write_model_dir(tmp_path / "m", {"a": 1}, {"big": big, "small": np.arange(3)})
+    size = big.nbytes
+    tracemalloc.start()
+    try:
+        meta, arrays = read_model_dir(tmp_path / "m")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(arrays["big"], big)
+    assert peak < 1.2 * size, f"loading a {size / 1e6:.0f} MB model peaked at {peak / 1e6:.0f} MB"
+
+
+def test_a_file_changed_after_its_checksum_was_taken_is_still_refused(tmp_path, monkeypatch):
+    # The arrays are read after the file's checksum was taken; each array's own checksum (in
+    # the manifest, which a key signs) is taken again as it is read, so bytes swapped in
+    # between are refused.
+    import fedgrain.persist as persist
+
+    a = np.arange(1000.0)
+    write_model_dir(tmp_path / "m", {}, {"a": a})
+    npz = tmp_path / "m" / "arrays.npz"
+    real = persist._sha256_stream
+
+    def then_tamper(stream):
+        digest = real(stream)
+        data = bytearray(npz.read_bytes())
+        at = data.rfind(a.tobytes()[-16:])
+        data[at] ^= 1
+        with open(npz, "r+b") as fh:  # in place: the open file sees it
+            fh.write(data)
+        return digest
+
+    monkeypatch.setattr(persist, "_sha256_stream", then_tamper)
+    with pytest.raises(ModelFileError, match="checksum|cannot be read safely"):
+        read_model_dir(tmp_path / "m")

@@ -29,9 +29,8 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -258,29 +257,34 @@ def read_model_dir(path: str | os.PathLike[str], *,
         a fedgrain model or written in a newer format. Nothing in the files is ever unpickled.
     """
     root = Path(path)
-    raw_json, data = _snapshot(root)
-    secret = _key(key)
-    if secret is not None and raw_json is not None:
-        _check_signature(root, raw_json, secret)
-    header = _read_header(root, raw_json)
-    meta, manifest, checksums = _check_header(root / MODEL_JSON, header)
-    if hashlib.sha256(_canonical_json(meta)).hexdigest() != checksums["meta_sha256"]:
-        raise ModelFileError(
-            f"The meta section of {root / MODEL_JSON} was edited after saving (its checksum "
-            f"does not match); undo the edit or save the model again."
-        )
-    npz_file = root / ARRAYS_NPZ
-    if data is None:
-        raise ModelFileError(
-            f"{npz_file} is missing, so the model is incomplete; restore the file or save the "
-            f"model again."
-        )
-    if hashlib.sha256(data).hexdigest() != checksums["arrays_npz_sha256"]:
-        raise ModelFileError(
-            f"{npz_file} was modified or truncated after saving (its checksum does not match "
-            f"{MODEL_JSON}); restore the original file or save the model again."
-        )
-    return meta, _read_npz(npz_file, data, manifest)
+    raw_json, npz = _snapshot(root)
+    try:
+        secret = _key(key)
+        if secret is not None and raw_json is not None:
+            _check_signature(root, raw_json, secret)
+        header = _read_header(root, raw_json)
+        meta, manifest, checksums = _check_header(root / MODEL_JSON, header)
+        if hashlib.sha256(_canonical_json(meta)).hexdigest() != checksums["meta_sha256"]:
+            raise ModelFileError(
+                f"The meta section of {root / MODEL_JSON} was edited after saving (its checksum "
+                f"does not match); undo the edit or save the model again."
+            )
+        npz_file = root / ARRAYS_NPZ
+        if npz is None:
+            raise ModelFileError(
+                f"{npz_file} is missing, so the model is incomplete; restore the file or save "
+                f"the model again."
+            )
+        if _sha256_stream(npz) != checksums["arrays_npz_sha256"]:
+            raise ModelFileError(
+                f"{npz_file} was modified or truncated after saving (its checksum does not "
+                f"match {MODEL_JSON}); restore the original file or save the model again."
+            )
+        npz.seek(0)
+        return meta, _read_npz(npz_file, npz, manifest)
+    finally:
+        if npz is not None:
+            npz.close()
 
 
 def _check_contents(meta: Any, arrays: Mapping[str, np.ndarray]) -> None:
@@ -557,12 +561,15 @@ READ_ATTEMPTS = 50
 READ_PAUSE = 0.02
 
 
-def _snapshot(root: Path) -> tuple[bytes | None, bytes | None]:
-    """The bytes of ``model.json`` and ``arrays.npz`` (None: absent) of one version of the
-    model directory.
+def _snapshot(root: Path) -> tuple[bytes | None, BinaryIO | None]:
+    """The bytes of ``model.json`` and an open file of ``arrays.npz`` (None: absent) of one
+    version of the model directory; the caller closes the file.
 
     Both files are opened through one descriptor of the directory, so a save that replaces
-    the directory meanwhile (an atomic exchange) cannot give one file of each version. If the
+    the directory meanwhile (an atomic exchange) cannot give one file of each version (the
+    open file keeps its version's content after a save removed it). The arrays file is not
+    read here: its checksum is taken and its arrays are read in blocks, so loading holds the
+    arrays, not the file's bytes beside them. If the
     directory was replaced while files were missing from the one read (the saver removes the
     old version), or the path is briefly absent while a save without an atomic exchange moves
     versions, the read starts again, up to :data:`READ_ATTEMPTS` times.
@@ -575,9 +582,11 @@ def _snapshot(root: Path) -> tuple[bytes | None, bytes | None]:
         except FileNotFoundError:
             got = None
         if got is not None:
-            raw_json, raw_npz, ident = got
-            if (raw_json is not None and raw_npz is not None) or _identity(root) == ident:
-                return raw_json, raw_npz
+            raw_json, npz, ident = got
+            if (raw_json is not None and npz is not None) or _identity(root) == ident:
+                return raw_json, npz
+            if npz is not None:
+                npz.close()
         elif not _being_replaced(root):
             break
         time.sleep(READ_PAUSE)
@@ -603,19 +612,32 @@ def _snapshot_once(root: Path):
     if not root.is_dir():
         return None
     if os.open not in os.supports_dir_fd:  # no descriptor-relative opens: plain paths
-        files = [root / MODEL_JSON, root / ARRAYS_NPZ]
-        out = [_read_limited(lambda f=f: os.open(f, os.O_RDONLY), f.name) for f in files]
-        return out[0], out[1], _identity(root)
+        raw_json = _read_limited(lambda: os.open(root / MODEL_JSON, os.O_RDONLY), MODEL_JSON)
+        npz = _open_file(lambda: os.open(root / ARRAYS_NPZ, os.O_RDONLY))
+        return raw_json, npz, _identity(root)
     dfd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         st = os.fstat(dfd)
         raw_json = _read_limited(lambda: os.open(MODEL_JSON, os.O_RDONLY, dir_fd=dfd),
                                  MODEL_JSON, root)
-        raw_npz = _read_limited(lambda: os.open(ARRAYS_NPZ, os.O_RDONLY, dir_fd=dfd),
-                                ARRAYS_NPZ, root)
+        npz = _open_file(lambda: os.open(ARRAYS_NPZ, os.O_RDONLY, dir_fd=dfd))
     finally:
         os.close(dfd)
-    return raw_json, raw_npz, (st.st_dev, st.st_ino)
+    return raw_json, npz, (st.st_dev, st.st_ino)
+
+
+def _open_file(opener) -> BinaryIO | None:
+    """The regular file ``opener()`` opens, as a binary file object, or None when it is absent
+    (or not a regular file)."""
+    try:
+        fd = opener()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    stream = os.fdopen(fd, "rb")
+    if not _stat_is_file(os.fstat(stream.fileno())):
+        stream.close()
+        return None
+    return stream
 
 
 def _read_limited(opener, name: str, root: Path | None = None) -> bytes | None:
@@ -749,11 +771,15 @@ def _check_header(
 
 
 def _read_npz(
-    npz_file: Path, data: bytes, manifest: dict[str, dict[str, Any]]
+    npz_file: Path, stream: BinaryIO, manifest: dict[str, dict[str, Any]]
 ) -> dict[str, np.ndarray]:
-    """Read the arrays of ``manifest`` from the ``.npz`` bytes, with pickling disabled."""
+    """Read the arrays of ``manifest`` from the open ``.npz`` file, with pickling disabled.
+
+    Each array is read straight into its own memory, after its header was checked against the
+    manifest, and its checksum is taken again: so what the reader returns is what the (signed)
+    manifest describes even if the file changed after its checksum was taken."""
     try:
-        archive = zipfile.ZipFile(BytesIO(data))
+        archive = zipfile.ZipFile(stream)
     except _ARCHIVE_ERRORS as exc:
         raise ModelFileError(
             f"{npz_file} is not a valid npz archive ({exc}); restore the original file or save "
@@ -836,13 +862,19 @@ def _canonical_json(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+def _sha256_stream(stream: BinaryIO) -> str:
+    """SHA-256 of an open file from its start, read in blocks."""
+    digest = hashlib.sha256()
+    stream.seek(0)
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
 def _sha256_file(file: Path) -> str:
     """SHA-256 of a file, read in blocks."""
-    digest = hashlib.sha256()
     with open(file, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return _sha256_stream(stream)
 
 
 def _write_synced(file: Path, data: bytes) -> None:
