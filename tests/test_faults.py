@@ -658,3 +658,22 @@ def test_a_killed_writes_temporary_output_is_removed_by_the_next_write(tmp_path)
     assert not left.exists() and live.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name,
                                                                   other.name])
+
+
+def test_the_exit_hook_is_in_place_from_the_first_parallel_batch_on():
+    """The hook that stops loky's workers at exit is registered as soon as the first batch has
+    started its executor, not once the batch is done: a program stopped during its first batch
+    does not wait on loky's exit (300 s when a killed worker held the queue's lock)."""
+    script = (
+        "import time\n"
+        "from fedgrain.backends import processes\n"
+        "b = processes.ProcessesBackend(n_jobs=2)\n"
+        "gen = b.imap(time.sleep, [0.2, 0.2, 0.2, 0.2], work=1e9)\n"
+        "next(gen)\n"
+        "print('registered', processes._STOPPING, flush=True)\n"
+        "gen.close()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "registered True" in res.stdout, (res.stdout, res.stderr[-2000:])

@@ -219,12 +219,15 @@ class ProcessesBackend(Backend):
         me, done = os.getpid(), 0
         for attempt in range(self.retries + 1):
             try:  # outcomes already given stand; the others run again on fresh workers
-                for out in Parallel(n_jobs=n_jobs, backend="loky", return_as="generator")(
-                        delayed(run_worker_task)(fn, i, tasks[i], me)
-                        for i in range(done, len(tasks))):
+                outcomes = Parallel(n_jobs=n_jobs, backend="loky", return_as="generator")(
+                    delayed(run_worker_task)(fn, i, tasks[i], me)
+                    for i in range(done, len(tasks)))
+                # the executor has started (joblib dispatches the first tasks before it
+                # returns the generator), so loky's exit hook is in place: ours goes after it
+                _stop_workers_at_exit()
+                for out in outcomes:
                     done += 1
                     yield out
-                _stop_workers_at_exit()
                 return
             except TerminatedWorkerError as exc:
                 if attempt == self.retries:
@@ -253,8 +256,9 @@ def _stop_workers_at_exit() -> None:
 
     loky waits for each worker to take its stop message from the shared task queue; a worker
     killed while it held that queue's lock (idle workers wait on it) leaves the others unable
-    to read theirs, and the exit hangs until loky's idle timeout (300 s). Registered once,
-    after loky's own exit hook (its executor is started by then), so it runs first."""
+    to read theirs, and the exit hangs until loky's idle timeout (300 s). Registered once, as
+    soon as the first parallel batch has started its executor (which registers loky's own exit
+    hook), so it runs before loky's: a program stopped during its first batch is covered too."""
     global _STOPPING
     register = getattr(threading, "_register_atexit", None)
     if _STOPPING or register is None:
