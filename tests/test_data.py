@@ -991,3 +991,74 @@ def test_an_address_pyarrow_cannot_open_is_not_looked_for_as_a_local_file(url):
     for model in (OrdinalRegression(), DivideConquerOrdinal(backend="serial")):
         with pytest.raises(DataError, match=r"Cannot open '.*'.*pass filesystem="):
             model.fit(url, "stars")
+
+
+def _checks_one_by_one(out, names):
+    """The checks as they were made before they shared the moments' pass: the reference."""
+    from fedgrain.data.features import _check_finite, check_constant, check_magnitude
+
+    _check_finite(out, names)
+    check_constant(out, names)
+    check_magnitude(out, names)
+
+
+@pytest.mark.parametrize("case", ["clean", "nan", "inf", "huge", "huge_and_constant", "constant",
+                                  "tiny_spread", "tiny_values", "large_mean", "weighted"])
+def test_checked_moments_raise_what_the_column_checks_raise_and_give_the_moments(case):
+    from fedgrain.core.standardize import column_moments
+    from fedgrain.data.features import checked_moments
+
+    rng = np.random.default_rng(3)
+    out = rng.standard_normal((5000, 4))
+    w = None
+    if case == "nan":
+        out[4000, 2] = np.nan
+    elif case == "inf":
+        out[17, 1] = -np.inf
+    elif case == "huge":
+        out[:, 3] *= 1e300
+    elif case == "huge_and_constant":
+        out[:, 3] *= 1e300
+        out[:, 1] = 7.0
+    elif case == "constant":
+        out[:, 2] = 3.0
+    elif case == "tiny_spread":
+        out[:, 0] = 1e-200 * rng.integers(1, 3, size=5000)
+    elif case == "tiny_values":  # small, but spread enough: accepted
+        out[:, 0] *= 1e-140
+    elif case == "large_mean":
+        out[:, 1] = 1e9 + out[:, 1]
+    elif case == "weighted":
+        w = rng.uniform(0.5, 2.0, size=5000)
+    names = ("a", "b", "c", "d")
+    try:
+        _checks_one_by_one(out, names)
+        expected = None
+    except DataError as exc:
+        expected = str(exc)
+    if expected is None:
+        mean, sd = checked_moments(out, w, names)
+        ref_mean, ref_sd = column_moments(out, w)
+        np.testing.assert_array_equal(mean, ref_mean)
+        np.testing.assert_array_equal(sd, ref_sd)
+        assert case in ("clean", "tiny_values", "large_mean", "weighted")
+    else:
+        with pytest.raises(DataError) as got:
+            checked_moments(out, w, names)
+        assert str(got.value) == expected
+        assert case not in ("clean", "tiny_values", "large_mean", "weighted")
+
+
+def test_a_fit_reuses_the_moments_taken_with_the_checks():
+    from fedgrain.core.standardize import column_moments
+    from fedgrain.data import prepare_fit
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((3000, 3)) + [0.0, 1e6, -2.0]
+    y = rng.integers(0, 3, size=3000)
+    w = rng.uniform(0.1, 1.0, size=3000)
+    data = prepare_fit(X, y, sample_weight=w)
+    ref = column_moments(data.X, data.weights)
+    for got, want in zip(data.moments, ref, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert data.column_moments() is data.moments

@@ -54,8 +54,12 @@ class Standardizer:
 
     @classmethod
     def fit(cls, X: np.ndarray, w: np.ndarray | None = None) -> Standardizer:
-        mean, scale = column_moments(X, w)
-        return cls(mean, np.where(scale > 0, scale, 1.0))
+        return cls.of_moments(*column_moments(X, w))
+
+    @classmethod
+    def of_moments(cls, mean: np.ndarray, sd: np.ndarray) -> Standardizer:
+        """From columns' means and standard deviations (a constant column keeps scale 1)."""
+        return cls(mean, np.where(sd > 0, sd, 1.0))
 
     def jacobian(self, n_thresholds: int) -> np.ndarray:
         """``T`` with ``params_raw = T @ params_std``, over ``(beta, theta)``."""
@@ -87,6 +91,9 @@ class Standardizer:
         return out
 
 
-def fit_standardizer(X, w: np.ndarray | None = None) -> Standardizer:
-    """The global standardisation of ``X`` (measured already when the rows are streamed)."""
-    return X.standardizer if is_streamed(X) else Standardizer.fit(X, w)
+def fit_standardizer(X, w: np.ndarray | None = None, moments=None) -> Standardizer:
+    """The global standardisation of ``X`` (measured already when the rows are streamed, or
+    from ``moments``, the columns' means and standard deviations taken with the checks)."""
+    if is_streamed(X):
+        return X.standardizer
+    return Standardizer.fit(X, w) if moments is None else Standardizer.of_moments(*moments)

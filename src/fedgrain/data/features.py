@@ -266,9 +266,12 @@ def check_range(top: np.ndarray, bottom: np.ndarray, names: tuple[str, ...],
         )
 
 
-def check_constant(out: np.ndarray, names: tuple[str, ...]) -> None:
-    """Name the constant columns; only columns constant over the first rows are scanned fully."""
-    candidates = np.flatnonzero((out[:1024] == out[0]).all(axis=0))
+def check_constant(out: np.ndarray, names: tuple[str, ...],
+                   columns: np.ndarray | None = None) -> None:
+    """Name the constant columns (of ``columns``, by default all); only columns constant over
+    the first rows are scanned fully."""
+    cols = np.arange(out.shape[1]) if columns is None else np.asarray(columns)
+    candidates = cols[(out[:1024, cols] == out[0, cols]).all(axis=0)]
     constant = [j for j in candidates if out[:, j].max() == out[:, j].min()]
     if constant:
         listed = quote([names[j] for j in constant])
@@ -279,6 +282,39 @@ def check_constant(out: np.ndarray, names: tuple[str, ...]) -> None:
             f"({names[constant[0]]!r} is {value!r} in every row); fedgrain's thresholds play the "
             "role of the intercept, so remove constant columns such as a column of ones."
         )
+
+
+def checked_moments(out: np.ndarray, weights: np.ndarray | None,
+                    names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The training matrix's checks (no missing or infinite value, no constant column, every
+    column within :data:`MAGNITUDE_LIMIT` and varying by more than its inverse) and its column
+    moments (:func:`fedgrain.core.standardize.column_moments`, which the fits need anyway), in
+    as few reads of ``out`` as the checks allow.
+
+    Two whole-array reductions (the largest and smallest value of all) clear every row of the
+    missing, infinite and magnitude checks at once; a column is looked at alone only when its
+    standard deviation is below the smallest spread allowed (a column's range is at least its
+    standard deviation), so constant columns are found from the moments. Where a check fails,
+    the column-by-column checks name the column, in the same order as before (missing values,
+    constant columns, magnitude).
+    """
+    from ..core.standardize import column_moments
+
+    if out.size == 0:
+        return column_moments(out, weights)
+    top, bottom = float(out.max()), float(out.min())  # NaN propagates
+    if not (np.isfinite(top) and np.isfinite(bottom)):
+        _check_finite(out, names)
+    if max(abs(top), abs(bottom)) > MAGNITUDE_LIMIT:
+        check_constant(out, names)
+        check_magnitude(out, names)
+    mean, sd = column_moments(out, weights)
+    tiny = np.flatnonzero(~(sd >= 1.0 / MAGNITUDE_LIMIT))
+    if tiny.size:
+        check_constant(out, names, tiny)
+        sub = out[:, tiny]
+        check_range(sub.max(axis=0), sub.min(axis=0), tuple(names[j] for j in tiny))
+    return mean, sd
 
 
 #: Below this many rows a column of distinct whole numbers is not remarked on (a few rows of
@@ -348,14 +384,18 @@ def fit_schema(
     return FeatureSchema(names, has_names, categories, tuple(output))
 
 
-def encode_features(table: np.ndarray | pd.DataFrame, schema: FeatureSchema) -> np.ndarray:
-    """Validated float64 C-contiguous features; the input itself when it already is one."""
+def encode_features(table: np.ndarray | pd.DataFrame, schema: FeatureSchema, *,
+                    check_finite: bool = True) -> np.ndarray:
+    """Validated float64 C-contiguous features; the input itself when it already is one.
+    ``check_finite=False`` leaves the check for missing and infinite values to the caller
+    (:func:`checked_moments` makes it in its own pass)."""
     if isinstance(table, np.ndarray) and not schema.categorical:
         if table.dtype == np.float64 and table.flags.c_contiguous:
             out = table
         else:
             out = np.ascontiguousarray(table, dtype=np.float64)
-        _check_finite(out, schema.output_names)
+        if check_finite:
+            _check_finite(out, schema.output_names)
         return out
     frame = pd.DataFrame(table, copy=False) if isinstance(table, np.ndarray) else table
     out = np.empty((frame.shape[0], schema.n_features))
@@ -375,7 +415,8 @@ def encode_features(table: np.ndarray | pd.DataFrame, schema: FeatureSchema) -> 
         k += 1
     if not_numeric:
         raise not_numeric_error(not_numeric)
-    _check_finite(out, schema.output_names)
+    if check_finite:
+        _check_finite(out, schema.output_names)
     return out
 
 

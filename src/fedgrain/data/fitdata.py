@@ -39,6 +39,10 @@ class FitData:
         The feature schema for predict time.
     target : TargetEncoding
         The ordinal levels.
+    moments : (numpy.ndarray, numpy.ndarray) or None
+        The columns' weighted means and standard deviations
+        (:func:`fedgrain.core.standardize.column_moments` of ``X`` and ``weights``), taken
+        with the checks; None where not taken.
 
     Examples
     --------
@@ -54,3 +58,12 @@ class FitData:
     weights: np.ndarray | None
     schema: FeatureSchema
     target: TargetEncoding
+    moments: tuple[np.ndarray, np.ndarray] | None = None
+
+    def column_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """``moments``, taken now if they were not taken with the checks."""
+        if self.moments is not None:
+            return self.moments
+        from ..core.standardize import column_moments
+
+        return column_moments(self.X, self.weights)

@@ -16,9 +16,8 @@ from fedgrain.exceptions import DataError
 from ._common import as_array, complex_error, describe_rows, quote
 from .features import (
     FeatureSchema,
-    check_constant,
-    check_magnitude,
     check_shape,
+    checked_moments,
     column_names,
     encode_features,
     fit_schema,
@@ -150,11 +149,10 @@ def prepare_fit(
     else:
         target, codes = resolve_target(values, levels, weights)
     schema = fit_schema(table, names, has_names, categorical)
-    matrix = encode_features(table, schema)
-    check_constant(matrix, schema.output_names)
-    check_magnitude(matrix, schema.output_names)
+    matrix = encode_features(table, schema, check_finite=False)
+    moments = checked_moments(matrix, weights, schema.output_names)
     warn_identifiers(matrix, schema)
-    return FitData(matrix, codes, weights, schema, target)
+    return FitData(matrix, codes, weights, schema, target, moments)
 
 
 def _warn_weightless_levels(dropped, target) -> None:

@@ -344,7 +344,7 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
                                        self.refine_rounds, owner)
             min_size = self._min_size(n, d)
             seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
-            std = fit_standardizer(Xm, w)
+            std = fit_standardizer(Xm, w, data.moments)
             clock.lap("prepare")
             estimation = None
             if groups is not None:

@@ -13,7 +13,7 @@ from ..core.likelihood import Pass, class_proba, exact_pass, exact_row_terms, in
 from ..core.linalg import NotIdentifiedError, chi2_sf, inverse, unidentified_directions
 from ..core.links import LINKS, get_link
 from ..core.solvers import newton, runaway, warm_start
-from ..core.standardize import Standardizer, column_moments
+from ..core.standardize import Standardizer
 from ..data import partitionwise as dask_parts
 from ..data import prepare_fit
 from ..data.features import resolve_columns
@@ -191,7 +191,7 @@ class OrdinalRegression(OrdinalModel):
                                 "needs many groups (at least 20 or so to be trusted).")
         n_eff = float(codes.shape[0] if w is None else w.sum())
         p, K = Xm.shape[1], data.target.n_classes
-        means, scales = column_moments(Xm, w)
+        means, scales = data.column_moments()
         link = get_link(self.link)
         x0 = np.concatenate([np.zeros(p), initial_thresholds(codes, w, K, floor=1e-10,
                                                              link=link)])
@@ -298,7 +298,7 @@ class OrdinalRegression(OrdinalModel):
         r = len(R)
         link = get_link(self.link)
         n_eff = float(codes.shape[0] if w is None else w.sum())
-        means, scales = column_moments(Xm, w)
+        means, scales = data.column_moments()
         Xc = Xm - means
         unit = np.where(scales > 0, scales, 1.0)
         dependent = _collinear_columns(Xm, w, means, unit)

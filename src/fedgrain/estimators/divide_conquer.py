@@ -188,7 +188,7 @@ class DivideConquerOrdinal(PooledModel):
                                 self.refine_rounds, owner)
             self._warn_small_subsets(n, M, d)
             split_seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
-            tree = PartitionTree(p, K, fit_standardizer(Xm, w), split_seed)
+            tree = PartitionTree(p, K, fit_standardizer(Xm, w, data.moments), split_seed)
             if M > 1:
                 tree.split_random(tree.root, M)
             labels = route_rows(tree, Xm, codes)

@@ -195,7 +195,7 @@ class MixedOrdinalRegression(OrdinalModel):
             raise DataError(f"No rows of level(s) {absent}: their thresholds are not "
                             "identified; drop them from levels=.")
         R = self._random_columns(names)
-        std = Standardizer.fit(Xm, w)
+        std = Standardizer.of_moments(*data.column_moments())
         dependent = _collinear_columns(Xm, w, std.mean, std.scale)
         if dependent.size:
             raise _collinear_error(names, dependent)
