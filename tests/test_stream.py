@@ -517,3 +517,18 @@ def test_saved_records_of_streamed_inputs_are_checked():
                 {k: v for k, v in good.items() if k != "at"}, ["ab"]):
         with pytest.raises(ValueError, match="streamed input"):
             _input_entry(bad)
+
+
+def test_a_saved_model_with_a_bad_record_of_its_inputs_is_refused(world, tmp_path):
+    from fedgrain.exceptions import ModelFileError
+    from fedgrain.persist import read_model_dir, write_model_dir
+
+    af, X, _, region, coef, thr = world
+    model = _stream(af, X[:20_000], _labels(X[:20_000], region[:20_000], coef, thr, 33))
+    model.stream_.add_input("ab" * 32, "s.parquet", 20_000, 0, "2026-12-05T00:00:00+00:00")
+    meta, arrays = read_model_dir(model.save(tmp_path / "m"))
+    assert load(tmp_path / "m").stream_.inputs == model.stream_.inputs
+    meta["stream"]["inputs"][0]["rows"] = "many"
+    write_model_dir(tmp_path / "bad", meta, arrays)  # valid checksums
+    with pytest.raises(ModelFileError):
+        load(tmp_path / "bad")
