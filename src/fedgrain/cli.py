@@ -142,8 +142,14 @@ def _write_atomic(out: Path, write) -> None:
 
         os.chmod(tmp, public_mode())  # mkstemp's file is private; an output follows the umask
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        from .persist import disk_full
+
+        full = disk_full(exc, out, "the output", f"{out} is unchanged" if out.exists() else
+                         "nothing was written")
+        if full is not None:
+            raise full from None
         raise
 
 

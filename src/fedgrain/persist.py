@@ -151,10 +151,35 @@ def write_model_dir(
         staging.mkdir()
         _write_files(staging, meta, arrays, _key(key))
         _move_into_place(staging, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        full = disk_full(exc, target, f"the model ({_size_of(arrays)})",
+                         "the model at that path is unchanged" if target.exists() else
+                         "nothing was written")
+        if full is not None:
+            raise full from None
         raise
     return target
+
+
+def _size_of(arrays: Mapping[str, np.ndarray]) -> str:
+    mb = sum(np.asarray(a).nbytes for a in arrays.values()) / 1e6
+    return f"about {mb:,.1f} MB" if mb >= 0.1 else "under 0.1 MB"
+
+
+def disk_full(exc: BaseException, out: Path, what: str, kept: str) -> BaseException | None:
+    """A :class:`~fedgrain.exceptions.ResourceError` naming ``out`` when ``exc`` is a full
+    disk or an exhausted quota (None otherwise): errno 28 alone names neither the path nor the
+    fix."""
+    import errno
+
+    from .exceptions import ResourceError
+
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    reason = "its disk is full" if exc.errno == errno.ENOSPC else "the disk quota is used up"
+    return ResourceError(f"No room to write {what} to {out}: {reason}; {kept}. Free space there "
+                         "or write to another disk.")
 
 
 #: The signature of a signed model: HMAC-SHA256 of the bytes of its ``model.json`` (the
