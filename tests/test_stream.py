@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -467,8 +468,8 @@ def test_a_model_can_be_saved_without_the_streams_raw_rows(world, tmp_path):
 def test_stream_command_run_again_on_the_same_input_does_not_feed_it_twice(world, tmp_path,
                                                                            capsys):
     # A run stopped after the model was saved but before its event log was written is finished
-    # by running it again: the model records the input it took (its files unchanged, the same
-    # filter), so the rows are not fed twice and only the log is written.
+    # by running it again: the model records the files it took (name, size, time of last
+    # change, filter, target), so their rows are not fed twice and only the log is written.
     af, X, _, region, coef, thr = world
     cols = [f"x{j}" for j in range(X.shape[1])]
     AdaptiveFederatedOrdinal(backend="serial").fit(
@@ -482,7 +483,8 @@ def test_stream_command_run_again_on_the_same_input_does_not_feed_it_twice(world
     assert main(args) == 0
     saved = (tmp_path / "m" / "model.json").read_bytes()
     record = load(tmp_path / "m").stream_.inputs
-    assert [(r["rows"], r["rows_before"]) for r in record] == [(10_000, 0)]
+    assert [(r["file"], r["rows"], r["rows_before"]) for r in record] == [(str(data), 10_000,
+                                                                           0)]
     first_log = log.read_text()
     log.unlink()  # as if the run had been killed between the two writes
     capsys.readouterr()
@@ -491,7 +493,7 @@ def test_stream_command_run_again_on_the_same_input_does_not_feed_it_twice(world
     assert "already holds the 10,000 rows" in out and "--again" in out
     assert (tmp_path / "m" / "model.json").read_bytes() == saved  # not fed again
     assert log.read_text() == first_log
-    # another filter is another input; --again feeds the same one once more
+    # another filter reads other rows; --again feeds the same file once more
     assert main([*args, "--filter", "x0 > 0"]) == 0
     n_pos = int((X[20_000:30_000, 0] > 0).sum())
     assert load(tmp_path / "m").stream_.rows_seen == 10_000 + n_pos
@@ -499,23 +501,72 @@ def test_stream_command_run_again_on_the_same_input_does_not_feed_it_twice(world
     back = load(tmp_path / "m")
     assert back.stream_.rows_seen == 20_000 + n_pos
     assert [r["rows_before"] for r in back.stream_.inputs] == [0, 10_000, 10_000 + n_pos]
-    # a file rewritten since (new content, new time) is new input
-    frame = pd.read_parquet(data)
-    frame.iloc[:100].to_parquet(data)
+    # a file changed since it was fed is refused (fed whole, its old rows would count twice)
+    before = (tmp_path / "m" / "model.json").read_bytes()
+    pd.read_parquet(data).iloc[:100].to_parquet(data)
     os.utime(data, ns=(time.time_ns() + 10**9,) * 2)
-    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "changed since the model took 10,000 rows from it" in err and "--again" in err
+    assert (tmp_path / "m" / "model.json").read_bytes() == before
+    assert main([*args, "--again"]) == 0
     assert load(tmp_path / "m").stream_.rows_seen == 20_100 + n_pos
+
+
+def test_stream_command_on_a_growing_folder_feeds_only_its_new_files(world, tmp_path, capsys):
+    af, X, _, region, coef, thr = world
+    cols = [f"x{j}" for j in range(X.shape[1])]
+    fitted = AdaptiveFederatedOrdinal(backend="serial").fit(
+        pd.DataFrame(X[:20_000], columns=cols),
+        _labels(X[:20_000], region[:20_000], coef, thr, 34))
+    fitted.save(tmp_path / "m")
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    y = _labels(X, region, coef, thr, 35)
+    parts = [(20_000 + 4000 * i, 24_000 + 4000 * i) for i in range(3)]
+
+    def write(i):
+        a, b = parts[i]
+        pd.DataFrame(X[a:b], columns=cols).assign(grade=y[a:b]).to_parquet(
+            folder / f"day{i}.parquet")
+
+    write(0)
+    write(1)
+    args = ["--quiet", "stream", str(tmp_path / "m"), str(folder), "--target", "grade",
+            "--batch-size", "1500"]
+    assert main(args) == 0
+    write(2)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "Skipping 2 files" in capsys.readouterr().out
+    back = load(tmp_path / "m")
+    assert back.stream_.rows_seen == 12_000
+    assert [(Path(r["file"]).name, r["rows_before"]) for r in back.stream_.inputs] == [
+        ("day0.parquet", 0), ("day1.parquet", 4000), ("day2.parquet", 8000)]
+    # the same batches as partial_fit over the files in order
+    ref = AdaptiveFederatedOrdinal(backend="serial").fit(
+        pd.DataFrame(X[:20_000], columns=cols),
+        _labels(X[:20_000], region[:20_000], coef, thr, 34))
+    for a, b in parts:
+        for s in range(a, b, 1500):
+            e = min(s + 1500, b)
+            ref.partial_fit(pd.DataFrame(X[s:e], columns=cols), y[s:e])
+    np.testing.assert_array_equal(back.predict_proba(pd.DataFrame(X[:200], columns=cols)),
+                                  ref.predict_proba(pd.DataFrame(X[:200], columns=cols)))
 
 
 def test_saved_records_of_streamed_inputs_are_checked():
     from fedgrain.monitor.state import _input_entry
 
-    good = {"identity": "ab", "source": "s.parquet", "rows": 3, "rows_before": 0,
-            "at": "2026-12-05T00:00:00+00:00"}
+    good = {"file": "s.parquet", "size": 10, "mtime_ns": 5, "filter": None, "target": "g",
+            "rows": 3, "rows_before": 0, "at": "2026-12-05T00:00:00+00:00"}
     assert _input_entry(good) == good
+    assert _input_entry({**good, "size": None, "mtime_ns": None, "filter": "(x > 0)"})
     for bad in ({**good, "rows": -1}, {**good, "rows": "3"}, {**good, "extra": 1},
-                {k: v for k, v in good.items() if k != "at"}, ["ab"]):
-        with pytest.raises(ValueError, match="streamed input"):
+                {k: v for k, v in good.items() if k != "at"}, ["ab"], {**good, "size": 1.5},
+                {**good, "target": None}):
+        with pytest.raises(ValueError, match="streamed file"):
             _input_entry(bad)
 
 
@@ -525,7 +576,7 @@ def test_a_saved_model_with_a_bad_record_of_its_inputs_is_refused(world, tmp_pat
 
     af, X, _, region, coef, thr = world
     model = _stream(af, X[:20_000], _labels(X[:20_000], region[:20_000], coef, thr, 33))
-    model.stream_.add_input("ab" * 32, "s.parquet", 20_000, 0, "2026-12-05T00:00:00+00:00")
+    model.stream_.add_input("s.parquet", 10, 5, None, "g", 20_000, 0, "2026-12-05T00:00:00+00:00")
     meta, arrays = read_model_dir(model.save(tmp_path / "m"))
     assert load(tmp_path / "m").stream_.inputs == model.stream_.inputs
     meta["stream"]["inputs"][0]["rows"] = "many"

@@ -699,46 +699,85 @@ def _cmd_stream(args) -> int:
     from . import progress
 
     source = DatasetSource(args.data, args.batch_size, filter=args.filter, target=args.target)
-    identity = source.identity()
-    fed = None if model.stream_ is None else model.stream_.input_fed(identity)
-    if fed is not None and not args.again:
-        # the model already holds these rows (a run whose event log was not written, or a
+    flt = None if source.filter is None else str(source.filter)
+    files, skipped = _files_to_feed(model, source, flt, args)
+    if not files:
+        # the model already took every file (a run whose event log was not written, or a
         # second run by mistake): finish that run's work instead of feeding the rows twice
-        print(f"{args.model} already holds the {fed['rows']:,} rows of {source.shown} (streamed "
-              f"{fed['at']}, after row {fed['rows_before']:,}); not feeding them again (pass "
-              "--again to feed them once more).")
+        rows_held = sum(r["rows"] for _, r in skipped)
+        print(f"{args.model} already holds the {rows_held:,} rows of {source.shown} "
+              f"({len(skipped)} file{'s' if len(skipped) != 1 else ''}, last streamed "
+              f"{max(r['at'] for _, r in skipped)}); not feeding them again (pass --again to "
+              "feed them once more).")
         if out != Path(args.model):
             model.save(out, overwrite=True)
         _write_events(events_path, model.events_)
         print(f"Model at {out}; {len(model.events_)} events in {events_path}")
         return 0
+    if skipped:
+        print(f"Skipping {len(skipped)} file{'s' if len(skipped) != 1 else ''} of "
+              f"{source.shown} the model already took ({sum(r['rows'] for _, r in skipped):,} "
+              "rows); feeding the new ones.")
     seen = len(model.events_)
-    before = 0 if model.stream_ is None else model.stream_.rows_seen
     rows = 0
     t0 = time.perf_counter()
     bar = _bar(args)
     say = print if bar is None else bar.write  # event lines above the bar, not through it
+    fed = []
     with progress.reporting(bar), progress.step("streaming", None, "rows"):
-        for _, batch in source.frames():
-            X, y = split_target(batch, args.target)
-            model.partial_fit(X, y)
-            rows += len(batch)
-            progress.advance(len(batch))
-            for e in model.events_[seen:]:
-                say(f"row {e['rows_seen']:,}: leaf {e['leaf']}: {e['kind']} ({e['detail']})")
-            seen = len(model.events_)
+        for name, size, mtime in files:
+            before, in_file = (0 if model.stream_ is None else model.stream_.rows_seen), 0
+            for _, batch in source.frames(files=[name]):
+                X, y = split_target(batch, args.target)
+                model.partial_fit(X, y)
+                in_file += len(batch)
+                progress.advance(len(batch))
+                for e in model.events_[seen:]:
+                    say(f"row {e['rows_seen']:,}: leaf {e['leaf']}: {e['kind']} "
+                        f"({e['detail']})")
+                seen = len(model.events_)
+            rows += in_file
+            fed.append((name, size, mtime, in_file, before))
     _log(args, f"streamed {rows:,} rows in {time.perf_counter() - t0:.2f} s")
-    if model.stream_ is None:  # no rows at all: a state that records the input
+    if model.stream_ is None:  # no rows at all: a state that records the files
         model.stream_ = DriftMonitor.new_state(model)
-    model.stream_.add_input(identity, source.shown, rows, before,
-                            datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    # the model and the record of its input are saved in one atomic step; the event log is
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for name, size, mtime, in_file, before in fed:
+        model.stream_.add_input(name, size, mtime, flt, args.target, in_file, before, at)
+    # the model and the record of its files are saved in one atomic step; the event log is
     # derived from the model, so a run stopped between the two writes is finished by running
-    # it again (the input is recognised and only the log is written)
+    # it again (its files are recognised and only the log is written)
     path = model.save(out, overwrite=True)
     _write_events(events_path, model.events_)
     print(f"Model saved to {path}; {len(model.events_)} events in {events_path}")
     return 0
+
+
+def _files_to_feed(model, source, flt: str | None, args) -> tuple[list, list]:
+    """The files of ``source`` to feed (in reading order) and those skipped with their
+    records: a file the model took before, unchanged and read the same way, is skipped; one
+    changed since it was taken is refused (feeding it whole would feed its earlier rows
+    twice); ``--again`` feeds them all."""
+    states = source.file_states()
+    if args.again or model.stream_ is None:
+        return states, []
+    feed, skipped, changed = [], [], []
+    for state in states:
+        record = model.stream_.input_fed(state[0], flt, args.target)
+        if record is None:
+            feed.append(state)
+        elif (record["size"], record["mtime_ns"]) == state[1:]:
+            skipped.append((state, record))
+        else:
+            changed.append((state[0], record))
+    if changed:
+        name, record = changed[0]
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise DataError(
+            f"'{name}'{more} changed since the model took {record['rows']:,} rows from it "
+            f"({record['at']}); feeding it whole would feed those rows twice. Put new rows in "
+            "new files, or pass --again to feed the changed files whole once more.")
+    return feed, skipped
 
 
 def _write_events(path: Path, events: list) -> None:
@@ -909,9 +948,9 @@ def _add_stream(command) -> None:
     p.add_argument("--out", help="model directory to write (default: update MODEL in place)")
     p.add_argument("--events", help="event log to write, JSON lines (default OUT.events.jsonl)")
     p.add_argument("--again", action="store_true",
-                   help="feed the rows even if the model already took this input (the same "
-                        "files, unchanged, under the same filter); without it such a run only "
-                        "rewrites the event log")
+                   help="feed every file, even those the model already took (unchanged, with "
+                        "the same filter and target), which are otherwise skipped, and those "
+                        "changed since, which are otherwise refused")
     p.set_defaults(func=_cmd_stream)
 
 

@@ -780,24 +780,20 @@ class DatasetSource:
                 raise self._failed(frag, exc) from None
         return out
 
-    def identity(self) -> str:
-        """A digest that names this input: its files (where, size, time of last change), the
-        filter and the columns, without reading the rows. The same files unchanged under the
-        same filter give the same digest; a file rewritten, added or removed gives another."""
-        import hashlib
-        import json
-
-        files = []
+    def file_states(self) -> list[tuple[str, int | None, int | None]]:
+        """Each file as it is now, in reading order: ``(name as shown, size in bytes, time of
+        last change in ns)`` (None where the file system does not say), without reading rows.
+        What ``fedgrain stream`` records of the files it fed, to recognise them later."""
+        out = []
         for frag in self._fragments:
             try:
                 info = self.filesystem.get_file_info(frag.path)
             except (pa.ArrowException, OSError) as exc:
                 raise self._failed(frag, exc) from None
-            files.append([self._shown_file(frag.path), info.size, info.mtime_ns])
-        text = json.dumps({"files": files, "filter": None if self.filter is None
-                           else str(self.filter), "columns": self.columns,
-                           "target": self.target}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+            mtime = info.mtime_ns
+            out.append((self._shown_file(frag.path), None if info.size is None else
+                        int(info.size), None if mtime is None else int(mtime)))
+        return out
 
     @property
     def n_rows(self) -> int:
@@ -850,11 +846,16 @@ class DatasetSource:
                 table = table.filter(self.filter)
             yield table.select(columns)
 
-    def frames(self, columns: list[str] | None = None):
+    def frames(self, columns: list[str] | None = None, files: Any = None):
         """``(start, DataFrame)`` for every batch, in order: ``batch_rows`` rows each, a file's
-        last batch shorter; ``columns`` (default: this source's) are read, nothing else."""
+        last batch shorter; ``columns`` (default: this source's) are read, nothing else;
+        ``files`` (names as in :attr:`files`), only those files' batches (the same batches as
+        in the whole read: a batch never spans two files; ``start`` counts their rows only)."""
         columns = self.columns if columns is None else list(columns)
         schema, fragments = self._stream
+        if files is not None:
+            wanted = set(files)
+            fragments = [f for f in fragments if self._shown_file(f.path) in wanted]
         start = 0
         for frag in fragments:
             pending: list = []

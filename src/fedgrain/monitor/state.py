@@ -27,9 +27,10 @@ WINDOW_ROWS = 20_000
 #: this many leaf entries over them (a model of many leaves keeps fewer batches).
 TRACE_BATCHES = 2_000
 TRACE_CELLS = 100_000
-#: Records of streamed inputs kept (``StreamState.inputs``): enough to recognise an input run
-#: again after an interrupted command, a few kB in ``model.json``.
-INPUTS_KEPT = 100
+#: Records of streamed files kept (``StreamState.inputs``, the latest): about 250 bytes each
+#: in ``model.json``, so at most about 5 MB; a file fed before the latest 20,000 is no longer
+#: recognised.
+INPUTS_KEPT = 20_000
 
 
 @dataclass(frozen=True)
@@ -108,22 +109,25 @@ class StreamState:
     #: per batch: the rows seen after it and, per leaf with rows in it, ``[rows, mean
     #: log-loss, detector statistic, its bound, reference CUSUM, its bound]`` (None: NaN)
     trace: list[dict] = field(default_factory=list)
-    #: the inputs fed to the stream by name (``fedgrain stream``): per input its identity,
-    #: where it was read, its rows, the rows seen before it and when; the latest
-    #: :data:`INPUTS_KEPT`. A command run again on an input the model already holds does not
-    #: feed its rows twice.
+    #: the files fed to the stream by ``fedgrain stream``, the latest :data:`INPUTS_KEPT`: per
+    #: file its name, size and time of last change when read, the filter and target it was
+    #: read with, its rows, the rows seen before it and when. A command run again on files the
+    #: model already took does not feed their rows twice.
     inputs: list[dict] = field(default_factory=list)
 
-    def add_input(self, identity: str, shown: str, rows: int, before: int, at: str) -> None:
-        """Record that the input ``identity`` (read from ``shown``) was fed: ``rows`` rows after
-        ``before`` rows of the stream, at ``at`` (ISO time)."""
-        self.inputs.append({"identity": str(identity), "source": str(shown), "rows": int(rows),
+    def add_input(self, file: str, size: int | None, mtime_ns: int | None, filter: str | None,
+                  target: str, rows: int, before: int, at: str) -> None:
+        """Record that ``file`` (as it was: ``size``, ``mtime_ns``), read with ``filter`` and
+        ``target``, fed ``rows`` rows after ``before`` rows of the stream, at ``at``."""
+        self.inputs.append({"file": str(file), "size": size, "mtime_ns": mtime_ns,
+                            "filter": filter, "target": str(target), "rows": int(rows),
                             "rows_before": int(before), "at": str(at)})
         del self.inputs[: max(0, len(self.inputs) - INPUTS_KEPT)]
 
-    def input_fed(self, identity: str) -> dict | None:
-        """The latest record of input ``identity``, or None if the stream never took it."""
-        return next((e for e in reversed(self.inputs) if e["identity"] == identity), None)
+    def input_fed(self, file: str, filter: str | None, target: str) -> dict | None:
+        """The latest record of ``file`` read with ``filter`` and ``target``, or None."""
+        return next((e for e in reversed(self.inputs) if e["file"] == file
+                     and e["filter"] == filter and e["target"] == target), None)
 
     def record(self, entry: dict) -> None:
         """Add a batch to the trace, forgetting the oldest beyond :data:`TRACE_BATCHES`."""
@@ -224,14 +228,16 @@ class StreamState:
 
 
 def _input_entry(entry) -> dict:
-    """A saved record of a streamed input, checked."""
-    keys = {"identity": str, "source": str, "rows": int, "rows_before": int, "at": str}
+    """A saved record of a streamed file, checked."""
+    keys = {"file": (str,), "size": (int, type(None)), "mtime_ns": (int, type(None)),
+            "filter": (str, type(None)), "target": (str,), "rows": (int,),
+            "rows_before": (int,), "at": (str,)}
     if not isinstance(entry, dict) or set(entry) != set(keys) or not all(
-            type(entry[k]) is t for k, t in keys.items()):
-        raise ValueError("a record of a streamed input does not hold its identity, source, "
-                         "rows, rows before and time")
-    if entry["rows"] < 0 or entry["rows_before"] < 0:
-        raise ValueError("a record of a streamed input has a negative row count")
+            type(entry[k]) in t for k, t in keys.items()):
+        raise ValueError("a record of a streamed file does not hold its name, size, time, "
+                         "filter, target, rows, rows before and time fed")
+    if entry["rows"] < 0 or entry["rows_before"] < 0 or (entry["size"] or 0) < 0:
+        raise ValueError("a record of a streamed file has a negative count")
     return dict(entry)
 
 
