@@ -583,3 +583,20 @@ def test_a_saved_model_with_a_bad_record_of_its_inputs_is_refused(world, tmp_pat
     write_model_dir(tmp_path / "bad", meta, arrays)  # valid checksums
     with pytest.raises(ModelFileError):
         load(tmp_path / "bad")
+
+
+def test_stream_command_with_no_file_passing_the_filter_is_a_data_error(world, tmp_path, capsys):
+    af, X, _, region, coef, thr = world
+    cols = [f"x{j}" for j in range(X.shape[1])]
+    AdaptiveFederatedOrdinal(backend="serial").fit(
+        pd.DataFrame(X[:20_000], columns=cols),
+        _labels(X[:20_000], region[:20_000], coef, thr, 36)).save(tmp_path / "m")
+    (tmp_path / "d" / "region=a").mkdir(parents=True)
+    pd.DataFrame(X[:100], columns=cols).assign(grade=1).to_parquet(
+        tmp_path / "d" / "region=a" / "p.parquet")
+    before = (tmp_path / "m" / "model.json").read_bytes()
+    code = main(["--quiet", "stream", str(tmp_path / "m"), str(tmp_path / "d"), "--target",
+                 "grade", "--filter", "region == 'b'"])
+    err = capsys.readouterr().err
+    assert code == 2 and "passes the filter" in err and err.count("\n") == 1
+    assert (tmp_path / "m" / "model.json").read_bytes() == before

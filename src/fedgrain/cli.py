@@ -759,6 +759,10 @@ def _files_to_feed(model, source, flt: str | None, args) -> tuple[list, list]:
     changed since it was taken is refused (feeding it whole would feed its earlier rows
     twice); ``--again`` feeds them all."""
     states = source.file_states()
+    if not states:
+        raise DataError(f"No file of '{source.shown}' "
+                        f"{'passes the filter ' + flt if flt else 'holds rows'}: nothing to "
+                        "stream; check the path and the filter.")
     if args.again or model.stream_ is None:
         return states, []
     feed, skipped, changed = [], [], []
