@@ -201,6 +201,13 @@ class ProcessesBackend(Backend):
             folder = self._dir
         return FileShardWriter(self, folder, sizes, n_features, weighted)
 
+    # Hook (backends/views.py): the workers run on this machine and can map its files, so
+    # subsets of rows in a shared buffer are placed as views, their small files in here.
+    def view_folder(self, nbytes: int) -> Path:
+        """The shard folder, with room for ``nbytes`` more (views' row numbers and codes)."""
+        self.reserve(nbytes)
+        return self._dir
+
     def map(
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, work: float | None = None
     ) -> list[Outcome]:
