@@ -37,6 +37,8 @@ MARKED = {
               "bench_drift.py"),
     "sites": ("Many federated sites: the cost of a leaf, 100 to 1,000 sites", "bench_sites.py"),
     "passes": ("Speed: one pass against the Gram-matrix floor", "bench_passes.py"),
+    "views": ("Memory with the rows in a shared buffer: subsets as views",
+              "bench_core.py --views"),
 }
 
 
