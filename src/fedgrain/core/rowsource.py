@@ -52,28 +52,19 @@ class SharedBuffer:
     device: int
 
     def open(self) -> np.ndarray:
-        """The rows, mapped read-only (once per process)."""
-        key = (self.path, self.offset, self.shape, self.inode, self.device)
-        arr = _OPEN.get(key)
-        if arr is None:
-            try:
-                st = os.stat(self.path)
-            except OSError as exc:
-                raise FileNotFoundError(
-                    f"The shared rows' file {self.path} cannot be opened here ({exc.strerror}):"
-                    " was it removed during the fit?") from None
-            if (st.st_ino, st.st_dev) != (self.inode, self.device):
-                raise RuntimeError(f"The shared rows' file {self.path} was replaced during the "
-                                   "fit; keep it in place until the fit returns.")
-            arr = np.memmap(self.path, dtype=np.float64, mode="r", offset=self.offset,
-                            shape=self.shape)
-            if len(_OPEN) >= 8:  # a long-lived worker: keep the latest few mapped
-                _OPEN.pop(next(iter(_OPEN)))
-            _OPEN[key] = arr
-        return arr
-
-
-_OPEN: dict = {}
+        """The rows, mapped read-only. Mapped afresh by every task, as copied shards are (no
+        cache: a worker that kept the map would keep a removed file's memory)."""
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"The shared rows' file {self.path} cannot be opened here ({exc.strerror}):"
+                " was it removed during the fit?") from None
+        if (st.st_ino, st.st_dev) != (self.inode, self.device):
+            raise RuntimeError(f"The shared rows' file {self.path} was replaced during the "
+                               "fit; keep it in place until the fit returns.")
+        return np.memmap(self.path, dtype=np.float64, mode="r", offset=self.offset,
+                         shape=self.shape)
 
 
 class SharedRows:
@@ -99,8 +90,9 @@ class SharedRows:
 
     def __init__(self, source: np.ndarray, index: np.ndarray, mean: np.ndarray,
                  scale: np.ndarray, columns: np.ndarray | None = None):
-        self.source = source
-        self.index = index
+        # plain views of the maps: numpy.memmap's bookkeeping on every slice costs time
+        self.source = source.view(np.ndarray) if isinstance(source, np.memmap) else source
+        self.index = index.view(np.ndarray) if isinstance(index, np.memmap) else index
         self.mean = np.asarray(mean, dtype=np.float64)
         self.scale = np.asarray(scale, dtype=np.float64)
         self.columns = columns
