@@ -278,6 +278,9 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", default=None,
                     help="earlier results JSON whose records fill in (size, tool) pairs not rerun")
     ap.add_argument("--selftest", action="store_true", help="check the memory accounting")
+    ap.add_argument("--fit-repeats", type=int, default=None,
+                    help="DivideConquerOrdinal fits per child: the first is measured (time and "
+                    "memory), the others timed (default 1; 3 with --views)")
     ap.add_argument("--views", action="store_true",
                     help=f"DivideConquerOrdinal with copied subsets against subsets as views "
                     f"(tools {','.join(VIEW_TOOLS)}, sizes {VIEW_SIZES} unless given, no cold "
@@ -299,6 +302,8 @@ def main(argv=None) -> int:
             print(render(doc))
         return 0
 
+    if args.fit_repeats is None:
+        args.fit_repeats = 3 if args.views else 1
     if args.views:
         args.no_cold = True
         if args.tools == ",".join(ALL_TOOLS):
@@ -361,7 +366,7 @@ def main(argv=None) -> int:
             for cold in variants:
                 spec = {"tool": tool, "n": n, "p": p, "seed": args.seed, "cpus": cpus,
                         "cold": cold, "sample_ms": args.sample_ms, "max_iter": args.max_iter,
-                        "repeats": args.repeats}
+                        "repeats": args.repeats, "fit_repeats": args.fit_repeats}
                 label = f"{tool}{' (cold)' if cold else ''} at {size_key(n, p)}"
                 print(f"[{time.strftime('%H:%M:%S')}] {label} ...", end=" ", flush=True,
                       file=sys.stderr)

@@ -244,3 +244,17 @@ def test_shared_array_and_rows(tmp_path):
         shared_rows(np.array([["a", "b"]]))
     with pytest.raises(DataError, match="does not exist"):
         shared_array((3, 3), folder=tmp_path / "missing")
+
+
+def test_dask_local_cluster_views_equal_copies(placed, tmp_path):
+    pytest.importorskip("dask.distributed")
+    from fedgrain.backends.dask import DaskBackend
+
+    X, y, w = data(5000, 4, seed=4)
+    Xs = on_disk(tmp_path, X)
+    with DaskBackend(n_workers=2) as be:
+        kw = {"n_subsets": 2, "backend": be}
+        copied = DivideConquerOrdinal(**kw).fit(X, y, sample_weight=w)
+        viewed = DivideConquerOrdinal(**kw).fit(Xs, y, sample_weight=w)
+    assert placed[0][0] is None and placed[1][0] is not None
+    same(copied, viewed)

@@ -5,6 +5,9 @@ Shards are written once to memory-mapped ``.npy`` files in a private temporary f
 read-only: a subset is
 copied exactly once, however many rounds use it, and a task pickles only file names and
 parameters. The loky executor is reused across calls, so worker start-up is paid once a session.
+
+Rows that already lie in a buffer the workers can map (a memory-mapped file, shared memory)
+are not copied at all: each subset is placed as a view of them (:mod:`fedgrain.backends.views`).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import numpy as np
 from .._warnings import warn
 from ..core.rowsource import SharedBuffer, SharedRows
 from ..exceptions import DataError
-from .base import FileShardRef, Shard, private_folder
+from .base import FileShardRef, Shard, private_folder, unlink_files
 
 __all__ = ["ViewShardRef", "find_shared", "place_views", "shared_array", "shared_rows"]
 
@@ -132,8 +132,9 @@ def _mapped(X) -> bool:
 def place_views(backend, X, codes: np.ndarray, weights: np.ndarray | None,
                 labels: np.ndarray, n_subsets: int, standardizer) -> list | None:
     """Place the subsets as views when ``backend`` lets its workers map this machine's files
-    and ``X`` lies in a shared buffer (:func:`find_shared`); None otherwise (then the caller
-    copies the rows). A memory-mapped ``X`` that cannot be shared is copied with a warning
+    (its ``view_folder`` gives a folder: the processes backend, Dask's local cluster) and ``X``
+    lies in a shared buffer (:func:`find_shared`); None otherwise (then the caller copies the
+    rows). A memory-mapped ``X`` that cannot be shared is copied with a warning
     that says why."""
     folder_for = getattr(backend, "view_folder", None)
     if folder_for is None or not isinstance(X, np.ndarray):
@@ -149,7 +150,10 @@ def place_views(backend, X, codes: np.ndarray, weights: np.ndarray | None,
     idx_type = np.int32 if X.shape[0] < 2**31 else np.int64
     per_row = np.dtype(idx_type).itemsize + np.dtype(np.intp).itemsize + \
         (8 if weights is not None else 0)
-    folder = Path(folder_for(int(sizes.sum()) * per_row))
+    folder = folder_for(int(sizes.sum()) * per_row)
+    if folder is None:
+        return None
+    folder = Path(folder)
     refs: list[ViewShardRef] = []
     mean = np.array(standardizer.mean, dtype=np.float64)
     scale = np.array(standardizer.scale, dtype=np.float64)
@@ -166,9 +170,13 @@ def place_views(backend, X, codes: np.ndarray, weights: np.ndarray | None,
             if weights is not None:
                 np.save(paths[2], np.asarray(weights[rows], dtype=np.float64))
     except BaseException:
-        backend.release(refs)
+        unlink_files(refs)
         raise
-    return refs
+    try:  # with the workers: the processes backend's map the files per task, Dask's hold them
+        return backend.adopt(refs)
+    except BaseException:
+        unlink_files(refs)
+        raise
 
 
 def shared_array(shape, *, folder: str | os.PathLike | None = None) -> np.memmap:
