@@ -6,7 +6,8 @@ about twice their size in RAM. When the caller's encoded rows already lie in a b
 processes can map -- a ``numpy.memmap`` or ``np.load(path, mmap_mode="r")`` of a ``.npy``
 file (in ``/dev/shm`` or on disk), an array over a
 ``multiprocessing.shared_memory.SharedMemory``, or what :func:`shared_array` and
-:func:`shared_rows` return -- the processes backend places each subset as a *view*: a file of
+:func:`shared_rows` return -- the processes backend (and Dask's local cluster, whose workers
+run on this machine) places each subset as a *view*: a file of
 its row numbers (4 bytes a row), its class codes and weights, and a small description of the
 buffer (:class:`~fedgrain.core.rowsource.SharedBuffer`) and of the global standardisation.
 Each worker maps the buffer read-only and gathers and standardises its subset's rows block by
@@ -88,7 +89,7 @@ def find_shared(X) -> tuple[SharedBuffer | None, str]:
     except OSError:
         return None, "this system does not say which file a memory map holds (/proc/self/maps)"
     if not found:
-        return None, "the rows are not in a memory map"
+        return None, "the rows are in private memory, not a map of a file"
     found.sort()
     lo, _, perms, offset, dev, inode, path = found[0]
     for prev, m in zip(found, found[1:], strict=False):  # one map, maybe split in pieces
