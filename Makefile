@@ -40,6 +40,7 @@ lint: $(VENV)/.dev-installed
 
 bench: $(VENV)/.dev-installed
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_core.py --views --out docs/benchmarks.md
 	$(PY) benchmarks/bench_inference.py --out docs/benchmarks.md
 	$(PY) benchmarks/bench_adaptive.py --out docs/benchmarks.md
 	$(PY) benchmarks/bench_meta.py --out docs/benchmarks.md

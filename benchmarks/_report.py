@@ -37,6 +37,8 @@ MARKED = {
               "bench_drift.py"),
     "sites": ("Many federated sites: the cost of a leaf, 100 to 1,000 sites", "bench_sites.py"),
     "passes": ("Speed: one pass against the Gram-matrix floor", "bench_passes.py"),
+    "views": ("Memory with the rows in a shared buffer: subsets as views",
+              "bench_core.py --views"),
 }
 
 
@@ -325,12 +327,16 @@ def render(doc: dict, inference: list[str] | None = None,
         "",
         *targets_table(records, sizes),
         "",
-        "fedgrain's DivideConquerOrdinal cannot meet the total reading with in-memory input "
-        "and worker processes: the processes backend places one standardised copy of the rows "
+        "fedgrain's DivideConquerOrdinal cannot meet the total reading with a private "
+        "in-memory X and worker processes: a worker process cannot read the fitting process's "
+        "private memory, so the processes backend places one standardised copy of the rows "
         "in shared memory (/dev/shm) so that each worker can keep its subset across the "
         "rounds without copying it again (about 1.05x X), and that copy alone makes the total "
         "about 2x. The remaining 0.05-0.2x of X is the parent's labels and codes and its "
-        "per-block buffers.",
+        "per-block buffers. With X already in a buffer the workers can map (a memory-mapped "
+        "file, shared memory, `fedgrain.shared_rows`), the subsets are views of it, not "
+        "copies, and the total is 1.1-1.4x X: see \"Memory with the rows in a shared buffer: "
+        "subsets as views\" below.",
         "",
         "The Newton target is shown against both floors (plain and blocked X'WX, see Floors): "
         "at p = 20 the N(K - 1) sigmoid terms, one pass for x'beta and one thin product cost "

@@ -78,7 +78,9 @@ def _timed(sampler, fn, **status):
     }
 
 
-def _dc(spec, X, y, sampler, M):
+def _dc(spec, X, y, sampler, M, shared=False):
+    """DivideConquerOrdinal with M subsets; ``shared``: X copied first (untimed) into a
+    ``/dev/shm`` file (``fedgrain.backends.shared_rows``), so the subsets are views of it."""
     import numpy as np
 
     from fedgrain import DivideConquerOrdinal
@@ -104,9 +106,21 @@ def _dc(spec, X, y, sampler, M):
         del Xw, yw
         sampler.mem.refresh_tree()
         res["workers_after_warmup"] = len(sampler.mem.pids) - 1
+    if shared:  # X in a file of /dev/shm, in the baseline like a private X
+        from fedgrain.backends import shared_rows
+
+        X = shared_rows(X)
+        res["shared"] = True
+        sampler.mem.refresh_tree()
     est = DivideConquerOrdinal(n_subsets=M, backend="processes", n_jobs=n_jobs)
     _, meas = _timed(sampler, lambda: est.fit(X, y))
     res.update(meas)
+    times = [meas["time"]]
+    for _ in range(int(spec.get("fit_repeats", 1)) - 1):  # after the window: time only
+        t0 = time.perf_counter()
+        DivideConquerOrdinal(n_subsets=M, backend="processes", n_jobs=n_jobs).fit(X, y)
+        times.append(time.perf_counter() - t0)
+    res["fit_times"] = times
     res["estimate"] = _est(est.coef_, est.thresholds_, est.bse_)
     n_iter = getattr(est, "n_iter_", None)
     if n_iter is not None:
@@ -354,6 +368,9 @@ RUNNERS = {
     "dc2": lambda s, X, y, m: _dc(s, X, y, m, 2),
     "dc4": lambda s, X, y, m: _dc(s, X, y, m, 4),
     "dc8": lambda s, X, y, m: _dc(s, X, y, m, 8),
+    "dc2v": lambda s, X, y, m: _dc(s, X, y, m, 2, shared=True),
+    "dc4v": lambda s, X, y, m: _dc(s, X, y, m, 4, shared=True),
+    "dc8v": lambda s, X, y, m: _dc(s, X, y, m, 8, shared=True),
 }
 
 

@@ -18,10 +18,13 @@ process group and reported as "> timeout".
     python benchmarks/bench_core.py --quick      # tiny sizes, under a minute, docs untouched
     python benchmarks/bench_core.py --sizes 1e5x20 --tools ordinal,statsmodels
     python benchmarks/bench_core.py --selftest            # checks the memory accounting
+    python benchmarks/bench_core.py --views --out docs/benchmarks.md   # copied vs views
 
 Tools (``--tools``): ``ordinal`` (fedgrain OrdinalRegression, exact MLE; also the reference for
 the distance columns), ``dc2``/``dc4``/``dc8`` (fedgrain DivideConquerOrdinal with M subsets,
-processes backend), ``statsmodels`` (OrderedModel, logit, BFGS), ``mord`` (LogisticAT,
+processes backend), ``dc2v``/``dc4v``/``dc8v`` (the same on X copied first, untimed, into a
+``/dev/shm`` file with ``fedgrain.backends.shared_rows``: the subsets are views of it, not
+copies), ``statsmodels`` (OrderedModel, logit, BFGS), ``mord`` (LogisticAT,
 alpha = 0), ``sklearn`` (LogisticRegression, lbfgs, on the materialised expanded data),
 ``floors`` (one X'WX and one Newton iteration of the composite likelihood).
 
@@ -57,12 +60,21 @@ from _report import (  # noqa: E402
     git_rev,
     inference_blocks,
     marked_blocks,
+    marked_section,
     render,
 )
+from _tables import views_block  # noqa: E402
 from _tools import SELF_MB, child_main  # noqa: E402
 
 QUICK_SIZES = "5e3x10,3e4x40"  # the second is big enough for fedgrain to use its workers
-ALL_TOOLS = ("ordinal", "dc2", "dc4", "dc8", "statsmodels", "mord", "sklearn", "floors")
+ALL_TOOLS = ("ordinal", "dc2", "dc4", "dc8", "dc2v", "dc4v", "dc8v", "statsmodels", "mord",
+             "sklearn", "floors")
+#: What a run measures unless ``--tools`` says otherwise (the views rows come with ``--views``).
+DEFAULT_TOOLS = tuple(t for t in ALL_TOOLS if not t.endswith("v"))
+#: ``--views``: DivideConquerOrdinal on a private X (copied subsets) and on X in a shared buffer
+#: (subsets as views), side by side; the page's views block only.
+VIEW_TOOLS = ("dc2", "dc4", "dc8", "dc2v", "dc4v", "dc8v")
+VIEW_SIZES = "1e6x20,1e6x100"
 SELFTESTS = ("_idle", "_alloc", "_shm", "_fork")
 
 
@@ -228,11 +240,23 @@ def write_page(doc: dict, path: Path) -> None:
                            {name: marked_blocks(old, name) for name in MARKED}))
 
 
+def write_views(block: str, path: Path) -> None:
+    """Replace the page's views block (or add its section at the end)."""
+    page = path.read_text()
+    start, end = "<!-- views:start -->", "<!-- views:end -->"
+    if start in page:
+        head, rest = page.split(start, 1)
+        page = head + block + rest.split(end, 1)[1]
+    else:
+        page = page.rstrip("\n") + "\n\n" + "\n".join(marked_section("views", [block]))
+    path.write_text(page)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=None, help=f"comma-separated NxP (default {DEFAULT_SIZES})")
-    ap.add_argument("--tools", default=",".join(ALL_TOOLS),
+    ap.add_argument("--tools", default=",".join(DEFAULT_TOOLS),
                     help=f"comma-separated subset of {','.join(ALL_TOOLS)}")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds per child process (default 600; 60 with --quick)")
@@ -256,6 +280,13 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", default=None,
                     help="earlier results JSON whose records fill in (size, tool) pairs not rerun")
     ap.add_argument("--selftest", action="store_true", help="check the memory accounting")
+    ap.add_argument("--fit-repeats", type=int, default=None,
+                    help="DivideConquerOrdinal fits per child: the first is measured (time and "
+                    "memory), the others timed (default 1; 3 with --views)")
+    ap.add_argument("--views", action="store_true",
+                    help=f"DivideConquerOrdinal with copied subsets against subsets as views "
+                    f"(tools {','.join(VIEW_TOOLS)}, sizes {VIEW_SIZES} unless given, no cold "
+                    "runs); writes only the page's views block")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -273,6 +304,13 @@ def main(argv=None) -> int:
             print(render(doc))
         return 0
 
+    if args.fit_repeats is None:
+        args.fit_repeats = 3 if args.views else 1
+    if args.views:
+        args.no_cold = True
+        if args.tools == ",".join(DEFAULT_TOOLS):
+            args.tools = ",".join(VIEW_TOOLS)
+        args.sizes = args.sizes or VIEW_SIZES
     sizes = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
     if args.quick:
         args.statsmodels_max_n = min(args.statsmodels_max_n, 1e4)
@@ -330,7 +368,7 @@ def main(argv=None) -> int:
             for cold in variants:
                 spec = {"tool": tool, "n": n, "p": p, "seed": args.seed, "cpus": cpus,
                         "cold": cold, "sample_ms": args.sample_ms, "max_iter": args.max_iter,
-                        "repeats": args.repeats}
+                        "repeats": args.repeats, "fit_repeats": args.fit_repeats}
                 label = f"{tool}{' (cold)' if cold else ''} at {size_key(n, p)}"
                 print(f"[{time.strftime('%H:%M:%S')}] {label} ...", end=" ", flush=True,
                       file=sys.stderr)
@@ -361,7 +399,14 @@ def main(argv=None) -> int:
     latest = json_path.parent / "latest.json"
     if json_path.resolve() != latest.resolve():
         shutil.copyfile(json_path, latest)
-    if out_md:
+    if args.views:
+        block = views_block(doc)
+        if out_md and not args.quick:
+            write_views(block, Path(out_md))
+            print(f"wrote the views block of {out_md}", file=sys.stderr)
+        else:
+            print(block)
+    elif out_md:
         write_page(doc, Path(out_md))
         print(f"wrote {out_md}", file=sys.stderr)
     else:

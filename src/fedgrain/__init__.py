@@ -10,11 +10,12 @@ from ._version import __version__
 
 __all__ = ["AdaptiveFederatedOrdinal", "DivideConquerOrdinal", "MixedOrdinalRegression",
            "OrdinalRegression",
-           "OrdinalResults", "load", "__version__"]
+           "OrdinalResults", "load", "shared_rows", "__version__"]
 
 _FROM = {"AdaptiveFederatedOrdinal": ".estimators", "DivideConquerOrdinal": ".estimators",
          "MixedOrdinalRegression": ".estimators", "OrdinalRegression": ".estimators",
-         "load": ".estimators", "OrdinalResults": ".inference.results"}
+         "load": ".estimators", "OrdinalResults": ".inference.results",
+         "shared_rows": ".backends"}
 
 
 def __getattr__(name: str):

@@ -6,6 +6,7 @@ from ..exceptions import ParameterError
 from .base import Backend, Outcome, Shard, ShardRef
 from .processes import ProcessesBackend
 from .serial import SerialBackend
+from .views import shared_array, shared_rows
 
 BACKENDS = ("serial", "processes", "dask")
 
@@ -33,5 +34,5 @@ def get_backend(backend: str | Backend, n_jobs: int | None = None, *, owner: str
 
 __all__ = [
     "BACKENDS", "Backend", "Outcome", "ProcessesBackend", "SerialBackend", "Shard", "ShardRef",
-    "get_backend",
+    "get_backend", "shared_array", "shared_rows",
 ]

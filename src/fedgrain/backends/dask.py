@@ -328,6 +328,19 @@ class DaskBackend(Backend):
             folder = self._dir
         return FileShardWriter(self, folder, sizes, n_features, weighted)
 
+    # Hook (backends/views.py): the workers of the local cluster run on this machine and can
+    # map its files, so subsets of rows in a shared buffer are placed as views (adopted below).
+    def view_folder(self, nbytes: int):
+        """The shard folder for views' row numbers and codes; None (copy the rows) when the
+        workers are another cluster's, which may run elsewhere."""
+        if self._cluster is None:
+            return None
+        from .processes import shard_folder
+
+        if self._dir is None:
+            self._dir = shard_folder(nbytes)
+        return self._dir
+
     def adopt(self, refs: list[FileShardRef]) -> list[ShardRef]:
         """Each shard is loaded from its files by the worker that will hold it."""
         out: list[ShardRef] = []

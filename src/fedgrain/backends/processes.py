@@ -5,6 +5,9 @@ Shards are written once to memory-mapped ``.npy`` files in a private temporary f
 read-only: a subset is
 copied exactly once, however many rounds use it, and a task pickles only file names and
 parameters. The loky executor is reused across calls, so worker start-up is paid once a session.
+
+Rows that already lie in a buffer the workers can map (a memory-mapped file, shared memory)
+are not copied at all: each subset is placed as a view of them (:mod:`fedgrain.backends.views`).
 """
 
 from __future__ import annotations
@@ -200,6 +203,13 @@ class ProcessesBackend(Backend):
             self.reserve(sum(sizes) * (n_features + 2) * 8)
             folder = self._dir
         return FileShardWriter(self, folder, sizes, n_features, weighted)
+
+    # Hook (backends/views.py): the workers run on this machine and can map its files, so
+    # subsets of rows in a shared buffer are placed as views, their small files in here.
+    def view_folder(self, nbytes: int) -> Path:
+        """The shard folder, with room for ``nbytes`` more (views' row numbers and codes)."""
+        self.reserve(nbytes)
+        return self._dir
 
     def map(
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, work: float | None = None

@@ -139,7 +139,9 @@ class AdaptiveFederatedOrdinal(OrdinalModel):
         As for :class:`fedgrain.DivideConquerOrdinal`; they set every leaf's fit and the
         pooling. With fewer regions than workers (``n_jobs``, default all CPUs) regions are
         dealt out into random pieces, one per worker: set ``n_jobs`` for a model that does not
-        depend on the machine.
+        depend on the machine. Rows in a shared buffer (a memory-mapped file, shared memory,
+        :func:`fedgrain.shared_rows`) are not copied with the processes backend: the leaves
+        are views of them (the meta-learning rounds gather a leaf's rows on its worker).
 
     Attributes
     ----------

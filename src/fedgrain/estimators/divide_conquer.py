@@ -54,6 +54,13 @@ class DivideConquerOrdinal(PooledModel):
         Cluster sandwich over original rows (valid for the composite likelihood), row-level
         sandwich, or model-based ``H^-1``; the last two under-cover and exist for study.
     backend : {"processes", "serial"} or Backend
+        With ``"processes"``, each subset's rows are copied, standardised, into shared memory
+        for the workers (the data then take about twice their size in RAM), unless ``X``
+        already lies in a buffer the workers can map: a ``numpy.memmap`` /
+        ``np.load(path, mmap_mode="r")`` of a file, an array over a
+        ``multiprocessing.shared_memory.SharedMemory``, or :func:`fedgrain.shared_rows`. Then
+        the subsets are views of it (each worker standardises its rows as it reads them) and
+        the model is the same to the last bit (docs/guide.md, "Scale").
     n_jobs : int or None
         Worker processes for ``backend="processes"`` (default: all CPUs).
     random_state : int, RandomState or None
@@ -157,7 +164,9 @@ class DivideConquerOrdinal(PooledModel):
 
         ``y`` may name a column when ``X`` is a frame, table or file path. The path of a Parquet
         file or folder is streamed batch by batch, never loaded whole (data beyond memory; the
-        same model as in memory; see ``docs/operations.md``).
+        same model as in memory; see ``docs/operations.md``). Rows in a shared buffer (a
+        memory-mapped file, shared memory, :func:`fedgrain.shared_rows`) are not copied with
+        the processes backend: see ``backend``.
         """
         # One BLAS thread here too: the server side only does d x d algebra, which threads slow
         # down, and the workers set their own limit.

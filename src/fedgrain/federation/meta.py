@@ -47,6 +47,7 @@ from .. import progress
 from ..backends import Backend
 from ..core.likelihood import LN2, Pass, class_proba, composite_pass, row_log_loss
 from ..core.linalg import chi2_sf, precision, solve_psd
+from ..core.rowsource import materialise
 from ..core.solvers import newton
 from ..exceptions import SubsetError
 from .strategies import RHO_MIN, STRATEGIES, Adapted, Strategy, get_strategy
@@ -326,7 +327,7 @@ def adapt_task(task: dict) -> Adapted:
     s: MetaSettings = task["settings"]
     p = s.n_features
     with one_blas_thread():
-        X, y = shard.X, shard.y
+        X, y = materialise(shard.X), shard.y  # rows of a view: gathered (a copy of the leaf)
         w = np.ones(y.shape[0]) if shard.w is None else shard.w
         val = validation_mask(y, s.validation_fraction, task["seed"])
         # three roles: the training part fits (support), half the validation part scores the
@@ -368,7 +369,7 @@ def personalise_task(task: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     shard = task["shard"].load()
     with one_blas_thread():
-        return personalise_rows(shard.X, shard.y, shard.w, task)
+        return personalise_rows(materialise(shard.X), shard.y, shard.w, task)
 
 
 def personalise_rows(X, y, w, task: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -59,7 +59,20 @@ def build_shards(
     :class:`~fedgrain.backends.base.ShardWriter`, so the only memory beyond the shards is a
     block; rows streamed from disk (``X`` with ``blocks()``) are spilled to shard files, so
     nothing but a block is ever held. On failure nothing stays placed.
+
+    With the processes backend, rows that already lie in a buffer other processes can map
+    (a memory-mapped file, shared memory) are not copied: each subset is placed as a view of
+    them (:func:`fedgrain.backends.views.place_views`), and its worker standardises its rows
+    block by block as it reads them.
     """
+    # Hook (backends/views.py): rows already in a buffer the workers can map are not copied;
+    # each subset is placed as a view of them.
+    from ..backends.views import place_views
+
+    views = None if is_streamed(X) else \
+        place_views(backend, X, codes, weights, labels, n_subsets, standardizer)
+    if views is not None:
+        return views
     sizes = np.bincount(labels, minlength=n_subsets)
     streamed = is_streamed(X)
     writer = backend.writer(sizes, X.shape[1], weights is not None, spill=streamed)
