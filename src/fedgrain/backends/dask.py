@@ -406,9 +406,9 @@ class DaskBackend(Backend):
 
     def _submit_bundle(self, fn, tasks, bundle):
         items = [(i, _with_futures(tasks[i])) for i in bundle]
+        worker = _worker_of(tasks[bundle[0]])  # None: a task on no shard runs anywhere
         return self.client.submit(_run_bundle_resolved, fn, items, pure=False,
-                                  workers=_worker_of(tasks[bundle[0]]),
-                                  allow_other_workers=True)
+                                  workers=worker, allow_other_workers=worker is not None)
 
     def _result(self, future):
         """The future's result; while it runs, the scheduler must answer a ping every few

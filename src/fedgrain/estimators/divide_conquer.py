@@ -13,6 +13,7 @@ from ..core.links import LINKS
 from ..core.standardize import fit_standardizer
 from ..data import prepare_data
 from ..data.streamed import is_streamed, open_streamed
+from ..exceptions import ParameterError
 from ..federation import rowgroups
 from ..federation.engine import (
     ROWS_PER_PARAM_FOR_ROUNDS,
@@ -28,6 +29,10 @@ from ..partition.growth import leaf_seeds
 from ..partition.tree import PartitionTree
 from .base import is_int, param_error, register
 from .models import PooledModel
+
+#: What else fixes a refused division by row groups (by the reason's start).
+_FIX = {"the data": ", or write the files with smaller row groups (pyarrow's row_group_size)",
+        "a subset": ", fewer subsets, or smaller row groups"}
 
 
 @register
@@ -278,8 +283,9 @@ class DivideConquerOrdinal(PooledModel):
         if reason is None:
             return groups, dealt
         if self.division == "row_groups":
-            raise param_error(owner, "division", f"'rows' or 'auto' here ({reason})",
-                              self.division)
+            raise ParameterError(
+                f"{owner}(division='row_groups') cannot divide '{head.source.shown}' by row "
+                f"groups: {reason}; use division='rows' (or 'auto'){_FIX.get(reason[:8], '')}.")
         return None
 
     def _warn_small_subsets(self, n: int, M: int, d: int) -> None:

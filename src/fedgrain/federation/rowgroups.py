@@ -292,5 +292,5 @@ def build_by_row_groups(backend, head, groups: list[RowGroup], division: list[li
 
 def check_division(division: str, owner: str) -> None:
     if division not in DIVISIONS:
-        raise ParameterError(f"{owner}: division={division!r}; use one of {DIVISIONS} "
-                             "('auto' divides large Parquet data by row groups).")
+        raise ParameterError(f"The 'division' parameter of {owner} must be one of "
+                             f"{DIVISIONS}. Got {division!r} instead.")
