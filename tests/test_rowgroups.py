@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,12 @@ def truth(tmp_path_factory):
     return frame, folder, coef, thr
 
 
+def _left(backend) -> list[str]:
+    """The files left in the backend's folders for subsets (on disk and in RAM)."""
+    return [f for attr in ("_spill", "_spill_ram") if getattr(backend, attr, None)
+            for f in os.listdir(getattr(backend, attr))]
+
+
 def _in_memory(frame, **kw):
     return DivideConquerOrdinal(**kw).fit(frame.drop(columns="grade"), frame["grade"])
 
@@ -63,17 +70,26 @@ def test_the_row_group_division_agrees_with_the_in_memory_fit_and_the_truth(trut
     assert np.all(np.abs(z) < 4), z
 
 
-def test_the_workers_summaries_merge_to_the_global_standardisation(truth):
+@pytest.mark.parametrize("where", ["ram", "disk"])
+def test_the_workers_summaries_merge_to_the_global_standardisation(truth, where, tmp_path,
+                                                                   force_processes):
     """The subsets' moments, merged, equal the in-memory standardisation to rounding, and each
-    subset file holds exactly its row groups' rows, standardised, with their class codes."""
+    subset file holds exactly its row groups' rows, standardised, with their class codes:
+    written while checked and standardised in place (in RAM), or in a second pass (on disk,
+    here a temp_folder given)."""
+    from fedgrain.backends import ProcessesBackend
+
     frame, folder, *_ = truth
     head = open_streamed(folder, "grade", estimator_name="test")
     groups = head.source.row_groups()
     assert len(groups) == 12 and {g.rows for g in groups} == {5_000}
     dealt = rowgroups.deal(groups, 3, seed=1)
     assert sorted(i for d in dealt for i in d) == list(range(12))
-    with SerialBackend() as backend:
+    backend = SerialBackend() if where == "ram" else ProcessesBackend(2, temp_folder=tmp_path)
+    with backend:
         refs, sizes, std = rowgroups.build_by_row_groups(backend, head, groups, dealt)
+        assert all(Path(r.X).parent == getattr(backend, "_spill_ram" if where == "ram"
+                                                else "_spill") for r in refs)
         try:
             X = frame.drop(columns="grade").to_numpy()
             ref = Standardizer.fit(X)
@@ -88,7 +104,7 @@ def test_the_workers_summaries_merge_to_the_global_standardisation(truth):
                 np.testing.assert_array_equal(shard.y, frame["grade"].to_numpy()[rows])
         finally:
             backend.release(refs)
-        assert not os.listdir(backend.spill_folder())
+        assert not _left(backend)
 
 
 def test_the_deal_is_seeded_and_balanced():
@@ -153,11 +169,11 @@ def test_bad_values_in_a_row_group_are_named_and_leave_no_files(tmp_path):
     frame = pd.DataFrame(X, columns=["a", "b", "c"]).assign(grade=y)
     frame.loc[6_123, "b"] = np.nan
     frame.to_parquet(tmp_path / "bad.parquet", row_group_size=2_000)
-    with SerialBackend() as backend:
+    with SerialBackend() as backend:  # subsets in RAM: written while they are checked
         with pytest.raises(DataError, match=r"row group 3 of '.*bad.parquet'"):
             DivideConquerOrdinal(n_subsets=2, backend=backend, division="row_groups").fit(
                 tmp_path / "bad.parquet", "grade")
-        assert not os.listdir(backend.spill_folder())
+        assert backend._spill_ram is not None and not _left(backend)
     frame.loc[6_123, "b"] = 1.0
     frame["c"] = 2.5
     frame.to_parquet(tmp_path / "constant.parquet", row_group_size=2_000)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,9 @@ def deal(groups: list[RowGroup], n_subsets: int, seed: int) -> list[list[int]]:
 
 
 @dataclass(frozen=True)
-class ScanTask:
-    """What a worker needs to check, encode and write one subset (picklable)."""
+class SubsetTask:
+    """What a worker needs to check, then write, one subset (picklable). ``std``: None to
+    check the rows and take their moments; the global standardisation to write them."""
 
     reader: RowGroupReader
     pieces: tuple[RowGroup, ...]
@@ -109,12 +110,31 @@ class ScanTask:
     target: Any
     stem: str
     n_rows: int
+    std: Standardizer | None = None
+    #: Write the encoded rows while checking them (subsets in RAM: standardised in place
+    #: after, which costs less than reading the files again).
+    fused: bool = False
+
+    def batches(self):
+        """``(piece, start, class codes, encoded rows)`` for every batch of the subset's row
+        groups, checked as the fitting process checks rows it reads (errors name the file,
+        the row group and the rows)."""
+        cols = [*self.features, self.y]
+        features = list(self.features)
+        for piece in self.pieces:
+            for start, frame in self.reader.frames(piece, cols):
+                try:
+                    codes = self.target.encode(frame[self.y])
+                    Xb = encode_features(frame[features], self.schema)
+                except DataError as exc:
+                    raise DataError(f"{exc} {piece.where(start, frame.shape[0])}") from None
+                yield piece, start, codes, Xb
 
 
 @dataclass(frozen=True)
 class Scanned:
-    """A subset's summary: its rows, column moments about its first row, raw extremes, class
-    counts, and its files."""
+    """A subset's summary: its rows, column moments about its first row, raw extremes and
+    class counts."""
 
     n: int
     shift: np.ndarray
@@ -123,65 +143,109 @@ class Scanned:
     lo: np.ndarray
     hi: np.ndarray
     counts: np.ndarray
-    ref: FileShardRef
 
 
-def scan_subset(task: ScanTask) -> Scanned:
-    """On a worker: read the subset's row groups batch by batch, check and encode them, write
-    the encoded (not yet standardised) rows and the class codes to the subset's files, and
-    return the subset's moments and class counts."""
+def check_subset(task: SubsetTask) -> Scanned:
+    """On a worker, the first pass: read the subset's row groups batch by batch, check and
+    encode them, and return their moments and class counts; with ``task.fused``, also write
+    the encoded rows (not yet standardised) and their class codes to the subset's files."""
     p, K = task.schema.n_features, task.target.n_classes
-    cols = [*task.features, task.y]
-    xs = _new_npy(f"{task.stem}-X.npy", np.float64, (task.n_rows, p))
-    ys = _new_npy(f"{task.stem}-y.npy", np.intp, (task.n_rows,))
-    ref = FileShardRef(xs[0], ys[0], None)
+    shift = None
+    s1, s2 = np.zeros(p), np.zeros(p)
+    lo, hi = np.full(p, np.inf), np.full(p, -np.inf)
+    counts = np.zeros(K, dtype=np.int64)
+    n = 0
+    files = _open_files(task) if task.fused else None
     try:
-        shift = None
-        s1, s2 = np.zeros(p), np.zeros(p)
-        lo, hi = np.full(p, np.inf), np.full(p, -np.inf)
-        counts = np.zeros(K, dtype=np.int64)
+        for _piece, _start, codes, Xb in task.batches():
+            if np.abs(Xb).max(initial=0.0) > MAGNITUDE_LIMIT:  # before any square overflows
+                check_magnitude(Xb, task.schema.output_names)
+            if files is not None:
+                if n + Xb.shape[0] > task.n_rows:
+                    break
+                _write(files[0], n, Xb)
+                _write(files[1], n, codes)
+            np.minimum(lo, Xb.min(axis=0), out=lo)
+            np.maximum(hi, Xb.max(axis=0), out=hi)
+            if shift is None:
+                shift = Xb[0].copy()
+            Xb -= shift
+            s1 += Xb.sum(axis=0)
+            s2 += np.einsum("ij,ij->j", Xb, Xb)
+            counts += np.bincount(codes, minlength=K)
+            n += Xb.shape[0]
+        _check_count(task, n)
+    except BaseException:
+        if files is not None:
+            _close(*files)
+            unlink_files([_ref(task)])
+        raise
+    if files is not None:
+        _close(*files)
+    return Scanned(n, np.zeros(p) if shift is None else shift, s1, s2, lo, hi, counts)
+
+
+def _ref(task: SubsetTask) -> FileShardRef:
+    return FileShardRef(f"{task.stem}-X.npy", f"{task.stem}-y.npy", None)
+
+
+def _open_files(task: SubsetTask) -> tuple:
+    xs = _new_npy(f"{task.stem}-X.npy", np.float64, (task.n_rows, task.schema.n_features))
+    try:
+        return xs, _new_npy(f"{task.stem}-y.npy", np.intp, (task.n_rows,))
+    except BaseException:
+        _close(xs)
+        Path(xs[0]).unlink(missing_ok=True)
+        raise
+
+
+def standardise_subset(task: SubsetTask) -> FileShardRef:
+    """On a worker, after a fused first pass: standardise the subset's file in place."""
+    ref = _ref(task)
+    X = np.load(ref.X, mmap_mode="r+")
+    for a in range(0, X.shape[0], BLOCK_ROWS):
+        block = X[a : a + BLOCK_ROWS]
+        task.std.transform(block, out=block)
+    X.flush()
+    del X
+    return ref
+
+
+def write_subset(task: SubsetTask) -> FileShardRef:
+    """On a worker, the second pass: read the subset's row groups again and write them,
+    standardised, and their class codes to the subset's files (plain writes at offsets: the
+    worker's memory stays at a batch)."""
+    xs, ys = _open_files(task)
+    ref = _ref(task)
+    try:
         at = 0
-        for piece in task.pieces:
-            for start, frame in task.reader.frames(piece, cols):
-                k = frame.shape[0]
-                if at + k > task.n_rows:
-                    raise DataError(f"'{piece.shown}' holds more rows than its metadata say; "
-                                    "rewrite the file.")
-                try:
-                    codes = task.target.encode(frame[task.y])
-                    Xb = encode_features(frame[list(task.features)], task.schema)
-                except DataError as exc:
-                    raise DataError(f"{exc} {piece.where(start, k)}") from None
-                if np.abs(Xb).max(initial=0.0) > MAGNITUDE_LIMIT:
-                    check_magnitude(Xb, task.schema.output_names)
-                _write(xs, at, Xb)
-                _write(ys, at, codes)
-                np.minimum(lo, Xb.min(axis=0), out=lo)
-                np.maximum(hi, Xb.max(axis=0), out=hi)
-                if shift is None:
-                    shift = Xb[0].copy()
-                Xb -= shift
-                s1 += Xb.sum(axis=0)
-                s2 += np.einsum("ij,ij->j", Xb, Xb)
-                counts += np.bincount(codes, minlength=K)
-                at += k
-        if at != task.n_rows:
-            raise DataError(f"The row groups of subset file {Path(task.stem).name} gave {at:,} "
-                            f"rows where the files' metadata count {task.n_rows:,}; a file "
-                            "changed while it was read: fit again.")
+        for _piece, _start, codes, Xb in task.batches():
+            if at + Xb.shape[0] > task.n_rows:
+                break
+            _write(xs, at, task.std.transform(Xb, out=Xb))
+            _write(ys, at, codes)
+            at += Xb.shape[0]
+        _check_count(task, at)
     except BaseException:
         _close(xs, ys)
         unlink_files([ref])
         raise
     _close(xs, ys)
-    return Scanned(at, np.zeros(p) if shift is None else shift, s1, s2, lo, hi, counts, ref)
+    return ref
+
+
+def _check_count(task: SubsetTask, n: int) -> None:
+    if n != task.n_rows:
+        raise DataError(f"The row groups of a subset ({task.pieces[0].shown}, ...) gave {n:,} "
+                        f"rows where the files' metadata count {task.n_rows:,}: a file "
+                        "changed while it was read; fit again.")
 
 
 def _write(entry: tuple, at: int, block: np.ndarray) -> None:
     path, fd, offset, dtype, row = entry
     data = memoryview(np.ascontiguousarray(block, dtype=dtype)).cast("B")
     pos, done = offset + at * row, 0
-    while done < len(data):
+    while done < len(data):  # a write may be short
         n = os.pwrite(fd, data[done:], pos + done)
         if n <= 0:
             raise OSError(f"could not write to {path}")
@@ -194,18 +258,6 @@ def _close(*entries) -> None:
             os.close(e[1])
         except OSError:
             pass
-
-
-def standardise_subset(task: tuple[str, np.ndarray, np.ndarray]) -> None:
-    """On a worker: standardise a subset's feature file in place, block by block."""
-    path, mean, scale = task
-    X = np.load(path, mmap_mode="r+")
-    std = Standardizer(mean, scale)
-    for a in range(0, X.shape[0], BLOCK_ROWS):
-        block = X[a : a + BLOCK_ROWS]
-        std.transform(block, out=block)
-    X.flush()
-    del X
 
 
 def merge(parts: list[Scanned], names: tuple[str, ...], shown: str) -> tuple[Standardizer,
@@ -255,39 +307,86 @@ def _raise_failed(outcomes, what: str) -> None:
             raise FedgrainError(f"{what} failed on a worker: {o.error_type}: {o.error}")
 
 
-def build_by_row_groups(backend, head, groups: list[RowGroup], division: list[list[int]]
-                        ) -> tuple[list, np.ndarray, Standardizer]:
-    """Have the workers read, check and write their subsets (``division``: row groups per
-    subset), then standardise them with the merged moments; returns the placed shards, the
-    subsets' sizes and the standardisation. Nothing stays on disk after a failure."""
-    source = head.source
-    folder = backend.spill_folder()
-    reader = source.row_group_reader()
-    tasks = [ScanTask(reader, tuple(groups[i] for i in gs), tuple(head.features), head.y,
-                      head.schema, head.target, str(folder / uuid.uuid4().hex),
-                      int(sum(groups[i].rows for i in gs)))
-             for gs in division]
-    files = [FileShardRef(f"{t.stem}-X.npy", f"{t.stem}-y.npy", None) for t in tasks]
+def check_subsets(backend, tasks: list[SubsetTask], shown: str, classes, y: str
+                  ) -> tuple[list[Scanned], Standardizer]:
+    """The first pass, on the workers: every subset's rows checked; their moments merged."""
+    out = backend.map(check_subset, tasks)
+    _raise_failed(out, "Reading a subset's row groups")
+    parts = [o.value for o in out]
+    std, counts = merge(parts, tasks[0].schema.output_names, shown)
+    absent = [c for c, k in zip(classes, counts, strict=True) if k == 0]
+    if absent:
+        raise DataError(f"The level(s) {quote(absent)} never occur in {y!r}, so their "
+                        "thresholds cannot be estimated; drop them from levels or add such rows.")
+    return parts, std
+
+
+def write_subsets(backend, tasks: list[SubsetTask]) -> list:
+    """The second pass, on the workers: every subset written, standardised, to its files;
+    placed with the backend. Nothing stays on disk after a failure."""
+    files = [_ref(t) for t in tasks]
     try:
-        with progress.step("checking values", source.n_rows, "rows"):
-            out = backend.map(scan_subset, tasks)
-        _raise_failed(out, "Reading a subset's row groups")
-        parts = [o.value for o in out]
-        std, counts = merge(parts, head.schema.output_names, source.shown)
-        absent = [c for c, k in zip(head.target.classes, counts, strict=True) if k == 0]
-        if absent:
-            raise DataError(f"The level(s) {quote(absent)} never occur in {head.y!r}, so "
-                            "their thresholds cannot be estimated; drop them from levels or "
-                            "add such rows.")
-        with progress.step("standardising subsets", len(tasks), "subsets"):
-            out = backend.map(standardise_subset,
-                              [(r.X, std.mean, std.scale) for r in files])
-        _raise_failed(out, "Standardising a subset")
-        refs = backend.adopt(files)
+        out = backend.map(standardise_subset if tasks[0].fused else write_subset, tasks)
+        _raise_failed(out, "Writing a subset")
+        return backend.adopt([o.value for o in out])
     except BaseException:
         unlink_files(files)
         raise
+
+
+def build_by_row_groups(backend, head, groups: list[RowGroup], division: list[list[int]]
+                        ) -> tuple[list, np.ndarray, Standardizer]:
+    """Have the workers check their subsets (``division``: row groups per subset), then,
+    with the moments merged here, write them standardised; returns the placed shards, the
+    subsets' sizes and the standardisation."""
+    source = head.source
+    folder, in_ram = subset_folder(backend, sum(groups[i].rows for d in division for i in d),
+                                   head.schema.n_features)
+    reader = source.row_group_reader()
+    tasks = [SubsetTask(reader, tuple(groups[i] for i in gs), tuple(head.features), head.y,
+                        head.schema, head.target, str(folder / uuid.uuid4().hex),
+                        int(sum(groups[i].rows for i in gs)), fused=in_ram)
+             for gs in division]
+    try:
+        with progress.step("checking values", source.n_rows, "rows"):
+            parts, std = check_subsets(backend, tasks, source.shown, head.target.classes,
+                                       head.y)
+    except BaseException:
+        unlink_files([_ref(t) for t in tasks])
+        raise
+    with progress.step("writing subsets", source.n_rows, "rows"):
+        refs = write_subsets(backend, [replace(t, std=std) for t in tasks])
     return refs, np.array([s.n for s in parts], dtype=np.int64), std
+
+
+#: Subsets go to RAM-backed ``/dev/shm`` when they take at most this share of the memory
+#: available (and it has room): a disk's write-back is slower than reading the files.
+SHM_SHARE = 0.5
+
+
+def subset_folder(backend, n_rows: int, n_features: int) -> tuple[Path, bool]:
+    """Where the workers write the subsets, and whether it is in RAM: the backend's folder
+    in ``/dev/shm`` when the subsets fit well within the memory available, else on disk."""
+    nbytes = n_rows * (n_features + 1) * 8
+    from ..backends.processes import SHM, _free_bytes
+
+    chosen = getattr(backend, "_temp_folder", None) is not None or \
+        getattr(backend, "shared_folder", None) is not None  # a folder given: the user's choice
+    if not chosen and nbytes <= SHM_SHARE * _available_memory() and SHM.is_dir() and \
+            os.access(SHM, os.W_OK) and _free_bytes(SHM) >= nbytes * 1.05 + (64 << 20):
+        return backend.spill_folder(in_ram=True), True
+    return backend.spill_folder(), False
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def check_division(division: str, owner: str) -> None:
