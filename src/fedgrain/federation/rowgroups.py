@@ -215,23 +215,113 @@ def write_subset(task: SubsetTask) -> FileShardRef:
     """On a worker, the second pass: read the subset's row groups again and write them,
     standardised, and their class codes to the subset's files (plain writes at offsets: the
     worker's memory stays at a batch)."""
-    xs, ys = _open_files(task)
     ref = _ref(task)
+    xs = ys = None
     try:
+        xs = _Appender(ref.X, np.float64, (task.n_rows, task.schema.n_features))
+        ys = _Appender(ref.y, np.intp, (task.n_rows,))
         at = 0
         for _piece, _start, codes, Xb in task.batches():
             if at + Xb.shape[0] > task.n_rows:
                 break
-            _write(xs, at, task.std.transform(Xb, out=Xb))
-            _write(ys, at, codes)
+            xs.append(task.std.transform(Xb, out=Xb))
+            ys.append(codes)
             at += Xb.shape[0]
         _check_count(task, at)
+        xs.close()
+        ys.close()
     except BaseException:
-        _close(xs, ys)
+        for f in (xs, ys):
+            if f is not None:
+                f.abort()
         unlink_files([ref])
         raise
-    _close(xs, ys)
     return ref
+
+
+class _Appender:
+    """Writes a ``.npy`` file from front to back through ``O_DIRECT`` where the file system
+    takes it (a disk: the rows go to it at the disk's speed, not at the page cache's
+    write-back rate, which on this kind of machine is a quarter of it), else with plain
+    writes. The header is padded to a 4 KiB block and the data go in aligned 8 MiB chunks;
+    the last chunk is padded, then the file cut to its size."""
+
+    ALIGN = 4096
+    CHUNK = 8 << 20
+
+    def __init__(self, path: str, dtype, shape: tuple):
+        import mmap
+
+        self.path, self.dtype = path, np.dtype(dtype)
+        descr = np.lib.format.dtype_to_descr(self.dtype)
+        text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
+        pad = self.ALIGN - 10 - len(text) - 1
+        header = b"\x93NUMPY\x01\x00" + (self.ALIGN - 10).to_bytes(2, "little") + \
+            (text + " " * pad + "\n").encode("latin1")
+        self.size = self.ALIGN + int(np.prod(shape)) * self.dtype.itemsize
+        self.fd = -1
+        with open(path, "wb") as fh:
+            fh.write(header)
+        flags = os.O_WRONLY | getattr(os, "O_DIRECT", 0)
+        try:
+            self.fd = os.open(path, flags)
+        except OSError:  # no O_DIRECT here (tmpfs): plain writes
+            self.fd = os.open(path, os.O_WRONLY)
+        try:
+            os.posix_fallocate(self.fd, 0, self.size)
+        except OSError as exc:
+            import errno
+
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.abort()
+                raise ResourceError(
+                    f"No room left for the subsets in {Path(path).parent} ("
+                    f"{self.size / 2**20:,.0f} MB more needed); free space, or pass another "
+                    "temp_folder.") from None
+        self.buf = mmap.mmap(-1, self.CHUNK)  # page-aligned, as O_DIRECT needs
+        self.fill, self.pos = 0, self.ALIGN
+
+    def append(self, block: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(block, dtype=self.dtype)).cast("B")
+        done = 0
+        while done < len(data):
+            k = min(len(data) - done, self.CHUNK - self.fill)
+            self.buf[self.fill : self.fill + k] = data[done : done + k]
+            self.fill += k
+            done += k
+            if self.fill == self.CHUNK:
+                self._flush(self.CHUNK)
+
+    def _flush(self, n: int) -> None:
+        view = memoryview(self.buf)[:n]
+        done = 0
+        while done < n:
+            k = os.pwrite(self.fd, view[done:], self.pos + done)
+            if k <= 0:
+                raise OSError(f"could not write to {self.path}")
+            done += k
+        view.release()
+        self.pos += self.fill
+        self.fill = 0
+
+    def close(self) -> None:
+        if self.fill:
+            end = self.pos + self.fill
+            self._flush(-(-self.fill // self.ALIGN) * self.ALIGN)
+            self.pos = end
+        os.ftruncate(self.fd, self.size)
+        if self.pos != self.size:
+            raise OSError(f"{self.path}: wrote {self.pos:,} bytes of {self.size:,}")
+        self.abort()
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        buf = getattr(self, "buf", None)
+        if buf is not None:
+            buf.close()
+            self.buf = None
 
 
 def _check_count(task: SubsetTask, n: int) -> None:
