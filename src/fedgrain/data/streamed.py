@@ -10,7 +10,9 @@ class codes (one byte a row). What it returns,
 :class:`StreamedRows`, stands where the feature matrix would: the estimators route, sample and
 copy its rows into shard files in further passes over the file (:meth:`StreamedRows.blocks`),
 so memory holds one batch, the class codes and a partition label per row, whatever the file's
-size.
+size. ``DivideConquerOrdinal`` divides large Parquet data by row groups instead
+(:mod:`fedgrain.federation.rowgroups`): after the first pass (:func:`open_streamed`), the
+workers check, encode and write their own row groups and this process holds no row at all.
 
 The result equals the in-memory fit of the same data up to rounding in the column moments (the
 sums run over different blocks): the same subsets, the same rows in each, in the same order.
