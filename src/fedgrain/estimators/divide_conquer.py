@@ -13,7 +13,7 @@ from ..core.links import LINKS
 from ..core.standardize import fit_standardizer
 from ..data import prepare_data
 from ..data.streamed import is_streamed, open_streamed
-from ..exceptions import ParameterError
+from ..exceptions import DataError, ParameterError
 from ..federation import rowgroups
 from ..federation.engine import (
     ROWS_PER_PARAM_FOR_ROUNDS,
@@ -39,7 +39,8 @@ _FIX = {"the data": ", or write the files with smaller row groups (pyarrow's row
 class DivideConquerOrdinal(PooledModel):
     """Divide-and-conquer ordinal regression with valid inference (US patent 11269974).
 
-    The rows are divided at random, stratified by class, into ``n_subsets`` subsets. On each,
+    The rows are divided at random, stratified by class, into ``n_subsets`` subsets (large
+    Parquet data: into sets of whole row groups, read by the workers; see ``division``). On each,
     in parallel, an L1-penalised cumulative-logit model is fitted on the implicitly expanded
     binary problem and de-biased by one Newton step; each estimate is weighted by its robust
     (cluster-sandwich) inverse variance and the estimates are pooled. A refinement round
@@ -225,8 +226,19 @@ class DivideConquerOrdinal(PooledModel):
             settings = self._engine_settings(K)
             names = parameter_names(schema.output_names, target.classes)
             if division is not None:  # the workers read their own row groups
-                groups, dealt = division
-                refs, sizes, std = rowgroups.build_by_row_groups(backend, head, groups, dealt)
+                try:
+                    refs, sizes, std = rowgroups.build_by_row_groups(backend, head,
+                                                                     *division)
+                except rowgroups.UnevenClasses as exc:
+                    if self.division == "row_groups":
+                        raise DataError(f"{exc} Divide them by rows (division='rows'), or "
+                                        "shuffle the rows across the files.") from None
+                    warn(f"{exc} Dividing them by rows instead (division='rows').",
+                         UserWarning)
+                    division = None
+                    with progress.step("checking data"):
+                        data = head.scan()
+            if division is not None:
                 tree = PartitionTree(p, K, std, split_seed)
                 if M > 1:
                     tree.split_random(tree.root, M)

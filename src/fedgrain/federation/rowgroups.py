@@ -450,12 +450,41 @@ def build_by_row_groups(backend, head, groups: list[RowGroup], division: list[li
         with progress.step("checking values", source.n_rows, "rows"):
             parts, std = check_subsets(backend, tasks, source.shown, head.target.classes,
                                        head.y)
+        uneven_classes(parts, head.target.classes, source.shown)
     except BaseException:
         unlink_files([_ref(t) for t in tasks])
         raise
     with progress.step("writing subsets", source.n_rows, "rows"):
         refs = write_subsets(backend, [replace(t, std=std) for t in tasks])
     return refs, np.array([s.n for s in parts], dtype=np.int64), std
+
+
+#: The largest relative difference between a class's share of a subset and of all rows for
+#: which the subsets count as drawn from the same rows (differences come from files sorted or
+#: grouped by the target; a random division differs by a few percent at most on small data).
+CLASS_SHARE_TOLERANCE = 0.25
+
+
+class UnevenClasses(FedgrainError):
+    """The classes' shares differ between the subsets of whole row groups."""
+
+
+def uneven_classes(parts: list[Scanned], classes, shown: str) -> None:
+    """Raise :class:`UnevenClasses` when a class is missing from a subset, or its share of a
+    subset is off its share of all rows by more than :data:`CLASS_SHARE_TOLERANCE` (relative):
+    the row groups then hold the classes unevenly, the files being sorted or grouped by the
+    target, and subsets selected on the target estimate biased slopes."""
+    counts = np.array([s.counts for s in parts], dtype=float)
+    share = counts / counts.sum(axis=1, keepdims=True)
+    overall = counts.sum(axis=0) / counts.sum()
+    off = np.abs(share - overall) / overall
+    if (counts == 0).any() or off.max() > CLASS_SHARE_TOLERANCE:
+        m, k = np.unravel_index(np.argmax(off), off.shape)
+        raise UnevenClasses(
+            f"The row groups of '{shown}' hold the classes unevenly (sorted or grouped by the "
+            f"target?): level {classes[k]!r} is {share[m, k]:.1%} of subset {m} and "
+            f"{overall[k]:.1%} of all rows, and subsets of whole row groups would estimate "
+            "biased slopes.")
 
 
 #: Subsets go to RAM-backed ``/dev/shm`` when they take at most this share of the memory
