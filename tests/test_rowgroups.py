@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 
 from fedgrain import DivideConquerOrdinal
@@ -156,6 +157,10 @@ def test_auto_divides_by_rows_where_row_groups_do_not_serve(truth, tmp_path):
     with pytest.raises(ParameterError, match="by row groups: a filter keeps rows"):
         DivideConquerOrdinal(division="row_groups", **kw).fit(
             DatasetSource(folder, filter="x0 > -10"), "grade")
+    sub = pafs.SubTreeFileSystem(str(folder.parent), pafs.LocalFileSystem())
+    with pytest.raises(ParameterError, match="not on this machine's file system"):
+        DivideConquerOrdinal(division="row_groups", **kw).fit(
+            DatasetSource(folder.name, filesystem=sub), "grade")
     with pytest.raises(ParameterError, match="'division' .* one of .*'row_groups'.*'groups'"):
         DivideConquerOrdinal(division="groups", **kw).fit(folder, "grade")
     # arrays in memory are always divided by rows

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from .. import progress
 from ..backends.base import FileShardRef, _new_npy, unlink_files
@@ -76,6 +77,8 @@ def why_not(source: Any, backend, n_groups: int | None, n_subsets: int) -> str |
         return "only Parquet files are divided by row groups"
     if source.filter is not None:
         return "a filter keeps rows the files' metadata do not count"
+    if not isinstance(source.filesystem, pafs.LocalFileSystem):
+        return "the files are not on this machine's file system (the workers read them)"
     if not files_visible(backend):
         return "the backend's workers cannot read this machine's files"
     if n_groups is not None and n_groups < n_subsets:
