@@ -298,15 +298,18 @@ class Backend(ABC):
             return FileShardWriter(self, self.spill_folder(), sizes, n_features, weighted)
         return ShardWriter(self, sizes, n_features, weighted)
 
-    def spill_folder(self) -> Path:
+    def spill_folder(self, in_ram: bool = False) -> Path:
         """A private folder on disk for shards too large for memory (removed by ``close``, or
-        at exit): in the backend's ``temp_folder`` when it has one, else the system's."""
-        folder = getattr(self, "_spill", None)
+        at exit): in the backend's ``temp_folder`` when it has one, else the system's; with
+        ``in_ram``, in RAM-backed ``/dev/shm`` (for shards the workers write themselves)."""
+        attr = "_spill_ram" if in_ram else "_spill"
+        folder = getattr(self, attr, None)
         if folder is None:
-            base = getattr(self, "_temp_folder", None) or getattr(self, "shared_folder", None)
+            base = Path("/dev/shm") if in_ram else \
+                getattr(self, "_temp_folder", None) or getattr(self, "shared_folder", None)
             folder = private_folder("spill", base)
             _SPILLED.add(folder)
-            self._spill = folder
+            setattr(self, attr, folder)
         return folder
 
     def adopt(self, refs: list[FileShardRef]) -> list[ShardRef]:
@@ -314,11 +317,12 @@ class Backend(ABC):
         return list(refs)
 
     def remove_spill(self) -> None:
-        folder = getattr(self, "_spill", None)
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-            _SPILLED.discard(folder)
-            self._spill = None
+        for attr in ("_spill", "_spill_ram"):
+            folder = getattr(self, attr, None)
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+                _SPILLED.discard(folder)
+                setattr(self, attr, None)
 
     def reserve(self, nbytes: int) -> None:  # noqa: B027 - optional hook
         """Announce that shards totalling ``nbytes`` will be placed (fail early if no room)."""

@@ -159,10 +159,15 @@ def _local_cluster(dd, n_workers: int, attempts: int = 3):
             # glibc hand every large temporary back to the system, so each pass of a
             # solver touches fresh pages: fits were 1.45x slower than on local processes
             # (docs/benchmarks.md). Our workers keep glibc's adaptive default.
+            # No memory limit: Dask pauses a worker whose resident memory passes 80% of its
+            # limit (and kills it at 95%), and the pages of the memory-mapped subset files a
+            # worker reads count as resident although the system can drop them: a worker of
+            # an 8 GB subset (1e8 rows out of core) stopped working half-way through its fit.
+            # Local processes have no such watch either.
             with dask.config.set({TRIM_KEY: None}):
                 return dd.LocalCluster(n_workers=n_workers, threads_per_worker=1,
                                        processes=True, host="127.0.0.1",
-                                       dashboard_address=None)
+                                       dashboard_address=None, memory_limit=0)
         except RuntimeError as exc:
             if "failed to start" not in str(exc):
                 raise
@@ -419,9 +424,9 @@ class DaskBackend(Backend):
 
     def _submit_bundle(self, fn, tasks, bundle):
         items = [(i, _with_futures(tasks[i])) for i in bundle]
+        worker = _worker_of(tasks[bundle[0]])  # None: a task on no shard runs anywhere
         return self.client.submit(_run_bundle_resolved, fn, items, pure=False,
-                                  workers=_worker_of(tasks[bundle[0]]),
-                                  allow_other_workers=True)
+                                  workers=worker, allow_other_workers=worker is not None)
 
     def _result(self, future):
         """The future's result; while it runs, the scheduler must answer a ping every few

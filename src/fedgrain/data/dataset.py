@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 from urllib.parse import unquote
@@ -846,6 +847,35 @@ class DatasetSource:
                 table = table.filter(self.filter)
             yield table.select(columns)
 
+    def row_groups(self) -> list[RowGroup]:
+        """Every row group of this source's Parquet files, in reading order (file by file), as
+        :class:`RowGroup` pieces a worker can read by itself (:class:`RowGroupReader`).
+
+        Only for Parquet files without a row filter (a filter's rows are not known from the
+        files' metadata); reads each file's footer once, so memory is a few numbers a row
+        group, whatever the number of rows.
+        """
+        if self.format != "Parquet" or self.filter is not None:
+            raise DataError(f"'{self.shown}' is not read by row groups: only Parquet files "
+                            "without a filter are; leave out the filter, or divide by rows.")
+        out: list[RowGroup] = []
+        for frag in self._fragments:
+            keys = ds.get_partition_keys(frag.partition_expression)
+            try:
+                meta = pa_parquet.ParquetFile(frag.path, filesystem=self.filesystem).metadata
+            except (pa.ArrowException, OSError) as exc:
+                raise self._failed(frag, exc) from None
+            for g in range(meta.num_row_groups):
+                n = meta.row_group(g).num_rows
+                if n:
+                    out.append(RowGroup(frag.path, self._shown_file(frag.path), g, n,
+                                        tuple(sorted(keys.items()))))
+        return out
+
+    def row_group_reader(self) -> RowGroupReader:
+        """What a worker needs to read :meth:`row_groups` pieces itself (picklable)."""
+        return RowGroupReader(self.filesystem, self._dataset.schema, self.batch_rows)
+
     def frames(self, columns: list[str] | None = None, files: Any = None):
         """``(start, DataFrame)`` for every batch, in order: ``batch_rows`` rows each, a file's
         last batch shorter; ``columns`` (default: this source's) are read, nothing else;
@@ -924,3 +954,55 @@ class DatasetSource:
                         f"{start + k - 1:,} of '{f}'{kept})")
             start -= n
         return f"(in '{self.shown}')"
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One row group of one Parquet file: where it is, its rows and its file's partition keys."""
+
+    path: str
+    shown: str
+    index: int
+    rows: int
+    keys: tuple = ()
+
+    def where(self, start: int, k: int) -> str:
+        """For messages: ``k`` rows from ``start`` (counted within this row group)."""
+        return (f"(row numbers count within the batch of rows {start:,} to {start + k - 1:,} "
+                f"of row group {self.index} of '{self.shown}')")
+
+
+@dataclass(frozen=True)
+class RowGroupReader:
+    """Reads :class:`RowGroup` pieces of a :class:`DatasetSource` in batches, on whichever
+    process holds it (a worker): the types are the data set's, partition columns constants
+    of the file, memory one batch (a 1 MB read buffer, as :meth:`DatasetSource.frames`)."""
+
+    filesystem: Any
+    schema: pa.Schema
+    batch_rows: int
+
+    def frames(self, piece: RowGroup, columns: list[str]):
+        """``(start, DataFrame)`` of ``columns`` for the batches of one row group, ``start``
+        counted within it."""
+        keys = dict(piece.keys)
+        read = [c for c in columns if c not in keys]
+        local = isinstance(self.filesystem, pafs.LocalFileSystem)
+        try:
+            pf = pa_parquet.ParquetFile(piece.path, filesystem=self.filesystem,
+                                        pre_buffer=not local, buffer_size=1 << 20)
+            types = pa.schema([self.schema.field(c) for c in read])
+            start = 0
+            for rb in pf.iter_batches(batch_size=self.batch_rows, row_groups=[piece.index],
+                                      columns=read):
+                table = pa.Table.from_batches([rb]).select(read).cast(types)
+                for k in columns:
+                    if k in keys:
+                        field = self.schema.field(k)
+                        table = table.append_column(field, pa.repeat(
+                            pa.scalar(keys[k], field.type), table.num_rows))
+                yield start, DatasetSource._pandas(table.select(columns))
+                start += table.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"Could not read row group {piece.index} of '{piece.shown}' as "
+                            f"Parquet: {error_reason(exc)}.") from None

@@ -10,7 +10,9 @@ class codes (one byte a row). What it returns,
 :class:`StreamedRows`, stands where the feature matrix would: the estimators route, sample and
 copy its rows into shard files in further passes over the file (:meth:`StreamedRows.blocks`),
 so memory holds one batch, the class codes and a partition label per row, whatever the file's
-size.
+size. ``DivideConquerOrdinal`` divides large Parquet data by row groups instead
+(:mod:`fedgrain.federation.rowgroups`): after the first pass (:func:`open_streamed`), the
+workers check, encode and write their own row groups and this process holds no row at all.
 
 The result equals the in-memory fit of the same data up to rounding in the column moments (the
 sums run over different blocks): the same subsets, the same rows in each, in the same order.
@@ -19,6 +21,7 @@ sums run over different blocks): the same subsets, the same rows in each, in the
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +47,8 @@ from .features import (
 from .fitdata import FitData
 from .target import TargetEncoding, as_levels, check_missing, resolve_target, target_array
 
-__all__ = ["BATCH_ROWS", "DatasetSource", "ParquetSource", "StreamedRows", "is_streamed",
-           "prepare_streamed"]
+__all__ = ["BATCH_ROWS", "DatasetSource", "ParquetSource", "StreamedHead", "StreamedRows",
+           "is_streamed", "open_streamed", "prepare_streamed"]
 
 
 def is_dask_frame(X: Any) -> bool:
@@ -168,6 +171,35 @@ def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any 
     Returns a :class:`~fedgrain.data.FitData` whose ``X`` is a :class:`StreamedRows`
     and whose ``codes`` are compact (one byte a row for up to 127 classes).
     """
+    return open_streamed(path, y, levels=levels, categorical=categorical,
+                         sample_weight=sample_weight, estimator_name=estimator_name,
+                         batch_rows=batch_rows).scan()
+
+
+@dataclass(frozen=True)
+class StreamedHead:
+    """A source read in batches whose levels and feature schema are fixed (the first pass),
+    before its values are checked: :meth:`scan` checks them here, batch by batch; the
+    division by row groups (:mod:`fedgrain.federation.rowgroups`) has the workers check them."""
+
+    source: Any
+    y: str
+    features: list[str]
+    target: TargetEncoding
+    schema: FeatureSchema
+
+    def scan(self) -> FitData:
+        from .. import progress
+
+        with progress.step("checking values", self.source.n_rows, "rows"):
+            return _scan_values(self.source, self.y, self.features, self.target, self.schema)
+
+
+def open_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any = None,
+                  sample_weight: Any = None, estimator_name: str = "estimator",
+                  batch_rows: int = BATCH_ROWS) -> StreamedHead:
+    """The first pass of :func:`prepare_streamed`: the source, its ordinal levels and its
+    feature schema, from the target and categorical columns only."""
     if not isinstance(y, str):
         shown = (path.shown if isinstance(path, (DatasetSource, DaskFrameSource)) else
                  "the dask DataFrame" if is_dask_frame(path) else
@@ -197,8 +229,7 @@ def prepare_streamed(path: Any, y: Any, *, levels: Any = None, categorical: Any 
 
     with progress.step("reading levels", source.n_rows, "rows"):
         target, schema = _scan_levels(source, y, features, levels, categorical, estimator_name)
-    with progress.step("checking values", source.n_rows, "rows"):
-        return _scan_values(source, y, features, target, schema)
+    return StreamedHead(source, y, features, target, schema)
 
 
 #: A target with more distinct values than this is refused while reading (an ordinal target

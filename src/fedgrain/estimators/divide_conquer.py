@@ -12,6 +12,9 @@ from ..backends import get_backend
 from ..core.links import LINKS
 from ..core.standardize import fit_standardizer
 from ..data import prepare_data
+from ..data.streamed import is_streamed, open_streamed
+from ..exceptions import DataError, ParameterError
+from ..federation import rowgroups
 from ..federation.engine import (
     ROWS_PER_PARAM_FOR_ROUNDS,
     fit_partition,
@@ -27,12 +30,17 @@ from ..partition.tree import PartitionTree
 from .base import is_int, param_error, register
 from .models import PooledModel
 
+#: What else fixes a refused division by row groups (by the reason's start).
+_FIX = {"the data": ", or write the files with smaller row groups (pyarrow's row_group_size)",
+        "a subset": ", fewer subsets, or smaller row groups"}
+
 
 @register
 class DivideConquerOrdinal(PooledModel):
     """Divide-and-conquer ordinal regression with valid inference (US patent 11269974).
 
-    The rows are divided at random, stratified by class, into ``n_subsets`` subsets. On each,
+    The rows are divided at random, stratified by class, into ``n_subsets`` subsets (large
+    Parquet data: into sets of whole row groups, read by the workers; see ``division``). On each,
     in parallel, an L1-penalised cumulative-logit model is fitted on the implicitly expanded
     binary problem and de-biased by one Newton step; each estimate is weighted by its robust
     (cluster-sandwich) inverse variance and the estimates are pooled. A refinement round
@@ -88,6 +96,17 @@ class DivideConquerOrdinal(PooledModel):
     cv_folds : int
         Folds for ``alpha="cv"``.
     max_iter, tol : solver settings of each subset's proximal Newton.
+    division : {"auto", "rows", "row_groups"}
+        How data read from Parquet files (a path or a ``DatasetSource``) are divided.
+        ``"rows"``: at random, stratified by class, row by row, as in memory (the fitting
+        process reads every row and copies it into its subset's file). ``"row_groups"``: each
+        subset is a set of whole Parquet row groups, dealt out at random with the sizes
+        balanced, and each worker reads, checks, encodes and writes its own subset, so no row
+        passes through the fitting process (much faster on large data; the subsets are then
+        not stratified by class, see ``docs/operations.md``). ``"auto"`` (default) divides
+        by row groups from 10,000,000 rows when there are at least 4 row groups a subset, the
+        data are Parquet files without a filter and the workers read this machine's files;
+        by rows otherwise. Arrays and frames in memory are always divided by rows.
 
     Attributes
     ----------
@@ -122,8 +141,10 @@ class DivideConquerOrdinal(PooledModel):
     def __init__(self, n_subsets=None, alpha="rate", variance="cluster", backend="processes",
                  n_jobs=None, random_state=0, *, refine_rounds=1, debias="auto", ridge=0.0,
                  penalize_thresholds=False, levels=None, categorical=None, cv_folds=5,
-                 max_iter=100, tol=1e-8, callback=None, link="logit", device=None):
+                 max_iter=100, tol=1e-8, callback=None, link="logit", device=None,
+                 division="auto"):
         self.n_subsets = n_subsets
+        self.division = division
         self.link = link
         self.device = device
         self.alpha = alpha
@@ -158,6 +179,7 @@ class DivideConquerOrdinal(PooledModel):
                                   "None unless backend='serial' and link='logit' (the subsets "
                                   "take turns on the one device)", self.device)
         self._validate_engine()
+        rowgroups.check_division(self.division, type(self).__name__)
 
     def fit(self, X, y, sample_weight=None):
         """Divide, fit the subsets in parallel, pool, refine.
@@ -182,12 +204,20 @@ class DivideConquerOrdinal(PooledModel):
     def _fit(self, X, y, sample_weight):
         self._validate()
         owner = type(self).__name__
+        head = data = None
         with progress.step("checking data"):
-            data = prepare_data(X, y, levels=self.levels, categorical=self.categorical,
-                                sample_weight=sample_weight, estimator_name=owner)
-        Xm, codes, w = data.X, data.codes, data.weights
-        n, p = Xm.shape
-        K = data.target.n_classes
+            if self.division != "rows" and is_streamed(X) and isinstance(y, str) and \
+                    sample_weight is None:
+                head = open_streamed(X, y, levels=self.levels, categorical=self.categorical,
+                                     estimator_name=owner)
+            else:
+                data = prepare_data(X, y, levels=self.levels, categorical=self.categorical,
+                                    sample_weight=sample_weight, estimator_name=owner)
+        first = head if head is not None else data
+        schema, target = first.schema, first.target
+        n = head.source.n_rows if head is not None else data.X.shape[0]
+        p = schema.n_features
+        K = target.n_classes
         d = p + K - 1
         backend = get_backend(self.backend, self.n_jobs, owner=owner)
         own_backend = backend is not self.backend
@@ -197,29 +227,87 @@ class DivideConquerOrdinal(PooledModel):
                                 self.refine_rounds, owner)
             self._warn_small_subsets(n, M, d)
             split_seed = int(check_random_state(self.random_state).randint(0, 2**31 - 1))
-            tree = PartitionTree(p, K, fit_standardizer(Xm, w, data.moments), split_seed)
-            if M > 1:
-                tree.split_random(tree.root, M)
-            labels = route_rows(tree, Xm, codes)
-            tree.count(labels)
+            division = self._row_groups(head, backend, n, M, d, split_seed) \
+                if head is not None else None
+            if division is None and head is not None:
+                with progress.step("checking data"):
+                    data = head.scan()
             settings = self._engine_settings(K)
-            if M > 1:  # a class-stratified division: Q's reference needs the within-class view
-                settings = replace(settings, local=replace(settings.local, within_class=True))
-            names = parameter_names(data.schema.output_names, data.target.classes)
+            names = parameter_names(schema.output_names, target.classes)
+            if division is not None:  # the workers read their own row groups
+                try:
+                    refs, sizes, std = rowgroups.build_by_row_groups(backend, head,
+                                                                     *division)
+                except rowgroups.UnevenClasses as exc:
+                    if self.division == "row_groups":
+                        raise DataError(f"{exc} Divide them by rows (division='rows'), or "
+                                        "shuffle the rows across the files.") from None
+                    warn(f"{exc} Dividing them by rows instead (division='rows').",
+                         UserWarning)
+                    division = None
+                    with progress.step("checking data"):
+                        data = head.scan()
+            if division is not None:
+                tree = PartitionTree(p, K, std, split_seed)
+                if M > 1:
+                    tree.split_random(tree.root, M)
+                tree.count_sizes(sizes)
+                stratified = False
+            else:
+                Xm, codes, w = data.X, data.codes, data.weights
+                tree = PartitionTree(p, K, fit_standardizer(Xm, w, data.moments), split_seed)
+                if M > 1:
+                    tree.split_random(tree.root, M)
+                labels = route_rows(tree, Xm, codes)
+                tree.count(labels)
+                refs = build_shards(backend, Xm, codes, w, labels, M, tree.standardizer)
+                # a byte or two a row: not held while the subsets fit
+                del labels, codes, Xm, w, first
+                data = None
+                stratified = M > 1  # split_random deals every class out evenly
+                if M > 1:  # a class-stratified division: Q's reference needs the within-class view
+                    settings = replace(settings, local=replace(settings.local, within_class=True))
             sched = schedule(tree.sizes, d, backend.n_workers, row_bytes=(p + 2) * 8)
-            refs = build_shards(backend, Xm, codes, w, labels, M, tree.standardizer)
             run = fit_partition(backend, refs, sched, settings, leaf_seeds(tree, split_seed),
                                 names=names, sizes=tree.sizes)
         finally:
             backend.release(refs)
             if own_backend:
                 backend.close()
-        self._set_pooled(data.schema, data.target, summarise(
+        self.division_ = "rows" if division is None else "row_groups"
+        self._set_pooled(schema, target, summarise(
             run, tree.standardizer, tree.sizes, settings,
-            feature_names=data.schema.output_names, classes=data.target.classes,
+            feature_names=schema.output_names, classes=target.classes,
             title=f"Divide-and-conquer ordinal regression (cumulative {self.link})",
-            stratified=M > 1))  # split_random deals every class out evenly
+            stratified=stratified))
         return self
+
+    def _row_groups(self, head, backend, n: int, M: int, d: int, seed: int):
+        """The row groups and each subset's share of them when the data are divided by row
+        groups (``division``), else None."""
+        from ..federation.engine import MIN_ROWS_PER_PARAM
+
+        owner = type(self).__name__
+        if self.division == "auto" and n < rowgroups.AUTO_MIN_ROWS:
+            return None
+        reason = rowgroups.why_not(head.source, backend, None, M)
+        groups = head.source.row_groups() if reason is None else []
+        reason = reason or rowgroups.why_not(head.source, backend, len(groups), M)
+        dealt = rowgroups.deal(groups, M, seed) if reason is None else []
+        if reason is None and self.division == "auto" and \
+                len(groups) < rowgroups.AUTO_GROUPS_PER_SUBSET * M:
+            reason = "too few row groups"
+        smallest = min((sum(groups[i].rows for i in g) for g in dealt), default=0)
+        if reason is None and M > 1 and smallest < MIN_ROWS_PER_PARAM * d:
+            reason = (f"a subset of whole row groups would hold only {smallest:,} rows, fewer "
+                      f"than {MIN_ROWS_PER_PARAM} x d = {MIN_ROWS_PER_PARAM * d:,}")
+        if reason is None:
+            return groups, dealt
+        if self.division == "row_groups":
+            raise ParameterError(
+                f"{owner}(division='row_groups') cannot divide '{head.source.shown}' by row "
+                f"groups: {reason}; use division='rows' (or 'auto'){_FIX.get(reason[:8], '')}.")
+        return None
 
     def _warn_small_subsets(self, n: int, M: int, d: int) -> None:
         need = ROWS_PER_PARAM_FOR_ROUNDS.get(self.refine_rounds, 0)

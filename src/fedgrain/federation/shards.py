@@ -18,6 +18,10 @@ from ..core.standardize import Standardizer
 def route_rows(tree, X, codes: np.ndarray | None = None) -> np.ndarray:
     """``tree.route`` for an array, or for streamed rows (one pass)."""
     if is_streamed(X):
+        if codes is not None and all(nd.kind != "hyperplane" for nd in tree.nodes.values()):
+            # no hyperplane (the static division): where a row goes does not depend on its
+            # values, so the rows are not read again (a whole pass over the files saved)
+            return tree.route_blocks([(0, np.empty((X.shape[0], 0)))], X.shape[0], codes)
         with progress.step("routing rows", X.shape[0], "rows"):
             return tree.route_blocks(row_blocks(X), X.shape[0], codes)
     return tree.route(X, codes)

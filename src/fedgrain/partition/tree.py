@@ -478,7 +478,10 @@ class PartitionTree:
 
     def count(self, leaf: np.ndarray) -> None:
         """Record training sizes from the leaf positions of the training rows."""
-        counts = np.bincount(leaf, minlength=self.n_leaves)
+        self.count_sizes(np.bincount(leaf, minlength=self.n_leaves))
+
+    def count_sizes(self, counts) -> None:
+        """Record training sizes from each leaf's number of rows (in :attr:`leaves` order)."""
         for nid, c in zip(self.leaves, counts, strict=True):
             self.nodes[nid].n_rows = int(c)
         for node in sorted(self.nodes.values(), key=lambda n: -n.depth):
