@@ -258,3 +258,21 @@ def test_dask_local_cluster_views_equal_copies(placed, tmp_path):
         viewed = DivideConquerOrdinal(**kw).fit(Xs, y, sample_weight=w)
     assert placed[0][0] is None and placed[1][0] is not None
     same(copied, viewed)
+
+
+# ---- review: defects and checks ------------------------------------------------------------
+
+
+def test_other_maps_with_names_not_in_the_locale_encoding_do_not_stop_a_fit(backend, placed,
+                                                                            tmp_path):
+    # /proc/self/maps lists every map of the process: a name that is not UTF-8 (any map, not
+    # only X's) made every fit with the processes backend fail with UnicodeDecodeError
+    X, y, _ = data(3000, 3)
+    odd = os.fsencode(tmp_path) + b"/rows-\xff\xfe.npy"
+    with open(odd, "wb") as fh:
+        np.save(fh, X)
+    Xo = np.load(odd, mmap_mode="r")
+    copied = DivideConquerOrdinal(n_subsets=2, backend=backend).fit(X, y)
+    viewed = DivideConquerOrdinal(n_subsets=2, backend=backend).fit(Xo, y)
+    assert placed[0][0] is None and placed[1][0] is not None
+    same(copied, viewed)

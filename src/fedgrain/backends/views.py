@@ -57,10 +57,13 @@ class ViewShardRef(FileShardRef):
 
 
 def _maps():
-    """``(start, end, perms, offset, device, inode, path)`` of this process's mappings."""
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            parts = line.split(None, 5)
+    """``(start, end, perms, offset, device, inode, path)`` of this process's mappings.
+
+    Read as bytes and decoded as Python decodes file names (``os.fsdecode``): a name that is
+    not text in the locale's encoding must not stop a fit."""
+    with open("/proc/self/maps", "rb") as fh:
+        for raw in fh:
+            parts = os.fsdecode(raw).split(None, 5)
             if len(parts) < 6:
                 continue
             lo, hi = (int(v, 16) for v in parts[0].split("-"))
@@ -86,7 +89,7 @@ def find_shared(X) -> tuple[SharedBuffer | None, str]:
     start, stop = X.ctypes.data, X.ctypes.data + X.nbytes
     try:
         found = [m for m in _maps() if m[0] < stop and m[1] > start]
-    except OSError:
+    except (OSError, ValueError):
         return None, "this system does not say which file a memory map holds (/proc/self/maps)"
     if not found:
         return None, "the rows are in private memory, not a map of a file"
