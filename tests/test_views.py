@@ -276,3 +276,43 @@ def test_other_maps_with_names_not_in_the_locale_encoding_do_not_stop_a_fit(back
     viewed = DivideConquerOrdinal(n_subsets=2, backend=backend).fit(Xo, y)
     assert placed[0][0] is None and placed[1][0] is not None
     same(copied, viewed)
+
+
+@pytest.mark.parametrize("name", ["a\nb.npy", "x (deleted)", "back\\012slash.npy", "sp ace.npy"])
+def test_find_shared_file_names_as_the_kernel_writes_them(tmp_path, name):
+    # the kernel writes a newline in a name as \012 and marks a removed file " (deleted)":
+    # such names were refused (copied, with a warning that the file could not be opened or
+    # was deleted)
+    X, _, _ = data(200, 3)
+    with open(tmp_path / name, "wb") as fh:
+        np.save(fh, X)
+    buf, why = find_shared(np.load(tmp_path / name, mmap_mode="r"))
+    assert buf is not None, why
+    assert buf.path == str(tmp_path / name)
+    np.testing.assert_array_equal(buf.open(), X)
+
+
+def test_find_shared_replaced_and_truncated_files(tmp_path):
+    X, _, _ = data(500, 3)
+    Xm = on_disk(tmp_path, X)
+    os.replace(on_disk(tmp_path, X + 1, "other.npy").filename, tmp_path / "X.npy")
+    assert find_shared(Xm)[1].endswith("was replaced since it was mapped")  # was: "deleted"
+    Xm = on_disk(tmp_path, X, "t.npy")
+    buf, _ = find_shared(Xm)
+    os.truncate(tmp_path / "t.npy", 1000)  # a worker's map would fail with "mmap length ..."
+    with pytest.raises(RuntimeError, match="truncated during the fit"):
+        buf.open()
+
+
+def test_no_proc_maps_copies_with_a_warning(backend, placed, tmp_path, monkeypatch):
+    # another system (no /proc): the rows are copied, never a crash
+    def gone():
+        raise FileNotFoundError(2, "No such file or directory", "/proc/self/maps")
+        yield
+
+    monkeypatch.setattr(views, "_maps", gone)
+    X, y, _ = data(3000, 3)
+    with pytest.warns(UserWarning, match="/proc/self/maps"):
+        viewed = DivideConquerOrdinal(n_subsets=2, backend=backend).fit(on_disk(tmp_path, X), y)
+    assert placed[0][0] is None
+    same(DivideConquerOrdinal(n_subsets=2, backend=backend).fit(X, y), viewed)

@@ -63,6 +63,9 @@ class SharedBuffer:
         if (st.st_ino, st.st_dev) != (self.inode, self.device):
             raise RuntimeError(f"The shared rows' file {self.path} was replaced during the "
                                "fit; keep it in place until the fit returns.")
+        if st.st_size < self.offset + self.shape[0] * self.shape[1] * 8:
+            raise RuntimeError(f"The shared rows' file {self.path} was truncated during the "
+                               "fit; keep it as it is until the fit returns.")
         return np.memmap(self.path, dtype=np.float64, mode="r", offset=self.offset,
                          shape=self.shape)
 
