@@ -7,6 +7,7 @@ to 0), so the views are read by separately started processes, as in a large fit.
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -316,3 +317,42 @@ def test_no_proc_maps_copies_with_a_warning(backend, placed, tmp_path, monkeypat
         viewed = DivideConquerOrdinal(n_subsets=2, backend=backend).fit(on_disk(tmp_path, X), y)
     assert placed[0][0] is None
     same(DivideConquerOrdinal(n_subsets=2, backend=backend).fit(X, y), viewed)
+
+
+def test_a_view_shard_pickles_by_reference(tmp_path):
+    # Dask moves a held shard to another worker (or to disk) by pickling it: a view's rows
+    # pickled the whole buffer (every row of X), not its subset
+    X, _, _ = data(20000, 5)
+    std = Standardizer.fit(X)
+    Xm = on_disk(tmp_path, X)
+    buf, _ = find_shared(Xm)
+    index = np.arange(0, X.shape[0], 40, dtype=np.int32)
+    paths = [str(tmp_path / f"{k}.npy") for k in ("rows", "y")]
+    np.save(paths[0], index)
+    np.save(paths[1], np.zeros(index.shape[0], dtype=np.intp))
+    shard = ViewShardRef(paths[0], paths[1], None, buffer=buf, mean=std.mean,
+                         scale=std.scale).load()
+    blob = pickle.dumps(shard)
+    assert len(blob) < 4 * index.nbytes + 4096 < X.nbytes
+    back = pickle.loads(blob)
+    np.testing.assert_array_equal(np.asarray(back.X), std.transform(X[index]))
+    cols = pickle.loads(pickle.dumps(shard.X[:, [2, 0]]))
+    np.testing.assert_array_equal(np.asarray(cols), std.transform(X[index])[:, [2, 0]])
+
+
+def test_shared_rows_index_like_numpy(tmp_path):
+    X, _, _ = data(3000, 4)
+    std = Standardizer.fit(X)
+    buf, _ = find_shared(on_disk(tmp_path, X))
+    index = np.arange(0, X.shape[0], 3, dtype=np.int32)
+    rows = SharedRows(buf.open(), index, std.mean, std.scale)
+    plain = std.transform(X[index])
+    assert np.asarray(rows[[]]).shape == plain[[]].shape == (0, 4)  # was: an IndexError
+    np.testing.assert_array_equal(rows[:, 2], plain[:, 2])  # was: an IndexError
+    np.testing.assert_array_equal(rows[5, [3, 1]], plain[5, [3, 1]])  # was: an IndexError
+    pick = np.array([7, 7, 0, 999, 3])  # unsorted, repeated
+    np.testing.assert_array_equal(np.asarray(rows[pick]), plain[pick])
+    np.testing.assert_array_equal(np.asarray(rows[::-2]), plain[::-2])
+    np.testing.assert_array_equal(np.asarray(rows[pick][:, [0]]), plain[pick][:, [0]])
+    empty = SharedRows(buf.open(), index[:0], std.mean, std.scale)
+    assert np.asarray(empty).shape == (0, 4) and (empty @ np.ones(4)).shape == (0,)

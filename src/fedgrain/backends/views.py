@@ -51,7 +51,8 @@ class ViewShardRef(FileShardRef):
 
     def load(self) -> Shard:
         index = np.load(self.X, mmap_mode="r")
-        return Shard(SharedRows(self.buffer.open(), index, self.mean, self.scale),
+        return Shard(SharedRows(self.buffer.open(), index, self.mean, self.scale,
+                                buffer=self.buffer),
                      np.load(self.y, mmap_mode="r"),
                      None if self.w is None else np.load(self.w, mmap_mode="r"))
 
