@@ -22,7 +22,7 @@ from fedgrain.core.likelihood import composite_pass, exact_pass
 from fedgrain.core.rowsource import SharedBuffer, SharedRows
 from fedgrain.core.standardize import Standardizer, column_moments
 from fedgrain.datasets import make_ordinal
-from fedgrain.exceptions import DataError
+from fedgrain.exceptions import DataError, ParameterError
 
 ATTRS = ("coef_", "thresholds_", "cov_", "bse_", "subset_estimates_", "subset_lasso_estimates_")
 
@@ -257,8 +257,11 @@ def test_dask_local_cluster_views_equal_copies(placed, tmp_path):
         kw = {"n_subsets": 2, "backend": be}
         copied = DivideConquerOrdinal(**kw).fit(X, y, sample_weight=w)
         viewed = DivideConquerOrdinal(**kw).fit(Xs, y, sample_weight=w)
-    assert placed[0][0] is None and placed[1][0] is not None
+        be.views = False  # the opt-out: copied subsets
+        opted = DivideConquerOrdinal(**kw).fit(Xs, y, sample_weight=w)
+    assert placed[0][0] is None and placed[1][0] is not None and placed[2][0] is None
     same(copied, viewed)
+    same(copied, opted)
 
 
 # ---- review: defects and checks ------------------------------------------------------------
@@ -317,6 +320,24 @@ def test_no_proc_maps_copies_with_a_warning(backend, placed, tmp_path, monkeypat
         viewed = DivideConquerOrdinal(n_subsets=2, backend=backend).fit(on_disk(tmp_path, X), y)
     assert placed[0][0] is None
     same(DivideConquerOrdinal(n_subsets=2, backend=backend).fit(X, y), viewed)
+
+
+def test_views_opt_out(placed, tmp_path):
+    X, y, w = data(4000, 4)
+    Xm = on_disk(tmp_path, X)
+    with ProcessesBackend(n_jobs=2, views=False) as be:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # copied by request: no warning, even for "c"
+            copied = DivideConquerOrdinal(n_subsets=2, backend=be).fit(Xm, y, sample_weight=w)
+            DivideConquerOrdinal(n_subsets=2, backend=be).fit(
+                np.load(Xm.filename, mmap_mode="c"), y)
+    assert placed[0][0] is None and placed[1][0] is None
+    with ProcessesBackend(n_jobs=2) as be:
+        viewed = DivideConquerOrdinal(n_subsets=2, backend=be).fit(Xm, y, sample_weight=w)
+    assert placed[2][0] is not None
+    same(copied, viewed)
+    with pytest.raises(ParameterError, match="views="):
+        ProcessesBackend(n_jobs=2, views="no")
 
 
 def test_a_view_shard_pickles_by_reference(tmp_path):

@@ -173,9 +173,10 @@ def place_views(backend, X, codes: np.ndarray, weights: np.ndarray | None,
     (its ``view_folder`` gives a folder: the processes backend, Dask's local cluster) and ``X``
     lies in a shared buffer (:func:`find_shared`); None otherwise (then the caller copies the
     rows). A memory-mapped ``X`` that cannot be shared is copied with a warning
-    that says why."""
+    that says why; with the backend's ``views=False`` every ``X`` is copied, without one."""
     folder_for = getattr(backend, "view_folder", None)
-    if folder_for is None or not isinstance(X, np.ndarray):
+    if folder_for is None or not getattr(backend, "views", True) or \
+            not isinstance(X, np.ndarray):
         return None
     buffer, why = find_shared(X)
     if buffer is None:
