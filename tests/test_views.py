@@ -7,6 +7,7 @@ to 0), so the views are read by separately started processes, as in a large fit.
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -21,7 +22,7 @@ from fedgrain.core.likelihood import composite_pass, exact_pass
 from fedgrain.core.rowsource import SharedBuffer, SharedRows
 from fedgrain.core.standardize import Standardizer, column_moments
 from fedgrain.datasets import make_ordinal
-from fedgrain.exceptions import DataError
+from fedgrain.exceptions import DataError, ParameterError
 
 ATTRS = ("coef_", "thresholds_", "cov_", "bse_", "subset_estimates_", "subset_lasso_estimates_")
 
@@ -256,5 +257,123 @@ def test_dask_local_cluster_views_equal_copies(placed, tmp_path):
         kw = {"n_subsets": 2, "backend": be}
         copied = DivideConquerOrdinal(**kw).fit(X, y, sample_weight=w)
         viewed = DivideConquerOrdinal(**kw).fit(Xs, y, sample_weight=w)
+        be.views = False  # the opt-out: copied subsets
+        opted = DivideConquerOrdinal(**kw).fit(Xs, y, sample_weight=w)
+    assert placed[0][0] is None and placed[1][0] is not None and placed[2][0] is None
+    same(copied, viewed)
+    same(copied, opted)
+
+
+# ---- review: defects and checks ------------------------------------------------------------
+
+
+def test_other_maps_with_names_not_in_the_locale_encoding_do_not_stop_a_fit(backend, placed,
+                                                                            tmp_path):
+    # /proc/self/maps lists every map of the process: a name that is not UTF-8 (any map, not
+    # only X's) made every fit with the processes backend fail with UnicodeDecodeError
+    X, y, _ = data(3000, 3)
+    odd = os.fsencode(tmp_path) + b"/rows-\xff\xfe.npy"
+    with open(odd, "wb") as fh:
+        np.save(fh, X)
+    Xo = np.load(odd, mmap_mode="r")
+    copied = DivideConquerOrdinal(n_subsets=2, backend=backend).fit(X, y)
+    viewed = DivideConquerOrdinal(n_subsets=2, backend=backend).fit(Xo, y)
     assert placed[0][0] is None and placed[1][0] is not None
     same(copied, viewed)
+
+
+@pytest.mark.parametrize("name", ["a\nb.npy", "x (deleted)", "back\\012slash.npy", "sp ace.npy"])
+def test_find_shared_file_names_as_the_kernel_writes_them(tmp_path, name):
+    # the kernel writes a newline in a name as \012 and marks a removed file " (deleted)":
+    # such names were refused (copied, with a warning that the file could not be opened or
+    # was deleted)
+    X, _, _ = data(200, 3)
+    with open(tmp_path / name, "wb") as fh:
+        np.save(fh, X)
+    buf, why = find_shared(np.load(tmp_path / name, mmap_mode="r"))
+    assert buf is not None, why
+    assert buf.path == str(tmp_path / name)
+    np.testing.assert_array_equal(buf.open(), X)
+
+
+def test_find_shared_replaced_and_truncated_files(tmp_path):
+    X, _, _ = data(500, 3)
+    Xm = on_disk(tmp_path, X)
+    os.replace(on_disk(tmp_path, X + 1, "other.npy").filename, tmp_path / "X.npy")
+    assert find_shared(Xm)[1].endswith("was replaced since it was mapped")  # was: "deleted"
+    Xm = on_disk(tmp_path, X, "t.npy")
+    buf, _ = find_shared(Xm)
+    os.truncate(tmp_path / "t.npy", 1000)  # a worker's map would fail with "mmap length ..."
+    with pytest.raises(RuntimeError, match="truncated during the fit"):
+        buf.open()
+
+
+def test_no_proc_maps_copies_with_a_warning(backend, placed, tmp_path, monkeypatch):
+    # another system (no /proc): the rows are copied, never a crash
+    def gone():
+        raise FileNotFoundError(2, "No such file or directory", "/proc/self/maps")
+        yield
+
+    monkeypatch.setattr(views, "_maps", gone)
+    X, y, _ = data(3000, 3)
+    with pytest.warns(UserWarning, match="/proc/self/maps"):
+        viewed = DivideConquerOrdinal(n_subsets=2, backend=backend).fit(on_disk(tmp_path, X), y)
+    assert placed[0][0] is None
+    same(DivideConquerOrdinal(n_subsets=2, backend=backend).fit(X, y), viewed)
+
+
+def test_views_opt_out(placed, tmp_path):
+    X, y, w = data(4000, 4)
+    Xm = on_disk(tmp_path, X)
+    with ProcessesBackend(n_jobs=2, views=False) as be:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # copied by request: no warning, even for "c"
+            copied = DivideConquerOrdinal(n_subsets=2, backend=be).fit(Xm, y, sample_weight=w)
+            DivideConquerOrdinal(n_subsets=2, backend=be).fit(
+                np.load(Xm.filename, mmap_mode="c"), y)
+    assert placed[0][0] is None and placed[1][0] is None
+    with ProcessesBackend(n_jobs=2) as be:
+        viewed = DivideConquerOrdinal(n_subsets=2, backend=be).fit(Xm, y, sample_weight=w)
+    assert placed[2][0] is not None
+    same(copied, viewed)
+    with pytest.raises(ParameterError, match="views="):
+        ProcessesBackend(n_jobs=2, views="no")
+
+
+def test_a_view_shard_pickles_by_reference(tmp_path):
+    # Dask moves a held shard to another worker (or to disk) by pickling it: a view's rows
+    # pickled the whole buffer (every row of X), not its subset
+    X, _, _ = data(20000, 5)
+    std = Standardizer.fit(X)
+    Xm = on_disk(tmp_path, X)
+    buf, _ = find_shared(Xm)
+    index = np.arange(0, X.shape[0], 40, dtype=np.int32)
+    paths = [str(tmp_path / f"{k}.npy") for k in ("rows", "y")]
+    np.save(paths[0], index)
+    np.save(paths[1], np.zeros(index.shape[0], dtype=np.intp))
+    shard = ViewShardRef(paths[0], paths[1], None, buffer=buf, mean=std.mean,
+                         scale=std.scale).load()
+    blob = pickle.dumps(shard)
+    assert len(blob) < 4 * index.nbytes + 4096 < X.nbytes
+    back = pickle.loads(blob)
+    np.testing.assert_array_equal(np.asarray(back.X), std.transform(X[index]))
+    cols = pickle.loads(pickle.dumps(shard.X[:, [2, 0]]))
+    np.testing.assert_array_equal(np.asarray(cols), std.transform(X[index])[:, [2, 0]])
+
+
+def test_shared_rows_index_like_numpy(tmp_path):
+    X, _, _ = data(3000, 4)
+    std = Standardizer.fit(X)
+    buf, _ = find_shared(on_disk(tmp_path, X))
+    index = np.arange(0, X.shape[0], 3, dtype=np.int32)
+    rows = SharedRows(buf.open(), index, std.mean, std.scale)
+    plain = std.transform(X[index])
+    assert np.asarray(rows[[]]).shape == plain[[]].shape == (0, 4)  # was: an IndexError
+    np.testing.assert_array_equal(rows[:, 2], plain[:, 2])  # was: an IndexError
+    np.testing.assert_array_equal(rows[5, [3, 1]], plain[5, [3, 1]])  # was: an IndexError
+    pick = np.array([7, 7, 0, 999, 3])  # unsorted, repeated
+    np.testing.assert_array_equal(np.asarray(rows[pick]), plain[pick])
+    np.testing.assert_array_equal(np.asarray(rows[::-2]), plain[::-2])
+    np.testing.assert_array_equal(np.asarray(rows[pick][:, [0]]), plain[pick][:, [0]])
+    empty = SharedRows(buf.open(), index[:0], std.mean, std.scale)
+    assert np.asarray(empty).shape == (0, 4) and (empty @ np.ones(4)).shape == (0,)

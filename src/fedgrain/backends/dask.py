@@ -195,6 +195,9 @@ class DaskBackend(Backend):
     shared_folder : str or None
         A folder every worker can read, for shards spilled to files (data beyond memory) when
         the cluster was started elsewhere; the local cluster uses a private temporary folder.
+    views : bool
+        As for :class:`~fedgrain.backends.ProcessesBackend`: on the local cluster, rows
+        already in a shared buffer are placed as views unless ``views=False``.
 
     Examples
     --------
@@ -211,9 +214,11 @@ class DaskBackend(Backend):
     name = "dask"
 
     def __init__(self, scheduler: str | None = None, n_workers: int | None = None,
-                 timeout: float = 30.0, retries: int = 3, shared_folder: str | None = None):
-        from .processes import resolve_n_jobs
+                 timeout: float = 30.0, retries: int = 3, shared_folder: str | None = None,
+                 views: bool = True):
+        from .processes import check_views, resolve_n_jobs
 
+        self.views = check_views(views)
         dd = _distributed()
         self._cluster = None
         self.client = None
@@ -337,8 +342,8 @@ class DaskBackend(Backend):
     # map its files, so subsets of rows in a shared buffer are placed as views (adopted below).
     def view_folder(self, nbytes: int):
         """The shard folder for views' row numbers and codes; None (copy the rows) when the
-        workers are another cluster's, which may run elsewhere."""
-        if self._cluster is None:
+        workers are another cluster's, which may run elsewhere, or with ``views=False``."""
+        if self._cluster is None or not self.views:
             return None
         from .processes import shard_folder
 

@@ -103,6 +103,14 @@ def shard_folder(nbytes: int, temp_folder: str | None = None) -> Path:
     )
 
 
+def check_views(views) -> bool:
+    """The backends' ``views`` option, checked."""
+    if not isinstance(views, (bool, np.bool_)):
+        raise ParameterError(f"views={views!r}: give True (rows already in a shared buffer "
+                             "are placed as views, not copied) or False (always copy them).")
+    return bool(views)
+
+
 def remove_folder(folder: Path | None) -> None:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
@@ -124,6 +132,14 @@ class ProcessesBackend(Backend):
         How many times the tasks of a worker process that died (killed, out of memory) are run
         again on fresh workers; tasks are pure, so the result is the same. After that, a
         :class:`~fedgrain.exceptions.ResourceError`.
+    views : bool
+        Whether rows that already lie in a buffer the workers can map (a memory-mapped file,
+        shared memory, :func:`fedgrain.shared_rows`) are placed as views, not copied
+        (:mod:`fedgrain.backends.views`; default True). Views keep the data in memory once, but
+        every pass gathers and standardises its rows: the fit takes longer, most at small p
+        (about a third longer at p = 20, docs/benchmarks.md). ``views=False`` copies the
+        subsets as for any array: faster where memory allows a second copy of the rows. The
+        model is the same either way.
 
     Examples
     --------
@@ -143,7 +159,7 @@ class ProcessesBackend(Backend):
     name = "processes"
 
     def __init__(self, n_jobs: int | None = None, temp_folder: str | None = None,
-                 retries: int = 3):
+                 retries: int = 3, views: bool = True):
         self._n = resolve_n_jobs(n_jobs)
         self._temp_folder = temp_folder
         if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or \
@@ -151,6 +167,7 @@ class ProcessesBackend(Backend):
             raise ParameterError(f"retries={retries!r}: give a whole number >= 0 (how often "
                                  "the tasks of a dead worker are sent again).")
         self.retries = int(retries)
+        self.views = check_views(views)
         self.resent_ = 0  # tasks run again after their worker died
         self._dir: Path | None = None
 
@@ -206,8 +223,11 @@ class ProcessesBackend(Backend):
 
     # Hook (backends/views.py): the workers run on this machine and can map its files, so
     # subsets of rows in a shared buffer are placed as views, their small files in here.
-    def view_folder(self, nbytes: int) -> Path:
-        """The shard folder, with room for ``nbytes`` more (views' row numbers and codes)."""
+    def view_folder(self, nbytes: int) -> Path | None:
+        """The shard folder, with room for ``nbytes`` more (views' row numbers and codes);
+        None (copy the rows) with ``views=False``."""
+        if not self.views:
+            return None
         self.reserve(nbytes)
         return self._dir
 

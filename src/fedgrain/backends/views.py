@@ -51,16 +51,20 @@ class ViewShardRef(FileShardRef):
 
     def load(self) -> Shard:
         index = np.load(self.X, mmap_mode="r")
-        return Shard(SharedRows(self.buffer.open(), index, self.mean, self.scale),
+        return Shard(SharedRows(self.buffer.open(), index, self.mean, self.scale,
+                                buffer=self.buffer),
                      np.load(self.y, mmap_mode="r"),
                      None if self.w is None else np.load(self.w, mmap_mode="r"))
 
 
 def _maps():
-    """``(start, end, perms, offset, device, inode, path)`` of this process's mappings."""
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            parts = line.split(None, 5)
+    """``(start, end, perms, offset, device, inode, path)`` of this process's mappings.
+
+    Read as bytes and decoded as Python decodes file names (``os.fsdecode``): a name that is
+    not text in the locale's encoding must not stop a fit."""
+    with open("/proc/self/maps", "rb") as fh:
+        for raw in fh:
+            parts = os.fsdecode(raw).split(None, 5)
             if len(parts) < 6:
                 continue
             lo, hi = (int(v, 16) for v in parts[0].split("-"))
@@ -86,7 +90,7 @@ def find_shared(X) -> tuple[SharedBuffer | None, str]:
     start, stop = X.ctypes.data, X.ctypes.data + X.nbytes
     try:
         found = [m for m in _maps() if m[0] < stop and m[1] > start]
-    except OSError:
+    except (OSError, ValueError):
         return None, "this system does not say which file a memory map holds (/proc/self/maps)"
     if not found:
         return None, "the rows are in private memory, not a map of a file"
@@ -99,22 +103,55 @@ def find_shared(X) -> tuple[SharedBuffer | None, str]:
         return None, "the rows are only partly in a memory map"
     if not path.startswith("/") or inode == 0:
         return None, "the rows are private memory, not a map of a file"
-    if path.endswith(" (deleted)"):
-        return None, f"the file of the rows' memory map, {path[:-10]}, was deleted"
+    if path == "/dev/zero (deleted)" or path.startswith("/SYSV"):
+        return None, "the rows are in anonymous shared memory, which no file name opens"
     if any("s" not in m[2] for m in found):
-        return None, (f"the rows' map of {path} is private (copy-on-write, as "
+        return None, (f"the rows' map of {_shown(path)} is private (copy-on-write, as "
                       "mmap_mode='c' opens it): other processes would not see its changes; "
                       "open it with mmap_mode='r'")
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return None, f"the rows' file {path} cannot be opened ({exc.strerror})"
-    if (st.st_ino, st.st_dev) != (inode, dev):
-        return None, f"the rows' file {path} was replaced since it was mapped"
+    path, why = _file_of(path, inode, dev)
+    if path is None:
+        return None, why
     if not os.access(path, os.R_OK):
         return None, f"the rows' file {path} is not readable"
     return SharedBuffer(path, offset + (start - lo), (int(X.shape[0]), int(X.shape[1])),
                         inode, dev), ""
+
+
+def _names(path: str) -> list[str]:
+    """The file names a path of ``/proc/self/maps`` may stand for: the kernel writes a newline
+    in a name as ``\\012`` and adds `` (deleted)`` to the name of a removed file (a name may
+    also hold these characters itself)."""
+    names = [path]
+    if "\\012" in path:
+        names.append(path.replace("\\012", "\n"))
+    if path.endswith(" (deleted)"):
+        names += [n[:-10] for n in names]
+    return names
+
+
+def _shown(path: str) -> str:
+    return path[:-10] if path.endswith(" (deleted)") else path
+
+
+def _file_of(path: str, inode: int, dev: int) -> tuple[str | None, str]:
+    """The name of the mapped file (``inode`` on ``dev``) that ``path`` of
+    ``/proc/self/maps`` stands for, or ``(None, why not)``."""
+    other = error = None
+    for name in _names(path):
+        try:
+            st = os.stat(name)
+        except OSError as exc:
+            error = error or exc
+            continue
+        if (st.st_ino, st.st_dev) == (inode, dev):
+            return name, ""
+        other = other or name
+    if other is not None:
+        return None, f"the rows' file {other} was replaced since it was mapped"
+    if path.endswith(" (deleted)"):
+        return None, f"the file of the rows' memory map, {_shown(path)}, was deleted"
+    return None, f"the rows' file {path} cannot be opened ({error.strerror})"
 
 
 def _mapped(X) -> bool:
@@ -136,9 +173,10 @@ def place_views(backend, X, codes: np.ndarray, weights: np.ndarray | None,
     (its ``view_folder`` gives a folder: the processes backend, Dask's local cluster) and ``X``
     lies in a shared buffer (:func:`find_shared`); None otherwise (then the caller copies the
     rows). A memory-mapped ``X`` that cannot be shared is copied with a warning
-    that says why."""
+    that says why; with the backend's ``views=False`` every ``X`` is copied, without one."""
     folder_for = getattr(backend, "view_folder", None)
-    if folder_for is None or not isinstance(X, np.ndarray):
+    if folder_for is None or not getattr(backend, "views", True) or \
+            not isinstance(X, np.ndarray):
         return None
     buffer, why = find_shared(X)
     if buffer is None:

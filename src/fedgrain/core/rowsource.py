@@ -13,8 +13,10 @@ the last bit, as on the copied shard.
 What a pass does with ``X`` is all :class:`SharedRows` offers: ``shape``, a range of rows
 (``X[a:b]``, one block at a time), one row (``X[i]``), a selection of rows (``X[mask]``,
 ``X[index]``: another :class:`SharedRows`, no copy), a selection of columns (``X[:, cols]``,
-likewise), the products ``X @ v`` (block by block) and, for code that needs a real array,
-``numpy.asarray(X)`` (gathers every row: a copy of the subset).
+likewise; ``X[:, j]`` gathers the one column), the products ``X @ v`` (block by block) and, for
+code that needs a real array, ``numpy.asarray(X)`` (gathers every row: a copy of the subset).
+Pickled, it travels as the buffer's description and its row numbers, and maps the buffer again
+where it arrives.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class SharedBuffer:
         if (st.st_ino, st.st_dev) != (self.inode, self.device):
             raise RuntimeError(f"The shared rows' file {self.path} was replaced during the "
                                "fit; keep it in place until the fit returns.")
+        if st.st_size < self.offset + self.shape[0] * self.shape[1] * 8:
+            raise RuntimeError(f"The shared rows' file {self.path} was truncated during the "
+                               "fit; keep it as it is until the fit returns.")
         return np.memmap(self.path, dtype=np.float64, mode="r", offset=self.offset,
                          shape=self.shape)
 
@@ -89,7 +94,11 @@ class SharedRows:
     flags = SimpleNamespace(c_contiguous=True, f_contiguous=False, writeable=False)
 
     def __init__(self, source: np.ndarray, index: np.ndarray, mean: np.ndarray,
-                 scale: np.ndarray, columns: np.ndarray | None = None):
+                 scale: np.ndarray, columns: np.ndarray | None = None,
+                 buffer: SharedBuffer | None = None):
+        #: Where ``source`` lies (None: an array given as it is). Pickling sends this, not the
+        #: rows (Dask moves a shard to another worker, or to disk, by pickling it).
+        self.buffer = buffer
         # plain views of the maps: numpy.memmap's bookkeeping on every slice costs time
         self.source = source.view(np.ndarray) if isinstance(source, np.memmap) else source
         self.index = index.view(np.ndarray) if isinstance(index, np.memmap) else index
@@ -125,7 +134,16 @@ class SharedRows:
 
     def _with(self, index=None, columns=None) -> SharedRows:
         return SharedRows(self.source, self.index if index is None else index, self.mean,
-                          self.scale, self.columns if columns is None else columns)
+                          self.scale, self.columns if columns is None else columns,
+                          self.buffer)
+
+    def __reduce__(self):
+        # by reference: the buffer's description and the row numbers, not the whole buffer
+        # (pickling the map would copy every row of the buffer, not only the subset's)
+        if self.buffer is None:
+            return (SharedRows, (self.source, self.index, self.mean, self.scale, self.columns))
+        return (_reopen, (self.buffer, np.asarray(self.index), self.mean, self.scale,
+                          self.columns))
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
@@ -138,6 +156,8 @@ class SharedRows:
                 return self[rows]
             if isinstance(rows, slice) and rows == slice(None):
                 return self._columns(cols)
+            if isinstance(rows, (int, np.integer)):
+                return self[rows][cols]
             return np.asarray(self[rows])[:, cols]
         if isinstance(key, (int, np.integer)):
             i = int(key) + (self.shape[0] if key < 0 else 0)
@@ -150,15 +170,19 @@ class SharedRows:
                 return self._gather(self.index[a:max(a, b)])
             return self._with(index=self.index[key])
         key = np.asarray(key)
+        if key.size == 0 and key.dtype != bool:  # X[[]]: no rows (an empty list is float)
+            key = key.astype(np.intp)
         if key.dtype == bool and key.shape != (self.shape[0],):
             raise IndexError(f"a row mask of shape {key.shape} for {self.shape[0]} rows")
         if key.dtype != bool and key.dtype.kind not in "iu":
             raise IndexError(f"rows cannot be chosen by an array of dtype {key.dtype}")
         return self._with(index=self.index[key])
 
-    def _columns(self, cols) -> SharedRows:
+    def _columns(self, cols) -> SharedRows | np.ndarray:
         p = self.shape[1]
         chosen = np.arange(p)[cols]
+        if chosen.ndim == 0:  # X[:, j]: one column, gathered
+            return np.asarray(self._columns(chosen[None]))[:, 0]
         if chosen.ndim != 1:
             raise IndexError("columns are chosen by a slice, a mask or an index array")
         base = chosen if self.columns is None else self.columns[chosen]
@@ -192,6 +216,11 @@ class SharedRows:
     def __repr__(self) -> str:
         return (f"SharedRows({self.shape[0]} x {self.shape[1]} standardised rows of "
                 f"{getattr(self.source, 'filename', None) or 'a shared buffer'})")
+
+
+def _reopen(buffer: SharedBuffer, index, mean, scale, columns) -> SharedRows:
+    """A pickled :class:`SharedRows` on its new process: the buffer mapped there."""
+    return SharedRows(buffer.open(), index, mean, scale, columns, buffer)
 
 
 def materialise(X):

@@ -68,7 +68,9 @@ class DivideConquerOrdinal(PooledModel):
         ``np.load(path, mmap_mode="r")`` of a file, an array over a
         ``multiprocessing.shared_memory.SharedMemory``, or :func:`fedgrain.shared_rows`. Then
         the subsets are views of it (each worker standardises its rows as it reads them) and
-        the model is the same to the last bit (docs/guide.md, "Scale").
+        the model is the same to the last bit (docs/guide.md, "Scale");
+        ``ProcessesBackend(views=False)`` copies them all the same (faster, where memory
+        allows).
     n_jobs : int or None
         Worker processes for ``backend="processes"`` (default: all CPUs).
     random_state : int, RandomState or None
