@@ -304,7 +304,7 @@ fit that checks its input; what is left to gain is in the passes (above).
 
 **`DivideConquerOrdinal` against "1.5x faster than before".** Its fit runs in two worker
 processes, one per core, so it is the figure that moves most with other work on the machine:
-1.63x in the run of 2026-12-04 21:50 (load 2.1, nothing else running) and 1.21x in the run of
+1.63x in the run of 2026-12-04 21:50 (load 2.1 at its start) and 1.21x in the run of
 2026-12-05 00:46 (load 1.9-2.8, another test suite running), where the tree before this work
 took 1.02 s against 1.69 s in the earlier run. The pass and fit tables above are from the
 latest run."""
