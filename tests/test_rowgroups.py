@@ -262,3 +262,41 @@ def test_files_sorted_by_the_target_are_not_divided_by_row_groups(tmp_path, monk
     # shuffled across the row groups, "auto" divides them by row groups
     frame.sample(frac=1.0, random_state=0).to_parquet(path, row_group_size=5_000)
     assert DivideConquerOrdinal(**kw).fit(path, "grade").division_ == "row_groups"
+
+
+def _parts(counts) -> list:
+    """Subsets' summaries with these class counts (the rest does not matter to the guard)."""
+    z = np.zeros(1)
+    return [rowgroups.Scanned(int(c.sum()), z, z, z, z, z, np.asarray(c)) for c in counts]
+
+
+def test_a_rare_class_of_shuffled_rows_is_not_taken_for_sorted_files(tmp_path):
+    """A class of 0.4% of honest (shuffled) rows is 48 rows a subset of 12,000, and its share
+    varies by more than 25% between subsets by chance alone: the guard refused such data in 4
+    fits out of 10 (seed 0 among them). Differences count only beyond chance."""
+    rng = np.random.default_rng(0)
+    n = 120_000
+    X = rng.standard_normal((n, 3))
+    latent = X @ [0.5, -0.3, 0.2] + rng.logistic(size=n)
+    y = np.digitize(latent, np.quantile(latent, [0.004, 0.5, 0.8]))
+    path = tmp_path / "rare.parquet"
+    pd.DataFrame(X, columns=list("abc")).assign(grade=y).to_parquet(path, row_group_size=2_000)
+    m = DivideConquerOrdinal(n_subsets=10, backend="serial", random_state=0,
+                             division="row_groups").fit(path, "grade")
+    assert m.division_ == "row_groups"
+    # honest divisions of 100 subsets of 10,000 rows with a class of 0.3%: never refused
+    shares = [0.003, 0.297, 0.4, 0.3]
+    for seed in range(200):
+        counts = np.random.default_rng(seed).multinomial(10_000, shares, size=100)
+        if (counts > 0).all():
+            rowgroups.uneven_classes(_parts(counts), [0, 1, 2, 3], "f")
+    # a class 50% off in subsets of 1,000,000 rows (250 standard deviations), and a class
+    # missing from a subset, are refused
+    with pytest.raises(rowgroups.UnevenClasses, match=r"level 2 is 30% of subset 0 and 20% of "
+                       r"all rows"):
+        rowgroups.uneven_classes(_parts(np.array([[400_000, 300_000, 300_000],
+                                                  [400_000, 500_000, 100_000]])),
+                                 [0, 1, 2], "f")
+    with pytest.raises(rowgroups.UnevenClasses, match=r"level 2 is 0% of subset 0"):
+        rowgroups.uneven_classes(_parts(np.array([[500, 500, 0], [300, 300, 400]])),
+                                 [0, 1, 2], "f")

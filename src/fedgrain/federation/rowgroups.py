@@ -466,6 +466,13 @@ def build_by_row_groups(backend, head, groups: list[RowGroup], division: list[li
 #: which the subsets count as drawn from the same rows (differences come from files sorted or
 #: grouped by the target; a random division differs by a few percent at most on small data).
 CLASS_SHARE_TOLERANCE = 0.25
+#: ... and a difference counts only beyond this many binomial standard deviations of the
+#: subset's class count: a rare class's share of honest (shuffled) rows varies by more than
+#: 25% from subset to subset by chance alone (60 rows expected: 13% is one standard deviation),
+#: and a guard on the share alone refused such data (issue 18 review). Six standard deviations
+#: over 10,000 subsets and classes are passed by chance about once in 50,000 fits;
+#: files sorted by the target are hundreds of standard deviations off.
+CLASS_SHARE_SIGMAS = 6.0
 
 
 class UnevenClasses(FedgrainError):
@@ -474,20 +481,31 @@ class UnevenClasses(FedgrainError):
 
 def uneven_classes(parts: list[Scanned], classes, shown: str) -> None:
     """Raise :class:`UnevenClasses` when a class is missing from a subset, or its share of a
-    subset is off its share of all rows by more than :data:`CLASS_SHARE_TOLERANCE` (relative):
-    the row groups then hold the classes unevenly, the files being sorted or grouped by the
-    target, and subsets selected on the target estimate biased slopes."""
+    subset is off its share of all rows by more than :data:`CLASS_SHARE_TOLERANCE` (relative)
+    and by more than chance allows (:data:`CLASS_SHARE_SIGMAS` binomial standard deviations of
+    the subset's count): the row groups then hold the classes unevenly, the files being sorted
+    or grouped by the target, and subsets selected on the target estimate biased slopes."""
     counts = np.array([s.counts for s in parts], dtype=float)
-    share = counts / counts.sum(axis=1, keepdims=True)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = counts / rows
     overall = counts.sum(axis=0) / counts.sum()
     off = np.abs(share - overall) / overall
-    if (counts == 0).any() or off.max() > CLASS_SHARE_TOLERANCE:
-        m, k = np.unravel_index(np.argmax(off), off.shape)
+    sd = np.sqrt(rows * overall * (1.0 - overall))
+    sigmas = np.abs(counts - rows * overall) / np.where(sd > 0, sd, 1.0)
+    uneven = (off > CLASS_SHARE_TOLERANCE) & (sigmas > CLASS_SHARE_SIGMAS)
+    if (counts == 0).any() or uneven.any():
+        worst = np.where(counts == 0, np.inf, np.where(uneven, sigmas, -np.inf))
+        m, k = np.unravel_index(np.argmax(worst), worst.shape)
         raise UnevenClasses(
             f"The row groups of '{shown}' hold the classes unevenly (sorted or grouped by the "
-            f"target?): level {classes[k]!r} is {share[m, k]:.1%} of subset {m} and "
-            f"{overall[k]:.1%} of all rows, and subsets of whole row groups would estimate "
+            f"target?): level {classes[k]!r} is {_share(share[m, k])} of subset {m} and "
+            f"{_share(overall[k])} of all rows, and subsets of whole row groups would estimate "
             "biased slopes.")
+
+
+def _share(x: float) -> str:
+    """A share for messages, with enough digits to tell a rare class's shares apart."""
+    return f"{100 * x:.3g}%"
 
 
 #: Subsets go to RAM-backed ``/dev/shm`` when they take at most this share of the memory
