@@ -300,3 +300,34 @@ def test_a_rare_class_of_shuffled_rows_is_not_taken_for_sorted_files(tmp_path):
     with pytest.raises(rowgroups.UnevenClasses, match=r"level 2 is 0% of subset 0"):
         rowgroups.uneven_classes(_parts(np.array([[500, 500, 0], [300, 300, 400]])),
                                  [0, 1, 2], "f")
+
+
+@pytest.mark.parametrize("where", ["ram", "disk"])
+def test_a_full_disk_while_writing_is_a_resource_error_with_no_files_left(truth, where,
+                                                                          monkeypatch):
+    """Where the file system does not claim a file's blocks up front (no fallocate), the disk
+    fills during the writes: the same clear ResourceError as elsewhere, and no file left (it
+    was 'Writing a subset failed on a worker: OSError: [Errno 28] ...')."""
+    import errno
+
+    from fedgrain.exceptions import ResourceError
+
+    frame, folder, *_ = truth
+
+    def no_fallocate(fd, offset, size):
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
+    monkeypatch.setattr(os, "pwrite", full)
+    if where == "disk":
+        monkeypatch.setattr(rowgroups, "SHM_SHARE", 0.0)
+    with SerialBackend() as backend:
+        with pytest.raises(ResourceError, match=r"No room left for the subsets in .*; free "
+                           r"space, or pass another temp_folder"):
+            DivideConquerOrdinal(n_subsets=3, backend=backend, division="row_groups").fit(
+                folder, "grade")
+        assert getattr(backend, "_spill_ram" if where == "ram" else "_spill") is not None
+        assert not _left(backend)

@@ -20,6 +20,7 @@ stratified by class).
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 import uuid
@@ -273,8 +274,6 @@ class _Appender:
         try:
             os.posix_fallocate(self.fd, 0, self.size)
         except OSError as exc:
-            import errno
-
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self.abort()
                 raise ResourceError(
@@ -298,12 +297,16 @@ class _Appender:
     def _flush(self, n: int) -> None:
         view = memoryview(self.buf)[:n]
         done = 0
-        while done < n:
-            k = os.pwrite(self.fd, view[done:], self.pos + done)
-            if k <= 0:
-                raise OSError(f"could not write to {self.path}")
-            done += k
-        view.release()
+        try:  # the views released even on a failed write (else the buffer cannot be closed)
+            while done < n:
+                with view[done:] as part:
+                    k = _pwrite(self.fd, part, self.pos + done, self.path,
+                                self.size - self.pos - done)
+                if k <= 0:
+                    raise OSError(f"could not write to {self.path}")
+                done += k
+        finally:
+            view.release()
         self.pos += self.fill
         self.fill = 0
 
@@ -348,10 +351,24 @@ def _write(entry: tuple, at: int, block: np.ndarray) -> None:
     data = memoryview(np.ascontiguousarray(block, dtype=dtype)).cast("B")
     pos, done = offset + at * row, 0
     while done < len(data):  # a write may be short
-        n = os.pwrite(fd, data[done:], pos + done)
+        n = _pwrite(fd, data[done:], pos + done, path, len(data) - done)
         if n <= 0:
             raise OSError(f"could not write to {path}")
         done += n
+
+
+def _pwrite(fd: int, data, at: int, path: str, left: int) -> int:
+    """``os.pwrite``; a full disk (where the file system did not claim the file's blocks up
+    front) is the same :class:`ResourceError` as when claiming them."""
+    try:
+        return os.pwrite(fd, data, at)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceError(
+                f"No room left for the subsets in {Path(path).parent} (at least "
+                f"{max(left, 1) / 2**20:,.0f} MB more needed); free space, or pass another "
+                "temp_folder.") from None
+        raise
 
 
 def _close(*entries) -> None:
