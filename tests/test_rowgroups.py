@@ -179,6 +179,14 @@ def test_bad_values_in_a_row_group_are_named_and_leave_no_files(tmp_path):
             DivideConquerOrdinal(n_subsets=2, backend=backend, division="row_groups").fit(
                 tmp_path / "bad.parquet", "grade")
         assert backend._spill_ram is not None and not _left(backend)
+    frame.loc[6_123, "b"] = 1e200  # too large to square: named where it is, as a NaN is
+    frame.to_parquet(tmp_path / "huge.parquet", row_group_size=2_000)
+    with SerialBackend() as backend:
+        with pytest.raises(DataError, match=r"'b' of X holds values as large as 1e\+200.* "
+                           r"row group 3 of '.*huge.parquet'"):
+            DivideConquerOrdinal(n_subsets=2, backend=backend, division="row_groups").fit(
+                tmp_path / "huge.parquet", "grade")
+        assert not _left(backend)
     frame.loc[6_123, "b"] = 1.0
     frame["c"] = 2.5
     frame.to_parquet(tmp_path / "constant.parquet", row_group_size=2_000)

@@ -161,9 +161,12 @@ def check_subset(task: SubsetTask) -> Scanned:
     n = 0
     files = _open_files(task) if task.fused else None
     try:
-        for _piece, _start, codes, Xb in task.batches():
+        for piece, start, codes, Xb in task.batches():
             if np.abs(Xb).max(initial=0.0) > MAGNITUDE_LIMIT:  # before any square overflows
-                check_magnitude(Xb, task.schema.output_names)
+                try:
+                    check_magnitude(Xb, task.schema.output_names)
+                except DataError as exc:
+                    raise DataError(f"{exc} {piece.where(start, Xb.shape[0])}") from None
             if files is not None:
                 if n + Xb.shape[0] > task.n_rows:
                     break
