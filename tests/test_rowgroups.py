@@ -339,3 +339,30 @@ def test_a_full_disk_while_writing_is_a_resource_error_with_no_files_left(truth,
                 folder, "grade")
         assert getattr(backend, "_spill_ram" if where == "ram" else "_spill") is not None
         assert not _left(backend)
+
+
+def test_subsets_go_to_disk_when_dev_shm_fills_after_it_was_chosen(truth, monkeypatch):
+    """/dev/shm chosen (it had room), then full when the workers claim their files (another
+    fit writing there meanwhile): the subsets go to disk and the model is the one written
+    there from the start, where the fit was a ResourceError."""
+    from fedgrain.exceptions import ResourceError
+
+    frame, folder, *_ = truth
+    kw = dict(n_subsets=3, backend="serial", random_state=2, division="row_groups")
+    monkeypatch.setattr(rowgroups, "SHM_SHARE", 0.0)
+    on_disk = DivideConquerOrdinal(**kw).fit(folder, "grade")
+    monkeypatch.undo()
+    claimed = []
+
+    def full(path, dtype, shape):
+        claimed.append(path)
+        raise ResourceError(f"No room left for the subsets in {Path(path).parent}")
+
+    monkeypatch.setattr(rowgroups, "_new_npy", full)
+    with SerialBackend() as backend:
+        model = DivideConquerOrdinal(**{**kw, "backend": backend}).fit(folder, "grade")
+        assert claimed and all(p.startswith(str(backend._spill_ram)) for p in claimed)
+        assert not _left(backend)
+    assert model.division_ == "row_groups"
+    np.testing.assert_array_equal(model.coef_, on_disk.coef_)
+    np.testing.assert_array_equal(model.bse_, on_disk.bse_)

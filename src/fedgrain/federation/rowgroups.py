@@ -465,14 +465,29 @@ def build_by_row_groups(backend, head, groups: list[RowGroup], division: list[li
     folder, in_ram = subset_folder(backend, sum(groups[i].rows for d in division for i in d),
                                    head.schema.n_features)
     reader = source.row_group_reader()
-    tasks = [SubsetTask(reader, tuple(groups[i] for i in gs), tuple(head.features), head.y,
-                        head.schema, head.target, str(folder / uuid.uuid4().hex),
-                        int(sum(groups[i].rows for i in gs)), fused=in_ram)
-             for gs in division]
-    try:
+
+    def tasks_in(folder: Path, fused: bool) -> list[SubsetTask]:
+        return [SubsetTask(reader, tuple(groups[i] for i in gs), tuple(head.features), head.y,
+                           head.schema, head.target, str(folder / uuid.uuid4().hex),
+                           int(sum(groups[i].rows for i in gs)), fused=fused)
+                for gs in division]
+
+    def check(tasks: list[SubsetTask]):
         with progress.step("checking values", source.n_rows, "rows"):
-            parts, std = check_subsets(backend, tasks, source.shown, head.target.classes,
-                                       head.y)
+            return check_subsets(backend, tasks, source.shown, head.target.classes, head.y)
+
+    tasks = tasks_in(folder, in_ram)
+    try:
+        try:
+            parts, std = check(tasks)
+        except ResourceError:
+            if not in_ram:
+                raise
+            # /dev/shm filled up after it was chosen (another fit writing there at the same
+            # time): the subsets go to disk, as they would have had it been full at the start
+            unlink_files([_ref(t) for t in tasks])
+            tasks = tasks_in(backend.spill_folder(), False)
+            parts, std = check(tasks)
         uneven_classes(parts, head.target.classes, source.shown)
     except BaseException:
         unlink_files([_ref(t) for t in tasks])
