@@ -366,3 +366,28 @@ def test_subsets_go_to_disk_when_dev_shm_fills_after_it_was_chosen(truth, monkey
     assert model.division_ == "row_groups"
     np.testing.assert_array_equal(model.coef_, on_disk.coef_)
     np.testing.assert_array_equal(model.bse_, on_disk.bse_)
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_dev_shm_is_chosen_within_the_memory_cgroups_limit(tmp_path, monkeypatch, version):
+    """In a container the system's MemAvailable is the whole machine's, while /dev/shm pages
+    are charged to the container's memory cgroup: subsets of 600 MB went to /dev/shm under a
+    1 GB limit (the container killed for memory). Half of what the cgroup leaves counts."""
+    from fedgrain.backends import processes
+
+    monkeypatch.setattr(processes, "_free_bytes", lambda path: 1 << 40)
+    folder = tmp_path if version == 2 else tmp_path / "memory"
+    folder.mkdir(exist_ok=True)
+    names = (("memory.max", "memory.current", "inactive_file") if version == 2 else
+             ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+    (folder / names[0]).write_text(f"{1 << 30}\n")
+    (folder / names[1]).write_text(f"{200 << 20}\n")
+    (folder / "memory.stat").write_text(f"anon 1\n{names[2]} {100 << 20}\nother 5\n")
+    monkeypatch.setattr(rowgroups, "_CGROUP", tmp_path)
+    assert rowgroups._available_memory() == (1 << 30) - (100 << 20)
+    rows = (600 << 20) // (8 * 9)  # 600 MB of 8 features and the class codes
+    with SerialBackend() as backend:
+        assert rowgroups.subset_folder(backend, rows, 8)[1] is False
+        assert rowgroups.subset_folder(backend, rows // 2, 8)[1] is True  # 300 MB: in RAM
+    (folder / names[0]).write_text("max\n" if version == 2 else f"{2**63 - 4096}\n")
+    assert rowgroups._cgroup_room() is None

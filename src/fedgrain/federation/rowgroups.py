@@ -563,14 +563,53 @@ def subset_folder(backend, n_rows: int, n_features: int) -> tuple[Path, bool]:
 
 
 def _available_memory() -> int:
+    """The memory available to this process: the system's (``MemAvailable``), and no more than
+    its memory cgroup's limit leaves (a container's: ``/dev/shm`` pages are charged to it, and
+    the system's figure is the whole machine's)."""
+    avail = 0
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return 0
+    room = _cgroup_room()
+    return avail if room is None else min(avail, room)
+
+
+#: Where the memory cgroup's files are (cgroup v2 at the top, v1 under ``memory/``).
+_CGROUP = Path("/sys/fs/cgroup")
+
+
+def _cgroup_room() -> int | None:
+    """Bytes this process's memory cgroup can still take (its limit less its usage, plus the
+    file pages it could drop), or None when it has no limit (or none is visible)."""
+    for limit_f, usage_f, stat_f, key in (
+            (_CGROUP / "memory.max", _CGROUP / "memory.current", _CGROUP / "memory.stat",
+             "inactive_file"),
+            (_CGROUP / "memory" / "memory.limit_in_bytes",
+             _CGROUP / "memory" / "memory.usage_in_bytes", _CGROUP / "memory" / "memory.stat",
+             "total_inactive_file")):
+        try:
+            text = limit_f.read_text().strip()
+            if text == "max" or int(text) >= 1 << 60:  # no limit
+                return None
+            limit, usage = int(text), int(usage_f.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        inactive = 0
+        try:
+            for line in stat_f.read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == key:
+                    inactive = int(value)
+                    break
+        except (OSError, ValueError):
+            pass
+        return max(0, limit - usage + inactive)
+    return None
 
 
 def check_division(division: str, owner: str) -> None:
