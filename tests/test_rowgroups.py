@@ -163,6 +163,14 @@ def test_auto_divides_by_rows_where_row_groups_do_not_serve(truth, tmp_path):
             DatasetSource(folder.name, filesystem=sub), "grade")
     with pytest.raises(ParameterError, match="'division' .* one of .*'row_groups'.*'groups'"):
         DivideConquerOrdinal(division="groups", **kw).fit(folder, "grade")
+    # files with sample weights, or with y as an array, are read into memory: asked for,
+    # the division by row groups is an error (it was silently the division by rows)
+    with pytest.raises(ParameterError, match=r"cannot divide these files by row groups: "
+                       r"sample weights .*; use division='rows'"):
+        DivideConquerOrdinal(division="row_groups", **kw).fit(
+            folder, "grade", sample_weight=np.ones(len(frame)))
+    with pytest.raises(ParameterError, match=r"by row groups: y is given as an array"):
+        DivideConquerOrdinal(division="row_groups", **kw).fit(folder, frame["grade"])
     # arrays in memory are always divided by rows
     m = DivideConquerOrdinal(division="row_groups", **kw).fit(
         frame.drop(columns="grade"), frame["grade"])
