@@ -399,3 +399,21 @@ def test_dev_shm_is_chosen_within_the_memory_cgroups_limit(tmp_path, monkeypatch
         assert rowgroups.subset_folder(backend, rows // 2, 8)[1] is True  # 300 MB: in RAM
     (folder / names[0]).write_text("max\n" if version == 2 else f"{2**63 - 4096}\n")
     assert rowgroups._cgroup_room() is None
+
+
+def test_another_dask_clusters_workers_read_only_files_in_its_shared_folder(truth, tmp_path):
+    """A Dask cluster started elsewhere sees this machine's shared_folder, not the rest of its
+    file system: files outside it are divided by rows (they were dealt to workers that may
+    not see them)."""
+    from types import SimpleNamespace
+
+    frame, folder, *_ = truth
+    source = DatasetSource(folder)
+    remote = SimpleNamespace(name="dask", _cluster=None, shared_folder=str(tmp_path),
+                             _files_visible=lambda: True)
+    assert "not in the Dask cluster's shared_folder" in rowgroups.why_not(source, remote,
+                                                                          None, 3)
+    inside = SimpleNamespace(**{**vars(remote), "shared_folder": str(folder.parent)})
+    assert rowgroups.why_not(source, inside, None, 3) is None
+    local = SimpleNamespace(**{**vars(remote), "_cluster": object()})  # fedgrain's own
+    assert rowgroups.why_not(source, local, None, 3) is None

@@ -82,6 +82,14 @@ def why_not(source: Any, backend, n_groups: int | None, n_subsets: int) -> str |
         return "the files are not on this machine's file system (the workers read them)"
     if not files_visible(backend):
         return "the backend's workers cannot read this machine's files"
+    shared = getattr(backend, "shared_folder", None)
+    if getattr(backend, "name", "") == "dask" and getattr(backend, "_cluster", None) is None \
+            and shared is not None:
+        # another cluster's workers see this machine's shared_folder, and nothing else of it
+        root = Path(shared).resolve()
+        if not all(Path(f.path).resolve().is_relative_to(root) for f in source._fragments):
+            return ("the files are not in the Dask cluster's shared_folder (its workers, "
+                    "which may run elsewhere, read them)")
     if n_groups is not None and n_groups < n_subsets:
         return f"the data have {n_groups} row group(s) for {n_subsets} subsets"
     return None
