@@ -163,6 +163,14 @@ def test_auto_divides_by_rows_where_row_groups_do_not_serve(truth, tmp_path):
             DatasetSource(folder.name, filesystem=sub), "grade")
     with pytest.raises(ParameterError, match="'division' .* one of .*'row_groups'.*'groups'"):
         DivideConquerOrdinal(division="groups", **kw).fit(folder, "grade")
+    # files with sample weights, or with y as an array, are read into memory: asked for,
+    # the division by row groups is an error (it was silently the division by rows)
+    with pytest.raises(ParameterError, match=r"cannot divide these files by row groups: "
+                       r"sample weights .*; use division='rows'"):
+        DivideConquerOrdinal(division="row_groups", **kw).fit(
+            folder, "grade", sample_weight=np.ones(len(frame)))
+    with pytest.raises(ParameterError, match=r"by row groups: y is given as an array"):
+        DivideConquerOrdinal(division="row_groups", **kw).fit(folder, frame["grade"])
     # arrays in memory are always divided by rows
     m = DivideConquerOrdinal(division="row_groups", **kw).fit(
         frame.drop(columns="grade"), frame["grade"])
@@ -179,6 +187,14 @@ def test_bad_values_in_a_row_group_are_named_and_leave_no_files(tmp_path):
             DivideConquerOrdinal(n_subsets=2, backend=backend, division="row_groups").fit(
                 tmp_path / "bad.parquet", "grade")
         assert backend._spill_ram is not None and not _left(backend)
+    frame.loc[6_123, "b"] = 1e200  # too large to square: named where it is, as a NaN is
+    frame.to_parquet(tmp_path / "huge.parquet", row_group_size=2_000)
+    with SerialBackend() as backend:
+        with pytest.raises(DataError, match=r"'b' of X holds values as large as 1e\+200.* "
+                           r"row group 3 of '.*huge.parquet'"):
+            DivideConquerOrdinal(n_subsets=2, backend=backend, division="row_groups").fit(
+                tmp_path / "huge.parquet", "grade")
+        assert not _left(backend)
     frame.loc[6_123, "b"] = 1.0
     frame["c"] = 2.5
     frame.to_parquet(tmp_path / "constant.parquet", row_group_size=2_000)
@@ -262,3 +278,142 @@ def test_files_sorted_by_the_target_are_not_divided_by_row_groups(tmp_path, monk
     # shuffled across the row groups, "auto" divides them by row groups
     frame.sample(frac=1.0, random_state=0).to_parquet(path, row_group_size=5_000)
     assert DivideConquerOrdinal(**kw).fit(path, "grade").division_ == "row_groups"
+
+
+def _parts(counts) -> list:
+    """Subsets' summaries with these class counts (the rest does not matter to the guard)."""
+    z = np.zeros(1)
+    return [rowgroups.Scanned(int(c.sum()), z, z, z, z, z, np.asarray(c)) for c in counts]
+
+
+def test_a_rare_class_of_shuffled_rows_is_not_taken_for_sorted_files(tmp_path):
+    """A class of 0.4% of honest (shuffled) rows is 48 rows a subset of 12,000, and its share
+    varies by more than 25% between subsets by chance alone: the guard refused such data in 4
+    fits out of 10 (seed 0 among them). Differences count only beyond chance."""
+    rng = np.random.default_rng(0)
+    n = 120_000
+    X = rng.standard_normal((n, 3))
+    latent = X @ [0.5, -0.3, 0.2] + rng.logistic(size=n)
+    y = np.digitize(latent, np.quantile(latent, [0.004, 0.5, 0.8]))
+    path = tmp_path / "rare.parquet"
+    pd.DataFrame(X, columns=list("abc")).assign(grade=y).to_parquet(path, row_group_size=2_000)
+    m = DivideConquerOrdinal(n_subsets=10, backend="serial", random_state=0,
+                             division="row_groups").fit(path, "grade")
+    assert m.division_ == "row_groups"
+    # honest divisions of 100 subsets of 10,000 rows with a class of 0.3%: never refused
+    shares = [0.003, 0.297, 0.4, 0.3]
+    for seed in range(200):
+        counts = np.random.default_rng(seed).multinomial(10_000, shares, size=100)
+        if (counts > 0).all():
+            rowgroups.uneven_classes(_parts(counts), [0, 1, 2, 3], "f")
+    # a class 50% off in subsets of 1,000,000 rows (250 standard deviations), and a class
+    # missing from a subset, are refused
+    with pytest.raises(rowgroups.UnevenClasses, match=r"level 2 is 30% of subset 0 and 20% of "
+                       r"all rows"):
+        rowgroups.uneven_classes(_parts(np.array([[400_000, 300_000, 300_000],
+                                                  [400_000, 500_000, 100_000]])),
+                                 [0, 1, 2], "f")
+    with pytest.raises(rowgroups.UnevenClasses, match=r"level 2 is 0% of subset 0"):
+        rowgroups.uneven_classes(_parts(np.array([[500, 500, 0], [300, 300, 400]])),
+                                 [0, 1, 2], "f")
+
+
+@pytest.mark.parametrize("where", ["ram", "disk"])
+def test_a_full_disk_while_writing_is_a_resource_error_with_no_files_left(truth, where,
+                                                                          monkeypatch):
+    """Where the file system does not claim a file's blocks up front (no fallocate), the disk
+    fills during the writes: the same clear ResourceError as elsewhere, and no file left (it
+    was 'Writing a subset failed on a worker: OSError: [Errno 28] ...')."""
+    import errno
+
+    from fedgrain.exceptions import ResourceError
+
+    frame, folder, *_ = truth
+
+    def no_fallocate(fd, offset, size):
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
+    monkeypatch.setattr(os, "pwrite", full)
+    if where == "disk":
+        monkeypatch.setattr(rowgroups, "SHM_SHARE", 0.0)
+    with SerialBackend() as backend:
+        with pytest.raises(ResourceError, match=r"No room left for the subsets in .*; free "
+                           r"space, or pass another temp_folder"):
+            DivideConquerOrdinal(n_subsets=3, backend=backend, division="row_groups").fit(
+                folder, "grade")
+        assert getattr(backend, "_spill_ram" if where == "ram" else "_spill") is not None
+        assert not _left(backend)
+
+
+def test_subsets_go_to_disk_when_dev_shm_fills_after_it_was_chosen(truth, monkeypatch):
+    """/dev/shm chosen (it had room), then full when the workers claim their files (another
+    fit writing there meanwhile): the subsets go to disk and the model is the one written
+    there from the start, where the fit was a ResourceError."""
+    from fedgrain.exceptions import ResourceError
+
+    frame, folder, *_ = truth
+    kw = dict(n_subsets=3, backend="serial", random_state=2, division="row_groups")
+    monkeypatch.setattr(rowgroups, "SHM_SHARE", 0.0)
+    on_disk = DivideConquerOrdinal(**kw).fit(folder, "grade")
+    monkeypatch.undo()
+    claimed = []
+
+    def full(path, dtype, shape):
+        claimed.append(path)
+        raise ResourceError(f"No room left for the subsets in {Path(path).parent}")
+
+    monkeypatch.setattr(rowgroups, "_new_npy", full)
+    with SerialBackend() as backend:
+        model = DivideConquerOrdinal(**{**kw, "backend": backend}).fit(folder, "grade")
+        assert claimed and all(p.startswith(str(backend._spill_ram)) for p in claimed)
+        assert not _left(backend)
+    assert model.division_ == "row_groups"
+    np.testing.assert_array_equal(model.coef_, on_disk.coef_)
+    np.testing.assert_array_equal(model.bse_, on_disk.bse_)
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_dev_shm_is_chosen_within_the_memory_cgroups_limit(tmp_path, monkeypatch, version):
+    """In a container the system's MemAvailable is the whole machine's, while /dev/shm pages
+    are charged to the container's memory cgroup: subsets of 600 MB went to /dev/shm under a
+    1 GB limit (the container killed for memory). Half of what the cgroup leaves counts."""
+    from fedgrain.backends import processes
+
+    monkeypatch.setattr(processes, "_free_bytes", lambda path: 1 << 40)
+    folder = tmp_path if version == 2 else tmp_path / "memory"
+    folder.mkdir(exist_ok=True)
+    names = (("memory.max", "memory.current", "inactive_file") if version == 2 else
+             ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+    (folder / names[0]).write_text(f"{1 << 30}\n")
+    (folder / names[1]).write_text(f"{200 << 20}\n")
+    (folder / "memory.stat").write_text(f"anon 1\n{names[2]} {100 << 20}\nother 5\n")
+    monkeypatch.setattr(rowgroups, "_CGROUP", tmp_path)
+    assert rowgroups._available_memory() == (1 << 30) - (100 << 20)
+    rows = (600 << 20) // (8 * 9)  # 600 MB of 8 features and the class codes
+    with SerialBackend() as backend:
+        assert rowgroups.subset_folder(backend, rows, 8)[1] is False
+        assert rowgroups.subset_folder(backend, rows // 2, 8)[1] is True  # 300 MB: in RAM
+    (folder / names[0]).write_text("max\n" if version == 2 else f"{2**63 - 4096}\n")
+    assert rowgroups._cgroup_room() is None
+
+
+def test_another_dask_clusters_workers_read_only_files_in_its_shared_folder(truth, tmp_path):
+    """A Dask cluster started elsewhere sees this machine's shared_folder, not the rest of its
+    file system: files outside it are divided by rows (they were dealt to workers that may
+    not see them)."""
+    from types import SimpleNamespace
+
+    frame, folder, *_ = truth
+    source = DatasetSource(folder)
+    remote = SimpleNamespace(name="dask", _cluster=None, shared_folder=str(tmp_path),
+                             _files_visible=lambda: True)
+    assert "not in the Dask cluster's shared_folder" in rowgroups.why_not(source, remote,
+                                                                          None, 3)
+    inside = SimpleNamespace(**{**vars(remote), "shared_folder": str(folder.parent)})
+    assert rowgroups.why_not(source, inside, None, 3) is None
+    local = SimpleNamespace(**{**vars(remote), "_cluster": object()})  # fedgrain's own
+    assert rowgroups.why_not(source, local, None, 3) is None

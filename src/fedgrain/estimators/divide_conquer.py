@@ -108,7 +108,9 @@ class DivideConquerOrdinal(PooledModel):
         not stratified by class, see ``docs/operations.md``). ``"auto"`` (default) divides
         by row groups from 10,000,000 rows when there are at least 4 row groups a subset, the
         data are Parquet files without a filter and the workers read this machine's files;
-        by rows otherwise. Arrays and frames in memory are always divided by rows.
+        by rows otherwise. Arrays and frames in memory are always divided by rows, and so are
+        files fitted with ``sample_weight`` or with ``y`` as an array (read into memory;
+        ``"row_groups"`` is then an error).
 
     Attributes
     ----------
@@ -207,6 +209,15 @@ class DivideConquerOrdinal(PooledModel):
         self._validate()
         owner = type(self).__name__
         head = data = None
+        if self.division == "row_groups" and is_streamed(X) and (
+                sample_weight is not None or not isinstance(y, str)):
+            # asked for, and not done: an error, as for the other reasons (not silently rows)
+            why = ("sample weights are read into memory with the rows"
+                   if sample_weight is not None else
+                   "y is given as an array, not as the name of the files' target column")
+            raise ParameterError(
+                f"{owner}(division='row_groups') cannot divide these files by row groups: "
+                f"{why}; use division='rows' (or 'auto').")
         with progress.step("checking data"):
             if self.division != "rows" and is_streamed(X) and isinstance(y, str) and \
                     sample_weight is None:
