@@ -1080,8 +1080,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # bare ``fedgrain``: what it can do
         parser.print_help()
         return 0
-    # as the program (argv from the command line): SIGTERM cleans up before exiting; called
-    # from Python with its own argv, the application's signal handling is left alone
+    # as the program (argv from the command line): SIGTERM cleans up before exiting, and one
+    # that comes while the program exits lets the exit finish its clean-up; called from Python
+    # with its own argv, the application's signal handling is left alone
     restore = _exit_cleanly_on_sigterm() if argv is None else (lambda: None)
     saved = warnings.formatwarning
     if not args.debug:  # warnings as one line each, like errors (with --debug: Python's own)
@@ -1097,7 +1098,9 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_cleanly_on_sigterm():
     """SIGTERM (``kill``, a job scheduler's stop) ends the command as an exception would: the
     fit's clean-up runs (worker processes, temporary and shared-memory folders) before the exit
-    with status 143. Python's default would stop at once and leave them behind."""
+    with status 143. Python's default would stop at once and leave them behind. The function
+    returned is called when the command is done: a SIGTERM while the program then exits lets
+    the exit's clean-up finish (the command's status stands), and a second one stops it."""
     import signal
     import threading
 
@@ -1112,8 +1115,14 @@ def _exit_cleanly_on_sigterm():
         sys.unraisablehook = lambda unraisable: None
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    def finishing(signum, frame):
+        # the command is done and the program is exiting: its clean-up (worker processes,
+        # temporary folders) goes on, and a second SIGTERM stops it at once. The default
+        # action here killed the exit half-way (exit -15, leftovers for the next run to sweep).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, finishing)
 
 
 def _run(args) -> int:
