@@ -475,6 +475,18 @@ class FileShardWriter(ShardWriter):
         self._files = []
 
 
+def no_room(exc: OSError, path: str | os.PathLike, nbytes: float | None = None,
+            at_least: bool = False) -> ResourceError | None:
+    """The :class:`ResourceError` of a full disk or an exhausted quota met while writing a
+    subset's file ``path`` (``nbytes`` still to write), or None when ``exc`` is another error."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    more = "" if nbytes is None else \
+        f" ({'at least ' if at_least else ''}{max(nbytes, 1) / 2**20:,.0f} MB more needed)"
+    return ResourceError(f"No room left for the subsets in {Path(path).parent}{more}; free "
+                         "space, or pass another temp_folder.")
+
+
 def _new_npy(path: str, dtype, shape: tuple) -> tuple:
     """Create a ``.npy`` file of ``shape`` with its blocks claimed; (path, fd, data offset,
     dtype, bytes a row). A full disk is a :class:`ResourceError` here, not a crash later."""
@@ -492,11 +504,9 @@ def _new_npy(path: str, dtype, shape: tuple) -> tuple:
                 raise OSError(errno.EOPNOTSUPP, "no posix_fallocate")
             os.posix_fallocate(fd, 0, size)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceError(
-                    f"No room left for the subsets in {Path(path).parent} ("
-                    f"{size / 2**20:,.0f} MB more needed); free space, or pass another "
-                    "temp_folder.") from None
+            full = no_room(exc, path, size)
+            if full is not None:
+                raise full from None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             os.ftruncate(fd, size)  # a file system without fallocate: a sparse file

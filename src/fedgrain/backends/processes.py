@@ -37,6 +37,7 @@ from .base import (
     Shard,
     ShardRef,
     ShardWriter,
+    no_room,
     private_folder,
     run_task,
     run_worker_task,
@@ -327,10 +328,8 @@ def _claim(path: str) -> None:
         try:
             os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceError(
-                    f"No room left for the subsets in {Path(path).parent}; free space, pass "
-                    "another temp_folder, or use backend='serial'."
-                ) from None
+            full = no_room(exc, path)
+            if full is not None:
+                raise full from None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise

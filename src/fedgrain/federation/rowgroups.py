@@ -20,7 +20,6 @@ stratified by class).
 
 from __future__ import annotations
 
-import errno
 import heapq
 import os
 import uuid
@@ -32,7 +31,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from .. import progress
-from ..backends.base import FileShardRef, _new_npy, unlink_files
+from ..backends.base import FileShardRef, _new_npy, no_room, unlink_files
 from ..core.standardize import Standardizer
 from ..data._common import quote
 from ..data.dataset import DatasetSource, RowGroup, RowGroupReader
@@ -285,12 +284,10 @@ class _Appender:
         try:
             os.posix_fallocate(self.fd, 0, self.size)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            full = no_room(exc, path, self.size)
+            if full is not None:
                 self.abort()
-                raise ResourceError(
-                    f"No room left for the subsets in {Path(path).parent} ("
-                    f"{self.size / 2**20:,.0f} MB more needed); free space, or pass another "
-                    "temp_folder.") from None
+                raise full from None
         self.buf = mmap.mmap(-1, self.CHUNK)  # page-aligned, as O_DIRECT needs
         self.fill, self.pos = 0, self.ALIGN
 
@@ -374,11 +371,9 @@ def _pwrite(fd: int, data, at: int, path: str, left: int) -> int:
     try:
         return os.pwrite(fd, data, at)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceError(
-                f"No room left for the subsets in {Path(path).parent} (at least "
-                f"{max(left, 1) / 2**20:,.0f} MB more needed); free space, or pass another "
-                "temp_folder.") from None
+        full = no_room(exc, path, left, at_least=True)
+        if full is not None:
+            raise full from None
         raise
 
 
