@@ -719,7 +719,6 @@ def _cmd_stream(args) -> int:
               f"{source.shown} the model already took ({sum(r['rows'] for _, r in skipped):,} "
               "rows); feeding the new ones.")
     seen = len(model.events_)
-    rows = 0
     t0 = time.perf_counter()
     bar = _bar(args)
     say = print if bar is None else bar.write  # event lines above the bar, not through it
@@ -736,9 +735,8 @@ def _cmd_stream(args) -> int:
                     say(f"row {e['rows_seen']:,}: leaf {e['leaf']}: {e['kind']} "
                         f"({e['detail']})")
                 seen = len(model.events_)
-            rows += in_file
             fed.append((name, size, mtime, in_file, before))
-    _log(args, f"streamed {rows:,} rows in {time.perf_counter() - t0:.2f} s")
+    _log(args, f"streamed {sum(f[3] for f in fed):,} rows in {time.perf_counter() - t0:.2f} s")
     if model.stream_ is None:  # no rows at all: a state that records the files
         model.stream_ = DriftMonitor.new_state(model)
     at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -765,9 +763,10 @@ def _files_to_feed(model, source, flt: str | None, args) -> tuple[list, list]:
                         "stream; check the path and the filter.")
     if args.again or model.stream_ is None:
         return states, []
+    fed = model.stream_.files_fed(flt, args.target)
     feed, skipped, changed = [], [], []
     for state in states:
-        record = model.stream_.input_fed(state[0], flt, args.target)
+        record = fed.get(state[0])
         if record is None:
             feed.append(state)
         elif (record["size"], record["mtime_ns"]) == state[1:]:

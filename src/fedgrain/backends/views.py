@@ -196,9 +196,12 @@ def place_views(backend, X, codes: np.ndarray, weights: np.ndarray | None,
     refs: list[ViewShardRef] = []
     mean = np.array(standardizer.mean, dtype=np.float64)
     scale = np.array(standardizer.scale, dtype=np.float64)
+    # every subset's rows in row order (as the copied shard's), from one stable sort
+    order = np.argsort(labels, kind="stable").astype(idx_type, copy=False)
+    ends = np.cumsum(sizes)
     try:
         for m in range(n_subsets):
-            rows = np.flatnonzero(labels == m)  # in row order, as the copied shard's
+            rows = order[ends[m] - sizes[m] : ends[m]]
             stem = folder / f"{os.urandom(16).hex()}"
             paths = [f"{stem}-rows.npy", f"{stem}-y.npy",
                      None if weights is None else f"{stem}-w.npy"]

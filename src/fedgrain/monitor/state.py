@@ -124,10 +124,11 @@ class StreamState:
                             "rows_before": int(before), "at": str(at)})
         del self.inputs[: max(0, len(self.inputs) - INPUTS_KEPT)]
 
-    def input_fed(self, file: str, filter: str | None, target: str) -> dict | None:
-        """The latest record of ``file`` read with ``filter`` and ``target``, or None."""
-        return next((e for e in reversed(self.inputs) if e["file"] == file
-                     and e["filter"] == filter and e["target"] == target), None)
+    def files_fed(self, filter: str | None, target: str) -> dict[str, dict]:
+        """The latest record of each file read with ``filter`` and ``target``, by file name
+        (one pass over the records, however many files are looked up)."""
+        return {e["file"]: e for e in self.inputs
+                if e["filter"] == filter and e["target"] == target}
 
     def record(self, entry: dict) -> None:
         """Add a batch to the trace, forgetting the oldest beyond :data:`TRACE_BATCHES`."""
