@@ -1080,7 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     # as the program (argv from the command line): SIGTERM cleans up before exiting, and one
-    # that comes while the program exits lets the exit finish its clean-up; called from Python
+    # that comes once the command is done lets the exit finish its clean-up; called from Python
     # with its own argv, the application's signal handling is left alone
     restore = _exit_cleanly_on_sigterm() if argv is None else (lambda: None)
     saved = warnings.formatwarning
@@ -1099,7 +1099,7 @@ def _exit_cleanly_on_sigterm():
     fit's clean-up runs (worker processes, temporary and shared-memory folders) before the exit
     with status 143. Python's default would stop at once and leave them behind. The function
     returned is called when the command is done: a SIGTERM while the program then exits lets
-    the exit's clean-up finish (the command's status stands), and a second one stops it."""
+    the exit's clean-up finish (the command's status stands)."""
     import signal
     import threading
 
@@ -1114,14 +1114,13 @@ def _exit_cleanly_on_sigterm():
         sys.unraisablehook = lambda unraisable: None
         raise SystemExit(128 + signum)
 
-    def finishing(signum, frame):
-        # the command is done and the program is exiting: its clean-up (worker processes,
-        # temporary folders) goes on, and a second SIGTERM stops it at once. The default
-        # action here killed the exit half-way (exit -15, leftovers for the next run to sweep).
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
     signal.signal(signal.SIGTERM, stop)
-    return lambda: signal.signal(signal.SIGTERM, finishing)
+    # When the command is done and the program exits, SIGTERM is ignored: the exit's clean-up
+    # (worker processes, temporary folders) finishes and the command's status stands (SIGKILL
+    # still stops it). The default action killed the exit half-way (exit -15), and a Python
+    # handler would not do: the interpreter puts the default back late in its exit; it leaves
+    # an ignored signal ignored.
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _run(args) -> int:
